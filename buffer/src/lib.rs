@@ -1,0 +1,35 @@
+//! The appliance's ring: a bounded, crash-safe store of chunks per lane, on LMDB (heed).
+//!
+//! Producers `append` sealed chunks (from `protocol::ChunkBuilder`); the ring gives each a seq
+//! (per lane, from 1, never reused). The uplink reads a lane from the core's resume seq with
+//! `read_from` and calls `ack` as durable watermarks come back; acked chunks are deleted. When a
+//! lane has no room its policy decides: `drop_oldest` evicts (counted) or `block` waits, then
+//! reports backpressure. The audit lane has its own reservation and is never evicted.
+//!
+//! Limits: capacity 4 MiB ..= 1 TiB of accounted chunk bytes; the LMDB map (and file) is the
+//! capacity plus 15 % headroom; one chunk up to `protocol::CHUNK_ENCODED_BYTES_MAX` (4 MiB + 40);
+//! one commit group up to `commit_group_bytes_max` (8 MiB by default); at most `queue_depth_max`
+//! requests queued for the writer. The on-disk layout is described in `layout`.
+//!
+//! Invariants:
+//! - Chunk data and its lane's accounting change in the same write transaction.
+//! - An append returns `Ok(seq)` only after its transaction committed (and, in `Sync` mode, was
+//!   fsynced).
+//! - `acked_through` never decreases; `next_seq` never decreases; seqs in a lane are contiguous
+//!   except for evicted (counted) and quarantined (counted) chunks.
+//! - The audit lane is never evicted; no lane evicts a higher-priority lane.
+//! - Knows nothing of the network.
+
+mod config;
+mod error;
+pub mod layout;
+mod ring;
+mod store;
+mod writer;
+
+pub use config::{
+    CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, Durability, LaneConfig, LanePolicy, MAP_HEADROOM_PERCENT,
+    OnCorrupt, RingConfig,
+};
+pub use error::{Result, RingError};
+pub use ring::{LaneStats, ReadLimits, Ring, RingStats, StoredChunk};
