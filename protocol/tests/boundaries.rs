@@ -118,7 +118,10 @@ fn check_chunk(bytes: &[u8], expected: Result<(ChunkHeader, &[u8]), DecodeError>
     assert_eq!(decode_chunk(bytes), expected, "chunk bytes {bytes:02x?}");
 }
 
-fn chunk_cases() -> Cases<Vec<u8>, Result<(ChunkHeader, Vec<u8>), DecodeError>> {
+/// A decoded chunk, owned so a table can hold it.
+type OwnedChunk = (ChunkHeader, Vec<u8>);
+
+fn chunk_cases() -> Cases<Vec<u8>, Result<OwnedChunk, DecodeError>> {
     let header = sample_header().encode().to_vec();
     vec![
         ("valid", [&header[..], b"body"].concat(), Ok((sample_header(), b"body".to_vec()))),
@@ -681,7 +684,10 @@ fn check_frames(stream: &[u8], frame_bytes_max: usize, expected: Vec<Result<Opti
     assert_eq!(found, expected, "stream {stream:02x?}");
 }
 
-fn frame_cases() -> Cases2<Vec<u8>, usize, Vec<Result<Option<Frame>, DecodeError>>> {
+/// What successive `next_frame` calls return.
+type FrameResults = Vec<Result<Option<Frame>, DecodeError>>;
+
+fn frame_cases() -> Cases2<Vec<u8>, usize, FrameResults> {
     let mut two_frames = Vec::new();
     encode_frame(FrameKind::Control, b"\x02\x00\x05", &mut two_frames).expect("small");
     encode_frame(FrameKind::Chunk, b"chunk bytes", &mut two_frames).expect("small");
