@@ -207,13 +207,13 @@ impl RingConfig {
         if !(8..=65_536).contains(&self.readers_max) {
             return problem("readers_max", format!("{} must be within 8..=65536", self.readers_max));
         }
-        if let Durability::Periodic { sync_interval_ms } = self.durability {
-            if !(1..=60_000).contains(&sync_interval_ms) {
-                return problem(
-                    "durability.sync_interval_ms",
-                    format!("{sync_interval_ms} must be within 1..=60000"),
-                );
-            }
+        if let Durability::Periodic { sync_interval_ms } = self.durability
+            && !(1..=60_000).contains(&sync_interval_ms)
+        {
+            return problem(
+                "durability.sync_interval_ms",
+                format!("{sync_interval_ms} must be within 1..=60000"),
+            );
         }
         Ok(())
     }

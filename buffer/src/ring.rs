@@ -104,10 +104,10 @@ impl Drop for RingCore {
         // Closing the channel lets the writer drain, fsync and exit; then the environment can be
         // closed so the same path may be opened again in this process.
         self.requests = None;
-        if let Some(handle) = self.writer.lock().expect("writer handle lock").take() {
-            if handle.join().is_err() {
-                tracing::error!(path = %self.path.display(), "ring writer thread panicked");
-            }
+        if let Some(handle) = self.writer.lock().expect("writer handle lock").take()
+            && handle.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "ring writer thread panicked");
         }
     }
 }
@@ -264,17 +264,15 @@ impl Ring {
             {
                 let (key, value) = entry.map_err(|source| storage("read", source))?;
                 let (_, seq, segment) = parse_chunk_key(key).expect("keys in a lane's range are chunk keys");
-                if let Some(finished) = assembler.push(seq, segment, value) {
-                    if !take(finished) {
-                        open = false;
-                        break;
-                    }
+                if let Some(finished) = assembler.push(seq, segment, value)
+                    && !take(finished)
+                {
+                    open = false;
+                    break;
                 }
             }
-            if open {
-                if let Some(finished) = assembler.finish() {
-                    take(finished);
-                }
+            if open && let Some(finished) = assembler.finish() {
+                take(finished);
             }
         }
         if let Some(requests) = &self.core.requests {

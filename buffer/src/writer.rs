@@ -229,11 +229,11 @@ impl Writer {
                 wakeup = wakeup.min(head.deadline.saturating_duration_since(now));
             }
         }
-        if let Durability::Periodic { sync_interval_ms } = self.config.durability {
-            if self.unsynced_commits {
-                let due = self.last_sync + Duration::from_millis(sync_interval_ms);
-                wakeup = wakeup.min(due.saturating_duration_since(now));
-            }
+        if let Durability::Periodic { sync_interval_ms } = self.config.durability
+            && self.unsynced_commits
+        {
+            let due = self.last_sync + Duration::from_millis(sync_interval_ms);
+            wakeup = wakeup.min(due.saturating_duration_since(now));
         }
         wakeup
     }

@@ -35,31 +35,28 @@ fn crash_child() {
     let Ok(path) = std::env::var(CHILD_ENV) else { return };
     let ring = open(Path::new(&path), crash_config());
     let stdout = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
-    let threads: Vec<_> = LANES
-        .into_iter()
-        .map(|lane| {
-            let ring = ring.clone();
-            let stdout = stdout.clone();
-            std::thread::spawn(move || {
-                let mut expected_seq = ring.stats().lane(lane).next_seq;
-                loop {
-                    let seq = ring
-                        .append(chunk(lane, expected_seq, length_for(lane, expected_seq)))
-                        .expect("append");
-                    assert_eq!(seq, expected_seq, "one producer per lane gets consecutive seqs");
-                    expected_seq += 1;
-                    writeln!(stdout.lock().unwrap(), "A {} {seq}", lane.id()).unwrap();
-                    if seq % 8 == 0 {
-                        let through = seq.saturating_sub(24);
-                        ring.ack(lane, through).expect("ack");
-                        writeln!(stdout.lock().unwrap(), "K {} {through}", lane.id()).unwrap();
-                    }
+    for lane in LANES {
+        let ring = ring.clone();
+        let stdout = stdout.clone();
+        std::thread::spawn(move || {
+            let mut expected_seq = ring.stats().lane(lane).next_seq;
+            loop {
+                let seq =
+                    ring.append(chunk(lane, expected_seq, length_for(lane, expected_seq))).expect("append");
+                assert_eq!(seq, expected_seq, "one producer per lane gets consecutive seqs");
+                expected_seq += 1;
+                writeln!(stdout.lock().unwrap(), "A {} {seq}", lane.id()).unwrap();
+                if seq.is_multiple_of(8) {
+                    let through = seq.saturating_sub(24);
+                    ring.ack(lane, through).expect("ack");
+                    writeln!(stdout.lock().unwrap(), "K {} {through}", lane.id()).unwrap();
                 }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().unwrap();
+            }
+        });
+    }
+    // The producers run until the parent kills this process.
+    loop {
+        std::thread::park();
     }
 }
 

@@ -36,13 +36,13 @@ fn ten_capacities_of_mixed_sizes_stay_within_the_file_bound() {
         appended[lane.index()] = seq;
         written += len as u64;
         step += 1;
-        if step % 16 == 0 {
+        if step.is_multiple_of(16) {
             let sensor = ring.stats();
             let sensor = sensor.lane(Lane::Sensor);
             ring.ack(Lane::Sensor, sensor.acked_through + (sensor.next_seq - 1 - sensor.acked_through) / 4)
                 .unwrap();
         }
-        if step % 64 == 0 {
+        if step.is_multiple_of(64) {
             let stats = ring.stats();
             largest_file = largest_file.max(stats.file_bytes);
             assert!(

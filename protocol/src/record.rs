@@ -72,7 +72,6 @@ pub struct Record {
 }
 
 impl Record {
-    #[allow(clippy::should_implement_trait, reason = "the name is the crate's public API")]
     pub fn as_ref(&self) -> RecordRef<'_> {
         RecordRef {
             key: &self.key,
@@ -89,7 +88,6 @@ impl RecordRef<'_> {
         RECORD_FIXED_BYTES + self.key.len() + self.content_type.len() + self.payload.len()
     }
 
-    #[allow(clippy::should_implement_trait, reason = "the name is the crate's public API")]
     pub fn to_owned(&self) -> Record {
         Record {
             key: self.key.to_owned(),
