@@ -13,6 +13,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use protocol::{Codec, Lane, SealedChunk};
 
 const MIB: u64 = 1024 * 1024;
+/// Runs per case; the median is reported.
+const REPEATS: usize = 3;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
 
 #[derive(Subcommand)]
 pub enum Target {
@@ -220,18 +227,30 @@ fn soak(dir: &Path, capacity_bytes: u64) -> Result<SoakReport> {
 fn bench_buffer(args: &BufferArgs) -> Result<()> {
     fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let total = args.mib_per_case * MIB;
-    println!("tributary bench buffer: {} MiB per case in {}", args.mib_per_case, args.dir.display());
+    println!(
+        "tributary bench buffer: {} MiB per run, median of {REPEATS} runs alternating with the peer, in {}",
+        args.mib_per_case,
+        args.dir.display()
+    );
     println!(
         "{:<10} {:>9} {:>9} {:>10} {:>11} {:>12} {:>8}  target",
         "mode", "chunk", "producers", "MB/s", "chunks/s", "baseline MB/s", "ratio"
     );
     let mut misses = 0;
     for chunk_bytes in [64 * 1024, 256 * 1024] {
-        let baseline_bytes_per_second = baseline(&args.dir, total, chunk_bytes)?;
         for durability in [Durability::Periodic { sync_interval_ms: 1_000 }, Durability::Sync] {
             for producers in [1, 8] {
                 let case = Case { chunk_bytes, durability, producers };
-                let bytes_per_second = ring_case(&args.dir, total, &case)?;
+                // Peer and ring alternate, three times each, and the medians are compared: this
+                // machine's virtual disk drifts by 2x between back-to-back identical writes.
+                let mut baselines = Vec::new();
+                let mut rings = Vec::new();
+                for _ in 0..REPEATS {
+                    baselines.push(baseline(&args.dir, total, chunk_bytes)?);
+                    rings.push(ring_case(&args.dir, total, &case)?);
+                }
+                let baseline_bytes_per_second = median(&mut baselines);
+                let bytes_per_second = median(&mut rings);
                 let ratio = bytes_per_second / baseline_bytes_per_second;
                 let target = match (durability, producers) {
                     (Durability::Periodic { .. }, _) => Some(0.80),

@@ -39,6 +39,10 @@ pub const SEGMENT_BYTES_MAX: usize = 16 * PAGE_BYTES as usize - PAGE_HEADER_BYTE
 const INLINE_VALUE_BYTES_MAX: u64 =
     (PAGE_BYTES - PAGE_HEADER_BYTES) / 2 - NODE_HEADER_BYTES - CHUNK_KEY_BYTES as u64;
 
+// Segment 0 holds the whole header, and a maximal chunk's segments are numbered by a u16.
+const _: () = assert!(SEGMENT_BYTES_MAX > protocol::CHUNK_HEADER_LEN);
+const _: () = assert!(protocol::CHUNK_ENCODED_BYTES_MAX / SEGMENT_BYTES_MAX < u16::MAX as usize);
+
 pub const FORMAT_KEY: &[u8] = b"format";
 pub const FORMAT_VALUE: &str = "tributary-ring/1";
 pub const FORMAT_PREFIX: &str = "tributary-ring/";

@@ -7,6 +7,7 @@
 //! holds back the appends queued behind it instead of being overtaken.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -548,10 +549,22 @@ impl Writer {
     ) -> std::result::Result<u64, heed::Error> {
         let meta = &mut lanes[chunk.lane.index()];
         let seq = meta.next_seq;
-        let encoded = chunk.encode(seq);
-        for (segment, piece) in encoded.chunks(SEGMENT_BYTES_MAX).enumerate() {
+        // Segments of the virtual concatenation header ‖ body, written straight into LMDB's pages
+        // (no intermediate copy of the chunk: this thread is the ring's one serial stage).
+        let header = chunk.header(seq).encode();
+        let encoded_len = chunk.encoded_len();
+        for (segment, start) in (0..encoded_len).step_by(SEGMENT_BYTES_MAX).enumerate() {
+            let end = (start + SEGMENT_BYTES_MAX).min(encoded_len);
             let segment = u16::try_from(segment).expect("a maximal chunk has fewer than 65536 segments");
-            self.databases.chunks.put(txn, &chunk_key(chunk.lane, seq, segment), piece)?;
+            let key = chunk_key(chunk.lane, seq, segment);
+            self.databases.chunks.put_reserved(txn, &key, end - start, |space| {
+                if start < header.len() {
+                    space.write_all(&header[start..])?;
+                    space.write_all(&chunk.body[..end - header.len()])
+                } else {
+                    space.write_all(&chunk.body[start - header.len()..end - header.len()])
+                }
+            })?;
         }
         meta.next_seq += 1;
         meta.bytes_used += stored;
