@@ -219,6 +219,14 @@ impl Ring {
         self.send(|reply| Request::Ack { lane, through_seq, reply })
     }
 
+    /// Called when the core reports it already holds `lane` through `first_seq - 1` but this ring
+    /// is behind (it was recreated): renumbers held chunks below `first_seq` after everything
+    /// else and raises the watermark, so nothing new is mistaken for a duplicate. Returns the
+    /// lane's next seq. A no-op when the ring is not behind.
+    pub fn rebase(&self, lane: Lane, first_seq: u64) -> Result<u64> {
+        self.send(|reply| Request::Rebase { lane, first_seq, reply })
+    }
+
     /// Forces an fsync now (useful in `Periodic` mode before a planned shutdown).
     pub fn sync(&self) -> Result<()> {
         self.send(|reply| Request::Sync { reply })

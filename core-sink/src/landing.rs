@@ -1,0 +1,281 @@
+//! Durable landing of verified chunks: the `Committer` interface and the raw landing committer.
+//!
+//! A committer receives chunks that the sink has verified and deduplicated, writes them, and makes
+//! them durable only at `commit`. Its state at a commit (`checkpoint`) is stored by the sink in
+//! the same transaction as the watermarks it covers; after a crash, `recover` gets the last
+//! checkpoint and must drop everything written after it, so nothing is landed twice.
+//!
+//! Raw landing layout (the archive of originals as received):
+//! `<landing_dir>/raw/<device>/<lane>/<first seq, 20 digits>.tcr`, each file a sequence of
+//! records `length u32 LE ‖ encoded chunk (header ‖ body)`, chunks in seq order. A file is
+//! rotated (a new one started) at the first chunk after it reached `rotate_bytes`. Checkpoint:
+//! one line per (device, lane): `device lane first_seq committed_length`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use protocol::{ChunkHeader, Lane};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LandingError {
+    #[error("landing I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("landing checkpoint is malformed at line {line}: {reason}")]
+    Checkpoint { line: usize, reason: String },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LandingError + '_ {
+    move |source| LandingError::Io { path: path.to_path_buf(), source }
+}
+
+/// Where training datasets and archives plug in. Calls come from one thread, in order.
+pub trait Committer: Send {
+    /// Writes a verified chunk of `device`; not yet durable.
+    fn land(&mut self, device: &str, header: &ChunkHeader, encoded: &[u8]) -> Result<(), LandingError>;
+    /// Makes everything landed so far durable (fsync of data and directories).
+    fn commit(&mut self) -> Result<(), LandingError>;
+    /// State to store with the watermarks of this commit.
+    fn checkpoint(&self) -> Vec<u8>;
+    /// Called once at start with the last stored checkpoint: drops whatever was written after it.
+    fn recover(&mut self, checkpoint: Option<&[u8]>) -> Result<(), LandingError>;
+    /// Forgets uncommitted writes of one (device, lane) after a failed `land`, so that its
+    /// resent chunks land cleanly.
+    fn discard_uncommitted(&mut self, device: &str, lane: Lane) -> Result<(), LandingError>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FilePosition {
+    first_seq: u64,
+    length: u64,
+}
+
+struct OpenFile {
+    file: File,
+    position: FilePosition,
+    dirty: bool,
+    created: bool,
+}
+
+/// Append-only, rotated, fsynced files of verified chunks per device and lane.
+pub struct RawLanding {
+    root: PathBuf,
+    rotate_bytes: u64,
+    open: BTreeMap<(String, Lane), OpenFile>,
+    committed: BTreeMap<(String, Lane), FilePosition>,
+}
+
+const FILE_SUFFIX: &str = ".tcr";
+
+impl RawLanding {
+    pub fn new(landing_dir: &Path, rotate_bytes: u64) -> RawLanding {
+        RawLanding {
+            root: landing_dir.join("raw"),
+            rotate_bytes,
+            open: BTreeMap::new(),
+            committed: BTreeMap::new(),
+        }
+    }
+
+    fn lane_dir(&self, device: &str, lane: Lane) -> PathBuf {
+        self.root.join(device).join(lane.name())
+    }
+
+    fn file_path(&self, device: &str, lane: Lane, first_seq: u64) -> PathBuf {
+        self.lane_dir(device, lane).join(format!("{first_seq:020}{FILE_SUFFIX}"))
+    }
+
+    /// Every landed chunk file of (device, lane), oldest first.
+    pub fn files(&self, device: &str, lane: Lane) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(self.lane_dir(device, lane))
+            .map(|entries| entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect())
+            .unwrap_or_default();
+        files.retain(|path| path.extension().is_some_and(|extension| extension == "tcr"));
+        files.sort();
+        files
+    }
+}
+
+fn parse_first_seq(path: &Path) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_suffix(FILE_SUFFIX)?.parse().ok()
+}
+
+fn sync_directory(path: &Path) -> Result<(), LandingError> {
+    File::open(path).and_then(|directory| directory.sync_all()).map_err(io_error(path))
+}
+
+impl RawLanding {
+    /// Brings the files of (device, lane) back to the last commit: the committed file truncated to
+    /// its committed length, files started after it removed, older (sealed) files kept.
+    fn roll_back_lane(&self, device: &str, lane: Lane) -> Result<(), LandingError> {
+        let committed = self.committed.get(&(device.to_string(), lane)).copied();
+        for path in self.files(device, lane) {
+            let Some(first_seq) = parse_first_seq(&path) else { continue };
+            match committed {
+                Some(position) if first_seq == position.first_seq => {
+                    let file = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
+                    let length = file.metadata().map_err(io_error(&path))?.len();
+                    if length > position.length {
+                        tracing::info!(path = %path.display(), from = length, to = position.length, "truncating landed file to its last commit");
+                        file.set_len(position.length).map_err(io_error(&path))?;
+                        file.sync_all().map_err(io_error(&path))?;
+                    }
+                }
+                Some(position) if first_seq < position.first_seq => {} // sealed by an earlier commit
+                _ => {
+                    tracing::info!(path = %path.display(), "removing a landed file written after the last commit");
+                    fs::remove_file(&path).map_err(io_error(&path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Committer for RawLanding {
+    fn land(&mut self, device: &str, header: &ChunkHeader, encoded: &[u8]) -> Result<(), LandingError> {
+        let key = (device.to_string(), header.lane);
+        let rotate = self.open.get(&key).is_some_and(|open| open.position.length >= self.rotate_bytes);
+        if rotate {
+            // Sync the full file now: the next commit records only the new file, and everything in
+            // older files counts as committed from then on.
+            let full = self.open.remove(&key).expect("checked above");
+            if full.dirty {
+                full.file.sync_data().map_err(io_error(&self.file_path(
+                    device,
+                    header.lane,
+                    full.position.first_seq,
+                )))?;
+            }
+        }
+        if !self.open.contains_key(&key) {
+            let directory = self.lane_dir(device, header.lane);
+            fs::create_dir_all(&directory).map_err(io_error(&directory))?;
+            let path = self.file_path(device, header.lane, header.seq);
+            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
+            let length = file.metadata().map_err(io_error(&path))?.len();
+            self.open.insert(
+                key.clone(),
+                OpenFile {
+                    file,
+                    position: FilePosition { first_seq: header.seq, length },
+                    dirty: false,
+                    created: true,
+                },
+            );
+        }
+        let first_seq = self.open[&key].position.first_seq;
+        let path = self.file_path(device, header.lane, first_seq);
+        let open = self.open.get_mut(&key).expect("inserted above");
+        let length = u32::try_from(encoded.len()).expect("chunks are bounded by CHUNK_ENCODED_BYTES_MAX");
+        let mut record = Vec::with_capacity(4 + encoded.len());
+        record.extend_from_slice(&length.to_le_bytes());
+        record.extend_from_slice(encoded);
+        open.file.write_all(&record).map_err(io_error(&path))?;
+        open.position.length += record.len() as u64;
+        open.dirty = true;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), LandingError> {
+        let mut new_directories = BTreeSet::new();
+        for ((device, lane), open) in &mut self.open {
+            if !open.dirty {
+                continue;
+            }
+            let path = self
+                .root
+                .join(device)
+                .join(lane.name())
+                .join(format!("{:020}{FILE_SUFFIX}", open.position.first_seq));
+            open.file.sync_data().map_err(io_error(&path))?;
+            if open.created {
+                new_directories.insert(path.parent().expect("file has a directory").to_path_buf());
+                new_directories.insert(self.root.join(device));
+                new_directories.insert(self.root.clone());
+            }
+            open.dirty = false;
+            open.created = false;
+            self.committed.insert((device.clone(), *lane), open.position);
+        }
+        for directory in new_directories {
+            sync_directory(&directory)?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        let mut text = String::new();
+        for ((device, lane), position) in &self.committed {
+            text.push_str(&format!("{device} {} {} {}\n", lane.name(), position.first_seq, position.length));
+        }
+        text.into_bytes()
+    }
+
+    fn recover(&mut self, checkpoint: Option<&[u8]>) -> Result<(), LandingError> {
+        self.open.clear();
+        self.committed.clear();
+        let text = String::from_utf8_lossy(checkpoint.unwrap_or_default()).into_owned();
+        for (index, line) in text.lines().enumerate() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let malformed =
+                |reason: &str| LandingError::Checkpoint { line: index + 1, reason: reason.to_string() };
+            let [device, lane, first_seq, length] = fields[..] else {
+                return Err(malformed("expected 4 fields"));
+            };
+            let lane: Lane = lane.parse().map_err(|_| malformed("unknown lane"))?;
+            let first_seq = first_seq.parse().map_err(|_| malformed("bad first seq"))?;
+            let length = length.parse().map_err(|_| malformed("bad length"))?;
+            self.committed.insert((device.to_string(), lane), FilePosition { first_seq, length });
+        }
+        let devices: Vec<PathBuf> = match fs::read_dir(&self.root) {
+            Ok(entries) => entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(LandingError::Io { path: self.root.clone(), source: error }),
+        };
+        for device_dir in devices {
+            let Some(device) = device_dir.file_name().and_then(|name| name.to_str()).map(str::to_string)
+            else {
+                continue;
+            };
+            for lane in Lane::ALL {
+                self.roll_back_lane(&device, lane)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard_uncommitted(&mut self, device: &str, lane: Lane) -> Result<(), LandingError> {
+        self.open.remove(&(device.to_string(), lane));
+        self.roll_back_lane(device, lane)
+    }
+}
+
+/// Reads the chunks of one landed file, verifying each (length prefix bounded, CRC checked).
+pub fn read_landed_file(path: &Path) -> Result<Vec<(ChunkHeader, Vec<u8>)>, String> {
+    let bytes = fs::read(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let mut chunks = Vec::new();
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let Some(prefix) = bytes.get(offset..offset + 4) else {
+            return Err(format!("{}: truncated length prefix at {offset}", path.display()));
+        };
+        let length = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        if length > protocol::CHUNK_ENCODED_BYTES_MAX {
+            return Err(format!("{}: record at {offset} claims {length} bytes", path.display()));
+        }
+        let Some(encoded) = bytes.get(offset + 4..offset + 4 + length) else {
+            return Err(format!("{}: truncated record at {offset}", path.display()));
+        };
+        let (header, _) =
+            protocol::decode_chunk(encoded).map_err(|error| format!("{}: {error}", path.display()))?;
+        chunks.push((header, encoded.to_vec()));
+        offset += 4 + length;
+    }
+    Ok(chunks)
+}

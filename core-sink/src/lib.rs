@@ -1,0 +1,19 @@
+//! The core sink: receives chunks from many appliances over QUIC with mutual TLS, lands each
+//! exactly once through a `Committer`, and acks only what is durable.
+//!
+//! Invariants:
+//! - An Ack for (device, lane, seq) is sent only after the committer's fsync and the synced
+//!   state transaction that records the watermark (`lander.rs`).
+//! - A chunk at or below the landed watermark of its (device, lane) is dropped and counted.
+//! - The device id comes from the verified certificate, never from the Hello.
+//! - Chunks in flight between sessions and the lander are bounded by `in_flight_bytes_max`.
+
+pub mod config;
+pub mod lander;
+pub mod landing;
+pub mod server;
+pub mod state;
+
+pub use config::SinkConfig;
+pub use lander::SinkMetrics;
+pub use server::Sink;

@@ -1,0 +1,171 @@
+//! `core-sink`: the core service (QUIC ingest) and the fleet CA commands.
+//!
+//! Exit codes: 0 success, 1 the command failed, 2 bad command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use core_sink::{Sink, SinkConfig};
+use fleet::{FleetCa, RevocationList, Validity};
+
+#[derive(Parser)]
+#[command(name = "core-sink", version, about = "Tributary core sink: lands appliance data exactly once")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the QUIC ingest server until SIGINT/SIGTERM; commits what is pending before exiting.
+    Serve {
+        /// TOML config (see docs/operations.md for every key).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create a CA, a server certificate and a config file in DIR: a ready-to-run sink.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        listen: SocketAddr,
+        /// Names (DNS or IP) the server certificate is valid for.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+    /// Fleet certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the fleet CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "tributary fleet")]
+        fleet: String,
+    },
+    /// Issue a device certificate: writes cert.pem, key.pem and ca.pem into OUT.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue the sink's server certificate into OUT.
+    IssueServer {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Add DEVICE to the revocation list; a running sink refuses it within revocation_reload_ms.
+    Revoke {
+        device: String,
+        /// The list the sink reads (its `revocation_file`).
+        #[arg(long)]
+        revocation_file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match try_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("core-sink: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Init { dir, listen, names } => init(&dir, listen, &names),
+        Command::Ca { command } => ca(command),
+    }
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let config = SinkConfig::load(config_path)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio runtime")?;
+    runtime.block_on(async move {
+        let sink = Sink::start(config).await?;
+        println!("core-sink listening on {}", sink.local_addr());
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down: committing what is pending");
+        sink.shutdown().await;
+        Ok(())
+    })
+}
+
+fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> anyhow::Result<()> {
+    let ca_dir = dir.join("ca");
+    let ca = FleetCa::init(&ca_dir, "tributary fleet")?;
+    let server = ca.issue_server(names, Validity::days(365))?;
+    server.write_to(&dir.join("server"), ca.certificate_pem())?;
+    let config = format!(
+        "# core-sink config written by `core-sink init`; relative paths are relative to this file.\n\
+         listen = \"{listen}\"\n\
+         state_dir = \"state\"\n\
+         landing_dir = \"landing\"\n\
+         ca_dir = \"ca\"\n\
+         server_certificate_dir = \"server\"\n\
+         revocation_file = \"ca/revoked.txt\"\n"
+    );
+    let config_path = dir.join("sink.toml");
+    std::fs::write(&config_path, config).with_context(|| format!("write {}", config_path.display()))?;
+    println!("sink ready: core-sink serve --config {}", config_path.display());
+    Ok(())
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { dir, fleet } => {
+            FleetCa::init(&dir, &fleet)?;
+            println!("fleet CA created in {}", dir.display());
+        }
+        CaCommand::Issue { ca_dir, device, out, days } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            ca.issue_device(&device, Validity::days(days))?.write_to(&out, ca.certificate_pem())?;
+            println!("certificate for device {device} written to {}", out.display());
+        }
+        CaCommand::IssueServer { ca_dir, names, out, days } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            ca.issue_server(&names, Validity::days(days))?.write_to(&out, ca.certificate_pem())?;
+            println!("server certificate for {} written to {}", names.join(", "), out.display());
+        }
+        CaCommand::Revoke { device, revocation_file } => {
+            RevocationList::revoke(&revocation_file, &device)?;
+            println!("device {device} revoked in {}", revocation_file.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! The fleet certificate authority and the certificates it issues.
+//!
+//! Layout of a CA directory: `ca.pem` (the self-signed CA certificate, world-readable) and
+//! `ca.key` (its PKCS#8 private key, mode 0600). Layout of an identity directory (a device's or
+//! the sink's): `cert.pem`, `key.pem` (mode 0600) and `ca.pem` (the fleet CA, to verify peers).
+//!
+//! Every key is ECDSA P-256 (small certificates, fast handshakes on appliance CPUs, supported by
+//! every TLS 1.3 stack). The CA may sign only end-entity certificates (path length 0). Device
+//! certificates carry the device id as subject CN and only the clientAuth extended key usage;
+//! server certificates carry their names as SANs and only serverAuth, so neither can stand in
+//! for the other. Serial numbers are rcgen's default, derived from a SHA-256 of the fresh
+//! public key, so they are unique per certificate.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls_pki_types::ServerName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::files::{self, Existing, PRIVATE_MODE, PUBLIC_MODE};
+use crate::pem::{self, PEM_FILE_BYTES_MAX};
+use crate::{FleetError, device_id_from_certificate, validate_device_id};
+
+/// The CA certificate in a CA directory and in every identity directory.
+pub const CA_CERTIFICATE_FILE: &str = "ca.pem";
+/// The CA private key in a CA directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// An issued certificate in an identity directory.
+pub const CERTIFICATE_FILE: &str = "cert.pem";
+/// An issued certificate's private key in an identity directory.
+pub const KEY_FILE: &str = "key.pem";
+
+/// How long a new fleet CA is valid: ten years. It must outlive every certificate it issues, and
+/// replacing it means re-issuing every device certificate, so it is long; the device
+/// certificates are what callers keep short.
+pub const CA_VALIDITY_DAYS: u32 = 3650;
+/// How far before "now" a new validity period starts, so that a peer whose clock runs up to an
+/// hour behind accepts a certificate issued a moment ago.
+pub const VALIDITY_BACKDATE_SECONDS: u64 = 3600;
+/// Longest fleet name in bytes: the X.509 upper bound for an organization name (RFC 5280).
+pub const FLEET_NAME_BYTES_MAX: usize = 64;
+/// Most names one server certificate may carry.
+pub const SERVER_NAMES_MAX: usize = 16;
+/// Latest time X.509 can express (GeneralizedTime 9999-12-31T23:59:59Z), in Unix seconds.
+const LATEST_UNIX_SECONDS: u64 = 253_402_300_799;
+
+/// The period in which a certificate is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// From an hour ago (`VALIDITY_BACKDATE_SECONDS`, for peers with slow clocks) to `days` from
+    /// now.
+    pub fn days(days: u32) -> Validity {
+        let now = SystemTime::now();
+        Validity {
+            not_before: now - Duration::from_secs(VALIDITY_BACKDATE_SECONDS),
+            not_after: now + Duration::from_secs(u64::from(days) * 86_400),
+        }
+    }
+
+    fn check(&self, subject: &str) -> Result<(), FleetError> {
+        let invalid = |problem: String| FleetError::InvalidValidity { subject: subject.to_owned(), problem };
+        if self.not_before < UNIX_EPOCH {
+            return Err(invalid("not_before is before 1970".to_owned()));
+        }
+        if self.not_after > UNIX_EPOCH + Duration::from_secs(LATEST_UNIX_SECONDS) {
+            return Err(invalid("not_after is after 9999-12-31, which X.509 cannot express".to_owned()));
+        }
+        if self.not_after <= self.not_before {
+            return Err(invalid("not_after must be later than not_before".to_owned()));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, params: &mut CertificateParams) {
+        params.not_before = self.not_before.into();
+        params.not_after = self.not_after.into();
+    }
+}
+
+/// The fleet certificate authority: its certificate and the key that signs device and server
+/// certificates.
+pub struct FleetCa {
+    directory: PathBuf,
+    certificate_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for FleetCa {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The signing key stays out of logs.
+        formatter.debug_struct("FleetCa").field("directory", &self.directory).finish_non_exhaustive()
+    }
+}
+
+impl FleetCa {
+    /// Creates `ca.pem` and `ca.key` (mode 0600) in `dir` (created if missing); refuses if
+    /// `ca.key` already exists. The CA is valid for `CA_VALIDITY_DAYS`; its subject is
+    /// O = `fleet_name`, CN = "Tributary fleet CA".
+    pub fn init(dir: &Path, fleet_name: &str) -> Result<FleetCa, FleetError> {
+        validate_fleet_name(fleet_name)?;
+        let key_path = dir.join(CA_KEY_FILE);
+        let certificate_path = dir.join(CA_CERTIFICATE_FILE);
+        let refuse = || FleetError::CaExists { directory: dir.to_path_buf(), existing: key_path.clone() };
+        // An early check so that the common mistake fails before any work; the hard link below is
+        // the check that holds against a concurrent init.
+        if key_path.symlink_metadata().is_ok() {
+            return Err(refuse());
+        }
+        files::create_directory(dir)?;
+
+        let key = generate_key("the fleet CA key")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, fleet_name);
+        params.distinguished_name.push(DnType::CommonName, "Tributary fleet CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        Validity::days(CA_VALIDITY_DAYS).apply(&mut params);
+        let certificate = params.self_signed(&key).map_err(|source| FleetError::Generate {
+            what: format!("the certificate of fleet CA {fleet_name:?}"),
+            source,
+        })?;
+        let certificate_pem = certificate.pem();
+
+        // The key is the commit point: once it exists, init refuses. The certificate follows; if
+        // the process dies between the two, load names the missing ca.pem.
+        match files::write_atomically(&key_path, key.serialize_pem().as_bytes(), PRIVATE_MODE, Existing::Keep)
+        {
+            Err(FleetError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(refuse());
+            }
+            result => result?,
+        }
+        files::write_atomically(
+            &certificate_path,
+            certificate_pem.as_bytes(),
+            PUBLIC_MODE,
+            Existing::Replace,
+        )?;
+        tracing::info!(directory = %dir.display(), fleet_name, "created fleet CA");
+        Ok(FleetCa { directory: dir.to_path_buf(), certificate_pem, issuer: Issuer::new(params, key) })
+    }
+
+    /// Loads the CA from `ca.pem` and `ca.key` in `dir`, checking that the certificate is a CA
+    /// and that the key belongs to it.
+    pub fn load(dir: &Path) -> Result<FleetCa, FleetError> {
+        let key_path = dir.join(CA_KEY_FILE);
+        let certificate_path = dir.join(CA_CERTIFICATE_FILE);
+        let hint = format!("is {} a fleet CA directory? init creates one", dir.display());
+        let certificate_pem = files::read_required_text(&certificate_path, PEM_FILE_BYTES_MAX, &hint)?;
+        let key_pem = files::read_required_text(&key_path, PEM_FILE_BYTES_MAX, &hint)?;
+        files::warn_if_exposed(&key_path);
+
+        let what = certificate_path.display().to_string();
+        let certificate = pem::first_certificate(&certificate_pem, &what)?;
+        let (_, parsed) = X509Certificate::from_der(&certificate)
+            .map_err(|error| FleetError::Certificate { what: what.clone(), problem: error.to_string() })?;
+        let is_ca = matches!(parsed.basic_constraints(), Ok(Some(constraints)) if constraints.value.ca);
+        if !is_ca {
+            return Err(FleetError::Certificate {
+                what,
+                problem: "not a CA certificate (basic constraints do not say CA)".to_owned(),
+            });
+        }
+        if parsed.validity().not_after.timestamp() < unix_seconds_now() {
+            tracing::warn!(
+                path = %certificate_path.display(),
+                "fleet CA certificate has expired: every certificate it issues will be refused"
+            );
+        }
+
+        let key = pem::key_pair(&key_pem, &key_path.display().to_string())?;
+        if !pem::key_matches(&certificate, &key) {
+            return Err(FleetError::KeyMismatch { key_path, certificate_path });
+        }
+        let issuer = Issuer::from_ca_cert_der(&certificate, key)
+            .map_err(|source| FleetError::Generate { what: format!("an issuer from {what}"), source })?;
+        Ok(FleetCa { directory: dir.to_path_buf(), certificate_pem, issuer })
+    }
+
+    /// The directory this CA was created in or loaded from.
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The CA certificate, PEM: what both sides trust.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// Client certificate: subject CN = `device_id`, EKU clientAuth, signed by the CA; a fresh
+    /// ECDSA P-256 key is generated here.
+    pub fn issue_device(&self, device_id: &str, validity: Validity) -> Result<IssuedCertificate, FleetError> {
+        validate_device_id(device_id)?;
+        let subject = format!("device {device_id}");
+        validity.check(&subject)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, device_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity.apply(&mut params);
+        let issued = self.sign(params, &subject)?;
+        // Pair the check: what the sink will read back is what was asked for.
+        let certificate = pem::first_certificate(&issued.certificate_pem, &subject)?;
+        assert_eq!(device_id_from_certificate(&certificate)?, device_id);
+        Ok(issued)
+    }
+
+    /// Server certificate for the sink: SANs from `names` (DNS names or IP addresses, 1 to
+    /// `SERVER_NAMES_MAX`), subject CN = the first name, EKU serverAuth.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        validity: Validity,
+    ) -> Result<IssuedCertificate, FleetError> {
+        let first = names.first().ok_or_else(|| FleetError::InvalidServerName {
+            name: String::new(),
+            problem: "no names given".to_owned(),
+        })?;
+        if names.len() > SERVER_NAMES_MAX {
+            return Err(FleetError::InvalidServerName {
+                name: first.clone(),
+                problem: format!("{} names given, at most {SERVER_NAMES_MAX}", names.len()),
+            });
+        }
+        for name in names {
+            validate_server_name(name)?;
+        }
+        let subject = format!("server {first}");
+        validity.check(&subject)?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|source| FleetError::Generate { what: format!("parameters for {subject}"), source })?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, first.as_str());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity.apply(&mut params);
+        self.sign(params, &subject)
+    }
+
+    /// Signs an end-entity certificate for a fresh key; `params` carries the subject, names,
+    /// extended key usage and validity.
+    fn sign(&self, mut params: CertificateParams, subject: &str) -> Result<IssuedCertificate, FleetError> {
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let key = generate_key(&format!("the key of {subject}"))?;
+        let certificate = params.signed_by(&key, &self.issuer).map_err(|source| FleetError::Generate {
+            what: format!("the certificate of {subject}"),
+            source,
+        })?;
+        Ok(IssuedCertificate { certificate_pem: certificate.pem(), private_key_pem: key.serialize_pem() })
+    }
+}
+
+fn generate_key(what: &str) -> Result<KeyPair, FleetError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| FleetError::Generate { what: what.to_owned(), source })
+}
+
+fn unix_seconds_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+fn validate_fleet_name(fleet_name: &str) -> Result<(), FleetError> {
+    let invalid = |problem: String| FleetError::InvalidFleetName {
+        fleet_name: crate::device_id::shown(fleet_name),
+        problem,
+    };
+    if fleet_name.is_empty() {
+        return Err(invalid("fleet name is empty".to_owned()));
+    }
+    if fleet_name.len() > FLEET_NAME_BYTES_MAX {
+        return Err(invalid(format!("{} bytes, maximum {FLEET_NAME_BYTES_MAX}", fleet_name.len())));
+    }
+    if let Some(character) = fleet_name.chars().find(|character| character.is_control()) {
+        return Err(invalid(format!("contains the control character {character:?}")));
+    }
+    Ok(())
+}
+
+/// Accepts what an appliance can connect to: an IP address or a syntactically valid DNS name.
+fn validate_server_name(name: &str) -> Result<(), FleetError> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    ServerName::try_from(name).map(|_| ()).map_err(|error| FleetError::InvalidServerName {
+        name: crate::device_id::shown(name),
+        problem: error.to_string(),
+    })
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct IssuedCertificate {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+}
+
+impl fmt::Debug for IssuedCertificate {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The private key stays out of logs.
+        formatter
+            .debug_struct("IssuedCertificate")
+            .field("certificate_pem", &self.certificate_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedCertificate {
+    /// Writes `cert.pem`, `key.pem` (mode 0600) and `ca.pem` into `dir` (created if missing),
+    /// each atomically, replacing earlier ones (re-issuing is how a certificate is renewed).
+    pub fn write_to(&self, dir: &Path, ca_pem: &str) -> Result<(), FleetError> {
+        // Refuse to write what read_from or the TLS configurations would refuse to use.
+        let certificate = pem::first_certificate(&self.certificate_pem, "certificate to write")?;
+        let key = pem::key_pair(&self.private_key_pem, "private key to write")?;
+        if !pem::key_matches(&certificate, &key) {
+            return Err(FleetError::KeyMismatch {
+                key_path: dir.join(KEY_FILE),
+                certificate_path: dir.join(CERTIFICATE_FILE),
+            });
+        }
+        pem::certificates(ca_pem, "CA certificate to write")?;
+
+        files::create_directory(dir)?;
+        files::write_atomically(
+            &dir.join(KEY_FILE),
+            self.private_key_pem.as_bytes(),
+            PRIVATE_MODE,
+            Existing::Replace,
+        )?;
+        files::write_atomically(
+            &dir.join(CERTIFICATE_FILE),
+            self.certificate_pem.as_bytes(),
+            PUBLIC_MODE,
+            Existing::Replace,
+        )?;
+        files::write_atomically(
+            &dir.join(CA_CERTIFICATE_FILE),
+            ca_pem.as_bytes(),
+            PUBLIC_MODE,
+            Existing::Replace,
+        )
+    }
+
+    /// Reads `cert.pem` and `key.pem` from `dir`, checking that the key belongs to the
+    /// certificate.
+    pub fn read_from(dir: &Path) -> Result<IssuedCertificate, FleetError> {
+        let certificate_path = dir.join(CERTIFICATE_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let hint = format!("is {} an identity directory? write_to creates one", dir.display());
+        let certificate_pem = files::read_required_text(&certificate_path, PEM_FILE_BYTES_MAX, &hint)?;
+        let private_key_pem = files::read_required_text(&key_path, PEM_FILE_BYTES_MAX, &hint)?;
+        files::warn_if_exposed(&key_path);
+        let certificate = pem::first_certificate(&certificate_pem, &certificate_path.display().to_string())?;
+        let key = pem::key_pair(&private_key_pem, &key_path.display().to_string())?;
+        if !pem::key_matches(&certificate, &key) {
+            return Err(FleetError::KeyMismatch { key_path, certificate_path });
+        }
+        Ok(IssuedCertificate { certificate_pem, private_key_pem })
+    }
+
+    /// The device id (subject CN) of this certificate; an error for a server certificate.
+    pub fn device_id(&self) -> Result<String, FleetError> {
+        device_id_from_certificate(&pem::first_certificate(&self.certificate_pem, "device certificate")?)
+    }
+}
+
+/// Reads and checks `ca.pem` from an identity directory written by
+/// [`IssuedCertificate::write_to`].
+pub fn read_ca_pem(dir: &Path) -> Result<String, FleetError> {
+    let path = dir.join(CA_CERTIFICATE_FILE);
+    let hint = format!("is {} an identity directory? write_to creates one", dir.display());
+    let ca_pem = files::read_required_text(&path, PEM_FILE_BYTES_MAX, &hint)?;
+    pem::certificates(&ca_pem, &path.display().to_string())?;
+    Ok(ca_pem)
+}

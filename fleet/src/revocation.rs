@@ -1,0 +1,188 @@
+//! The revocation list: a text file of revoked device ids.
+//!
+//! Format: UTF-8, one device id per line; `#` starts a comment that runs to the end of the line
+//! (device ids cannot contain `#`); blank lines and surrounding whitespace are ignored; a
+//! repeated id is harmless. Any other line is an error naming the file and line, because a typo
+//! there would otherwise leave a device the operator meant to revoke able to connect. At most
+//! `REVOCATION_FILE_BYTES_MAX` (16 MiB, about 120 000 ids of the longest kind).
+//!
+//! The file is written only by [`RevocationList::revoke`], atomically (temporary file, fsync,
+//! rename, fsync of the directory), so a reader sees the old list or the new one. Two processes
+//! revoking at the same moment can lose one of the two additions: revoke from one place (the
+//! operator's tool) at a time.
+//!
+//! A [`RevocationList`] keeps the parsed set in memory behind an `Arc`; its clones (the TLS
+//! verifier's and the sink's sessions') share it, so one `reload_if_changed` updates them all.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use crate::device_id::device_id_problem;
+use crate::files::{self, Existing, PUBLIC_MODE};
+use crate::{FleetError, validate_device_id};
+
+/// Longest revocation file this crate reads.
+pub const REVOCATION_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// The set of revoked device ids, read from a file and re-read when it changes.
+#[derive(Clone, Debug)]
+pub struct RevocationList {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    state: RwLock<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    revoked: BTreeSet<String>,
+    /// What the file looked like when `revoked` was read; `None` if it did not exist.
+    stamp: Option<FileStamp>,
+}
+
+/// Enough of a file's metadata to notice a change: `revoke` replaces the file (new inode), and
+/// an editor that rewrites it in place changes its length or modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    length: u64,
+    device: u64,
+    inode: u64,
+}
+
+impl RevocationList {
+    /// Reads the list at `path`; a missing file is an empty list (no device revoked yet).
+    pub fn open(path: &Path) -> Result<RevocationList, FleetError> {
+        let stamp = stamp(path)?;
+        let revoked = read(path)?.unwrap_or_default();
+        Ok(RevocationList {
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
+                state: RwLock::new(State { revoked, stamp }),
+            }),
+        })
+    }
+
+    /// Adds `device_id` to the file at `path` (created if missing), atomically; does nothing if
+    /// it is already there. Comments and other lines are kept as they are.
+    pub fn revoke(path: &Path, device_id: &str) -> Result<(), FleetError> {
+        validate_device_id(device_id)?;
+        let text = match files::read_bounded(path, REVOCATION_FILE_BYTES_MAX)? {
+            Some(bytes) => to_text(path, bytes)?,
+            None => String::new(),
+        };
+        if parse(path, &text)?.contains(device_id) {
+            return Ok(());
+        }
+        let mut updated = text;
+        if !updated.is_empty() && !updated.ends_with('\n') {
+            updated.push('\n');
+        }
+        updated.push_str(device_id);
+        updated.push('\n');
+        if updated.len() as u64 > REVOCATION_FILE_BYTES_MAX {
+            return Err(FleetError::FileTooLarge {
+                path: path.to_path_buf(),
+                length: updated.len() as u64,
+                max: REVOCATION_FILE_BYTES_MAX,
+            });
+        }
+        let mode = match fs::metadata(path) {
+            Ok(metadata) => metadata.permissions().mode() & 0o777,
+            Err(_) => PUBLIC_MODE,
+        };
+        files::create_directory(&files::parent_directory(path))?;
+        files::write_atomically(path, updated.as_bytes(), mode, Existing::Replace)?;
+        tracing::info!(path = %path.display(), device_id, "revoked device");
+        Ok(())
+    }
+
+    /// The file this list reads.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn is_revoked(&self, device_id: &str) -> bool {
+        self.shared.state.read().unwrap_or_else(PoisonError::into_inner).revoked.contains(device_id)
+    }
+
+    /// Re-reads the file if its modification time, length or identity changed; returns whether
+    /// the set of revoked ids changed. On an error the previous set stays in force.
+    pub fn reload_if_changed(&self) -> Result<bool, FleetError> {
+        let path = &self.shared.path;
+        // The stamp is taken before reading: if the file changes during the read, the next call
+        // sees a stamp different from the stored one and reads again.
+        let stamp = stamp(path)?;
+        if stamp == self.shared.state.read().unwrap_or_else(PoisonError::into_inner).stamp {
+            return Ok(false);
+        }
+        let revoked = read(path)?.unwrap_or_default();
+        let mut state = self.shared.state.write().unwrap_or_else(PoisonError::into_inner);
+        let changed = state.revoked != revoked;
+        state.stamp = stamp;
+        if changed {
+            tracing::info!(path = %path.display(), revoked_count = revoked.len(), "revocation list reloaded");
+            state.revoked = revoked;
+        }
+        Ok(changed)
+    }
+
+    /// A copy of the revoked ids.
+    pub fn revoked(&self) -> BTreeSet<String> {
+        self.shared.state.read().unwrap_or_else(PoisonError::into_inner).revoked.clone()
+    }
+}
+
+fn stamp(path: &Path) -> Result<Option<FileStamp>, FleetError> {
+    match fs::metadata(path) {
+        Ok(metadata) => Ok(Some(FileStamp {
+            modified: metadata.modified().map_err(|source| files::io_error("stat", path, source))?,
+            length: metadata.len(),
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(files::io_error("stat", path, source)),
+    }
+}
+
+fn read(path: &Path) -> Result<Option<BTreeSet<String>>, FleetError> {
+    match files::read_bounded(path, REVOCATION_FILE_BYTES_MAX)? {
+        Some(bytes) => Ok(Some(parse(path, &to_text(path, bytes)?)?)),
+        None => Ok(None),
+    }
+}
+
+fn to_text(path: &Path, bytes: Vec<u8>) -> Result<String, FleetError> {
+    String::from_utf8(bytes).map_err(|error| {
+        files::io_error(
+            "read",
+            path,
+            std::io::Error::new(ErrorKind::InvalidData, format!("not UTF-8 text: {error}")),
+        )
+    })
+}
+
+/// The ids in a revocation file's text; `path` only names the file in errors.
+fn parse(path: &Path, text: &str) -> Result<BTreeSet<String>, FleetError> {
+    let mut revoked = BTreeSet::new();
+    for (index, line) in text.lines().enumerate() {
+        let entry = line.split_once('#').map_or(line, |(before, _)| before).trim();
+        if entry.is_empty() {
+            continue;
+        }
+        if let Some(problem) = device_id_problem(entry) {
+            return Err(FleetError::RevocationLine { path: path.to_path_buf(), line: index + 1, problem });
+        }
+        revoked.insert(entry.to_owned());
+    }
+    Ok(revoked)
+}

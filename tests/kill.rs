@@ -1,0 +1,233 @@
+//! kill -9 of either side mid-stream (sync mode at both ends): zero acked records lost, zero
+//! records landed twice. The sink and the appliance run as child processes (this test binary
+//! re-executed) so that SIGKILL hits a real process with real files and sockets.
+//!
+//! `TRIBUTARY_KILLS` sets the number of kills per side (default 20).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use appliance::Uplink;
+use core_sink::{Sink, SinkConfig};
+use protocol::Lane;
+use support::harness::{
+    Fleet, MIB, assert_landed_exactly_once, free_udp_port, landed_records, produce, record_key, wait_until,
+    write_sink_config,
+};
+
+const SINK_CHILD: &str = "TRIBUTARY_SINK_CHILD";
+const APPLIANCE_CHILD: &str = "TRIBUTARY_APPLIANCE_CHILD";
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+fn kills() -> usize {
+    std::env::var("TRIBUTARY_KILLS").ok().and_then(|value| value.parse().ok()).unwrap_or(20)
+}
+
+/// splitmix64, seeded: kill moments are random but reproducible.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % bound
+    }
+}
+
+fn child(test: &str, variable: &str, value: &str, extra: &[(&str, String)]) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args(["--exact", test, "--nocapture", "--test-threads=1"]).env(variable, value);
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()
+}
+
+/// Runs a sink from a config file until killed.
+#[test]
+fn sink_child() {
+    let Ok(config) = std::env::var(SINK_CHILD) else { return };
+    let config = SinkConfig::load(Path::new(&config)).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let sink = Sink::start(config).await.unwrap();
+        println!("LISTENING {}", sink.local_addr());
+        std::future::pending::<()>().await;
+    });
+}
+
+fn start_sink_child(config: &Path) -> Child {
+    let mut sink = child("sink_child", SINK_CHILD, config.to_str().unwrap(), &[]);
+    let stdout = sink.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("LISTENING") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("sink child exited before listening"),
+        }
+    }
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    sink
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
+    let fleet = Fleet::new();
+    let listen = free_udp_port();
+    let config = write_sink_config(&fleet, listen);
+    let mut sink = start_sink_child(&config);
+    let device = "sink-kill";
+    let ring = fleet.open_ring(device, 256 * MIB);
+    let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config(device, listen)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (ring, stop, produced) = (ring.clone(), stop.clone(), produced.clone());
+        tokio::task::spawn_blocking(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let first = produced.load(Ordering::Relaxed);
+                produce(&ring, device, Lane::Sensor, first, 1_000);
+                produced.store(first + 1_000, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut rng = Rng(0x51_4E_4B);
+    let metrics = uplink.metrics();
+    for _ in 0..kills() {
+        tokio::time::sleep(Duration::from_millis(150 + rng.below(450))).await;
+        sink.kill().unwrap(); // SIGKILL
+        sink.wait().unwrap();
+        sink = start_sink_child(&config);
+    }
+    stop.store(true, Ordering::Relaxed);
+    producer.await.unwrap();
+    let total = produced.load(Ordering::Relaxed);
+    let head = ring.stats().lane(Lane::Sensor).next_seq - 1;
+    assert!(wait_until(DRAIN_LIMIT, || metrics.acked_through(Lane::Sensor) >= head).await, "drained after the kills");
+    uplink.stop().await;
+    sink.kill().unwrap();
+    sink.wait().unwrap();
+
+    let landed = landed_records(&fleet.landing_dir(), device);
+    let expected: Vec<String> = (0..total).map(|index| record_key(device, Lane::Sensor, index)).collect();
+    assert_landed_exactly_once(&landed, Lane::Sensor, &expected);
+    assert!(metrics.connects.load(Ordering::Relaxed) > kills() as u64 / 2, "the uplink reconnected after kills");
+}
+
+/// An appliance from its ring directory: produces batches (run-tagged keys, printed after each
+/// append returns) and uplinks to the sink, until killed; in drain mode it only uplinks until
+/// everything is acked.
+#[test]
+fn appliance_child() {
+    let Ok(directory) = std::env::var(APPLIANCE_CHILD) else { return };
+    let directory = PathBuf::from(directory);
+    let run: u64 = std::env::var("RUN").unwrap().parse().unwrap();
+    let drain = std::env::var("DRAIN").is_ok();
+    let sink: std::net::SocketAddr = std::env::var("SINK").unwrap().parse().unwrap();
+    let ca_pem = std::fs::read_to_string(directory.join("identity").join("ca.pem")).unwrap();
+    let identity = fleet::IssuedCertificate::read_from(&directory.join("identity")).unwrap();
+    let ring = buffer::Ring::open(directory.join("ring"), buffer::RingConfig::with_capacity(256 * MIB)).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut config = appliance::UplinkConfig::new(sink, "localhost", "app-kill", identity, &ca_pem);
+        config.transport.idle_timeout_ms = 3_000;
+        config.transport.keep_alive_ms = 500;
+        config.reconnect_max_ms = 500;
+        let uplink = Uplink::spawn(ring.clone(), config).unwrap();
+        if drain {
+            let head = ring.stats().lane(Lane::Sensor).next_seq - 1;
+            loop {
+                if ring.stats().lane(Lane::Sensor).acked_through >= head {
+                    println!("DONE");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            uplink.stop().await;
+            return;
+        }
+        let prefix = format!("run{run:03}");
+        let mut index = 0u64;
+        loop {
+            let ring = ring.clone();
+            let (batch_prefix, first) = (prefix.clone(), index);
+            tokio::task::spawn_blocking(move || produce(&ring, &batch_prefix, Lane::Sensor, first, 500)).await.unwrap();
+            println!("A {run} {first} 500");
+            index += 500;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appliance_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
+    let fleet = Fleet::new();
+    let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let directory = fleet.path().join("appliance");
+    fleet.device("app-kill").write_to(&directory.join("identity"), fleet.ca.certificate_pem()).unwrap();
+    let mut rng = Rng(0xA9_91_1A);
+    let mut appended: Vec<(u64, u64, u64)> = Vec::new();
+    let kills = kills();
+    for run in 0..=kills as u64 {
+        let drain = run == kills as u64;
+        let mut extra = vec![("RUN", run.to_string()), ("SINK", sink.local_addr().to_string())];
+        if drain {
+            extra.push(("DRAIN", "1".to_string()));
+        }
+        let mut appliance = child("appliance_child", APPLIANCE_CHILD, directory.to_str().unwrap(), &extra);
+        let stdout = appliance.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                lines.push(line);
+            }
+            lines
+        });
+        if drain {
+            let status = tokio::task::spawn_blocking(move || appliance.wait()).await.unwrap().unwrap();
+            assert!(status.success(), "drain run ended cleanly");
+        } else {
+            tokio::time::sleep(Duration::from_millis(200 + rng.below(600))).await;
+            appliance.kill().unwrap(); // SIGKILL
+            appliance.wait().unwrap();
+        }
+        let lines = reader.join().unwrap();
+        if drain {
+            assert!(lines.iter().any(|line| line == "DONE"), "drain finished: {lines:?}");
+        }
+        for line in lines {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let ["A", run, first, count] = fields[..] {
+                appended.push((run.parse().unwrap(), first.parse().unwrap(), count.parse().unwrap()));
+            }
+        }
+    }
+    sink.shutdown().await;
+
+    let landed = landed_records(&fleet.landing_dir(), "app-kill");
+    let records = landed.get(&Lane::Sensor).cloned().unwrap_or_default();
+    let keys: Vec<&String> = records.iter().map(|(_, key)| key).collect();
+    let unique: BTreeSet<&String> = keys.iter().copied().collect();
+    assert_eq!(unique.len(), keys.len(), "no record landed twice");
+    assert!(records.windows(2).all(|pair| pair[0].0 < pair[1].0 || (pair[0].0 == pair[1].0)), "seq order");
+    let mut required = 0;
+    for (run, first, count) in &appended {
+        for index in *first..first + count {
+            let key = record_key(&format!("run{run:03}"), Lane::Sensor, index);
+            assert!(unique.contains(&key), "appended (returned Ok) but never landed: {key}");
+            required += 1;
+        }
+    }
+    assert!(required > 0, "the children appended before being killed");
+}

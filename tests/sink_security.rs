@@ -1,0 +1,175 @@
+//! The sink refuses what it must, with a clear reason, and one bad peer never disturbs others:
+//! a Hello naming another device, malformed frames, corrupted chunks, a revoked device.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance::Uplink;
+use core_sink::{Sink, SinkMetrics};
+use protocol::{
+    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, SealedChunk,
+    decode_control, encode_control, encode_frame,
+};
+use support::harness::{Fleet, MIB, produce, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A hand-driven client: connects with `device`'s certificate and sends a Hello naming `claimed`.
+async fn connect_and_hello(fleet: &Fleet, device: &str, claimed: &str, sink: std::net::SocketAddr) -> (quinn::Endpoint, quinn::Connection, Option<ControlMessage>) {
+    let settings = fleet::transport::TransportSettings::default();
+    let client = fleet::client_config(fleet.ca.certificate_pem(), &fleet.device(device), settings.to_quinn()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client);
+    let connection = endpoint.connect(sink, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let hello = ControlMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: claimed.to_string(),
+        boot_id: [7; 16],
+        lanes: Lane::ALL.to_vec(),
+        codecs: vec![Codec::Raw],
+        dictionary_ids: Vec::new(),
+    });
+    let mut frame = Vec::new();
+    encode_frame(FrameKind::Control, &encode_control(&hello).unwrap(), &mut frame).unwrap();
+    send.write_all(&frame).await.unwrap();
+    let mut decoder = FrameDecoder::new(1 + protocol::CONTROL_MESSAGE_BYTES_MAX);
+    let mut buffer = vec![0u8; 4096];
+    let reply = loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            break Some(decode_control(&frame.payload).unwrap());
+        }
+        match tokio::time::timeout(LIMIT, recv.read(&mut buffer)).await.unwrap() {
+            Ok(Some(read)) => decoder.push(&buffer[..read]),
+            _ => break None,
+        }
+    };
+    (endpoint, connection, reply)
+}
+
+/// Waits for the sink to close `connection` and returns its application error code.
+async fn close_code(connection: &quinn::Connection) -> (u64, String) {
+    match tokio::time::timeout(LIMIT, connection.closed()).await.expect("closed in time") {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            (close.error_code.into_inner(), String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+}
+
+/// A well-behaved appliance that must keep flowing while others misbehave.
+struct Bystander {
+    ring: buffer::Ring,
+    uplink: Uplink,
+}
+
+impl Bystander {
+    fn start(fleet: &Fleet, sink: &Sink) -> Bystander {
+        let ring = fleet.open_ring("bystander", 16 * MIB);
+        let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config("bystander", sink.local_addr())).unwrap();
+        Bystander { ring, uplink }
+    }
+
+    async fn delivers(&self, first: u64) {
+        let ring = self.ring.clone();
+        let seqs = tokio::task::spawn_blocking(move || produce(&ring, "bystander", Lane::Sensor, first, 500)).await.unwrap();
+        let last = *seqs.last().unwrap();
+        let metrics = self.uplink.metrics();
+        assert!(wait_until(LIMIT, || metrics.acked_through(Lane::Sensor) >= last).await, "bystander keeps flowing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_naming_another_device_is_refused() {
+    let fleet = Fleet::new();
+    let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let bystander = Bystander::start(&fleet, &sink);
+    bystander.delivers(0).await;
+    let (_endpoint, connection, reply) = connect_and_hello(&fleet, "mallory", "bystander", sink.local_addr()).await;
+    assert!(reply.is_none(), "no Welcome for an impostor: {reply:?}");
+    let (code, reason) = close_code(&connection).await;
+    assert_eq!(code, u64::from(ErrorCode::DeviceMismatch.id()), "{reason}");
+    assert!(reason.contains("mallory") && reason.contains("bystander"), "{reason}");
+    bystander.delivers(500).await;
+    bystander.uplink.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_corrupt_chunks_close_only_that_connection() {
+    let fleet = Fleet::new();
+    let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let bystander = Bystander::start(&fleet, &sink);
+    bystander.delivers(0).await;
+
+    // Garbage bytes on a lane stream: a frame length beyond the maximum.
+    let (_endpoint, connection, reply) = connect_and_hello(&fleet, "fuzzer", "fuzzer", sink.local_addr()).await;
+    assert!(matches!(reply, Some(ControlMessage::Welcome(_))), "{reply:?}");
+    let mut stream = connection.open_uni().await.unwrap();
+    stream.write_all(&[0xff, 0xff, 0xff, 0x7f, 2, 1, 2, 3]).await.unwrap();
+    let (code, reason) = close_code(&connection).await;
+    assert_eq!(code, u64::from(ErrorCode::BadFrame.id()), "{reason}");
+    bystander.delivers(500).await;
+
+    // A well-framed chunk whose body was corrupted after its CRC was computed.
+    let (_endpoint, connection, _) = connect_and_hello(&fleet, "bitflip", "bitflip", sink.local_addr()).await;
+    let chunk = SealedChunk::new(Lane::Sensor, Codec::Raw, 0, 1, 100, vec![42; 100]).unwrap();
+    let mut encoded = chunk.encode(1);
+    *encoded.last_mut().unwrap() ^= 1;
+    let mut frame = Vec::new();
+    encode_frame(FrameKind::Chunk, &encoded, &mut frame).unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+    stream.write_all(&frame).await.unwrap();
+    let (code, reason) = close_code(&connection).await;
+    assert_eq!(code, u64::from(ErrorCode::BadChunk.id()), "{reason}");
+    assert!(reason.contains("crc"), "{reason}");
+    assert!(SinkMetrics::get(&sink.metrics().bad_chunks) >= 1);
+    bystander.delivers(1_000).await;
+    assert_eq!(sink.durable_through("bitflip", Lane::Sensor), 0, "nothing of the bad chunk landed");
+    bystander.uplink.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_cut_off_within_seconds_and_refused_after() {
+    let fleet = Fleet::new();
+    let mut config = fleet.sink_config("127.0.0.1:0".parse().unwrap());
+    config.revocation_reload_ms = 100;
+    let revocation_file = config.revocation_file.clone();
+    let sink = Sink::start(config).await.unwrap();
+    let bystander = Bystander::start(&fleet, &sink);
+    let ring = fleet.open_ring("stolen", 16 * MIB);
+    let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config("stolen", sink.local_addr())).unwrap();
+    {
+        let ring = ring.clone();
+        tokio::task::spawn_blocking(move || produce(&ring, "stolen", Lane::Sensor, 0, 300)).await.unwrap();
+    }
+    let metrics = uplink.metrics();
+    assert!(wait_until(LIMIT, || metrics.acked_through(Lane::Sensor) >= 1).await, "flows before revocation");
+
+    fleet::RevocationList::revoke(&revocation_file, "stolen").unwrap();
+    let refused_before = SinkMetrics::get(&sink.metrics().connections_refused);
+    let sessions_ended = Arc::new(metrics);
+    let ended_before = sessions_ended.sessions_ended.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        wait_until(LIMIT, || sessions_ended.sessions_ended.load(std::sync::atomic::Ordering::Relaxed) > ended_before).await,
+        "the revoked device's session was closed"
+    );
+    assert!(
+        wait_until(LIMIT, || SinkMetrics::get(&sink.metrics().connections_refused) > refused_before).await,
+        "its reconnects are refused at the handshake"
+    );
+    {
+        let ring = ring.clone();
+        tokio::task::spawn_blocking(move || produce(&ring, "stolen", Lane::Sensor, 300, 300)).await.unwrap();
+    }
+    let durable = sink.durable_through("stolen", Lane::Sensor);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.durable_through("stolen", Lane::Sensor), durable, "nothing more lands from a revoked device");
+    bystander.delivers(0).await;
+    uplink.stop().await;
+    bystander.uplink.stop().await;
+    sink.shutdown().await;
+}

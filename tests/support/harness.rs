@@ -1,0 +1,181 @@
+//! A fleet on one machine for end-to-end tests: a CA, a sink (in-process or as a child process
+//! that can be killed with SIGKILL), appliances with rings, and helpers that produce records and
+//! read back what the sink landed.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use appliance::UplinkConfig;
+use buffer::{Ring, RingConfig};
+use core_sink::SinkConfig;
+use fleet::{FleetCa, IssuedCertificate, Validity};
+use protocol::{ChunkBuilder, ChunkCompressor, ChunkDecompressor, Lane, RecordRef};
+
+pub const MIB: u64 = 1024 * 1024;
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub ca: FleetCa,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = FleetCa::init(&dir.path().join("ca"), "test fleet").expect("CA");
+        let server = ca.issue_server(&["localhost".to_string(), "127.0.0.1".to_string()], Validity::days(1)).expect("server cert");
+        server.write_to(&dir.path().join("server"), ca.certificate_pem()).expect("write server cert");
+        Fleet { dir, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A sink config on `listen` with fast commit points, so tests see Acks quickly.
+    pub fn sink_config(&self, listen: SocketAddr) -> SinkConfig {
+        let mut config = SinkConfig::new(listen, self.path());
+        config.commit_interval_ms = 20;
+        config.transport.idle_timeout_ms = 3_000;
+        config.transport.keep_alive_ms = 500;
+        config
+    }
+
+    pub fn device(&self, device_id: &str) -> IssuedCertificate {
+        self.ca.issue_device(device_id, Validity::days(1)).expect("device cert")
+    }
+
+    pub fn uplink_config(&self, device_id: &str, sink: SocketAddr) -> UplinkConfig {
+        let mut config = UplinkConfig::new(sink, "localhost", device_id, self.device(device_id), self.ca.certificate_pem());
+        config.transport.idle_timeout_ms = 3_000;
+        config.transport.keep_alive_ms = 500;
+        config.reconnect_max_ms = 500;
+        config.connect_timeout_ms = 2_000;
+        config
+    }
+
+    pub fn ring_path(&self, device_id: &str) -> PathBuf {
+        self.path().join("rings").join(device_id)
+    }
+
+    pub fn open_ring(&self, device_id: &str, capacity_bytes: u64) -> Ring {
+        Ring::open(self.ring_path(device_id), RingConfig::with_capacity(capacity_bytes)).expect("ring")
+    }
+
+    pub fn landing_dir(&self) -> PathBuf {
+        self.path().join("landing")
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released; the sink binds it right after).
+pub fn free_udp_port() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+/// Record key for (device, lane, n): unique, dot-free, sortable.
+pub fn record_key(device: &str, lane: Lane, index: u64) -> String {
+    format!("{device}-{}-{index:010}", lane.name())
+}
+
+/// A 335-byte-ish JSON sensor reading, as the issue's benchmark describes.
+pub fn sensor_payload(index: u64) -> Vec<u8> {
+    format!(
+        "{{\"sensor\":\"temp-{:03}\",\"seq\":{index},\"celsius\":{:.3},\"humidity\":{:.2},\"status\":\"ok\",\
+         \"site\":\"north-yard\",\"firmware\":\"1.4.2\",\"calibration\":{{\"offset\":0.125,\"gain\":1.002}},\
+         \"tags\":[\"edge\",\"outdoor\",\"shaded\"],\"note\":\"periodic reading from the simulated sensor bus\"}}",
+        index % 64,
+        20.0 + (index % 1000) as f64 / 100.0,
+        40.0 + (index % 500) as f64 / 10.0
+    )
+    .into_bytes()
+}
+
+/// Appends `count` records (keys `record_key(device, lane, first..first+count)`) to the ring in
+/// zstd chunks of about 64 KiB raw. Returns the seqs appended.
+pub fn produce(ring: &Ring, device: &str, lane: Lane, first: u64, count: u64) -> Vec<u64> {
+    let mut compressor = ChunkCompressor::new(1);
+    let mut builder = ChunkBuilder::new(lane, 64 * 1024);
+    let mut seqs = Vec::new();
+    for index in first..first + count {
+        let key = record_key(device, lane, index);
+        let payload = sensor_payload(index);
+        let record = RecordRef { key: &key, timestamp_us: 1_700_000_000_000_000 + index, content_type: "application/json", payload: &payload };
+        builder.push(record).expect("valid record");
+        if builder.is_full() {
+            seqs.push(ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append"));
+        }
+    }
+    if !builder.is_empty() {
+        seqs.push(ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append"));
+    }
+    seqs
+}
+
+/// Every record the sink landed for `device`, per lane, in file order: (seq, key).
+pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u64, String)>> {
+    let mut decompressor = ChunkDecompressor::new();
+    let mut landed = BTreeMap::new();
+    for lane in Lane::ALL {
+        let directory = landing_dir.join("raw").join(device).join(lane.name());
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&directory) {
+            Ok(entries) => entries.map(|entry| entry.expect("dir entry").path()).collect(),
+            Err(_) => continue,
+        };
+        files.sort();
+        let records: &mut Vec<(u64, String)> = landed.entry(lane).or_default();
+        for file in files {
+            for (header, encoded) in core_sink::landing::read_landed_file(&file).expect("landed file is intact") {
+                let (_, body) = protocol::decode_chunk(&encoded).expect("chunk");
+                let raw = decompressor.decompress(&header, body).expect("decompress");
+                for record in protocol::records(&raw) {
+                    records.push((header.seq, record.expect("record").key.to_string()));
+                }
+            }
+        }
+    }
+    landed
+}
+
+/// Asserts that the sink landed exactly `expected` keys for (device, lane): each once, in order.
+pub fn assert_landed_exactly_once(landed: &BTreeMap<Lane, Vec<(u64, String)>>, lane: Lane, expected: &[String]) {
+    let records = landed.get(&lane).map(Vec::as_slice).unwrap_or_default();
+    let keys: Vec<&String> = records.iter().map(|(_, key)| key).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), keys.len(), "{lane}: {} duplicate records landed", keys.len() - sorted.len());
+    assert!(records.windows(2).all(|pair| pair[0].0 <= pair[1].0), "{lane}: chunks landed out of seq order");
+    assert!(keys.windows(2).all(|pair| pair[0] < pair[1]), "{lane}: records landed out of order");
+    let expected_refs: Vec<&String> = expected.iter().collect();
+    if keys != expected_refs {
+        let missing = expected.iter().filter(|key| !keys.contains(key)).count();
+        panic!("{lane}: landed {} records, expected {} ({missing} missing)", keys.len(), expected.len());
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+/// Writes a TOML config for a sink child process on `listen`; returns its path.
+pub fn write_sink_config(fleet: &Fleet, listen: SocketAddr) -> PathBuf {
+    let path = fleet.path().join("sink.toml");
+    let text = format!(
+        "listen = \"{listen}\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
+         server_certificate_dir = \"server\"\nrevocation_file = \"ca/revoked.txt\"\ncommit_interval_ms = 20\n\
+         [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\n"
+    );
+    std::fs::write(&path, text).expect("write sink config");
+    path
+}
