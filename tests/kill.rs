@@ -114,7 +114,10 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     producer.await.unwrap();
     let total = produced.load(Ordering::Relaxed);
     let head = ring.stats().lane(Lane::Sensor).next_seq - 1;
-    assert!(wait_until(DRAIN_LIMIT, || metrics.acked_through(Lane::Sensor) >= head).await, "drained after the kills");
+    assert!(
+        wait_until(DRAIN_LIMIT, || metrics.acked_through(Lane::Sensor) >= head).await,
+        "drained after the kills"
+    );
     uplink.stop().await;
     sink.kill().unwrap();
     sink.wait().unwrap();
@@ -122,7 +125,10 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     let landed = landed_records(&fleet.landing_dir(), device);
     let expected: Vec<String> = (0..total).map(|index| record_key(device, Lane::Sensor, index)).collect();
     assert_landed_exactly_once(&landed, Lane::Sensor, &expected);
-    assert!(metrics.connects.load(Ordering::Relaxed) > kills() as u64 / 2, "the uplink reconnected after kills");
+    assert!(
+        metrics.connects.load(Ordering::Relaxed) > kills() as u64 / 2,
+        "the uplink reconnected after kills"
+    );
 }
 
 /// An appliance from its ring directory: produces batches (run-tagged keys, printed after each
@@ -137,7 +143,8 @@ fn appliance_child() {
     let sink: std::net::SocketAddr = std::env::var("SINK").unwrap().parse().unwrap();
     let ca_pem = std::fs::read_to_string(directory.join("identity").join("ca.pem")).unwrap();
     let identity = fleet::IssuedCertificate::read_from(&directory.join("identity")).unwrap();
-    let ring = buffer::Ring::open(directory.join("ring"), buffer::RingConfig::with_capacity(256 * MIB)).unwrap();
+    let ring =
+        buffer::Ring::open(directory.join("ring"), buffer::RingConfig::with_capacity(256 * MIB)).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let mut config = appliance::UplinkConfig::new(sink, "localhost", "app-kill", identity, &ca_pem);
@@ -162,7 +169,9 @@ fn appliance_child() {
         loop {
             let ring = ring.clone();
             let (batch_prefix, first) = (prefix.clone(), index);
-            tokio::task::spawn_blocking(move || produce(&ring, &batch_prefix, Lane::Sensor, first, 500)).await.unwrap();
+            tokio::task::spawn_blocking(move || produce(&ring, &batch_prefix, Lane::Sensor, first, 500))
+                .await
+                .unwrap();
             println!("A {run} {first} 500");
             index += 500;
         }

@@ -17,9 +17,15 @@ use support::harness::{Fleet, MIB, produce, wait_until};
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// A hand-driven client: connects with `device`'s certificate and sends a Hello naming `claimed`.
-async fn connect_and_hello(fleet: &Fleet, device: &str, claimed: &str, sink: std::net::SocketAddr) -> (quinn::Endpoint, quinn::Connection, Option<ControlMessage>) {
+async fn connect_and_hello(
+    fleet: &Fleet,
+    device: &str,
+    claimed: &str,
+    sink: std::net::SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection, Option<ControlMessage>) {
     let settings = fleet::transport::TransportSettings::default();
-    let client = fleet::client_config(fleet.ca.certificate_pem(), &fleet.device(device), settings.to_quinn()).unwrap();
+    let client =
+        fleet::client_config(fleet.ca.certificate_pem(), &fleet.device(device), settings.to_quinn()).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client);
     let connection = endpoint.connect(sink, "localhost").unwrap().await.unwrap();
@@ -68,16 +74,22 @@ struct Bystander {
 impl Bystander {
     fn start(fleet: &Fleet, sink: &Sink) -> Bystander {
         let ring = fleet.open_ring("bystander", 16 * MIB);
-        let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config("bystander", sink.local_addr())).unwrap();
+        let uplink =
+            Uplink::spawn(ring.clone(), fleet.uplink_config("bystander", sink.local_addr())).unwrap();
         Bystander { ring, uplink }
     }
 
     async fn delivers(&self, first: u64) {
         let ring = self.ring.clone();
-        let seqs = tokio::task::spawn_blocking(move || produce(&ring, "bystander", Lane::Sensor, first, 500)).await.unwrap();
+        let seqs = tokio::task::spawn_blocking(move || produce(&ring, "bystander", Lane::Sensor, first, 500))
+            .await
+            .unwrap();
         let last = *seqs.last().unwrap();
         let metrics = self.uplink.metrics();
-        assert!(wait_until(LIMIT, || metrics.acked_through(Lane::Sensor) >= last).await, "bystander keeps flowing");
+        assert!(
+            wait_until(LIMIT, || metrics.acked_through(Lane::Sensor) >= last).await,
+            "bystander keeps flowing"
+        );
     }
 }
 
@@ -87,7 +99,8 @@ async fn hello_naming_another_device_is_refused() {
     let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let bystander = Bystander::start(&fleet, &sink);
     bystander.delivers(0).await;
-    let (_endpoint, connection, reply) = connect_and_hello(&fleet, "mallory", "bystander", sink.local_addr()).await;
+    let (_endpoint, connection, reply) =
+        connect_and_hello(&fleet, "mallory", "bystander", sink.local_addr()).await;
     assert!(reply.is_none(), "no Welcome for an impostor: {reply:?}");
     let (code, reason) = close_code(&connection).await;
     assert_eq!(code, u64::from(ErrorCode::DeviceMismatch.id()), "{reason}");
@@ -105,7 +118,8 @@ async fn malformed_frames_and_corrupt_chunks_close_only_that_connection() {
     bystander.delivers(0).await;
 
     // Garbage bytes on a lane stream: a frame length beyond the maximum.
-    let (_endpoint, connection, reply) = connect_and_hello(&fleet, "fuzzer", "fuzzer", sink.local_addr()).await;
+    let (_endpoint, connection, reply) =
+        connect_and_hello(&fleet, "fuzzer", "fuzzer", sink.local_addr()).await;
     assert!(matches!(reply, Some(ControlMessage::Welcome(_))), "{reply:?}");
     let mut stream = connection.open_uni().await.unwrap();
     stream.write_all(&[0xff, 0xff, 0xff, 0x7f, 2, 1, 2, 3]).await.unwrap();
@@ -154,7 +168,9 @@ async fn a_revoked_device_is_cut_off_within_seconds_and_refused_after() {
     let sessions_ended = Arc::new(metrics);
     let ended_before = sessions_ended.sessions_ended.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        wait_until(LIMIT, || sessions_ended.sessions_ended.load(std::sync::atomic::Ordering::Relaxed) > ended_before).await,
+        wait_until(LIMIT, || sessions_ended.sessions_ended.load(std::sync::atomic::Ordering::Relaxed)
+            > ended_before)
+        .await,
         "the revoked device's session was closed"
     );
     assert!(
@@ -167,7 +183,11 @@ async fn a_revoked_device_is_cut_off_within_seconds_and_refused_after() {
     }
     let durable = sink.durable_through("stolen", Lane::Sensor);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sink.durable_through("stolen", Lane::Sensor), durable, "nothing more lands from a revoked device");
+    assert_eq!(
+        sink.durable_through("stolen", Lane::Sensor),
+        durable,
+        "nothing more lands from a revoked device"
+    );
     bystander.delivers(0).await;
     uplink.stop().await;
     bystander.uplink.stop().await;

@@ -93,7 +93,10 @@ async fn blackhole_longer_than_the_ring_applies_its_policy_then_resumes() {
     // Hold the outage until the connection times out, so what sat in its buffers is gone too.
     let metrics = uplink.metrics();
     let ended = metrics.sessions_ended.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(wait_until(DRAIN_LIMIT, || metrics.sessions_ended.load(std::sync::atomic::Ordering::Relaxed) > ended).await);
+    assert!(
+        wait_until(DRAIN_LIMIT, || metrics.sessions_ended.load(std::sync::atomic::Ordering::Relaxed) > ended)
+            .await
+    );
     proxy.set_blackhole(false);
     {
         let ring = ring.clone();

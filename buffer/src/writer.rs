@@ -49,7 +49,11 @@ pub(crate) enum Request {
     },
     /// Renumbers every held chunk of `lane` with a seq below `first_seq` to the end of the lane,
     /// and moves the watermark to `first_seq - 1`. Replies with the lane's next seq.
-    Rebase { lane: Lane, first_seq: u64, reply: Reply<u64> },
+    Rebase {
+        lane: Lane,
+        first_seq: u64,
+        reply: Reply<u64>,
+    },
     /// Force an fsync now (periodic mode); replies when the file is durable.
     Sync {
         reply: Reply<()>,
@@ -326,15 +330,22 @@ impl Writer {
             meta.acked_through = meta.acked_through.max(first_seq - 1);
             let mut moved = 0;
             while moved < BATCH_CHUNKS_MAX {
-                let Some(seq) = store::oldest_seq(self.databases.chunks, &txn, lane).map_err(storage)? else { break };
+                let Some(seq) = store::oldest_seq(self.databases.chunks, &txn, lane).map_err(storage)? else {
+                    break;
+                };
                 if seq >= first_seq {
                     break;
                 }
                 let encoded = store::read_chunk(self.databases.chunks, &txn, lane, seq).map_err(storage)?;
-                let freed = store::delete_seqs(self.databases.chunks, &mut txn, lane, seq, seq).map_err(storage)?;
+                let freed =
+                    store::delete_seqs(self.databases.chunks, &mut txn, lane, seq, seq).map_err(storage)?;
                 lanes[lane.index()].bytes_used -= freed.bytes;
                 lanes[lane.index()].chunk_count -= freed.chunks;
-                match encoded.map(|encoded| encoded.and_then(|bytes| SealedChunk::from_encoded(&bytes).map_err(|error| error.to_string()))) {
+                match encoded.map(|encoded| {
+                    encoded.and_then(|bytes| {
+                        SealedChunk::from_encoded(&bytes).map_err(|error| error.to_string())
+                    })
+                }) {
                     Some(Ok((_, chunk))) => {
                         let stored = stored_bytes(chunk.encoded_len());
                         self.put_chunk(&mut txn, &mut lanes, &chunk, stored).map_err(storage)?;

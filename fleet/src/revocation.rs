@@ -20,7 +20,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::device_id::device_id_problem;
 use crate::files::{self, Existing, PUBLIC_MODE};
@@ -28,6 +28,12 @@ use crate::{FleetError, validate_device_id};
 
 /// Longest revocation file this crate reads.
 pub const REVOCATION_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// File systems stamp modification times with a coarse clock (a jiffy, 1 to 10 ms, on Linux; 2 s
+/// on FAT), so two same-length writes in quick succession can leave identical stamps. A file
+/// modified less than this long before it was read is read again at the next reload (the "racy
+/// clean" rule of git's index).
+const MODIFICATION_TIME_MARGIN: Duration = Duration::from_secs(2);
 
 /// The set of revoked device ids, read from a file and re-read when it changes.
 #[derive(Clone, Debug)]
@@ -46,6 +52,9 @@ struct State {
     revoked: BTreeSet<String>,
     /// What the file looked like when `revoked` was read; `None` if it did not exist.
     stamp: Option<FileStamp>,
+    /// The file had been modified within `MODIFICATION_TIME_MARGIN` of that read, so it may have
+    /// changed again since without its stamp changing: the next reload reads it regardless.
+    racy: bool,
 }
 
 /// Enough of a file's metadata to notice a change: `revoke` replaces the file (new inode), and
@@ -63,10 +72,11 @@ impl RevocationList {
     pub fn open(path: &Path) -> Result<RevocationList, FleetError> {
         let stamp = stamp(path)?;
         let revoked = read(path)?.unwrap_or_default();
+        let racy = is_racy(stamp);
         Ok(RevocationList {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
-                state: RwLock::new(State { revoked, stamp }),
+                state: RwLock::new(State { revoked, stamp, racy }),
             }),
         })
     }
@@ -114,20 +124,25 @@ impl RevocationList {
         self.shared.state.read().unwrap_or_else(PoisonError::into_inner).revoked.contains(device_id)
     }
 
-    /// Re-reads the file if its modification time, length or identity changed; returns whether
-    /// the set of revoked ids changed. On an error the previous set stays in force.
+    /// Re-reads the file if its modification time, length or identity changed (or it had been
+    /// modified just before the last read, see `MODIFICATION_TIME_MARGIN`); returns whether the
+    /// set of revoked ids changed. On an error the previous set stays in force.
     pub fn reload_if_changed(&self) -> Result<bool, FleetError> {
         let path = &self.shared.path;
         // The stamp is taken before reading: if the file changes during the read, the next call
         // sees a stamp different from the stored one and reads again.
         let stamp = stamp(path)?;
-        if stamp == self.shared.state.read().unwrap_or_else(PoisonError::into_inner).stamp {
-            return Ok(false);
+        {
+            let state = self.shared.state.read().unwrap_or_else(PoisonError::into_inner);
+            if stamp == state.stamp && !state.racy {
+                return Ok(false);
+            }
         }
         let revoked = read(path)?.unwrap_or_default();
         let mut state = self.shared.state.write().unwrap_or_else(PoisonError::into_inner);
         let changed = state.revoked != revoked;
         state.stamp = stamp;
+        state.racy = is_racy(stamp);
         if changed {
             tracing::info!(path = %path.display(), revoked_count = revoked.len(), "revocation list reloaded");
             state.revoked = revoked;
@@ -152,6 +167,15 @@ fn stamp(path: &Path) -> Result<Option<FileStamp>, FleetError> {
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
         Err(source) => Err(files::io_error("stat", path, source)),
     }
+}
+
+/// Whether a file with this stamp, read now, could change again without its stamp changing.
+fn is_racy(stamp: Option<FileStamp>) -> bool {
+    stamp.is_some_and(|stamp| match SystemTime::now().duration_since(stamp.modified) {
+        Ok(age) => age < MODIFICATION_TIME_MARGIN,
+        // Modified "in the future" (the clock was stepped back): cannot tell, so keep looking.
+        Err(_) => true,
+    })
 }
 
 fn read(path: &Path) -> Result<Option<BTreeSet<String>>, FleetError> {

@@ -55,7 +55,9 @@ impl TransportSettings {
                 self.keep_alive_ms, self.idle_timeout_ms
             ));
         }
-        if self.stream_receive_window_bytes < 64 * 1024 || self.receive_window_bytes < self.stream_receive_window_bytes {
+        if self.stream_receive_window_bytes < 64 * 1024
+            || self.receive_window_bytes < self.stream_receive_window_bytes
+        {
             return Err(format!(
                 "transport.stream_receive_window_bytes ({}) must be at least 65536 and at most \
                  transport.receive_window_bytes ({})",
@@ -63,7 +65,10 @@ impl TransportSettings {
             ));
         }
         if self.uni_streams_max < 4 || self.uni_streams_max > 64 {
-            return Err(format!("transport.uni_streams_max ({}) must be within 4..=64", self.uni_streams_max));
+            return Err(format!(
+                "transport.uni_streams_max ({}) must be within 4..=64",
+                self.uni_streams_max
+            ));
         }
         Ok(())
     }

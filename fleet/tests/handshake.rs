@@ -34,7 +34,8 @@ async fn device_of_another_fleet_is_refused() {
     // The stranger trusts our CA (so it would accept the sink) but its certificate is the other
     // CA's.
     let stranger = other.device("camera-01");
-    let client = fleet::client_config(fleet.ca.certificate_pem(), &stranger, common::transport()).expect("config");
+    let client =
+        fleet::client_config(fleet.ca.certificate_pem(), &stranger, common::transport()).expect("config");
     check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::UnknownCA)).await;
 }
 
@@ -54,11 +55,17 @@ async fn revoked_device_is_refused_after_reload() {
     // Not in force until reloaded: the sink decides when to look at the file.
     check(&mut sink, revoked.clone(), SERVER_NAME, Expected::Accepted("sensor-7")).await;
 
-    assert_eq!(revocations.reload_if_changed().expect("reload"), true);
-    check(&mut sink, revoked.clone(), SERVER_NAME, Expected::RefusedBySink(AlertDescription::CertificateRevoked))
-        .await;
+    assert!(revocations.reload_if_changed().expect("reload"));
+    check(
+        &mut sink,
+        revoked.clone(),
+        SERVER_NAME,
+        Expected::RefusedBySink(AlertDescription::CertificateRevoked),
+    )
+    .await;
     check(&mut sink, kept, SERVER_NAME, Expected::Accepted("sensor-8")).await;
-    check(&mut sink, revoked, SERVER_NAME, Expected::RefusedBySink(AlertDescription::CertificateRevoked)).await;
+    check(&mut sink, revoked, SERVER_NAME, Expected::RefusedBySink(AlertDescription::CertificateRevoked))
+        .await;
 }
 
 #[tokio::test]
@@ -68,8 +75,13 @@ async fn expired_certificate_is_refused() {
     let now = SystemTime::now();
     let validity = Validity { not_before: now - 10 * DAY, not_after: now - DAY };
     let device = fleet.ca.issue_device("camera-01", validity).expect("issue");
-    check(&mut sink, fleet.client(&device), SERVER_NAME, Expected::RefusedBySink(AlertDescription::CertificateExpired))
-        .await;
+    check(
+        &mut sink,
+        fleet.client(&device),
+        SERVER_NAME,
+        Expected::RefusedBySink(AlertDescription::CertificateExpired),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -80,8 +92,13 @@ async fn certificate_not_yet_valid_is_refused() {
     let validity = Validity { not_before: now + DAY, not_after: now + 10 * DAY };
     let device = fleet.ca.issue_device("camera-01", validity).expect("issue");
     // TLS has one alert for "not currently valid", early or late.
-    check(&mut sink, fleet.client(&device), SERVER_NAME, Expected::RefusedBySink(AlertDescription::CertificateExpired))
-        .await;
+    check(
+        &mut sink,
+        fleet.client(&device),
+        SERVER_NAME,
+        Expected::RefusedBySink(AlertDescription::CertificateExpired),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -89,9 +106,15 @@ async fn wrong_alpn_is_refused() {
     let fleet = Fleet::new("test fleet");
     let mut sink = sink_for(&fleet);
     let device = fleet.device("camera-01");
-    let client = fleet::client_config_with_alpn(fleet.ca.certificate_pem(), &device, common::transport(), b"tributary/2")
-        .expect("config");
-    check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::NoApplicationProtocol)).await;
+    let client = fleet::client_config_with_alpn(
+        fleet.ca.certificate_pem(),
+        &device,
+        common::transport(),
+        b"tributary/2",
+    )
+    .expect("config");
+    check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::NoApplicationProtocol))
+        .await;
 }
 
 #[tokio::test]
@@ -100,7 +123,8 @@ async fn sink_certificate_cannot_identify_a_device() {
     let mut sink = sink_for(&fleet);
     // Signed by the fleet CA, but for serverAuth only.
     let client = fleet.client(&fleet.server);
-    check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::UnsupportedCertificate)).await;
+    check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::UnsupportedCertificate))
+        .await;
 }
 
 #[tokio::test]
@@ -117,7 +141,8 @@ async fn device_refuses_a_sink_under_another_name() {
     let fleet = Fleet::new("test fleet");
     let mut sink = sink_for(&fleet);
     let client = fleet.client(&fleet.device("camera-01"));
-    check(&mut sink, client, "sink.example.org", Expected::RefusedByDevice(AlertDescription::BadCertificate)).await;
+    check(&mut sink, client, "sink.example.org", Expected::RefusedByDevice(AlertDescription::BadCertificate))
+        .await;
 }
 
 #[tokio::test]
@@ -128,6 +153,11 @@ async fn device_certificate_cannot_serve_as_sink() {
     // A device that holds a fleet-signed key must not be able to impersonate the sink.
     let mut impostor = Sink::start(fleet.ca.certificate_pem(), &device, revocations);
     let client = fleet.client(&fleet.device("camera-02"));
-    check(&mut impostor, client, "camera-01", Expected::RefusedByDevice(AlertDescription::UnsupportedCertificate))
-        .await;
+    check(
+        &mut impostor,
+        client,
+        "camera-01",
+        Expected::RefusedByDevice(AlertDescription::UnsupportedCertificate),
+    )
+    .await;
 }

@@ -68,7 +68,10 @@ fn device_id_is_read_from_the_certificate() {
     let server = fleet.ca.issue_server(&["sink.example.org".to_owned()], Validity::days(1)).expect("issue");
     assert!(matches!(
         device_id_from_certificate(&der(&server.certificate_pem)),
-        Err(FleetError::InvalidDeviceId { problem: DeviceIdProblem::ForbiddenCharacter { character: '.', .. }, .. })
+        Err(FleetError::InvalidDeviceId {
+            problem: DeviceIdProblem::ForbiddenCharacter { character: '.', .. },
+            ..
+        })
     ));
     assert!(matches!(device_id_from_certificate(b"not a certificate"), Err(FleetError::Certificate { .. })));
     assert!(matches!(device_id_from_certificate(&[]), Err(FleetError::Certificate { .. })));
@@ -160,7 +163,8 @@ fn load_refuses_a_key_of_another_ca() {
     let ours = Fleet::new("ours");
     let theirs = Fleet::new("theirs");
     let ca_directory = ours.ca.directory().to_path_buf();
-    fs::copy(theirs.ca.directory().join(fleet::CA_KEY_FILE), ca_directory.join(fleet::CA_KEY_FILE)).expect("copy");
+    fs::copy(theirs.ca.directory().join(fleet::CA_KEY_FILE), ca_directory.join(fleet::CA_KEY_FILE))
+        .expect("copy");
     let result = FleetCa::load(&ca_directory);
     assert!(matches!(result, Err(FleetError::KeyMismatch { .. })), "{result:?}");
 }
@@ -193,7 +197,10 @@ fn device_certificate_is_for_client_authentication_only() {
     let usage = parsed.extended_key_usage().expect("extension").expect("present").value;
     assert!(usage.client_auth && !usage.server_auth);
     assert!(!parsed.is_ca());
-    assert_eq!(parsed.issuer(), X509Certificate::from_der(&der(fleet.ca.certificate_pem())).expect("ca").1.subject());
+    assert_eq!(
+        parsed.issuer(),
+        X509Certificate::from_der(&der(fleet.ca.certificate_pem())).expect("ca").1.subject()
+    );
 }
 
 #[test]
@@ -229,7 +236,8 @@ fn issuing_checks_its_inputs() {
         let result = ca.issue_server(&[bad_name.to_owned()], Validity::days(1));
         assert!(matches!(result, Err(FleetError::InvalidServerName { .. })), "{bad_name:?}: {result:?}");
     }
-    let many: Vec<String> = (0..=fleet::SERVER_NAMES_MAX).map(|index| format!("sink{index}.example")).collect();
+    let many: Vec<String> =
+        (0..=fleet::SERVER_NAMES_MAX).map(|index| format!("sink{index}.example")).collect();
     assert!(matches!(ca.issue_server(&many, Validity::days(1)), Err(FleetError::InvalidServerName { .. })));
 }
 
@@ -261,15 +269,20 @@ fn issued_certificate_round_trips_with_a_private_key_file() {
     // Writing again (renewal) replaces the files and keeps the key private.
     let renewed = fleet.device("camera-01");
     renewed.write_to(&directory, fleet.ca.certificate_pem()).expect("rewrite");
-    assert_eq!(IssuedCertificate::read_from(&directory).expect("read").certificate_pem, renewed.certificate_pem);
+    assert_eq!(
+        IssuedCertificate::read_from(&directory).expect("read").certificate_pem,
+        renewed.certificate_pem
+    );
     assert_eq!(mode(&directory.join(fleet::KEY_FILE)), 0o600);
 
     // A key from another issue is refused, on reading and on writing.
     fs::write(directory.join(fleet::KEY_FILE), &device.private_key_pem).expect("write");
     let result = IssuedCertificate::read_from(&directory);
     assert!(matches!(result, Err(FleetError::KeyMismatch { .. })), "{result:?}");
-    let mismatched =
-        IssuedCertificate { certificate_pem: renewed.certificate_pem.clone(), private_key_pem: device.private_key_pem };
+    let mismatched = IssuedCertificate {
+        certificate_pem: renewed.certificate_pem.clone(),
+        private_key_pem: device.private_key_pem,
+    };
     let result = mismatched.write_to(&directory, fleet.ca.certificate_pem());
     assert!(matches!(result, Err(FleetError::KeyMismatch { .. })), "{result:?}");
 }
@@ -288,13 +301,16 @@ fn configurations_refuse_unusable_material() {
     let fleet = Fleet::new("test fleet");
     let device = fleet.device("camera-01");
     let revocations = fleet::RevocationList::open(&fleet.revocation_path()).expect("open");
-    let garbage = IssuedCertificate { certificate_pem: "garbage".to_owned(), private_key_pem: "garbage".to_owned() };
+    let garbage =
+        IssuedCertificate { certificate_pem: "garbage".to_owned(), private_key_pem: "garbage".to_owned() };
     let transport = common::transport;
 
     assert!(fleet::client_config("garbage", &device, transport()).is_err());
     assert!(fleet::client_config(fleet.ca.certificate_pem(), &garbage, transport()).is_err());
     assert!(fleet::server_config("garbage", &fleet.server, revocations.clone(), transport()).is_err());
-    assert!(fleet::server_config(fleet.ca.certificate_pem(), &garbage, revocations.clone(), transport()).is_err());
+    assert!(
+        fleet::server_config(fleet.ca.certificate_pem(), &garbage, revocations.clone(), transport()).is_err()
+    );
     // A certificate with someone else's key.
     let swapped = IssuedCertificate {
         certificate_pem: fleet.server.certificate_pem.clone(),

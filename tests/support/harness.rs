@@ -25,7 +25,9 @@ impl Fleet {
     pub fn new() -> Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = FleetCa::init(&dir.path().join("ca"), "test fleet").expect("CA");
-        let server = ca.issue_server(&["localhost".to_string(), "127.0.0.1".to_string()], Validity::days(1)).expect("server cert");
+        let server = ca
+            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()], Validity::days(1))
+            .expect("server cert");
         server.write_to(&dir.path().join("server"), ca.certificate_pem()).expect("write server cert");
         Fleet { dir, ca }
     }
@@ -48,7 +50,13 @@ impl Fleet {
     }
 
     pub fn uplink_config(&self, device_id: &str, sink: SocketAddr) -> UplinkConfig {
-        let mut config = UplinkConfig::new(sink, "localhost", device_id, self.device(device_id), self.ca.certificate_pem());
+        let mut config = UplinkConfig::new(
+            sink,
+            "localhost",
+            device_id,
+            self.device(device_id),
+            self.ca.certificate_pem(),
+        );
         config.transport.idle_timeout_ms = 3_000;
         config.transport.keep_alive_ms = 500;
         config.reconnect_max_ms = 500;
@@ -102,7 +110,12 @@ pub fn produce(ring: &Ring, device: &str, lane: Lane, first: u64, count: u64) ->
     for index in first..first + count {
         let key = record_key(device, lane, index);
         let payload = sensor_payload(index);
-        let record = RecordRef { key: &key, timestamp_us: 1_700_000_000_000_000 + index, content_type: "application/json", payload: &payload };
+        let record = RecordRef {
+            key: &key,
+            timestamp_us: 1_700_000_000_000_000 + index,
+            content_type: "application/json",
+            payload: &payload,
+        };
         builder.push(record).expect("valid record");
         if builder.is_full() {
             seqs.push(ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append"));
@@ -127,7 +140,9 @@ pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u
         files.sort();
         let records: &mut Vec<(u64, String)> = landed.entry(lane).or_default();
         for file in files {
-            for (header, encoded) in core_sink::landing::read_landed_file(&file).expect("landed file is intact") {
+            for (header, encoded) in
+                core_sink::landing::read_landed_file(&file).expect("landed file is intact")
+            {
                 let (_, body) = protocol::decode_chunk(&encoded).expect("chunk");
                 let raw = decompressor.decompress(&header, body).expect("decompress");
                 for record in protocol::records(&raw) {
@@ -140,7 +155,11 @@ pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u
 }
 
 /// Asserts that the sink landed exactly `expected` keys for (device, lane): each once, in order.
-pub fn assert_landed_exactly_once(landed: &BTreeMap<Lane, Vec<(u64, String)>>, lane: Lane, expected: &[String]) {
+pub fn assert_landed_exactly_once(
+    landed: &BTreeMap<Lane, Vec<(u64, String)>>,
+    lane: Lane,
+    expected: &[String],
+) {
     let records = landed.get(&lane).map(Vec::as_slice).unwrap_or_default();
     let keys: Vec<&String> = records.iter().map(|(_, key)| key).collect();
     let mut sorted = keys.clone();

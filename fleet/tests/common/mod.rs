@@ -203,7 +203,11 @@ pub async fn check(sink: &mut Sink, client: quinn::ClientConfig, server_name: &s
             let SinkSaw::Refused(sink_error) = &sink_saw else {
                 panic!("the sink must see the refusal, saw {sink_saw:?}");
             };
-            assert_eq!(alert_of(sink_error), Some((crypto_code(alert), !by_sink)), "sink side error: {sink_error}");
+            assert_eq!(
+                alert_of(sink_error),
+                Some((crypto_code(alert), !by_sink)),
+                "sink side error: {sink_error}"
+            );
         }
     }
 }
