@@ -26,6 +26,9 @@ pub enum Target {
     /// The LMDB ring: appends of 64 KiB and 256 KiB chunks, sync and periodic durability, 1 and
     /// 8 producers, plus a soak at 10x capacity with mixed sizes (append rate first vs last tenth).
     Buffer(BufferArgs),
+    /// Appliances → one sink on loopback, durable at both ends: 335 B JSON records and 200 KiB
+    /// frames, 1 and 16 appliances, plus the sink's memory with 50 devices connected.
+    Uplink(crate::bench_uplink::UplinkArgs),
 }
 
 #[derive(Args)]
@@ -44,6 +47,7 @@ pub struct BufferArgs {
 pub fn run(target: Target) -> Result<()> {
     match target {
         Target::Buffer(args) => bench_buffer(&args),
+        Target::Uplink(args) => crate::bench_uplink::bench_uplink(&args),
     }
 }
 
@@ -85,7 +89,7 @@ fn progress(total: u64, label: String) -> ProgressBar {
 }
 
 /// The physical limit: the same bytes in the same write sizes to one file, then one fsync.
-fn baseline(dir: &Path, total: u64, chunk_bytes: usize) -> Result<f64> {
+pub(crate) fn baseline(dir: &Path, total: u64, chunk_bytes: usize) -> Result<f64> {
     let path = dir.join("tributary-bench-baseline.bin");
     let block = noise(chunk_bytes, 7);
     let bar = progress(total, format!("baseline write+fsync {} KiB", chunk_bytes / 1024));

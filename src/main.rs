@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad command line (clap).
 
 mod bench;
+mod bench_uplink;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,12 @@ enum Command {
         #[command(subcommand)]
         target: bench::Target,
     },
+    /// Run a core sink from a TOML config (the same server as `core-sink serve`); prints
+    /// "listening on ADDRESS" once ready; SIGTERM or Ctrl-C commits what is pending and exits.
+    Sink {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,8 +48,15 @@ fn main() -> ExitCode {
     }
 }
 
+fn run_sink(config: &std::path::Path) -> anyhow::Result<()> {
+    let config = core_sink::SinkConfig::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(core_sink::run_until_signal(config))
+}
+
 fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench { target } => bench::run(target),
+        Command::Sink { config } => run_sink(&config),
     }
 }

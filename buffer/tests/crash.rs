@@ -45,11 +45,11 @@ fn crash_child() {
                     ring.append(chunk(lane, expected_seq, length_for(lane, expected_seq))).expect("append");
                 assert_eq!(seq, expected_seq, "one producer per lane gets consecutive seqs");
                 expected_seq += 1;
-                writeln!(stdout.lock().unwrap(), "A {} {seq}", lane.id()).unwrap();
+                writeln!(stdout.lock().unwrap(), "@A {} {seq}", lane.id()).unwrap();
                 if seq.is_multiple_of(8) {
                     let through = seq.saturating_sub(24);
                     ring.ack(lane, through).expect("ack");
-                    writeln!(stdout.lock().unwrap(), "K {} {through}", lane.id()).unwrap();
+                    writeln!(stdout.lock().unwrap(), "@K {} {through}", lane.id()).unwrap();
                 }
             }
         });
@@ -89,7 +89,9 @@ fn kill_nine_never_loses_an_append_that_returned() {
             let mut printed = [Printed::default(); Lane::COUNT];
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let fields: Vec<&str> = line.split_whitespace().collect();
+                // Markers start with '@': the harness may print its own text before them on a line.
+                let Some(marker) = line.find('@').map(|at| &line[at + 1..]) else { continue };
+                let fields: Vec<&str> = marker.split_whitespace().collect();
                 let (Some(kind), Some(lane), Some(value)) = (fields.first(), fields.get(1), fields.get(2))
                 else {
                     continue;

@@ -16,4 +16,4 @@ pub mod state;
 
 pub use config::SinkConfig;
 pub use lander::SinkMetrics;
-pub use server::Sink;
+pub use server::{Sink, run_until_signal};

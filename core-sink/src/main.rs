@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use core_sink::{Sink, SinkConfig};
+use core_sink::SinkConfig;
 use fleet::{FleetCa, RevocationList, Validity};
 
 #[derive(Parser)]
@@ -112,18 +112,7 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = SinkConfig::load(config_path)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio runtime")?;
-    runtime.block_on(async move {
-        let sink = Sink::start(config).await?;
-        println!("core-sink listening on {}", sink.local_addr());
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::info!("shutting down: committing what is pending");
-        sink.shutdown().await;
-        Ok(())
-    })
+    runtime.block_on(core_sink::run_until_signal(config))
 }
 
 fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> anyhow::Result<()> {

@@ -74,8 +74,12 @@ impl Sink {
         let revocations = RevocationList::open(&config.revocation_file)?;
         let server_config =
             fleet::server_config(&ca_pem, &server, revocations.clone(), config.transport.to_quinn())?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .with_context(|| format!("listen on udp {}", config.listen))?;
+        let reset_key = load_or_create_reset_key(&config.state_dir)?;
+        let endpoint_config =
+            quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key)));
+        let socket = std::net::UdpSocket::bind(config.listen).with_context(|| format!("listen on udp {}", config.listen))?;
+        let runtime = quinn::default_runtime().context("the sink must run inside a tokio runtime")?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
 
         let metrics = Arc::new(SinkMetrics::default());
         let state = SinkState::open(&config.state_dir)?;
@@ -154,6 +158,55 @@ impl Drop for Sink {
         }
         self.endpoint.close(close_code(ErrorCode::ShuttingDown), b"sink stopped");
     }
+}
+
+/// The key stateless resets are derived from, kept across restarts: a restarted sink can then
+/// tell appliances at once that their old connection is gone (a valid stateless reset), instead
+/// of leaving them to wait out the idle timeout.
+fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = state_dir.join("stateless-reset.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            return bytes
+                .try_into()
+                .map_err(|bytes: Vec<u8>| anyhow::anyhow!("{} holds {} bytes, expected 32", path.display(), bytes.len()));
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("read {}", path.display())),
+    }
+    std::fs::create_dir_all(state_dir).with_context(|| format!("create {}", state_dir.display()))?;
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("no system randomness for the stateless reset key"))?;
+    let temporary = state_dir.join("stateless-reset.key.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("create {}", temporary.display()))?;
+    file.write_all(&key).and_then(|()| file.sync_all()).with_context(|| format!("write {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("rename to {}", path.display()))?;
+    std::fs::File::open(state_dir).and_then(|directory| directory.sync_all())?;
+    Ok(key)
+}
+
+/// Runs a sink until SIGINT or SIGTERM, then commits what is pending. Prints
+/// `listening on ADDRESS` to stdout once ready (tools and tests wait for that line).
+pub async fn run_until_signal(config: SinkConfig) -> anyhow::Result<()> {
+    let sink = Sink::start(config).await?;
+    println!("listening on {}", sink.local_addr());
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down: committing what is pending");
+    sink.shutdown().await;
+    Ok(())
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>, connections_max: u64) {

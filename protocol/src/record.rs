@@ -260,6 +260,18 @@ impl ChunkBuilder {
     }
 }
 
+impl ChunkBuilder {
+    /// Seals the accumulated block without trying to compress it: for content known not to
+    /// shrink (JPEG, PNG, already-compressed files), where a zstd attempt would only burn CPU.
+    pub fn seal_raw(&mut self) -> SealedChunk {
+        let raw_len = u32::try_from(self.block.len()).expect("block bounded by CHUNK_RAW_BYTES_MAX");
+        let record_count = std::mem::take(&mut self.record_count);
+        let body = std::mem::take(&mut self.block);
+        SealedChunk::new(self.lane, Codec::Raw, crate::NO_DICTIONARY, record_count, raw_len, body)
+            .expect("a builder's block obeys the chunk limits by construction")
+    }
+}
+
 /// Iterates the records of an uncompressed record block; yields `Err` once on the first
 /// malformed record and then stops.
 pub fn records(raw: &[u8]) -> RecordIter<'_> {
