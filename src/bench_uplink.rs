@@ -128,7 +128,12 @@ fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<
                     40.0 + (index % 500) as f64 / 10.0
                 );
                 raw_bytes += payload.len() as u64;
-                let record = RecordRef { key: &key, timestamp_us: index, content_type: "application/json", payload: payload.as_bytes() };
+                let record = RecordRef {
+                    key: &key,
+                    timestamp_us: index,
+                    content_type: "application/json",
+                    payload: payload.as_bytes(),
+                };
                 builder.push(record)?;
                 if builder.is_full() {
                     ring.append(builder.seal(&mut compressor, 0)?)?;
@@ -149,7 +154,8 @@ fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<
                     *byte = state as u8;
                 }
                 let key = format!("{device}-frame-{index:08}");
-                let record = RecordRef { key: &key, timestamp_us: index, content_type: "image/jpeg", payload: &frame };
+                let record =
+                    RecordRef { key: &key, timestamp_us: index, content_type: "image/jpeg", payload: &frame };
                 let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
                 builder.push(record)?;
                 raw_bytes += frame.len() as u64;
@@ -169,13 +175,20 @@ struct RunResult {
     sink_rss_anon_bytes: u64,
 }
 
-fn run_case(base: &Path, ca: &FleetCa, workload: Workload, appliances: usize, total: u64) -> Result<RunResult> {
+fn run_case(
+    base: &Path,
+    ca: &FleetCa,
+    workload: Workload,
+    appliances: usize,
+    total: u64,
+) -> Result<RunResult> {
     let dir = base.join(format!("run-{}-{appliances}", matches!(workload, Workload::Frames) as u8));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir_all(dir.join("ca"))?;
     std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
-    ca.issue_server(&["localhost".into()], Validity::days(1))?.write_to(&dir.join("server"), ca.certificate_pem())?;
+    ca.issue_server(&["localhost".into()], Validity::days(1))?
+        .write_to(&dir.join("server"), ca.certificate_pem())?;
     let sink = start_sink(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let per_appliance = total / appliances as u64;
@@ -192,7 +205,13 @@ fn run_case(base: &Path, ca: &FleetCa, workload: Workload, appliances: usize, to
             Workload::Frames => (per_appliance * 260 * 1024).max(64 * MIB),
         };
         let ring = Ring::open(dir.join("rings").join(&device), RingConfig::with_capacity(ring_bytes))?;
-        let config = UplinkConfig::new(sink.address, "localhost", &device, ca.issue_device(&device, Validity::days(1))?, ca.certificate_pem());
+        let config = UplinkConfig::new(
+            sink.address,
+            "localhost",
+            &device,
+            ca.issue_device(&device, Validity::days(1))?,
+            ca.certificate_pem(),
+        );
         let _guard = runtime.enter();
         uplinks.push(Uplink::spawn(ring.clone(), config)?);
         rings.push((device, ring));
@@ -253,7 +272,8 @@ fn idle_devices_memory(base: &Path, ca: &FleetCa, devices: usize) -> Result<u64>
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("ca"))?;
     std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
-    ca.issue_server(&["localhost".into()], Validity::days(1))?.write_to(&dir.join("server"), ca.certificate_pem())?;
+    ca.issue_server(&["localhost".into()], Validity::days(1))?
+        .write_to(&dir.join("server"), ca.certificate_pem())?;
     let sink = start_sink(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut uplinks = Vec::new();
@@ -262,13 +282,21 @@ fn idle_devices_memory(base: &Path, ca: &FleetCa, devices: usize) -> Result<u64>
         let device = format!("idle-{index:02}");
         let ring = Ring::open(dir.join("rings").join(&device), RingConfig::with_capacity(16 * MIB))?;
         produce(&ring, Workload::SensorRecords, &device, 1_000)?;
-        let config = UplinkConfig::new(sink.address, "localhost", &device, ca.issue_device(&device, Validity::days(1))?, ca.certificate_pem());
+        let config = UplinkConfig::new(
+            sink.address,
+            "localhost",
+            &device,
+            ca.issue_device(&device, Validity::days(1))?,
+            ca.certificate_pem(),
+        );
         let _guard = runtime.enter();
         uplinks.push(Uplink::spawn(ring.clone(), config)?);
         rings.push(ring);
     }
     let started = Instant::now();
-    while !rings.iter().all(|ring| ring.stats().lane(Lane::Sensor).acked_through + 1 == ring.stats().lane(Lane::Sensor).next_seq) {
+    while !rings.iter().all(|ring| {
+        ring.stats().lane(Lane::Sensor).acked_through + 1 == ring.stats().lane(Lane::Sensor).next_seq
+    }) {
         anyhow::ensure!(started.elapsed() < DRAIN_LIMIT, "idle devices did not drain");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -289,10 +317,22 @@ pub fn bench_uplink(args: &UplinkArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
     let ca = FleetCa::init(&base.join("fleet-ca"), "bench fleet")?;
-    println!("tributary bench uplink: ring sync mode, sink commit every 20 ms with fsync, loopback, in {}", base.display());
+    println!(
+        "tributary bench uplink: ring sync mode, sink commit every 20 ms with fsync, loopback, in {}",
+        base.display()
+    );
     println!(
         "{:<20} {:>10} {:>12} {:>8} {:>10} {:>9} {:>14} {:>14} {:>12} {:>12}",
-        "workload", "appliances", "items/s", "MB/s", "peer MB/s", "ratio", "edge CPU s/GB", "sink CPU s/GB", "edge RssAnon", "sink RssAnon"
+        "workload",
+        "appliances",
+        "items/s",
+        "MB/s",
+        "peer MB/s",
+        "ratio",
+        "edge CPU s/GB",
+        "sink CPU s/GB",
+        "edge RssAnon",
+        "sink RssAnon"
     );
     for (workload, total) in [(Workload::SensorRecords, args.records), (Workload::Frames, args.frames)] {
         for appliances in [1usize, 16] {
@@ -318,8 +358,14 @@ pub fn bench_uplink(args: &UplinkArgs) -> Result<()> {
         }
     }
     let idle = idle_devices_memory(&base, &ca, args.idle_devices)?;
-    println!("sink RssAnon with {} connected devices: {:.1} MiB (target <= 256 MiB)", args.idle_devices, idle as f64 / MIB as f64);
-    println!("targets: 335 B records >= 400000 records/s; frames >= 0.80 of the peer; edge RssAnon <= 64 MiB per appliance");
+    println!(
+        "sink RssAnon with {} connected devices: {:.1} MiB (target <= 256 MiB)",
+        args.idle_devices,
+        idle as f64 / MIB as f64
+    );
+    println!(
+        "targets: 335 B records >= 400000 records/s; frames >= 0.80 of the peer; edge RssAnon <= 64 MiB per appliance"
+    );
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
 }

@@ -134,7 +134,10 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     let landed = landed_records(&fleet.landing_dir(), device);
     let expected: Vec<String> = (0..total).map(|index| record_key(device, Lane::Sensor, index)).collect();
     assert_landed_exactly_once(&landed, Lane::Sensor, &expected);
-    assert!(metrics.connects.load(Ordering::Relaxed) > kills() as u64, "the uplink reconnected after every kill");
+    assert!(
+        metrics.connects.load(Ordering::Relaxed) > kills() as u64,
+        "the uplink reconnected after every kill"
+    );
 }
 
 /// An appliance from its ring directory: produces batches (run-tagged keys, printed after each

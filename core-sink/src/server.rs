@@ -77,7 +77,8 @@ impl Sink {
         let reset_key = load_or_create_reset_key(&config.state_dir)?;
         let endpoint_config =
             quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key)));
-        let socket = std::net::UdpSocket::bind(config.listen).with_context(|| format!("listen on udp {}", config.listen))?;
+        let socket = std::net::UdpSocket::bind(config.listen)
+            .with_context(|| format!("listen on udp {}", config.listen))?;
         let runtime = quinn::default_runtime().context("the sink must run inside a tokio runtime")?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
 
@@ -169,9 +170,9 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
     let path = state_dir.join("stateless-reset.key");
     match std::fs::read(&path) {
         Ok(bytes) => {
-            return bytes
-                .try_into()
-                .map_err(|bytes: Vec<u8>| anyhow::anyhow!("{} holds {} bytes, expected 32", path.display(), bytes.len()));
+            return bytes.try_into().map_err(|bytes: Vec<u8>| {
+                anyhow::anyhow!("{} holds {} bytes, expected 32", path.display(), bytes.len())
+            });
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error).with_context(|| format!("read {}", path.display())),
@@ -188,7 +189,9 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
         .mode(0o600)
         .open(&temporary)
         .with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(&key).and_then(|()| file.sync_all()).with_context(|| format!("write {}", temporary.display()))?;
+    file.write_all(&key)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", temporary.display()))?;
     std::fs::rename(&temporary, &path).with_context(|| format!("rename to {}", path.display()))?;
     std::fs::File::open(state_dir).and_then(|directory| directory.sync_all())?;
     Ok(key)
