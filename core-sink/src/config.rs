@@ -40,6 +40,9 @@ pub struct SinkConfig {
     pub connections_max: u64,
     #[serde(default)]
     pub transport: TransportSettings,
+    /// Training datasets derived from the raw landing; absent = raw landing only.
+    #[serde(default)]
+    pub datasets: Option<crate::datasets::DatasetsConfig>,
 }
 
 fn default_revocation_file() -> PathBuf {
@@ -93,6 +96,7 @@ impl SinkConfig {
             in_flight_bytes_max: default_in_flight_bytes_max(),
             connections_max: default_connections_max(),
             transport: TransportSettings::default(),
+            datasets: None,
         }
     }
 
@@ -103,6 +107,13 @@ impl SinkConfig {
             .map_err(|error| ConfigError::Invalid { path: path.to_path_buf(), message: error.to_string() })?;
         // Relative paths are relative to the config file's directory.
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(datasets) = &mut config.datasets {
+            for field in datasets.targets.iter_mut().chain([&mut datasets.manifest_dir]) {
+                if field.is_relative() {
+                    *field = base.join(&*field);
+                }
+            }
+        }
         for field in [
             &mut config.state_dir,
             &mut config.landing_dir,
@@ -148,6 +159,9 @@ impl SinkConfig {
             (10..=3_600_000).contains(&self.revocation_reload_ms),
             format!("revocation_reload_ms = {}: expected 10..=3600000", self.revocation_reload_ms),
         )?;
+        if let Some(datasets) = &self.datasets {
+            datasets.validate()?;
+        }
         self.transport.validate()
     }
 }

@@ -54,6 +54,9 @@ pub struct SharedWatermarks {
     pub landed: Mutex<Watermarks>,
     /// Highest seq durable per (device, lane): what Acks report.
     pub durable: Mutex<Watermarks>,
+    /// The committer's checkpoint at the last commit: what downstream readers (the dataset
+    /// pipeline) may consume.
+    pub checkpoint: Arc<Mutex<Vec<u8>>>,
 }
 
 impl SharedWatermarks {
@@ -113,6 +116,7 @@ impl Lander {
         let shared = Arc::new(SharedWatermarks {
             landed: Mutex::new(watermarks.clone()),
             durable: Mutex::new(watermarks),
+            checkpoint: Arc::new(Mutex::new(checkpoint.clone().unwrap_or_default())),
         });
         let (durable_generation, receiver) = watch::channel(0);
         let lander = Lander {
@@ -210,11 +214,14 @@ impl Lander {
         }
         let advanced: Watermarks =
             self.pending.iter().map(|(key, (seq, _, _))| (key.clone(), *seq)).collect();
+        let mut checkpoint = Vec::new();
         let result = self.committer.commit().map_err(anyhow::Error::from).and_then(|()| {
-            self.state.commit(&advanced, &self.committer.checkpoint()).map_err(anyhow::Error::from)
+            checkpoint = self.committer.checkpoint();
+            self.state.commit(&advanced, &checkpoint).map_err(anyhow::Error::from)
         });
         match result {
             Ok(()) => {
+                *self.shared.checkpoint.lock().expect("checkpoint lock") = checkpoint;
                 self.durable_advanced(advanced);
                 self.pending.clear();
                 self.pending_bytes = 0;

@@ -89,16 +89,6 @@ impl RawLanding {
     fn file_path(&self, device: &str, lane: Lane, first_seq: u64) -> PathBuf {
         self.lane_dir(device, lane).join(format!("{first_seq:020}{FILE_SUFFIX}"))
     }
-
-    /// Every landed chunk file of (device, lane), oldest first.
-    pub fn files(&self, device: &str, lane: Lane) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = fs::read_dir(self.lane_dir(device, lane))
-            .map(|entries| entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect())
-            .unwrap_or_default();
-        files.retain(|path| path.extension().is_some_and(|extension| extension == "tcr"));
-        files.sort();
-        files
-    }
 }
 
 fn parse_first_seq(path: &Path) -> Option<u64> {
@@ -114,8 +104,8 @@ impl RawLanding {
     /// its committed length, files started after it removed, older (sealed) files kept.
     fn roll_back_lane(&self, device: &str, lane: Lane) -> Result<(), LandingError> {
         let committed = self.committed.get(&(device.to_string(), lane)).copied();
-        for path in self.files(device, lane) {
-            let Some(first_seq) = parse_first_seq(&path) else { continue };
+        let landing_dir = self.root.parent().expect("raw root is inside the landing dir");
+        for (first_seq, path) in raw_files(landing_dir, device, lane) {
             match committed {
                 Some(position) if first_seq == position.first_seq => {
                     let file = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
@@ -220,18 +210,8 @@ impl Committer for RawLanding {
     fn recover(&mut self, checkpoint: Option<&[u8]>) -> Result<(), LandingError> {
         self.open.clear();
         self.committed.clear();
-        let text = String::from_utf8_lossy(checkpoint.unwrap_or_default()).into_owned();
-        for (index, line) in text.lines().enumerate() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let malformed =
-                |reason: &str| LandingError::Checkpoint { line: index + 1, reason: reason.to_string() };
-            let [device, lane, first_seq, length] = fields[..] else {
-                return Err(malformed("expected 4 fields"));
-            };
-            let lane: Lane = lane.parse().map_err(|_| malformed("unknown lane"))?;
-            let first_seq = first_seq.parse().map_err(|_| malformed("bad first seq"))?;
-            let length = length.parse().map_err(|_| malformed("bad length"))?;
-            self.committed.insert((device.to_string(), lane), FilePosition { first_seq, length });
+        for ((device, lane), (first_seq, length)) in parse_checkpoint(checkpoint.unwrap_or_default())? {
+            self.committed.insert((device, lane), FilePosition { first_seq, length });
         }
         let devices: Vec<PathBuf> = match fs::read_dir(&self.root) {
             Ok(entries) => entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect(),
@@ -254,6 +234,41 @@ impl Committer for RawLanding {
         self.open.remove(&(device.to_string(), lane));
         self.roll_back_lane(device, lane)
     }
+}
+
+/// The committed position of every (device, lane) in a raw landing checkpoint: the file that
+/// starts at `first_seq` is committed through `length` bytes; older files are committed whole.
+pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<BTreeMap<(String, Lane), (u64, u64)>, LandingError> {
+    let text = String::from_utf8_lossy(checkpoint);
+    let mut positions = BTreeMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let malformed =
+            |reason: &str| LandingError::Checkpoint { line: index + 1, reason: reason.to_string() };
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [device, lane, first_seq, length] = fields[..] else {
+            return Err(malformed("expected 4 fields"));
+        };
+        let lane: Lane = lane.parse().map_err(|_| malformed("unknown lane"))?;
+        let first_seq = first_seq.parse().map_err(|_| malformed("bad first seq"))?;
+        let length = length.parse().map_err(|_| malformed("bad length"))?;
+        positions.insert((device.to_string(), lane), (first_seq, length));
+    }
+    Ok(positions)
+}
+
+/// The raw landing files of (device, lane) under `landing_dir`, oldest first, with their first seq.
+pub fn raw_files(landing_dir: &Path, device: &str, lane: Lane) -> Vec<(u64, PathBuf)> {
+    let directory = landing_dir.join("raw").join(device).join(lane.name());
+    let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&directory)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .filter_map(|path| parse_first_seq(&path).map(|first_seq| (first_seq, path)))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
 }
 
 /// Reads the chunks of one landed file, verifying each (length prefix bounded, CRC checked).

@@ -9,6 +9,7 @@
 //! - Chunks in flight between sessions and the lander are bounded by `in_flight_bytes_max`.
 
 pub mod config;
+pub mod datasets;
 pub mod lander;
 pub mod landing;
 pub mod server;

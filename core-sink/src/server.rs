@@ -42,6 +42,13 @@ pub struct Sink {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     lander: Option<std::thread::JoinHandle<()>>,
     context: Option<Arc<Context>>,
+    datasets: Option<DatasetsRunner>,
+}
+
+struct DatasetsRunner {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    metrics: Arc<crate::datasets::pipeline::DatasetMetrics>,
 }
 
 struct Context {
@@ -91,6 +98,22 @@ impl Sink {
         };
         let (lander, shared, durable_generation) =
             Lander::new(lander_config, committer, state, metrics.clone())?;
+        let datasets = match &config.datasets {
+            Some(datasets_config) => {
+                let pipeline =
+                    crate::datasets::pipeline::Pipeline::open(datasets_config.clone(), &config.landing_dir)?;
+                let metrics = pipeline.metrics.clone();
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let checkpoint = shared.checkpoint.clone();
+                let poll = Duration::from_millis(config.commit_interval_ms.max(20));
+                let thread = std::thread::Builder::new().name("sink-datasets".into()).spawn({
+                    let stop = stop.clone();
+                    move || pipeline.run(checkpoint, stop, poll)
+                })?;
+                Some(DatasetsRunner { stop, thread, metrics })
+            }
+            None => None,
+        };
         let (land, requests) = std::sync::mpsc::channel();
         let lander =
             std::thread::Builder::new().name("sink-lander".into()).spawn(move || lander.run(requests))?;
@@ -120,6 +143,7 @@ impl Sink {
             tasks: vec![accept, reload],
             lander: Some(lander),
             context: Some(context),
+            datasets,
         })
     }
 
@@ -149,11 +173,24 @@ impl Sink {
         if let Some(lander) = self.lander.take() {
             let _ = tokio::task::spawn_blocking(move || lander.join()).await;
         }
+        // After the last commit: the pipeline consumes it and publishes its open shards.
+        if let Some(datasets) = self.datasets.take() {
+            datasets.stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || datasets.thread.join()).await;
+        }
+    }
+
+    /// Dataset counters, when datasets are configured.
+    pub fn dataset_metrics(&self) -> Option<Arc<crate::datasets::pipeline::DatasetMetrics>> {
+        self.datasets.as_ref().map(|datasets| datasets.metrics.clone())
     }
 }
 
 impl Drop for Sink {
     fn drop(&mut self) {
+        if let Some(datasets) = &self.datasets {
+            datasets.stop.store(true, Ordering::Relaxed);
+        }
         for task in &self.tasks {
             task.abort();
         }

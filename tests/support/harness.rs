@@ -198,3 +198,75 @@ pub fn write_sink_config(fleet: &Fleet, listen: SocketAddr) -> PathBuf {
     std::fs::write(&path, text).expect("write sink config");
     path
 }
+
+/// Appends `count` JPEG-like media records (random bytes, 5–50 KiB, content type image/jpeg) in
+/// raw chunks of up to 256 KiB; returns (key, sha256 hex of the payload) for each.
+pub fn produce_media(ring: &Ring, device: &str, first: u64, count: u64) -> Vec<(String, String)> {
+    use sha2::Digest as _;
+    let mut produced = Vec::new();
+    let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ first;
+    for index in first..first + count {
+        let key = record_key(device, Lane::Media, index);
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let len = 5 * 1024 + (state % (45 * 1024)) as usize;
+        let payload: Vec<u8> = (0..len)
+            .map(|i| {
+                let x = state.wrapping_add(i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                (x >> 56) as u8
+            })
+            .collect();
+        let digest: String =
+            sha2::Sha256::digest(&payload).iter().map(|byte| format!("{byte:02x}")).collect();
+        let record = RecordRef {
+            key: &key,
+            timestamp_us: 1_700_000_000_000_000 + index,
+            content_type: "image/jpeg",
+            payload: &payload,
+        };
+        if builder.raw_len() + record.encoded_len() > 256 * 1024 && !builder.is_empty() {
+            ring.append(builder.seal_raw()).expect("append");
+        }
+        builder.push(record).expect("valid record");
+        produced.push((key, digest));
+    }
+    if !builder.is_empty() {
+        ring.append(builder.seal_raw()).expect("append");
+    }
+    produced
+}
+
+/// Runs `tests/read_datasets.py` (the stock Python readers) and returns its JSON lines.
+/// Fails when the readers are missing and `CI` is set; otherwise returns `None` with a message.
+pub fn python_read(kind: &str, files: &[PathBuf]) -> Option<Vec<serde_json::Value>> {
+    let probe = std::process::Command::new("python3").args(["-c", "import pyarrow, webdataset"]).output();
+    if !probe.as_ref().is_ok_and(|output| output.status.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have pyarrow and webdataset installed (.ci/run does)"
+        );
+        eprintln!("SKIPPING the Python reader check: `pip install pyarrow webdataset` to run it");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("read_datasets.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(kind)
+        .args(files)
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "read_datasets.py {kind} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect(),
+    )
+}

@@ -1,0 +1,97 @@
+//! Training datasets derived from the raw landing: WebDataset tar shards for media, Parquet for
+//! sensor series, striped across storage targets, each with a manifest. See `pipeline.rs`.
+
+pub mod manifest;
+pub mod parquet;
+pub mod pipeline;
+pub mod tar;
+pub mod targets;
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// How a new shard picks its target.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    #[default]
+    RoundRobin,
+    /// The target with the most free bytes (statvfs).
+    LeastLoaded,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetsConfig {
+    /// Directories standing for mount points (OST pools, disks, NFS/BeeGFS paths).
+    pub targets: Vec<PathBuf>,
+    /// Where each dataset's `manifest.json` lives (`<manifest_dir>/<dataset>/manifest.json`).
+    pub manifest_dir: PathBuf,
+    #[serde(default)]
+    pub placement: Placement,
+    /// This sink node's name in shard file names, so several nodes can share targets.
+    #[serde(default = "default_node")]
+    pub node: String,
+    #[serde(default = "default_shard_bytes_max")]
+    pub shard_bytes_max: u64,
+    #[serde(default = "default_shard_age_max_ms")]
+    pub shard_age_max_ms: u64,
+    #[serde(default = "default_parquet_row_group_rows")]
+    pub parquet_row_group_rows: usize,
+}
+
+fn default_node() -> String {
+    "node0".to_string()
+}
+fn default_shard_bytes_max() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_shard_age_max_ms() -> u64 {
+    60_000
+}
+fn default_parquet_row_group_rows() -> usize {
+    65_536
+}
+
+impl DatasetsConfig {
+    pub fn with_targets(targets: Vec<PathBuf>, manifest_dir: PathBuf) -> DatasetsConfig {
+        DatasetsConfig {
+            targets,
+            manifest_dir,
+            placement: Placement::default(),
+            node: default_node(),
+            shard_bytes_max: default_shard_bytes_max(),
+            shard_age_max_ms: default_shard_age_max_ms(),
+            parquet_row_group_rows: default_parquet_row_group_rows(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.targets.is_empty() || self.targets.len() > 256 {
+            return Err(format!("datasets.targets: {} entries, expected 1..=256", self.targets.len()));
+        }
+        if self.node.is_empty() || !self.node.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("datasets.node = {:?}: expected letters, digits and '_' only", self.node));
+        }
+        if self.shard_bytes_max < 1024 * 1024 {
+            return Err(format!(
+                "datasets.shard_bytes_max = {}: expected at least 1048576",
+                self.shard_bytes_max
+            ));
+        }
+        if !(100..=86_400_000).contains(&self.shard_age_max_ms) {
+            return Err(format!(
+                "datasets.shard_age_max_ms = {}: expected 100..=86400000",
+                self.shard_age_max_ms
+            ));
+        }
+        if !(1..=1_048_576).contains(&self.parquet_row_group_rows) {
+            return Err(format!(
+                "datasets.parquet_row_group_rows = {}: expected 1..=1048576",
+                self.parquet_row_group_rows
+            ));
+        }
+        Ok(())
+    }
+}

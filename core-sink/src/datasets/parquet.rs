@@ -1,0 +1,583 @@
+//! Parquet files of series rows, written with the parquet crate's low-level file writer (no arrow).
+//!
+//! One file holds records of series lanes, one row per record, in this schema (`SERIES_SCHEMA`):
+//!
+//! | column         | physical   | logical type                          | notes                        |
+//! | ---            | ---        | ---                                   | ---                          |
+//! | `device`       | BYTE_ARRAY | STRING                                | dictionary encoded           |
+//! | `lane`         | BYTE_ARRAY | STRING                                | dictionary encoded           |
+//! | `seq`          | INT64      | INTEGER(64, unsigned)                 | chunk sequence number        |
+//! | `index`        | INT32      | INTEGER(32, unsigned)                 | record index in the chunk    |
+//! | `key`          | BYTE_ARRAY | STRING                                |                              |
+//! | `timestamp_us` | INT64      | TIMESTAMP(MICROS, adjusted to UTC)    |                              |
+//! | `content_type` | BYTE_ARRAY | STRING                                | dictionary encoded           |
+//! | `payload`      | BYTE_ARRAY | none (binary)                         | no statistics                |
+//!
+//! All columns are required. Every column is ZSTD level `ZSTD_LEVEL` (pyarrow and the crate
+//! default to other codecs, so it is set per column, not left to a default). Data pages are
+//! format v1 (`WriterVersion::PARQUET_1_0`), the page version every stock reader has read for
+//! years, at most `DATA_PAGE_BYTES` (1 MiB) and `DATA_PAGE_ROWS_MAX` (20 000) rows.
+//!
+//! Limits: text fields at most `SERIES_TEXT_BYTES_MAX` (1 KiB) each, payload at most
+//! `SERIES_PAYLOAD_BYTES_MAX` (16 MiB); a row group holds at most `row_group_rows` rows
+//! (1 ..= `ROW_GROUP_ROWS_MAX` = 1 Mi) and is also cut when the buffered rows reach
+//! `ROW_GROUP_BUFFERED_BYTES_MAX` (128 MiB), which bounds the writer's memory.
+//!
+//! A Parquet file is readable only once its footer is written (`finish`): callers write under a
+//! temporary name, fsync, rename. After any error the writer refuses further rows.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::column::writer::ColumnWriter;
+use parquet::data_type::ByteArray;
+use parquet::errors::ParquetError;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::record::{Field, Row};
+use parquet::schema::parser::parse_message_type;
+use parquet::schema::types::{ColumnPath, Type};
+
+/// The message type every series file is written with and checked against on reading.
+pub const SERIES_SCHEMA: &str = "
+message tributary_series {
+  required binary device (STRING);
+  required binary lane (STRING);
+  required int64 seq (INTEGER(64, false));
+  required int32 index (INTEGER(32, false));
+  required binary key (STRING);
+  required int64 timestamp_us (TIMESTAMP(MICROS, true));
+  required binary content_type (STRING);
+  required binary payload;
+}
+";
+
+/// Column names in schema order.
+pub const SERIES_COLUMNS: [&str; 8] =
+    ["device", "lane", "seq", "index", "key", "timestamp_us", "content_type", "payload"];
+
+/// Level 1: sensor JSON compresses ≈ 4.5× at ≈ 290 MB/s on the target machine (field notes); higher
+/// levels cost CPU the sink needs for landing and gain little on small repetitive values.
+pub const ZSTD_LEVEL: i32 = 1;
+/// Data page size target, the crate's and parquet-mr's usual value: pages big enough to compress
+/// well, small enough for readers that skip by page.
+pub const DATA_PAGE_BYTES: usize = 1024 * 1024;
+/// Most rows in one data page.
+pub const DATA_PAGE_ROWS_MAX: usize = 20_000;
+/// Dictionary pages past this size fall back to plain encoding.
+pub const DICTIONARY_PAGE_BYTES_MAX: usize = 1024 * 1024;
+/// Longest min/max statistic kept per column chunk; keeps the footer small for long keys.
+pub const STATISTICS_TRUNCATE_BYTES: usize = 64;
+/// Most rows in one row group.
+pub const ROW_GROUP_ROWS_MAX: usize = 1024 * 1024;
+/// A row group is written early once its buffered rows take this much memory.
+pub const ROW_GROUP_BUFFERED_BYTES_MAX: u64 = 128 * 1024 * 1024;
+/// Longest device, lane, key or content type, in bytes.
+pub const SERIES_TEXT_BYTES_MAX: usize = 1024;
+/// Largest payload, in bytes.
+pub const SERIES_PAYLOAD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Byte-array values handed to the column writer per call; the writer checks its page limits
+/// between calls, so this bounds a page to about `DATA_PAGE_BYTES` plus one value.
+const WRITE_BATCH_BYTES_MAX: u64 = DATA_PAGE_BYTES as u64;
+/// Fixed-width values handed to the column writer per call.
+const WRITE_BATCH_VALUES_MAX: usize = 1024;
+/// Bytes a buffered row costs besides its text and payload: seq, index, timestamp and one
+/// `ByteArray` handle per byte-array column.
+const ROW_FIXED_BYTES: u64 = 8 + 4 + 8 + 5 * std::mem::size_of::<ByteArray>() as u64;
+
+const _: () = assert!(SERIES_TEXT_BYTES_MAX >= protocol::control::DEVICE_ID_BYTES_MAX);
+const _: () = assert!(SERIES_TEXT_BYTES_MAX >= protocol::record::RECORD_KEY_BYTES_MAX);
+const _: () = assert!(SERIES_TEXT_BYTES_MAX >= protocol::record::CONTENT_TYPE_BYTES_MAX);
+const _: () = assert!(SERIES_PAYLOAD_BYTES_MAX >= protocol::record::RECORD_PAYLOAD_BYTES_MAX);
+// One row of the largest size always fits a row group.
+const _: () = assert!(
+    ROW_FIXED_BYTES + 4 * SERIES_TEXT_BYTES_MAX as u64 + (SERIES_PAYLOAD_BYTES_MAX as u64)
+        < ROW_GROUP_BUFFERED_BYTES_MAX
+);
+// Parquet stores byte-array lengths as 32-bit integers.
+const _: () = assert!(SERIES_PAYLOAD_BYTES_MAX < i32::MAX as usize);
+const _: () = assert!(ROW_GROUP_ROWS_MAX <= i32::MAX as usize);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetFormatError {
+    #[error("parquet shard setting {setting}: {problem}")]
+    Setting { setting: &'static str, problem: String },
+    #[error("parquet shard: row {row} (device {device:?}, lane {lane:?}, seq {seq}) refused: {problem}")]
+    RowRefused { row: u64, device: String, lane: String, seq: u64, problem: String },
+    #[error("parquet shard: {operation}: {source}")]
+    Write {
+        operation: String,
+        #[source]
+        source: ParquetError,
+    },
+    #[error("parquet shard: {operation} refused: an earlier write failed and the file is torn")]
+    Torn { operation: &'static str },
+    #[error("parquet file {path}: cannot open: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parquet file {path}: {operation}: {source}")]
+    Read {
+        path: PathBuf,
+        operation: String,
+        #[source]
+        source: ParquetError,
+    },
+    #[error("parquet file {path} does not hold series rows: {problem}")]
+    Malformed { path: PathBuf, problem: String },
+}
+
+/// One record of a series lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesRow<'a> {
+    pub device: &'a str,
+    pub lane: &'a str,
+    pub seq: u64,
+    pub index: u32,
+    pub key: &'a str,
+    pub timestamp_us: i64,
+    pub content_type: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// A series row read back from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedSeriesRow {
+    pub device: String,
+    pub lane: String,
+    pub seq: u64,
+    pub index: u32,
+    pub key: String,
+    pub timestamp_us: i64,
+    pub content_type: String,
+    pub payload: Vec<u8>,
+}
+
+impl OwnedSeriesRow {
+    pub fn as_row(&self) -> SeriesRow<'_> {
+        SeriesRow {
+            device: &self.device,
+            lane: &self.lane,
+            seq: self.seq,
+            index: self.index,
+            key: &self.key,
+            timestamp_us: self.timestamp_us,
+            content_type: &self.content_type,
+            payload: &self.payload,
+        }
+    }
+}
+
+impl From<&SeriesRow<'_>> for OwnedSeriesRow {
+    fn from(row: &SeriesRow<'_>) -> Self {
+        OwnedSeriesRow {
+            device: row.device.to_owned(),
+            lane: row.lane.to_owned(),
+            seq: row.seq,
+            index: row.index,
+            key: row.key.to_owned(),
+            timestamp_us: row.timestamp_us,
+            content_type: row.content_type.to_owned(),
+            payload: row.payload.to_vec(),
+        }
+    }
+}
+
+/// Rows of the row group being collected, column by column.
+#[derive(Default)]
+struct ColumnBuffers {
+    device: Vec<ByteArray>,
+    lane: Vec<ByteArray>,
+    seq: Vec<i64>,
+    index: Vec<i32>,
+    key: Vec<ByteArray>,
+    timestamp_us: Vec<i64>,
+    content_type: Vec<ByteArray>,
+    payload: Vec<ByteArray>,
+    /// Rough memory held by the rows above.
+    bytes: u64,
+}
+
+impl ColumnBuffers {
+    fn rows(&self) -> usize {
+        self.seq.len()
+    }
+
+    fn push(&mut self, row: &SeriesRow<'_>) {
+        self.device.push(ByteArray::from(row.device));
+        self.lane.push(ByteArray::from(row.lane));
+        // Parquet stores unsigned integers in the signed physical type with the same bits; the
+        // INTEGER(_, false) annotation tells readers to take them back as unsigned.
+        self.seq.push(row.seq.cast_signed());
+        self.index.push(row.index.cast_signed());
+        self.key.push(ByteArray::from(row.key));
+        self.timestamp_us.push(row.timestamp_us);
+        self.content_type.push(ByteArray::from(row.content_type));
+        self.payload.push(ByteArray::from(row.payload));
+        self.bytes += row_bytes(row);
+        assert!(self.rows() == self.device.len() && self.rows() == self.payload.len());
+    }
+
+    fn clear(&mut self) {
+        *self = ColumnBuffers::default();
+    }
+}
+
+fn row_bytes(row: &SeriesRow<'_>) -> u64 {
+    ROW_FIXED_BYTES
+        + (row.device.len() + row.lane.len() + row.key.len() + row.content_type.len() + row.payload.len())
+            as u64
+}
+
+/// Writes series rows into one Parquet file, a row group at a time.
+pub struct ParquetShardWriter {
+    writer: SerializedFileWriter<File>,
+    buffered: ColumnBuffers,
+    row_group_rows: usize,
+    rows: u64,
+    row_groups: u64,
+    /// Set when a write failed: the file is torn and must not be continued.
+    failed: bool,
+}
+
+impl ParquetShardWriter {
+    /// Columns as in `SERIES_SCHEMA`, all required, ZSTD level `ZSTD_LEVEL` on every column, writer
+    /// properties named explicitly (row group size, data page size, statistics). `row_group_rows`
+    /// must be 1 ..= `ROW_GROUP_ROWS_MAX`.
+    pub fn new(file: File, row_group_rows: usize) -> Result<ParquetShardWriter, DatasetFormatError> {
+        if !(1..=ROW_GROUP_ROWS_MAX).contains(&row_group_rows) {
+            return Err(DatasetFormatError::Setting {
+                setting: "row_group_rows",
+                problem: format!("{row_group_rows} is outside 1..={ROW_GROUP_ROWS_MAX}"),
+            });
+        }
+        let schema = Arc::new(series_schema());
+        let properties = Arc::new(writer_properties(row_group_rows)?);
+        let writer = SerializedFileWriter::new(file, schema, properties).map_err(|source| {
+            DatasetFormatError::Write { operation: "failed to start the file".to_owned(), source }
+        })?;
+        Ok(ParquetShardWriter {
+            writer,
+            buffered: ColumnBuffers::default(),
+            row_group_rows,
+            rows: 0,
+            row_groups: 0,
+            failed: false,
+        })
+    }
+
+    /// Buffers the row (copying it); writes a row group when `row_group_rows` rows are buffered
+    /// or they hold `ROW_GROUP_BUFFERED_BYTES_MAX` bytes.
+    pub fn append(&mut self, row: &SeriesRow<'_>) -> Result<(), DatasetFormatError> {
+        if self.failed {
+            return Err(DatasetFormatError::Torn { operation: "append" });
+        }
+        self.check_row(row)?;
+        self.buffered.push(row);
+        self.rows += 1;
+        if self.buffered.rows() >= self.row_group_rows || self.buffered.bytes >= ROW_GROUP_BUFFERED_BYTES_MAX
+        {
+            self.write_row_group()?;
+        }
+        assert!(self.buffered.rows() < self.row_group_rows);
+        Ok(())
+    }
+
+    fn check_row(&self, row: &SeriesRow<'_>) -> Result<(), DatasetFormatError> {
+        let refuse = |problem: String| DatasetFormatError::RowRefused {
+            row: self.rows,
+            device: truncated(row.device),
+            lane: truncated(row.lane),
+            seq: row.seq,
+            problem,
+        };
+        let texts = [
+            ("device", row.device),
+            ("lane", row.lane),
+            ("key", row.key),
+            ("content_type", row.content_type),
+        ];
+        for (column, text) in texts {
+            if text.len() > SERIES_TEXT_BYTES_MAX {
+                return Err(refuse(format!(
+                    "{column} of {} bytes is above the limit of {SERIES_TEXT_BYTES_MAX} bytes",
+                    text.len()
+                )));
+            }
+        }
+        if row.payload.len() > SERIES_PAYLOAD_BYTES_MAX {
+            return Err(refuse(format!(
+                "payload of {} bytes is above the limit of {SERIES_PAYLOAD_BYTES_MAX} bytes",
+                row.payload.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows appended so far, buffered ones included.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Row groups written to the file so far.
+    pub fn row_groups(&self) -> u64 {
+        self.row_groups
+    }
+
+    /// Bytes written to the file so far plus a rough size of buffered rows (for rotation by
+    /// size). Buffered rows count uncompressed, so this overestimates until the footer is written.
+    pub fn approximate_bytes(&self) -> u64 {
+        self.writer.bytes_written() as u64 + self.buffered.bytes
+    }
+
+    /// Writes remaining rows and the footer; returns the file (not fsynced: the caller fsyncs and
+    /// renames).
+    pub fn finish(mut self) -> Result<File, DatasetFormatError> {
+        if self.failed {
+            return Err(DatasetFormatError::Torn { operation: "finish" });
+        }
+        if self.buffered.rows() > 0 {
+            self.write_row_group()?;
+        }
+        assert_eq!(self.buffered.rows(), 0);
+        let rows = self.rows;
+        let written_rows: i64 = self.writer.flushed_row_groups().iter().map(|group| group.num_rows()).sum();
+        assert_eq!(u64::try_from(written_rows).ok(), Some(rows), "row groups must hold every appended row");
+        // `into_inner` writes the footer and flushes the writer's buffer into the file.
+        self.writer.into_inner().map_err(|source| DatasetFormatError::Write {
+            operation: format!("failed to write the footer after {rows} rows"),
+            source,
+        })
+    }
+
+    fn write_row_group(&mut self) -> Result<(), DatasetFormatError> {
+        let group = self.row_groups;
+        let rows = self.buffered.rows();
+        assert!(rows > 0);
+        let result = write_row_group(&mut self.writer, &self.buffered);
+        self.buffered.clear();
+        match result {
+            Ok(()) => {
+                self.row_groups += 1;
+                Ok(())
+            }
+            Err(source) => {
+                self.failed = true;
+                Err(DatasetFormatError::Write {
+                    operation: format!("failed to write row group {group} of {rows} rows"),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn write_row_group(
+    writer: &mut SerializedFileWriter<File>,
+    rows: &ColumnBuffers,
+) -> Result<(), ParquetError> {
+    let mut group = writer.next_row_group()?;
+    let mut column_index = 0;
+    while let Some(mut column) = group.next_column()? {
+        let name = SERIES_COLUMNS.get(column_index).copied().unwrap_or("(extra)");
+        match (name, column.untyped()) {
+            ("device", ColumnWriter::ByteArrayColumnWriter(writer)) => {
+                write_byte_arrays(writer, &rows.device)?
+            }
+            ("lane", ColumnWriter::ByteArrayColumnWriter(writer)) => write_byte_arrays(writer, &rows.lane)?,
+            ("seq", ColumnWriter::Int64ColumnWriter(writer)) => {
+                for values in rows.seq.chunks(WRITE_BATCH_VALUES_MAX) {
+                    writer.write_batch(values, None, None)?;
+                }
+            }
+            ("index", ColumnWriter::Int32ColumnWriter(writer)) => {
+                for values in rows.index.chunks(WRITE_BATCH_VALUES_MAX) {
+                    writer.write_batch(values, None, None)?;
+                }
+            }
+            ("key", ColumnWriter::ByteArrayColumnWriter(writer)) => write_byte_arrays(writer, &rows.key)?,
+            ("timestamp_us", ColumnWriter::Int64ColumnWriter(writer)) => {
+                for values in rows.timestamp_us.chunks(WRITE_BATCH_VALUES_MAX) {
+                    writer.write_batch(values, None, None)?;
+                }
+            }
+            ("content_type", ColumnWriter::ByteArrayColumnWriter(writer)) => {
+                write_byte_arrays(writer, &rows.content_type)?
+            }
+            ("payload", ColumnWriter::ByteArrayColumnWriter(writer)) => {
+                write_byte_arrays(writer, &rows.payload)?
+            }
+            (name, _) => {
+                return Err(ParquetError::General(format!(
+                    "column {column_index} ({name}) does not match the series schema"
+                )));
+            }
+        }
+        column.close()?;
+        column_index += 1;
+    }
+    if column_index != SERIES_COLUMNS.len() {
+        return Err(ParquetError::General(format!(
+            "row group has {column_index} columns, the series schema {}",
+            SERIES_COLUMNS.len()
+        )));
+    }
+    let metadata = group.close()?;
+    assert_eq!(usize::try_from(metadata.num_rows()).ok(), Some(rows.rows()));
+    Ok(())
+}
+
+/// Hands byte arrays to the column writer in calls of about `WRITE_BATCH_BYTES_MAX` bytes, so the
+/// writer checks its page limits at least that often whatever the value sizes.
+fn write_byte_arrays(
+    writer: &mut parquet::column::writer::ColumnWriterImpl<'_, parquet::data_type::ByteArrayType>,
+    values: &[ByteArray],
+) -> Result<(), ParquetError> {
+    let mut start = 0;
+    while start < values.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < values.len()
+            && (end == start || bytes < WRITE_BATCH_BYTES_MAX)
+            && end - start < WRITE_BATCH_VALUES_MAX
+        {
+            bytes += values[end].len() as u64;
+            end += 1;
+        }
+        assert!(end > start);
+        let written = writer.write_batch(&values[start..end], None, None)?;
+        assert_eq!(written, end - start);
+        start = end;
+    }
+    Ok(())
+}
+
+fn series_schema() -> Type {
+    parse_message_type(SERIES_SCHEMA).expect("SERIES_SCHEMA is a valid message type")
+}
+
+fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, DatasetFormatError> {
+    let zstd = ZstdLevel::try_new(ZSTD_LEVEL)
+        .map_err(|error| DatasetFormatError::Setting { setting: "zstd level", problem: error.to_string() })?;
+    let mut builder = WriterProperties::builder()
+        .set_writer_version(WriterVersion::PARQUET_1_0)
+        .set_created_by(format!("tributary {} (parquet-rs)", env!("CARGO_PKG_VERSION")))
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_data_page_size_limit(DATA_PAGE_BYTES)
+        .set_data_page_row_count_limit(DATA_PAGE_ROWS_MAX)
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES_MAX)
+        .set_write_batch_size(WRITE_BATCH_VALUES_MAX)
+        .set_statistics_truncate_length(Some(STATISTICS_TRUNCATE_BYTES))
+        .set_column_index_truncate_length(Some(STATISTICS_TRUNCATE_BYTES))
+        .set_bloom_filter_enabled(false)
+        .set_compression(Compression::ZSTD(zstd))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_dictionary_enabled(false);
+    for column in SERIES_COLUMNS {
+        let path = ColumnPath::from(column);
+        // Device, lane and content type repeat across rows: a dictionary makes them nearly free.
+        let dictionary = matches!(column, "device" | "lane" | "content_type");
+        // Min/max of opaque payload bytes helps no query and would only grow the footer.
+        let statistics = if column == "payload" { EnabledStatistics::None } else { EnabledStatistics::Page };
+        builder = builder
+            .set_column_compression(path.clone(), Compression::ZSTD(zstd))
+            .set_column_dictionary_enabled(path.clone(), dictionary)
+            .set_column_statistics_enabled(path, statistics);
+    }
+    // Plain encoding for everything not dictionary encoded: the most widely read encoding.
+    builder = builder.set_encoding(Encoding::PLAIN);
+    Ok(builder.build())
+}
+
+/// Reads every row of a series file, checking its schema against `SERIES_SCHEMA`.
+pub fn read_parquet_rows(path: impl AsRef<Path>) -> Result<Vec<OwnedSeriesRow>, DatasetFormatError> {
+    let path = path.as_ref();
+    let file =
+        File::open(path).map_err(|source| DatasetFormatError::Open { path: path.to_owned(), source })?;
+    let read_error = |operation: &str| {
+        let operation = operation.to_owned();
+        move |source| DatasetFormatError::Read { path: path.to_owned(), operation, source }
+    };
+    let reader = SerializedFileReader::new(file).map_err(read_error("failed to read the footer"))?;
+    let file_schema = reader.metadata().file_metadata().schema();
+    let expected_schema = series_schema();
+    if *file_schema != expected_schema {
+        return Err(DatasetFormatError::Malformed {
+            path: path.to_owned(),
+            problem: format!("schema {file_schema:?} is not the series schema"),
+        });
+    }
+    let row_count = reader.metadata().file_metadata().num_rows();
+    let mut rows = Vec::with_capacity(usize::try_from(row_count).unwrap_or(0));
+    for row in reader.get_row_iter(None).map_err(read_error("failed to start reading rows"))? {
+        let row = row.map_err(read_error(&format!("failed to read row {}", rows.len())))?;
+        let owned = series_row(&row).map_err(|problem| DatasetFormatError::Malformed {
+            path: path.to_owned(),
+            problem: format!("row {}: {problem}", rows.len()),
+        })?;
+        rows.push(owned);
+    }
+    if i64::try_from(rows.len()).ok() != Some(row_count) {
+        return Err(DatasetFormatError::Malformed {
+            path: path.to_owned(),
+            problem: format!("footer counts {row_count} rows, {} read", rows.len()),
+        });
+    }
+    Ok(rows)
+}
+
+fn series_row(row: &Row) -> Result<OwnedSeriesRow, String> {
+    let fields: Vec<&Field> = row.get_column_iter().map(|(_, field)| field).collect();
+    let names: Vec<&str> = row.get_column_iter().map(|(name, _)| name.as_str()).collect();
+    if names != SERIES_COLUMNS {
+        return Err(format!("columns {names:?}, expected {SERIES_COLUMNS:?}"));
+    }
+    let text = |column: usize| match fields[column] {
+        Field::Str(text) => Ok(text.clone()),
+        other => Err(format!("{} is {other:?}, expected a string", SERIES_COLUMNS[column])),
+    };
+    let seq = match fields[2] {
+        Field::ULong(seq) => *seq,
+        other => return Err(format!("seq is {other:?}, expected an unsigned 64-bit integer")),
+    };
+    let index = match fields[3] {
+        Field::UInt(index) => *index,
+        other => return Err(format!("index is {other:?}, expected an unsigned 32-bit integer")),
+    };
+    let timestamp_us = match fields[5] {
+        Field::TimestampMicros(timestamp_us) => *timestamp_us,
+        other => return Err(format!("timestamp_us is {other:?}, expected a timestamp in microseconds")),
+    };
+    let payload = match fields[7] {
+        Field::Bytes(bytes) => bytes.data().to_vec(),
+        other => return Err(format!("payload is {other:?}, expected bytes")),
+    };
+    Ok(OwnedSeriesRow {
+        device: text(0)?,
+        lane: text(1)?,
+        seq,
+        index,
+        key: text(4)?,
+        timestamp_us,
+        content_type: text(6)?,
+        payload,
+    })
+}
+
+/// At most 64 bytes of a text for an error message, cut at a character boundary.
+fn truncated(text: &str) -> String {
+    const SHOWN_BYTES_MAX: usize = 64;
+    if text.len() <= SHOWN_BYTES_MAX {
+        return text.to_owned();
+    }
+    let mut end = SHOWN_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

@@ -1,0 +1,504 @@
+//! The dataset pipeline: turns committed raw landing into training datasets.
+//!
+//! The raw landing is the durable record (what Acks cover); datasets are derived from it after
+//! each commit point, so a slow or full dataset target never holds up Acks and never loses data:
+//! whatever was not published is regenerated from the raw landing. Per dataset there is at most
+//! one open shard; shards rotate at chunk boundaries by size or age, each on the next target
+//! (round robin, or the one with most free space), and the manifest is replaced after each
+//! publish with the shard and the consumed position of every (device, lane).
+//!
+//! Exactly once: a chunk is in a published shard iff its seq is at or below the manifest's
+//! consumed `through_seq`; reading resumes from the manifest's raw position; on start, in-progress
+//! files and published files the manifest does not list (a crash between rename and manifest)
+//! are deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{ChunkDecompressor, Lane, decode_chunk, records};
+
+use super::manifest::{Consumed, Manifest, SeqRange, ShardEntry};
+use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
+use super::{DatasetsConfig, Placement};
+use crate::landing::{parse_checkpoint, raw_files};
+
+/// Raw bytes read per step, so one huge backlog cannot hold the whole pipeline.
+const READ_STEP_BYTES: u64 = 16 * 1024 * 1024;
+/// A failed target is skipped for this long before it is tried again.
+const TARGET_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+pub struct DatasetMetrics {
+    pub shards_published: AtomicU64,
+    pub samples_published: AtomicU64,
+    pub shard_failures: AtomicU64,
+    pub undecodable_chunks: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Position {
+    file_first_seq: u64,
+    offset: u64,
+    through_seq: u64,
+}
+
+struct OpenShard {
+    id: u64,
+    target: usize,
+    shard_seq: u64,
+    name: String,
+    published_path: PathBuf,
+    opened_at: Instant,
+    bytes: u64,
+    samples: u64,
+    ranges: BTreeMap<(String, Lane), (u64, u64)>,
+    time_range_us: [u64; 2],
+}
+
+struct Dataset {
+    name: &'static str,
+    format: ShardFormat,
+    lanes: &'static [Lane],
+    manifest: Manifest,
+    manifest_path: PathBuf,
+    /// Read positions, ahead of the manifest while a shard is open.
+    positions: BTreeMap<(String, Lane), Position>,
+    open: Option<OpenShard>,
+}
+
+impl Dataset {
+    fn extension(&self) -> &'static str {
+        match self.format {
+            ShardFormat::WebDataset => "tar",
+            ShardFormat::Parquet { .. } => "parquet",
+        }
+    }
+
+    fn published_positions(&self) -> BTreeMap<(String, Lane), Position> {
+        self.manifest
+            .consumed
+            .iter()
+            .filter_map(|consumed| {
+                let lane: Lane = consumed.lane.parse().ok()?;
+                Some((
+                    (consumed.device.clone(), lane),
+                    Position {
+                        file_first_seq: consumed.raw_file_first_seq,
+                        offset: consumed.raw_offset,
+                        through_seq: consumed.through_seq,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+pub struct Pipeline {
+    config: DatasetsConfig,
+    landing_dir: PathBuf,
+    targets: Vec<Target>,
+    unhealthy_until: Vec<Option<Instant>>,
+    datasets: Vec<Dataset>,
+    decompressor: ChunkDecompressor,
+    next_shard_id: u64,
+    shards_opened: u64,
+    pub metrics: Arc<DatasetMetrics>,
+}
+
+impl Pipeline {
+    pub fn open(config: DatasetsConfig, landing_dir: &Path) -> anyhow::Result<Pipeline> {
+        anyhow::ensure!(
+            !config.targets.is_empty(),
+            "datasets.targets: at least one target directory is needed"
+        );
+        let mut targets = Vec::new();
+        for (index, directory) in config.targets.iter().enumerate() {
+            std::fs::create_dir_all(directory).map_err(|error| {
+                anyhow::anyhow!("datasets.targets[{index}] {}: {error}", directory.display())
+            })?;
+            targets.push(Target::start(index, directory.clone())?);
+        }
+        let definitions: [(&'static str, ShardFormat, &'static [Lane]); 2] = [
+            ("media", ShardFormat::WebDataset, &[Lane::Media]),
+            (
+                "sensor",
+                ShardFormat::Parquet { row_group_rows: config.parquet_row_group_rows },
+                &[Lane::Sensor],
+            ),
+        ];
+        let mut datasets = Vec::new();
+        for (name, format, lanes) in definitions {
+            let manifest_path = config.manifest_dir.join(name).join("manifest.json");
+            let kind = if format == ShardFormat::WebDataset { "webdataset" } else { "parquet" };
+            let manifest = Manifest::read(&manifest_path)?.unwrap_or_else(|| Manifest::empty(name, kind));
+            let mut dataset = Dataset {
+                name,
+                format,
+                lanes,
+                manifest,
+                manifest_path,
+                positions: BTreeMap::new(),
+                open: None,
+            };
+            dataset.positions = dataset.published_positions();
+            remove_unlisted_files(&config, &dataset)?;
+            datasets.push(dataset);
+        }
+        let unhealthy_until = vec![None; targets.len()];
+        Ok(Pipeline {
+            config,
+            landing_dir: landing_dir.to_path_buf(),
+            targets,
+            unhealthy_until,
+            datasets,
+            decompressor: ChunkDecompressor::new(),
+            next_shard_id: 1,
+            shards_opened: 0,
+            metrics: Arc::new(DatasetMetrics::default()),
+        })
+    }
+
+    /// Runs until `stop` is set: after each commit (or every `poll`), reads what was committed
+    /// and rotates shards that grew old; on stop, publishes open shards.
+    pub fn run(mut self, checkpoint: Arc<Mutex<Vec<u8>>>, stop: Arc<AtomicBool>, poll: Duration) {
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            let committed = checkpoint.lock().expect("checkpoint lock").clone();
+            if let Err(error) = self.step(&committed) {
+                tracing::error!(error = %format!("{error:#}"), "dataset pipeline step failed; will retry");
+            }
+            if stopping {
+                for index in 0..self.datasets.len() {
+                    self.seal(index);
+                }
+                return;
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// One pass: consume what is committed, rotate by age.
+    pub fn step(&mut self, committed: &[u8]) -> anyhow::Result<()> {
+        let positions = parse_checkpoint(committed)?;
+        for index in 0..self.datasets.len() {
+            let lanes = self.datasets[index].lanes;
+            for ((device, lane), (committed_first_seq, committed_length)) in &positions {
+                if lanes.contains(lane) {
+                    self.consume(index, device, *lane, *committed_first_seq, *committed_length)?;
+                }
+            }
+            let age_max = Duration::from_millis(self.config.shard_age_max_ms);
+            if self.datasets[index].open.as_ref().is_some_and(|open| open.opened_at.elapsed() >= age_max) {
+                self.seal(index);
+            }
+        }
+        Ok(())
+    }
+
+    fn consume(
+        &mut self,
+        dataset: usize,
+        device: &str,
+        lane: Lane,
+        committed_first_seq: u64,
+        committed_length: u64,
+    ) -> anyhow::Result<()> {
+        let key = (device.to_string(), lane);
+        let files = raw_files(&self.landing_dir, device, lane);
+        let mut position = self.datasets[dataset].positions.get(&key).copied().unwrap_or_default();
+        let mut budget = READ_STEP_BYTES;
+        for (first_seq, path) in files {
+            if first_seq < position.file_first_seq || first_seq > committed_first_seq {
+                continue;
+            }
+            if first_seq > position.file_first_seq {
+                position =
+                    Position { file_first_seq: first_seq, offset: 0, through_seq: position.through_seq };
+            }
+            let end = if first_seq == committed_first_seq {
+                committed_length
+            } else {
+                std::fs::metadata(&path)?.len()
+            };
+            while position.offset < end && budget > 0 {
+                let read =
+                    (end - position.offset).min(budget).max(4 + protocol::CHUNK_ENCODED_BYTES_MAX as u64);
+                let read = read.min(end - position.offset);
+                let mut file = std::fs::File::open(&path)?;
+                file.seek(SeekFrom::Start(position.offset))?;
+                let mut bytes = vec![0u8; read as usize];
+                file.read_exact(&mut bytes)?;
+                let mut offset = 0usize;
+                while offset + 4 <= bytes.len() {
+                    let length =
+                        u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
+                    anyhow::ensure!(
+                        length <= protocol::CHUNK_ENCODED_BYTES_MAX,
+                        "{} at {}: record of {length} bytes",
+                        path.display(),
+                        position.offset + offset as u64
+                    );
+                    if offset + 4 + length > bytes.len() {
+                        break; // the rest of this chunk comes with the next read
+                    }
+                    let encoded = &bytes[offset + 4..offset + 4 + length];
+                    let seq = self.consume_chunk(dataset, device, lane, encoded, position.through_seq)?;
+                    position.through_seq = position.through_seq.max(seq);
+                    offset += 4 + length;
+                    // Rotate at chunk boundaries: the manifest records this position as consumed.
+                    let at = Position { offset: position.offset + offset as u64, ..position };
+                    self.datasets[dataset].positions.insert(key.clone(), at);
+                    self.rotate_if_full(dataset);
+                }
+                anyhow::ensure!(offset > 0, "{}: no whole record at {}", path.display(), position.offset);
+                position.offset += offset as u64;
+                budget = budget.saturating_sub(offset as u64);
+                self.datasets[dataset].positions.insert(key.clone(), position);
+            }
+            if position.offset < end {
+                break; // this step's read budget is spent; continue in this file next step
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a chunk's records to the dataset's open shard; returns the chunk's seq.
+    fn consume_chunk(
+        &mut self,
+        dataset: usize,
+        device: &str,
+        lane: Lane,
+        encoded: &[u8],
+        through_seq: u64,
+    ) -> anyhow::Result<u64> {
+        let (header, body) = decode_chunk(encoded)?;
+        if header.seq <= through_seq {
+            return Ok(header.seq); // already in this dataset
+        }
+        let raw = match self.decompressor.decompress(&header, body) {
+            Ok(raw) => raw,
+            Err(error) => {
+                // Dictionaries are not shipped to the sink yet: the raw landing keeps the chunk.
+                tracing::error!(%device, %lane, seq = header.seq, %error, "chunk cannot be decoded for datasets");
+                self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
+                return Ok(header.seq);
+            }
+        };
+        let open = self.ensure_open(dataset)?;
+        let target = open.target;
+        let shard = open.id;
+        let mut samples = Vec::new();
+        for (index, record) in records(&raw).enumerate() {
+            let record = record?;
+            let mtime_seconds = record.timestamp_us / 1_000_000;
+            let sample = match self.datasets[dataset].format {
+                ShardFormat::WebDataset => {
+                    let extension = match record.content_type {
+                        "image/jpeg" => "jpg",
+                        "image/png" => "png",
+                        _ => "bin",
+                    };
+                    let metadata = serde_json::json!({
+                        "device": device,
+                        "lane": lane.name(),
+                        "seq": header.seq,
+                        "index": index,
+                        "key": record.key,
+                        "timestamp_us": record.timestamp_us,
+                        "content_type": record.content_type,
+                        "sha256": hex(&<sha2::Sha256 as sha2::Digest>::digest(record.payload)),
+                    });
+                    Sample::Media {
+                        base: format!("{device}/{}", record.key),
+                        extension,
+                        payload: record.payload.to_vec(),
+                        metadata: serde_json::to_vec(&metadata).expect("json"),
+                        mtime_seconds,
+                    }
+                }
+                ShardFormat::Parquet { .. } => Sample::Series(OwnedSeriesRow {
+                    device: device.to_string(),
+                    lane: lane.name().to_string(),
+                    seq: header.seq,
+                    index: index as u32,
+                    key: record.key.to_string(),
+                    timestamp_us: record.timestamp_us as i64,
+                    content_type: record.content_type.to_string(),
+                    payload: record.payload.to_vec(),
+                }),
+            };
+            samples.push((record.timestamp_us, record.payload.len() as u64 + 1024, sample));
+        }
+        let open = self.datasets[dataset].open.as_mut().expect("opened above");
+        for (timestamp_us, bytes, sample) in samples {
+            open.samples += 1;
+            open.bytes += bytes;
+            open.time_range_us[0] = open.time_range_us[0].min(timestamp_us);
+            open.time_range_us[1] = open.time_range_us[1].max(timestamp_us);
+            self.targets[target].append(shard, sample);
+        }
+        let range = open.ranges.entry((device.to_string(), lane)).or_insert((header.seq, header.seq));
+        range.1 = header.seq;
+        Ok(header.seq)
+    }
+
+    fn choose_target(&mut self) -> anyhow::Result<usize> {
+        let now = Instant::now();
+        let healthy: Vec<usize> = (0..self.targets.len())
+            .filter(|index| self.unhealthy_until[*index].is_none_or(|until| now >= until))
+            .collect();
+        anyhow::ensure!(!healthy.is_empty(), "every dataset target failed recently; retrying later");
+        Ok(match self.config.placement {
+            Placement::RoundRobin => {
+                self.shards_opened += 1;
+                healthy[(self.shards_opened as usize - 1) % healthy.len()]
+            }
+            Placement::LeastLoaded => *healthy
+                .iter()
+                .max_by_key(|index| free_bytes(&self.targets[**index].directory))
+                .expect("non-empty"),
+        })
+    }
+
+    fn ensure_open(&mut self, dataset: usize) -> anyhow::Result<&mut OpenShard> {
+        if self.datasets[dataset].open.is_none() {
+            let target = self.choose_target()?;
+            let id = self.next_shard_id;
+            self.next_shard_id += 1;
+            let data = &self.datasets[dataset];
+            let shard_seq = data.manifest.next_shard_seq;
+            let name = format!(
+                "{}-{}-t{target:02}-{shard_seq:08}.{}",
+                data.name,
+                self.config.node,
+                data.extension()
+            );
+            let directory = self.targets[target].directory.join(data.name);
+            let hidden = directory.join(format!(".{name}.partial"));
+            let published_path = directory.join(&name);
+            self.targets[target].open(id, hidden, published_path.clone(), data.format);
+            self.datasets[dataset].open = Some(OpenShard {
+                id,
+                target,
+                shard_seq,
+                name,
+                published_path,
+                opened_at: Instant::now(),
+                bytes: 0,
+                samples: 0,
+                ranges: BTreeMap::new(),
+                time_range_us: [u64::MAX, 0],
+            });
+        }
+        Ok(self.datasets[dataset].open.as_mut().expect("opened"))
+    }
+
+    fn rotate_if_full(&mut self, dataset: usize) {
+        if self.datasets[dataset].open.as_ref().is_some_and(|open| open.bytes >= self.config.shard_bytes_max)
+        {
+            self.seal(dataset);
+        }
+    }
+
+    /// Publishes the open shard and records it in the manifest; on failure, rolls the dataset
+    /// back to its manifest so the same records go into a new shard on another target.
+    fn seal(&mut self, dataset: usize) {
+        let Some(open) = self.datasets[dataset].open.take() else { return };
+        if open.samples == 0 {
+            self.targets[open.target].abort(open.id);
+            return;
+        }
+        let result = self.targets[open.target].seal(open.id).and_then(|published| {
+            let data = &mut self.datasets[dataset];
+            let mut manifest = data.manifest.clone();
+            manifest.next_shard_seq = open.shard_seq + 1;
+            manifest.shards.push(ShardEntry {
+                name: open.name.clone(),
+                path: open.published_path.clone(),
+                target: open.target,
+                shard_seq: open.shard_seq,
+                bytes: published.bytes,
+                samples: open.samples,
+                sha256: published.sha256,
+                time_range_us: open.time_range_us,
+                ranges: open
+                    .ranges
+                    .iter()
+                    .map(|((device, lane), (first_seq, last_seq))| SeqRange {
+                        device: device.clone(),
+                        lane: lane.name().to_string(),
+                        first_seq: *first_seq,
+                        last_seq: *last_seq,
+                    })
+                    .collect(),
+            });
+            manifest.consumed = data
+                .positions
+                .iter()
+                .map(|((device, lane), position)| Consumed {
+                    device: device.clone(),
+                    lane: lane.name().to_string(),
+                    through_seq: position.through_seq,
+                    raw_file_first_seq: position.file_first_seq,
+                    raw_offset: position.offset,
+                })
+                .collect();
+            manifest.write(&data.manifest_path).map_err(|error| error.to_string())?;
+            data.manifest = manifest;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.metrics.shards_published.fetch_add(1, Ordering::Relaxed);
+                self.metrics.samples_published.fetch_add(open.samples, Ordering::Relaxed);
+                tracing::info!(dataset = self.datasets[dataset].name, shard = %open.name, samples = open.samples, "shard published");
+            }
+            Err(error) => {
+                tracing::error!(dataset = self.datasets[dataset].name, target = open.target, %error, "shard failed; its records go to another target");
+                self.metrics.shard_failures.fetch_add(1, Ordering::Relaxed);
+                self.unhealthy_until[open.target] = Some(Instant::now() + TARGET_RETRY_AFTER);
+                let _ = std::fs::remove_file(&open.published_path);
+                let data = &mut self.datasets[dataset];
+                data.positions = data.published_positions();
+            }
+        }
+    }
+}
+
+/// Removes in-progress files of `dataset` and published files its manifest does not list.
+fn remove_unlisted_files(config: &DatasetsConfig, dataset: &Dataset) -> anyhow::Result<()> {
+    let listed: BTreeSet<&str> = dataset.manifest.shards.iter().map(|shard| shard.name.as_str()).collect();
+    for target in &config.targets {
+        let directory = target.join(dataset.name);
+        let Ok(entries) = std::fs::read_dir(&directory) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+            let in_progress = name.starts_with('.') && name.ends_with(".partial");
+            let orphan = !name.starts_with('.') && !listed.contains(name) && name.starts_with(dataset.name);
+            if in_progress || orphan {
+                tracing::info!(path = %path.display(), "removing a shard file the manifest does not list");
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn free_bytes(directory: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(path) = std::ffi::CString::new(directory.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stat) == 0 {
+            stat.f_bavail as u64 * stat.f_frsize as u64
+        } else {
+            0
+        }
+    }
+}

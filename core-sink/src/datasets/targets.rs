@@ -1,0 +1,243 @@
+//! One writer thread per storage target. A target is a directory standing for a mount point (a
+//! Lustre OST pool, a disk, an NFS/BeeGFS path); its thread owns the shards open on it, writes
+//! them sequentially through a 1 MiB buffer, and publishes a finished shard: fsync, sha256 read
+//! back, atomic rename from its hidden in-progress name, fsync of the directory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use sha2::{Digest as _, Sha256};
+
+pub use super::parquet::OwnedSeriesRow;
+use super::parquet::ParquetShardWriter;
+use super::tar::TarShardWriter;
+
+/// Commands queued per target; the coordinator waits when a target falls behind.
+const TARGET_QUEUE_MAX: usize = 1024;
+const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardFormat {
+    WebDataset,
+    Parquet { row_group_rows: usize },
+}
+
+/// One sample, owned, on its way to a target.
+pub enum Sample {
+    /// WebDataset members `<base>.<extension>` and `<base>.json`.
+    Media {
+        base: String,
+        extension: &'static str,
+        payload: Vec<u8>,
+        metadata: Vec<u8>,
+        mtime_seconds: u64,
+    },
+    Series(OwnedSeriesRow),
+}
+
+pub struct Published {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+enum Command {
+    Open { shard: u64, hidden: PathBuf, published: PathBuf, format: ShardFormat },
+    Append { shard: u64, sample: Sample },
+    Seal { shard: u64, reply: SyncSender<Result<Published, String>> },
+    Abort { shard: u64 },
+}
+
+enum Writer {
+    Tar(TarShardWriter<BufWriter<File>>),
+    Parquet(ParquetShardWriter),
+}
+
+struct OpenShard {
+    hidden: PathBuf,
+    published: PathBuf,
+    writer: Option<Writer>,
+    /// The first error; the shard is then failed and sealing reports it.
+    error: Option<String>,
+}
+
+/// Handle to a target's writer thread.
+pub struct Target {
+    pub index: usize,
+    pub directory: PathBuf,
+    commands: SyncSender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Target {
+    pub fn start(index: usize, directory: PathBuf) -> std::io::Result<Target> {
+        let (commands, receiver) = sync_channel(TARGET_QUEUE_MAX);
+        let thread =
+            std::thread::Builder::new().name(format!("target-{index}")).spawn(move || run(receiver))?;
+        Ok(Target { index, directory, commands, thread: Some(thread) })
+    }
+
+    fn send(&self, command: Command) {
+        // The thread only exits when this handle is dropped.
+        let _ = self.commands.send(command);
+    }
+
+    pub fn open(&self, shard: u64, hidden: PathBuf, published: PathBuf, format: ShardFormat) {
+        self.send(Command::Open { shard, hidden, published, format });
+    }
+
+    pub fn append(&self, shard: u64, sample: Sample) {
+        self.send(Command::Append { shard, sample });
+    }
+
+    /// Finishes, syncs and publishes the shard; blocks until done.
+    pub fn seal(&self, shard: u64) -> Result<Published, String> {
+        let (reply, answer) = sync_channel(1);
+        self.send(Command::Seal { shard, reply });
+        answer.recv().unwrap_or_else(|_| Err("target thread stopped".into()))
+    }
+
+    /// Drops the shard and its in-progress file.
+    pub fn abort(&self, shard: u64) {
+        self.send(Command::Abort { shard });
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let (dead, _) = sync_channel(1);
+        drop(std::mem::replace(&mut self.commands, dead));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(commands: Receiver<Command>) {
+    let mut shards: HashMap<u64, OpenShard> = HashMap::new();
+    while let Ok(command) = commands.recv() {
+        match command {
+            Command::Open { shard, hidden, published, format } => {
+                let opened = open_writer(&hidden, format);
+                let (writer, error) = match opened {
+                    Ok(writer) => (Some(writer), None),
+                    Err(error) => (None, Some(format!("create {}: {error}", hidden.display()))),
+                };
+                shards.insert(shard, OpenShard { hidden, published, writer, error });
+            }
+            Command::Append { shard, sample } => {
+                if let Some(open) = shards.get_mut(&shard) {
+                    if open.error.is_none() {
+                        if let Err(error) =
+                            append(open.writer.as_mut().expect("no error means a writer"), sample)
+                        {
+                            open.error = Some(format!("write {}: {error}", open.hidden.display()));
+                        }
+                    }
+                }
+            }
+            Command::Seal { shard, reply } => {
+                let result = match shards.remove(&shard) {
+                    Some(open) => seal(open),
+                    None => Err(format!("shard {shard} is not open")),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Abort { shard } => {
+                if let Some(open) = shards.remove(&shard) {
+                    drop(open.writer);
+                    let _ = std::fs::remove_file(&open.hidden);
+                }
+            }
+        }
+    }
+    for (_, open) in shards {
+        drop(open.writer);
+        let _ = std::fs::remove_file(&open.hidden);
+    }
+}
+
+fn open_writer(hidden: &Path, format: ShardFormat) -> Result<Writer, String> {
+    if let Some(directory) = hidden.parent() {
+        std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
+    }
+    let file = File::create(hidden).map_err(|error| error.to_string())?;
+    Ok(match format {
+        ShardFormat::WebDataset => {
+            Writer::Tar(TarShardWriter::new(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)))
+        }
+        ShardFormat::Parquet { row_group_rows } => {
+            Writer::Parquet(ParquetShardWriter::new(file, row_group_rows).map_err(|error| error.to_string())?)
+        }
+    })
+}
+
+fn append(writer: &mut Writer, sample: Sample) -> Result<(), String> {
+    match (writer, sample) {
+        (Writer::Tar(tar), Sample::Media { base, extension, payload, metadata, mtime_seconds }) => {
+            tar.append_file(&format!("{base}.{extension}"), mtime_seconds, &payload)
+                .map_err(|error| error.to_string())?;
+            tar.append_file(&format!("{base}.json"), mtime_seconds, &metadata)
+                .map_err(|error| error.to_string())
+        }
+        (Writer::Parquet(parquet), Sample::Series(row)) => {
+            parquet.append(&row.as_row()).map_err(|error| error.to_string())
+        }
+        _ => Err("sample kind does not match the shard format".into()),
+    }
+}
+
+fn seal(mut open: OpenShard) -> Result<Published, String> {
+    let result = (|| {
+        if let Some(error) = open.error.take() {
+            return Err(error);
+        }
+        let file = match open.writer.take().expect("no error means a writer") {
+            Writer::Tar(tar) => {
+                tar.finish().and_then(|buffer| buffer.into_inner().map_err(|error| error.into_error()))
+            }
+            Writer::Parquet(parquet) => {
+                parquet.finish().map_err(|error| std::io::Error::other(error.to_string()))
+            }
+        }
+        .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
+        file.sync_all().map_err(|error| format!("fsync {}: {error}", open.hidden.display()))?;
+        drop(file);
+        let (bytes, sha256) =
+            digest(&open.hidden).map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
+        std::fs::rename(&open.hidden, &open.published)
+            .map_err(|error| format!("publish {}: {error}", open.published.display()))?;
+        let directory = open.published.parent().expect("shards live in a directory");
+        File::open(directory)
+            .and_then(|directory| directory.sync_all())
+            .map_err(|error| format!("fsync {}: {error}", directory.display()))?;
+        Ok(Published { bytes, sha256 })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&open.hidden);
+    }
+    result
+}
+
+fn digest(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; WRITE_BUFFER_BYTES];
+    let mut bytes = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        bytes += read as u64;
+    }
+    let _ = file.flush();
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
