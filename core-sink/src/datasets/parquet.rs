@@ -494,7 +494,9 @@ fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, DatasetF
     Ok(builder.build())
 }
 
-/// Reads every row of a series file, checking its schema against `SERIES_SCHEMA`.
+/// Reads every row of a series file, checking its schema against `SERIES_SCHEMA` and its row
+/// count against the footer. Holds the whole file's rows in memory: meant for verification and
+/// tests, not for training-time reading.
 pub fn read_parquet_rows(path: impl AsRef<Path>) -> Result<Vec<OwnedSeriesRow>, DatasetFormatError> {
     let path = path.as_ref();
     let file =
