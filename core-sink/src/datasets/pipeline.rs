@@ -168,37 +168,53 @@ impl Pipeline {
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             let committed = checkpoint.lock().expect("checkpoint lock").clone();
-            if let Err(error) = self.step(&committed) {
-                tracing::error!(error = %format!("{error:#}"), "dataset pipeline step failed; will retry");
+            let progressed = match self.step(&committed) {
+                Ok(progressed) => progressed,
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "dataset pipeline step failed; will retry");
+                    false
+                }
+            };
+            if progressed {
+                continue; // a backlog: keep going, one bounded step at a time
             }
             if stopping {
-                for index in 0..self.datasets.len() {
-                    self.seal(index);
-                }
+                self.publish_open_shards();
                 return;
             }
             std::thread::sleep(poll);
         }
     }
 
-    /// One pass: consume what is committed, rotate by age.
-    pub fn step(&mut self, committed: &[u8]) -> anyhow::Result<()> {
+    /// Publishes every open shard (what `run` does when it stops).
+    pub fn publish_open_shards(&mut self) {
+        for index in 0..self.datasets.len() {
+            let _ = self.seal(index);
+        }
+    }
+
+    /// One pass: consume what is committed (at most `READ_STEP_BYTES` per (device, lane)),
+    /// rotate by age. Returns whether anything was consumed.
+    pub fn step(&mut self, committed: &[u8]) -> anyhow::Result<bool> {
         let positions = parse_checkpoint(committed)?;
+        let mut progressed = false;
         for index in 0..self.datasets.len() {
             let lanes = self.datasets[index].lanes;
             for ((device, lane), (committed_first_seq, committed_length)) in &positions {
                 if lanes.contains(lane) {
-                    self.consume(index, device, *lane, *committed_first_seq, *committed_length)?;
+                    progressed |=
+                        self.consume(index, device, *lane, *committed_first_seq, *committed_length)? > 0;
                 }
             }
             let age_max = Duration::from_millis(self.config.shard_age_max_ms);
             if self.datasets[index].open.as_ref().is_some_and(|open| open.opened_at.elapsed() >= age_max) {
-                self.seal(index);
+                let _ = self.seal(index);
             }
         }
-        Ok(())
+        Ok(progressed)
     }
 
+    /// Reads committed raw chunks of (device, lane) into the dataset; returns the bytes read.
     fn consume(
         &mut self,
         dataset: usize,
@@ -206,7 +222,7 @@ impl Pipeline {
         lane: Lane,
         committed_first_seq: u64,
         committed_length: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let key = (device.to_string(), lane);
         let files = raw_files(&self.landing_dir, device, lane);
         let mut position = self.datasets[dataset].positions.get(&key).copied().unwrap_or_default();
@@ -252,7 +268,11 @@ impl Pipeline {
                     // Rotate at chunk boundaries: the manifest records this position as consumed.
                     let at = Position { offset: position.offset + offset as u64, ..position };
                     self.datasets[dataset].positions.insert(key.clone(), at);
-                    self.rotate_if_full(dataset);
+                    if !self.rotate_if_full(dataset) {
+                        // The shard failed and the dataset rolled back to its manifest: the next
+                        // step reads again from there.
+                        return Ok(READ_STEP_BYTES - budget + offset as u64);
+                    }
                 }
                 anyhow::ensure!(offset > 0, "{}: no whole record at {}", path.display(), position.offset);
                 position.offset += offset as u64;
@@ -263,7 +283,7 @@ impl Pipeline {
                 break; // this step's read budget is spent; continue in this file next step
             }
         }
-        Ok(())
+        Ok(READ_STEP_BYTES - budget)
     }
 
     /// Adds a chunk's records to the dataset's open shard; returns the chunk's seq.
@@ -397,20 +417,22 @@ impl Pipeline {
         Ok(self.datasets[dataset].open.as_mut().expect("opened"))
     }
 
-    fn rotate_if_full(&mut self, dataset: usize) {
-        if self.datasets[dataset].open.as_ref().is_some_and(|open| open.bytes >= self.config.shard_bytes_max)
-        {
-            self.seal(dataset);
-        }
+    /// Seals the open shard if it is full; false if sealing failed (the dataset rolled back).
+    fn rotate_if_full(&mut self, dataset: usize) -> bool {
+        let full = self.datasets[dataset]
+            .open
+            .as_ref()
+            .is_some_and(|open| open.bytes >= self.config.shard_bytes_max);
+        if full { self.seal(dataset) } else { true }
     }
 
     /// Publishes the open shard and records it in the manifest; on failure, rolls the dataset
     /// back to its manifest so the same records go into a new shard on another target.
-    fn seal(&mut self, dataset: usize) {
-        let Some(open) = self.datasets[dataset].open.take() else { return };
+    fn seal(&mut self, dataset: usize) -> bool {
+        let Some(open) = self.datasets[dataset].open.take() else { return true };
         if open.samples == 0 {
             self.targets[open.target].abort(open.id);
-            return;
+            return true;
         }
         let result = self.targets[open.target].seal(open.id).and_then(|published| {
             let data = &mut self.datasets[dataset];
@@ -456,6 +478,7 @@ impl Pipeline {
                 self.metrics.shards_published.fetch_add(1, Ordering::Relaxed);
                 self.metrics.samples_published.fetch_add(open.samples, Ordering::Relaxed);
                 tracing::info!(dataset = self.datasets[dataset].name, shard = %open.name, samples = open.samples, "shard published");
+                true
             }
             Err(error) => {
                 tracing::error!(dataset = self.datasets[dataset].name, target = open.target, %error, "shard failed; its records go to another target");
@@ -464,6 +487,7 @@ impl Pipeline {
                 let _ = std::fs::remove_file(&open.published_path);
                 let data = &mut self.datasets[dataset];
                 data.positions = data.published_positions();
+                false
             }
         }
     }
