@@ -238,7 +238,10 @@ impl Committer for RawLanding {
 
 /// The committed position of every (device, lane) in a raw landing checkpoint: the file that
 /// starts at `first_seq` is committed through `length` bytes; older files are committed whole.
-pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<BTreeMap<(String, Lane), (u64, u64)>, LandingError> {
+/// (first seq of the committed file, committed length) per (device, lane).
+pub type CommittedPositions = BTreeMap<(String, Lane), (u64, u64)>;
+
+pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<CommittedPositions, LandingError> {
     let text = String::from_utf8_lossy(checkpoint);
     let mut positions = BTreeMap::new();
     for (index, line) in text.lines().enumerate() {

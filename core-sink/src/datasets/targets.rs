@@ -52,7 +52,7 @@ enum Command {
 
 enum Writer {
     Tar(TarShardWriter<BufWriter<File>>),
-    Parquet(ParquetShardWriter),
+    Parquet(Box<ParquetShardWriter>),
 }
 
 struct OpenShard {
@@ -128,14 +128,11 @@ fn run(commands: Receiver<Command>) {
                 shards.insert(shard, OpenShard { hidden, published, writer, error });
             }
             Command::Append { shard, sample } => {
-                if let Some(open) = shards.get_mut(&shard) {
-                    if open.error.is_none() {
-                        if let Err(error) =
-                            append(open.writer.as_mut().expect("no error means a writer"), sample)
-                        {
-                            open.error = Some(format!("write {}: {error}", open.hidden.display()));
-                        }
-                    }
+                if let Some(open) = shards.get_mut(&shard)
+                    && open.error.is_none()
+                    && let Err(error) = append(open.writer.as_mut().expect("no error means a writer"), sample)
+                {
+                    open.error = Some(format!("write {}: {error}", open.hidden.display()));
                 }
             }
             Command::Seal { shard, reply } => {
@@ -168,9 +165,9 @@ fn open_writer(hidden: &Path, format: ShardFormat) -> Result<Writer, String> {
         ShardFormat::WebDataset => {
             Writer::Tar(TarShardWriter::new(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)))
         }
-        ShardFormat::Parquet { row_group_rows } => {
-            Writer::Parquet(ParquetShardWriter::new(file, row_group_rows).map_err(|error| error.to_string())?)
-        }
+        ShardFormat::Parquet { row_group_rows } => Writer::Parquet(Box::new(
+            ParquetShardWriter::new(file, row_group_rows).map_err(|error| error.to_string())?,
+        )),
     })
 }
 
