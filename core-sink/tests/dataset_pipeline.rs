@@ -185,3 +185,120 @@ fn a_failing_target_sends_its_records_to_a_healthy_one() {
         assert!(manifest.shards.iter().all(|shard| shard.target == 1), "{dataset}: only the healthy target");
     }
 }
+
+/// A record block written by hand, bypassing `ChunkBuilder`'s checks, as a hostile appliance could.
+fn hand_made_block(key: &str, payload: &[u8]) -> Vec<u8> {
+    let mut block = Vec::new();
+    block.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    block.extend_from_slice(key.as_bytes());
+    block.extend_from_slice(&7u64.to_le_bytes());
+    block.push(10);
+    block.extend_from_slice(b"image/jpeg");
+    block.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    block.extend_from_slice(payload);
+    block
+}
+
+#[test]
+fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
+    let directory = tempfile::tempdir().unwrap();
+    let base = directory.path();
+    let landing_dir = base.join("landing");
+    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
+    landing.recover(None).unwrap();
+    let check = |key: &str| {
+        assert!(protocol::validate_key(key).is_err(), "{key:?} is refused at the edge too");
+    };
+    let bad_keys = ["frame.0001", "cam/0001", "..", "a\u{7}b"];
+    for (index, key) in bad_keys.iter().enumerate() {
+        check(key);
+        let body = hand_made_block(key, &[index as u8; 100]);
+        let chunk =
+            protocol::SealedChunk::new(Lane::Media, protocol::Codec::Raw, 0, 1, body.len() as u32, body)
+                .unwrap();
+        let encoded = chunk.encode(index as u64 + 1);
+        let (header, _) = protocol::decode_chunk(&encoded).unwrap();
+        landing.land("dev-bad", &header, &encoded).unwrap();
+    }
+    // A good chunk after the bad ones still lands in the dataset.
+    let mut seqs = BTreeMap::from([(Lane::Media, bad_keys.len() as u64), (Lane::Sensor, 0)]);
+    let checkpoint = land(&mut landing, "dev-bad", 0, 100, &mut seqs);
+    let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
+    while pipeline.step(&checkpoint).unwrap() {}
+    pipeline.publish_open_shards();
+    assert_eq!(
+        pipeline.metrics.rejected_chunks.load(std::sync::atomic::Ordering::Relaxed),
+        bad_keys.len() as u64
+    );
+    assert_exactly_once(&published_keys(base), &expected_keys(&[0], 100));
+}
+
+/// A size-limited tmpfs mounted for the test (root only), unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status();
+        if status.is_ok_and(|status| status.success()) {
+            return Some(Tmpfs(path.to_path_buf()));
+        }
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs");
+        eprintln!("SKIPPING the full-target test: mounting a tmpfs needs root");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_target_hands_over_to_the_others_and_resumes_when_space_returns() {
+    let directory = tempfile::tempdir().unwrap();
+    let base = directory.path();
+    let Some(_tmpfs) = Tmpfs::mount(&base.join("t0"), "3m") else { return };
+    // Leave about 400 KiB free on target 0: its first shard cannot complete.
+    let filler = base.join("t0").join("filler");
+    std::fs::write(&filler, vec![0u8; 2_700 * 1024]).unwrap();
+    let landing_dir = base.join("landing");
+    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
+    landing.recover(None).unwrap();
+    let mut seqs = BTreeMap::new();
+    let mut config = config(base);
+    config.target_retry_after_ms = 50;
+    let mut pipeline = Pipeline::open(config, &landing_dir).unwrap();
+    let checkpoint = land(&mut landing, "dev-full", 0, 6_000, &mut seqs);
+    for _ in 0..8 {
+        while pipeline.step(&checkpoint).unwrap() {}
+        pipeline.publish_open_shards();
+    }
+    let failures = pipeline.metrics.shard_failures.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failures >= 1, "target 0 filled up");
+    assert_exactly_once(&published_keys(base), &expected_keys(&[0], 6_000));
+    let leftovers: Vec<_> = std::fs::read_dir(base.join("t0").join("media"))
+        .into_iter()
+        .flatten()
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "no in-progress file left on the full target: {leftovers:?}");
+
+    // Space returns: target 0 takes shards again after its retry delay.
+    std::fs::remove_file(&filler).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let checkpoint = land(&mut landing, "dev-full", 6_000, 6_000, &mut seqs);
+    for _ in 0..4 {
+        while pipeline.step(&checkpoint).unwrap() {}
+        pipeline.publish_open_shards();
+    }
+    assert_exactly_once(&published_keys(base), &expected_keys(&[0, 6_000], 6_000));
+    let media = Manifest::read(&base.join("manifests/media/manifest.json")).unwrap().unwrap();
+    assert!(media.shards.iter().any(|shard| shard.target == 0), "target 0 is used again once it has space");
+    drop(pipeline);
+}

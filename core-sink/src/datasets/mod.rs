@@ -39,6 +39,13 @@ pub struct DatasetsConfig {
     pub shard_age_max_ms: u64,
     #[serde(default = "default_parquet_row_group_rows")]
     pub parquet_row_group_rows: usize,
+    /// A target whose shard failed (full, unwritable) gets no new shard for this long.
+    #[serde(default = "default_target_retry_after_ms")]
+    pub target_retry_after_ms: u64,
+}
+
+fn default_target_retry_after_ms() -> u64 {
+    30_000
 }
 
 fn default_node() -> String {
@@ -64,6 +71,7 @@ impl DatasetsConfig {
             shard_bytes_max: default_shard_bytes_max(),
             shard_age_max_ms: default_shard_age_max_ms(),
             parquet_row_group_rows: default_parquet_row_group_rows(),
+            target_retry_after_ms: default_target_retry_after_ms(),
         }
     }
 
@@ -90,6 +98,12 @@ impl DatasetsConfig {
             return Err(format!(
                 "datasets.parquet_row_group_rows = {}: expected 1..=1048576",
                 self.parquet_row_group_rows
+            ));
+        }
+        if !(10..=3_600_000).contains(&self.target_retry_after_ms) {
+            return Err(format!(
+                "datasets.target_retry_after_ms = {}: expected 10..=3600000",
+                self.target_retry_after_ms
             ));
         }
         Ok(())

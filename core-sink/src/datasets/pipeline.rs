@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{ChunkDecompressor, Lane, decode_chunk, records};
+use protocol::{ChunkDecompressor, Lane, decode_chunk, decode_records};
 
 use super::manifest::{Consumed, Manifest, SeqRange, ShardEntry};
 use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
@@ -28,8 +28,6 @@ use crate::landing::{parse_checkpoint, raw_files};
 
 /// Raw bytes read per step, so one huge backlog cannot hold the whole pipeline.
 const READ_STEP_BYTES: u64 = 16 * 1024 * 1024;
-/// A failed target is skipped for this long before it is tried again.
-const TARGET_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct DatasetMetrics {
@@ -37,6 +35,8 @@ pub struct DatasetMetrics {
     pub samples_published: AtomicU64,
     pub shard_failures: AtomicU64,
     pub undecodable_chunks: AtomicU64,
+    /// Chunks whose records fail validation (keys that would break WebDataset, bad layout).
+    pub rejected_chunks: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,12 +308,22 @@ impl Pipeline {
                 return Ok(header.seq);
             }
         };
+        let mut samples = Vec::new();
+        // A chunk whose records do not all decode (a key with '.' or '/', which would split a
+        // WebDataset sample, a truncated record, a wrong count) is rejected whole for datasets and
+        // counted; the raw landing keeps it as received.
+        let decoded = match decode_records(&header, &raw) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                tracing::error!(%device, %lane, seq = header.seq, %error, "chunk rejected for datasets");
+                self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                return Ok(header.seq);
+            }
+        };
         let open = self.ensure_open(dataset)?;
         let target = open.target;
         let shard = open.id;
-        let mut samples = Vec::new();
-        for (index, record) in records(&raw).enumerate() {
-            let record = record?;
+        for (index, record) in decoded.into_iter().enumerate() {
             let mtime_seconds = record.timestamp_us / 1_000_000;
             let sample = match self.datasets[dataset].format {
                 ShardFormat::WebDataset => {
@@ -483,7 +493,8 @@ impl Pipeline {
             Err(error) => {
                 tracing::error!(dataset = self.datasets[dataset].name, target = open.target, %error, "shard failed; its records go to another target");
                 self.metrics.shard_failures.fetch_add(1, Ordering::Relaxed);
-                self.unhealthy_until[open.target] = Some(Instant::now() + TARGET_RETRY_AFTER);
+                self.unhealthy_until[open.target] =
+                    Some(Instant::now() + Duration::from_millis(self.config.target_retry_after_ms));
                 let _ = std::fs::remove_file(&open.published_path);
                 let data = &mut self.datasets[dataset];
                 data.positions = data.published_positions();
