@@ -29,6 +29,9 @@ pub enum Target {
     /// Appliances → one sink on loopback, durable at both ends: 335 B JSON records and 200 KiB
     /// frames, 1 and 16 appliances, plus the sink's memory with 50 devices connected.
     Uplink(crate::bench_uplink::UplinkArgs),
+    /// Dataset shard writing over 1, 2 and 4 targets (200 KiB samples) against a parallel
+    /// sequential write, and webdataset reading against a plain read.
+    Sink(crate::bench_sink::SinkArgs),
 }
 
 #[derive(Args)]
@@ -48,6 +51,7 @@ pub fn run(target: Target) -> Result<()> {
     match target {
         Target::Buffer(args) => bench_buffer(&args),
         Target::Uplink(args) => crate::bench_uplink::bench_uplink(&args),
+        Target::Sink(args) => crate::bench_sink::bench_sink(&args),
     }
 }
 

@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use appliance::Uplink;
+use core_sink::datasets::manifest::Manifest;
 use core_sink::{Sink, SinkConfig};
 use protocol::Lane;
+use sha2::Digest as _;
 use support::harness::{
-    Fleet, MIB, assert_landed_exactly_once, free_udp_port, landed_records, produce, record_key, wait_until,
-    write_sink_config,
+    Fleet, MIB, assert_landed_exactly_once, free_udp_port, landed_records, produce, produce_media,
+    python_read, record_key, wait_until, write_sink_config,
 };
 
 const SINK_CHILD: &str = "TRIBUTARY_SINK_CHILD";
@@ -43,12 +45,27 @@ impl Rng {
 }
 
 fn child(test: &str, variable: &str, value: &str, extra: &[(&str, String)]) -> Child {
+    child_logging_to(test, variable, value, extra, None)
+}
+
+/// Like `child`, with the child's stderr (its logs) appended to `log`.
+fn child_logging_to(
+    test: &str,
+    variable: &str,
+    value: &str,
+    extra: &[(&str, String)],
+    log: Option<&Path>,
+) -> Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command.args(["--exact", test, "--nocapture", "--test-threads=1"]).env(variable, value);
     for (key, value) in extra {
         command.env(key, value);
     }
-    command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()),
+        None => Stdio::null(),
+    };
+    command.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap()
 }
 
 /// Runs a sink from a config file until killed.
@@ -56,22 +73,32 @@ fn child(test: &str, variable: &str, value: &str, extra: &[(&str, String)]) -> C
 fn sink_child() {
     let Ok(config) = std::env::var(SINK_CHILD) else { return };
     let config = SinkConfig::load(Path::new(&config)).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
-        let sink = Sink::start(config).await.unwrap();
-        println!("LISTENING {}", sink.local_addr());
-        std::future::pending::<()>().await;
-    });
+    // Prints "listening on ADDRESS"; SIGKILL kills it, SIGTERM shuts it down cleanly.
+    runtime.block_on(core_sink::run_until_signal(config)).unwrap();
 }
 
 fn start_sink_child(config: &Path) -> Child {
-    let mut sink = child("sink_child", SINK_CHILD, config.to_str().unwrap(), &[]);
+    let log = config.with_file_name("sink.log");
+    let mut sink = child_logging_to(
+        "sink_child",
+        SINK_CHILD,
+        config.to_str().unwrap(),
+        &[("TRIBUTARY_LOG", "warn".to_string())],
+        Some(&log),
+    );
     let stdout = sink.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     loop {
         match lines.next() {
             // The test harness may print "test sink_child ... " on the same line first.
-            Some(Ok(line)) if line.contains("LISTENING") => break,
+            Some(Ok(line)) if line.contains("listening on") => break,
             Some(Ok(_)) => continue,
             _ => panic!("sink child exited before listening"),
         }
@@ -92,14 +119,18 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config(device, listen)).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
+    let media = Arc::new(std::sync::Mutex::new(Vec::new()));
     let producer = {
-        let (ring, stop, produced) = (ring.clone(), stop.clone(), produced.clone());
+        let (ring, stop, produced, media) = (ring.clone(), stop.clone(), produced.clone(), media.clone());
         tokio::task::spawn_blocking(move || {
             while !stop.load(Ordering::Relaxed) {
                 let first = produced.load(Ordering::Relaxed);
                 produce(&ring, device, Lane::Sensor, first, 1_000);
+                let frames = produce_media(&ring, device, first / 500, 2);
+                media.lock().unwrap().extend(frames);
                 produced.store(first + 1_000, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
+                // A steady stream, not a flood: the point is kills during shard writing.
+                std::thread::sleep(Duration::from_millis(40));
             }
         })
     };
@@ -122,14 +153,18 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     stop.store(true, Ordering::Relaxed);
     producer.await.unwrap();
     let total = produced.load(Ordering::Relaxed);
-    let head = ring.stats().lane(Lane::Sensor).next_seq - 1;
+    let stats = ring.stats();
+    let heads = [Lane::Sensor, Lane::Media].map(|lane| (lane, stats.lane(lane).next_seq - 1));
     assert!(
-        wait_until(DRAIN_LIMIT, || metrics.acked_through(Lane::Sensor) >= head).await,
-        "drained after the kills"
+        wait_until(DRAIN_LIMIT, || heads.iter().all(|(lane, head)| metrics.acked_through(*lane) >= *head))
+            .await,
+        "both lanes drained after the kills"
     );
     uplink.stop().await;
-    sink.kill().unwrap();
-    sink.wait().unwrap();
+    // A clean stop publishes the open shards.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
+    assert!(sink.wait().unwrap().success(), "the sink stops cleanly on SIGTERM");
 
     let landed = landed_records(&fleet.landing_dir(), device);
     let expected: Vec<String> = (0..total).map(|index| record_key(device, Lane::Sensor, index)).collect();
@@ -138,6 +173,52 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
         metrics.connects.load(Ordering::Relaxed) > kills() as u64,
         "the uplink reconnected after every kill"
     );
+
+    // Datasets after 20 kills during shard writing: every published shard complete and readable,
+    // the union of samples equal to every acked record, once.
+    let sensor = Manifest::read(&fleet.path().join("manifests/sensor/manifest.json")).unwrap().unwrap();
+    let media_manifest =
+        Manifest::read(&fleet.path().join("manifests/media/manifest.json")).unwrap().unwrap();
+    for shard in sensor.shards.iter().chain(&media_manifest.shards) {
+        let bytes = std::fs::read(&shard.path).unwrap();
+        let digest: String = sha2::Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(digest, shard.sha256, "{} is complete", shard.name);
+    }
+    let mut rows: Vec<String> = Vec::new();
+    for shard in &sensor.shards {
+        rows.extend(
+            core_sink::datasets::parquet::read_parquet_rows(&shard.path)
+                .unwrap()
+                .into_iter()
+                .map(|row| row.key),
+        );
+    }
+    rows.sort();
+    assert_eq!(rows, expected, "parquet holds every sensor record once");
+    let mut frames: Vec<String> =
+        media.lock().unwrap().iter().map(|(key, _)| format!("{device}/{key}")).collect();
+    frames.sort();
+    let shards: Vec<PathBuf> = media_manifest.shards.iter().map(|shard| shard.path.clone()).collect();
+    if let Some(samples) = python_read("webdataset", &shards) {
+        let mut keys: Vec<String> =
+            samples.iter().map(|sample| sample["key"].as_str().unwrap().to_string()).collect();
+        keys.sort();
+        let missing = frames.iter().filter(|key| keys.binary_search(key).is_err()).count();
+        let mut unique = keys.clone();
+        unique.dedup();
+        assert!(
+            missing == 0 && unique.len() == keys.len() && keys.len() == frames.len(),
+            "webdataset sees every frame once: {missing} missing, {} duplicated, {} read, {} sent; sink log:\n{}",
+            keys.len() - unique.len(),
+            keys.len(),
+            frames.len(),
+            std::fs::read_to_string(fleet.path().join("sink.log")).unwrap_or_default()
+        );
+    }
+    let files: Vec<PathBuf> = sensor.shards.iter().map(|shard| shard.path.clone()).collect();
+    if let Some(python_rows) = python_read("parquet", &files) {
+        assert_eq!(python_rows.len(), expected.len(), "pyarrow reads every row");
+    }
 }
 
 /// An appliance from its ring directory: produces batches (run-tagged keys, printed after each

@@ -42,6 +42,26 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Training datasets: what the manifests list.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// One line per dataset: kind, shards, samples, bytes, targets used.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every shard of DATASET: name, target, samples, bytes, sha256, seq ranges.
+    Show {
+        dataset: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -105,6 +125,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config } => serve(&config),
         Command::Init { dir, listen, names } => init(&dir, listen, &names),
         Command::Ca { command } => ca(command),
+        Command::Datasets { command } => datasets(command),
     }
 }
 
@@ -154,6 +175,57 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::Revoke { device, revocation_file } => {
             RevocationList::revoke(&revocation_file, &device)?;
             println!("device {device} revoked in {}", revocation_file.display());
+        }
+    }
+    Ok(())
+}
+
+fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
+    use core_sink::datasets::manifest::Manifest;
+    let (config, only) = match &command {
+        DatasetsCommand::List { config } => (config, None),
+        DatasetsCommand::Show { dataset, config } => (config, Some(dataset.as_str())),
+    };
+    let config = SinkConfig::load(config)?;
+    let datasets = config.datasets.context("the config has no [datasets] section")?;
+    for name in ["media", "sensor"] {
+        if only.is_some_and(|only| only != name) {
+            continue;
+        }
+        let path = datasets.manifest_dir.join(name).join("manifest.json");
+        let Some(manifest) = Manifest::read(&path)? else {
+            println!("{name}: no manifest yet ({})", path.display());
+            continue;
+        };
+        let samples: u64 = manifest.shards.iter().map(|shard| shard.samples).sum();
+        let bytes: u64 = manifest.shards.iter().map(|shard| shard.bytes).sum();
+        let targets: std::collections::BTreeSet<usize> =
+            manifest.shards.iter().map(|shard| shard.target).collect();
+        println!(
+            "{name}: {} ({}), {} shards, {samples} samples, {bytes} bytes, targets {targets:?}",
+            manifest.kind,
+            path.display(),
+            manifest.shards.len()
+        );
+        if only.is_some() {
+            for shard in &manifest.shards {
+                let ranges: Vec<String> = shard
+                    .ranges
+                    .iter()
+                    .map(|range| {
+                        format!("{}/{} {}..={}", range.device, range.lane, range.first_seq, range.last_seq)
+                    })
+                    .collect();
+                println!(
+                    "  {} target {} samples {} bytes {} sha256 {} [{}]",
+                    shard.path.display(),
+                    shard.target,
+                    shard.samples,
+                    shard.bytes,
+                    shard.sha256,
+                    ranges.join(", ")
+                );
+            }
         }
     }
     Ok(())

@@ -187,13 +187,16 @@ pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) ->
     condition()
 }
 
-/// Writes a TOML config for a sink child process on `listen`; returns its path.
+/// Writes a TOML config for a sink child process on `listen`, with datasets on two targets
+/// (`ost0`, `ost1`) and small, short-lived shards so kills land during shard writing.
 pub fn write_sink_config(fleet: &Fleet, listen: SocketAddr) -> PathBuf {
     let path = fleet.path().join("sink.toml");
     let text = format!(
         "listen = \"{listen}\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
          server_certificate_dir = \"server\"\nrevocation_file = \"ca/revoked.txt\"\ncommit_interval_ms = 20\n\
-         [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\n"
+         [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\n\
+         [datasets]\ntargets = [\"ost0\", \"ost1\"]\nmanifest_dir = \"manifests\"\nshard_bytes_max = 1048576\n\
+         shard_age_max_ms = 300\n"
     );
     std::fs::write(&path, text).expect("write sink config");
     path

@@ -1,0 +1,236 @@
+//! `tributary bench sink`: dataset shard writing over 1, 2 and 4 target directories with
+//! 200 KiB samples, against a plain parallel sequential write + fsync of the same bytes over the
+//! same directories; and reading the published shards with the stock `webdataset` Python reader
+//! against a plain sequential read of the same files. Both peers run in the same process run.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use core_sink::datasets::manifest::Manifest;
+use core_sink::datasets::pipeline::Pipeline;
+use core_sink::datasets::{DatasetsConfig, Placement};
+use core_sink::landing::{Committer, RawLanding};
+use protocol::{ChunkBuilder, Lane, RecordRef};
+
+const MIB: u64 = 1024 * 1024;
+const SAMPLE_BYTES: usize = 200 * 1024;
+
+#[derive(Args)]
+pub struct SinkArgs {
+    /// Directory holding the landing and the target directories.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+    /// Samples of 200 KiB per run.
+    #[arg(long, default_value_t = 2_500)]
+    samples: u64,
+    /// Write an SVG bar chart of the results here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Lands `samples` media records of 200 KiB, one per chunk, and returns the checkpoint.
+fn land_media(landing_dir: &Path, samples: u64) -> Result<Vec<u8>> {
+    let mut landing = RawLanding::new(landing_dir, 1 << 30);
+    landing.recover(None)?;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut payload = vec![0u8; SAMPLE_BYTES];
+    for index in 0..samples {
+        for byte in payload.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        let key = format!("frame-{index:08}");
+        let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
+        builder.push(RecordRef {
+            key: &key,
+            timestamp_us: index,
+            content_type: "image/jpeg",
+            payload: &payload,
+        })?;
+        let encoded = builder.seal_raw().encode(index + 1);
+        let (header, _) = protocol::decode_chunk(&encoded)?;
+        landing.land("bench-cam", &header, &encoded)?;
+    }
+    landing.commit()?;
+    Ok(landing.checkpoint())
+}
+
+/// Plain parallel sequential write + fsync of `total` bytes spread over `targets`.
+fn parallel_write_peer(targets: &[PathBuf], total: u64) -> Result<f64> {
+    let per_target = total / targets.len() as u64;
+    let block = vec![0x5au8; MIB as usize];
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let writers: Vec<_> = targets
+            .iter()
+            .map(|target| {
+                let block = &block;
+                scope.spawn(move || -> Result<()> {
+                    let path = target.join("peer.bin");
+                    let mut file = std::fs::File::create(&path)?;
+                    let mut written = 0;
+                    while written < per_target {
+                        file.write_all(block)?;
+                        written += block.len() as u64;
+                    }
+                    file.sync_all()?;
+                    std::fs::remove_file(path)?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer thread")?;
+        }
+        Ok(())
+    })?;
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+fn python(script: &str, files: &[PathBuf]) -> Result<f64> {
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(files)
+        .output()
+        .context("run python3")?;
+    anyhow::ensure!(output.status.success(), "python3 failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout)?;
+    text.trim().parse::<f64>().with_context(|| format!("python printed {text:?}"))
+}
+
+const WEBDATASET_READ: &str = r#"
+import sys, time, webdataset
+urls = ["file://" + path for path in sys.argv[1:]]
+started = time.perf_counter()
+total = 0
+for sample in webdataset.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+    total += sum(len(value) for key, value in sample.items() if isinstance(value, bytes))
+print(total / (time.perf_counter() - started))
+"#;
+
+const PLAIN_READ: &str = r#"
+import sys, time
+started = time.perf_counter()
+total = 0
+for path in sys.argv[1:]:
+    with open(path, "rb") as file:
+        while True:
+            block = file.read(1 << 20)
+            if not block:
+                break
+            total += len(block)
+print(total / (time.perf_counter() - started))
+"#;
+
+pub fn bench_sink(args: &SinkArgs) -> Result<()> {
+    let base = args.dir.join("tributary-bench-sink");
+    let _ = std::fs::remove_dir_all(&base);
+    let landing_dir = base.join("landing");
+    let checkpoint = land_media(&landing_dir, args.samples)?;
+    let total = args.samples * SAMPLE_BYTES as u64;
+    println!(
+        "tributary bench sink: {} samples of 200 KiB ({:.0} MiB) into WebDataset shards, in {}",
+        args.samples,
+        total as f64 / MIB as f64,
+        base.display()
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>7}   {:>16} {:>14} {:>7}",
+        "targets", "shards MB/s", "peer MB/s", "ratio", "webdataset MB/s", "plain read MB/s", "ratio"
+    );
+    let mut results = BTreeMap::new();
+    for count in [1usize, 2, 4] {
+        let run = base.join(format!("run-{count}"));
+        let targets: Vec<PathBuf> = (0..count).map(|index| run.join(format!("target{index}"))).collect();
+        let mut config = DatasetsConfig::with_targets(targets.clone(), run.join("manifests"));
+        config.placement = Placement::RoundRobin;
+        config.shard_bytes_max = 64 * MIB;
+        let mut pipeline = Pipeline::open(config, &landing_dir)?;
+        let started = Instant::now();
+        while pipeline.step(&checkpoint)? {}
+        pipeline.publish_open_shards();
+        let write = total as f64 / started.elapsed().as_secs_f64();
+        drop(pipeline);
+        let peer = parallel_write_peer(&targets, total)?;
+        let manifest =
+            Manifest::read(&run.join("manifests/media/manifest.json"))?.context("media manifest")?;
+        let shards: Vec<PathBuf> = manifest.shards.iter().map(|shard| shard.path.clone()).collect();
+        let read = python(WEBDATASET_READ, &shards)?;
+        let plain = python(PLAIN_READ, &shards)?;
+        println!(
+            "{count:<8} {:>12.1} {:>12.1} {:>7.2}   {:>16.1} {:>14.1} {:>7.2}",
+            write / 1e6,
+            peer / 1e6,
+            write / peer,
+            read / 1e6,
+            plain / 1e6,
+            read / plain
+        );
+        results.insert(count, (write, peer, read, plain));
+    }
+    println!(
+        "targets: shard writing >= 0.85 of the parallel write peer; webdataset reading >= 0.90 of a plain read"
+    );
+    if let Some(plot) = &args.plot {
+        std::fs::write(plot, svg(&results)).with_context(|| format!("write {}", plot.display()))?;
+        println!("plot written to {}", plot.display());
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+/// A grouped bar chart: for each target count, shard write vs peer write, webdataset vs plain read.
+fn svg(results: &BTreeMap<usize, (f64, f64, f64, f64)>) -> String {
+    let maximum = results.values().flat_map(|(a, b, c, d)| [*a, *b, *c, *d]).fold(1.0, f64::max);
+    let colors = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896"];
+    let labels = ["shard write", "parallel write peer", "webdataset read", "plain read peer"];
+    let (width, height, bar, gap) = (640.0, 360.0, 28.0, 40.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">tributary bench sink: MB/s by number of targets (200 KiB samples)</text>\n"
+    );
+    for (group, (count, values)) in results.iter().enumerate() {
+        let x0 = 60.0 + group as f64 * (4.0 * bar + gap);
+        let values = [values.0, values.1, values.2, values.3];
+        for (index, value) in values.iter().enumerate() {
+            let h = value / maximum * (height - 90.0);
+            let x = x0 + index as f64 * bar;
+            let y = height - 40.0 - h;
+            out += &format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{:.0}</text>\n",
+                bar - 2.0,
+                colors[index],
+                x + bar / 2.0,
+                y - 3.0,
+                value / 1e6
+            );
+        }
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{count} target{}</text>\n",
+            x0 + 2.0 * bar,
+            height - 22.0,
+            if *count == 1 { "" } else { "s" }
+        );
+    }
+    for (index, label) in labels.iter().enumerate() {
+        let x = 400.0;
+        let y = 40.0 + index as f64 * 16.0;
+        out += &format!(
+            "<rect x=\"{x}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>\n",
+            y - 9.0,
+            colors[index],
+            x + 14.0,
+            y
+        );
+    }
+    out += "</svg>\n";
+    out
+}
