@@ -160,6 +160,12 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
             .await,
         "both lanes drained after the kills"
     );
+    // The ring must not have evicted anything, or "every record once" would not be the
+    // expectation (eviction is the ring's policy, counted, and tested elsewhere).
+    let stats = ring.stats();
+    for lane in [Lane::Sensor, Lane::Media] {
+        assert_eq!(stats.lane(lane).evicted_chunks, 0, "{lane}: the ring was sized to hold the outages");
+    }
     uplink.stop().await;
     // A clean stop publishes the open shards.
     // SAFETY: kill(2) on our own child's pid.
