@@ -86,7 +86,14 @@ impl Drop for SinkProcess {
     }
 }
 
-fn start_sink(dir: &Path) -> Result<SinkProcess> {
+/// A fresh sink directory under `dir` (the fleet CA's certificate, a server certificate, a
+/// config) and a sink child process serving it.
+fn start_sink(dir: &Path, ca: &FleetCa) -> Result<SinkProcess> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("ca"))?;
+    std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
+    ca.issue_server(&["localhost".into()], Validity::days(1))?
+        .write_to(&dir.join("server"), ca.certificate_pem())?;
     let config = dir.join("sink.toml");
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     std::fs::write(
@@ -183,13 +190,7 @@ fn run_case(
     total: u64,
 ) -> Result<RunResult> {
     let dir = base.join(format!("run-{}-{appliances}", matches!(workload, Workload::Frames) as u8));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::create_dir_all(dir.join("ca"))?;
-    std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
-    ca.issue_server(&["localhost".into()], Validity::days(1))?
-        .write_to(&dir.join("server"), ca.certificate_pem())?;
-    let sink = start_sink(&dir)?;
+    let sink = start_sink(&dir, ca)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let per_appliance = total / appliances as u64;
     let lane = match workload {
@@ -269,12 +270,7 @@ fn run_case(
 /// Sink anonymous memory with `devices` appliances connected and idle.
 fn idle_devices_memory(base: &Path, ca: &FleetCa, devices: usize) -> Result<u64> {
     let dir = base.join("idle");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("ca"))?;
-    std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
-    ca.issue_server(&["localhost".into()], Validity::days(1))?
-        .write_to(&dir.join("server"), ca.certificate_pem())?;
-    let sink = start_sink(&dir)?;
+    let sink = start_sink(&dir, ca)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut uplinks = Vec::new();
     let mut rings = Vec::new();

@@ -74,6 +74,14 @@ fn assert_exactly_once(actual: &BTreeMap<String, usize>, expected: &BTreeMap<Str
     );
 }
 
+/// An empty raw landing under `base`.
+fn new_landing(base: &Path) -> (std::path::PathBuf, RawLanding) {
+    let landing_dir = base.join("landing");
+    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
+    landing.recover(None).unwrap();
+    (landing_dir, landing)
+}
+
 fn config(base: &Path) -> DatasetsConfig {
     let mut config =
         DatasetsConfig::with_targets(vec![base.join("t0"), base.join("t1")], base.join("manifests"));
@@ -123,9 +131,7 @@ fn expected_keys(firsts: &[u64], count: u64) -> BTreeMap<String, usize> {
 fn recovery_after_a_crash_keeps_every_record_in_exactly_one_shard() {
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();
-    let landing_dir = base.join("landing");
-    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
-    landing.recover(None).unwrap();
+    let (landing_dir, mut landing) = new_landing(base);
     let mut seqs = BTreeMap::new();
     let checkpoint = land(&mut landing, "dev-1", 0, 10_000, &mut seqs);
     {
@@ -160,9 +166,7 @@ fn recovery_after_a_crash_keeps_every_record_in_exactly_one_shard() {
 fn a_failing_target_sends_its_records_to_a_healthy_one() {
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();
-    let landing_dir = base.join("landing");
-    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
-    landing.recover(None).unwrap();
+    let (landing_dir, mut landing) = new_landing(base);
     let mut seqs = BTreeMap::new();
     let checkpoint = land(&mut landing, "dev-2", 0, 6_000, &mut seqs);
     let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
@@ -203,9 +207,7 @@ fn hand_made_block(key: &str, payload: &[u8]) -> Vec<u8> {
 fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();
-    let landing_dir = base.join("landing");
-    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
-    landing.recover(None).unwrap();
+    let (landing_dir, mut landing) = new_landing(base);
     let check = |key: &str| {
         assert!(protocol::validate_key(key).is_err(), "{key:?} is refused at the edge too");
     };
@@ -266,9 +268,7 @@ fn a_full_target_hands_over_to_the_others_and_resumes_when_space_returns() {
     // Leave about 400 KiB free on target 0: its first shard cannot complete.
     let filler = base.join("t0").join("filler");
     std::fs::write(&filler, vec![0u8; 2_700 * 1024]).unwrap();
-    let landing_dir = base.join("landing");
-    let mut landing = RawLanding::new(&landing_dir, 64 * MIB);
-    landing.recover(None).unwrap();
+    let (landing_dir, mut landing) = new_landing(base);
     let mut seqs = BTreeMap::new();
     let mut config = config(base);
     config.target_retry_after_ms = 50;
