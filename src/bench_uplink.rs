@@ -118,6 +118,20 @@ fn start_sink(dir: &Path, ca: &FleetCa) -> Result<SinkProcess> {
     Ok(SinkProcess { child, address })
 }
 
+/// An uplink for `device` (a fresh certificate from `ca`) to the sink child, on `runtime`.
+fn spawn_uplink(
+    runtime: &tokio::runtime::Runtime,
+    ring: &Ring,
+    sink: &SinkProcess,
+    ca: &FleetCa,
+    device: &str,
+) -> Result<Uplink> {
+    let identity = ca.issue_device(device, Validity::days(1))?;
+    let config = UplinkConfig::new(sink.address, "localhost", device, identity, ca.certificate_pem());
+    let _guard = runtime.enter();
+    Ok(Uplink::spawn(ring.clone(), config)?)
+}
+
 fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<u64> {
     let mut compressor = ChunkCompressor::new(1);
     let mut raw_bytes = 0u64;
@@ -206,15 +220,7 @@ fn run_case(
             Workload::Frames => (per_appliance * 260 * 1024).max(64 * MIB),
         };
         let ring = Ring::open(dir.join("rings").join(&device), RingConfig::with_capacity(ring_bytes))?;
-        let config = UplinkConfig::new(
-            sink.address,
-            "localhost",
-            &device,
-            ca.issue_device(&device, Validity::days(1))?,
-            ca.certificate_pem(),
-        );
-        let _guard = runtime.enter();
-        uplinks.push(Uplink::spawn(ring.clone(), config)?);
+        uplinks.push(spawn_uplink(&runtime, &ring, &sink, ca, &device)?);
         rings.push((device, ring));
     }
     let bench_cpu_before = cpu_seconds(std::process::id());
@@ -278,15 +284,7 @@ fn idle_devices_memory(base: &Path, ca: &FleetCa, devices: usize) -> Result<u64>
         let device = format!("idle-{index:02}");
         let ring = Ring::open(dir.join("rings").join(&device), RingConfig::with_capacity(16 * MIB))?;
         produce(&ring, Workload::SensorRecords, &device, 1_000)?;
-        let config = UplinkConfig::new(
-            sink.address,
-            "localhost",
-            &device,
-            ca.issue_device(&device, Validity::days(1))?,
-            ca.certificate_pem(),
-        );
-        let _guard = runtime.enter();
-        uplinks.push(Uplink::spawn(ring.clone(), config)?);
+        uplinks.push(spawn_uplink(&runtime, &ring, &sink, ca, &device)?);
         rings.push(ring);
     }
     let started = Instant::now();
