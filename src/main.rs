@@ -1,11 +1,12 @@
-//! `tributary`: the one-machine entry point. Today it runs benchmarks; `tributary demo` (the whole
-//! pipeline on one machine) arrives with the appliance and core-sink crates.
+//! `tributary`: the one-machine entry point: `demo` (the pipeline on one machine), `bench`
+//! (measurements against this machine's limits) and `sink` (a core sink from a config).
 //!
 //! Exit codes: 0 success, 1 the command failed, 2 bad command line (clap).
 
 mod bench;
 mod bench_sink;
 mod bench_uplink;
+mod demo;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ enum Command {
         #[command(subcommand)]
         target: bench::Target,
     },
+    /// Run the whole pipeline on one machine with embedded defaults: a fleet CA, a core sink with
+    /// datasets on two targets, and simulated appliances streaming over QUIC for a while.
+    Demo(demo::DemoArgs),
     /// Run a core sink from a TOML config (the same server as `core-sink serve`); prints
     /// "listening on ADDRESS" once ready; SIGTERM or Ctrl-C commits what is pending and exits.
     Sink {
@@ -59,5 +63,6 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench { target } => bench::run(target),
         Command::Sink { config } => run_sink(&config),
+        Command::Demo(args) => demo::run(&args),
     }
 }
