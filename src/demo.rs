@@ -36,8 +36,8 @@ pub struct DemoArgs {
     /// Simulated appliances.
     #[arg(long, default_value_t = 3)]
     appliances: usize,
-    /// How long the appliances produce data.
-    #[arg(long, default_value_t = 15)]
+    /// How long the appliances produce data, in seconds.
+    #[arg(long = "duration", alias = "seconds", default_value_t = 15)]
     seconds: u64,
     /// Sensor readings per second per appliance.
     #[arg(long, default_value_t = 2_000)]

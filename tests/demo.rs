@@ -8,7 +8,7 @@ fn demo_lands_every_record_in_the_datasets() {
     let directory = tempfile::tempdir().unwrap();
     let dir = directory.path().join("demo");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["demo", "--seconds", "3", "--appliances", "2", "--dir"])
+        .args(["demo", "--duration", "3", "--appliances", "2", "--dir"])
         .arg(&dir)
         .output()
         .unwrap();
