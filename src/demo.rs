@@ -295,8 +295,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "raw landing (originals as received): {}",
         dir.join("sink").join("landing").join("raw").display()
     );
+    println!("read the datasets with the stock Python readers (pip install webdataset pyarrow):");
+    println!("  import glob, webdataset, pyarrow.parquet as pq");
     println!(
-        "read the datasets with stock tools, e.g.  python3 tests/read_datasets.py webdataset {}/targets/ost*/media/*.tar",
+        "  frames = list(webdataset.WebDataset(sorted(glob.glob(\"{0}/targets/ost*/media/*.tar\")), shardshuffle=False))",
+        dir.display()
+    );
+    println!(
+        "  readings = pq.ParquetDataset(sorted(glob.glob(\"{0}/targets/ost*/sensor/*.parquet\"))).read()",
         dir.display()
     );
     Ok(())

@@ -1,1 +1,0 @@
-/work/main/board/target/release/libboard.rlib: /work/main/board/src/accelerometer.rs /work/main/board/src/lib.rs /work/main/board/src/sht3x.rs /work/main/board/src/sim.rs /work/main/board/src/trigger.rs
