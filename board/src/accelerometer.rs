@@ -127,7 +127,11 @@ impl<SPI: SpiDevice> Adxl345<SPI> {
     /// first sample is already taken with the configured format. The bus stays in the driver on
     /// error, so `destroy` still returns it.
     pub fn init(&mut self, config: Config) -> Result<(), Error<SPI::Error>> {
-        assert!((0x06..=0x0F).contains(&config.rate_code), "rate code {} out of 0x06..=0x0F", config.rate_code);
+        assert!(
+            (0x06..=0x0F).contains(&config.rate_code),
+            "rate code {} out of 0x06..=0x0F",
+            config.rate_code
+        );
         let found = self.read_register(REGISTER_DEVID)?;
         if found != DEVICE_ID {
             return Err(Error::WrongDeviceId { expected: DEVICE_ID, found });

@@ -36,7 +36,7 @@ pub struct RisingEdge {
 enum State {
     /// No poll yet: the resting level is unknown.
     Unknown,
-    /// The accepted level, and a change seen since `since_us` that is not yet accepted.
+    /// The accepted level, and the time a different level was first seen, if it has not held long enough yet.
     Stable { high: bool, pending_since_us: Option<u64> },
 }
 
@@ -69,7 +69,12 @@ impl<PIN: InputPin, CLOCK: FnMut() -> u64> Trigger<PIN, CLOCK> {
     /// Reads the clock and the pin once; returns the rising edge accepted by this poll, if any.
     pub fn poll(&mut self) -> Result<Option<RisingEdge>, PIN::Error> {
         let now_us = (self.clock)();
-        assert!(now_us >= self.last_now_us, "clock went backwards: {} µs after {} µs", now_us, self.last_now_us);
+        assert!(
+            now_us >= self.last_now_us,
+            "clock went backwards: {} µs after {} µs",
+            now_us,
+            self.last_now_us
+        );
         self.last_now_us = now_us;
         let level_high = self.pin.is_high()?;
 

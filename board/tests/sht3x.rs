@@ -36,7 +36,8 @@ fn measurement(temperature_millicelsius: i32, humidity_millipercent: u32) -> Mea
 #[test]
 fn crc8_matches_datasheet_and_known_words() {
     // (data word, CRC-8): 0xBEEF -> 0x92 is the datasheet example (section 4.12).
-    let table: [(u16, u8); 5] = [(0xBEEF, 0x92), (0x0000, 0x81), (0xFFFF, 0xAC), (0x6666, 0x93), (0x8000, 0xA2)];
+    let table: [(u16, u8); 5] =
+        [(0xBEEF, 0x92), (0x0000, 0x81), (0xFFFF, 0xAC), (0x6666, 0x93), (0x8000, 0xA2)];
     for (word, crc) in table {
         assert_eq!(sht3x::crc8(&word.to_be_bytes()), crc, "word 0x{word:04X}");
     }
