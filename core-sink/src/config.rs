@@ -40,6 +40,9 @@ pub struct SinkConfig {
     pub connections_max: u64,
     #[serde(default)]
     pub transport: TransportSettings,
+    /// TCP address of the Prometheus text endpoint (`GET /metrics`); absent = none.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Training datasets derived from the raw landing; absent = raw landing only.
     #[serde(default)]
     pub datasets: Option<crate::datasets::DatasetsConfig>,
@@ -97,6 +100,7 @@ impl SinkConfig {
             connections_max: default_connections_max(),
             transport: TransportSettings::default(),
             datasets: None,
+            metrics_listen: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod datasets;
 pub mod lander;
 pub mod landing;
+pub mod metrics;
 pub mod server;
 pub mod state;
 

@@ -43,6 +43,7 @@ pub struct Sink {
     lander: Option<std::thread::JoinHandle<()>>,
     context: Option<Arc<Context>>,
     datasets: Option<DatasetsRunner>,
+    metrics_address: Option<SocketAddr>,
 }
 
 struct DatasetsRunner {
@@ -131,16 +132,32 @@ impl Sink {
             revocations,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), context.clone(), config.connections_max));
-        let reload = tokio::spawn(reload_revocations(
+        let mut tasks = vec![accept];
+        let mut metrics_address = None;
+        if let Some(listen) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("metrics_listen: bind tcp {listen}"))?;
+            metrics_address = Some(listener.local_addr()?);
+            let sources = crate::metrics::MetricsSources {
+                sink: metrics.clone(),
+                datasets: datasets.as_ref().map(|datasets| datasets.metrics.clone()),
+                in_flight_available: context.in_flight.clone(),
+                in_flight_bytes_max: config.in_flight_bytes_max,
+            };
+            tasks.push(tokio::spawn(crate::metrics::serve(listener, sources)));
+        }
+        tasks.push(tokio::spawn(reload_revocations(
             context.clone(),
             Duration::from_millis(config.revocation_reload_ms),
-        ));
+        )));
         tracing::info!(listen = %endpoint.local_addr()?, "core sink listening");
         Ok(Sink {
             endpoint,
             metrics,
             shared,
-            tasks: vec![accept, reload],
+            tasks,
+            metrics_address,
             lander: Some(lander),
             context: Some(context),
             datasets,
@@ -153,6 +170,11 @@ impl Sink {
 
     pub fn metrics(&self) -> &SinkMetrics {
         &self.metrics
+    }
+
+    /// Where `GET /metrics` is served, when `metrics_listen` is configured.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
     }
 
     /// The durable watermark of (device, lane): what has been acked or may be acked now.

@@ -1,0 +1,190 @@
+//! A Prometheus text endpoint for the sink (`metrics_listen` in the config): `GET /metrics`
+//! answers the counters of `SinkMetrics`, the dataset pipeline's counters, and the in-flight
+//! bytes against their bound. Deliberately tiny: one request per connection, the request line
+//! and headers bounded to 8 KiB and read within 2 s, so a stuck scraper cannot hold the sink.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+use crate::datasets::pipeline::DatasetMetrics;
+use crate::lander::SinkMetrics;
+
+const REQUEST_BYTES_MAX: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything the endpoint reports.
+#[derive(Clone)]
+pub struct MetricsSources {
+    pub sink: Arc<SinkMetrics>,
+    pub datasets: Option<Arc<DatasetMetrics>>,
+    pub in_flight_available: Arc<tokio::sync::Semaphore>,
+    pub in_flight_bytes_max: u64,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+        value.load(Ordering::Relaxed)
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+}
+
+/// The exposition text.
+pub fn render(sources: &MetricsSources) -> String {
+    let mut out = String::new();
+    let sink = &sources.sink;
+    counter(
+        &mut out,
+        "tributary_sink_connections_accepted_total",
+        "QUIC connections accepted.",
+        &sink.connections_accepted,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_connections_refused_total",
+        "Connections refused (TLS, revocation, limits).",
+        &sink.connections_refused,
+    );
+    gauge(
+        &mut out,
+        "tributary_sink_sessions_active",
+        "Device sessions now.",
+        sink.sessions_active.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "tributary_sink_chunks_landed_total",
+        "Chunks written by the committer.",
+        &sink.chunks_landed,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_bytes_landed_total",
+        "Encoded chunk bytes written.",
+        &sink.bytes_landed,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_duplicates_dropped_total",
+        "Resent chunks at or below the landed watermark.",
+        &sink.duplicates_dropped,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_bad_chunks_total",
+        "Chunks failing CRC or header checks.",
+        &sink.bad_chunks,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_commits_total",
+        "Commit points (fsync + state) completed.",
+        &sink.commits,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_commit_failures_total",
+        "Commit points that failed and rolled back.",
+        &sink.commit_failures,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_landing_failures_total",
+        "Chunk writes that failed.",
+        &sink.landing_failures,
+    );
+    counter(&mut out, "tributary_sink_acks_sent_total", "Ack messages sent.", &sink.acks_sent);
+    let available = sources.in_flight_available.available_permits() as u64;
+    gauge(
+        &mut out,
+        "tributary_sink_in_flight_bytes",
+        "Verified chunk bytes waiting to be written.",
+        sources.in_flight_bytes_max.saturating_sub(available),
+    );
+    gauge(
+        &mut out,
+        "tributary_sink_in_flight_bytes_max",
+        "Bound on in-flight bytes.",
+        sources.in_flight_bytes_max,
+    );
+    if let Some(datasets) = &sources.datasets {
+        counter(
+            &mut out,
+            "tributary_datasets_shards_published_total",
+            "Dataset shards published.",
+            &datasets.shards_published,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_samples_published_total",
+            "Samples in published shards.",
+            &datasets.samples_published,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_shard_failures_total",
+            "Shards dropped after a target failure.",
+            &datasets.shard_failures,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_rejected_chunks_total",
+            "Chunks whose records would break a dataset.",
+            &datasets.rejected_chunks,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_undecodable_chunks_total",
+            "Chunks the sink cannot decode.",
+            &datasets.undecodable_chunks,
+        );
+    }
+    out
+}
+
+/// Serves `GET /metrics` until the task is aborted.
+pub async fn serve(listener: TcpListener, sources: MetricsSources) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let mut request = vec![0u8; REQUEST_BYTES_MAX];
+            let mut read = 0;
+            let complete = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                while read < request.len() {
+                    match stream.read(&mut request[read..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(count) => read += count,
+                    }
+                    if request[..read].windows(4).any(|window| window == b"\r\n\r\n") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(complete, Ok(true)) {
+                return;
+            }
+            let (status, body) = if request.starts_with(b"GET /metrics ") {
+                ("200 OK", render(&sources))
+            } else {
+                ("404 Not Found", "only GET /metrics is served here\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
