@@ -175,9 +175,11 @@ async fn sink_killed_mid_stream_loses_nothing_and_lands_nothing_twice() {
     let landed = landed_records(&fleet.landing_dir(), device);
     let expected: Vec<String> = (0..total).map(|index| record_key(device, Lane::Sensor, index)).collect();
     assert_landed_exactly_once(&landed, Lane::Sensor, &expected);
+    // Every kill hit a connected incarnation (the loop waits for each reconnect); the last
+    // restart may see no new connection when everything was already acked before the kill.
     assert!(
-        metrics.connects.load(Ordering::Relaxed) > kills() as u64,
-        "the uplink reconnected after every kill"
+        metrics.connects.load(Ordering::Relaxed) >= kills() as u64,
+        "the uplink reconnected after each kill"
     );
 
     // Datasets after 20 kills during shard writing: every published shard complete and readable,
