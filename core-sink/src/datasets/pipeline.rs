@@ -105,7 +105,6 @@ pub struct Pipeline {
     datasets: Vec<Dataset>,
     decompressor: ChunkDecompressor,
     next_shard_id: u64,
-    shards_opened: u64,
     pub metrics: Arc<DatasetMetrics>,
 }
 
@@ -157,7 +156,6 @@ impl Pipeline {
             datasets,
             decompressor: ChunkDecompressor::new(),
             next_shard_id: 1,
-            shards_opened: 0,
             metrics: Arc::new(DatasetMetrics::default()),
         })
     }
@@ -376,7 +374,10 @@ impl Pipeline {
         Ok(header.seq)
     }
 
-    fn choose_target(&mut self) -> anyhow::Result<usize> {
+    /// The target for `dataset`'s next shard. Round robin is per dataset (its shard seq, offset
+    /// by the dataset's index), so every dataset is striped over every target whatever order the
+    /// datasets' shards are opened in.
+    fn choose_target(&self, dataset: usize) -> anyhow::Result<usize> {
         let now = Instant::now();
         let healthy: Vec<usize> = (0..self.targets.len())
             .filter(|index| self.unhealthy_until[*index].is_none_or(|until| now >= until))
@@ -384,8 +385,8 @@ impl Pipeline {
         anyhow::ensure!(!healthy.is_empty(), "every dataset target failed recently; retrying later");
         Ok(match self.config.placement {
             Placement::RoundRobin => {
-                self.shards_opened += 1;
-                healthy[(self.shards_opened as usize - 1) % healthy.len()]
+                let turn = self.datasets[dataset].manifest.next_shard_seq as usize + dataset;
+                healthy[turn % healthy.len()]
             }
             Placement::LeastLoaded => *healthy
                 .iter()
@@ -396,7 +397,7 @@ impl Pipeline {
 
     fn ensure_open(&mut self, dataset: usize) -> anyhow::Result<&mut OpenShard> {
         if self.datasets[dataset].open.is_none() {
-            let target = self.choose_target()?;
+            let target = self.choose_target(dataset)?;
             let id = self.next_shard_id;
             self.next_shard_id += 1;
             let data = &self.datasets[dataset];
