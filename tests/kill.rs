@@ -252,13 +252,11 @@ fn appliance_child() {
         let uplink = Uplink::spawn(ring.clone(), config).unwrap();
         if drain {
             let head = ring.stats().lane(Lane::Sensor).next_seq - 1;
-            loop {
-                if ring.stats().lane(Lane::Sensor).acked_through >= head {
-                    println!("@DONE");
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // Bounded, so a broken uplink fails the test instead of hanging CI.
+            let drained =
+                wait_until(DRAIN_LIMIT, || ring.stats().lane(Lane::Sensor).acked_through >= head).await;
+            assert!(drained, "the drain run did not get everything acked");
+            println!("@DONE");
             uplink.stop().await;
             return;
         }
