@@ -193,3 +193,36 @@ async fn a_revoked_device_is_cut_off_within_seconds_and_refused_after() {
     bystander.uplink.stop().await;
     sink.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_change_or_a_seq_going_backwards_on_a_stream_is_refused() {
+    let fleet = Fleet::new();
+    let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let frame_of = |lane: Lane, seq: u64| {
+        let chunk = SealedChunk::new(lane, Codec::Raw, 0, 1, 10, vec![seq as u8; 10]).unwrap();
+        let mut frame = Vec::new();
+        encode_frame(FrameKind::Chunk, &chunk.encode(seq), &mut frame).unwrap();
+        frame
+    };
+    let cases = [
+        ("backwards", [frame_of(Lane::Sensor, 5), frame_of(Lane::Sensor, 3)], "seqs must increase"),
+        ("lane change", [frame_of(Lane::Sensor, 5), frame_of(Lane::Media, 6)], "stream"),
+    ];
+    for (name, frames, reason_part) in cases {
+        let (_endpoint, connection, _) = connect_and_hello(
+            &fleet,
+            name.replace(' ', "-").as_str(),
+            name.replace(' ', "-").as_str(),
+            sink.local_addr(),
+        )
+        .await;
+        let mut stream = connection.open_uni().await.unwrap();
+        for frame in &frames {
+            stream.write_all(frame).await.unwrap();
+        }
+        let (code, reason) = close_code(&connection).await;
+        assert_eq!(code, u64::from(ErrorCode::BadChunk.id()), "{name}: {reason}");
+        assert!(reason.contains(reason_part), "{name}: {reason}");
+    }
+    sink.shutdown().await;
+}
