@@ -56,6 +56,7 @@ pub mod chunk;
 pub mod codec;
 pub mod control;
 pub mod error;
+pub mod evidence;
 pub mod frame;
 pub mod lane;
 pub mod record;
