@@ -152,7 +152,11 @@ pub fn bench_sink(args: &SinkArgs) -> Result<()> {
         let mut config = DatasetsConfig::with_targets(targets.clone(), run.join("manifests"));
         config.placement = Placement::RoundRobin;
         config.shard_bytes_max = 64 * MIB;
-        let mut pipeline = Pipeline::open(config, &landing_dir)?;
+        let mut pipeline = Pipeline::open(
+            config,
+            &landing_dir,
+            std::sync::Arc::new(core_sink::dictionaries::DictionaryStore::open(&run.join("dictionaries"))?),
+        )?;
         let started = Instant::now();
         while pipeline.step(&checkpoint)? {}
         pipeline.publish_open_shards();

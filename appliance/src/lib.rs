@@ -5,6 +5,8 @@
 //! reports durable.
 //! Invariant: a chunk leaves the ring only through `Ring::ack` with a sink's durable watermark.
 
+pub mod chunker;
+pub mod dictionaries;
 pub mod source;
 pub mod uplink;
 

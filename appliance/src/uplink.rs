@@ -23,6 +23,8 @@ use protocol::{
 };
 use rand::Rng as _;
 use tokio::sync::watch;
+
+use crate::dictionaries::DictionaryStore;
 use tokio::task::JoinSet;
 
 #[derive(Clone, Debug)]
@@ -45,6 +47,9 @@ pub struct UplinkConfig {
     pub read_bytes_max: usize,
     /// How often an idle lane looks for new chunks.
     pub idle_poll_ms: u64,
+    /// Where the chunkers keep their zstd dictionaries; each is sent ahead of the first chunk
+    /// of a session that names it. Without a store, a chunk naming a dictionary ends the session.
+    pub dictionaries: Option<Arc<DictionaryStore>>,
 }
 
 impl UplinkConfig {
@@ -69,6 +74,7 @@ impl UplinkConfig {
             read_chunks_max: 64,
             read_bytes_max: 4 * 1024 * 1024,
             idle_poll_ms: 5,
+            dictionaries: None,
         }
     }
 }
@@ -81,6 +87,7 @@ pub struct UplinkMetrics {
     pub chunks_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub acks_received: AtomicU64,
+    pub dictionaries_sent: AtomicU64,
     /// Durable watermark per lane as last acked by the sink.
     pub acked_through: [AtomicU64; Lane::COUNT],
 }
@@ -297,6 +304,9 @@ async fn send_lane(
     let limits = ReadLimits { chunks_max: config.read_chunks_max, bytes_max: config.read_bytes_max };
     let mut next_seq = resume_seq;
     let mut frame = Vec::new();
+    // Dictionaries the sink has been sent on this stream; it stores each durably before it
+    // reads the next frame, so sending once per session is enough.
+    let mut dictionaries_sent = std::collections::HashSet::new();
     loop {
         let batch = {
             let ring = ring.clone();
@@ -307,6 +317,17 @@ async fn send_lane(
             continue;
         }
         for chunk in batch {
+            let dict_id = chunk.header.dict_id;
+            if dict_id != protocol::NO_DICTIONARY && dictionaries_sent.insert(dict_id) {
+                let Some(dictionary) = config.dictionaries.as_ref().and_then(|store| store.get(dict_id)) else {
+                    anyhow::bail!("{lane} seq {} names dictionary {dict_id}, which this appliance does not have", chunk.seq);
+                };
+                frame.clear();
+                let payload = protocol::dictionary_frame_payload(dict_id, &dictionary);
+                encode_frame(FrameKind::Dictionary, &payload, &mut frame)?;
+                stream.write_all(&frame).await?;
+                metrics.dictionaries_sent.fetch_add(1, Ordering::Relaxed);
+            }
             frame.clear();
             encode_frame(FrameKind::Chunk, &chunk.encoded, &mut frame)?;
             stream.write_all(&frame).await?;

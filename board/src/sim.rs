@@ -7,15 +7,21 @@
 //!   answer is ready at once: the simulator keeps no time, so it cannot catch a missing wait.
 //!   Values are configured in fixed point, with optional uniform noise from a seeded xorshift64*
 //!   generator (same seed, same readings). Faults: NACK the next N transactions, corrupt the
-//!   temperature CRC of the next N measurements.
+//!   temperature CRC of the next N measurements, answer the next N measurements with an
+//!   out-of-range temperature (raw 0xFFFF = 130 °C, valid CRC), or any of these at random with a
+//!   given rate per million measurements from a second seeded generator.
 //! - `SimAdxl345` implements `embedded_hal::spi::SpiDevice` over a 64-register file with the
 //!   ADXL345 map: first byte of a transaction is the command (bit 7 read, bit 6 multi-byte, bits
 //!   5..0 address), later bytes read or write registers, auto-incrementing when multi-byte.
 //!   DEVID is configurable to simulate a wrong chip. DATAX0..DATAZ1 (0x32..=0x37) are computed
 //!   from the configured milli-g per axis when POWER_CTL's Measure bit is set (0 in standby),
-//!   honouring FULL_RES and range (10..=13 bits, saturating). Fault: fail the next N transactions.
+//!   honouring FULL_RES and range (10..=13 bits, saturating), plus optional seeded noise. The
+//!   sample is latched once per transaction, as the part latches its data registers during a
+//!   burst read, so the six bytes of one burst always belong together. Faults: fail the next N
+//!   transactions, latch a saturated (out-of-range) sample for the next N transactions, or either
+//!   at random with a given rate per million transactions.
 //! - `SimPin` implements `embedded_hal::digital::InputPin` from a scripted list of levels, one per
-//!   read, holding the last level after the script ends.
+//!   read, holding the last level after the script ends, or repeating the script forever.
 //! - `SimDelay` implements `embedded_hal::delay::DelayNs` without sleeping, adding up the time.
 
 use std::convert::Infallible;
@@ -45,6 +51,17 @@ impl TinyRng {
         self.state ^= self.state << 25;
         self.state ^= self.state >> 27;
         self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// True with probability `rate_per_million` / 1 000 000.
+    pub fn chance_per_million(&mut self, rate_per_million: u32) -> bool {
+        rate_per_million > 0 && self.next_u64() % 1_000_000 < u64::from(rate_per_million)
+    }
+
+    /// Uniform index in 0..count; `count` must not be 0.
+    pub fn below(&mut self, count: usize) -> usize {
+        assert!(count > 0, "below(0)");
+        (self.next_u64() % count as u64) as usize
     }
 
     /// Uniform value in -amplitude..=amplitude (slightly biased by the modulo; fine for noise).
@@ -80,6 +97,68 @@ const SHT3X_STATUS_RESET_DETECTED: u16 = 1 << 4;
 const SHT3X_STATUS_COMMAND_FAILED: u16 = 1 << 1;
 const SHT3X_COMMAND_CLEAR_STATUS: u16 = 0x3041;
 
+/// Largest random fault rate: every operation.
+pub const FAULT_RATE_PER_MILLION_MAX: u32 = 1_000_000;
+/// Seed offset of the fault generator, so faults do not shift the noise sequence.
+const FAULT_SEED_SALT: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// A fault the simulated SHT3x can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sht3xFault {
+    /// The read after the measurement command is NACKed (as when the measurement is not ready).
+    Nack,
+    /// The temperature word's CRC byte is inverted.
+    Crc,
+    /// The temperature word is 0xFFFF (130 °C, valid CRC): above the specified -40..=125 °C.
+    OutOfRange,
+}
+
+/// A fault the simulated ADXL345 can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adxl345Fault {
+    /// The transaction fails with `spi::ErrorKind::Other`.
+    Bus,
+    /// The sample latched for the transaction is saturated on the X axis (+32 g asked for).
+    OutOfRange,
+}
+
+/// Random faults: each operation draws a fault with probability `rate_per_million` / 10^6,
+/// choosing uniformly among `kinds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RandomFaults<K> {
+    /// Faults per million operations, 0..=`FAULT_RATE_PER_MILLION_MAX`.
+    pub rate_per_million: u32,
+    /// Fault kinds to choose among; empty means none.
+    pub kinds: Vec<K>,
+    /// Seed of the fault generator (salted, so it may equal the noise seed).
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+struct FaultDraw<K> {
+    faults: RandomFaults<K>,
+    rng: TinyRng,
+}
+
+impl<K: Copy> FaultDraw<K> {
+    fn new(faults: RandomFaults<K>) -> Self {
+        assert!(
+            faults.rate_per_million <= FAULT_RATE_PER_MILLION_MAX,
+            "fault rate {} per million above {FAULT_RATE_PER_MILLION_MAX}",
+            faults.rate_per_million
+        );
+        let rng = TinyRng::new(faults.seed ^ FAULT_SEED_SALT);
+        Self { faults, rng }
+    }
+
+    fn draw(&mut self) -> Option<K> {
+        if self.faults.kinds.is_empty() || !self.rng.chance_per_million(self.faults.rate_per_million) {
+            return None;
+        }
+        Some(self.faults.kinds[self.rng.below(self.faults.kinds.len())])
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sht3xAnswer {
     None,
@@ -96,6 +175,8 @@ pub struct SimSht3x {
     status_bits: u16,
     nack_transactions: u32,
     corrupt_crc_measurements: u32,
+    out_of_range_measurements: u32,
+    random_faults: Option<FaultDraw<Sht3xFault>>,
     measurements: u64,
 }
 
@@ -125,8 +206,20 @@ impl SimSht3x {
             status_bits: SHT3X_STATUS_POWER_ON,
             nack_transactions: 0,
             corrupt_crc_measurements: 0,
+            out_of_range_measurements: 0,
+            random_faults: None,
             measurements: 0,
         }
+    }
+
+    /// Answers the next `count` measurements with raw temperature 0xFFFF (130 °C, valid CRC).
+    pub fn inject_out_of_range(&mut self, count: u32) {
+        self.out_of_range_measurements += count;
+    }
+
+    /// Draws a fault for every measurement command from now on (replacing earlier settings).
+    pub fn set_random_faults(&mut self, faults: RandomFaults<Sht3xFault>) {
+        self.random_faults = Some(FaultDraw::new(faults));
     }
 
     /// Changes the temperature reported from the next measurement on.
@@ -156,11 +249,22 @@ impl SimSht3x {
 
     fn measure(&mut self) -> [u8; sht3x::MEASUREMENT_BYTES] {
         self.measurements += 1;
+        match self.random_faults.as_mut().and_then(FaultDraw::draw) {
+            None => {}
+            // The read that follows is NACKed, as when the controller reads too early.
+            Some(Sht3xFault::Nack) => self.nack_transactions += 1,
+            Some(Sht3xFault::Crc) => self.corrupt_crc_measurements += 1,
+            Some(Sht3xFault::OutOfRange) => self.out_of_range_measurements += 1,
+        }
         let temperature = i64::from(self.config.temperature_millicelsius)
             + self.rng.symmetric(self.config.temperature_noise_millicelsius);
         let humidity = i64::from(self.config.humidity_millipercent)
             + self.rng.symmetric(self.config.humidity_noise_millipercent);
         let mut temperature_word = word_with_crc(raw_from_scaled(temperature, -45_000, 175_000));
+        if self.out_of_range_measurements > 0 {
+            self.out_of_range_measurements -= 1;
+            temperature_word = word_with_crc(0xFFFF);
+        }
         let humidity_word = word_with_crc(raw_from_scaled(humidity, 0, 100_000));
         if self.corrupt_crc_measurements > 0 {
             self.corrupt_crc_measurements -= 1;
@@ -250,8 +354,16 @@ const ADXL345_DATA_REGISTERS: core::ops::RangeInclusive<u8> = 0x32..=0x37;
 pub struct SimAdxl345 {
     registers: [u8; ADXL345_REGISTERS],
     acceleration_milli_g: [i32; 3],
+    noise_milli_g: u32,
+    rng: TinyRng,
+    latched_milli_g: [i32; 3],
     failing_transactions: u32,
+    out_of_range_transactions: u32,
+    random_faults: Option<FaultDraw<Adxl345Fault>>,
 }
+
+/// Acceleration asked of a saturating fault: twice the widest range, so every range clips.
+const ADXL345_OUT_OF_RANGE_MILLI_G: i32 = 32_000;
 
 struct SpiSession {
     command: Option<u8>,
@@ -265,7 +377,43 @@ impl SimAdxl345 {
         let mut registers = [0u8; ADXL345_REGISTERS];
         registers[usize::from(crate::accelerometer::REGISTER_DEVID)] = device_id;
         registers[usize::from(crate::accelerometer::REGISTER_BW_RATE)] = crate::accelerometer::BW_RATE_100_HZ;
-        Self { registers, acceleration_milli_g: [0; 3], failing_transactions: 0 }
+        Self {
+            registers,
+            acceleration_milli_g: [0; 3],
+            noise_milli_g: 0,
+            rng: TinyRng::new(1),
+            latched_milli_g: [0; 3],
+            failing_transactions: 0,
+            out_of_range_transactions: 0,
+            random_faults: None,
+        }
+    }
+
+    /// Adds uniform noise of ±`amplitude_milli_g` per axis to every latched sample.
+    pub fn set_noise(&mut self, amplitude_milli_g: u32, seed: u64) {
+        self.noise_milli_g = amplitude_milli_g;
+        self.rng = TinyRng::new(seed);
+    }
+
+    /// Latches a saturated sample (X at +32 g) for the next `count` transactions.
+    pub fn inject_out_of_range(&mut self, count: u32) {
+        self.out_of_range_transactions += count;
+    }
+
+    /// Draws a fault for every transaction from now on (replacing earlier settings).
+    pub fn set_random_faults(&mut self, faults: RandomFaults<Adxl345Fault>) {
+        self.random_faults = Some(FaultDraw::new(faults));
+    }
+
+    fn latch_sample(&mut self) {
+        for (latched, base) in self.latched_milli_g.iter_mut().zip(self.acceleration_milli_g) {
+            let noisy = i64::from(base) + self.rng.symmetric(self.noise_milli_g);
+            *latched = noisy.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+        }
+        if self.out_of_range_transactions > 0 {
+            self.out_of_range_transactions -= 1;
+            self.latched_milli_g[0] = ADXL345_OUT_OF_RANGE_MILLI_G;
+        }
     }
 
     /// Sets the acceleration the device measures, milli-g per axis X, Y, Z.
@@ -296,7 +444,7 @@ impl SimAdxl345 {
             if full_resolution { (256i64, 10 + range_code) } else { (256i64 >> range_code, 10) };
         let limit = 1i64 << (bits - 1);
         let offset = address - crate::accelerometer::REGISTER_DATAX0;
-        let milli_g = i64::from(self.acceleration_milli_g[usize::from(offset / 2)]);
+        let milli_g = i64::from(self.latched_milli_g[usize::from(offset / 2)]);
         let raw = (milli_g * lsb_per_g / 1000).clamp(-limit, limit - 1) as i16;
         raw.to_le_bytes()[usize::from(offset % 2)]
     }
@@ -337,10 +485,16 @@ impl spi::ErrorType for SimAdxl345 {
 
 impl SpiDevice for SimAdxl345 {
     fn transaction(&mut self, operations: &mut [spi::Operation<'_, u8>]) -> Result<(), Self::Error> {
+        match self.random_faults.as_mut().and_then(FaultDraw::draw) {
+            None => {}
+            Some(Adxl345Fault::Bus) => self.failing_transactions += 1,
+            Some(Adxl345Fault::OutOfRange) => self.out_of_range_transactions += 1,
+        }
         if self.failing_transactions > 0 {
             self.failing_transactions -= 1;
             return Err(spi::ErrorKind::Other);
         }
+        self.latch_sample();
         let mut session = SpiSession { command: None, address: 0 };
         for operation in operations {
             match operation {
@@ -379,12 +533,19 @@ impl SpiDevice for SimAdxl345 {
 pub struct SimPin {
     levels: Vec<bool>,
     next: usize,
+    repeat: bool,
 }
 
 impl SimPin {
     /// A pin that reads `levels` in order and then holds the last one (low if empty).
     pub fn new(levels: Vec<bool>) -> Self {
-        Self { levels, next: 0 }
+        Self { levels, next: 0, repeat: false }
+    }
+
+    /// A pin that reads `levels` in order, over and over; `levels` must not be empty.
+    pub fn repeating(levels: Vec<bool>) -> Self {
+        assert!(!levels.is_empty(), "a repeating pin needs at least one level");
+        Self { levels, next: 0, repeat: true }
     }
 
     /// Reads done so far.
@@ -393,6 +554,11 @@ impl SimPin {
     }
 
     fn read(&mut self) -> bool {
+        if self.repeat {
+            let level = self.levels[self.next % self.levels.len()];
+            self.next += 1;
+            return level;
+        }
         let level = match self.levels.get(self.next) {
             Some(&level) => level,
             None => self.levels.last().copied().unwrap_or(false),

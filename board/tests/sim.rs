@@ -2,7 +2,9 @@
 
 use board::accelerometer::{self, Acceleration, Adxl345, Config, Range};
 use board::sht3x::{self, Measurement, Sht3x};
-use board::sim::{SimAdxl345, SimDelay, SimSht3x, SimSht3xConfig};
+use board::sim::{
+    Adxl345Fault, RandomFaults, Sht3xFault, SimAdxl345, SimDelay, SimPin, SimSht3x, SimSht3xConfig,
+};
 use embedded_hal::i2c::{ErrorKind as I2cErrorKind, I2c, NoAcknowledgeSource};
 use embedded_hal::spi::{ErrorKind as SpiErrorKind, SpiDevice};
 
@@ -212,4 +214,103 @@ fn adxl345_simulator_handles_full_duplex_transfers() {
     // DEVID is read-only.
     simulator.write(&[0x00, 0x12]).unwrap();
     assert_eq!(simulator.register(0x00), ADXL345_DEVICE_ID);
+}
+
+#[test]
+fn sht3x_injected_out_of_range_is_a_valid_word_at_130_c() {
+    let mut simulator = sim_sht3x(25_000, 40_000);
+    simulator.inject_out_of_range(1);
+    let mut driver = Sht3x::new(simulator, SHT3X_ADDRESS);
+    let mut delay = SimDelay::default();
+    // Raw 0xFFFF with a valid CRC: the driver accepts it; the Sensor adapter rejects it.
+    assert_eq!(driver.measure(&mut delay), Ok(measurement(130_000, 40_000)));
+    assert_eq!(driver.measure(&mut delay), Ok(measurement(25_000, 40_000)), "fault was one-shot");
+}
+
+/// Outcome letters of `reads` measurements with random faults: '.' ok, 'n' NACK, 'c' CRC, 'o' 130 °C.
+fn sht3x_fault_pattern(rate_per_million: u32, kinds: Vec<Sht3xFault>, seed: u64, reads: usize) -> String {
+    let mut simulator = sim_sht3x(25_000, 40_000);
+    simulator.set_random_faults(RandomFaults { rate_per_million, kinds, seed });
+    let mut driver = Sht3x::new(simulator, SHT3X_ADDRESS);
+    let mut delay = SimDelay::default();
+    (0..reads)
+        .map(|_| match driver.measure(&mut delay) {
+            Ok(reading) if reading.temperature_millicelsius == 130_000 => 'o',
+            Ok(_) => '.',
+            Err(sht3x::Error::Bus(_)) => 'n',
+            Err(sht3x::Error::Crc { .. }) => 'c',
+            Err(sht3x::Error::NoResponse) => '?',
+        })
+        .collect()
+}
+
+#[test]
+fn sht3x_random_faults_follow_rate_kinds_and_seed() {
+    let all = vec![Sht3xFault::Nack, Sht3xFault::Crc, Sht3xFault::OutOfRange];
+    assert_eq!(sht3x_fault_pattern(0, all.clone(), 1, 50), ".".repeat(50));
+    assert_eq!(sht3x_fault_pattern(1_000_000, vec![Sht3xFault::Crc], 1, 20), "c".repeat(20));
+    assert_eq!(sht3x_fault_pattern(1_000_000, vec![], 1, 20), ".".repeat(20), "no kinds, no faults");
+    let pattern = sht3x_fault_pattern(300_000, all.clone(), 5, 300);
+    assert_eq!(pattern, sht3x_fault_pattern(300_000, all.clone(), 5, 300), "same seed, same faults");
+    assert_ne!(pattern, sht3x_fault_pattern(300_000, all, 6, 300));
+    for letter in ['.', 'n', 'c', 'o'] {
+        assert!(pattern.contains(letter), "{letter} missing from {pattern}");
+    }
+}
+
+#[test]
+fn adxl345_noise_is_bounded_and_seeded() {
+    let sample = |seed: u64| {
+        let mut simulator = SimAdxl345::new(ADXL345_DEVICE_ID);
+        simulator.set_acceleration_milli_g(0, 500, 1_000);
+        simulator.set_noise(50, seed);
+        let mut driver = Adxl345::new(simulator);
+        driver.init(Config::default()).unwrap();
+        (0..100).map(|_| driver.acceleration().unwrap()).collect::<Vec<_>>()
+    };
+    let samples = sample(3);
+    assert_eq!(samples, sample(3));
+    assert_ne!(samples, sample(4));
+    for reading in &samples {
+        // Noise plus one LSB (3.9 mg) of truncation.
+        assert!(reading.x_milli_g.abs() <= 54 && (reading.y_milli_g - 500).abs() <= 54, "{reading:?}");
+        assert!((reading.z_milli_g - 1_000).abs() <= 54, "{reading:?}");
+    }
+    let distinct: std::collections::BTreeSet<i32> = samples.iter().map(|reading| reading.x_milli_g).collect();
+    assert!(distinct.len() > 5, "{distinct:?}");
+}
+
+#[test]
+fn adxl345_injected_out_of_range_saturates_x() {
+    let mut simulator = SimAdxl345::new(ADXL345_DEVICE_ID);
+    simulator.set_acceleration_milli_g(0, 0, 1_000);
+    let mut driver = Adxl345::new(simulator);
+    driver.init(Config { range: Range::G4, rate_code: 0x0A }).unwrap();
+    let mut simulator = driver.destroy();
+    simulator.inject_out_of_range(1);
+    let mut driver = Adxl345::new(simulator);
+    // ±4 g is 11 bits: saturates at 1 023 LSB = 3 996 mg.
+    assert_eq!(driver.acceleration().unwrap(), acceleration(3_996, 0, 1_000));
+    assert_eq!(driver.acceleration().unwrap(), acceleration(0, 0, 1_000));
+}
+
+#[test]
+fn adxl345_random_bus_faults_are_typed() {
+    let mut simulator = SimAdxl345::new(ADXL345_DEVICE_ID);
+    simulator.set_random_faults(RandomFaults {
+        rate_per_million: 1_000_000,
+        kinds: vec![Adxl345Fault::Bus],
+        seed: 1,
+    });
+    let mut driver = Adxl345::new(simulator);
+    assert_eq!(driver.acceleration(), Err(accelerometer::Error::Bus(SpiErrorKind::Other)));
+}
+
+#[test]
+fn repeating_pin_cycles_its_script() {
+    use embedded_hal::digital::InputPin;
+    let mut pin = SimPin::repeating(vec![false, true, true]);
+    let levels: Vec<bool> = (0..7).map(|_| pin.is_high().unwrap()).collect();
+    assert_eq!(levels, [false, true, true, false, true, true, false]);
+    assert_eq!(pin.reads(), 7);
 }

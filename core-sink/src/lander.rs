@@ -35,6 +35,8 @@ pub struct SinkMetrics {
     pub commit_failures: AtomicU64,
     pub landing_failures: AtomicU64,
     pub acks_sent: AtomicU64,
+    /// Compression dictionaries received and stored durably.
+    pub dictionaries_stored: AtomicU64,
 }
 
 impl SinkMetrics {

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod datasets;
+pub mod dictionaries;
 pub mod lander;
 pub mod landing;
 pub mod metrics;

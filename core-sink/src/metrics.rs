@@ -86,6 +86,12 @@ pub fn render(sources: &MetricsSources) -> String {
     );
     counter(
         &mut out,
+        "tributary_sink_dictionaries_stored_total",
+        "Compression dictionaries received from appliances and stored durably.",
+        &sink.dictionaries_stored,
+    );
+    counter(
+        &mut out,
         "tributary_sink_commits_total",
         "Commit points (fsync + state) completed.",
         &sink.commits,

@@ -23,6 +23,7 @@ use protocol::{
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::config::SinkConfig;
+use crate::dictionaries::DictionaryStore;
 use crate::lander::{LandRequest, Lander, LanderConfig, SharedWatermarks, SinkMetrics};
 use crate::landing::RawLanding;
 use crate::state::SinkState;
@@ -63,6 +64,7 @@ struct Context {
     commit_interval_ms: u32,
     in_flight_bytes_max: u64,
     revocations: RevocationList,
+    dictionaries: Arc<DictionaryStore>,
 }
 
 fn close_code(code: ErrorCode) -> quinn::VarInt {
@@ -92,6 +94,7 @@ impl Sink {
 
         let metrics = Arc::new(SinkMetrics::default());
         let state = SinkState::open(&config.state_dir)?;
+        let dictionaries = Arc::new(DictionaryStore::open(&config.state_dir.join("dictionaries"))?);
         let committer = Box::new(RawLanding::new(&config.landing_dir, config.raw_file_rotate_bytes));
         let lander_config = LanderConfig {
             commit_interval: Duration::from_millis(config.commit_interval_ms),
@@ -102,7 +105,11 @@ impl Sink {
         let datasets = match &config.datasets {
             Some(datasets_config) => {
                 let pipeline =
-                    crate::datasets::pipeline::Pipeline::open(datasets_config.clone(), &config.landing_dir)?;
+                    crate::datasets::pipeline::Pipeline::open(
+                    datasets_config.clone(),
+                    &config.landing_dir,
+                    dictionaries.clone(),
+                )?;
                 let metrics = pipeline.metrics.clone();
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let checkpoint = shared.checkpoint.clone();
@@ -130,6 +137,7 @@ impl Sink {
             commit_interval_ms: config.commit_interval_ms as u32,
             in_flight_bytes_max: config.in_flight_bytes_max,
             revocations,
+            dictionaries,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), context.clone(), config.connections_max));
         let mut tasks = vec![accept];
@@ -513,14 +521,46 @@ struct LaneReader {
 }
 
 impl LaneReader {
+    /// Stores a dictionary frame's dictionary durably before the stream's next frame is read.
+    async fn store_dictionary(&self, payload: Vec<u8>) -> Result<(), Failure> {
+        let (dict_id, _) = protocol::decode_dictionary_frame(&payload)
+            .map_err(|error| failure(ErrorCode::BadFrame, error.to_string()))?;
+        if self.context.dictionaries.contains(&self.device, dict_id) {
+            return Ok(());
+        }
+        let (store, device) = (self.context.dictionaries.clone(), self.device.clone());
+        let stored = tokio::task::spawn_blocking(move || store.store(&device, dict_id, &payload[4..]))
+            .await
+            .map_err(|error| failure(ErrorCode::Internal, error.to_string()))?;
+        match stored {
+            Ok(()) => {
+                SinkMetrics::add(&self.context.metrics.dictionaries_stored, 1);
+                tracing::info!(device = %self.device, dict_id, "stored a compression dictionary");
+                Ok(())
+            }
+            Err(error @ crate::dictionaries::DictionaryStoreError::Io { .. }) => {
+                tracing::error!(device = %self.device, dict_id, %error, "cannot store a dictionary");
+                Err(failure(ErrorCode::Internal, error.to_string()))
+            }
+            Err(error) => Err(failure(ErrorCode::LimitExceeded, error.to_string())),
+        }
+    }
+
     async fn run(self, mut stream: quinn::RecvStream) -> Result<(), Failure> {
         let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
         let mut buffer = vec![0u8; READ_BUFFER_BYTES];
         let mut stream_lane: Option<Lane> = None;
         let mut last_seq = 0u64;
         while let Some(frame) = read_frame(&mut stream, &mut decoder, &mut buffer).await? {
-            if frame.kind != FrameKind::Chunk {
-                return Err(failure(ErrorCode::BadFrame, "a lane stream carried a control frame"));
+            match frame.kind {
+                FrameKind::Chunk => {}
+                FrameKind::Dictionary => {
+                    self.store_dictionary(frame.payload).await?;
+                    continue;
+                }
+                FrameKind::Control => {
+                    return Err(failure(ErrorCode::BadFrame, "a lane stream carried a control frame"));
+                }
             }
             let header = match decode_chunk(&frame.payload) {
                 Ok((header, _)) => header,
@@ -529,6 +569,18 @@ impl LaneReader {
                     return Err(failure(ErrorCode::BadChunk, error.to_string()));
                 }
             };
+            if header.dict_id != protocol::NO_DICTIONARY
+                && !self.context.dictionaries.contains(&self.device, header.dict_id)
+            {
+                SinkMetrics::add(&self.context.metrics.bad_chunks, 1);
+                return Err(failure(
+                    ErrorCode::BadChunk,
+                    format!(
+                        "{} seq {} is compressed with dictionary {}, which this device never sent",
+                        header.lane, header.seq, header.dict_id
+                    ),
+                ));
+            }
             match stream_lane {
                 None => stream_lane = Some(header.lane),
                 Some(lane) if lane != header.lane => {

@@ -7,6 +7,7 @@ use std::path::Path;
 use core_sink::datasets::manifest::Manifest;
 use core_sink::datasets::pipeline::Pipeline;
 use core_sink::datasets::{DatasetsConfig, Placement};
+use core_sink::dictionaries::DictionaryStore;
 use core_sink::landing::{Committer, RawLanding};
 use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
 
@@ -82,6 +83,10 @@ fn new_landing(base: &Path) -> (std::path::PathBuf, RawLanding) {
     (landing_dir, landing)
 }
 
+fn dictionaries(base: &Path) -> std::sync::Arc<DictionaryStore> {
+    std::sync::Arc::new(DictionaryStore::open(&base.join("dictionaries")).unwrap())
+}
+
 fn config(base: &Path) -> DatasetsConfig {
     let mut config =
         DatasetsConfig::with_targets(vec![base.join("t0"), base.join("t1")], base.join("manifests"));
@@ -135,7 +140,7 @@ fn recovery_after_a_crash_keeps_every_record_in_exactly_one_shard() {
     let mut seqs = BTreeMap::new();
     let checkpoint = land(&mut landing, "dev-1", 0, 10_000, &mut seqs);
     {
-        let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
+        let mut pipeline = Pipeline::open(config(base), &landing_dir, dictionaries(base)).unwrap();
         while pipeline.step(&checkpoint).unwrap() {}
         // The process dies here: the open shard is never published.
     }
@@ -147,7 +152,7 @@ fn recovery_after_a_crash_keeps_every_record_in_exactly_one_shard() {
     std::fs::write(base.join("t1/media/media-node0-t01-00000099.tar"), b"orphan").unwrap();
 
     let checkpoint = land(&mut landing, "dev-1", 10_000, 10_000, &mut seqs);
-    let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
+    let mut pipeline = Pipeline::open(config(base), &landing_dir, dictionaries(base)).unwrap();
     assert!(
         !base.join("t0/sensor/.sensor-node0-t00-00000099.parquet.partial").exists(),
         "in-progress file removed"
@@ -169,7 +174,7 @@ fn a_failing_target_sends_its_records_to_a_healthy_one() {
     let (landing_dir, mut landing) = new_landing(base);
     let mut seqs = BTreeMap::new();
     let checkpoint = land(&mut landing, "dev-2", 0, 6_000, &mut seqs);
-    let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
+    let mut pipeline = Pipeline::open(config(base), &landing_dir, dictionaries(base)).unwrap();
     // Target 0 breaks after start: its dataset directories become files, so no shard can be created there.
     for dataset in ["media", "sensor"] {
         let path = base.join("t0").join(dataset);
@@ -225,7 +230,7 @@ fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
     // A good chunk after the bad ones still lands in the dataset.
     let mut seqs = BTreeMap::from([(Lane::Media, bad_keys.len() as u64), (Lane::Sensor, 0)]);
     let checkpoint = land(&mut landing, "dev-bad", 0, 100, &mut seqs);
-    let mut pipeline = Pipeline::open(config(base), &landing_dir).unwrap();
+    let mut pipeline = Pipeline::open(config(base), &landing_dir, dictionaries(base)).unwrap();
     while pipeline.step(&checkpoint).unwrap() {}
     pipeline.publish_open_shards();
     assert_eq!(
@@ -272,7 +277,7 @@ fn a_full_target_hands_over_to_the_others_and_resumes_when_space_returns() {
     let mut seqs = BTreeMap::new();
     let mut config = config(base);
     config.target_retry_after_ms = 50;
-    let mut pipeline = Pipeline::open(config, &landing_dir).unwrap();
+    let mut pipeline = Pipeline::open(config, &landing_dir, dictionaries(base)).unwrap();
     let checkpoint = land(&mut landing, "dev-full", 0, 6_000, &mut seqs);
     for _ in 0..8 {
         while pipeline.step(&checkpoint).unwrap() {}

@@ -43,6 +43,16 @@ pub const DICTIONARY_BYTES_MAX: usize = 1024 * 1024;
 const _: () = assert!(DICTIONARIES_MAX == CONTROL_LIST_ITEMS_MAX);
 const _: () = assert!(DICTIONARY_BYTES_MAX <= CHUNK_RAW_BYTES_MAX);
 
+/// The id a dictionary travels under: the first four bytes of its sha256, little-endian, never 0.
+/// Deriving it from the content makes it stable across restarts and checkable by the sink, and
+/// the same dictionary always gets the same id.
+pub fn dictionary_id(dictionary: &[u8]) -> u32 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(dictionary);
+    let id = u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    if id == NO_DICTIONARY { 1 } else { id }
+}
+
 /// How a chunk body is encoded. The discriminant is the wire id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -119,6 +119,9 @@ pub enum DecodeError {
     #[error("zstd decompression failed (dictionary {dict_id}): {reason}")]
     Decompress { dict_id: u32, reason: String },
 
+    #[error("bad dictionary frame: {reason}")]
+    BadDictionaryFrame { reason: String },
+
     // --- records ---
     #[error("record at offset {offset} truncated: {field} needs {needed} bytes, {available} remain")]
     RecordTruncated { offset: usize, field: &'static str, needed: usize, available: usize },

@@ -3,10 +3,15 @@
 //! ```text
 //! size     field
 //! 4        length   u32 little-endian: bytes of kind + payload, 1..=FRAME_BYTES_MAX
-//! 1        kind     1 = control, 2 = chunk
-//! length-1 payload  control: one postcard ControlMessage (<= CONTROL_MESSAGE_BYTES_MAX = 2 048)
-//!                   chunk:   one encoded chunk, header ‖ body (<= CHUNK_ENCODED_BYTES_MAX = 4 194 344)
+//! 1        kind     1 = control, 2 = chunk, 3 = dictionary
+//! length-1 payload  control:    one postcard ControlMessage (<= CONTROL_MESSAGE_BYTES_MAX = 2 048)
+//!                   chunk:      one encoded chunk, header ‖ body (<= CHUNK_ENCODED_BYTES_MAX = 4 194 344)
+//!                   dictionary: dict_id u32 LE ‖ zstd dictionary bytes (<= 4 + DICTIONARY_BYTES_MAX)
 //! ```
+//!
+//! A dictionary frame travels on a lane stream before the first chunk of that session that
+//! names its `dict_id`, so the sink holds every dictionary a chunk needs before it acks the
+//! chunk. `dict_id` is derived from the bytes ([`dictionary_id`]), which lets the sink check it.
 //!
 //! [`FRAME_BYTES_MAX`] is 4 194 345 (one kind byte plus the largest chunk). A session may agree on
 //! a smaller maximum (`SessionLimits.frame_bytes_max`), which is what a [`FrameDecoder`] is
@@ -22,6 +27,7 @@
 use std::fmt;
 
 use crate::chunk::CHUNK_ENCODED_BYTES_MAX;
+use crate::codec::{DICTIONARY_BYTES_MAX, NO_DICTIONARY, dictionary_id};
 use crate::control::CONTROL_MESSAGE_BYTES_MAX;
 use crate::error::{DecodeError, EncodeError};
 
@@ -36,12 +42,50 @@ const _: () = assert!(FRAME_BYTES_MAX >= FRAME_KIND_BYTES + CONTROL_MESSAGE_BYTE
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(FRAME_BYTES_MAX == 4_194_345);
 
+/// Largest dictionary frame payload: the id and the largest dictionary.
+pub const DICTIONARY_FRAME_PAYLOAD_BYTES_MAX: usize = 4 + DICTIONARY_BYTES_MAX;
+const _: () = assert!(FRAME_BYTES_MAX >= FRAME_KIND_BYTES + DICTIONARY_FRAME_PAYLOAD_BYTES_MAX);
+
+/// The payload of a dictionary frame: `dict_id ‖ dictionary`.
+pub fn dictionary_frame_payload(dict_id: u32, dictionary: &[u8]) -> Vec<u8> {
+    assert_eq!(dict_id, dictionary_id(dictionary), "dict_id must be the dictionary's content id");
+    let mut payload = Vec::with_capacity(4 + dictionary.len());
+    payload.extend_from_slice(&dict_id.to_le_bytes());
+    payload.extend_from_slice(dictionary);
+    payload
+}
+
+/// Splits a dictionary frame payload into its id and bytes, checking the bounds and that the id
+/// is the dictionary's content id.
+pub fn decode_dictionary_frame(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    let Some((id_bytes, dictionary)) = payload.split_first_chunk::<4>() else {
+        return Err(DecodeError::BadDictionaryFrame { reason: "shorter than its 4-byte id".into() });
+    };
+    let dict_id = u32::from_le_bytes(*id_bytes);
+    if dict_id == NO_DICTIONARY {
+        return Err(DecodeError::BadDictionaryFrame { reason: "dict_id 0 means no dictionary".into() });
+    }
+    if dictionary.is_empty() || dictionary.len() > DICTIONARY_BYTES_MAX {
+        return Err(DecodeError::BadDictionaryFrame {
+            reason: format!("dictionary of {} bytes, expected 1..={DICTIONARY_BYTES_MAX}", dictionary.len()),
+        });
+    }
+    let expected = dictionary_id(dictionary);
+    if dict_id != expected {
+        return Err(DecodeError::BadDictionaryFrame {
+            reason: format!("dict_id {dict_id} is not the content id {expected} of its bytes"),
+        });
+    }
+    Ok((dict_id, dictionary))
+}
+
 /// What a frame carries. The discriminant is the wire id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
     Control = 1,
     Chunk = 2,
+    Dictionary = 3,
 }
 
 impl FrameKind {
@@ -54,6 +98,7 @@ impl FrameKind {
         match id {
             1 => Ok(FrameKind::Control),
             2 => Ok(FrameKind::Chunk),
+            3 => Ok(FrameKind::Dictionary),
             _ => Err(DecodeError::UnknownFrameKind(id)),
         }
     }
@@ -62,6 +107,7 @@ impl FrameKind {
         match self {
             FrameKind::Control => "control",
             FrameKind::Chunk => "chunk",
+            FrameKind::Dictionary => "dictionary",
         }
     }
 
@@ -70,6 +116,7 @@ impl FrameKind {
         match self {
             FrameKind::Control => CONTROL_MESSAGE_BYTES_MAX,
             FrameKind::Chunk => CHUNK_ENCODED_BYTES_MAX,
+            FrameKind::Dictionary => DICTIONARY_FRAME_PAYLOAD_BYTES_MAX,
         }
     }
 }

@@ -67,7 +67,7 @@ pub use chunk::{
 };
 pub use codec::{
     ChunkCompressor, ChunkDecompressor, Codec, DICTIONARIES_MAX, DICTIONARY_BYTES_MAX, NO_DICTIONARY,
-    train_dictionary,
+    dictionary_id, train_dictionary,
 };
 pub use control::{
     Ack, CONTROL_LIST_ITEMS_MAX, CONTROL_MESSAGE_BYTES_MAX, ControlMessage, DEVICE_ID_BYTES_MAX,
@@ -79,8 +79,8 @@ pub use error::{
     EncodeError, KeyProblem,
 };
 pub use frame::{
-    FRAME_BYTES_MAX, FRAME_KIND_BYTES, FRAME_LENGTH_PREFIX_BYTES, Frame, FrameDecoder, FrameKind,
-    encode_frame,
+    DICTIONARY_FRAME_PAYLOAD_BYTES_MAX, FRAME_BYTES_MAX, FRAME_KIND_BYTES, FRAME_LENGTH_PREFIX_BYTES, Frame,
+    FrameDecoder, FrameKind, decode_dictionary_frame, dictionary_frame_payload, encode_frame,
 };
 pub use lane::{Lane, ParseLaneError};
 pub use record::{

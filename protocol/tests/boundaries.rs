@@ -714,9 +714,9 @@ fn frame_cases() -> Cases2<Vec<u8>, usize, FrameResults> {
         ),
         (
             "unknown frame kind",
-            vec![1, 0, 0, 0, 3],
+            vec![1, 0, 0, 0, 4],
             FRAME_BYTES_MAX,
-            vec![Err(DecodeError::UnknownFrameKind(3))],
+            vec![Err(DecodeError::UnknownFrameKind(4))],
         ),
         ("zero length", vec![0, 0, 0, 0], FRAME_BYTES_MAX, vec![Err(DecodeError::ZeroLengthFrame)]),
         (
@@ -738,6 +738,60 @@ fn frame_boundaries() {
         println!("case: {name}");
         check_frames(&stream, frame_bytes_max, expected);
     }
+}
+
+// ---------------------------------------------------------------- dictionary frames ----------
+
+fn dictionary_frame_cases() -> Vec<(&'static str, Vec<u8>, Result<(u32, Vec<u8>), DecodeError>)> {
+    let dictionary = b"a dictionary's bytes".to_vec();
+    let id = protocol::dictionary_id(&dictionary);
+    let with_id = |dict_id: u32, bytes: &[u8]| [&dict_id.to_le_bytes()[..], bytes].concat();
+    vec![
+        ("valid", with_id(id, &dictionary), Ok((id, dictionary.clone()))),
+        (
+            "shorter than the id",
+            vec![1, 2, 3],
+            Err(DecodeError::BadDictionaryFrame { reason: "shorter than its 4-byte id".into() }),
+        ),
+        (
+            "id 0",
+            with_id(0, &dictionary),
+            Err(DecodeError::BadDictionaryFrame { reason: "dict_id 0 means no dictionary".into() }),
+        ),
+        (
+            "empty dictionary",
+            with_id(id, b""),
+            Err(DecodeError::BadDictionaryFrame {
+                reason: format!("dictionary of 0 bytes, expected 1..={DICTIONARY_BYTES_MAX}"),
+            }),
+        ),
+        (
+            "oversized dictionary",
+            with_id(id, &vec![0; DICTIONARY_BYTES_MAX + 1]),
+            Err(DecodeError::BadDictionaryFrame {
+                reason: format!("dictionary of {} bytes, expected 1..={DICTIONARY_BYTES_MAX}", DICTIONARY_BYTES_MAX + 1),
+            }),
+        ),
+        (
+            "id not derived from the bytes",
+            with_id(id ^ 1, &dictionary),
+            Err(DecodeError::BadDictionaryFrame {
+                reason: format!("dict_id {} is not the content id {id} of its bytes", id ^ 1),
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn dictionary_frame_boundaries() {
+    for (name, payload, expected) in dictionary_frame_cases() {
+        println!("case: {name}");
+        let found = protocol::decode_dictionary_frame(&payload).map(|(id, bytes)| (id, bytes.to_vec()));
+        assert_eq!(found, expected);
+    }
+    let dictionary = b"round trip".to_vec();
+    let payload = protocol::dictionary_frame_payload(protocol::dictionary_id(&dictionary), &dictionary);
+    assert_eq!(protocol::decode_dictionary_frame(&payload).unwrap().1, &dictionary[..]);
 }
 
 // ---------------------------------------------------------------- wire ids ----------
@@ -848,10 +902,12 @@ fn variant_name(error: &DecodeError) -> &'static str {
         DecodeError::FrameTooLargeForKind { .. } => "FrameTooLargeForKind",
         DecodeError::ZeroLengthFrame => "ZeroLengthFrame",
         DecodeError::UnknownFrameKind(_) => "UnknownFrameKind",
+        DecodeError::BadDictionaryFrame { .. } => "BadDictionaryFrame",
     }
 }
 
-const ALL_VARIANTS: [&str; 32] = [
+const ALL_VARIANTS: [&str; 33] = [
+    "BadDictionaryFrame",
     "ChunkHeaderTruncated",
     "BadChunkMagic",
     "UnsupportedChunkVersion",
@@ -904,6 +960,11 @@ fn every_decode_error_variant_has_a_case() {
         case.3.iter().filter_map(|item| item.as_ref().err()).for_each(&mut note);
     }
     id_errors().iter().for_each(&mut note);
+    for case in dictionary_frame_cases() {
+        if let Err(error) = &case.2 {
+            note(error);
+        }
+    }
     // DictionaryMismatch needs a trained dictionary; tests/dictionary.rs has its case.
     covered.insert("DictionaryMismatch");
     let missing: Vec<_> = ALL_VARIANTS.iter().filter(|name| !covered.contains(*name)).collect();

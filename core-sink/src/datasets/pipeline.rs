@@ -12,7 +12,7 @@
 //! files and published files the manifest does not list (a crash between rename and manifest)
 //! are deleted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use protocol::{ChunkDecompressor, Lane, decode_chunk, decode_records};
 use super::manifest::{Consumed, Manifest, SeqRange, ShardEntry};
 use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
 use super::{DatasetsConfig, Placement};
+use crate::dictionaries::DictionaryStore;
 use crate::landing::{parse_checkpoint, raw_files};
 
 /// Raw bytes read per step, so one huge backlog cannot hold the whole pipeline.
@@ -103,13 +104,20 @@ pub struct Pipeline {
     targets: Vec<Target>,
     unhealthy_until: Vec<Option<Instant>>,
     datasets: Vec<Dataset>,
-    decompressor: ChunkDecompressor,
+    dictionaries: Arc<DictionaryStore>,
+    /// Per device: its decompressor and the dictionary ids registered with it (dictionary ids
+    /// are per device).
+    decompressors: HashMap<String, (ChunkDecompressor, HashSet<u32>)>,
     next_shard_id: u64,
     pub metrics: Arc<DatasetMetrics>,
 }
 
 impl Pipeline {
-    pub fn open(config: DatasetsConfig, landing_dir: &Path) -> anyhow::Result<Pipeline> {
+    pub fn open(
+        config: DatasetsConfig,
+        landing_dir: &Path,
+        dictionaries: Arc<DictionaryStore>,
+    ) -> anyhow::Result<Pipeline> {
         anyhow::ensure!(
             !config.targets.is_empty(),
             "datasets.targets: at least one target directory is needed"
@@ -154,7 +162,8 @@ impl Pipeline {
             targets,
             unhealthy_until,
             datasets,
-            decompressor: ChunkDecompressor::new(),
+            dictionaries,
+            decompressors: HashMap::new(),
             next_shard_id: 1,
             metrics: Arc::new(DatasetMetrics::default()),
         })
@@ -297,10 +306,15 @@ impl Pipeline {
         if header.seq <= through_seq {
             return Ok(header.seq); // already in this dataset
         }
-        let raw = match self.decompressor.decompress(&header, body) {
+        let (decompressor, registered) = self.decompressors.entry(device.to_string()).or_default();
+        if header.dict_id != protocol::NO_DICTIONARY && !registered.contains(&header.dict_id) {
+            self.dictionaries.register_all(device, decompressor, registered)?;
+        }
+        let raw = match decompressor.decompress(&header, body) {
             Ok(raw) => raw,
             Err(error) => {
-                // Dictionaries are not shipped to the sink yet: the raw landing keeps the chunk.
+                // The sink refuses chunks whose dictionary it lacks, so this is damage at rest;
+                // the raw landing keeps the chunk as received.
                 tracing::error!(%device, %lane, seq = header.seq, %error, "chunk cannot be decoded for datasets");
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
                 return Ok(header.seq);

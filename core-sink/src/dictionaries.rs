@@ -1,0 +1,174 @@
+//! The sink's durable store of the zstd dictionaries appliances compress with.
+//!
+//! An appliance sends a dictionary frame on a lane stream before the first chunk of the session
+//! that names it. The sink writes it here (temporary name, fsync, rename, fsync directory) before
+//! it reads the next frame of that stream, so by the time a chunk compressed with it is acked,
+//! the dictionary that decodes it is on disk. Layout: `<dir>/<device>/<dict_id as 8 hex>.zdict`.
+//!
+//! Invariant: a chunk naming a dictionary is accepted only when this store holds that
+//! dictionary for its device (`LaneReader` refuses it otherwise), so the sink can decode every
+//! chunk it ever acked.
+//! Invariant: a stored dictionary never changes: the id is the content's hash, and a second
+//! dictionary under an id is refused.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use protocol::{ChunkDecompressor, DICTIONARIES_MAX, dictionary_id};
+
+/// Most dictionaries one device may store at the sink (one decompressor holds at most this many).
+pub const DEVICE_DICTIONARIES_MAX: usize = DICTIONARIES_MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DictionaryStoreError {
+    #[error("{operation} {path}: {source}")]
+    Io { operation: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries; refusing dictionary {dict_id}")]
+    TooMany { device: String, dict_id: u32 },
+    #[error("dictionary {dict_id} of device {device} is not the content id of its bytes")]
+    WrongId { device: String, dict_id: u32 },
+}
+
+#[derive(Debug)]
+pub struct DictionaryStore {
+    dir: PathBuf,
+    /// (device, dict_id) of every stored dictionary.
+    known: Mutex<HashMap<String, HashSet<u32>>>,
+}
+
+fn io<'path>(
+    operation: &'static str,
+    path: &'path Path,
+) -> impl FnOnce(std::io::Error) -> DictionaryStoreError + 'path {
+    move |source| DictionaryStoreError::Io { operation, path: path.to_path_buf(), source }
+}
+
+impl DictionaryStore {
+    /// Opens (creating) the store and indexes what it holds; temporary files of an interrupted
+    /// write are removed.
+    pub fn open(dir: &Path) -> Result<DictionaryStore, DictionaryStoreError> {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let mut known: HashMap<String, HashSet<u32>> = HashMap::new();
+        for device_entry in std::fs::read_dir(dir).map_err(io("read", dir))? {
+            let device_entry = device_entry.map_err(io("read", dir))?;
+            let device_dir = device_entry.path();
+            if !device_dir.is_dir() {
+                continue;
+            }
+            let device = device_entry.file_name().to_string_lossy().into_owned();
+            for entry in std::fs::read_dir(&device_dir).map_err(io("read", &device_dir))? {
+                let path = entry.map_err(io("read", &device_dir))?.path();
+                let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+                if name.ends_with(".partial") {
+                    std::fs::remove_file(&path).map_err(io("remove", &path))?;
+                    continue;
+                }
+                if let Some(id) = name.strip_suffix(".zdict").and_then(|hex| u32::from_str_radix(hex, 16).ok()) {
+                    known.entry(device.clone()).or_default().insert(id);
+                }
+            }
+        }
+        Ok(DictionaryStore { dir: dir.to_path_buf(), known: Mutex::new(known) })
+    }
+
+    fn path(&self, device: &str, dict_id: u32) -> PathBuf {
+        self.dir.join(device).join(format!("{dict_id:08x}.zdict"))
+    }
+
+    pub fn contains(&self, device: &str, dict_id: u32) -> bool {
+        self.known.lock().expect("dictionary index lock").get(device).is_some_and(|ids| ids.contains(&dict_id))
+    }
+
+    /// Stores `dictionary` durably; a no-op when it is already stored. Blocking (fsync): call
+    /// it off the async threads.
+    pub fn store(&self, device: &str, dict_id: u32, dictionary: &[u8]) -> Result<(), DictionaryStoreError> {
+        if dictionary_id(dictionary) != dict_id {
+            return Err(DictionaryStoreError::WrongId { device: device.to_string(), dict_id });
+        }
+        if self.contains(device, dict_id) {
+            return Ok(());
+        }
+        let count = self.known.lock().expect("dictionary index lock").get(device).map_or(0, HashSet::len);
+        if count >= DEVICE_DICTIONARIES_MAX {
+            return Err(DictionaryStoreError::TooMany { device: device.to_string(), dict_id });
+        }
+        let device_dir = self.dir.join(device);
+        std::fs::create_dir_all(&device_dir).map_err(io("create", &device_dir))?;
+        let path = self.path(device, dict_id);
+        let partial = path.with_extension("partial");
+        let mut file = std::fs::File::create(&partial).map_err(io("create", &partial))?;
+        file.write_all(dictionary).map_err(io("write", &partial))?;
+        file.sync_all().map_err(io("fsync", &partial))?;
+        drop(file);
+        std::fs::rename(&partial, &path).map_err(io("rename", &path))?;
+        std::fs::File::open(&device_dir).and_then(|dir| dir.sync_all()).map_err(io("fsync", &device_dir))?;
+        self.known.lock().expect("dictionary index lock").entry(device.to_string()).or_default().insert(dict_id);
+        Ok(())
+    }
+
+    /// The dictionary's bytes, checked against its id.
+    pub fn load(&self, device: &str, dict_id: u32) -> Result<Option<Vec<u8>>, DictionaryStoreError> {
+        let path = self.path(device, dict_id);
+        match std::fs::read(&path) {
+            Ok(bytes) if dictionary_id(&bytes) == dict_id => Ok(Some(bytes)),
+            Ok(_) => Err(DictionaryStoreError::WrongId { device: device.to_string(), dict_id }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DictionaryStoreError::Io { operation: "read", path, source }),
+        }
+    }
+
+    /// Registers every stored dictionary of `device` with `decompressor` that it lacks.
+    pub fn register_all(
+        &self,
+        device: &str,
+        decompressor: &mut ChunkDecompressor,
+        registered: &mut HashSet<u32>,
+    ) -> Result<(), DictionaryStoreError> {
+        let ids: Vec<u32> = self
+            .known
+            .lock()
+            .expect("dictionary index lock")
+            .get(device)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if registered.contains(&id) {
+                continue;
+            }
+            if let Some(bytes) = self.load(device, id)? {
+                // Ids are content hashes checked on load, so a registration error here would be a
+                // decompressor limit, which DEVICE_DICTIONARIES_MAX rules out.
+                decompressor.add_dictionary(id, &bytes).expect("a stored dictionary registers");
+                registered.insert(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_durably_and_reindexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dictionary = b"some dictionary bytes".to_vec();
+        let id = dictionary_id(&dictionary);
+        {
+            let store = DictionaryStore::open(dir.path()).unwrap();
+            assert!(!store.contains("dev-1", id));
+            store.store("dev-1", id, &dictionary).unwrap();
+            store.store("dev-1", id, &dictionary).unwrap();
+            assert!(matches!(store.store("dev-1", id ^ 1, &dictionary), Err(DictionaryStoreError::WrongId { .. })));
+        }
+        std::fs::write(dir.path().join("dev-1").join("00000001.partial"), b"torn").unwrap();
+        let store = DictionaryStore::open(dir.path()).unwrap();
+        assert!(store.contains("dev-1", id));
+        assert!(!store.contains("dev-2", id));
+        assert_eq!(store.load("dev-1", id).unwrap(), Some(dictionary));
+        assert!(!dir.path().join("dev-1").join("00000001.partial").exists());
+    }
+}
