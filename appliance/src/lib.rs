@@ -6,8 +6,14 @@
 //! Invariant: a chunk leaves the ring only through `Ring::ack` with a sink's durable watermark.
 
 pub mod chunker;
+pub mod config;
+pub mod daemon;
 pub mod dictionaries;
+pub mod filters;
+pub mod metrics;
+pub mod pipeline;
 pub mod source;
+pub mod sources;
 pub mod uplink;
 
 pub use source::{RecordSender, Source, SourceRecord, StopSignal};

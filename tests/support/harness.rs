@@ -129,8 +129,33 @@ pub fn produce(ring: &Ring, device: &str, lane: Lane, first: u64, count: u64) ->
 
 /// Every record the sink landed for `device`, per lane, in file order: (seq, key).
 pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u64, String)>> {
-    let mut decompressor = ChunkDecompressor::new();
     let mut landed = BTreeMap::new();
+    for_each_landed_record(landing_dir, device, |lane, seq, record| {
+        landed.entry(lane).or_insert_with(Vec::new).push((seq, record.key.to_string()));
+    });
+    landed
+}
+
+/// Every record the sink landed for `device`, per lane, in file order: (key, payload).
+pub fn landed_payloads(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(String, Vec<u8>)>> {
+    let mut landed = BTreeMap::new();
+    for_each_landed_record(landing_dir, device, |lane, _, record| {
+        landed.entry(lane).or_insert_with(Vec::new).push((record.key.to_string(), record.payload.to_vec()));
+    });
+    landed
+}
+
+/// Decodes every landed chunk of `device` with the dictionaries the sink stored (the sink's
+/// state directory is the landing directory's sibling `state`, as `SinkConfig::new` lays out).
+fn for_each_landed_record(
+    landing_dir: &Path,
+    device: &str,
+    mut visit: impl FnMut(Lane, u64, protocol::RecordRef<'_>),
+) {
+    let mut decompressor = ChunkDecompressor::new();
+    let dictionaries_dir = landing_dir.parent().expect("landing dir has a parent").join("state/dictionaries");
+    let store = core_sink::dictionaries::DictionaryStore::open(&dictionaries_dir).expect("dictionary store");
+    store.register_all(device, &mut decompressor, &mut std::collections::HashSet::new()).expect("dictionaries");
     for lane in Lane::ALL {
         let directory = landing_dir.join("raw").join(device).join(lane.name());
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&directory) {
@@ -138,7 +163,6 @@ pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u
             Err(_) => continue,
         };
         files.sort();
-        let records: &mut Vec<(u64, String)> = landed.entry(lane).or_default();
         for file in files {
             for (header, encoded) in
                 core_sink::landing::read_landed_file(&file).expect("landed file is intact")
@@ -146,12 +170,11 @@ pub fn landed_records(landing_dir: &Path, device: &str) -> BTreeMap<Lane, Vec<(u
                 let (_, body) = protocol::decode_chunk(&encoded).expect("chunk");
                 let raw = decompressor.decompress(&header, body).expect("decompress");
                 for record in protocol::records(&raw) {
-                    records.push((header.seq, record.expect("record").key.to_string()));
+                    visit(lane, header.seq, record.expect("record"));
                 }
             }
         }
     }
-    landed
 }
 
 /// Asserts that the sink landed exactly `expected` keys for (device, lane): each once, in order.

@@ -1,0 +1,247 @@
+//! The appliance's one TOML config file, validated at start: every error names the file, the
+//! key and what was expected. Relative paths are relative to the config file's directory.
+//!
+//! ```toml
+//! data_dir = "/var/lib/tributary"       # ring, dictionaries, identity, decisions
+//! metrics_listen = "127.0.0.1:9101"     # Prometheus text at GET /metrics (optional)
+//! config_reload_ms = 2000               # how often the file is checked for filter changes
+//!
+//! [ring]
+//! capacity_bytes = 268435456
+//! audit_reserved_bytes = 33554432
+//! durability = "periodic"               # or "sync"
+//! sync_interval_ms = 200
+//!
+//! [uplink]                              # absent: keep data locally only
+//! sink = "core.example:7000"
+//! server_name = "core.example"
+//! identity_dir = "identity"             # device certificate + key (relative to data_dir)
+//! ca_file = "/etc/tributary/fleet-ca.pem"
+//!
+//! [sources.env]
+//! input = { kind = "board", profile = "/etc/tributary/board.toml" }
+//! chunker = { chunk_raw_bytes = 131072, chunk_age_max_ms = 1000 }
+//! [[sources.env.filters]]
+//! kind = "deadband"
+//! fields = [{ name = "temperature_c", threshold = 0.05 }]
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use buffer::{Durability, RingConfig};
+use serde::Deserialize;
+
+use crate::chunker::ChunkerConfig;
+use crate::filters::{FilterChain, FilterConfig};
+use crate::sources::SourceConfig;
+
+/// Records queued between a source and its pipeline thread, unless configured.
+pub const CHANNEL_RECORDS_DEFAULT: usize = 1024;
+/// Most records a source's channel may be configured to hold.
+pub const CHANNEL_RECORDS_MAX: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the appliance config: {source} (pass --config with the path of an existing file)")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// The device id; defaults to the one in the device certificate.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default = "default_config_reload_ms")]
+    pub config_reload_ms: u64,
+    #[serde(default)]
+    pub ring: RingSettings,
+    #[serde(default)]
+    pub uplink: Option<UplinkSettings>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceSettings>,
+}
+
+fn default_config_reload_ms() -> u64 {
+    2_000
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingSettings {
+    pub capacity_bytes: u64,
+    pub audit_reserved_bytes: u64,
+    /// "sync" (every commit group fsynced) or "periodic" (fsync every `sync_interval_ms`).
+    pub durability: String,
+    pub sync_interval_ms: u64,
+}
+
+impl Default for RingSettings {
+    fn default() -> Self {
+        RingSettings {
+            capacity_bytes: 256 * 1024 * 1024,
+            audit_reserved_bytes: 32 * 1024 * 1024,
+            durability: "periodic".into(),
+            sync_interval_ms: 200,
+        }
+    }
+}
+
+impl RingSettings {
+    pub fn ring_config(&self) -> Result<RingConfig, String> {
+        let mut config = RingConfig::with_capacity(self.capacity_bytes);
+        config.audit_reserved_bytes = self.audit_reserved_bytes;
+        config.durability = match self.durability.as_str() {
+            "sync" => Durability::Sync,
+            "periodic" => Durability::Periodic { sync_interval_ms: self.sync_interval_ms },
+            other => return Err(format!("ring.durability: expected \"sync\" or \"periodic\", got {other:?}")),
+        };
+        config.validate().map_err(|error| format!("ring: {error}"))?;
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSettings {
+    /// host:port of the core sink (resolved at start).
+    pub sink: String,
+    /// The name the sink's certificate carries.
+    pub server_name: String,
+    /// Where the device certificate and key are (relative paths: under `data_dir`).
+    #[serde(default = "default_identity_dir")]
+    pub identity_dir: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+fn default_identity_dir() -> PathBuf {
+    PathBuf::from("identity")
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    pub input: SourceConfig,
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+    #[serde(default)]
+    pub chunker: ChunkerConfig,
+    #[serde(default = "default_channel_records")]
+    pub channel_records_max: usize,
+}
+
+fn default_channel_records() -> usize {
+    CHANNEL_RECORDS_DEFAULT
+}
+
+impl ApplianceConfig {
+    pub fn load(path: &Path) -> Result<ApplianceConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        ApplianceConfig::parse(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<ApplianceConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let mut config: ApplianceConfig = toml::from_str(text).map_err(|error| invalid(error.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.data_dir.is_relative() {
+            config.data_dir = base.join(&config.data_dir);
+        }
+        if let Some(uplink) = &mut config.uplink {
+            if uplink.ca_file.is_relative() {
+                uplink.ca_file = base.join(&uplink.ca_file);
+            }
+            if uplink.identity_dir.is_relative() {
+                uplink.identity_dir = config.data_dir.join(&uplink.identity_dir);
+            }
+        }
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.ring.ring_config()?;
+        if !(100..=600_000).contains(&self.config_reload_ms) {
+            return Err(format!("config_reload_ms: expected 100..=600000, got {}", self.config_reload_ms));
+        }
+        if let Some(uplink) = &self.uplink {
+            if uplink.sink.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                return Err(format!("uplink.sink: expected host:port, got {:?}", uplink.sink));
+            }
+            if uplink.server_name.is_empty() {
+                return Err("uplink.server_name: expected the name on the sink's certificate, got \"\"".into());
+            }
+        }
+        for (name, source) in &self.sources {
+            source.chunker.validate().map_err(|message| format!("sources.{name}.chunker.{message}"))?;
+            FilterChain::from_config(&source.filters).map_err(|error| format!("sources.{name}.{error}"))?;
+            if !(1..=CHANNEL_RECORDS_MAX).contains(&source.channel_records_max) {
+                return Err(format!(
+                    "sources.{name}.channel_records_max: expected 1..={CHANNEL_RECORDS_MAX}, got {}",
+                    source.channel_records_max
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+data_dir = "data"
+[ring]
+capacity_bytes = 67108864
+audit_reserved_bytes = 8388608
+[sources.watch]
+input = { kind = "directory", path = "incoming" }
+[[sources.watch.filters]]
+kind = "decimate"
+keep_every = 2
+"#;
+
+    fn check(text: &str, expected: Result<(), &str>) {
+        let path = Path::new("/etc/tributary/appliance.toml");
+        match (ApplianceConfig::parse(text, path), expected) {
+            (Ok(config), Ok(())) => assert_eq!(config.data_dir, Path::new("/etc/tributary/data")),
+            (Err(error), Err(fragment)) => {
+                let message = error.to_string();
+                assert!(message.starts_with("/etc/tributary/appliance.toml: "), "{message}");
+                assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
+            }
+            (result, expected) => panic!("parse gave {result:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        check(VALID, Ok(()));
+        check(&format!("{VALID}\nbogus = 1\n"), Err("unknown field `bogus`"));
+        check(&VALID.replace("capacity_bytes = 67108864", "capacity_bytes = \"big\""), Err("capacity_bytes"));
+        check("", Err("missing field `data_dir`"));
+        check(&VALID.replace("[ring]", "[ring]\ndurability = \"often\""), Err("ring.durability: expected"));
+        check(&VALID.replace("kind = \"directory\"", "kind = \"telepathy\""), Err("telepathy"));
+        check(&VALID.replace("keep_every = 2", "keep_every = 2\nwhatever = 1"), Err("whatever"));
+        check(
+            &format!("{VALID}\n[sources.watch.chunker]\nzstd_level = 99\n"),
+            Err("sources.watch.chunker.zstd_level: expected 1..=19, got 99"),
+        );
+        check(
+            &format!("{VALID}\n[uplink]\nsink = \"nowhere\"\nserver_name = \"x\"\nca_file = \"ca.pem\"\n"),
+            Err("uplink.sink: expected host:port"),
+        );
+        let missing = ApplianceConfig::load(Path::new("/nonexistent/appliance.toml")).unwrap_err();
+        assert!(missing.to_string().starts_with("/nonexistent/appliance.toml: cannot read"), "{missing}");
+    }
+}

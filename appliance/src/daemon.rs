@@ -1,0 +1,289 @@
+//! The appliance daemon: opens the ring, starts one pipeline per configured source, the uplink,
+//! the metrics endpoint, and tells systemd it is ready; then watches the config file (filters
+//! apply without restart) and pings the systemd watchdog only while every pipeline thread makes
+//! progress.
+//!
+//! Invariant: the watchdog is pinged only while every pipeline thread's heartbeat is younger than
+//! half the watchdog interval, so a wedged pipeline gets the appliance restarted by systemd.
+//! Invariant: on shutdown, sources stop first, pipelines flush their open chunks into the ring,
+//! the ring is synced, and only then does the uplink stop.
+
+use std::collections::BTreeMap;
+use std::net::ToSocketAddrs as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use buffer::Ring;
+use fleet::IssuedCertificate;
+
+use crate::config::{ApplianceConfig, SourceSettings};
+use crate::dictionaries::DictionaryStore;
+use crate::metrics::{MetricsView, PipelineView};
+use crate::pipeline::{PipelineSettings, SourcePipeline, unix_ms};
+use crate::source::StopSignal;
+use crate::uplink::{Uplink, UplinkConfig};
+
+/// A running appliance.
+pub struct Daemon {
+    pub ring: Ring,
+    pub dictionaries: Arc<DictionaryStore>,
+    pub pipelines: BTreeMap<String, SourcePipeline>,
+    pub uplink: Option<Uplink>,
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub metrics_view: Arc<MetricsView>,
+    pub device_id: Option<String>,
+    stop: StopSignal,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts everything `config` asks for. `config_path` is watched for filter changes.
+    pub async fn start(config: ApplianceConfig, config_path: Option<PathBuf>) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+        let ring_config = config.ring.ring_config().map_err(|message| anyhow::anyhow!(message))?;
+        let ring_path = config.data_dir.join("ring");
+        let ring = tokio::task::spawn_blocking(move || Ring::open(&ring_path, ring_config))
+            .await?
+            .context("open the ring")?;
+        let dictionaries = Arc::new(DictionaryStore::open(&config.data_dir.join("dictionaries"))?);
+
+        let mut device_id = config.device_id.clone();
+        let uplink = match &config.uplink {
+            Some(settings) => {
+                let identity = IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
+                    format!("uplink.identity_dir {}: read the device certificate", settings.identity_dir.display())
+                })?;
+                let certified = identity.device_id()?;
+                if let Some(configured) = &device_id {
+                    anyhow::ensure!(
+                        *configured == certified,
+                        "device_id {configured:?} differs from the certificate's {certified:?}"
+                    );
+                }
+                device_id = Some(certified.clone());
+                let ca_pem = std::fs::read_to_string(&settings.ca_file)
+                    .with_context(|| format!("uplink.ca_file {}", settings.ca_file.display()))?;
+                let sink = settings
+                    .sink
+                    .to_socket_addrs()
+                    .with_context(|| format!("uplink.sink {}: resolve", settings.sink))?
+                    .next()
+                    .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
+                let mut uplink_config = UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
+                uplink_config.dictionaries = Some(dictionaries.clone());
+                Some(Uplink::spawn(ring.clone(), uplink_config)?)
+            }
+            None => None,
+        };
+
+        let stop = StopSignal::new();
+        let mut pipelines = BTreeMap::new();
+        let mut views = Vec::new();
+        for (name, settings) in &config.sources {
+            let (pipeline, view) = start_pipeline(name, settings, &ring, &dictionaries, &stop)?;
+            views.push(view);
+            pipelines.insert(name.clone(), pipeline);
+        }
+        let metrics_view = Arc::new(MetricsView {
+            ring: ring.clone(),
+            pipelines: views,
+            uplink: uplink.as_ref().map(Uplink::metrics),
+        });
+        let mut tasks = Vec::new();
+        let mut metrics_address = None;
+        if let Some(listen) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("metrics_listen: bind tcp {listen}"))?;
+            metrics_address = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(crate::metrics::serve(listener, metrics_view.clone())));
+        }
+        let heartbeats: Vec<_> = pipelines.values().map(|pipeline| pipeline.metrics.clone()).collect();
+        if let Some(watchdog) = systemd::watchdog_interval() {
+            tasks.push(tokio::spawn(systemd::watchdog(watchdog, heartbeats)));
+        }
+        let daemon = Daemon {
+            ring,
+            dictionaries,
+            pipelines,
+            uplink,
+            metrics_address,
+            metrics_view,
+            device_id,
+            stop,
+            tasks,
+        };
+        systemd::notify("READY=1");
+        tracing::info!(
+            sources = daemon.pipelines.len(),
+            uplink = daemon.uplink.is_some(),
+            metrics = ?daemon.metrics_address,
+            "appliance running"
+        );
+        let _ = config_path; // the reload loop is driven by `run`, which owns the config path
+        Ok(daemon)
+    }
+
+    /// Applies a changed config file: filter changes take effect between records; other changes
+    /// are reported as needing a restart.
+    pub fn apply_reload(&self, old: &ApplianceConfig, new: &ApplianceConfig) {
+        for (name, settings) in &new.sources {
+            let Some(pipeline) = self.pipelines.get(name) else {
+                tracing::warn!(source = %name, "new source in the config: restart the appliance to start it");
+                continue;
+            };
+            let unchanged = old.sources.get(name).is_some_and(|old| old.filters == settings.filters);
+            if !unchanged {
+                match pipeline.reconfigure_filters(settings.filters.clone()) {
+                    Ok(()) => tracing::info!(source = %name, "filters reloaded"),
+                    Err(error) => tracing::error!(source = %name, %error, "filter reload refused"),
+                }
+            }
+        }
+        let without_filters = |config: &ApplianceConfig| {
+            let mut config = config.clone();
+            config.sources.values_mut().for_each(|source| source.filters.clear());
+            config
+        };
+        if without_filters(old) != without_filters(new) {
+            tracing::warn!("config changes other than filters apply after a restart");
+        }
+    }
+
+    /// Stops sources, flushes pipelines into the ring, syncs it, then stops the uplink.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        systemd::notify("STOPPING=1");
+        self.stop.stop();
+        let pipelines = self.pipelines;
+        tokio::task::spawn_blocking(move || pipelines.into_values().for_each(SourcePipeline::join)).await?;
+        let ring = self.ring.clone();
+        tokio::task::spawn_blocking(move || ring.sync()).await??;
+        for task in self.tasks {
+            task.abort();
+        }
+        if let Some(uplink) = self.uplink {
+            uplink.stop().await;
+        }
+        Ok(())
+    }
+}
+
+fn start_pipeline(
+    name: &str,
+    settings: &SourceSettings,
+    ring: &Ring,
+    dictionaries: &Arc<DictionaryStore>,
+    stop: &StopSignal,
+) -> anyhow::Result<(SourcePipeline, PipelineView)> {
+    let (source, source_metrics) =
+        crate::sources::build_source(name, &settings.input).with_context(|| format!("sources.{name}.input"))?;
+    let pipeline = SourcePipeline::spawn(
+        PipelineSettings {
+            name: name.to_string(),
+            filters: settings.filters.clone(),
+            chunker: settings.chunker.clone(),
+            channel_records_max: settings.channel_records_max,
+        },
+        source,
+        ring.clone(),
+        Some(dictionaries.clone()),
+        stop.clone(),
+    )?;
+    let view = PipelineView::new(&pipeline, source_metrics);
+    Ok((pipeline, view))
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok()
+}
+
+/// Runs the daemon from `config_path` until `shutdown` completes (SIGTERM/Ctrl-C in the binary).
+pub async fn run(config_path: &Path, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let mut config = ApplianceConfig::load(config_path)?;
+    let reload = Duration::from_millis(config.config_reload_ms);
+    let daemon = Daemon::start(config.clone(), Some(config_path.to_path_buf())).await?;
+    let mut last_modified = modified(config_path);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(reload) => {
+                let now_modified = modified(config_path);
+                if now_modified == last_modified {
+                    continue;
+                }
+                last_modified = now_modified;
+                match ApplianceConfig::load(config_path) {
+                    Ok(new) => {
+                        daemon.apply_reload(&config, &new);
+                        config = new;
+                    }
+                    Err(error) => tracing::error!(%error, "config change refused; the running config stays"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    daemon.shutdown().await
+}
+
+/// systemd's notify protocol (sd_notify) without libsystemd: a datagram to `$NOTIFY_SOCKET`.
+pub mod systemd {
+    use super::*;
+
+    /// Sends `state` (e.g. "READY=1") when running under systemd with `Type=notify`; a no-op
+    /// otherwise.
+    pub fn notify(state: &str) {
+        let Some(socket_path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let result = (|| -> std::io::Result<()> {
+            let socket = std::os::unix::net::UnixDatagram::unbound()?;
+            let bytes = socket_path.as_encoded_bytes();
+            if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+                use std::os::linux::net::SocketAddrExt as _;
+                let address = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+                socket.send_to_addr(state.as_bytes(), &address)?;
+            } else {
+                socket.send_to(state.as_bytes(), &socket_path)?;
+            }
+            Ok(())
+        })();
+        if let Err(error) = result {
+            tracing::warn!(%error, state, "sd_notify failed");
+        }
+    }
+
+    /// The watchdog interval systemd expects pings within (`WatchdogSec`), if it set one for us.
+    pub fn watchdog_interval() -> Option<Duration> {
+        let microseconds: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|pid| pid.parse::<u32>().ok())
+            && pid != std::process::id()
+        {
+            return None;
+        }
+        (microseconds > 0).then(|| Duration::from_micros(microseconds))
+    }
+
+    /// Pings every half interval while all pipeline heartbeats are fresh.
+    pub async fn watchdog(interval: Duration, heartbeats: Vec<Arc<crate::pipeline::PipelineMetrics>>) {
+        let half = interval / 2;
+        loop {
+            tokio::time::sleep(half).await;
+            let now = unix_ms();
+            let stale = heartbeats
+                .iter()
+                .filter(|metrics| now.saturating_sub(metrics.heartbeat_unix_ms.load(Ordering::Relaxed)) > half.as_millis() as u64)
+                .count();
+            if stale == 0 {
+                notify("WATCHDOG=1");
+            } else {
+                tracing::error!(stale, "pipelines stopped making progress; withholding the watchdog ping");
+            }
+        }
+    }
+}

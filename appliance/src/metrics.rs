@@ -1,0 +1,228 @@
+//! The appliance's Prometheus text endpoint: `GET /metrics` on `metrics_listen`.
+//!
+//! Per stage: source records and errors (the sources' own families), pipeline records received,
+//! filter records in/out and drops by reason, chunker records and bytes in, chunk raw and body
+//! bytes (their quotient is the compression ratio), dictionaries trained; ring fill, chunks and
+//! evictions per lane; uplink connects, chunks and bytes sent, acked watermark and lag per lane.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use buffer::Ring;
+use protocol::Lane;
+
+use crate::filters::DropReason;
+use crate::pipeline::SourcePipeline;
+use crate::sources::SourceMetrics;
+use crate::uplink::UplinkMetrics;
+
+/// What the endpoint reads.
+pub struct MetricsView {
+    pub ring: Ring,
+    pub pipelines: Vec<PipelineView>,
+    pub uplink: Option<Arc<UplinkMetrics>>,
+}
+
+pub struct PipelineView {
+    pub name: String,
+    pub source: Arc<SourceMetrics>,
+    pub pipeline: Arc<crate::pipeline::PipelineMetrics>,
+    pub filters: Arc<crate::filters::FilterMetrics>,
+    pub chunkers: Arc<std::sync::Mutex<std::collections::BTreeMap<Lane, Arc<crate::chunker::ChunkerMetrics>>>>,
+}
+
+impl PipelineView {
+    pub fn new(pipeline: &SourcePipeline, source: Arc<SourceMetrics>) -> PipelineView {
+        PipelineView {
+            name: pipeline.name.clone(),
+            source,
+            pipeline: pipeline.metrics.clone(),
+            filters: pipeline.filter_metrics.clone(),
+            chunkers: pipeline.chunker_metrics.clone(),
+        }
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+pub fn render(view: &MetricsView) -> String {
+    let mut out = String::new();
+    let sources: Vec<(&str, &SourceMetrics)> =
+        view.pipelines.iter().map(|pipeline| (pipeline.name.as_str(), &*pipeline.source)).collect();
+    crate::sources::render_prometheus(&sources, &mut out);
+
+    type PipelineValue = fn(&crate::pipeline::PipelineMetrics) -> u64;
+    let pipeline_families: [(&str, &str, PipelineValue); 6] = [
+        ("tributary_pipeline_records_received_total", "Records the pipeline took from its source.", |m| {
+            get(&m.records_received)
+        }),
+        ("tributary_pipeline_chunks_appended_total", "Chunks appended to the ring.", |m| get(&m.chunks_appended)),
+        ("tributary_pipeline_bytes_appended_total", "Encoded chunk bytes appended to the ring.", |m| {
+            get(&m.bytes_appended)
+        }),
+        ("tributary_pipeline_append_retries_total", "Appends retried because a block lane was full.", |m| {
+            get(&m.append_retries)
+        }),
+        ("tributary_pipeline_append_failures_total", "Chunks the ring refused (lost, logged).", |m| {
+            get(&m.append_failures)
+        }),
+        ("tributary_pipeline_records_refused_total", "Records the chunker refused (bad key or type).", |m| {
+            get(&m.records_refused)
+        }),
+    ];
+    for (name, help, value) in pipeline_families {
+        family(&mut out, name, "counter", help);
+        for pipeline in &view.pipelines {
+            let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", pipeline.name, value(&pipeline.pipeline));
+        }
+    }
+
+    family(&mut out, "tributary_filter_records_in_total", "counter", "Records entering the filters.");
+    for pipeline in &view.pipelines {
+        let _ = writeln!(
+            out,
+            "tributary_filter_records_in_total{{source=\"{}\"}} {}",
+            pipeline.name,
+            get(&pipeline.filters.records_in)
+        );
+    }
+    family(&mut out, "tributary_filter_records_out_total", "counter", "Records the filters kept.");
+    for pipeline in &view.pipelines {
+        let _ = writeln!(
+            out,
+            "tributary_filter_records_out_total{{source=\"{}\"}} {}",
+            pipeline.name,
+            get(&pipeline.filters.records_out)
+        );
+    }
+    family(&mut out, "tributary_filter_dropped_total", "counter", "Records the filters dropped, by reason.");
+    for pipeline in &view.pipelines {
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "tributary_filter_dropped_total{{source=\"{}\",reason=\"{}\"}} {}",
+                pipeline.name,
+                reason.as_str(),
+                pipeline.filters.dropped(reason)
+            );
+        }
+    }
+
+    type ChunkerValue = fn(&crate::chunker::ChunkerMetrics) -> u64;
+    let chunker_families: [(&str, &str, ChunkerValue); 7] = [
+        ("tributary_chunker_records_total", "Records added to chunks.", |m| get(&m.records_in)),
+        ("tributary_chunker_payload_bytes_total", "Record payload bytes added to chunks.", |m| {
+            get(&m.raw_bytes_in)
+        }),
+        ("tributary_chunker_chunks_total", "Chunks sealed.", |m| get(&m.chunks_sealed)),
+        ("tributary_chunker_raw_bytes_total", "Raw record-block bytes of sealed chunks.", |m| {
+            get(&m.chunk_raw_bytes)
+        }),
+        ("tributary_chunker_body_bytes_total", "Chunk body bytes after compression.", |m| {
+            get(&m.chunk_body_bytes)
+        }),
+        ("tributary_chunker_dictionary_chunks_total", "Chunks compressed with a dictionary.", |m| {
+            get(&m.chunks_with_dictionary)
+        }),
+        ("tributary_chunker_dictionaries_trained_total", "Dictionaries trained.", |m| {
+            get(&m.dictionaries_trained)
+        }),
+    ];
+    let chunkers: Vec<(String, Lane, Arc<crate::chunker::ChunkerMetrics>)> = view
+        .pipelines
+        .iter()
+        .flat_map(|pipeline| {
+            let chunkers = pipeline.chunkers.lock().expect("chunker metrics lock").clone();
+            chunkers.into_iter().map(|(lane, metrics)| (pipeline.name.clone(), lane, metrics)).collect::<Vec<_>>()
+        })
+        .collect();
+    for (name, help, value) in chunker_families {
+        family(&mut out, name, "counter", help);
+        for (source, lane, metrics) in &chunkers {
+            let _ = writeln!(out, "{name}{{source=\"{source}\",lane=\"{lane}\"}} {}", value(metrics));
+        }
+    }
+    family(&mut out, "tributary_chunker_compression_ratio", "gauge", "Raw bytes / body bytes of all sealed chunks.");
+    for (source, lane, metrics) in &chunkers {
+        let ratio = get(&metrics.chunk_raw_bytes) as f64 / get(&metrics.chunk_body_bytes).max(1) as f64;
+        let _ = writeln!(out, "tributary_chunker_compression_ratio{{source=\"{source}\",lane=\"{lane}\"}} {ratio:.3}");
+    }
+
+    let stats = view.ring.stats();
+    type LaneValue = fn(&buffer::LaneStats) -> u64;
+    let lane_families: [(&str, &str, &str, LaneValue); 6] = [
+        ("tributary_ring_bytes_used", "gauge", "Bytes the lane holds in the ring.", |s| s.bytes_used),
+        ("tributary_ring_budget_bytes", "gauge", "Bytes the lane's pool may hold.", |s| s.budget_bytes),
+        ("tributary_ring_chunks", "gauge", "Chunks the lane holds (not yet acked).", |s| s.chunk_count),
+        ("tributary_ring_evicted_chunks_total", "counter", "Chunks evicted unacked (drop_oldest).", |s| {
+            s.evicted_chunks
+        }),
+        ("tributary_ring_quarantined_chunks_total", "counter", "Damaged chunks quarantined.", |s| {
+            s.quarantined_chunks
+        }),
+        ("tributary_ring_lag_chunks", "gauge", "Chunks appended but not yet acked by the sink.", |s| {
+            (s.next_seq - 1).saturating_sub(s.acked_through)
+        }),
+    ];
+    for (name, kind, help, value) in lane_families {
+        family(&mut out, name, kind, help);
+        for lane in Lane::ALL {
+            let _ = writeln!(out, "{name}{{lane=\"{lane}\"}} {}", value(stats.lane(lane)));
+        }
+    }
+    family(&mut out, "tributary_ring_capacity_bytes", "gauge", "Configured ring capacity.");
+    let _ = writeln!(out, "tributary_ring_capacity_bytes {}", stats.capacity_bytes);
+
+    if let Some(uplink) = &view.uplink {
+        type UplinkValue = fn(&UplinkMetrics) -> u64;
+        let uplink_families: [(&str, &str, UplinkValue); 7] = [
+            ("tributary_uplink_connects_total", "Sessions established with the sink.", |m| get(&m.connects)),
+            ("tributary_uplink_connect_failures_total", "Connection attempts that failed.", |m| {
+                get(&m.connect_failures)
+            }),
+            ("tributary_uplink_sessions_ended_total", "Sessions that ended (and were retried).", |m| {
+                get(&m.sessions_ended)
+            }),
+            ("tributary_uplink_chunks_sent_total", "Chunks sent (resends included).", |m| get(&m.chunks_sent)),
+            ("tributary_uplink_bytes_sent_total", "Chunk bytes sent.", |m| get(&m.bytes_sent)),
+            ("tributary_uplink_acks_total", "Acks received.", |m| get(&m.acks_received)),
+            ("tributary_uplink_dictionaries_sent_total", "Dictionaries sent ahead of chunks.", |m| {
+                get(&m.dictionaries_sent)
+            }),
+        ];
+        for (name, help, value) in uplink_families {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value(uplink));
+        }
+        family(&mut out, "tributary_uplink_acked_through_seq", "gauge", "The sink's durable watermark per lane.");
+        for lane in Lane::ALL {
+            let _ = writeln!(out, "tributary_uplink_acked_through_seq{{lane=\"{lane}\"}} {}", uplink.acked_through(lane));
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` until the listener's task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, view: Arc<MetricsView>) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let view = view.clone();
+            async move {
+                let body = tokio::task::spawn_blocking(move || render(&view)).await.unwrap_or_default();
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
+        }),
+    );
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!(%error, "metrics endpoint stopped");
+    }
+}

@@ -1,0 +1,252 @@
+//! JSON objects as records, shared by the socket and HTTP sources.
+//!
+//! Input: one JSON object per line (UTF-8, '\n' ends a line, a '\r' before it and surrounding
+//! whitespace are ignored, blank lines are skipped). An object may carry `"key"` (a string that
+//! passes `protocol::validate_key`) and `"timestamp_us"` (an unsigned integer, microseconds since
+//! the Unix epoch); a missing key is generated (`<source>-<sequence>`) and a missing timestamp is
+//! the time of arrival. The payload is the line as sent (trimmed), content type
+//! `application/json`, so nothing the client wrote is lost or reformatted.
+//!
+//! Limits: a line is at most the source's `line_bytes_max` (default `LINE_BYTES_DEFAULT`, 64 KiB;
+//! at most `LINE_BYTES_LIMIT`, 1 MiB, well below `RECORD_PAYLOAD_BYTES_MAX`); serde_json bounds
+//! nesting at 128 levels. A problem names the line (1-based) and what was wrong, and never
+//! echoes more than `ECHO_BYTES_MAX` bytes of the input.
+
+use std::io;
+use std::sync::Arc;
+
+use protocol::{Lane, RECORD_PAYLOAD_BYTES_MAX};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _};
+
+use super::metrics::SourceErrorKind;
+use super::{KeySequence, now_us};
+use crate::source::SourceRecord;
+
+/// Default longest JSON line.
+pub(crate) const LINE_BYTES_DEFAULT: usize = 64 * 1024;
+/// Largest `line_bytes_max` a config may ask for.
+pub(crate) const LINE_BYTES_LIMIT: usize = 1024 * 1024;
+/// Most bytes of a client's input repeated in an error message.
+const ECHO_BYTES_MAX: usize = 64;
+
+const _: () = assert!(LINE_BYTES_DEFAULT <= LINE_BYTES_LIMIT);
+const _: () = assert!(LINE_BYTES_LIMIT <= RECORD_PAYLOAD_BYTES_MAX);
+
+pub(crate) const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// Why a line did not become a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LineProblem {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("expected a JSON object, found {0}")]
+    NotAnObject(&'static str),
+    #[error("\"key\" must be a string of 1..=128 bytes without '.', '/' or control characters, found {0}")]
+    InvalidKey(String),
+    #[error("\"timestamp_us\" must be an unsigned integer (microseconds since the Unix epoch), found {0}")]
+    InvalidTimestamp(String),
+    #[error("line longer than {bytes_max} bytes")]
+    TooLong { bytes_max: usize },
+}
+
+impl LineProblem {
+    pub(crate) fn kind(&self) -> SourceErrorKind {
+        match self {
+            LineProblem::InvalidJson(_) | LineProblem::NotAnObject(_) => SourceErrorKind::InvalidJson,
+            LineProblem::InvalidKey(_) | LineProblem::InvalidTimestamp(_) => SourceErrorKind::InvalidRecord,
+            LineProblem::TooLong { .. } => SourceErrorKind::LineTooLong,
+        }
+    }
+}
+
+/// Turns JSON lines into records for one source.
+#[derive(Debug)]
+pub(crate) struct RecordMaker {
+    lane: Lane,
+    keys: Arc<KeySequence>,
+}
+
+impl RecordMaker {
+    pub(crate) fn new(lane: Lane, keys: Arc<KeySequence>) -> RecordMaker {
+        RecordMaker { lane, keys }
+    }
+
+    /// The record for one line, `None` for a blank line.
+    pub(crate) fn record_from_line(&self, line: &[u8]) -> Result<Option<SourceRecord>, LineProblem> {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            return Ok(None);
+        }
+        let value: Value =
+            serde_json::from_slice(line).map_err(|error| LineProblem::InvalidJson(error.to_string()))?;
+        let Value::Object(object) = value else {
+            return Err(LineProblem::NotAnObject(json_type_name(&value)));
+        };
+        let key = match object.get("key") {
+            None => self.keys.next_key(),
+            Some(Value::String(key)) if protocol::validate_key(key).is_ok() => key.clone(),
+            Some(other) => return Err(LineProblem::InvalidKey(echo_value(other))),
+        };
+        let timestamp_us = match object.get("timestamp_us") {
+            None => now_us(),
+            Some(value) => value.as_u64().ok_or_else(|| LineProblem::InvalidTimestamp(echo_value(value)))?,
+        };
+        Ok(Some(SourceRecord {
+            lane: self.lane,
+            key,
+            timestamp_us,
+            content_type: JSON_CONTENT_TYPE.to_string(),
+            payload: line.to_vec(),
+            tags: Default::default(),
+        }))
+    }
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A short rendering of a client's value for an error message.
+fn echo_value(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() <= ECHO_BYTES_MAX {
+        return text;
+    }
+    let mut end = ECHO_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// What `read_line_bounded` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineRead {
+    /// `line` holds one line without its '\n' (the last line may lack the '\n').
+    Line,
+    /// The line was longer than the maximum; it was read and discarded up to its '\n'.
+    TooLong,
+    /// The peer closed the stream.
+    End,
+}
+
+/// Reads one line into `line`, never buffering more than `bytes_max` bytes of it: a longer line
+/// is skipped to its end so the stream stays usable.
+pub(crate) async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    bytes_max: usize,
+) -> io::Result<LineRead> {
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(match (too_long, line.is_empty()) {
+                (true, _) => LineRead::TooLong,
+                (false, true) => LineRead::End,
+                (false, false) => LineRead::Line,
+            });
+        }
+        let newline = available.iter().position(|&byte| byte == b'\n');
+        let content = &available[..newline.unwrap_or(available.len())];
+        if !too_long {
+            if line.len() + content.len() > bytes_max {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(content);
+            }
+        }
+        let consumed = newline.map_or(available.len(), |position| position + 1);
+        reader.consume(consumed);
+        if newline.is_some() {
+            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn maker() -> RecordMaker {
+        RecordMaker::new(Lane::Sensor, Arc::new(KeySequence::starting_now("test")))
+    }
+
+    fn check(line: &str, expected: Result<Option<(&str, u64)>, LineProblem>) {
+        let found = maker().record_from_line(line.as_bytes());
+        match (found, expected) {
+            (Ok(Some(record)), Ok(Some((key, timestamp_us)))) => {
+                assert_eq!((record.key.as_str(), record.timestamp_us), (key, timestamp_us), "{line}");
+                assert_eq!(record.payload, line.trim().as_bytes());
+                assert_eq!(record.content_type, JSON_CONTENT_TYPE);
+                assert_eq!(record.lane, Lane::Sensor);
+            }
+            (found, expected) => assert_eq!(found.map(|record| record.map(|_| ("", 0))), expected, "{line}"),
+        }
+    }
+
+    #[test]
+    fn lines_become_records_or_clear_problems() {
+        check(r#"{"key":"a-1","timestamp_us":5,"t":1}"#, Ok(Some(("a-1", 5))));
+        check(" {\"key\":\"a-2\",\"timestamp_us\":7}\r", Ok(Some(("a-2", 7))));
+        check("   ", Ok(None));
+        check("[1]", Err(LineProblem::NotAnObject("an array")));
+        check("42", Err(LineProblem::NotAnObject("a number")));
+        check(r#"{"key":"a.b"}"#, Err(LineProblem::InvalidKey("\"a.b\"".to_string())));
+        check(r#"{"key":7}"#, Err(LineProblem::InvalidKey("7".to_string())));
+        check(r#"{"timestamp_us":-1}"#, Err(LineProblem::InvalidTimestamp("-1".to_string())));
+        check(r#"{"timestamp_us":"now"}"#, Err(LineProblem::InvalidTimestamp("\"now\"".to_string())));
+        assert!(matches!(maker().record_from_line(b"{\"a\":"), Err(LineProblem::InvalidJson(_))));
+        assert!(matches!(maker().record_from_line(&[0xFF, b'{']), Err(LineProblem::InvalidJson(_))));
+    }
+
+    #[test]
+    fn generated_keys_and_timestamps_fill_gaps() {
+        let record = maker().record_from_line(br#"{"temperature_millicelsius":21000}"#).unwrap().unwrap();
+        assert!(record.key.starts_with("test-"));
+        assert!(protocol::validate_key(&record.key).is_ok());
+        assert!(record.timestamp_us > 0);
+    }
+
+    #[test]
+    fn long_values_are_echoed_short() {
+        let line = format!(r#"{{"key":"{}"}}"#, "k".repeat(1000));
+        let Err(LineProblem::InvalidKey(echo)) = maker().record_from_line(line.as_bytes()) else {
+            panic!("a 1000-byte key must be refused");
+        };
+        assert!(echo.len() <= ECHO_BYTES_MAX + '…'.len_utf8());
+    }
+
+    #[tokio::test]
+    async fn bounded_reader_skips_long_lines_and_keeps_going() {
+        let input: &[u8] = b"short\n0123456789abcdef\nlast";
+        // A tiny buffer makes lines span several fills.
+        let mut reader = tokio::io::BufReader::with_capacity(3, input);
+        let mut line = Vec::new();
+        let mut found = Vec::new();
+        loop {
+            let read = read_line_bounded(&mut reader, &mut line, 8).await.unwrap();
+            found.push((read, String::from_utf8(line.clone()).unwrap()));
+            if read == LineRead::End {
+                break;
+            }
+        }
+        let expected = [
+            (LineRead::Line, "short"),
+            (LineRead::TooLong, ""),
+            (LineRead::Line, "last"),
+            (LineRead::End, ""),
+        ];
+        assert_eq!(found, expected.map(|(read, text)| (read, text.to_string())));
+    }
+}
