@@ -22,7 +22,7 @@
 //!
 //! JSON is parsed at most once per record and only when a filter needs it, only for a JSON
 //! content type ("application/json", "*+json") and only up to `JSON_PAYLOAD_BYTES_MAX` bytes;
-//! serde_json bounds nesting at 128 levels and rejects invalid UTF-8 and out-of-range numbers, so
+//! serde_json refuses nesting deeper than 127 levels, invalid UTF-8 and out-of-range numbers, so
 //! hostile payloads are "not JSON", never a panic. A rewritten payload is serialized once, after
 //! the last filter (keys then come out sorted).
 //!

@@ -42,7 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use super::json_lines::RecordMaker;
-use super::json_socket::{CONNECTIONS_DEFAULT, CONNECTIONS_LIMIT};
+use super::json_socket::{CONNECTIONS_DEFAULT, CONNECTIONS_LIMIT, connections_default};
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
     Delivery, KeySequence, STOP_POLL_INTERVAL_MS, SourceConfigError, check_range, deliver_async,
@@ -98,10 +98,6 @@ fn idle_timeout_default_ms() -> u64 {
 
 fn body_bytes_default() -> usize {
     BODY_BYTES_DEFAULT
-}
-
-fn connections_default() -> usize {
-    CONNECTIONS_DEFAULT
 }
 
 impl HttpConfig {

@@ -62,7 +62,7 @@ fn line_bytes_default() -> usize {
     LINE_BYTES_DEFAULT
 }
 
-fn connections_default() -> usize {
+pub(crate) fn connections_default() -> usize {
     CONNECTIONS_DEFAULT
 }
 

@@ -89,18 +89,25 @@ const _: () = assert!(u64::MAX.ilog10() as usize + 1 == KEY_SEQUENCE_DIGITS);
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
+    /// `kind = "directory"`: files appearing in a directory.
     Directory(DirectoryConfig),
+    /// `kind = "json_socket"`: JSON lines on a local Unix socket.
     JsonSocket(JsonSocketConfig),
+    /// `kind = "http"`: `POST /v1/records`.
     Http(HttpConfig),
+    /// `kind = "board"`: periodic readings of a board profile's sensors.
     Board(BoardConfig),
+    /// `kind = "camera"`: JPEG frames of a board profile's camera.
     Camera(CameraConfig),
 }
 
 /// A source's configuration is unusable; says which key and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceConfigError {
+    /// A value outside what the key allows.
     #[error("source {source_name:?}: key {key:?}: expected {expected}, found {found}")]
     Invalid { source_name: String, key: &'static str, expected: String, found: String },
+    /// The socket or port to listen on could not be set up.
     #[error("source {source_name:?}: key {key:?}: cannot listen on {address}: {error}")]
     Listen { source_name: String, key: &'static str, address: String, error: std::io::Error },
     /// A board profile could not be loaded or its devices opened; `error` names file and key.
