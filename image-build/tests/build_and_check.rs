@@ -25,12 +25,32 @@ fn appliance_stand_in() -> PathBuf {
     profile_directory.join("examples").join("appliance_stand_in")
 }
 
+/// The real appliance daemon, when this test runs as part of `cargo test --workspace` (which
+/// builds every workspace binary before running any test).
+fn real_appliance() -> Option<PathBuf> {
+    let test_binary = std::env::current_exe().unwrap();
+    let profile_directory = test_binary.parent().and_then(|deps| deps.parent()).unwrap();
+    Some(profile_directory.join("appliance")).filter(|path| path.is_file())
+}
+
+/// The real daemon's config inside the image: a local HTTP source and a small ring on the data
+/// partition, no uplink (the boot test has no core), so "healthy" means its pipeline runs.
+const REAL_APPLIANCE_CONFIG: &str = r#"# Boot-test configuration: local pipeline only.
+data_dir = "/var/lib/tributary/appliance"
+[ring]
+capacity_bytes = 8388608
+audit_reserved_bytes = 1048576
+durability = "sync"
+[sources.local]
+input = { kind = "http", listen = "127.0.0.1:8081" }
+"#;
+
 #[test]
 fn build_then_check_then_optionally_boot() {
     let directory = tempfile::Builder::new().prefix("image-build-test-").tempdir_in("/var/tmp").unwrap();
     let input = directory.path();
     let stand_in = appliance_stand_in();
-    if !stand_in.is_file() {
+    if real_appliance().is_none() && !stand_in.is_file() {
         let message = format!(
             "appliance stand-in {} not built (run `cargo test` without target filters, or \
              `cargo build --release -p tributary-image-build --examples`)",
@@ -40,10 +60,20 @@ fn build_then_check_then_optionally_boot() {
         println!("SKIPPED build_then_check_then_optionally_boot: {message}");
         return;
     }
-    std::fs::copy(&stand_in, input.join("appliance-stand-in")).unwrap();
+    match real_appliance() {
+        Some(real) => {
+            println!("image carries the real appliance daemon {}", real.display());
+            std::fs::copy(&real, input.join("appliance-stand-in")).unwrap();
+            std::fs::write(input.join("appliance.toml"), REAL_APPLIANCE_CONFIG).unwrap();
+        }
+        None => {
+            println!("image carries the appliance STAND-IN (the daemon binary was not built)");
+            std::fs::copy(&stand_in, input.join("appliance-stand-in")).unwrap();
+            std::fs::write(input.join("appliance.toml"), "# Test configuration for the appliance stand-in.\n")
+                .unwrap();
+        }
+    }
     std::fs::set_permissions(input.join("appliance-stand-in"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
-    std::fs::write(input.join("appliance.toml"), "# Test configuration for the appliance stand-in.\n")
         .unwrap();
     std::fs::write(input.join("claim.cert.pem"), "TEST CLAIM CERTIFICATE\n").unwrap();
     std::fs::write(input.join("claim.key.pem"), "TEST CLAIM KEY\n").unwrap();

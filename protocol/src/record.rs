@@ -110,6 +110,14 @@ impl RecordRef<'_> {
         Ok(())
     }
 
+    /// The record as it sits in a record block (what a dictionary for a lane is trained on).
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.validate()?;
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.write_to(&mut out);
+        Ok(out)
+    }
+
     /// Appends the record's encoding to `out`. The record must have been validated.
     fn write_to(&self, out: &mut Vec<u8>) {
         let key_len = u16::try_from(self.key.len()).expect("key length validated");

@@ -145,7 +145,7 @@ fn count_and_log(
 }
 
 /// A reading as the JSON object the sensor lane carries; `None` if a value is not finite.
-fn reading_payload(sensor_name: &str, reading: &Reading) -> Option<Vec<u8>> {
+pub fn reading_payload(sensor_name: &str, reading: &Reading) -> Option<Vec<u8>> {
     let mut object = Map::new();
     object.insert("sensor".to_string(), Value::String(sensor_name.to_string()));
     for value in &reading.values {

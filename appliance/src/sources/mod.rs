@@ -67,7 +67,7 @@ use serde::Deserialize;
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
 
 pub use directory::{AfterSend, DirectoryConfig, DirectorySource};
-pub use hardware::{BoardConfig, BoardSource, CameraConfig, CameraSource};
+pub use hardware::{BoardConfig, BoardSource, CameraConfig, CameraSource, reading_payload};
 pub use http::{HttpConfig, HttpSource, RECORDS_PATH, RECORDS_PER_BODY_MAX};
 pub use json_socket::{JsonSocketConfig, JsonSocketSource};
 pub use metrics::{SourceErrorKind, SourceMetrics, render_prometheus};
