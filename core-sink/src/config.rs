@@ -46,6 +46,12 @@ pub struct SinkConfig {
     /// Training datasets derived from the raw landing; absent = raw landing only.
     #[serde(default)]
     pub datasets: Option<crate::datasets::DatasetsConfig>,
+    /// The core archive of AI decisions fed from the audit lane; absent = no archive.
+    #[serde(default)]
+    pub archive: Option<crate::archive_feed::ArchiveConfig>,
+    /// Device onboarding over MQTT (claim tokens, CSR signing, heartbeats, remote config); absent = none.
+    #[serde(default)]
+    pub onboarding: Option<onboarding::AuthorityConfig>,
 }
 
 fn default_revocation_file() -> PathBuf {
@@ -100,7 +106,9 @@ impl SinkConfig {
             connections_max: default_connections_max(),
             transport: TransportSettings::default(),
             datasets: None,
+            archive: None,
             metrics_listen: None,
+            onboarding: None,
         }
     }
 
@@ -117,6 +125,16 @@ impl SinkConfig {
                     *field = base.join(&*field);
                 }
             }
+        }
+        if let Some(archive) = &mut config.archive {
+            for field in [&mut archive.root, &mut archive.review_dir] {
+                if field.is_relative() {
+                    *field = base.join(&*field);
+                }
+            }
+        }
+        if let Some(onboarding) = &mut config.onboarding {
+            onboarding.resolve_relative(base);
         }
         for field in [
             &mut config.state_dir,
@@ -165,6 +183,12 @@ impl SinkConfig {
         )?;
         if let Some(datasets) = &self.datasets {
             datasets.validate()?;
+        }
+        if let Some(archive) = &self.archive {
+            archive.validate()?;
+        }
+        if let Some(onboarding) = &self.onboarding {
+            onboarding.validate()?;
         }
         self.transport.validate()
     }

@@ -8,6 +8,7 @@
 //! - The device id comes from the verified certificate, never from the Hello.
 //! - Chunks in flight between sessions and the lander are bounded by `in_flight_bytes_max`.
 
+pub mod archive_feed;
 pub mod config;
 pub mod datasets;
 pub mod dictionaries;

@@ -47,6 +47,19 @@ enum Command {
         #[command(subcommand)]
         command: DatasetsCommand,
     },
+    /// The core archive of AI decisions: verify it, show or export one decision, check a bundle.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Device fleet over MQTT: claim tokens, approvals, remote config, revocation, fleet view.
+    Fleet {
+        /// TOML config of the sink (its [onboarding] section, ca_dir and revocation_file).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: onboarding::cli::FleetCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,6 +139,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, listen, names } => init(&dir, listen, &names),
         Command::Ca { command } => ca(command),
         Command::Datasets { command } => datasets(command),
+        Command::Audit { command } => audit(command),
+        Command::Fleet { config, command } => {
+            let config = SinkConfig::load(&config)?;
+            let onboarding = config.onboarding.as_ref().context("the config has no [onboarding] section")?;
+            let printed = onboarding::cli::run(command, onboarding, &config.ca_dir, &config.revocation_file)?;
+            println!("{printed}");
+            Ok(())
+        }
     }
 }
 
@@ -224,6 +245,104 @@ fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
                     shard.bytes,
                     shard.sha256,
                     ranges.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every checkpoint signature, the consistency of successive checkpoints, every log
+    /// entry and every object it names; exits 1 naming the first bad entry, checkpoint or object.
+    Verify {
+        #[arg(long)]
+        archive: PathBuf,
+    },
+    /// One decision as JSON: fields, device, objects and their paths, inclusion proof.
+    Show {
+        id: String,
+        #[arg(long)]
+        archive: PathBuf,
+        /// The device, when several devices used the same decision id.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Write the evidence bundle of one decision (leaf, objects, checkpoint, key, proof) to OUT.
+    Export {
+        id: String,
+        #[arg(long)]
+        archive: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an evidence bundle offline; prints the key it is signed with, to compare with the
+    /// archive's published keys/checkpoint.vkey.
+    VerifyBundle { dir: PathBuf },
+    /// Decisions scoring below SCORE_MAX, one per line, in log order.
+    Review {
+        #[arg(long)]
+        archive: PathBuf,
+        #[arg(long)]
+        score_max: f32,
+    },
+}
+
+fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { archive } => {
+            let report = archive::verify(&archive)
+                .with_context(|| format!("archive {} failed verification", archive.display()))?;
+            println!(
+                "archive {} verified: {} entries ({} decisions, {} models), {} checkpoints (latest covers {}), \
+                 {} objects ({} bytes) hashed, {} entries after the latest checkpoint",
+                archive.display(),
+                report.entries,
+                report.decisions,
+                report.models,
+                report.checkpoints,
+                report.latest_checkpoint_tree_size,
+                report.objects_checked,
+                report.object_bytes_hashed,
+                report.entries_after_latest_checkpoint
+            );
+        }
+        AuditCommand::Show { id, archive, device } => {
+            let view = archive::show(&archive, &id, device.as_deref())
+                .with_context(|| format!("show decision {id} of archive {}", archive.display()))?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        AuditCommand::Export { id, archive, device, out } => {
+            archive::export(&archive, &id, device.as_deref(), &out)
+                .with_context(|| format!("export decision {id} of archive {}", archive.display()))?;
+            println!("evidence bundle of decision {id} written to {}", out.display());
+        }
+        AuditCommand::VerifyBundle { dir } => {
+            let report = archive::verify_bundle(&dir)
+                .with_context(|| format!("evidence bundle {} failed verification", dir.display()))?;
+            println!(
+                "bundle {} verified: decision {} of device {}, leaf {} of {} (root {}), signed by {}",
+                dir.display(),
+                report.decision_id,
+                report.device,
+                report.leaf_index,
+                report.tree_size,
+                report.root_hash,
+                report.verifier_key
+            );
+        }
+        AuditCommand::Review { archive, score_max } => {
+            for item in archive::review_list(&archive, score_max)? {
+                println!(
+                    "{} {} {} {} {}",
+                    item.device,
+                    item.decision_id,
+                    item.label,
+                    item.score,
+                    item.original.display()
                 );
             }
         }

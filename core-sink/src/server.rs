@@ -44,6 +44,8 @@ pub struct Sink {
     lander: Option<std::thread::JoinHandle<()>>,
     context: Option<Arc<Context>>,
     datasets: Option<DatasetsRunner>,
+    archive_feed: Option<crate::archive_feed::FeedRunner>,
+    onboarding: Option<onboarding::Authority>,
     metrics_address: Option<SocketAddr>,
 }
 
@@ -122,6 +124,25 @@ impl Sink {
             }
             None => None,
         };
+        // The core archive of AI decisions, fed from the committed audit lane.
+        let archive_feed = match &config.archive {
+            Some(archive_config) => Some(crate::archive_feed::FeedRunner::start(
+                archive_config.clone(),
+                &config.landing_dir,
+                dictionaries.clone(),
+                shared.checkpoint.clone(),
+                Duration::from_millis(config.commit_interval_ms.max(20)),
+            )?),
+            None => None,
+        };
+        // Onboarding over MQTT: signs device certificates with the fleet CA in ca_dir.
+        let onboarding = match &config.onboarding {
+            Some(onboarding_config) => {
+                let ca = fleet::FleetCa::load(&config.ca_dir)?;
+                Some(onboarding::Authority::start(onboarding_config.clone(), &ca, &config.revocation_file)?)
+            }
+            None => None,
+        };
         let (land, requests) = std::sync::mpsc::channel();
         let lander =
             std::thread::Builder::new().name("sink-lander".into()).spawn(move || lander.run(requests))?;
@@ -169,6 +190,8 @@ impl Sink {
             lander: Some(lander),
             context: Some(context),
             datasets,
+            archive_feed,
+            onboarding,
         })
     }
 
@@ -192,6 +215,9 @@ impl Sink {
 
     /// Stops accepting, closes connections, commits what is pending, and waits for the lander.
     pub async fn shutdown(mut self) {
+        if let Some(onboarding) = self.onboarding.take() {
+            onboarding.shutdown().await;
+        }
         self.endpoint.close(close_code(ErrorCode::ShuttingDown), b"sink shutting down");
         for task in &self.tasks {
             task.abort();
@@ -208,6 +234,9 @@ impl Sink {
             datasets.stop.store(true, Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || datasets.thread.join()).await;
         }
+        if let Some(archive_feed) = self.archive_feed.take() {
+            let _ = tokio::task::spawn_blocking(move || archive_feed.stop_and_join()).await;
+        }
     }
 
     /// Dataset counters, when datasets are configured.
@@ -220,6 +249,9 @@ impl Drop for Sink {
     fn drop(&mut self) {
         if let Some(datasets) = &self.datasets {
             datasets.stop.store(true, Ordering::Relaxed);
+        }
+        if let Some(archive_feed) = &self.archive_feed {
+            archive_feed.request_stop();
         }
         for task in &self.tasks {
             task.abort();

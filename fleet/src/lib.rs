@@ -18,6 +18,7 @@
 //! endpoints the appliance and the sink create.
 
 mod authority;
+pub mod csr;
 mod device_id;
 mod error;
 mod files;
@@ -30,6 +31,7 @@ pub use authority::{
     CA_CERTIFICATE_FILE, CA_KEY_FILE, CA_VALIDITY_DAYS, CERTIFICATE_FILE, FLEET_NAME_BYTES_MAX, FleetCa,
     IssuedCertificate, KEY_FILE, SERVER_NAMES_MAX, VALIDITY_BACKDATE_SECONDS, Validity, read_ca_pem,
 };
+pub use csr::{CSR_PEM_BYTES_MAX, CsrProblem, CsrSigner};
 pub use device_id::{DEVICE_ID_BYTES_MAX, device_id_from_certificate, validate_device_id};
 pub use error::{DeviceIdProblem, FleetError};
 pub use pem::PEM_FILE_BYTES_MAX;

@@ -1,1 +1,70 @@
-//! Being built.
+//! Onboarding over MQTT: a device with no certificate obtains one from the fleet CA with a claim
+//! token (or an operator's approval), then reports heartbeats and receives remote config.
+//!
+//! Topic layout (prefix `tributary`; `{id}` is a device id, 1..=128 bytes of `[A-Za-z0-9_-]`):
+//!
+//! | topic                                   | from      | to        | payload (JSON)         |
+//! |-----------------------------------------|-----------|-----------|------------------------|
+//! | `tributary/onboarding/request/{id}`     | device    | authority | [`OnboardingRequest`]  |
+//! | `tributary/onboarding/response/{id}`    | authority | device    | [`OnboardingResponse`] |
+//! | `tributary/device/{id}/heartbeat`       | device    | authority | [`Heartbeat`]          |
+//! | `tributary/device/{id}/config`          | authority | device    | [`ConfigDocument`], retained |
+//! | `tributary/device/{id}/config/ack`      | device    | authority | [`ConfigAck`]          |
+//!
+//! Identities at the broker (TLS client certificates signed by the fleet CA, CN = MQTT user
+//! name): a device (CN = its id), the shared claim identity (CN `claim`, shipped in the image,
+//! client id = the device id it onboards) and the authority (CN `onboarding-authority`). The ACL
+//! (`onboarding/mosquitto/acl`) lets a device use only its own topics and the claim identity
+//! only `request/{client id}` and `response/{client id}`. Both reserved ids are put on the
+//! revocation list by the authority, so neither identity can stream to the QUIC sink.
+//!
+//! Limits: a payload is at most `PAYLOAD_BYTES_MAX` (16 KiB) and is refused before parsing when
+//! larger; config holds at most `CONFIG_KEYS_MAX` (64) keys of at most `CONFIG_KEY_BYTES_MAX` (64)
+//! bytes with values of at most `CONFIG_VALUE_BYTES_MAX` (256) bytes; received messages wait in
+//! queues of at most `INCOMING_QUEUE_MAX` (1024) messages (more are dropped and counted: every
+//! sender retries).
+//!
+//! - `authority.rs`: [`Authority`] (core side): answers requests, records heartbeats and config
+//!   acks, publishes config changes and approvals the CLI writes into the registry.
+//! - `registry.rs`: [`Registry`] (heed): claim tokens (hashed), devices, heartbeats, config.
+//! - `device.rs`: [`device::ensure_identity`] (appliance first boot).
+//! - `agent.rs`: [`DeviceAgent`] (appliance: heartbeats out, config in, persisted).
+//! - `broker.rs` (feature `embedded-broker`): [`broker::EmbeddedBroker`], rumqttd for the
+//!   one-machine demo.
+//! - `messages.rs`: payloads and [`RejectionCode`]; `mqtt.rs`: the rumqttc session driver.
+//!
+//! Invariant: a device's private key is generated on the device and is never sent: requests carry
+//! a CSR, responses a certificate.
+//! Invariant: the rumqttc event loop runs in its own task and never publishes; publishing is done
+//! by other tasks through the `AsyncClient`.
+
+pub mod agent;
+pub mod authority;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod cli;
+pub mod device;
+mod error;
+mod files;
+pub mod messages;
+pub mod mqtt;
+pub mod registry;
+pub mod topics;
+
+pub use agent::{ConfigUpdate, DeviceAgent, DeviceAgentConfig, DeviceStatus};
+pub use authority::{Authority, AuthorityConfig};
+pub use device::{DeviceIdentity, DeviceOnboardingConfig, SinkLocation, ensure_identity, load_identity};
+pub use error::OnboardingError;
+pub use messages::{
+    CONFIG_KEY_BYTES_MAX, CONFIG_KEYS_MAX, CONFIG_VALUE_BYTES_MAX, ConfigAck, ConfigDocument, Heartbeat,
+    OnboardingRequest, OnboardingResponse, PAYLOAD_BYTES_MAX, RejectionCode,
+};
+pub use mqtt::{BrokerEndpoint, INCOMING_QUEUE_MAX};
+pub use registry::{DeviceRecord, DeviceState, Registry};
+
+/// The subject CN of the shared bootstrap identity devices use before they have a certificate.
+pub const CLAIM_IDENTITY: &str = "claim";
+/// The subject CN of the authority's own MQTT identity.
+pub const AUTHORITY_IDENTITY: &str = "onboarding-authority";
+/// Device ids no device may claim: they name the identities above.
+pub const RESERVED_DEVICE_IDS: [&str; 2] = [CLAIM_IDENTITY, AUTHORITY_IDENTITY];

@@ -1,0 +1,513 @@
+//! The onboarding authority (core side): answers onboarding requests, records heartbeats and
+//! config acknowledgements, and publishes what the operator's CLI writes into the registry
+//! (config changes).
+//!
+//! A request is checked in this order, each failure answered with its [`RejectionCode`] on the
+//! device's response topic and logged: payload size (before parsing), JSON shape, device id in
+//! the payload = device id in the topic (the ACL ties the topic to the client id), device id
+//! syntax, reserved ids, CSR (size, syntax, signature, ECDSA P-256, subject CN = device id), then
+//! in one registry write transaction: device not revoked, token known (by hash), not expired,
+//! unused or used by this same device (a retry after a lost answer), device id free or belonging
+//! to this claim. The certificate is signed and recorded in that same transaction, so a token is
+//! consumed exactly when a certificate is issued.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleet::{CsrProblem, CsrSigner, FleetCa, RevocationList, Validity};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::messages::{
+    ConfigAck, ConfigDocument, Heartbeat, OnboardingRequest, OnboardingResponse, RejectionCode,
+    parse_bounded, shorten, unix_ms_now,
+};
+use crate::mqtt::{self, Session, TlsIdentity};
+use crate::registry::{DeviceState, Registry, sha256_hex};
+use crate::topics::{self, Topic};
+use crate::{AUTHORITY_IDENTITY, BrokerEndpoint, OnboardingError, RESERVED_DEVICE_IDS};
+
+/// How long the authority's own MQTT certificate is valid; it is re-issued at every start.
+const AUTHORITY_CERTIFICATE_DAYS: u32 = 30;
+
+/// The `[onboarding]` section of the sink's config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityConfig {
+    /// The fleet MQTT broker (TLS); `host` must be a name on the broker's certificate.
+    pub broker: BrokerEndpoint,
+    /// The device registry (heed environment).
+    pub registry_dir: PathBuf,
+    /// What devices are told: where the QUIC sink listens and the name on its certificate.
+    pub sink_address: String,
+    pub sink_server_name: String,
+    /// Requests without a token wait for `core-sink fleet approve ID` instead of being refused.
+    #[serde(default)]
+    pub allow_operator_approval: bool,
+    #[serde(default = "default_certificate_validity_days")]
+    pub certificate_validity_days: u32,
+    /// The config a new device starts with.
+    #[serde(default)]
+    pub default_config: BTreeMap<String, String>,
+    /// How often the registry is checked for config changes made by the CLI.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_certificate_validity_days() -> u32 {
+    365
+}
+fn default_poll_interval_ms() -> u64 {
+    500
+}
+
+impl AuthorityConfig {
+    /// Resolves a relative `registry_dir` against `base` (the config file's directory).
+    pub fn resolve_relative(&mut self, base: &Path) {
+        if self.registry_dir.is_relative() {
+            self.registry_dir = base.join(&self.registry_dir);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=3650).contains(&self.certificate_validity_days) {
+            return Err(format!(
+                "onboarding.certificate_validity_days = {}: expected 1..=3650",
+                self.certificate_validity_days
+            ));
+        }
+        if !(10..=60_000).contains(&self.poll_interval_ms) {
+            return Err(format!(
+                "onboarding.poll_interval_ms = {}: expected 10..=60000",
+                self.poll_interval_ms
+            ));
+        }
+        if self.broker.host.is_empty() || self.sink_address.is_empty() || self.sink_server_name.is_empty() {
+            return Err("onboarding: broker.host, sink_address and sink_server_name must be set".to_owned());
+        }
+        ConfigDocument { version: 1, values: self.default_config.clone() }
+            .validate()
+            .map_err(|problem| format!("onboarding.default_config: {problem}"))
+    }
+}
+
+/// Counters of what the authority did.
+#[derive(Debug, Default)]
+pub struct AuthorityMetrics {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub pending: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub config_acks: AtomicU64,
+    pub configs_published: AtomicU64,
+    pub ignored: AtomicU64,
+}
+
+/// What a request gets.
+#[derive(Debug)]
+enum Decision {
+    Accepted { certificate_pem: String, config: ConfigDocument },
+    Pending(String),
+    Rejected(RejectionCode, String),
+}
+
+struct Handler {
+    config: AuthorityConfig,
+    registry: Registry,
+    signer: CsrSigner,
+    metrics: Arc<AuthorityMetrics>,
+}
+
+/// A running authority.
+pub struct Authority {
+    registry: Registry,
+    metrics: Arc<AuthorityMetrics>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<Session>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Authority {
+    /// Starts the authority on the current tokio runtime: opens the registry, puts the reserved
+    /// identities on `revocation_file` (so the claim certificate shipped in images cannot stream
+    /// to the sink), and connects to the broker with its own certificate.
+    pub fn start(
+        config: AuthorityConfig,
+        ca: &FleetCa,
+        revocation_file: &Path,
+    ) -> Result<Authority, OnboardingError> {
+        config.validate().map_err(OnboardingError::Config)?;
+        let registry = Registry::open(&config.registry_dir)?;
+        let signer = CsrSigner::from_ca(ca)?;
+        for reserved in RESERVED_DEVICE_IDS {
+            RevocationList::revoke(revocation_file, reserved)?;
+        }
+        let identity = ca.issue_device(AUTHORITY_IDENTITY, Validity::days(AUTHORITY_CERTIFICATE_DAYS))?;
+        let mut session = Session::start(
+            &config.broker,
+            AUTHORITY_IDENTITY,
+            &TlsIdentity {
+                ca_pem: ca.certificate_pem(),
+                certificate_pem: &identity.certificate_pem,
+                private_key_pem: &identity.private_key_pem,
+            },
+            &[
+                topics::REQUEST_FILTER.to_owned(),
+                topics::HEARTBEAT_FILTER.to_owned(),
+                topics::CONFIG_ACK_FILTER.to_owned(),
+            ],
+        )?;
+        let metrics = Arc::new(AuthorityMetrics::default());
+        let (stop, mut stopped) = watch::channel(false);
+        let (ready_sender, ready) = watch::channel(false);
+        let handler = Handler { config, registry: registry.clone(), signer, metrics: metrics.clone() };
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(handler.config.poll_interval_ms));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    message = session.incoming.recv() => match message {
+                        Some(message) => handler.handle(&session, &message.topic, &message.payload).await,
+                        None => break,
+                    },
+                    _ = ticker.tick() => {
+                        ready_sender.send_replace(session.is_ready());
+                        if session.is_ready() {
+                            handler.publish_configs(&session).await;
+                        }
+                    }
+                }
+            }
+            session
+        });
+        tracing::info!(registry = %registry.path().display(), "onboarding authority started");
+        Ok(Authority { registry, metrics, stop, task: Some(task), ready })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &AuthorityMetrics {
+        &self.metrics
+    }
+
+    /// Waits until connected and subscribed, at most `limit`.
+    pub async fn wait_ready(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.ready.wait_for(|ready| *ready))
+            .await
+            .is_ok_and(|result| result.is_ok())
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take()
+            && let Ok(session) = task.await
+        {
+            session.close().await;
+        }
+    }
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        // Without shutdown: the task stops at its next wakeup and its session with it.
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Handler {
+    async fn handle(&self, session: &Session, topic: &str, payload: &[u8]) {
+        match topics::parse(topic) {
+            Some(Topic::Request(device_id)) => self.answer(session, device_id, payload).await,
+            Some(Topic::Heartbeat(device_id)) => self.heartbeat(device_id, payload),
+            Some(Topic::ConfigAck(device_id)) => self.config_ack(device_id, payload),
+            _ => {
+                self.metrics.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(topic, "ignoring a message on an unexpected topic");
+            }
+        }
+    }
+
+    async fn answer(&self, session: &Session, topic_device_id: &str, payload: &[u8]) {
+        if fleet::validate_device_id(topic_device_id).is_err() {
+            // No response topic can be named for it; the ACL keeps such topics unreachable.
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            let shown = shorten(topic_device_id);
+            tracing::warn!(topic_device_id = shown, "onboarding request on an invalid topic ignored");
+            return;
+        }
+        let decision = match self.decide(topic_device_id, payload) {
+            Ok(decision) => decision,
+            Err(error) => {
+                tracing::error!(device_id = topic_device_id, %error, "onboarding request failed");
+                Decision::Rejected(
+                    RejectionCode::InternalError,
+                    "the authority failed; try again later".to_owned(),
+                )
+            }
+        };
+        let response = match decision {
+            Decision::Accepted { certificate_pem, config } => {
+                self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device_id = topic_device_id, "device onboarded: certificate issued");
+                OnboardingResponse::Accepted {
+                    certificate_pem,
+                    ca_pem: self.signer.ca_pem().to_owned(),
+                    sink_address: self.config.sink_address.clone(),
+                    sink_server_name: self.config.sink_server_name.clone(),
+                    config,
+                }
+            }
+            Decision::Pending(message) => {
+                self.metrics.pending.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device_id = topic_device_id, "onboarding request waits for operator approval");
+                OnboardingResponse::Pending { message }
+            }
+            Decision::Rejected(code, message) => {
+                self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                let message = shorten(&message);
+                tracing::warn!(device_id = topic_device_id, %code, message, "onboarding request rejected");
+                OnboardingResponse::Rejected { code, message }
+            }
+        };
+        let bytes = serde_json::to_vec(&response).expect("a response serializes");
+        if let Err(error) =
+            mqtt::publish(&session.client, topics::response(topic_device_id), false, bytes).await
+        {
+            tracing::error!(device_id = topic_device_id, %error, "could not send the onboarding response");
+        }
+    }
+
+    fn decide(&self, topic_device_id: &str, payload: &[u8]) -> Result<Decision, OnboardingError> {
+        let reject = |code, message: String| Ok(Decision::Rejected(code, message));
+        let request: OnboardingRequest = match parse_bounded(payload) {
+            Ok(request) => request,
+            Err((code, message)) => return reject(code, message),
+        };
+        if request.device_id != topic_device_id {
+            return reject(
+                RejectionCode::TopicMismatch,
+                format!(
+                    "payload names device {:?} on the topic of {topic_device_id:?}",
+                    shorten(&request.device_id)
+                ),
+            );
+        }
+        let device_id = request.device_id.as_str();
+        if let Err(error) = fleet::validate_device_id(device_id) {
+            return reject(RejectionCode::InvalidDeviceId, error.to_string());
+        }
+        if RESERVED_DEVICE_IDS.contains(&device_id) {
+            return reject(RejectionCode::ReservedDeviceId, format!("{device_id} is reserved"));
+        }
+        let csr = match CsrSigner::check(&request.csr_pem, device_id) {
+            Ok(csr) => csr,
+            Err(problem) => {
+                let code = match problem {
+                    CsrProblem::TooLarge { .. } | CsrProblem::Malformed => RejectionCode::CsrMalformed,
+                    CsrProblem::BadSignature => RejectionCode::CsrBadSignature,
+                    CsrProblem::UnsupportedKeyType => RejectionCode::CsrUnsupportedKey,
+                    CsrProblem::SubjectMismatch { .. } => RejectionCode::CsrSubjectMismatch,
+                };
+                return reject(code, problem.to_string());
+            }
+        };
+        if let Some(token) = &request.claim_token
+            && token.len() > crate::messages::CLAIM_TOKEN_BYTES_MAX
+        {
+            return reject(
+                RejectionCode::UnknownToken,
+                "claim token is not one this fleet issued".to_owned(),
+            );
+        }
+        let key_hash = sha256_hex(csr.public_key_der());
+        let now = unix_ms_now();
+        let validity = Validity::days(self.config.certificate_validity_days);
+        let outcome = self.registry.write(|transaction| {
+            let existing = transaction.device(device_id)?;
+            if existing.as_ref().is_some_and(|record| record.state == DeviceState::Revoked) {
+                return Ok(Err(Decision::Rejected(
+                    RejectionCode::DeviceRevoked,
+                    format!("device {device_id} is revoked"),
+                )));
+            }
+            let mut record = existing
+                .clone()
+                .unwrap_or_else(|| Registry::new_record(device_id, &self.config.default_config));
+            match &request.claim_token {
+                Some(token) => {
+                    let token_hash = sha256_hex(token.as_bytes());
+                    let Some(mut token_record) = transaction.token(&token_hash)? else {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::UnknownToken,
+                            "claim token is not one this fleet issued".to_owned(),
+                        )));
+                    };
+                    if now > token_record.expires_unix_ms {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::ExpiredToken,
+                            "claim token has expired; ask the operator for a new one".to_owned(),
+                        )));
+                    }
+                    if token_record.used_by.as_deref().is_some_and(|user| user != device_id) {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::TokenUsed,
+                            "claim token was already used by another device".to_owned(),
+                        )));
+                    }
+                    let owned_by_other_claim = record.state == DeviceState::Active
+                        && record.token_hash.as_deref() != Some(token_hash.as_str());
+                    if owned_by_other_claim {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::DeviceIdTaken,
+                            format!("device id {device_id} belongs to another device"),
+                        )));
+                    }
+                    token_record.used_by = Some(device_id.to_owned());
+                    transaction.put_token(&token_hash, &token_record)?;
+                    record.token_hash = Some(token_hash);
+                }
+                None => {
+                    if !self.config.allow_operator_approval {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::MissingToken,
+                            "a claim token is required".to_owned(),
+                        )));
+                    }
+                    if record.state == DeviceState::Active {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::DeviceIdTaken,
+                            format!("device id {device_id} is already onboarded"),
+                        )));
+                    }
+                    if !record.approved {
+                        // The first key to ask is the one the operator sees and approves.
+                        if record.pending_key_sha256.is_none() {
+                            record.pending_key_sha256 = Some(key_hash.clone());
+                            transaction.put_device(&record)?;
+                        }
+                        return Ok(Ok(Decision::Pending(format!(
+                            "waiting for `core-sink fleet approve {device_id}`"
+                        ))));
+                    }
+                    if record.pending_key_sha256.as_deref().is_some_and(|pending| pending != key_hash) {
+                        return Ok(Err(Decision::Rejected(
+                            RejectionCode::DeviceIdTaken,
+                            "the approved request was made with another key".to_owned(),
+                        )));
+                    }
+                }
+            }
+            let certificate_pem = self.signer.sign(&csr, validity)?;
+            record.state = DeviceState::Active;
+            record.certificate_pem = Some(certificate_pem.clone());
+            record.onboarded_unix_ms = Some(now);
+            record.pending_key_sha256 = None;
+            transaction.put_device(&record)?;
+            Ok(Ok(Decision::Accepted { certificate_pem, config: record.config.clone() }))
+        })?;
+        Ok(outcome.unwrap_or_else(|decision| decision))
+    }
+
+    fn heartbeat(&self, device_id: &str, payload: &[u8]) {
+        let heartbeat: Heartbeat = match parse_bounded(payload) {
+            Ok(heartbeat) => heartbeat,
+            Err((code, message)) => {
+                tracing::warn!(device_id = %shorten(device_id), %code, message, "heartbeat refused");
+                return;
+            }
+        };
+        if let Err(problem) = heartbeat.validate() {
+            tracing::warn!(device_id = %shorten(device_id), problem, "heartbeat refused");
+            return;
+        }
+        let received = unix_ms_now();
+        let recorded = self.registry.update_device(device_id, |record| {
+            if record.state != DeviceState::Active {
+                return false;
+            }
+            record.last_heartbeat = Some(heartbeat);
+            record.last_heartbeat_received_unix_ms = Some(received);
+            true
+        });
+        match recorded {
+            Ok(true) => {
+                self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    device_id = shorten(device_id),
+                    "heartbeat of a device that is not active ignored"
+                )
+            }
+            Err(error) => tracing::error!(device_id, %error, "could not record a heartbeat"),
+        }
+    }
+
+    fn config_ack(&self, device_id: &str, payload: &[u8]) {
+        let ack: ConfigAck = match parse_bounded(payload) {
+            Ok(ack) => ack,
+            Err((code, message)) => {
+                tracing::warn!(device_id = %shorten(device_id), %code, message, "config ack refused");
+                return;
+            }
+        };
+        let recorded = self.registry.update_device(device_id, |record| {
+            if record.state != DeviceState::Active || ack.version > record.config.version {
+                return false;
+            }
+            if ack.applied {
+                record.config_acked_version = record.config_acked_version.max(ack.version);
+            }
+            record.config_ack_message = Some(shorten(&ack.message));
+            true
+        });
+        match recorded {
+            Ok(true) => {
+                self.metrics.config_acks.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    device_id,
+                    version = ack.version,
+                    applied = ack.applied,
+                    "config acknowledged"
+                );
+            }
+            Ok(false) => tracing::warn!(device_id = %shorten(device_id), "config ack ignored"),
+            Err(error) => tracing::error!(device_id, %error, "could not record a config ack"),
+        }
+    }
+
+    async fn publish_configs(&self, session: &Session) {
+        let pending = match self.registry.configs_to_publish() {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::error!(%error, "could not read configs to publish");
+                return;
+            }
+        };
+        for (device_id, config) in pending {
+            let bytes = serde_json::to_vec(&config).expect("a config serializes");
+            // Retained: a device that connects later still receives the latest config.
+            if let Err(error) = mqtt::publish(&session.client, topics::config(&device_id), true, bytes).await
+            {
+                tracing::warn!(device_id, %error, "config publish failed; retrying at the next poll");
+                continue;
+            }
+            let version = config.version;
+            let marked = self.registry.update_device(&device_id, |record| {
+                record.config_published_version = record.config_published_version.max(version);
+                true
+            });
+            if let Err(error) = marked {
+                tracing::error!(device_id, %error, "could not record a published config");
+            }
+            self.metrics.configs_published.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(device_id, version, "config published");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Errors of the onboarding crate, each naming what it concerns and what to do next.
+
+use std::path::PathBuf;
+
+use crate::RejectionCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnboardingError {
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+
+    #[error("registry at {path}: {operation}: {source}")]
+    Registry {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: heed::Error,
+    },
+
+    #[error("failed to {operation} {path}: {source}")]
+    Io {
+        operation: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {problem}")]
+    File { path: PathBuf, problem: String },
+
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+
+    #[error("invalid onboarding config: {0}")]
+    Config(String),
+
+    #[error("onboarding refused by the authority: {code}: {message}")]
+    Rejected { code: RejectionCode, message: String },
+
+    #[error(
+        "no answer from the onboarding authority after {attempts} attempts of {timeout_ms} ms \
+         (is the broker reachable and the authority running?)"
+    )]
+    NoAnswer { attempts: u32, timeout_ms: u64 },
+
+    #[error("the authority's answer is not usable: {0}")]
+    BadAnswer(String),
+
+    #[error("device {device_id} is {state}, not active (only an onboarded device takes config)")]
+    NotActive { device_id: String, state: &'static str },
+
+    #[error("device {device_id} is not in the registry")]
+    UnknownDevice { device_id: String },
+
+    #[error("invalid claim token request: {0}")]
+    Token(String),
+}
+
+impl OnboardingError {
+    pub(crate) fn io(operation: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        OnboardingError::Io { operation, path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,233 @@
+//! MQTT payloads (JSON) and their limits. Every payload is bounded by `PAYLOAD_BYTES_MAX` before it
+//! is parsed, and unknown fields are refused, so a hostile or mistaken sender gets a reason code
+//! instead of partial processing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Longest payload any side parses. A request is about 1 KiB (a P-256 CSR is about 0.5 KiB); a
+/// response with certificate, CA and config about 3 KiB.
+pub const PAYLOAD_BYTES_MAX: usize = 16 * 1024;
+/// Most keys one device config holds.
+pub const CONFIG_KEYS_MAX: usize = 64;
+/// Longest config key in bytes (`[a-z0-9_.]`).
+pub const CONFIG_KEY_BYTES_MAX: usize = 64;
+/// Longest config value in bytes.
+pub const CONFIG_VALUE_BYTES_MAX: usize = 256;
+/// Longest claim token in bytes (ours are 43).
+pub const CLAIM_TOKEN_BYTES_MAX: usize = 128;
+/// Longest message string (rejection message, ack message) a sender may put in a payload.
+pub const MESSAGE_BYTES_MAX: usize = 512;
+/// Most ring lanes a heartbeat reports.
+pub const HEARTBEAT_LANES_MAX: usize = 16;
+
+// A full config fits in one payload with room for the envelope.
+const _: () =
+    assert!(CONFIG_KEYS_MAX * (CONFIG_KEY_BYTES_MAX + CONFIG_VALUE_BYTES_MAX + 8) < PAYLOAD_BYTES_MAX * 2);
+
+/// A device asks for a certificate: `tributary/onboarding/request/{device_id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingRequest {
+    pub device_id: String,
+    /// Absent: the request waits for an operator's approval (if the authority allows that).
+    #[serde(default)]
+    pub claim_token: Option<String>,
+    /// PKCS#10, PEM, subject CN = `device_id`, ECDSA P-256.
+    pub csr_pem: String,
+}
+
+/// The authority's answer: `tributary/onboarding/response/{device_id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OnboardingResponse {
+    Accepted {
+        certificate_pem: String,
+        /// The fleet CA the device pins to verify the sink.
+        ca_pem: String,
+        /// Where the QUIC sink listens (`host:port`) and the name its certificate carries.
+        sink_address: String,
+        sink_server_name: String,
+        config: ConfigDocument,
+    },
+    /// Waiting for `core-sink fleet approve ID`; the device keeps asking.
+    Pending {
+        message: String,
+    },
+    Rejected {
+        code: RejectionCode,
+        message: String,
+    },
+}
+
+/// Why a request was refused; sent to the device and logged.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionCode {
+    PayloadTooLarge,
+    MalformedPayload,
+    TopicMismatch,
+    InvalidDeviceId,
+    ReservedDeviceId,
+    MissingToken,
+    UnknownToken,
+    ExpiredToken,
+    TokenUsed,
+    CsrMalformed,
+    CsrBadSignature,
+    CsrUnsupportedKey,
+    CsrSubjectMismatch,
+    DeviceIdTaken,
+    DeviceRevoked,
+    InternalError,
+}
+
+impl RejectionCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::PayloadTooLarge => "payload_too_large",
+            RejectionCode::MalformedPayload => "malformed_payload",
+            RejectionCode::TopicMismatch => "topic_mismatch",
+            RejectionCode::InvalidDeviceId => "invalid_device_id",
+            RejectionCode::ReservedDeviceId => "reserved_device_id",
+            RejectionCode::MissingToken => "missing_token",
+            RejectionCode::UnknownToken => "unknown_token",
+            RejectionCode::ExpiredToken => "expired_token",
+            RejectionCode::TokenUsed => "token_used",
+            RejectionCode::CsrMalformed => "csr_malformed",
+            RejectionCode::CsrBadSignature => "csr_bad_signature",
+            RejectionCode::CsrUnsupportedKey => "csr_unsupported_key",
+            RejectionCode::CsrSubjectMismatch => "csr_subject_mismatch",
+            RejectionCode::DeviceIdTaken => "device_id_taken",
+            RejectionCode::DeviceRevoked => "device_revoked",
+            RejectionCode::InternalError => "internal_error",
+        }
+    }
+
+    /// Whether asking again with the same request can succeed (only an internal error can).
+    pub fn is_permanent(self) -> bool {
+        self != RejectionCode::InternalError
+    }
+}
+
+impl fmt::Display for RejectionCode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// A device's config: `tributary/device/{id}/config`, retained, so a device that connects later
+/// still gets the latest. `version` only grows; a device applies a version above its own.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDocument {
+    pub version: u64,
+    pub values: BTreeMap<String, String>,
+}
+
+impl ConfigDocument {
+    /// Checks the key alphabet and the limits; the error says which key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.values.len() > CONFIG_KEYS_MAX {
+            return Err(format!("{} keys, at most {CONFIG_KEYS_MAX}", self.values.len()));
+        }
+        for (key, value) in &self.values {
+            validate_config_entry(key, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one config key and value against the alphabet and limits.
+pub fn validate_config_entry(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > CONFIG_KEY_BYTES_MAX {
+        return Err(format!("config key {key:?}: 1..={CONFIG_KEY_BYTES_MAX} bytes expected"));
+    }
+    if !key.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"_.".contains(&byte)) {
+        return Err(format!("config key {key:?}: only a-z 0-9 _ . allowed"));
+    }
+    if value.len() > CONFIG_VALUE_BYTES_MAX || value.chars().any(char::is_control) {
+        return Err(format!(
+            "config value of {key:?}: at most {CONFIG_VALUE_BYTES_MAX} bytes, no control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The device's answer to a config: `tributary/device/{id}/config/ack`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigAck {
+    pub version: u64,
+    pub applied: bool,
+    pub message: String,
+}
+
+/// Periodic device report: `tributary/device/{id}/heartbeat`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Software version of the appliance.
+    pub version: String,
+    pub uptime_seconds: u64,
+    /// Ring fill per lane (lane name → percent of the lane's share, 0..=100).
+    pub ring_fill_percent_per_lane: BTreeMap<String, f64>,
+    /// Chunks in the ring not yet acknowledged by the sink.
+    pub uplink_lag_chunks: u64,
+    /// When the sink last acknowledged a chunk (Unix milliseconds); absent if never.
+    pub last_ack_unix_ms: Option<u64>,
+    /// The config version the device runs with.
+    pub config_version: u64,
+    /// When the device sent this heartbeat (Unix milliseconds, the device's clock).
+    pub sent_unix_ms: u64,
+}
+
+impl Heartbeat {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version.len() > CONFIG_VALUE_BYTES_MAX {
+            return Err(format!("version: at most {CONFIG_VALUE_BYTES_MAX} bytes"));
+        }
+        if self.ring_fill_percent_per_lane.len() > HEARTBEAT_LANES_MAX
+            || self.ring_fill_percent_per_lane.keys().any(|lane| lane.len() > CONFIG_KEY_BYTES_MAX)
+        {
+            return Err(format!(
+                "ring_fill_percent_per_lane: at most {HEARTBEAT_LANES_MAX} short lane names"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a payload after checking its size: the reason code and message on failure.
+pub fn parse_bounded<T: DeserializeOwned>(payload: &[u8]) -> Result<T, (RejectionCode, String)> {
+    if payload.len() > PAYLOAD_BYTES_MAX {
+        return Err((
+            RejectionCode::PayloadTooLarge,
+            format!("payload is {} bytes, at most {PAYLOAD_BYTES_MAX}", payload.len()),
+        ));
+    }
+    serde_json::from_slice(payload).map_err(|error| {
+        (RejectionCode::MalformedPayload, format!("payload is not the expected JSON: {error}"))
+    })
+}
+
+/// Cuts `text` to at most `MESSAGE_BYTES_MAX` bytes at a character boundary.
+pub(crate) fn shorten(text: &str) -> String {
+    if text.len() <= MESSAGE_BYTES_MAX {
+        return text.to_owned();
+    }
+    let mut end = MESSAGE_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+pub(crate) fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}

@@ -1,0 +1,445 @@
+//! The device registry (heed): claim tokens, devices, their latest heartbeat and their config.
+//!
+//! Layout: database `tokens`, key = SHA-256 of the token (hex; the token itself is shown once by
+//! `create_tokens` and never stored), value = [`TokenRecord`] as JSON; database `devices`, key =
+//! device id, value = [`DeviceRecord`] as JSON. Values are small (a record with certificate and
+//! heartbeat is about 3 KiB), so the map (`REGISTRY_MAP_BYTES`, 256 MiB) holds tens of thousands
+//! of devices.
+//!
+//! The registry is also the command queue from the operator's CLI to the running authority: the
+//! CLI (another process; LMDB allows that) writes config changes, approvals and revocations; the
+//! authority polls and acts on them. One process opens an environment once; [`Registry::open`]
+//! hands out clones of that one handle.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use heed::types::{Bytes, Str};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::messages::{ConfigDocument, Heartbeat, validate_config_entry};
+use crate::{OnboardingError, RESERVED_DEVICE_IDS};
+
+/// Bounds the registry file.
+const REGISTRY_MAP_BYTES: usize = 256 * 1024 * 1024;
+/// Most tokens one `create_tokens` call makes.
+pub const TOKENS_PER_CALL_MAX: u32 = 10_000;
+/// Longest token validity: a claim token is a bootstrap secret, not a long-term credential.
+pub const TOKEN_VALIDITY_MAX: Duration = Duration::from_secs(365 * 86_400);
+/// Random bytes in a token (shown as 64 hex digits).
+const TOKEN_RANDOM_BYTES: usize = 32;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub created_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    /// The device that claimed it; a token is single-use.
+    pub used_by: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Asked without a token; waits for `core-sink fleet approve`.
+    Pending,
+    Active,
+    Revoked,
+}
+
+impl DeviceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Pending => "pending",
+            DeviceState::Active => "active",
+            DeviceState::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub state: DeviceState,
+    /// SHA-256 (hex) of the claim token it onboarded with, if any.
+    pub token_hash: Option<String>,
+    /// Operator approval (approval mode), given before or after the device asked.
+    pub approved: bool,
+    /// SHA-256 (hex) of the public key a pending request asked for: an approval signs only that key.
+    pub pending_key_sha256: Option<String>,
+    pub certificate_pem: Option<String>,
+    pub onboarded_unix_ms: Option<u64>,
+    pub last_heartbeat: Option<Heartbeat>,
+    pub last_heartbeat_received_unix_ms: Option<u64>,
+    /// The desired config; `config.version` grows with every change.
+    pub config: ConfigDocument,
+    /// The highest version published to the device (retained) and acknowledged by it.
+    pub config_published_version: u64,
+    pub config_acked_version: u64,
+    pub config_ack_message: Option<String>,
+}
+
+impl DeviceRecord {
+    fn new(device_id: &str, defaults: &BTreeMap<String, String>) -> DeviceRecord {
+        DeviceRecord {
+            device_id: device_id.to_owned(),
+            state: DeviceState::Pending,
+            token_hash: None,
+            approved: false,
+            pending_key_sha256: None,
+            certificate_pem: None,
+            onboarded_unix_ms: None,
+            last_heartbeat: None,
+            last_heartbeat_received_unix_ms: None,
+            config: ConfigDocument { version: 1, values: defaults.clone() },
+            config_published_version: 0,
+            config_acked_version: 0,
+            config_ack_message: None,
+        }
+    }
+}
+
+/// A handle on the registry; clones share one environment.
+#[derive(Clone)]
+pub struct Registry {
+    path: PathBuf,
+    env: Env<WithoutTls>,
+    tokens: Database<Str, Bytes>,
+    devices: Database<Str, Bytes>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Registry").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Environments opened by this process (heed refuses a second open of one path).
+static OPENED: Mutex<BTreeMap<PathBuf, Registry>> = Mutex::new(BTreeMap::new());
+
+/// SHA-256 hex of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Parses `7d`, `12h`, `30m` or `45s`.
+pub fn parse_duration(text: &str) -> Result<Duration, OnboardingError> {
+    let invalid = || OnboardingError::Token(format!("duration {text:?}: expected a number and d, h, m or s"));
+    let unit_index = text.len().checked_sub(1).ok_or_else(invalid)?;
+    let (number, unit) = text.split_at(unit_index);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "d" => number.checked_mul(86_400),
+        "h" => number.checked_mul(3_600),
+        "m" => number.checked_mul(60),
+        "s" => Some(number),
+        _ => None,
+    }
+    .ok_or_else(invalid)?;
+    Ok(Duration::from_secs(seconds))
+}
+
+impl Registry {
+    /// Opens (creating if missing) the registry in `directory`.
+    pub fn open(directory: &Path) -> Result<Registry, OnboardingError> {
+        std::fs::create_dir_all(directory)
+            .map_err(|source| OnboardingError::io("create directory", directory, source))?;
+        let key =
+            directory.canonicalize().map_err(|source| OnboardingError::io("resolve", directory, source))?;
+        let mut opened = OPENED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(registry) = opened.get(&key) {
+            return Ok(registry.clone());
+        }
+        let error = |operation| {
+            let path = key.clone();
+            move |source| OnboardingError::Registry { path, operation, source }
+        };
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options.map_size(REGISTRY_MAP_BYTES).max_dbs(2);
+        // SAFETY: opened once per path per process (the map above), default flags (every commit
+        // fsynced): a signed certificate is recorded durably before it is sent.
+        let env = unsafe { options.open(&key) }.map_err(error("open"))?;
+        env.clear_stale_readers().map_err(error("clear stale readers"))?;
+        let mut txn = env.write_txn().map_err(error("begin"))?;
+        let tokens = env.create_database(&mut txn, Some("tokens")).map_err(error("create tokens"))?;
+        let devices = env.create_database(&mut txn, Some("devices")).map_err(error("create devices"))?;
+        txn.commit().map_err(error("commit"))?;
+        let registry = Registry { path: key.clone(), env, tokens, devices };
+        opened.insert(key, registry.clone());
+        Ok(registry)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, operation: &'static str) -> impl FnOnce(heed::Error) -> OnboardingError + '_ {
+        move |source| OnboardingError::Registry { path: self.path.clone(), operation, source }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, what: &str, bytes: &[u8]) -> Result<T, OnboardingError> {
+        serde_json::from_slice(bytes).map_err(|error| OnboardingError::File {
+            path: self.path.clone(),
+            problem: format!("{what} is not a valid record: {error}"),
+        })
+    }
+
+    /// Runs `body` in one write transaction, committed only if it returns `Ok(Ok(_))`; the
+    /// inner error is a decision (for example a rejection), the outer one a failure.
+    pub fn write<T, E>(
+        &self,
+        body: impl FnOnce(&mut Transaction<'_>) -> Result<Result<T, E>, OnboardingError>,
+    ) -> Result<Result<T, E>, OnboardingError> {
+        let txn = self.env.write_txn().map_err(self.error("begin write"))?;
+        let mut transaction = Transaction { registry: self, txn };
+        let outcome = body(&mut transaction)?;
+        if outcome.is_ok() {
+            transaction.txn.commit().map_err(self.error("commit"))?;
+        }
+        Ok(outcome)
+    }
+
+    /// Creates `count` single-use tokens valid for `validity`; returns them (shown once).
+    pub fn create_tokens(
+        &self,
+        count: u32,
+        validity: Duration,
+        now_unix_ms: u64,
+    ) -> Result<Vec<String>, OnboardingError> {
+        if count == 0 || count > TOKENS_PER_CALL_MAX {
+            return Err(OnboardingError::Token(format!("count {count}: expected 1..={TOKENS_PER_CALL_MAX}")));
+        }
+        if validity.is_zero() || validity > TOKEN_VALIDITY_MAX {
+            return Err(OnboardingError::Token(format!(
+                "validity {} s: expected 1 s ..= {} days",
+                validity.as_secs(),
+                TOKEN_VALIDITY_MAX.as_secs() / 86_400
+            )));
+        }
+        let random = ring::rand::SystemRandom::new();
+        let mut tokens = Vec::with_capacity(count as usize);
+        let outcome: Result<(), std::convert::Infallible> = self.write(|transaction| {
+            for _ in 0..count {
+                let mut bytes = [0u8; TOKEN_RANDOM_BYTES];
+                ring::rand::SecureRandom::fill(&random, &mut bytes)
+                    .map_err(|_| OnboardingError::Token("no system randomness".to_owned()))?;
+                let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+                let record = TokenRecord {
+                    created_unix_ms: now_unix_ms,
+                    expires_unix_ms: now_unix_ms.saturating_add(validity.as_millis() as u64),
+                    used_by: None,
+                };
+                transaction.put_token(&sha256_hex(token.as_bytes()), &record)?;
+                tokens.push(token);
+            }
+            Ok(Ok(()))
+        })?;
+        let Ok(()) = outcome;
+        Ok(tokens)
+    }
+
+    pub fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, OnboardingError> {
+        let txn = self.env.read_txn().map_err(self.error("begin read"))?;
+        self.device_in(&txn, device_id)
+    }
+
+    fn device_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        device_id: &str,
+    ) -> Result<Option<DeviceRecord>, OnboardingError> {
+        match self.devices.get(txn, device_id).map_err(self.error("read device"))? {
+            Some(bytes) => Ok(Some(self.decode(&format!("device {device_id}"), bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every device, in id order.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, OnboardingError> {
+        let txn = self.env.read_txn().map_err(self.error("begin read"))?;
+        let mut devices = Vec::new();
+        for entry in self.devices.iter(&txn).map_err(self.error("read devices"))? {
+            let (device_id, bytes) = entry.map_err(self.error("read devices"))?;
+            devices.push(self.decode(&format!("device {device_id}"), bytes)?);
+        }
+        Ok(devices)
+    }
+
+    /// Sets `key` = `value` in the desired config of an active device; returns the new version.
+    /// The authority publishes it (retained) at its next poll.
+    pub fn set_config(&self, device_id: &str, key: &str, value: &str) -> Result<u64, OnboardingError> {
+        validate_config_entry(key, value).map_err(OnboardingError::Config)?;
+        self.write(|transaction| {
+            let Some(mut record) = transaction.device(device_id)? else {
+                return Ok(Err(OnboardingError::UnknownDevice { device_id: device_id.to_owned() }));
+            };
+            if record.state != DeviceState::Active {
+                return Ok(Err(OnboardingError::NotActive {
+                    device_id: device_id.to_owned(),
+                    state: record.state.as_str(),
+                }));
+            }
+            record.config.values.insert(key.to_owned(), value.to_owned());
+            record.config.validate().map_err(OnboardingError::Config)?;
+            record.config.version += 1;
+            transaction.put_device(&record)?;
+            Ok(Ok(record.config.version))
+        })?
+    }
+
+    /// Approves `device_id` (before or after it asked). Refuses reserved, active or revoked ids.
+    pub fn approve(
+        &self,
+        device_id: &str,
+        defaults: &BTreeMap<String, String>,
+    ) -> Result<(), OnboardingError> {
+        fleet::validate_device_id(device_id)?;
+        if RESERVED_DEVICE_IDS.contains(&device_id) {
+            return Err(OnboardingError::Config(format!("{device_id} is a reserved id")));
+        }
+        self.write(|transaction| {
+            let mut record =
+                transaction.device(device_id)?.unwrap_or_else(|| DeviceRecord::new(device_id, defaults));
+            if record.state != DeviceState::Pending {
+                return Ok(Err(OnboardingError::Config(format!(
+                    "device {device_id} is {}: only a pending or unknown device can be approved",
+                    record.state.as_str()
+                ))));
+            }
+            record.approved = true;
+            transaction.put_device(&record)?;
+            Ok(Ok(()))
+        })?
+    }
+
+    /// Marks `device_id` revoked (known or not, so it can never onboard under that id again).
+    /// The caller also adds it to the sink's revocation list.
+    pub fn revoke(&self, device_id: &str) -> Result<(), OnboardingError> {
+        fleet::validate_device_id(device_id)?;
+        let outcome: Result<(), std::convert::Infallible> = self.write(|transaction| {
+            let mut record = transaction
+                .device(device_id)?
+                .unwrap_or_else(|| DeviceRecord::new(device_id, &BTreeMap::new()));
+            record.state = DeviceState::Revoked;
+            transaction.put_device(&record)?;
+            Ok(Ok(()))
+        })?;
+        let Ok(()) = outcome;
+        Ok(())
+    }
+
+    /// Active devices whose desired config is newer than what was published.
+    pub fn configs_to_publish(&self) -> Result<Vec<(String, ConfigDocument)>, OnboardingError> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter(|record| {
+                record.state == DeviceState::Active && record.config.version > record.config_published_version
+            })
+            .map(|record| (record.device_id, record.config))
+            .collect())
+    }
+
+    /// Applies `change` to the record of `device_id` if it exists; returns whether it did.
+    pub fn update_device(
+        &self,
+        device_id: &str,
+        change: impl FnOnce(&mut DeviceRecord) -> bool,
+    ) -> Result<bool, OnboardingError> {
+        let outcome = self.write(|transaction| {
+            let Some(mut record) = transaction.device(device_id)? else { return Ok(Err(())) };
+            if !change(&mut record) {
+                return Ok(Err(()));
+            }
+            transaction.put_device(&record)?;
+            Ok(Ok(()))
+        })?;
+        Ok(outcome.is_ok())
+    }
+
+    /// Creates a new pending device record with the given default config.
+    pub fn new_record(device_id: &str, defaults: &BTreeMap<String, String>) -> DeviceRecord {
+        DeviceRecord::new(device_id, defaults)
+    }
+}
+
+/// One write transaction on the registry.
+pub struct Transaction<'a> {
+    registry: &'a Registry,
+    txn: RwTxn<'a>,
+}
+
+impl Transaction<'_> {
+    pub fn token(&self, token_hash: &str) -> Result<Option<TokenRecord>, OnboardingError> {
+        let registry = self.registry;
+        match registry.tokens.get(&self.txn, token_hash).map_err(registry.error("read token"))? {
+            Some(bytes) => Ok(Some(registry.decode("token", bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_token(&mut self, token_hash: &str, record: &TokenRecord) -> Result<(), OnboardingError> {
+        let bytes = serde_json::to_vec(record).expect("a token record serializes");
+        self.registry
+            .tokens
+            .put(&mut self.txn, token_hash, &bytes)
+            .map_err(self.registry.error("write token"))
+    }
+
+    pub fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, OnboardingError> {
+        self.registry.device_in(&self.txn, device_id)
+    }
+
+    pub fn put_device(&mut self, record: &DeviceRecord) -> Result<(), OnboardingError> {
+        let bytes = serde_json::to_vec(record).expect("a device record serializes");
+        self.registry
+            .devices
+            .put(&mut self.txn, &record.device_id, &bytes)
+            .map_err(self.registry.error("write device"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_or_name_the_problem() {
+        let check = |text: &str, expected: Option<u64>| {
+            assert_eq!(parse_duration(text).ok().map(|duration| duration.as_secs()), expected, "{text}");
+        };
+        check("7d", Some(7 * 86_400));
+        check("12h", Some(12 * 3_600));
+        check("30m", Some(1_800));
+        check("45s", Some(45));
+        check("", None);
+        check("d", None);
+        check("7w", None);
+        check("-1d", None);
+        check("99999999999999999999d", None);
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed_and_single_records() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let registry = Registry::open(directory.path()).expect("open");
+        let tokens = registry.create_tokens(3, Duration::from_secs(60), 1_000).expect("tokens");
+        assert_eq!(tokens.len(), 3);
+        let outcome: Result<(), ()> = registry
+            .write(|transaction| {
+                for token in &tokens {
+                    assert!(transaction.token(token)?.is_none(), "the token itself is not a key");
+                    let record = transaction.token(&sha256_hex(token.as_bytes()))?.expect("hashed key");
+                    assert_eq!(record.expires_unix_ms, 61_000);
+                }
+                Ok(Err(()))
+            })
+            .expect("read");
+        assert_eq!(outcome, Err(()));
+        // A second open in the same process shares the environment.
+        Registry::open(directory.path()).expect("second open");
+    }
+}
