@@ -67,6 +67,51 @@ pub struct ApplianceConfig {
     pub uplink: Option<UplinkSettings>,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceSettings>,
+    /// The local inference API with evidence on the audit lane; absent = no API.
+    #[serde(default)]
+    pub inference: Option<InferenceSettings>,
+    /// First-boot onboarding over MQTT and heartbeats; the identity and sink address come from
+    /// the fleet's authority, so `[uplink]` must be absent.
+    #[serde(default)]
+    pub onboarding: Option<OnboardingSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSettings {
+    /// Where `POST /v1/infer` and `GET /v1/decisions/ID` are served.
+    pub listen: SocketAddr,
+    /// Directory of `<name>.onnx` + `<name>.json` pairs.
+    pub models_dir: PathBuf,
+    /// Model names to load (hot-swapped when this list changes).
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub default_model: Option<String>,
+    #[serde(default = "default_inference_body_bytes")]
+    pub body_bytes_max: usize,
+}
+
+fn default_inference_body_bytes() -> usize {
+    1024 * 1024
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingSettings {
+    /// The fleet broker.
+    pub broker_host: String,
+    pub broker_port: u16,
+    /// The claim identity shipped in the image (`cert.pem`, `key.pem`, `ca.pem`).
+    pub claim_identity_dir: PathBuf,
+    /// A file holding the single-use claim token; absent = wait for an operator's approval.
+    #[serde(default)]
+    pub claim_token_file: Option<PathBuf>,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    10_000
 }
 
 fn default_config_reload_ms() -> u64 {
@@ -164,6 +209,21 @@ impl ApplianceConfig {
                 uplink.identity_dir = config.data_dir.join(&uplink.identity_dir);
             }
         }
+        if let Some(inference) = &mut config.inference
+            && inference.models_dir.is_relative()
+        {
+            inference.models_dir = base.join(&inference.models_dir);
+        }
+        if let Some(onboarding) = &mut config.onboarding {
+            if onboarding.claim_identity_dir.is_relative() {
+                onboarding.claim_identity_dir = base.join(&onboarding.claim_identity_dir);
+            }
+            if let Some(token) = &mut onboarding.claim_token_file
+                && token.is_relative()
+            {
+                *token = base.join(&*token);
+            }
+        }
         config.validate().map_err(invalid)?;
         Ok(config)
     }
@@ -179,6 +239,19 @@ impl ApplianceConfig {
             }
             if uplink.server_name.is_empty() {
                 return Err("uplink.server_name: expected the name on the sink's certificate, got \"\"".into());
+            }
+        }
+        if let Some(inference) = &self.inference
+            && inference.models.is_empty()
+        {
+            return Err("inference.models: expected at least one model name".into());
+        }
+        if self.onboarding.is_some() {
+            if self.uplink.is_some() {
+                return Err("onboarding: the sink address comes from onboarding; remove [uplink]".into());
+            }
+            if self.device_id.is_none() {
+                return Err("device_id: expected the device id this appliance onboards as".into());
             }
         }
         for (name, source) in &self.sources {

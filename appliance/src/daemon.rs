@@ -35,6 +35,9 @@ pub struct Daemon {
     pub metrics_address: Option<std::net::SocketAddr>,
     pub metrics_view: Arc<MetricsView>,
     pub device_id: Option<String>,
+    /// The inference service and the address its API listens on.
+    pub inference: Option<(Arc<inference::InferenceService>, std::net::SocketAddr)>,
+    agent: Option<onboarding::DeviceAgent>,
     stop: StopSignal,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -52,7 +55,49 @@ impl Daemon {
         let dictionaries = Arc::new(DictionaryStore::open(&config.data_dir.join("dictionaries"))?);
 
         let mut device_id = config.device_id.clone();
-        let uplink = match &config.uplink {
+        let mut onboarded = None;
+        if let Some(settings) = &config.onboarding {
+            let id = device_id.clone().expect("validated: onboarding needs device_id");
+            let token = match &settings.claim_token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("onboarding.claim_token_file {}", path.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let broker = onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+            let onboarding_config = onboarding::DeviceOnboardingConfig::new(
+                &id,
+                &config.data_dir.join("identity"),
+                broker,
+                &settings.claim_identity_dir,
+                token,
+            );
+            let identity = onboarding::ensure_identity(&onboarding_config).await.context("onboarding")?;
+            onboarded = Some(identity);
+        }
+        let uplink = match &onboarded {
+            Some(identity) => {
+                let sink = identity
+                    .sink
+                    .sink_address
+                    .to_socket_addrs()
+                    .with_context(|| format!("onboarded sink address {}", identity.sink.sink_address))?
+                    .next()
+                    .context("onboarded sink address resolves to nothing")?;
+                let mut uplink_config = UplinkConfig::new(
+                    sink,
+                    &identity.sink.sink_server_name,
+                    &identity.device_id,
+                    identity.certificate.clone(),
+                    &identity.ca_pem,
+                );
+                uplink_config.dictionaries = Some(dictionaries.clone());
+                Some(Uplink::spawn(ring.clone(), uplink_config)?)
+            }
+            None => match &config.uplink {
             Some(settings) => {
                 let identity = IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
                     format!("uplink.identity_dir {}: read the device certificate", settings.identity_dir.display())
@@ -78,6 +123,7 @@ impl Daemon {
                 Some(Uplink::spawn(ring.clone(), uplink_config)?)
             }
             None => None,
+            },
         };
 
         let stop = StopSignal::new();
@@ -102,6 +148,55 @@ impl Daemon {
             metrics_address = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(crate::metrics::serve(listener, metrics_view.clone())));
         }
+        let mut inference = None;
+        if let Some(settings) = &config.inference {
+            let models = settings
+                .models
+                .iter()
+                .map(|name| inference::ModelSource::in_directory(&settings.models_dir, name))
+                .collect();
+            let mut inference_config = inference::InferenceConfig::new(config.data_dir.join("inference"), models);
+            inference_config.default_model = settings.default_model.clone();
+            inference_config.body_bytes_max = settings.body_bytes_max;
+            let service = inference::InferenceService::start(inference_config, ring.clone())
+                .context("inference: start the service")?;
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("inference.listen: bind tcp {}", settings.listen))?;
+            let address = listener.local_addr()?;
+            let stopped = stop.clone();
+            let shutdown = async move {
+                while !stopped.is_stopped() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tasks.push(tokio::spawn({
+                let service = service.clone();
+                async move {
+                    if let Err(error) = inference::serve(listener, service, shutdown).await {
+                        tracing::error!(%error, "inference API stopped");
+                    }
+                }
+            }));
+            tracing::info!(%address, "inference API listening");
+            inference = Some((service, address));
+        }
+        let mut agent = None;
+        if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
+            let broker = onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+            let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
+            agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
+            let started = onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
+            let updaters = pipelines.iter().map(|(name, pipeline)| (name.clone(), pipeline.filter_updater())).collect();
+            tasks.push(tokio::spawn(apply_remote_config(started.config(), updaters)));
+            tasks.push(tokio::spawn(report_status(
+                started.status_reporter(),
+                ring.clone(),
+                uplink.as_ref().map(Uplink::metrics),
+                Duration::from_millis(settings.heartbeat_interval_ms),
+            )));
+            agent = Some(started);
+        }
         let heartbeats: Vec<_> = pipelines.values().map(|pipeline| pipeline.metrics.clone()).collect();
         if let Some(watchdog) = systemd::watchdog_interval() {
             tasks.push(tokio::spawn(systemd::watchdog(watchdog, heartbeats)));
@@ -114,6 +209,8 @@ impl Daemon {
             metrics_address,
             metrics_view,
             device_id,
+            inference,
+            agent,
             stop,
             tasks,
         };
@@ -165,6 +262,9 @@ impl Daemon {
         for task in self.tasks {
             task.abort();
         }
+        if let Some(agent) = self.agent {
+            agent.shutdown().await;
+        }
         if let Some(uplink) = self.uplink {
             uplink.stop().await;
         }
@@ -195,6 +295,79 @@ fn start_pipeline(
     )?;
     let view = PipelineView::new(&pipeline, source_metrics);
     Ok((pipeline, view))
+}
+
+/// What heartbeats report: ring fill per lane, uplink lag and the last ack.
+async fn report_status(
+    reporter: tokio::sync::watch::Sender<onboarding::DeviceStatus>,
+    ring: Ring,
+    uplink: Option<Arc<crate::uplink::UplinkMetrics>>,
+    interval: Duration,
+) {
+    let started = std::time::Instant::now();
+    let mut last_acked = 0u64;
+    let mut last_ack_unix_ms = None;
+    loop {
+        let stats = ring.stats();
+        let ring_fill_percent_per_lane = protocol::Lane::ALL
+            .iter()
+            .map(|lane| {
+                let lane_stats = stats.lane(*lane);
+                (lane.to_string(), 100.0 * lane_stats.bytes_used as f64 / lane_stats.budget_bytes.max(1) as f64)
+            })
+            .collect();
+        let uplink_lag_chunks =
+            protocol::Lane::ALL.iter().map(|lane| stats.lane(*lane).chunk_count).sum();
+        if let Some(uplink) = &uplink {
+            let acked: u64 = protocol::Lane::ALL.iter().map(|lane| uplink.acked_through(*lane)).sum();
+            if acked != last_acked {
+                last_acked = acked;
+                last_ack_unix_ms = Some(unix_ms());
+            }
+        }
+        reporter.send_replace(onboarding::DeviceStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: started.elapsed().as_secs(),
+            ring_fill_percent_per_lane,
+            uplink_lag_chunks,
+            last_ack_unix_ms,
+        });
+        tokio::time::sleep(interval.min(Duration::from_secs(1))).await;
+    }
+}
+
+/// Applies remote config from the fleet authority: `sources.NAME.filters` holds a TOML array of
+/// filter tables (e.g. `[{kind = "decimate", keep_every = 2}]`) that replaces that source's
+/// filters without a restart; other keys are logged and ignored.
+async fn apply_remote_config(
+    mut config: tokio::sync::watch::Receiver<onboarding::ConfigDocument>,
+    updaters: BTreeMap<String, crate::pipeline::FilterUpdater>,
+) {
+    loop {
+        let document = config.borrow_and_update().clone();
+        for (key, value) in &document.values {
+            let Some(source) = key.strip_prefix("sources.").and_then(|rest| rest.strip_suffix(".filters")) else {
+                continue;
+            };
+            let Some(updater) = updaters.get(source) else {
+                tracing::warn!(%key, "remote config names a source this appliance does not have");
+                continue;
+            };
+            let parsed = toml::from_str::<toml::Table>(&format!("filters = {value}"))
+                .map_err(|error| error.to_string())
+                .and_then(|table| {
+                    crate::filters::FilterConfig::list_from_toml(&table["filters"]).map_err(|error| error.to_string())
+                });
+            match parsed.map(|filters| updater.reconfigure(filters)) {
+                Ok(Ok(())) => tracing::info!(%key, version = document.version, "remote filters applied"),
+                Ok(Err(error)) => tracing::error!(%key, %error, "remote filters refused"),
+                Err(error) => tracing::error!(%key, %error, "remote filters do not parse"),
+            }
+        }
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -128,10 +128,12 @@ impl SourcePipeline {
     /// Replaces the filters between two records; an invalid list leaves the old one in force
     /// (the pipeline logs why).
     pub fn reconfigure_filters(&self, filters: Vec<FilterConfig>) -> anyhow::Result<()> {
-        FilterChain::from_config(&filters).map_err(|error| anyhow::anyhow!("sources.{}.filters: {error}", self.name))?;
-        self.filter_updates
-            .try_send(filters)
-            .map_err(|_| anyhow::anyhow!("sources.{}: too many filter updates queued", self.name))
+        self.filter_updater().reconfigure(filters)
+    }
+
+    /// A handle that reconfigures this pipeline's filters from another task (remote config).
+    pub fn filter_updater(&self) -> FilterUpdater {
+        FilterUpdater { name: self.name.clone(), updates: self.filter_updates.clone() }
     }
 
     /// Waits for both threads (after the stop signal was set).
@@ -139,6 +141,22 @@ impl SourcePipeline {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+#[derive(Clone)]
+pub struct FilterUpdater {
+    name: String,
+    updates: SyncSender<Vec<FilterConfig>>,
+}
+
+impl FilterUpdater {
+    /// As `SourcePipeline::reconfigure_filters`.
+    pub fn reconfigure(&self, filters: Vec<FilterConfig>) -> anyhow::Result<()> {
+        FilterChain::from_config(&filters).map_err(|error| anyhow::anyhow!("sources.{}.filters: {error}", self.name))?;
+        self.updates
+            .try_send(filters)
+            .map_err(|_| anyhow::anyhow!("sources.{}: too many filter updates queued", self.name))
     }
 }
 

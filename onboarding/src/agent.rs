@@ -146,6 +146,11 @@ impl DeviceAgent {
         self.status.send_replace(status);
     }
 
+    /// A handle that replaces the reported status from another task.
+    pub fn status_reporter(&self) -> watch::Sender<DeviceStatus> {
+        self.status.clone()
+    }
+
     /// The latest applied config; `changed()` on it wakes when a new one is applied.
     pub fn config(&self) -> watch::Receiver<ConfigDocument> {
         self.config.clone()
