@@ -1,35 +1,54 @@
-//! `tributary demo`: the pipeline on one machine with embedded defaults — a fleet CA, a core sink
-//! with raw landing and training datasets on two targets, and several simulated appliances, each
-//! with its own ring and QUIC uplink, producing sensor readings and camera-like frames for a
-//! while. It ends with every produced record durable at the sink, the datasets published, and a
-//! summary of where everything is.
+//! `tributary demo`: the whole pipeline on one machine with embedded defaults — a fleet CA, a
+//! core sink (raw landing, WebDataset/Parquet datasets striped over two targets, the
+//! tamper-evident decision archive) and N appliance daemons. Each appliance runs the simulated dev
+//! kit through the real drivers (SHT3x + accelerometer readings, a camera producing JPEG frames of
+//! a moving scene), filters (deadband, tagging, duplicate frames), the chunker with zstd
+//! dictionaries, its LMDB ring, the QUIC uplink and the inference API, which the demo feeds
+//! synthetic images. A live view shows every stage; at the end every kept record is durable at
+//! the sink and a summary says where everything is.
 //!
-//! Not in the demo yet (their issues are open): the appliance pipeline's real sources and filters,
-//! the MQTT broker and onboarding, the inference API and archive.
+//! `--fault sink-outage` stops the core sink for a few seconds mid-run: appliances keep
+//! producing into their rings and resume exactly where the sink's watermark says.
+//!
+//! Not in the demo (said in docs/ARCHITECTURE.md): MQTT onboarding (appliances get certificates
+//! from the CA directly; the embedded broker is behind the onboarding crate's `embedded-broker`
+//! feature).
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use appliance::{Uplink, UplinkConfig};
-use buffer::{Ring, RingConfig};
-use clap::Args;
+use appliance::config::ApplianceConfig;
+use appliance::daemon::Daemon;
+use appliance::filters::DropReason;
+use clap::{Args, ValueEnum};
 use core_sink::datasets::manifest::Manifest;
 use core_sink::{Sink, SinkConfig, SinkMetrics};
 use fleet::{FleetCa, Validity};
-use indicatif::{ProgressBar, ProgressStyle};
-use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use protocol::Lane;
 
-const MIB: u64 = 1024 * 1024;
-/// A slow source still flows: an open chunk is sealed after this long.
-const CHUNK_AGE_MAX: Duration = Duration::from_millis(250);
 /// How long the demo waits for the last chunks to be acked after producing stops.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+/// How long `--fault sink-outage` keeps the sink down.
+const OUTAGE: Duration = Duration::from_secs(4);
+const BOARD_PROFILE: &str = include_str!("../board/profiles/sim-devkit.toml");
+const MODEL_ONNX: &[u8] = include_bytes!("../models/shapes.onnx");
+const MODEL_SIDECAR: &[u8] = include_bytes!("../models/shapes.json");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Fault {
+    /// Stop the core sink for a few seconds a third of the way in, then start it again.
+    SinkOutage,
+}
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Where the demo keeps its fleet CA, sink state, landing, datasets and appliance rings
+    /// Where the demo keeps its fleet CA, sink state, landing, datasets, archive and appliances
     /// (replaced if it exists).
     #[arg(long, default_value = "tributary-demo")]
     dir: PathBuf,
@@ -39,19 +58,15 @@ pub struct DemoArgs {
     /// How long the appliances produce data, in seconds.
     #[arg(long = "duration", alias = "seconds", default_value_t = 15)]
     seconds: u64,
-    /// Sensor readings per second per appliance.
-    #[arg(long, default_value_t = 2_000)]
-    readings_per_second: u64,
-    /// Camera frames per second per appliance (synthetic, 20–60 KiB each).
+    /// Camera frames per second per appliance (320×240 JPEG of a moving scene).
     #[arg(long, default_value_t = 5)]
-    frames_per_second: u64,
-}
-
-#[derive(Default)]
-struct Produced {
-    readings: AtomicU64,
-    frames: AtomicU64,
-    bytes: AtomicU64,
+    frames_per_second: u32,
+    /// Inference requests per second per appliance (synthetic shapes, each decision archived).
+    #[arg(long, default_value_t = 10)]
+    inferences_per_second: u32,
+    /// Show an invariant live: `sink-outage` stops the sink for a few seconds mid-run.
+    #[arg(long, value_enum)]
+    fault: Vec<Fault>,
 }
 
 fn write_sink_config(dir: &Path) -> Result<PathBuf> {
@@ -71,112 +86,151 @@ fn write_sink_config(dir: &Path) -> Result<PathBuf> {
          targets = [\"targets/ost0\", \"targets/ost1\"]\n\
          manifest_dir = \"sink/manifests\"\n\
          shard_bytes_max = 16777216\n\
-         shard_age_max_ms = 5000\n",
+         shard_age_max_ms = 5000\n\
+         \n\
+         [archive]\n\
+         root = \"sink/archive\"\n\
+         review_dir = \"targets/review\"\n\
+         flush_interval_ms = 500\n",
     )
     .with_context(|| format!("write {}", path.display()))?;
     Ok(path)
 }
 
-/// One appliance's producer: sensor readings batched into zstd chunks and frames stored raw,
-/// each chunk sealed when full or `CHUNK_AGE_MAX` old.
-fn produce(ring: &Ring, device: &str, args: &DemoArgs, stop: &AtomicBool, produced: &Produced) -> Result<()> {
-    let mut compressor = ChunkCompressor::new(3);
-    let mut readings = ChunkBuilder::new(Lane::Sensor, 128 * 1024);
-    let mut frames = ChunkBuilder::new(Lane::Media, 1024 * 1024);
-    let (mut readings_opened, mut frames_opened) = (Instant::now(), Instant::now());
-    let started = Instant::now();
-    let mut state =
-        device.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |hash, byte| hash.rotate_left(5) ^ u64::from(byte));
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut temperature = 20.0f64;
-    let (mut reading_index, mut frame_index) = (0u64, 0u64);
-    while !stop.load(Ordering::Relaxed) {
-        let elapsed = started.elapsed().as_secs_f64();
-        while (reading_index as f64) < elapsed * args.readings_per_second as f64 {
-            temperature += ((next() % 1001) as f64 - 500.0) / 10_000.0;
-            let key = format!("{device}-reading-{reading_index:010}");
-            let timestamp_us =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
-            let payload = format!(
-                "{{\"sensor\":\"sht3x-0\",\"seq\":{reading_index},\"celsius\":{temperature:.3},\"humidity\":{:.2}}}",
-                45.0 + (next() % 1000) as f64 / 100.0
-            );
-            readings.push(RecordRef {
-                key: &key,
-                timestamp_us,
-                content_type: "application/json",
-                payload: payload.as_bytes(),
-            })?;
-            produced.readings.fetch_add(1, Ordering::Relaxed);
-            produced.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-            reading_index += 1;
-            if readings.is_full() {
-                ring.append(readings.seal(&mut compressor, 0)?)?;
-                readings_opened = Instant::now();
-            }
-        }
-        while (frame_index as f64) < elapsed * args.frames_per_second as f64 {
-            let length = 20 * 1024 + (next() % (40 * 1024)) as usize;
-            let frame: Vec<u8> = (0..length).map(|_| next() as u8).collect();
-            let key = format!("{device}-frame-{frame_index:08}");
-            let timestamp_us =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
-            frames.push(RecordRef {
-                key: &key,
-                timestamp_us,
-                content_type: "image/jpeg",
-                payload: &frame,
-            })?;
-            produced.frames.fetch_add(1, Ordering::Relaxed);
-            produced.bytes.fetch_add(length as u64, Ordering::Relaxed);
-            frame_index += 1;
-            if frames.is_full() {
-                ring.append(frames.seal_raw())?;
-                frames_opened = Instant::now();
-            }
-        }
-        if !readings.is_empty() && readings_opened.elapsed() >= CHUNK_AGE_MAX {
-            ring.append(readings.seal(&mut compressor, 0)?)?;
-            readings_opened = Instant::now();
-        }
-        if !frames.is_empty() && frames_opened.elapsed() >= CHUNK_AGE_MAX {
-            ring.append(frames.seal_raw())?;
-            frames_opened = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if !readings.is_empty() {
-        ring.append(readings.seal(&mut compressor, 0)?)?;
-    }
-    if !frames.is_empty() {
-        ring.append(frames.seal_raw())?;
-    }
-    Ok(())
+fn free_tcp_port() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn drained(rings: &[(String, Ring)]) -> bool {
-    rings.iter().all(|(_, ring)| {
-        let stats = ring.stats();
-        [Lane::Sensor, Lane::Media]
-            .iter()
-            .all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
-    })
+/// One appliance's config: the dev kit's sensors and camera with filters, the inference API.
+fn write_appliance_config(dir: &Path, sink: SocketAddr, api: SocketAddr, args: &DemoArgs) -> Result<PathBuf> {
+    let config = format!(
+        r#"# Written by `tributary demo`; relative paths are relative to this file.
+data_dir = "."
+[ring]
+capacity_bytes = 134217728
+audit_reserved_bytes = 16777216
+durability = "periodic"
+sync_interval_ms = 200
+[uplink]
+sink = "{sink}"
+server_name = "localhost"
+identity_dir = "identity"
+ca_file = "../../ca/ca.pem"
+
+[sources.sensors]
+input = {{ kind = "board", profile = "../../board.toml" }}
+chunker = {{ chunk_raw_bytes = 131072, chunk_age_max_ms = 250 }}
+[[sources.sensors.filters]]
+kind = "deadband"
+fields = [{{ field = "z_mg", threshold = 15.0 }}]
+max_silence_ms = 1000
+[[sources.sensors.filters]]
+kind = "tag"
+tags = {{ site = "demo-lab" }}
+
+[sources.camera]
+input = {{ kind = "camera", profile = "../../board.toml", fps = {fps} }}
+chunker = {{ chunk_raw_bytes = 1048576, chunk_age_max_ms = 250 }}
+[[sources.camera.filters]]
+kind = "drop_duplicates"
+window = 8
+
+[inference]
+listen = "{api}"
+models_dir = "../../models"
+models = ["shapes"]
+"#,
+        fps = args.frames_per_second
+    );
+    let path = dir.join("appliance.toml");
+    std::fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+struct Appliance {
+    device: String,
+    daemon: Daemon,
+    api: SocketAddr,
+    decisions: Arc<AtomicU64>,
+}
+
+fn source_view<'a>(daemon: &'a Daemon, name: &str) -> &'a appliance::metrics::PipelineView {
+    daemon.metrics_view.pipelines.iter().find(|view| view.name == name).expect("configured source")
+}
+
+fn line(appliance: &Appliance) -> String {
+    let sensors = source_view(&appliance.daemon, "sensors");
+    let camera = source_view(&appliance.daemon, "camera");
+    let stats = appliance.daemon.ring.stats();
+    let used: u64 = stats.lanes.iter().map(|lane| lane.bytes_used).sum();
+    let lag: u64 =
+        stats.lanes.iter().map(|lane| (lane.next_seq - 1).saturating_sub(lane.acked_through)).sum();
+    format!(
+        "{}  readings {:>6} kept {:>6}  frames {:>4}  decisions {:>4}  ring {:>5.1}%  lag {:>3} chunks",
+        appliance.device,
+        sensors.source.records_produced(),
+        sensors.filters.records_out.load(Ordering::Relaxed),
+        camera.filters.records_out.load(Ordering::Relaxed),
+        appliance.decisions.load(Ordering::Relaxed),
+        100.0 * used as f64 / stats.capacity_bytes as f64,
+        lag
+    )
+}
+
+/// Sends synthetic images to one appliance's inference API until `stop`.
+async fn feed_inference(api: SocketAddr, per_second: u32, stop: Arc<AtomicBool>, decisions: Arc<AtomicU64>) {
+    if per_second == 0 {
+        return;
+    }
+    let images: Vec<Vec<u8>> = inference::synthetic::dataset(api.port().into(), 32)
+        .iter()
+        .map(|(_, image)| inference::synthetic::encode_png(image))
+        .collect();
+    let Ok(mut client) = inference::client::LoopbackClient::connect(api).await else {
+        tracing::error!(%api, "cannot reach the inference API");
+        return;
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_second)));
+    let mut index = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        match client.infer(None, "image/png", images[index % images.len()].clone()).await {
+            Ok(response) if response.status == 200 => {
+                decisions.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(response) => tracing::warn!(status = response.status, "inference request refused"),
+            Err(error) => tracing::warn!(%error, "inference request failed"),
+        }
+        index += 1;
+    }
+}
+
+async fn start_sink_on(config: &SinkConfig) -> Result<Sink> {
+    // The previous endpoint's socket closes once its last connection task has ended.
+    let mut last_error = None;
+    for _ in 0..100 {
+        match Sink::start(config.clone()).await {
+            Ok(sink) => return Ok(sink),
+            Err(error) => last_error = Some(error),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last_error.expect("tried at least once"))
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
     anyhow::ensure!((1..=64).contains(&args.appliances), "--appliances must be within 1..=64");
+    anyhow::ensure!((1..=30).contains(&args.frames_per_second), "--frames-per-second must be within 1..=30");
     let dir = &args.dir;
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .with_context(|| format!("remove the previous demo at {}", dir.display()))?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("models")).with_context(|| format!("create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    std::fs::write(dir.join("board.toml"), BOARD_PROFILE)?;
+    std::fs::write(dir.join("models/shapes.onnx"), MODEL_ONNX)?;
+    std::fs::write(dir.join("models/shapes.json"), MODEL_SIDECAR)?;
     println!(
         "tributary demo: {} appliances for {} s, everything under {}",
         args.appliances,
@@ -188,108 +242,228 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))?
         .write_to(&dir.join("sink").join("server"), ca.certificate_pem())?;
     let config_path = write_sink_config(&dir)?;
-    let config = SinkConfig::load(&config_path)?;
+    let mut sink_config = SinkConfig::load(&config_path)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let sink = runtime.block_on(Sink::start(config))?;
-    println!("core sink listening on {} (config {})", sink.local_addr(), config_path.display());
+    let mut sink = Some(runtime.block_on(Sink::start(sink_config.clone()))?);
+    let sink_address = sink.as_ref().expect("started").local_addr();
+    sink_config.listen = sink_address;
+    println!("core sink listening on {sink_address} (config {})", config_path.display());
 
-    let mut rings = Vec::new();
-    let mut uplinks = Vec::new();
+    let mut appliances = Vec::new();
     for index in 0..args.appliances {
         let device = format!("demo-appliance-{index:02}");
-        let identity = ca.issue_device(&device, Validity::days(30))?;
-        identity.write_to(&dir.join("appliances").join(&device).join("identity"), ca.certificate_pem())?;
-        let ring = Ring::open(
-            dir.join("appliances").join(&device).join("ring"),
-            RingConfig::with_capacity(128 * MIB),
-        )?;
-        let config =
-            UplinkConfig::new(sink.local_addr(), "localhost", &device, identity, ca.certificate_pem());
-        let _guard = runtime.enter();
-        uplinks.push(Uplink::spawn(ring.clone(), config)?);
-        rings.push((device, ring));
+        let appliance_dir = dir.join("appliances").join(&device);
+        ca.issue_device(&device, Validity::days(30))?
+            .write_to(&appliance_dir.join("identity"), ca.certificate_pem())?;
+        let api = free_tcp_port()?;
+        let path = write_appliance_config(&appliance_dir, sink_address, api, args)?;
+        let config = ApplianceConfig::load(&path)?;
+        let daemon = runtime.block_on(Daemon::start(config, Some(path.clone())))?;
+        appliances.push(Appliance { device, daemon, api, decisions: Arc::new(AtomicU64::new(0)) });
     }
 
-    let stop = AtomicBool::new(false);
-    let produced = Produced::default();
-    let bar = ProgressBar::new(args.seconds);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}")
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeders: Vec<_> = appliances
+        .iter()
+        .map(|appliance| {
+            runtime.spawn(feed_inference(
+                appliance.api,
+                args.inferences_per_second,
+                stop.clone(),
+                appliance.decisions.clone(),
+            ))
+        })
+        .collect();
+
+    // The live view: one line per appliance, one for the sink.
+    let view = MultiProgress::new();
+    let style = ProgressStyle::with_template("{msg}").expect("template");
+    let lines: Vec<ProgressBar> =
+        appliances.iter().map(|_| view.add(ProgressBar::new_spinner().with_style(style.clone()))).collect();
+    let sink_line = view.add(ProgressBar::new_spinner().with_style(style.clone()));
+    let clock = view.add(ProgressBar::new(args.seconds));
+    clock.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}")
             .expect("template")
             .progress_chars("=> "),
     );
-    let metrics = sink.metrics();
-    std::thread::scope(|scope| -> Result<()> {
-        let producers: Vec<_> = rings
-            .iter()
-            .map(|(device, ring)| {
-                let (stop, produced) = (&stop, &produced);
-                scope.spawn(move || produce(ring, device, args, stop, produced))
-            })
-            .collect();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(args.seconds) {
-            std::thread::sleep(Duration::from_millis(200));
-            bar.set_position(started.elapsed().as_secs());
-            bar.set_message(format!(
-                "{} readings, {} frames produced; {} chunks landed durably",
-                produced.readings.load(Ordering::Relaxed),
-                produced.frames.load(Ordering::Relaxed),
-                SinkMetrics::get(&metrics.chunks_landed)
-            ));
+    let started = Instant::now();
+    let outage_at = args.fault.contains(&Fault::SinkOutage).then(|| Duration::from_secs(args.seconds) / 3);
+    let mut outage_until: Option<Instant> = None;
+    let mut sink_metrics_total = (0u64, 0u64);
+    let render = |sink: &Option<Sink>, totals: (u64, u64)| -> String {
+        match sink {
+            Some(sink) => format!(
+                "core sink        chunks landed {:>6}  resends dropped {:>4}  dictionaries {}",
+                totals.0 + SinkMetrics::get(&sink.metrics().chunks_landed),
+                totals.1 + SinkMetrics::get(&sink.metrics().duplicates_dropped),
+                SinkMetrics::get(&sink.metrics().dictionaries_stored)
+            ),
+            None => {
+                "core sink        DOWN (fault injected): appliances keep producing into their rings".into()
+            }
         }
-        stop.store(true, Ordering::Relaxed);
-        for producer in producers {
-            producer.join().expect("producer thread")?;
+    };
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        std::thread::sleep(Duration::from_millis(250));
+        if let (Some(at), None) = (outage_at, outage_until)
+            && started.elapsed() >= at
+            && let Some(running) = sink.take()
+        {
+            sink_metrics_total.0 += SinkMetrics::get(&running.metrics().chunks_landed);
+            sink_metrics_total.1 += SinkMetrics::get(&running.metrics().duplicates_dropped);
+            runtime.block_on(running.shutdown());
+            outage_until = Some(Instant::now() + OUTAGE);
+            view.suspend(|| println!("fault: core sink stopped for {} s", OUTAGE.as_secs()));
         }
-        Ok(())
+        if let Some(until) = outage_until
+            && sink.is_none()
+            && Instant::now() >= until
+        {
+            sink = Some(runtime.block_on(start_sink_on(&sink_config))?);
+            view.suspend(|| {
+                println!("fault over: core sink restarted; appliances resume from its watermarks")
+            });
+        }
+        for (bar, appliance) in lines.iter().zip(&appliances) {
+            bar.set_message(line(appliance));
+        }
+        sink_line.set_message(render(&sink, sink_metrics_total));
+        clock.set_position(started.elapsed().as_secs());
+    }
+    if sink.is_none() {
+        sink = Some(runtime.block_on(start_sink_on(&sink_config))?);
+    }
+    let sink = sink.expect("running");
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for feeder in feeders {
+            let _ = feeder.await;
+        }
+        for appliance in &mut appliances {
+            appliance.daemon.stop_sources().await?;
+        }
+        anyhow::Ok(())
     })?;
-    bar.finish_with_message("producing stopped; waiting for the last acks");
+    clock.finish_with_message("producing stopped; waiting for the last acks");
     let drain_started = Instant::now();
-    while !drained(&rings) {
+    let drained = |appliances: &[Appliance]| {
+        appliances.iter().all(|appliance| {
+            let stats = appliance.daemon.ring.stats();
+            Lane::ALL.iter().all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
+        })
+    };
+    while !drained(&appliances) {
         anyhow::ensure!(
             drain_started.elapsed() < DRAIN_LIMIT,
             "the sink did not ack everything within {DRAIN_LIMIT:?}"
         );
+        for (bar, appliance) in lines.iter().zip(&appliances) {
+            bar.set_message(line(appliance));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let landed = SinkMetrics::get(&metrics.chunks_landed);
-    let duplicates = SinkMetrics::get(&metrics.duplicates_dropped);
+    for (bar, appliance) in lines.iter().zip(&appliances) {
+        bar.finish_with_message(line(appliance));
+    }
+    let sink = Some(sink);
+    sink_line.finish_with_message(render(&sink, sink_metrics_total));
+    let sink = sink.expect("running");
+    summarize(&appliances);
+    // Appliances first, then the sink, which publishes open shards and flushes the archive.
     runtime.block_on(async {
-        for uplink in uplinks {
-            uplink.stop().await;
+        for appliance in appliances {
+            appliance.daemon.shutdown().await?;
         }
         sink.shutdown().await;
-    });
+        anyhow::Ok(())
+    })?;
+    report_published(&dir)
+}
 
+fn summarize(appliances: &[Appliance]) {
+    let mut produced = BTreeMap::new();
+    let mut kept = BTreeMap::new();
+    let mut dropped: BTreeMap<&str, u64> = BTreeMap::new();
+    let (mut raw_bytes, mut body_bytes, mut decisions) = (0u64, 0u64, 0u64);
+    for appliance in appliances {
+        for view in &appliance.daemon.metrics_view.pipelines {
+            *produced.entry(view.name.clone()).or_insert(0) += view.source.records_produced();
+            *kept.entry(view.name.clone()).or_insert(0) += view.filters.records_out.load(Ordering::Relaxed);
+            for reason in DropReason::ALL {
+                *dropped.entry(reason.as_str()).or_insert(0) += view.filters.dropped(reason);
+            }
+            for chunker in view.chunkers.lock().expect("chunker metrics").values() {
+                raw_bytes += chunker.chunk_raw_bytes.load(Ordering::Relaxed);
+                body_bytes += chunker.chunk_body_bytes.load(Ordering::Relaxed);
+            }
+        }
+        decisions += appliance.decisions.load(Ordering::Relaxed);
+    }
     println!();
     println!(
-        "produced {} sensor readings and {} frames ({:.1} MiB raw); the sink landed {landed} chunks durably ({duplicates} resends dropped as duplicates)",
-        produced.readings.load(Ordering::Relaxed),
-        produced.frames.load(Ordering::Relaxed),
-        produced.bytes.load(Ordering::Relaxed) as f64 / MIB as f64
+        "produced {} sensor readings and {} frames; kept {} sensor readings and {} frames after filters \
+         (dropped: {})",
+        produced.get("sensors").copied().unwrap_or(0),
+        produced.get("camera").copied().unwrap_or(0),
+        kept.get("sensors").copied().unwrap_or(0),
+        kept.get("camera").copied().unwrap_or(0),
+        dropped
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(reason, count)| format!("{count} {reason}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    for (device, ring) in &rings {
-        let stats = ring.stats();
+    println!(
+        "chunks: {:.1} MiB of records became {:.1} MiB on the wire (compression {:.2}x; JPEG frames stored raw)",
+        raw_bytes as f64 / (1 << 20) as f64,
+        body_bytes as f64 / (1 << 20) as f64,
+        raw_bytes as f64 / body_bytes.max(1) as f64
+    );
+    println!("decisions answered by the appliances' inference APIs: {decisions}");
+    for appliance in appliances {
+        let stats = appliance.daemon.ring.stats();
         println!(
-            "  {device}: sensor acked through seq {}, media through seq {}, ring holds {} unacked chunks",
+            "  {}: acked through seq audit {} sensor {} media {}; ring holds {} unacked chunks",
+            appliance.device,
+            stats.lane(Lane::Audit).acked_through,
             stats.lane(Lane::Sensor).acked_through,
             stats.lane(Lane::Media).acked_through,
             stats.lanes.iter().map(|lane| lane.chunk_count).sum::<u64>()
         );
     }
+}
+
+/// After the sink has shut down: what it published.
+fn report_published(dir: &Path) -> Result<()> {
     for dataset in ["media", "sensor"] {
         let manifest_path = dir.join("sink").join("manifests").join(dataset).join("manifest.json");
         if let Some(manifest) = Manifest::read(&manifest_path)? {
             let samples: u64 = manifest.shards.iter().map(|shard| shard.samples).sum();
             println!(
-                "dataset {dataset} ({}): {} shards, {samples} samples — manifest {}",
-                manifest.kind,
+                "landed {dataset}: {samples} samples in {} {} shards — manifest {}",
                 manifest.shards.len(),
+                manifest.kind,
                 manifest_path.display()
             );
+            for shard in &manifest.shards {
+                println!("    {}", shard.path.display());
+            }
         }
+    }
+    let archive_root = dir.join("sink").join("archive");
+    match archive::audit::verify(&archive_root) {
+        Ok(report) => println!(
+            "archive: {} decisions and {} model(s) in the tamper-evident log, {} signed checkpoints, \
+             verify passed — `core-sink audit verify --archive {}`",
+            report.decisions,
+            report.models,
+            report.checkpoints,
+            archive_root.display()
+        ),
+        Err(error) => println!("archive: verify FAILED: {error}"),
     }
     println!(
         "raw landing (originals as received): {}",

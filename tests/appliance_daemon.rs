@@ -48,7 +48,13 @@ fn metric(page: &str, series: &str) -> u64 {
         .unwrap() as u64
 }
 
-fn write_config(fleet: &Fleet, sink: SocketAddr, http_listen: SocketAddr, metrics: SocketAddr, keep_every: u32) {
+fn write_config(
+    fleet: &Fleet,
+    sink: SocketAddr,
+    http_listen: SocketAddr,
+    metrics: SocketAddr,
+    keep_every: u32,
+) {
     let device = fleet.device("edge-1");
     device.write_to(&fleet.path().join("appliance/identity"), fleet.ca.certificate_pem()).unwrap();
     std::fs::write(fleet.path().join("appliance/fleet-ca.pem"), fleet.ca.certificate_pem()).unwrap();
@@ -111,11 +117,15 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
             if index % 3 == 2 {
                 format!("{{\"key\":\"r-{index}\",\"timestamp_us\":{},\"humidity\":40}}\n", 1_000 + index)
             } else {
-                format!("{{\"key\":\"r-{index}\",\"timestamp_us\":{},\"temperature_f\":212}}\n", 1_000 + index)
+                format!(
+                    "{{\"key\":\"r-{index}\",\"timestamp_us\":{},\"temperature_f\":212}}\n",
+                    1_000 + index
+                )
             }
         })
         .collect();
-    let response = tokio::task::spawn_blocking(move || http(http_listen, "POST", "/v1/records", &body)).await.unwrap();
+    let response =
+        tokio::task::spawn_blocking(move || http(http_listen, "POST", "/v1/records", &body)).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
     // A filter change in the file applies without a restart: decimate to every 2nd record.
@@ -128,9 +138,12 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     .await;
     assert!(reloaded, "the filter update was not applied");
     let body: String = (300..400)
-        .map(|index| format!("{{\"key\":\"r-{index}\",\"timestamp_us\":{},\"temperature_f\":32}}\n", 1_000 + index))
+        .map(|index| {
+            format!("{{\"key\":\"r-{index}\",\"timestamp_us\":{},\"temperature_f\":32}}\n", 1_000 + index)
+        })
         .collect();
-    let response = tokio::task::spawn_blocking(move || http(http_listen, "POST", "/v1/records", &body)).await.unwrap();
+    let response =
+        tokio::task::spawn_blocking(move || http(http_listen, "POST", "/v1/records", &body)).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
     let settled = wait_until(LIMIT, || {
@@ -138,7 +151,8 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     })
     .await;
     assert!(settled, "the pipeline did not take all 400 records");
-    let page = tokio::task::spawn_blocking(move || http(metrics_listen, "GET", "/metrics", "")).await.unwrap();
+    let page =
+        tokio::task::spawn_blocking(move || http(metrics_listen, "GET", "/metrics", "")).await.unwrap();
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert_eq!(metric(&page, "tributary_filter_records_in_total{source=\"ingest\"}"), 400);
     assert_eq!(metric(&page, "tributary_filter_dropped_total{source=\"ingest\",reason=\"schema\"}"), 100);
@@ -151,8 +165,10 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     // The uplink stopped with the daemon; a fresh one drains what is left.
     let uplink = appliance::Uplink::spawn(ring.clone(), {
         let mut uplink = fleet.uplink_config("edge-1", sink.local_addr());
-        uplink.dictionaries =
-            Some(std::sync::Arc::new(appliance::dictionaries::DictionaryStore::open(&fleet.path().join("appliance/dictionaries")).unwrap()));
+        uplink.dictionaries = Some(std::sync::Arc::new(
+            appliance::dictionaries::DictionaryStore::open(&fleet.path().join("appliance/dictionaries"))
+                .unwrap(),
+        ));
         uplink
     })
     .unwrap();

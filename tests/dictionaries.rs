@@ -32,7 +32,8 @@ fn reading(index: u64) -> SourceRecord {
 
 /// Records of another shape entirely: a dictionary trained on `reading` does not help them.
 fn other_shape(index: u64) -> SourceRecord {
-    let noise: String = (0..6).map(|step| format!("{:08x}", (index * 2_654_435_761 + step * 40_503) % 0xffff_ffff)).collect();
+    let noise: String =
+        (0..6).map(|step| format!("{:08x}", (index * 2_654_435_761 + step * 40_503) % 0xffff_ffff)).collect();
     record(index, format!("[\"vibration\",{index},\"{noise}\",\"{}\"]", noise.len()))
 }
 
@@ -83,7 +84,8 @@ async fn dictionaries_survive_retraining_and_restarts_of_both_ends() {
     let fleet = Fleet::new();
     let listen = support::harness::free_udp_port();
     let mut sink_config = fleet.sink_config(listen);
-    let mut datasets = DatasetsConfig::with_targets(vec![fleet.path().join("ost0")], fleet.path().join("manifests"));
+    let mut datasets =
+        DatasetsConfig::with_targets(vec![fleet.path().join("ost0")], fleet.path().join("manifests"));
     datasets.shard_age_max_ms = 200;
     sink_config.datasets = Some(datasets);
     let sink = Sink::start(sink_config.clone()).await.unwrap();
@@ -133,7 +135,10 @@ async fn dictionaries_survive_retraining_and_restarts_of_both_ends() {
     .unwrap();
     feed(&mut resumed, &ring, (3_000..4_000).map(reading));
     assert!(drained(&ring).await, "phase 2 drained");
-    assert!(uplink.metrics().dictionaries_sent.load(std::sync::atomic::Ordering::Relaxed) >= 1, "resent per session");
+    assert!(
+        uplink.metrics().dictionaries_sent.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "resent per session"
+    );
 
     // Phase 3: the data changes shape; the ratio degrades and a new dictionary is trained.
     feed(&mut resumed, &ring, (4_000..8_000).map(other_shape));

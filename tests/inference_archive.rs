@@ -26,7 +26,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
     protocol::evidence::sha256_hex(&protocol::evidence::sha256(bytes))
 }
 
-fn write_appliance_config(fleet: &Fleet, device: &str, sink: std::net::SocketAddr, api: std::net::SocketAddr) -> PathBuf {
+fn write_appliance_config(
+    fleet: &Fleet,
+    device: &str,
+    sink: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+) -> PathBuf {
     let dir = fleet.path().join(device);
     std::fs::create_dir_all(&dir).unwrap();
     fleet.device(device).write_to(&dir.join("identity"), fleet.ca.certificate_pem()).unwrap();
@@ -113,7 +118,8 @@ async fn a_thousand_decisions_reach_the_archive_once_with_their_originals() {
 
     let ids: Vec<String> = sent.keys().cloned().collect();
     let arrived = wait_until(LIMIT, || {
-        archive::audit::verify(&root).is_ok_and(|report| report.decisions >= 1_000 && report.entries_after_latest_checkpoint == 0)
+        archive::audit::verify(&root)
+            .is_ok_and(|report| report.decisions >= 1_000 && report.entries_after_latest_checkpoint == 0)
     })
     .await;
     let report = archive::audit::verify(&root);
@@ -121,7 +127,11 @@ async fn a_thousand_decisions_reach_the_archive_once_with_their_originals() {
     let report = report.unwrap();
     assert_eq!(report.decisions, 1_000, "each decision exactly once");
     assert_eq!(report.models, 1, "the model was archived once");
-    assert_eq!(archived(&root, &ids).expect("every decision shows"), sent, "originals byte-identical by hash");
+    assert_eq!(
+        archived(&root, &ids).expect("every decision shows"),
+        sent,
+        "originals byte-identical by hash"
+    );
 
     daemon.shutdown().await.unwrap();
     sink.shutdown().await;

@@ -141,7 +141,11 @@ enum DictionaryPhase {
     Off,
     Sampling,
     /// Compressing with a dictionary: baseline ratio (after `BASELINE_CHUNKS`) and running ratio.
-    Using { baseline: f64, baseline_chunks: u32, running: f64 },
+    Using {
+        baseline: f64,
+        baseline_chunks: u32,
+        running: f64,
+    },
 }
 
 pub struct Chunker {
@@ -223,7 +227,8 @@ impl Chunker {
             payload: &payload,
         };
         let mut sealed = Vec::new();
-        if !self.builder.is_empty() && self.builder.raw_len() + record_ref.encoded_len() > self.config.chunk_raw_bytes
+        if !self.builder.is_empty()
+            && self.builder.raw_len() + record_ref.encoded_len() > self.config.chunk_raw_bytes
         {
             sealed.extend(self.seal()?);
         }
@@ -337,7 +342,8 @@ impl Chunker {
 
     fn train(&mut self, samples: &[Vec<u8>]) -> Result<(), TrainError> {
         let store = self.dictionaries.clone().expect("sampling only with a store");
-        let dictionary = train_dictionary(samples, self.config.dictionary_bytes).map_err(TrainError::Train)?;
+        let dictionary =
+            train_dictionary(samples, self.config.dictionary_bytes).map_err(TrainError::Train)?;
         let id = store.put(dictionary.clone()).map_err(TrainError::Store)?;
         store.set_current(&self.source, id).map_err(TrainError::Store)?;
         // The open chunk's records were added under the old dictionary; seal order does not

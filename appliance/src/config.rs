@@ -44,7 +44,9 @@ pub const CHANNEL_RECORDS_MAX: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the appliance config: {source} (pass --config with the path of an existing file)")]
+    #[error(
+        "{path}: cannot read the appliance config: {source} (pass --config with the path of an existing file)"
+    )]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -146,7 +148,9 @@ impl RingSettings {
         config.durability = match self.durability.as_str() {
             "sync" => Durability::Sync,
             "periodic" => Durability::Periodic { sync_interval_ms: self.sync_interval_ms },
-            other => return Err(format!("ring.durability: expected \"sync\" or \"periodic\", got {other:?}")),
+            other => {
+                return Err(format!("ring.durability: expected \"sync\" or \"periodic\", got {other:?}"));
+            }
         };
         config.validate().map_err(|error| format!("ring: {error}"))?;
         Ok(config)
@@ -188,8 +192,8 @@ fn default_channel_records() -> usize {
 
 impl ApplianceConfig {
     pub fn load(path: &Path) -> Result<ApplianceConfig, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         ApplianceConfig::parse(&text, path)
     }
 
@@ -207,6 +211,18 @@ impl ApplianceConfig {
             }
             if uplink.identity_dir.is_relative() {
                 uplink.identity_dir = config.data_dir.join(&uplink.identity_dir);
+            }
+        }
+        for source in config.sources.values_mut() {
+            let path = match &mut source.input {
+                SourceConfig::Directory(input) => &mut input.path,
+                SourceConfig::JsonSocket(input) => &mut input.path,
+                SourceConfig::Http(_) => continue,
+                SourceConfig::Board(input) => &mut input.profile,
+                SourceConfig::Camera(input) => &mut input.profile,
+            };
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         if let Some(inference) = &mut config.inference
@@ -238,7 +254,9 @@ impl ApplianceConfig {
                 return Err(format!("uplink.sink: expected host:port, got {:?}", uplink.sink));
             }
             if uplink.server_name.is_empty() {
-                return Err("uplink.server_name: expected the name on the sink's certificate, got \"\"".into());
+                return Err(
+                    "uplink.server_name: expected the name on the sink's certificate, got \"\"".into()
+                );
             }
         }
         if let Some(inference) = &self.inference
@@ -287,7 +305,11 @@ keep_every = 2
     fn check(text: &str, expected: Result<(), &str>) {
         let path = Path::new("/etc/tributary/appliance.toml");
         match (ApplianceConfig::parse(text, path), expected) {
-            (Ok(config), Ok(())) => assert_eq!(config.data_dir, Path::new("/etc/tributary/data")),
+            (Ok(config), Ok(())) => {
+                assert_eq!(config.data_dir, Path::new("/etc/tributary/data"));
+                let SourceConfig::Directory(input) = &config.sources["watch"].input else { panic!() };
+                assert_eq!(input.path, Path::new("/etc/tributary/incoming"), "relative to the file");
+            }
             (Err(error), Err(fragment)) => {
                 let message = error.to_string();
                 assert!(message.starts_with("/etc/tributary/appliance.toml: "), "{message}");

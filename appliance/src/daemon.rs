@@ -67,7 +67,8 @@ impl Daemon {
                 ),
                 None => None,
             };
-            let broker = onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+            let broker =
+                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
             let onboarding_config = onboarding::DeviceOnboardingConfig::new(
                 &id,
                 &config.data_dir.join("identity"),
@@ -98,31 +99,36 @@ impl Daemon {
                 Some(Uplink::spawn(ring.clone(), uplink_config)?)
             }
             None => match &config.uplink {
-            Some(settings) => {
-                let identity = IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
-                    format!("uplink.identity_dir {}: read the device certificate", settings.identity_dir.display())
-                })?;
-                let certified = identity.device_id()?;
-                if let Some(configured) = &device_id {
-                    anyhow::ensure!(
-                        *configured == certified,
-                        "device_id {configured:?} differs from the certificate's {certified:?}"
-                    );
+                Some(settings) => {
+                    let identity =
+                        IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
+                            format!(
+                                "uplink.identity_dir {}: read the device certificate",
+                                settings.identity_dir.display()
+                            )
+                        })?;
+                    let certified = identity.device_id()?;
+                    if let Some(configured) = &device_id {
+                        anyhow::ensure!(
+                            *configured == certified,
+                            "device_id {configured:?} differs from the certificate's {certified:?}"
+                        );
+                    }
+                    device_id = Some(certified.clone());
+                    let ca_pem = std::fs::read_to_string(&settings.ca_file)
+                        .with_context(|| format!("uplink.ca_file {}", settings.ca_file.display()))?;
+                    let sink = settings
+                        .sink
+                        .to_socket_addrs()
+                        .with_context(|| format!("uplink.sink {}: resolve", settings.sink))?
+                        .next()
+                        .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
+                    let mut uplink_config =
+                        UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
+                    uplink_config.dictionaries = Some(dictionaries.clone());
+                    Some(Uplink::spawn(ring.clone(), uplink_config)?)
                 }
-                device_id = Some(certified.clone());
-                let ca_pem = std::fs::read_to_string(&settings.ca_file)
-                    .with_context(|| format!("uplink.ca_file {}", settings.ca_file.display()))?;
-                let sink = settings
-                    .sink
-                    .to_socket_addrs()
-                    .with_context(|| format!("uplink.sink {}: resolve", settings.sink))?
-                    .next()
-                    .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
-                let mut uplink_config = UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
-                uplink_config.dictionaries = Some(dictionaries.clone());
-                Some(Uplink::spawn(ring.clone(), uplink_config)?)
-            }
-            None => None,
+                None => None,
             },
         };
 
@@ -155,7 +161,8 @@ impl Daemon {
                 .iter()
                 .map(|name| inference::ModelSource::in_directory(&settings.models_dir, name))
                 .collect();
-            let mut inference_config = inference::InferenceConfig::new(config.data_dir.join("inference"), models);
+            let mut inference_config =
+                inference::InferenceConfig::new(config.data_dir.join("inference"), models);
             inference_config.default_model = settings.default_model.clone();
             inference_config.body_bytes_max = settings.body_bytes_max;
             let service = inference::InferenceService::start(inference_config, ring.clone())
@@ -183,11 +190,14 @@ impl Daemon {
         }
         let mut agent = None;
         if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
-            let broker = onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+            let broker =
+                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
             let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
             agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
-            let started = onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
-            let updaters = pipelines.iter().map(|(name, pipeline)| (name.clone(), pipeline.filter_updater())).collect();
+            let started =
+                onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
+            let updaters =
+                pipelines.iter().map(|(name, pipeline)| (name.clone(), pipeline.filter_updater())).collect();
             tasks.push(tokio::spawn(apply_remote_config(started.config(), updaters)));
             tasks.push(tokio::spawn(report_status(
                 started.status_reporter(),
@@ -251,14 +261,21 @@ impl Daemon {
         }
     }
 
-    /// Stops sources, flushes pipelines into the ring, syncs it, then stops the uplink.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
-        systemd::notify("STOPPING=1");
+    /// Stops the sources and flushes every pipeline's open chunks into the ring (synced), leaving
+    /// the uplink running so the ring drains. Idempotent.
+    pub async fn stop_sources(&mut self) -> anyhow::Result<()> {
         self.stop.stop();
-        let pipelines = self.pipelines;
+        let pipelines = std::mem::take(&mut self.pipelines);
         tokio::task::spawn_blocking(move || pipelines.into_values().for_each(SourcePipeline::join)).await?;
         let ring = self.ring.clone();
         tokio::task::spawn_blocking(move || ring.sync()).await??;
+        Ok(())
+    }
+
+    /// Stops sources, flushes pipelines into the ring, syncs it, then stops the uplink.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        systemd::notify("STOPPING=1");
+        self.stop_sources().await?;
         for task in self.tasks {
             task.abort();
         }
@@ -279,8 +296,8 @@ fn start_pipeline(
     dictionaries: &Arc<DictionaryStore>,
     stop: &StopSignal,
 ) -> anyhow::Result<(SourcePipeline, PipelineView)> {
-    let (source, source_metrics) =
-        crate::sources::build_source(name, &settings.input).with_context(|| format!("sources.{name}.input"))?;
+    let (source, source_metrics) = crate::sources::build_source(name, &settings.input)
+        .with_context(|| format!("sources.{name}.input"))?;
     let pipeline = SourcePipeline::spawn(
         PipelineSettings {
             name: name.to_string(),
@@ -313,11 +330,13 @@ async fn report_status(
             .iter()
             .map(|lane| {
                 let lane_stats = stats.lane(*lane);
-                (lane.to_string(), 100.0 * lane_stats.bytes_used as f64 / lane_stats.budget_bytes.max(1) as f64)
+                (
+                    lane.to_string(),
+                    100.0 * lane_stats.bytes_used as f64 / lane_stats.budget_bytes.max(1) as f64,
+                )
             })
             .collect();
-        let uplink_lag_chunks =
-            protocol::Lane::ALL.iter().map(|lane| stats.lane(*lane).chunk_count).sum();
+        let uplink_lag_chunks = protocol::Lane::ALL.iter().map(|lane| stats.lane(*lane).chunk_count).sum();
         if let Some(uplink) = &uplink {
             let acked: u64 = protocol::Lane::ALL.iter().map(|lane| uplink.acked_through(*lane)).sum();
             if acked != last_acked {
@@ -346,7 +365,8 @@ async fn apply_remote_config(
     loop {
         let document = config.borrow_and_update().clone();
         for (key, value) in &document.values {
-            let Some(source) = key.strip_prefix("sources.").and_then(|rest| rest.strip_suffix(".filters")) else {
+            let Some(source) = key.strip_prefix("sources.").and_then(|rest| rest.strip_suffix(".filters"))
+            else {
                 continue;
             };
             let Some(updater) = updaters.get(source) else {
@@ -356,7 +376,8 @@ async fn apply_remote_config(
             let parsed = toml::from_str::<toml::Table>(&format!("filters = {value}"))
                 .map_err(|error| error.to_string())
                 .and_then(|table| {
-                    crate::filters::FilterConfig::list_from_toml(&table["filters"]).map_err(|error| error.to_string())
+                    crate::filters::FilterConfig::list_from_toml(&table["filters"])
+                        .map_err(|error| error.to_string())
                 });
             match parsed.map(|filters| updater.reconfigure(filters)) {
                 Ok(Ok(())) => tracing::info!(%key, version = document.version, "remote filters applied"),
@@ -450,7 +471,10 @@ pub mod systemd {
             let now = unix_ms();
             let stale = heartbeats
                 .iter()
-                .filter(|metrics| now.saturating_sub(metrics.heartbeat_unix_ms.load(Ordering::Relaxed)) > half.as_millis() as u64)
+                .filter(|metrics| {
+                    now.saturating_sub(metrics.heartbeat_unix_ms.load(Ordering::Relaxed))
+                        > half.as_millis() as u64
+                })
                 .count();
             if stale == 0 {
                 notify("WATCHDOG=1");

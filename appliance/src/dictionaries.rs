@@ -66,7 +66,8 @@ impl DictionaryStore {
                 std::fs::remove_file(&path).map_err(io("remove", &path))?;
                 continue;
             }
-            let Some(id) = name.strip_suffix(".zdict").and_then(|hex| u32::from_str_radix(hex, 16).ok()) else {
+            let Some(id) = name.strip_suffix(".zdict").and_then(|hex| u32::from_str_radix(hex, 16).ok())
+            else {
                 continue;
             };
             let bytes = std::fs::read(&path).map_err(io("read", &path))?;

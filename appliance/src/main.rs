@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "appliance", version, about = "Tributary appliance daemon: sources, filters, chunker, LMDB ring and QUIC uplink to the core sink")]
+#[command(
+    name = "appliance",
+    version,
+    about = "Tributary appliance daemon: sources, filters, chunker, LMDB ring and QUIC uplink to the core sink"
+)]
 struct Args {
     /// The appliance config (TOML). See docs/operations.md for every key.
     #[arg(long, default_value = "/etc/tributary/appliance.toml")]

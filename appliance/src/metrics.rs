@@ -29,7 +29,8 @@ pub struct PipelineView {
     pub source: Arc<SourceMetrics>,
     pub pipeline: Arc<crate::pipeline::PipelineMetrics>,
     pub filters: Arc<crate::filters::FilterMetrics>,
-    pub chunkers: Arc<std::sync::Mutex<std::collections::BTreeMap<Lane, Arc<crate::chunker::ChunkerMetrics>>>>,
+    pub chunkers:
+        Arc<std::sync::Mutex<std::collections::BTreeMap<Lane, Arc<crate::chunker::ChunkerMetrics>>>>,
 }
 
 impl PipelineView {
@@ -63,7 +64,9 @@ pub fn render(view: &MetricsView) -> String {
         ("tributary_pipeline_records_received_total", "Records the pipeline took from its source.", |m| {
             get(&m.records_received)
         }),
-        ("tributary_pipeline_chunks_appended_total", "Chunks appended to the ring.", |m| get(&m.chunks_appended)),
+        ("tributary_pipeline_chunks_appended_total", "Chunks appended to the ring.", |m| {
+            get(&m.chunks_appended)
+        }),
         ("tributary_pipeline_bytes_appended_total", "Encoded chunk bytes appended to the ring.", |m| {
             get(&m.bytes_appended)
         }),
@@ -140,7 +143,10 @@ pub fn render(view: &MetricsView) -> String {
         .iter()
         .flat_map(|pipeline| {
             let chunkers = pipeline.chunkers.lock().expect("chunker metrics lock").clone();
-            chunkers.into_iter().map(|(lane, metrics)| (pipeline.name.clone(), lane, metrics)).collect::<Vec<_>>()
+            chunkers
+                .into_iter()
+                .map(|(lane, metrics)| (pipeline.name.clone(), lane, metrics))
+                .collect::<Vec<_>>()
         })
         .collect();
     for (name, help, value) in chunker_families {
@@ -149,10 +155,18 @@ pub fn render(view: &MetricsView) -> String {
             let _ = writeln!(out, "{name}{{source=\"{source}\",lane=\"{lane}\"}} {}", value(metrics));
         }
     }
-    family(&mut out, "tributary_chunker_compression_ratio", "gauge", "Raw bytes / body bytes of all sealed chunks.");
+    family(
+        &mut out,
+        "tributary_chunker_compression_ratio",
+        "gauge",
+        "Raw bytes / body bytes of all sealed chunks.",
+    );
     for (source, lane, metrics) in &chunkers {
         let ratio = get(&metrics.chunk_raw_bytes) as f64 / get(&metrics.chunk_body_bytes).max(1) as f64;
-        let _ = writeln!(out, "tributary_chunker_compression_ratio{{source=\"{source}\",lane=\"{lane}\"}} {ratio:.3}");
+        let _ = writeln!(
+            out,
+            "tributary_chunker_compression_ratio{{source=\"{source}\",lane=\"{lane}\"}} {ratio:.3}"
+        );
     }
 
     let stats = view.ring.stats();
@@ -190,7 +204,11 @@ pub fn render(view: &MetricsView) -> String {
             ("tributary_uplink_sessions_ended_total", "Sessions that ended (and were retried).", |m| {
                 get(&m.sessions_ended)
             }),
-            ("tributary_uplink_chunks_sent_total", "Chunks sent (resends included).", |m| get(&m.chunks_sent)),
+            (
+                "tributary_uplink_chunks_sent_total",
+                "Chunks sent (resends included).",
+                |m| get(&m.chunks_sent),
+            ),
             ("tributary_uplink_bytes_sent_total", "Chunk bytes sent.", |m| get(&m.bytes_sent)),
             ("tributary_uplink_acks_total", "Acks received.", |m| get(&m.acks_received)),
             ("tributary_uplink_dictionaries_sent_total", "Dictionaries sent ahead of chunks.", |m| {
@@ -201,9 +219,18 @@ pub fn render(view: &MetricsView) -> String {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", value(uplink));
         }
-        family(&mut out, "tributary_uplink_acked_through_seq", "gauge", "The sink's durable watermark per lane.");
+        family(
+            &mut out,
+            "tributary_uplink_acked_through_seq",
+            "gauge",
+            "The sink's durable watermark per lane.",
+        );
         for lane in Lane::ALL {
-            let _ = writeln!(out, "tributary_uplink_acked_through_seq{{lane=\"{lane}\"}} {}", uplink.acked_through(lane));
+            let _ = writeln!(
+                out,
+                "tributary_uplink_acked_through_seq{{lane=\"{lane}\"}} {}",
+                uplink.acked_through(lane)
+            );
         }
     }
     out

@@ -70,7 +70,9 @@ pub struct PipelineSettings {
 }
 
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 impl SourcePipeline {
@@ -153,7 +155,8 @@ pub struct FilterUpdater {
 impl FilterUpdater {
     /// As `SourcePipeline::reconfigure_filters`.
     pub fn reconfigure(&self, filters: Vec<FilterConfig>) -> anyhow::Result<()> {
-        FilterChain::from_config(&filters).map_err(|error| anyhow::anyhow!("sources.{}.filters: {error}", self.name))?;
+        FilterChain::from_config(&filters)
+            .map_err(|error| anyhow::anyhow!("sources.{}.filters: {error}", self.name))?;
         self.updates
             .try_send(filters)
             .map_err(|_| anyhow::anyhow!("sources.{}: too many filter updates queued", self.name))
@@ -192,7 +195,9 @@ impl Stage {
                 .values()
                 .filter_map(Chunker::deadline)
                 .min()
-                .map_or(Duration::from_millis(IDLE_WAKE_MS), |deadline| deadline.saturating_duration_since(now))
+                .map_or(Duration::from_millis(IDLE_WAKE_MS), |deadline| {
+                    deadline.saturating_duration_since(now)
+                })
                 .min(Duration::from_millis(IDLE_WAKE_MS));
             match records.recv_timeout(wait) {
                 Ok(record) => self.accept(record),

@@ -319,8 +319,12 @@ async fn send_lane(
         for chunk in batch {
             let dict_id = chunk.header.dict_id;
             if dict_id != protocol::NO_DICTIONARY && dictionaries_sent.insert(dict_id) {
-                let Some(dictionary) = config.dictionaries.as_ref().and_then(|store| store.get(dict_id)) else {
-                    anyhow::bail!("{lane} seq {} names dictionary {dict_id}, which this appliance does not have", chunk.seq);
+                let Some(dictionary) = config.dictionaries.as_ref().and_then(|store| store.get(dict_id))
+                else {
+                    anyhow::bail!(
+                        "{lane} seq {} names dictionary {dict_id}, which this appliance does not have",
+                        chunk.seq
+                    );
                 };
                 frame.clear();
                 let payload = protocol::dictionary_frame_payload(dict_id, &dictionary);

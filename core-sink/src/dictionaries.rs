@@ -25,7 +25,9 @@ pub const DEVICE_DICTIONARIES_MAX: usize = DICTIONARIES_MAX;
 pub enum DictionaryStoreError {
     #[error("{operation} {path}: {source}")]
     Io { operation: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries; refusing dictionary {dict_id}")]
+    #[error(
+        "device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries; refusing dictionary {dict_id}"
+    )]
     TooMany { device: String, dict_id: u32 },
     #[error("dictionary {dict_id} of device {device} is not the content id of its bytes")]
     WrongId { device: String, dict_id: u32 },
@@ -60,12 +62,15 @@ impl DictionaryStore {
             let device = device_entry.file_name().to_string_lossy().into_owned();
             for entry in std::fs::read_dir(&device_dir).map_err(io("read", &device_dir))? {
                 let path = entry.map_err(io("read", &device_dir))?.path();
-                let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+                let name =
+                    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.ends_with(".partial") {
                     std::fs::remove_file(&path).map_err(io("remove", &path))?;
                     continue;
                 }
-                if let Some(id) = name.strip_suffix(".zdict").and_then(|hex| u32::from_str_radix(hex, 16).ok()) {
+                if let Some(id) =
+                    name.strip_suffix(".zdict").and_then(|hex| u32::from_str_radix(hex, 16).ok())
+                {
                     known.entry(device.clone()).or_default().insert(id);
                 }
             }
@@ -78,7 +83,11 @@ impl DictionaryStore {
     }
 
     pub fn contains(&self, device: &str, dict_id: u32) -> bool {
-        self.known.lock().expect("dictionary index lock").get(device).is_some_and(|ids| ids.contains(&dict_id))
+        self.known
+            .lock()
+            .expect("dictionary index lock")
+            .get(device)
+            .is_some_and(|ids| ids.contains(&dict_id))
     }
 
     /// Stores `dictionary` durably; a no-op when it is already stored. Blocking (fsync): call
@@ -104,7 +113,12 @@ impl DictionaryStore {
         drop(file);
         std::fs::rename(&partial, &path).map_err(io("rename", &path))?;
         std::fs::File::open(&device_dir).and_then(|dir| dir.sync_all()).map_err(io("fsync", &device_dir))?;
-        self.known.lock().expect("dictionary index lock").entry(device.to_string()).or_default().insert(dict_id);
+        self.known
+            .lock()
+            .expect("dictionary index lock")
+            .entry(device.to_string())
+            .or_default()
+            .insert(dict_id);
         Ok(())
     }
 
@@ -162,7 +176,10 @@ mod tests {
             assert!(!store.contains("dev-1", id));
             store.store("dev-1", id, &dictionary).unwrap();
             store.store("dev-1", id, &dictionary).unwrap();
-            assert!(matches!(store.store("dev-1", id ^ 1, &dictionary), Err(DictionaryStoreError::WrongId { .. })));
+            assert!(matches!(
+                store.store("dev-1", id ^ 1, &dictionary),
+                Err(DictionaryStoreError::WrongId { .. })
+            ));
         }
         std::fs::write(dir.path().join("dev-1").join("00000001.partial"), b"torn").unwrap();
         let store = DictionaryStore::open(dir.path()).unwrap();

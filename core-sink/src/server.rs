@@ -106,8 +106,7 @@ impl Sink {
             Lander::new(lander_config, committer, state, metrics.clone())?;
         let datasets = match &config.datasets {
             Some(datasets_config) => {
-                let pipeline =
-                    crate::datasets::pipeline::Pipeline::open(
+                let pipeline = crate::datasets::pipeline::Pipeline::open(
                     datasets_config.clone(),
                     &config.landing_dir,
                     dictionaries.clone(),

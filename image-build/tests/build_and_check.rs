@@ -69,8 +69,11 @@ fn build_then_check_then_optionally_boot() {
         None => {
             println!("image carries the appliance STAND-IN (the daemon binary was not built)");
             std::fs::copy(&stand_in, input.join("appliance-stand-in")).unwrap();
-            std::fs::write(input.join("appliance.toml"), "# Test configuration for the appliance stand-in.\n")
-                .unwrap();
+            std::fs::write(
+                input.join("appliance.toml"),
+                "# Test configuration for the appliance stand-in.\n",
+            )
+            .unwrap();
         }
     }
     std::fs::set_permissions(input.join("appliance-stand-in"), std::fs::Permissions::from_mode(0o755))

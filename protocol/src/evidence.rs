@@ -123,7 +123,9 @@ pub struct ModelRecord {
 pub enum EvidenceError {
     #[error("evidence record is empty")]
     Empty,
-    #[error("evidence format version {0} is not supported (this build reads version {EVIDENCE_FORMAT_VERSION})")]
+    #[error(
+        "evidence format version {0} is not supported (this build reads version {EVIDENCE_FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u8),
     #[error("evidence record of {len} bytes exceeds the record payload limit of {max}")]
     TooLarge { len: usize, max: usize },

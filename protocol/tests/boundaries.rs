@@ -769,7 +769,10 @@ fn dictionary_frame_cases() -> Vec<(&'static str, Vec<u8>, Result<(u32, Vec<u8>)
             "oversized dictionary",
             with_id(id, &vec![0; DICTIONARY_BYTES_MAX + 1]),
             Err(DecodeError::BadDictionaryFrame {
-                reason: format!("dictionary of {} bytes, expected 1..={DICTIONARY_BYTES_MAX}", DICTIONARY_BYTES_MAX + 1),
+                reason: format!(
+                    "dictionary of {} bytes, expected 1..={DICTIONARY_BYTES_MAX}",
+                    DICTIONARY_BYTES_MAX + 1
+                ),
             }),
         ),
         (

@@ -155,7 +155,9 @@ fn for_each_landed_record(
     let mut decompressor = ChunkDecompressor::new();
     let dictionaries_dir = landing_dir.parent().expect("landing dir has a parent").join("state/dictionaries");
     let store = core_sink::dictionaries::DictionaryStore::open(&dictionaries_dir).expect("dictionary store");
-    store.register_all(device, &mut decompressor, &mut std::collections::HashSet::new()).expect("dictionaries");
+    store
+        .register_all(device, &mut decompressor, &mut std::collections::HashSet::new())
+        .expect("dictionaries");
     for lane in Lane::ALL {
         let directory = landing_dir.join("raw").join(device).join(lane.name());
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&directory) {
