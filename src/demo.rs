@@ -292,7 +292,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let outage_at = args.fault.contains(&Fault::SinkOutage).then(|| Duration::from_secs(args.seconds) / 3);
     let mut outage_until: Option<Instant> = None;
     let mut sink_metrics_total = (0u64, 0u64);
-    let render = |sink: &Option<Sink>, totals: (u64, u64)| -> String {
+    let render = |sink: Option<&Sink>, totals: (u64, u64)| -> String {
         match sink {
             Some(sink) => format!(
                 "core sink        chunks landed {:>6}  resends dropped {:>4}  dictionaries {}",
@@ -329,7 +329,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         for (bar, appliance) in lines.iter().zip(&appliances) {
             bar.set_message(line(appliance));
         }
-        sink_line.set_message(render(&sink, sink_metrics_total));
+        sink_line.set_message(render(sink.as_ref(), sink_metrics_total));
         clock.set_position(started.elapsed().as_secs());
     }
     if sink.is_none() {
@@ -367,9 +367,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     for (bar, appliance) in lines.iter().zip(&appliances) {
         bar.finish_with_message(line(appliance));
     }
-    let sink = Some(sink);
-    sink_line.finish_with_message(render(&sink, sink_metrics_total));
-    let sink = sink.expect("running");
+    sink_line.finish_with_message(render(Some(&sink), sink_metrics_total));
     summarize(&appliances);
     // Appliances first, then the sink, which publishes open shards and flushes the archive.
     runtime.block_on(async {

@@ -72,7 +72,7 @@ fn feed(chunker: &mut Chunker, ring: &Ring, records: impl Iterator<Item = Source
 
 async fn drained(ring: &Ring) -> bool {
     wait_until(LIMIT, || {
-        let lane = ring.stats().lanes[Lane::Sensor.index()].clone();
+        let lane = ring.stats().lanes[Lane::Sensor.index()];
         lane.acked_through + 1 == lane.next_seq
     })
     .await

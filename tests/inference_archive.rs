@@ -177,10 +177,10 @@ async fn a_decision_answered_before_sigkill_still_reaches_the_archive() {
     let config = write_appliance_config(&fleet, "infer-kill", sink.local_addr(), api);
     let images = inference::synthetic::dataset(11, 5);
     let mut answered = Vec::new();
-    for round in 0..3 {
+    for (_, image) in images.iter().take(3) {
         let mut child = spawn_appliance(&config);
         let mut client = connect(api).await;
-        let body = inference::synthetic::encode_png(&images[round].1);
+        let body = inference::synthetic::encode_png(image);
         let response = client.infer(None, "image/png", body.clone()).await.unwrap();
         assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
         // SIGKILL right after the answer: the evidence was durable before the answer was sent.

@@ -235,8 +235,8 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Applies a changed config file: filter changes take effect between records; other changes
-    /// are reported as needing a restart.
+    /// Applies a changed config file: filter changes take effect between records, a changed
+    /// inference model list is hot-swapped; other changes are reported as needing a restart.
     pub fn apply_reload(&self, old: &ApplianceConfig, new: &ApplianceConfig) {
         for (name, settings) in &new.sources {
             let Some(pipeline) = self.pipelines.get(name) else {
@@ -251,13 +251,34 @@ impl Daemon {
                 }
             }
         }
-        let without_filters = |config: &ApplianceConfig| {
+        if let (Some((service, _)), Some(old_inference), Some(new_inference)) =
+            (&self.inference, &old.inference, &new.inference)
+            && (old_inference.models != new_inference.models
+                || old_inference.default_model != new_inference.default_model)
+        {
+            let sources: Vec<_> = new_inference
+                .models
+                .iter()
+                .map(|name| inference::ModelSource::in_directory(&new_inference.models_dir, name))
+                .collect();
+            match service.reload_models(&sources, new_inference.default_model.clone()) {
+                Ok(()) => tracing::info!(models = ?new_inference.models, "inference models swapped"),
+                Err(error) => {
+                    tracing::error!(%error, "inference model swap refused; the running models stay")
+                }
+            }
+        }
+        let without_live_settings = |config: &ApplianceConfig| {
             let mut config = config.clone();
             config.sources.values_mut().for_each(|source| source.filters.clear());
+            if let Some(inference) = &mut config.inference {
+                inference.models.clear();
+                inference.default_model = None;
+            }
             config
         };
-        if without_filters(old) != without_filters(new) {
-            tracing::warn!("config changes other than filters apply after a restart");
+        if without_live_settings(old) != without_live_settings(new) {
+            tracing::warn!("config changes other than filters and inference models apply after a restart");
         }
     }
 

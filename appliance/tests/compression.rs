@@ -24,7 +24,7 @@ fn demo_sensor_records(count: usize) -> Vec<SourceRecord> {
     while records.len() < count {
         tick_ms += 1;
         for (sensor, period) in board.sensors.iter_mut().zip(&periods) {
-            if tick_ms % period != 0 {
+            if !tick_ms.is_multiple_of(*period) {
                 continue;
             }
             let Ok(reading) = sensor.sensor.read() else { continue };

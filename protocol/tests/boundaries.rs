@@ -742,7 +742,9 @@ fn frame_boundaries() {
 
 // ---------------------------------------------------------------- dictionary frames ----------
 
-fn dictionary_frame_cases() -> Vec<(&'static str, Vec<u8>, Result<(u32, Vec<u8>), DecodeError>)> {
+type DictionaryFrameCase = (&'static str, Vec<u8>, Result<(u32, Vec<u8>), DecodeError>);
+
+fn dictionary_frame_cases() -> Vec<DictionaryFrameCase> {
     let dictionary = b"a dictionary's bytes".to_vec();
     let id = protocol::dictionary_id(&dictionary);
     let with_id = |dict_id: u32, bytes: &[u8]| [&dict_id.to_le_bytes()[..], bytes].concat();
