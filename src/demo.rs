@@ -119,7 +119,8 @@ ca_file = "../../ca/ca.pem"
 
 [sources.sensors]
 input = {{ kind = "board", profile = "../../board.toml" }}
-chunker = {{ chunk_raw_bytes = 131072, chunk_age_max_ms = 250 }}
+# Small time-bound chunks: a dictionary trained on the first 500 kept readings pays here.
+chunker = {{ chunk_raw_bytes = 131072, chunk_age_max_ms = 250, dictionary_bytes = 4096, dictionary_sample_records = 500 }}
 [[sources.sensors.filters]]
 kind = "deadband"
 fields = [{{ field = "z_mg", threshold = 15.0 }}]
