@@ -32,6 +32,9 @@ pub enum Target {
     /// Dataset shard writing over 1, 2 and 4 targets (200 KiB samples) against a parallel
     /// sequential write, and webdataset reading against a plain read.
     Sink(crate::bench_sink::SinkArgs),
+    /// The appliance's stages on one core (filters → chunker with zstd → ring, sync and
+    /// periodic) for 335 B JSON records and 200 KiB frames, against zstd alone on the same data.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
     /// The inference API: requests/s and p50/p99 latency with and without the durable audit
     /// record, measured in the same run.
     Inference(crate::bench_inference::InferenceArgs),
@@ -56,6 +59,7 @@ pub fn run(target: Target) -> Result<()> {
         Target::Uplink(args) => crate::bench_uplink::bench_uplink(&args),
         Target::Sink(args) => crate::bench_sink::bench_sink(&args),
         Target::Inference(args) => crate::bench_inference::run(args),
+        Target::Pipeline(args) => crate::bench_pipeline::run(args),
     }
 }
 
