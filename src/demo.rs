@@ -1,5 +1,5 @@
-//! `tributary demo`: the whole pipeline on one machine with embedded defaults — a fleet CA, a
-//! core sink (raw landing, WebDataset/Parquet datasets striped over two targets, the
+//! `tributary demo`: the whole pipeline on one machine with embedded defaults — a fleet CA, an
+//! embedded MQTT broker, a core sink (raw landing, WebDataset/Parquet datasets striped over two targets, the
 //! tamper-evident decision archive) and N appliance daemons. Each appliance runs the simulated dev
 //! kit through the real drivers (SHT3x + accelerometer readings, a camera producing JPEG frames of
 //! a moving scene), filters (deadband, tagging, duplicate frames), the chunker with zstd
@@ -10,9 +10,9 @@
 //! `--fault sink-outage` stops the core sink for a few seconds mid-run: appliances keep
 //! producing into their rings and resume exactly where the sink's watermark says.
 //!
-//! Not in the demo (said in docs/ARCHITECTURE.md): MQTT onboarding (appliances get certificates
-//! from the CA directly; the embedded broker is behind the onboarding crate's `embedded-broker`
-//! feature).
+//! Onboarding: an embedded MQTT broker (rumqttd, TLS) carries each appliance's first boot — a
+//! single-use claim token, a key made on the appliance, a CSR, a certificate signed by the
+//! sink's onboarding authority — and then its heartbeats.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,12 +69,21 @@ pub struct DemoArgs {
     fault: Vec<Fault>,
 }
 
-fn write_sink_config(dir: &Path) -> Result<PathBuf> {
+fn write_sink_config(dir: &Path, listen: SocketAddr, broker_port: u16) -> Result<PathBuf> {
     let path = dir.join("sink.toml");
+    let onboarding = format!(
+        "\n[onboarding]\n\
+         broker = {{ host = \"127.0.0.1\", port = {broker_port} }}\n\
+         registry_dir = \"sink/registry\"\n\
+         sink_address = \"{listen}\"\n\
+         sink_server_name = \"localhost\"\n\
+         poll_interval_ms = 100\n"
+    );
     std::fs::write(
         &path,
-        "# Written by `tributary demo`; relative paths are relative to this file.\n\
-         listen = \"127.0.0.1:0\"\n\
+        format!(
+            "# Written by `tributary demo`; relative paths are relative to this file.\n\
+         listen = \"{listen}\"\n\
          state_dir = \"sink/state\"\n\
          landing_dir = \"sink/landing\"\n\
          ca_dir = \"ca\"\n\
@@ -91,7 +100,8 @@ fn write_sink_config(dir: &Path) -> Result<PathBuf> {
          [archive]\n\
          root = \"sink/archive\"\n\
          review_dir = \"targets/review\"\n\
-         flush_interval_ms = 500\n",
+         flush_interval_ms = 500\n{onboarding}"
+        ),
     )
     .with_context(|| format!("write {}", path.display()))?;
     Ok(path)
@@ -102,20 +112,29 @@ fn free_tcp_port() -> Result<SocketAddr> {
 }
 
 /// One appliance's config: the dev kit's sensors and camera with filters, the inference API.
-fn write_appliance_config(dir: &Path, sink: SocketAddr, api: SocketAddr, args: &DemoArgs) -> Result<PathBuf> {
+fn write_appliance_config(
+    dir: &Path,
+    device: &str,
+    broker_port: u16,
+    api: SocketAddr,
+    args: &DemoArgs,
+) -> Result<PathBuf> {
     let config = format!(
         r#"# Written by `tributary demo`; relative paths are relative to this file.
 data_dir = "."
+device_id = "{device}"
 [ring]
 capacity_bytes = 134217728
 audit_reserved_bytes = 16777216
 durability = "periodic"
 sync_interval_ms = 200
-[uplink]
-sink = "{sink}"
-server_name = "localhost"
-identity_dir = "identity"
-ca_file = "../../ca/ca.pem"
+# First boot: a key made here, a certificate from the fleet's authority over MQTT.
+[onboarding]
+broker_host = "127.0.0.1"
+broker_port = {broker_port}
+claim_identity_dir = "../../claim"
+claim_token_file = "claim-token"
+heartbeat_interval_ms = 1000
 
 [sources.sensors]
 input = {{ kind = "board", profile = "../../board.toml" }}
@@ -242,27 +261,51 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let ca = FleetCa::init(&dir.join("ca"), "tributary demo fleet")?;
     ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))?
         .write_to(&dir.join("sink").join("server"), ca.certificate_pem())?;
-    let config_path = write_sink_config(&dir)?;
-    let mut sink_config = SinkConfig::load(&config_path)?;
+    ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))?
+        .write_to(&dir.join("broker"), ca.certificate_pem())?;
+    // The claim identity a device image ships with: good only for asking to be onboarded.
+    ca.issue_device(onboarding::CLAIM_IDENTITY, Validity::days(30))?
+        .write_to(&dir.join("claim"), ca.certificate_pem())?;
+    let broker_address = free_tcp_port()?;
+    onboarding::broker::EmbeddedBroker::start(broker_address, &dir.join("broker"))?;
+    println!("embedded MQTT broker (rumqttd, TLS) on {broker_address}");
+    let sink_address = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let config_path = write_sink_config(&dir, sink_address, broker_address.port())?;
+    let sink_config = SinkConfig::load(&config_path)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut sink = Some(runtime.block_on(Sink::start(sink_config.clone()))?);
-    let sink_address = sink.as_ref().expect("started").local_addr();
-    sink_config.listen = sink_address;
+    let mut started_sink = runtime.block_on(Sink::start(sink_config.clone()))?;
     println!("core sink listening on {sink_address} (config {})", config_path.display());
+    let tokens = {
+        let authority = started_sink.onboarding().context("the demo sink has an onboarding authority")?;
+        anyhow::ensure!(
+            runtime.block_on(authority.wait_ready(Duration::from_secs(30))),
+            "the onboarding authority did not reach the embedded broker"
+        );
+        let now_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        authority.registry().create_tokens(args.appliances as u32, Duration::from_secs(3600), now_unix_ms)?
+    };
+    let mut sink = Some(started_sink);
 
     let mut appliances = Vec::new();
-    for index in 0..args.appliances {
+    let onboarding_started = Instant::now();
+    for (index, token) in tokens.into_iter().enumerate() {
         let device = format!("demo-appliance-{index:02}");
         let appliance_dir = dir.join("appliances").join(&device);
-        ca.issue_device(&device, Validity::days(30))?
-            .write_to(&appliance_dir.join("identity"), ca.certificate_pem())?;
+        std::fs::create_dir_all(&appliance_dir)?;
+        std::fs::write(appliance_dir.join("claim-token"), format!("{token}\n"))?;
         let api = free_tcp_port()?;
-        let path = write_appliance_config(&appliance_dir, sink_address, api, args)?;
+        let path = write_appliance_config(&appliance_dir, &device, broker_address.port(), api, args)?;
         let config = ApplianceConfig::load(&path)?;
         let daemon = runtime.block_on(Daemon::start(config, Some(path.clone())))?;
         appliances.push(Appliance { device, daemon, api, decisions: Arc::new(AtomicU64::new(0)) });
     }
+    println!(
+        "{} appliances onboarded over MQTT (claim token → key made on the device → CSR → certificate) in {:.1} s",
+        appliances.len(),
+        onboarding_started.elapsed().as_secs_f64()
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let feeders: Vec<_> = appliances

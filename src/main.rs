@@ -42,7 +42,9 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
+            // rumqttd (the demo's embedded broker) logs every client disconnect as an error.
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG")
+                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -238,6 +238,12 @@ impl Sink {
         }
     }
 
+    /// The onboarding authority, when `[onboarding]` is configured (its registry mints claim
+    /// tokens; `wait_ready` waits until it listens at the broker).
+    pub fn onboarding(&mut self) -> Option<&mut onboarding::Authority> {
+        self.onboarding.as_mut()
+    }
+
     /// Dataset counters, when datasets are configured.
     pub fn dataset_metrics(&self) -> Option<Arc<crate::datasets::pipeline::DatasetMetrics>> {
         self.datasets.as_ref().map(|datasets| datasets.metrics.clone())
