@@ -298,7 +298,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let api = free_tcp_port()?;
         let path = write_appliance_config(&appliance_dir, &device, broker_address.port(), api, args)?;
         let config = ApplianceConfig::load(&path)?;
-        let daemon = runtime.block_on(Daemon::start(config, Some(path.clone())))?;
+        let daemon = runtime.block_on(Daemon::start(config))?;
         appliances.push(Appliance { device, daemon, api, decisions: Arc::new(AtomicU64::new(0)) });
     }
     println!(

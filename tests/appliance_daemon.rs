@@ -108,7 +108,7 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     write_config(&fleet, sink.local_addr(), http_listen, metrics_listen, 1);
     let config_path = fleet.path().join("appliance/appliance.toml");
     let config = ApplianceConfig::load(&config_path).unwrap();
-    let daemon = Daemon::start(config.clone(), Some(config_path.clone())).await.unwrap();
+    let daemon = Daemon::start(config.clone()).await.unwrap();
     assert_eq!(daemon.device_id.as_deref(), Some("edge-1"));
 
     // 300 readings: every third has no temperature (schema drops it).

@@ -88,7 +88,7 @@ async fn a_thousand_decisions_reach_the_archive_once_with_their_originals() {
     let api = free_tcp_port();
     let config_path = write_appliance_config(&fleet, "infer-1", sink.local_addr(), api);
     let config = appliance::config::ApplianceConfig::load(&config_path).unwrap();
-    let daemon = appliance::daemon::Daemon::start(config, None).await.unwrap();
+    let daemon = appliance::daemon::Daemon::start(config).await.unwrap();
 
     let images = inference::synthetic::dataset(7, 50);
     let mut sent: BTreeMap<String, String> = BTreeMap::new();

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::ToSocketAddrs as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -43,8 +43,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts everything `config` asks for. `config_path` is watched for filter changes.
-    pub async fn start(config: ApplianceConfig, config_path: Option<PathBuf>) -> anyhow::Result<Daemon> {
+    /// Starts everything `config` asks for. Watching the config file is `run`'s job
+    /// (`apply_reload`).
+    pub async fn start(config: ApplianceConfig) -> anyhow::Result<Daemon> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
         let ring_config = config.ring.ring_config().map_err(|message| anyhow::anyhow!(message))?;
@@ -231,7 +232,6 @@ impl Daemon {
             metrics = ?daemon.metrics_address,
             "appliance running"
         );
-        let _ = config_path; // the reload loop is driven by `run`, which owns the config path
         Ok(daemon)
     }
 
@@ -420,7 +420,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 pub async fn run(config_path: &Path, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let mut config = ApplianceConfig::load(config_path)?;
     let reload = Duration::from_millis(config.config_reload_ms);
-    let daemon = Daemon::start(config.clone(), Some(config_path.to_path_buf())).await?;
+    let daemon = Daemon::start(config.clone()).await?;
     let mut last_modified = modified(config_path);
     tokio::pin!(shutdown);
     loop {
