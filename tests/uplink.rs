@@ -8,7 +8,7 @@ use std::time::Duration;
 use appliance::Uplink;
 use core_sink::{Sink, SinkMetrics};
 use protocol::Lane;
-use support::chaos::{ChaosConfig, ChaosProxy};
+use chaos::{ChaosConfig, ChaosProxy};
 use support::harness::{
     Fleet, MIB, assert_landed_exactly_once, landed_records, produce, record_key, wait_until,
 };

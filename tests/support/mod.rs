@@ -1,5 +1,4 @@
 //! Shared helpers for the integration tests in `tests/`: each test file includes them with
 //! `mod support;` and uses the modules it needs.
 
-pub mod chaos;
 pub mod harness;

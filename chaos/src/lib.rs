@@ -1,6 +1,7 @@
-//! A seeded UDP chaos proxy for end-to-end tests: it sits between QUIC clients (appliances) and one
-//! upstream (the core sink), all on 127.0.0.1, and drops, duplicates, delays and reorders datagrams in
-//! both directions, so tests can prove exactly-once delivery through a lossy network.
+//! A seeded UDP chaos proxy: it sits between QUIC clients (appliances) and one upstream (the core
+//! sink), all on 127.0.0.1, and drops, duplicates, delays and reorders datagrams in both directions,
+//! so end-to-end tests can prove exactly-once delivery through a lossy network, and `tributary demo
+//! --fault drop-network|fill-ring` can cut the network of every appliance or of one.
 //!
 //! Layout:
 //!
@@ -15,7 +16,8 @@
 //! the upstream sees one peer per client and many QUIC clients can share one proxy. Each datagram, in
 //! either direction, gets one decision drawn from a seeded random number generator:
 //!
-//! 1. While the blackhole is on it is dropped and counted as `blackholed` (no random draw).
+//! 1. While the blackhole is on, for everyone or for this datagram's client
+//!    (`set_client_blackhole`), it is dropped and counted as `blackholed` (no random draw).
 //! 2. Otherwise exactly five numbers are drawn (loss, duplicate, reorder, delay, hold), whatever the
 //!    configuration, so the decision stream depends only on the seed and the sequence of datagrams.
 //! 3. Lost datagrams are counted as `dropped`. Survivors are sent once, or twice (`duplicated`).
@@ -47,9 +49,7 @@
 //! traffic off the machine. Socket errors are printed with `eprintln!` and never panic; the proxy runs
 //! on the current tokio runtime until it is dropped, and dropping it aborts every task it started.
 
-#![allow(dead_code, reason = "each test crate that includes `support` uses a different subset of it")]
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -207,6 +207,7 @@ impl ChaosProxy {
             limits,
             chaos: Mutex::new(Chaos::new(config)),
             blackhole: AtomicBool::new(false),
+            blackholed_clients: Mutex::new(HashSet::new()),
             upstream: Mutex::new(upstream),
             mappings: Mutex::new(Mappings { by_client: HashMap::new(), shut_down: false }),
             schedule: Mutex::new(Schedule { queue: BTreeMap::new(), held: HashMap::new(), sequence_next: 0 }),
@@ -228,6 +229,19 @@ impl ChaosProxy {
     /// datagrams that were already waiting for a delay or a reorder.
     pub fn set_blackhole(&self, on: bool) {
         self.shared.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// `set_blackhole` for one client only (by its source address as the proxy sees it, e.g.
+    /// `127.0.0.1:<the client's local port>`): the other clients' traffic goes on. At most
+    /// `CLIENT_MAPPINGS_MAX` clients can be cut at once; beyond that the call panics.
+    pub fn set_client_blackhole(&self, client: SocketAddr, on: bool) {
+        let mut cut = lock(&self.shared.blackholed_clients);
+        if on {
+            cut.insert(client);
+            assert!(cut.len() <= CLIENT_MAPPINGS_MAX, "at most {CLIENT_MAPPINGS_MAX} clients can be cut");
+        } else {
+            cut.remove(&client);
+        }
     }
 
     /// Replaces the chaos and reseeds both generators from `config.seed`, so the decisions after this
@@ -295,6 +309,8 @@ struct Shared {
     limits: ChaosLimits,
     chaos: Mutex<Chaos>,
     blackhole: AtomicBool,
+    /// Clients whose traffic, both ways, is dropped as if the blackhole were on for them alone.
+    blackholed_clients: Mutex<HashSet<SocketAddr>>,
     upstream: Mutex<SocketAddr>,
     mappings: Mutex<Mappings>,
     schedule: Mutex<Schedule>,
@@ -374,6 +390,8 @@ struct Waiting {
 struct Route {
     socket: Arc<UdpSocket>,
     destination: Destination,
+    /// The client whose traffic this is, either way (for per-client blackholes).
+    client: SocketAddr,
 }
 
 #[derive(Clone, Copy)]
@@ -436,7 +454,7 @@ impl Shared {
                     continue;
                 }
             };
-            let route = Route { socket, destination: Destination::Upstream };
+            let route = Route { socket, destination: Destination::Upstream, client };
             self.handle((client, Direction::ToUpstream), &route, &buffer[..length]).await;
         }
     }
@@ -448,8 +466,11 @@ impl Shared {
         socket: Arc<UdpSocket>,
         last_active_tick: Arc<AtomicU64>,
     ) {
-        let route =
-            Route { socket: Arc::clone(&self.client_socket), destination: Destination::Client(client) };
+        let route = Route {
+            socket: Arc::clone(&self.client_socket),
+            destination: Destination::Client(client),
+            client,
+        };
         let mut buffer = vec![0_u8; DATAGRAM_BYTES_MAX];
         loop {
             let length = match socket.recv_from(&mut buffer).await {
@@ -465,6 +486,10 @@ impl Shared {
             last_active_tick.store(self.next_activity_tick(), Ordering::SeqCst);
             self.handle((client, Direction::ToClient), &route, &buffer[..length]).await;
         }
+    }
+
+    fn is_blackholed(&self, client: SocketAddr) -> bool {
+        self.blackhole.load(Ordering::SeqCst) || lock(&self.blackholed_clients).contains(&client)
     }
 
     fn next_activity_tick(&self) -> u64 {
@@ -511,8 +536,8 @@ impl Shared {
     }
 
     /// Draws the fate of one datagram; counts drops, blackholing and duplication.
-    fn decide(&self, direction: Direction) -> Decision {
-        if self.blackhole.load(Ordering::SeqCst) {
+    fn decide(&self, (client, direction): PathKey) -> Decision {
+        if self.is_blackholed(client) {
             increment(&self.stats.blackholed);
             return Decision::Drop;
         }
@@ -548,7 +573,7 @@ impl Shared {
 
     /// Applies the chaos to one datagram on `path` and sends, delays or holds it.
     async fn handle(&self, path: PathKey, route: &Route, payload: &[u8]) {
-        let Decision::Forward { copies, delay_ms, reorder_hold_ms } = self.decide(path.1) else {
+        let Decision::Forward { copies, delay_ms, reorder_hold_ms } = self.decide(path) else {
             return;
         };
         let now = Instant::now();
@@ -637,7 +662,7 @@ impl Shared {
     /// Writes `copies` copies of a datagram, unless the blackhole is on; never panics on socket errors.
     async fn transmit(&self, route: &Route, payload: &[u8], copies: u8) {
         for _ in 0..copies {
-            if self.blackhole.load(Ordering::SeqCst) {
+            if self.is_blackholed(route.client) {
                 increment(&self.stats.blackholed);
                 continue;
             }

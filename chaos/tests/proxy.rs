@@ -1,4 +1,4 @@
-//! Tests of the chaos proxy in `support/chaos.rs`, the lossy network that the end-to-end tests stand
+//! Tests of the chaos proxy (`chaos` crate), the lossy network that the end-to-end tests stand
 //! on: if it silently forwarded everything, an exactly-once test through it would prove nothing.
 //!
 //! Every test puts a UDP echo server (or a sink that only counts) on 127.0.0.1 behind a proxy, sends
@@ -7,15 +7,13 @@
 //! `settle` until every datagram is accounted for. Every receive is bounded by a timeout, and no
 //! assertion depends on how fast the machine is.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::chaos::{ChaosConfig, ChaosLimits, ChaosProxy, ChaosStats, DATAGRAM_BYTES_MAX};
+use chaos::{ChaosConfig, ChaosLimits, ChaosProxy, ChaosStats, DATAGRAM_BYTES_MAX};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -365,6 +363,31 @@ async fn blackhole_drops_everything_while_on_and_traffic_resumes_when_off() {
     assert_eq!(counts(&upstream.payloads()), resumed);
     assert_eq!(counts(&client.received), resumed);
     assert_eq!(stats, ChaosStats { forwarded: 40, blackholed: 20, ..ChaosStats::default() });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_blackhole_cuts_only_that_client_both_ways_until_lifted() {
+    let upstream = TestUpstream::start(Mode::Echo).await;
+    let proxy = start_proxy(&upstream, ChaosConfig::clean(7)).await;
+    let mut cut = TestClient::bind(proxy.local_addr()).await;
+    let mut other = TestClient::bind(proxy.local_addr()).await;
+
+    proxy.set_client_blackhole(cut.address(), true);
+    let stats = send_numbered(&proxy, &[&upstream], &mut [&mut cut, &mut other], 0, 1, 0..20).await;
+    assert_eq!(upstream.received(), 0);
+    assert_eq!(stats, ChaosStats { blackholed: 20, ..ChaosStats::default() });
+    let stats = send_numbered(&proxy, &[&upstream], &mut [&mut cut, &mut other], 1, 2, 0..20).await;
+    let from_other = exactly_once((0..20).map(|index| numbered(2, index)));
+    assert_eq!(counts(&upstream.payloads()), from_other);
+    assert_eq!(counts(&other.received), from_other);
+    assert!(cut.received.is_empty());
+    assert_eq!(stats, ChaosStats { forwarded: 40, blackholed: 20, ..ChaosStats::default() });
+
+    proxy.set_client_blackhole(cut.address(), false);
+    let stats = send_numbered(&proxy, &[&upstream], &mut [&mut cut, &mut other], 0, 1, 20..40).await;
+    let resumed = exactly_once((20..40).map(|index| numbered(1, index)));
+    assert_eq!(counts(&cut.received), resumed);
+    assert_eq!(stats, ChaosStats { forwarded: 80, blackholed: 20, ..ChaosStats::default() });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
