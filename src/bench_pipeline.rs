@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use appliance::SourceRecord;
 use appliance::chunker::{Chunker, ChunkerConfig};
 use appliance::filters::{FilterChain, FilterConfig, Verdict};
+use appliance::pipeline::{PipelineMetrics, append_chunk};
+use appliance::{SourceRecord, StopSignal};
 use buffer::{Durability, Ring, RingConfig};
 use clap::Args;
 use protocol::Lane;
@@ -129,17 +130,19 @@ fn run_pipeline(records: &[SourceRecord], durability: Durability, dir: &std::pat
         ..ChunkerConfig::default()
     };
     let mut chunker = Chunker::new("bench", lane, chunker_config, None);
+    // The pipeline thread's own append path (with its retry on backpressure).
+    let (stop, metrics) = (StopSignal::new(), PipelineMetrics::default());
     let started = Instant::now();
     let mut bytes = 0u64;
     for record in records {
         bytes += record.payload.len() as u64;
         let Verdict::Keep(record) = chain.apply(record.clone()) else { continue };
         for chunk in chunker.push(&record, started)? {
-            ring.append(chunk)?;
+            append_chunk(&ring, chunk, &stop, &metrics)?;
         }
     }
     if let Some(chunk) = chunker.flush()? {
-        ring.append(chunk)?;
+        append_chunk(&ring, chunk, &stop, &metrics)?;
     }
     ring.sync()?;
     let elapsed = started.elapsed().as_secs_f64();

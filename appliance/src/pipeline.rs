@@ -5,7 +5,8 @@
 //! time and its heartbeat (which the systemd watchdog checks) advances while it is healthy even
 //! when the source is quiet. A ring append that fails with backpressure (a `block` lane with no
 //! room) is retried until it succeeds or the daemon stops, so a record the filters kept is never
-//! dropped here: the source blocks on the full channel instead.
+//! dropped here: the source blocks on the full channel instead. The retry uses the chunk the ring
+//! hands back with its refusal; no copy of each chunk is kept for it.
 //!
 //! Invariant: every record a source sends is either kept by the filters and appended to the ring
 //! inside a chunk, or counted as dropped with a reason (`FilterMetrics`); on stop, open chunks
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
-use buffer::{Ring, RingError};
+use buffer::{AppendError, Ring, RingError};
 use protocol::{Lane, SealedChunk};
 
 use crate::chunker::{Chunker, ChunkerConfig, ChunkerMetrics};
@@ -259,24 +260,41 @@ impl Stage {
     }
 
     fn append(&mut self, chunk: SealedChunk) {
-        let bytes = chunk.body.len() as u64 + protocol::CHUNK_HEADER_LEN as u64;
-        loop {
-            match self.ring.append(chunk.clone()) {
-                Ok(_) => {
-                    self.metrics.chunks_appended.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.bytes_appended.fetch_add(bytes, Ordering::Relaxed);
-                    return;
-                }
-                Err(RingError::Backpressure { .. }) if !self.stop.is_stopped() => {
-                    self.metrics.append_retries.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.heartbeat_unix_ms.store(unix_ms(), Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(APPEND_RETRY_MS));
-                }
-                Err(error) => {
-                    self.metrics.append_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(source = %self.name, %error, "cannot append a chunk to the ring");
-                    return;
-                }
+        if let Err(error) = append_chunk(&self.ring, chunk, &self.stop, &self.metrics) {
+            tracing::error!(source = %self.name, %error, "cannot append a chunk to the ring");
+        }
+    }
+}
+
+/// Appends `chunk` to `ring`, retrying every `APPEND_RETRY_MS` while a `block` lane refuses it
+/// with backpressure, until it is stored or `stop` is set; counts into `metrics`. The pipeline
+/// thread's own append (and `tributary bench pipeline`'s, so the bench measures this path).
+pub fn append_chunk(
+    ring: &Ring,
+    mut chunk: SealedChunk,
+    stop: &StopSignal,
+    metrics: &PipelineMetrics,
+) -> Result<u64, RingError> {
+    let bytes = chunk.encoded_len() as u64;
+    loop {
+        match ring.append(chunk) {
+            Ok(seq) => {
+                metrics.chunks_appended.fetch_add(1, Ordering::Relaxed);
+                metrics.bytes_appended.fetch_add(bytes, Ordering::Relaxed);
+                return Ok(seq);
+            }
+            // The ring hands the refused chunk back, so the retry needs no copy of it.
+            Err(AppendError { error: RingError::Backpressure { .. }, chunk: Some(refused) })
+                if !stop.is_stopped() =>
+            {
+                chunk = refused;
+                metrics.append_retries.fetch_add(1, Ordering::Relaxed);
+                metrics.heartbeat_unix_ms.store(unix_ms(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(APPEND_RETRY_MS));
+            }
+            Err(refused) => {
+                metrics.append_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(refused.error);
             }
         }
     }

@@ -1,6 +1,7 @@
+use std::fmt;
 use std::path::PathBuf;
 
-use protocol::Lane;
+use protocol::{Lane, SealedChunk};
 
 /// Everything that can go wrong with the ring, each with the context an operator needs.
 #[derive(Debug, thiserror::Error)]
@@ -57,3 +58,45 @@ pub enum RingError {
 }
 
 pub type Result<T> = std::result::Result<T, RingError>;
+
+/// An append the ring did not store, with the chunk handed back untouched (no seq given), so a
+/// caller that retries — after `Backpressure` on a `block` lane, or `Rejected` once acks free room
+/// — needs no copy of its own (frames make chunks of up to 1 MiB).
+pub struct AppendError {
+    pub error: RingError,
+    /// The refused chunk, exactly as it was passed to `Ring::append`. `None` only with
+    /// `WriterStopped` when the writer thread died holding it.
+    pub chunk: Option<SealedChunk>,
+}
+
+impl From<AppendError> for RingError {
+    fn from(refused: AppendError) -> RingError {
+        refused.error
+    }
+}
+
+/// Says what the ring reported; the chunk is data, not part of the message.
+impl fmt::Display for AppendError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, formatter)
+    }
+}
+
+/// `SealedChunk`'s own `Debug` prints every body byte; a panic message or log line naming a
+/// refused 1 MiB chunk should not.
+impl fmt::Debug for AppendError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let chunk = self.chunk.as_ref().map(|chunk| {
+            format!("{} chunk, {} records, {} body bytes", chunk.lane, chunk.record_count, chunk.body.len())
+        });
+        formatter.debug_struct("AppendError").field("error", &self.error).field("chunk", &chunk).finish()
+    }
+}
+
+/// Transparent over `error`: the same message and the same source, so an error chain does not
+/// repeat the message.
+impl std::error::Error for AppendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}

@@ -13,6 +13,9 @@
 //! `LaneMeta` (all u64 LE): next_seq, acked_through, bytes_used, chunk_count, evicted_chunks,
 //! evicted_bytes, quarantined_chunks, rejected_chunks. It is written in the same write
 //! transaction as the chunks it describes, so it can never disagree with them after a crash.
+//! `evicted-records/<id>` (u64 LE, same transactions) counts the records in evicted chunks; it
+//! has its own key so that a ring written by this version still opens with a build that
+//! predates it (an A/B rollback), which ignores the key.
 //!
 //! Segments: an encoded chunk is stored as consecutive segments of at most `SEGMENT_BYTES_MAX`
 //! (65 520 bytes: exactly 16 pages with LMDB's page header). LMDB stores each large value on a
@@ -78,6 +81,12 @@ pub fn lane_meta_key(lane: Lane) -> [u8; 6] {
     key
 }
 
+pub fn lane_evicted_records_key(lane: Lane) -> [u8; 17] {
+    let mut key = *b"evicted-records/\0";
+    key[16] = lane.id();
+    key
+}
+
 /// Bytes an encoded chunk of `encoded_len` really occupies in the LMDB file, all segments.
 pub fn stored_bytes(encoded_len: usize) -> u64 {
     let full_segments = (encoded_len / SEGMENT_BYTES_MAX) as u64;
@@ -111,6 +120,9 @@ pub struct LaneMeta {
     pub evicted_bytes: u64,
     pub quarantined_chunks: u64,
     pub rejected_chunks: u64,
+    /// Records in the evicted chunks; persisted under `lane_evicted_records_key`, not in the
+    /// 64 bytes of `encode`.
+    pub evicted_records: u64,
 }
 
 impl LaneMeta {
@@ -151,6 +163,7 @@ impl LaneMeta {
             evicted_bytes: field(5),
             quarantined_chunks: field(6),
             rejected_chunks: field(7),
+            evicted_records: 0,
         };
         (meta.next_seq >= 1 && meta.acked_through < meta.next_seq).then_some(meta)
     }
@@ -186,6 +199,7 @@ mod tests {
             evicted_bytes: 2,
             quarantined_chunks: 5,
             rejected_chunks: 6,
+            evicted_records: 0,
         };
         assert_eq!(LaneMeta::decode(&meta.encode()), Some(meta));
         assert_eq!(LaneMeta::decode(&meta.encode()[..63]), None);

@@ -31,5 +31,5 @@ pub use config::{
     CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, Durability, LaneConfig, LanePolicy, MAP_HEADROOM_PERCENT,
     OnCorrupt, RingConfig,
 };
-pub use error::{Result, RingError};
+pub use error::{AppendError, Result, RingError};
 pub use ring::{LaneStats, ReadLimits, Ring, RingStats, StoredChunk};

@@ -12,7 +12,7 @@ use heed::{EnvFlags, EnvOpenOptions, MdbError, WithoutTls};
 use protocol::{ChunkHeader, Lane, SealedChunk, decode_chunk};
 
 use crate::config::{Durability, OnCorrupt, RingConfig};
-use crate::error::{Result, RingError};
+use crate::error::{AppendError, Result, RingError};
 use crate::layout::{
     CHUNKS_DATABASE, DATABASES_MAX, FORMAT_KEY, FORMAT_PREFIX, FORMAT_VALUE, LaneMeta, META_DATABASE,
     QUARANTINE_DATABASE, QUARANTINE_SAMPLE_BYTES, lane_meta_key, parse_chunk_key, segment_stored_bytes,
@@ -53,6 +53,8 @@ pub struct LaneStats {
     pub budget_bytes: u64,
     pub evicted_chunks: u64,
     pub evicted_bytes: u64,
+    /// Records in the evicted chunks (from their headers).
+    pub evicted_records: u64,
     pub quarantined_chunks: u64,
     pub rejected_chunks: u64,
     pub waiting_appends: usize,
@@ -209,8 +211,20 @@ impl Ring {
     /// Appends a sealed chunk to its lane and returns the seq it was given. Returns once the
     /// chunk is committed (and fsynced in `Sync` mode). When the lane is full its policy applies:
     /// `drop_oldest` evicts (counted), `block` waits up to its timeout, then `Backpressure`.
-    pub fn append(&self, chunk: SealedChunk) -> Result<u64> {
-        self.send(|reply| Request::Append { chunk, reply })
+    ///
+    /// A refused chunk comes back in the error untouched, so a caller may retry it (after
+    /// `Backpressure`, typically) without keeping a copy of every chunk it appends.
+    pub fn append(&self, chunk: SealedChunk) -> std::result::Result<u64, AppendError> {
+        let stopped = |chunk| AppendError { error: RingError::WriterStopped, chunk };
+        let (reply, answer) = sync_channel(1);
+        let Some(requests) = self.core.requests.as_ref() else { return Err(stopped(Some(chunk))) };
+        if let Err(unsent) = requests.send(Request::Append { chunk, reply }) {
+            let Request::Append { chunk, .. } = unsent.0 else { unreachable!("an append was sent") };
+            return Err(stopped(Some(chunk)));
+        }
+        // The writer answers every append it took, handing refused chunks back; without an
+        // answer it died holding the chunk.
+        answer.recv().unwrap_or_else(|_| Err(stopped(None)))
     }
 
     /// Records that the core holds everything in `lane` through `through_seq` durably, and
@@ -314,6 +328,7 @@ impl Ring {
                 budget_bytes: config.lane_budget_bytes(lane),
                 evicted_chunks: meta.evicted_chunks,
                 evicted_bytes: meta.evicted_bytes,
+                evicted_records: meta.evicted_records,
                 quarantined_chunks: meta.quarantined_chunks,
                 rejected_chunks: meta.rejected_chunks,
                 waiting_appends: shared.waiting_appends[lane.index()],
@@ -525,6 +540,16 @@ fn initialize(
         if let Some(value) = meta.get(&txn, &lane_meta_key(lane)).map_err(damage)? {
             lanes[lane.index()] = LaneMeta::decode(value)
                 .ok_or_else(|| OpenFailure::Corrupt(format!("lane {lane} metadata is malformed")))?;
+        }
+        // Absent in rings written before the counter existed: their evictions counted no records.
+        if let Some(value) = meta.get(&txn, &crate::layout::lane_evicted_records_key(lane)).map_err(damage)? {
+            let bytes: [u8; 8] = value.try_into().map_err(|_| {
+                OpenFailure::Corrupt(format!(
+                    "lane {lane} evicted-records counter is {} bytes, not 8",
+                    value.len()
+                ))
+            })?;
+            lanes[lane.index()].evicted_records = u64::from_le_bytes(bytes);
         }
     }
     // Rebuild the accounting from the chunks themselves: it is written in the same transaction as

@@ -18,7 +18,7 @@ use heed::{Database, Env, MdbError, RwTxn, WithoutTls};
 use protocol::{Lane, SealedChunk};
 
 use crate::config::{Durability, LanePolicy, RingConfig};
-use crate::error::{Result, RingError};
+use crate::error::{AppendError, Result, RingError};
 use crate::layout::{
     LaneMeta, QUARANTINE_ENTRIES_MAX, QUARANTINE_SAMPLE_BYTES, SEGMENT_BYTES_MAX, chunk_key, lane_meta_key,
     stored_bytes,
@@ -30,11 +30,13 @@ use crate::store;
 const MAP_FULL_RETRIES_MAX: u32 = 4;
 
 pub(crate) type Reply<T> = SyncSender<Result<T>>;
+/// An append's answer: its seq, or the refusal with the chunk handed back.
+pub(crate) type AppendReply = SyncSender<std::result::Result<u64, AppendError>>;
 
 pub(crate) enum Request {
     Append {
         chunk: SealedChunk,
-        reply: Reply<u64>,
+        reply: AppendReply,
     },
     Ack {
         lane: Lane,
@@ -65,7 +67,14 @@ struct PendingAppend {
     stored_bytes: u64,
     enqueued_at: Instant,
     deadline: Instant,
-    reply: Reply<u64>,
+    reply: AppendReply,
+}
+
+impl PendingAppend {
+    /// Answers a refusal, handing the chunk back to the producer.
+    fn refuse(self, error: RingError) {
+        let _ = self.reply.send(Err(AppendError { error, chunk: Some(self.chunk) }));
+    }
 }
 
 /// Counters and committed lane state, shared with `Ring::stats`.
@@ -202,7 +211,7 @@ impl Writer {
         }
     }
 
-    fn enqueue(&mut self, chunk: SealedChunk, reply: Reply<u64>) {
+    fn enqueue(&mut self, chunk: SealedChunk, reply: AppendReply) {
         let lane = chunk.lane;
         let waiting: usize = self.queues.iter().map(VecDeque::len).sum();
         let stored = stored_bytes(chunk.encoded_len());
@@ -210,7 +219,8 @@ impl Writer {
             self.lanes[lane.index()].rejected_chunks += 1;
             self.meta_dirty = true;
             self.publish();
-            let _ = reply.send(Err(self.backpressure(lane, stored, Duration::ZERO)));
+            let error = self.backpressure(lane, stored, Duration::ZERO);
+            let _ = reply.send(Err(AppendError { error, chunk: Some(chunk) }));
             return;
         }
         let now = Instant::now();
@@ -300,11 +310,11 @@ impl Writer {
                     quarantines.clear();
                     for queue in &mut self.queues {
                         for pending in queue.drain(..) {
-                            let _ = pending.reply.send(Err(RingError::Storage {
+                            pending.refuse(RingError::Storage {
                                 path: self.path.clone(),
                                 operation: "append",
                                 source: clone_heed_error(&source),
-                            }));
+                            });
                         }
                     }
                     return false;
@@ -455,6 +465,8 @@ impl Writer {
     ) -> std::result::Result<(), heed::Error> {
         for lane in Lane::ALL {
             self.databases.meta.put(txn, &lane_meta_key(lane), &lanes[lane.index()].encode())?;
+            let evicted_records = lanes[lane.index()].evicted_records.to_le_bytes();
+            self.databases.meta.put(txn, &crate::layout::lane_evicted_records_key(lane), &evicted_records)?;
         }
         Ok(())
     }
@@ -473,10 +485,12 @@ impl Writer {
         for (lane_index, outcomes) in attempt.outcomes.into_iter().enumerate() {
             for outcome in outcomes {
                 let pending = self.queues[lane_index].pop_front().expect("an outcome for every head");
-                let _ = pending.reply.send(match outcome {
-                    Outcome::Appended(seq) => Ok(seq),
-                    Outcome::Failed(error) => Err(error),
-                });
+                match outcome {
+                    Outcome::Appended(seq) => {
+                        let _ = pending.reply.send(Ok(seq));
+                    }
+                    Outcome::Failed(error) => pending.refuse(error),
+                }
             }
         }
     }
@@ -595,8 +609,16 @@ impl Writer {
     ) -> std::result::Result<(), heed::Error> {
         let seq = store::oldest_seq(self.databases.chunks, txn, lane)?
             .expect("chunk_count > 0 means the lane holds a chunk");
+        // The header is in the first segment; a damaged one counts no records (reads quarantine it).
+        let records = self
+            .databases
+            .chunks
+            .get(txn, &chunk_key(lane, seq, 0))?
+            .and_then(|segment| protocol::ChunkHeader::decode(segment).ok())
+            .map_or(0, |header| u64::from(header.record_count));
         let freed = store::delete_seqs(self.databases.chunks, txn, lane, seq, seq)?;
         let meta = &mut lanes[lane.index()];
+        meta.evicted_records += records;
         meta.bytes_used -= freed.bytes;
         meta.chunk_count -= freed.chunks;
         meta.evicted_chunks += freed.chunks;
@@ -648,7 +670,7 @@ impl Writer {
                 self.meta_dirty = true;
                 self.publish();
                 let error = self.backpressure(lane, pending.stored_bytes, now - pending.enqueued_at);
-                let _ = pending.reply.send(Err(error));
+                pending.refuse(error);
             }
         }
     }
@@ -657,7 +679,7 @@ impl Writer {
         for lane in Lane::ALL {
             while let Some(pending) = self.queues[lane.index()].pop_front() {
                 let error = self.backpressure(lane, pending.stored_bytes, pending.enqueued_at.elapsed());
-                let _ = pending.reply.send(Err(error));
+                pending.refuse(error);
             }
         }
     }

@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use buffer::layout::stored_bytes;
-use buffer::{LanePolicy, ReadLimits, Ring, RingConfig, RingError};
+use buffer::{AppendError, LanePolicy, ReadLimits, Ring, RingConfig, RingError};
 use common::{MIB, body_bytes, chunk, open};
 use proptest::prelude::*;
-use protocol::{CHUNK_HEADER_LEN, Lane};
+use protocol::{CHUNK_HEADER_LEN, Lane, SealedChunk};
 
 #[derive(Clone, Debug)]
 enum Operation {
@@ -140,13 +140,20 @@ impl Model {
     }
 }
 
-fn observe_append(result: Result<u64, RingError>) -> AppendResult {
-    match result {
-        Ok(seq) => AppendResult::Appended(seq),
-        Err(RingError::ChunkTooLarge { .. }) => AppendResult::TooLarge,
-        Err(RingError::Backpressure { .. }) => AppendResult::Backpressure,
-        Err(RingError::Rejected { .. }) => AppendResult::Rejected,
-        Err(other) => AppendResult::Unexpected(other.to_string()),
+/// Also checks that every refusal hands back the very chunk that was sent.
+fn observe_append(result: Result<u64, AppendError>, sent: &SealedChunk) -> AppendResult {
+    let refused = match result {
+        Ok(seq) => return AppendResult::Appended(seq),
+        Err(refused) => refused,
+    };
+    if refused.chunk.as_ref() != Some(sent) {
+        return AppendResult::Unexpected(format!("{refused:?} did not hand back the chunk sent"));
+    }
+    match refused.error {
+        RingError::ChunkTooLarge { .. } => AppendResult::TooLarge,
+        RingError::Backpressure { .. } => AppendResult::Backpressure,
+        RingError::Rejected { .. } => AppendResult::Rejected,
+        other => AppendResult::Unexpected(other.to_string()),
     }
 }
 
@@ -169,6 +176,8 @@ fn check_lanes_agree(ring: &Ring, model: &Model) {
         assert_eq!(actual.chunk_count, expected.chunks.len() as u64, "{lane} chunk_count");
         assert_eq!(actual.bytes_used, expected.bytes_used(), "{lane} bytes_used");
         assert_eq!(actual.evicted_chunks, expected.evicted_chunks, "{lane} evicted_chunks");
+        // Every test chunk holds one record.
+        assert_eq!(actual.evicted_records, expected.evicted_chunks, "{lane} evicted_records");
         assert_eq!(actual.rejected_chunks, expected.rejected_chunks, "{lane} rejected_chunks");
         assert!(actual.bytes_used <= actual.budget_bytes, "{lane} over budget");
         assert_eq!(
@@ -192,8 +201,9 @@ fn run(operations: Vec<Operation>) {
             Operation::Append { lane, len } => {
                 let tag = step as u64;
                 let expected = model.append(lane, body_bytes(lane, tag, len));
+                let sent = chunk(lane, tag, len);
                 assert_eq!(
-                    observe_append(ring.append(chunk(lane, tag, len))),
+                    observe_append(ring.append(sent.clone()), &sent),
                     expected,
                     "step {step}: append {lane} {len}"
                 );

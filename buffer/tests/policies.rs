@@ -41,7 +41,7 @@ fn audit_appends_succeed_inside_the_reservation_while_sensor_data_overflows() {
     let refused = loop {
         match ring.append(chunk(Lane::Audit, 9_999, 64 * 1024)) {
             Ok(seq) => audit_seqs.push(seq),
-            Err(error) => break error,
+            Err(refused) => break refused.error,
         }
     };
     assert!(matches!(refused, RingError::Backpressure { lane: Lane::Audit, .. }), "{refused}");
@@ -54,16 +54,22 @@ fn audit_appends_succeed_inside_the_reservation_while_sensor_data_overflows() {
     ring.append(chunk(Lane::Audit, 10_000, 64 * 1024)).unwrap();
 }
 
-#[test]
-fn block_lane_waits_for_an_ack_then_proceeds() {
+/// A ring whose decisions lane (`block`, capped at 1 MiB) is full: seven 128 KiB chunks, seqs
+/// 1 to 7.
+fn full_block_lane(block_timeout_ms: u64) -> (tempfile::TempDir, Ring) {
     let mut config = RingConfig::with_capacity(8 * MIB);
     config.lanes[Lane::Decisions.index()] =
-        buffer::LaneConfig { policy: LanePolicy::Block, bytes_max: Some(MIB), block_timeout_ms: 60_000 };
-    let (_directory, ring) = ring_with(config);
-    let mut last = 0;
+        buffer::LaneConfig { policy: LanePolicy::Block, bytes_max: Some(MIB), block_timeout_ms };
+    let (directory, ring) = ring_with(config);
     for step in 0..7 {
-        last = ring.append(chunk(Lane::Decisions, step, 128 * 1024)).unwrap();
+        assert_eq!(ring.append(chunk(Lane::Decisions, step, 128 * 1024)).unwrap(), step + 1);
     }
+    (directory, ring)
+}
+
+#[test]
+fn block_lane_waits_for_an_ack_then_proceeds() {
+    let (_directory, ring) = full_block_lane(60_000);
     // The eighth does not fit the 1 MiB cap; it waits until the ack below frees room.
     let waiter = {
         let ring = ring.clone();
@@ -74,20 +80,14 @@ fn block_lane_waits_for_an_ack_then_proceeds() {
     }
     assert!(!waiter.is_finished());
     ring.ack(Lane::Decisions, 3).unwrap();
-    assert_eq!(waiter.join().unwrap().unwrap(), last + 1);
+    assert_eq!(waiter.join().unwrap().unwrap(), 8);
     assert_eq!(ring.stats().lane(Lane::Decisions).evicted_chunks, 0);
 }
 
 #[test]
 fn block_lane_times_out_with_backpressure() {
-    let mut config = RingConfig::with_capacity(8 * MIB);
-    config.lanes[Lane::Decisions.index()].bytes_max = Some(MIB);
-    config.lanes[Lane::Decisions.index()].block_timeout_ms = 20;
-    let (_directory, ring) = ring_with(config);
-    for step in 0..7 {
-        ring.append(chunk(Lane::Decisions, step, 128 * 1024)).unwrap();
-    }
-    let error = ring.append(chunk(Lane::Decisions, 7, 128 * 1024)).unwrap_err();
+    let (_directory, ring) = full_block_lane(20);
+    let error = ring.append(chunk(Lane::Decisions, 7, 128 * 1024)).unwrap_err().error;
     match error {
         RingError::Backpressure { lane, waited_ms, needed_bytes, .. } => {
             assert_eq!(lane, Lane::Decisions);
@@ -97,6 +97,34 @@ fn block_lane_times_out_with_backpressure() {
         other => panic!("expected backpressure, got {other}"),
     }
     assert_eq!(ring.stats().lane(Lane::Decisions).rejected_chunks, 1);
+}
+
+#[test]
+fn a_refused_append_hands_the_chunk_back_and_its_retry_succeeds_once_acks_free_room() {
+    let (_directory, ring) = full_block_lane(20);
+    // The copy is the test's own reference: the caller under test keeps none.
+    let sent = chunk(Lane::Decisions, 7, 128 * 1024);
+    let expected = sent.clone();
+    let body_address = sent.body.as_ptr();
+    let refused = ring.append(sent).unwrap_err();
+    assert!(matches!(refused.error, RingError::Backpressure { lane: Lane::Decisions, .. }), "{refused}");
+    let returned = refused.chunk.expect("a refused chunk is handed back");
+    assert_eq!(returned, expected, "the same lane, codec, counts, body bytes and body crc");
+    assert_eq!(returned.body.as_ptr(), body_address, "handed back, not copied");
+    assert_eq!(ring.stats().lane(Lane::Decisions).next_seq, 8, "a refused chunk takes no seq");
+
+    // Still no room: refused again, handed back again.
+    let returned = ring.append(returned).unwrap_err().chunk.expect("handed back again");
+    ring.ack(Lane::Decisions, 3).unwrap();
+    let seq = ring.append(returned).unwrap();
+    assert_eq!(seq, 8);
+    let stored =
+        ring.read_from(Lane::Decisions, seq, ReadLimits { chunks_max: 1, bytes_max: usize::MAX }).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].seq, seq);
+    assert_eq!(stored[0].body(), &expected.body[..]);
+    assert_eq!(stored[0].encoded, expected.encode(seq));
+    assert_eq!(ring.stats().lane(Lane::Decisions).rejected_chunks, 2);
 }
 
 #[test]
@@ -118,6 +146,46 @@ fn sensor_evicts_media_before_its_own_data() {
         ring.append(chunk(Lane::Media, step, 256 * 1024)).unwrap();
     }
     assert_eq!(ring.stats().lane(Lane::Sensor).chunk_count, 10);
+}
+
+#[test]
+fn evictions_count_the_records_of_the_evicted_chunks_and_the_count_survives_a_reopen() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("ring");
+    let ring = open(&path, RingConfig::with_capacity(8 * MIB));
+    let records_per_chunk = |step: u64| (step % 5 + 1) as u32;
+    let mut appended_records = 0u64;
+    for step in 0..100 {
+        let body = common::body_bytes(Lane::Media, step, 128 * 1024);
+        let records = records_per_chunk(step);
+        let chunk = protocol::SealedChunk::new(
+            Lane::Media,
+            protocol::Codec::Raw,
+            0,
+            records,
+            body.len() as u32,
+            body,
+        )
+        .unwrap();
+        ring.append(chunk).unwrap();
+        appended_records += u64::from(records);
+    }
+    let stats = ring.stats();
+    let media = stats.lane(Lane::Media);
+    assert!(media.evicted_chunks > 0, "an 8 MiB ring cannot hold 12.5 MiB of media");
+    // drop_oldest evicts in seq order: the first `evicted_chunks` chunks went.
+    let expected: u64 = (0..media.evicted_chunks).map(|step| u64::from(records_per_chunk(step))).sum();
+    assert_eq!(media.evicted_records, expected);
+    let held: u64 = ring
+        .read_from(Lane::Media, 1, ReadLimits { chunks_max: 1000, bytes_max: usize::MAX })
+        .unwrap()
+        .iter()
+        .map(|chunk| u64::from(chunk.header.record_count))
+        .sum();
+    assert_eq!(held + media.evicted_records, appended_records, "every record is held or counted evicted");
+    drop(ring);
+    let reopened = open(&path, RingConfig::with_capacity(8 * MIB));
+    assert_eq!(reopened.stats().lane(Lane::Media).evicted_records, expected);
 }
 
 #[test]
@@ -167,7 +235,7 @@ fn oversized_chunks_and_bad_configs_are_clear_errors() {
     let (_directory, ring) = ring_with(RingConfig::with_capacity(8 * MIB));
     // 8 MiB ring: chunks up to a thirty-second (256 KiB) are accepted.
     ring.append(chunk(Lane::Sensor, 0, 200 * 1024)).unwrap();
-    let error = ring.append(chunk(Lane::Sensor, 0, 300 * 1024)).unwrap_err();
+    let error = ring.append(chunk(Lane::Sensor, 0, 300 * 1024)).unwrap_err().error;
     assert!(
         matches!(error, RingError::ChunkTooLarge { lane: Lane::Sensor, budget_bytes: 262_144, .. }),
         "{error}"

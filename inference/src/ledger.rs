@@ -286,7 +286,9 @@ impl Writer {
     }
 
     fn durable_append(&self, chunk: protocol::SealedChunk) -> Result<u64, CommitError> {
-        let seq = self.ring.append(chunk).map_err(|error| CommitError::from_ring(&error))?;
+        // Not retried: a full audit reservation is answered with 503 at once, and the refused
+        // chunk the ring hands back is dropped here.
+        let seq = self.ring.append(chunk).map_err(|refused| CommitError::from_ring(&refused.error))?;
         if let Durability::Periodic { .. } = self.ring.config().durability {
             self.ring.sync().map_err(|error| CommitError::from_ring(&error))?;
         }

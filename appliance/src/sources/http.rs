@@ -41,12 +41,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use super::json_lines::RecordMaker;
-use super::json_socket::{CONNECTIONS_DEFAULT, CONNECTIONS_LIMIT, connections_default};
+use super::json_lines::{
+    CONNECTIONS_DEFAULT, Intake, RecordMaker, connections_default, lane_and_connections,
+};
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, STOP_POLL_INTERVAL_MS, SourceConfigError, check_range, deliver_async,
-    lane_setting, source_runtime, stopped, validate_source_name,
+    Delivery, KeySequence, STOP_POLL_INTERVAL_MS, SourceConfigError, check_range, source_runtime,
+    validate_source_name,
 };
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
 
@@ -134,16 +135,10 @@ impl HttpSource {
         metrics: Arc<SourceMetrics>,
     ) -> Result<HttpSource, SourceConfigError> {
         validate_source_name(name)?;
-        let lane = lane_setting(name, config.lane.as_deref(), protocol::Lane::Sensor)?;
+        let (lane, connections_max) =
+            lane_and_connections(name, config.lane.as_deref(), config.connections_max)?;
         let body_bytes_max =
             check_range(name, "body_bytes_max", config.body_bytes_max, 1..=BODY_BYTES_LIMIT, "bytes")?;
-        let connections_max = check_range(
-            name,
-            "connections_max",
-            config.connections_max,
-            1..=CONNECTIONS_LIMIT,
-            "connections",
-        )?;
         let idle_timeout_ms = check_range(
             name,
             "idle_timeout_ms",
@@ -181,12 +176,7 @@ impl HttpSource {
 /// What every request of one source shares.
 struct Shared {
     body_bytes_max: usize,
-    records: RecordMaker,
-    metrics: Arc<SourceMetrics>,
-    out: RecordSender,
-    stop: StopSignal,
-    /// Set when the pipeline hung up, so the server ends too.
-    finished: StopSignal,
+    intake: Intake,
 }
 
 impl Source for HttpSource {
@@ -199,11 +189,7 @@ impl Source for HttpSource {
         let runtime = source_runtime()?;
         let shared = Arc::new(Shared {
             body_bytes_max: source.body_bytes_max,
-            records: source.records,
-            metrics: source.metrics,
-            out,
-            stop,
-            finished: StopSignal::new(),
+            intake: Intake::new(source.records, source.metrics, out, stop),
         });
         info!(source = %source.name, address = %source.local_address, "http source listening");
         runtime.block_on(async move {
@@ -218,11 +204,11 @@ impl Source for HttpSource {
                 .with_state(shared.clone());
             let shutdown = {
                 let shared = shared.clone();
-                async move { stopped(&shared.stop, &shared.finished).await }
+                async move { shared.intake.stopped().await }
             };
             let server =
                 tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future());
-            stopped(&shared.stop, &shared.finished).await;
+            shared.intake.stopped().await;
             match tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(error))) => warn!(source = %source.name, %error, "http server failed"),
@@ -244,7 +230,7 @@ fn answer(status: StatusCode, body: Value) -> Response {
 
 async fn accept_records(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let too_large = || {
-        shared.metrics.count_error(SourceErrorKind::BodyTooLarge);
+        shared.intake.metrics.count_error(SourceErrorKind::BodyTooLarge);
         let message = format!(
             "request body larger than {} bytes; send fewer records per request",
             shared.body_bytes_max
@@ -263,16 +249,15 @@ async fn accept_records(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
         // Either the limit was hit or the client went away; only the former gets to read this.
         Err(_) => return too_large(),
     };
-    let records = match records_from_body(&shared.records, &body, &shared.metrics) {
+    let records = match records_from_body(&shared.intake.records, &body, &shared.intake.metrics) {
         Ok(records) => records,
         Err((status, body)) => return answer(status, body),
     };
     let total = records.len();
     for (accepted, record) in records.into_iter().enumerate() {
-        match deliver_async(&shared.out, record, &shared.stop, &shared.metrics).await {
+        match shared.intake.deliver(record).await {
             Delivery::Sent => {}
             Delivery::Stopped | Delivery::Disconnected => {
-                shared.finished.stop();
                 let message =
                     format!("the appliance is shutting down; accepted {accepted} of {total} records");
                 return answer(

@@ -1,4 +1,6 @@
-//! JSON objects as records, shared by the socket and HTTP sources.
+//! JSON objects as records, shared by the socket and HTTP sources: the line format
+//! (`RecordMaker`, `read_line_bounded`), the settings both read the same way
+//! (`lane_and_connections`) and the way records reach the pipeline (`Intake`).
 //!
 //! Input: one JSON object per line (UTF-8, '\n' ends a line, a '\r' before it and surrounding
 //! whitespace are ignored, blank lines are skipped). An object may carry `"key"` (a string that
@@ -19,9 +21,11 @@ use protocol::{Lane, RECORD_PAYLOAD_BYTES_MAX};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _};
 
-use super::metrics::SourceErrorKind;
-use super::{KeySequence, now_us};
-use crate::source::SourceRecord;
+use super::metrics::{SourceErrorKind, SourceMetrics};
+use super::{
+    Delivery, KeySequence, SourceConfigError, check_range, deliver_async, lane_setting, now_us, stopped,
+};
+use crate::source::{RecordSender, SourceRecord, StopSignal};
 
 /// Default longest JSON line.
 pub(crate) const LINE_BYTES_DEFAULT: usize = 64 * 1024;
@@ -29,11 +33,69 @@ pub(crate) const LINE_BYTES_DEFAULT: usize = 64 * 1024;
 pub(crate) const LINE_BYTES_LIMIT: usize = 1024 * 1024;
 /// Most bytes of a client's input repeated in an error message.
 const ECHO_BYTES_MAX: usize = 64;
+/// Default most open connections.
+pub(crate) const CONNECTIONS_DEFAULT: usize = 16;
+/// Largest `connections_max` a config may ask for.
+pub(crate) const CONNECTIONS_LIMIT: usize = 1024;
 
 const _: () = assert!(LINE_BYTES_DEFAULT <= LINE_BYTES_LIMIT);
 const _: () = assert!(LINE_BYTES_LIMIT <= RECORD_PAYLOAD_BYTES_MAX);
 
 pub(crate) const JSON_CONTENT_TYPE: &str = "application/json";
+
+pub(crate) fn connections_default() -> usize {
+    CONNECTIONS_DEFAULT
+}
+
+/// The lane (default sensor) and the connection limit, which every JSON source reads and checks
+/// the same way.
+pub(crate) fn lane_and_connections(
+    name: &str,
+    lane: Option<&str>,
+    connections_max: usize,
+) -> Result<(Lane, usize), SourceConfigError> {
+    let lane = lane_setting(name, lane, Lane::Sensor)?;
+    let connections_max =
+        check_range(name, "connections_max", connections_max, 1..=CONNECTIONS_LIMIT, "connections")?;
+    Ok((lane, connections_max))
+}
+
+/// What every request or connection of one JSON source shares: how lines become records, the
+/// source's counters and the way to the pipeline.
+pub(crate) struct Intake {
+    pub(crate) records: RecordMaker,
+    pub(crate) metrics: Arc<SourceMetrics>,
+    out: RecordSender,
+    stop: StopSignal,
+    /// Set when the pipeline hung up, so the server ends too.
+    finished: StopSignal,
+}
+
+impl Intake {
+    pub(crate) fn new(
+        records: RecordMaker,
+        metrics: Arc<SourceMetrics>,
+        out: RecordSender,
+        stop: StopSignal,
+    ) -> Intake {
+        Intake { records, metrics, out, stop, finished: StopSignal::new() }
+    }
+
+    /// Hands one record to the pipeline, waiting while it is behind. Anything but `Sent` ends the
+    /// whole server too: the source is stopping, or the pipeline hung up.
+    pub(crate) async fn deliver(&self, record: SourceRecord) -> Delivery {
+        let delivery = deliver_async(&self.out, record, &self.stop, &self.metrics).await;
+        if delivery != Delivery::Sent {
+            self.finished.stop();
+        }
+        delivery
+    }
+
+    /// Resolves once the source is asked to stop or the pipeline hung up.
+    pub(crate) async fn stopped(&self) {
+        stopped(&self.stop, &self.finished).await;
+    }
+}
 
 /// Why a line did not become a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -26,18 +26,16 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use super::json_lines::{LINE_BYTES_DEFAULT, LINE_BYTES_LIMIT, LineProblem, LineRead, RecordMaker};
+use super::json_lines::{
+    CONNECTIONS_DEFAULT, Intake, LINE_BYTES_DEFAULT, LINE_BYTES_LIMIT, LineProblem, LineRead, RecordMaker,
+    connections_default, lane_and_connections,
+};
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_path, check_range, deliver_async, lane_setting,
-    source_runtime, stopped, validate_source_name,
+    Delivery, KeySequence, SourceConfigError, check_path, check_range, source_runtime, validate_source_name,
 };
 use crate::source::{RecordSender, Source, StopSignal};
 
-/// Default most open connections.
-pub(crate) const CONNECTIONS_DEFAULT: usize = 16;
-/// Largest `connections_max` a config may ask for.
-pub(crate) const CONNECTIONS_LIMIT: usize = 1024;
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -60,10 +58,6 @@ pub struct JsonSocketConfig {
 
 fn line_bytes_default() -> usize {
     LINE_BYTES_DEFAULT
-}
-
-pub(crate) fn connections_default() -> usize {
-    CONNECTIONS_DEFAULT
 }
 
 impl JsonSocketConfig {
@@ -99,16 +93,10 @@ impl JsonSocketSource {
     ) -> Result<JsonSocketSource, SourceConfigError> {
         validate_source_name(name)?;
         check_path(name, "path", &config.path)?;
-        let lane = lane_setting(name, config.lane.as_deref(), protocol::Lane::Sensor)?;
+        let (lane, connections_max) =
+            lane_and_connections(name, config.lane.as_deref(), config.connections_max)?;
         let line_bytes_max =
             check_range(name, "line_bytes_max", config.line_bytes_max, 1..=LINE_BYTES_LIMIT, "bytes")?;
-        let connections_max = check_range(
-            name,
-            "connections_max",
-            config.connections_max,
-            1..=CONNECTIONS_LIMIT,
-            "connections",
-        )?;
         let listen_error = |error| SourceConfigError::Listen {
             source_name: name.to_string(),
             key: "path",
@@ -162,12 +150,7 @@ impl Drop for SocketFileGuard<'_> {
 struct Shared {
     name: String,
     line_bytes_max: usize,
-    records: RecordMaker,
-    metrics: Arc<SourceMetrics>,
-    out: RecordSender,
-    stop: StopSignal,
-    /// Set when the pipeline hung up, so the accept loop ends too.
-    finished: StopSignal,
+    intake: Intake,
 }
 
 impl Source for JsonSocketSource {
@@ -182,11 +165,7 @@ impl Source for JsonSocketSource {
         let shared = Arc::new(Shared {
             name: source.name.clone(),
             line_bytes_max: source.line_bytes_max,
-            records: source.records,
-            metrics: source.metrics,
-            out,
-            stop,
-            finished: StopSignal::new(),
+            intake: Intake::new(source.records, source.metrics, out, stop),
         });
         info!(source = %shared.name, path = %source.path.display(), "json socket source listening");
         // Dropping the runtime when this returns cancels every connection task.
@@ -204,20 +183,20 @@ async fn accept_connections(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stopped(&shared.stop, &shared.finished) => return Ok(()),
+            () = shared.intake.stopped() => return Ok(()),
         };
         let mut stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Running out of file descriptors must not end the source; wait and retry.
-                shared.metrics.count_error(SourceErrorKind::Io);
+                shared.intake.metrics.count_error(SourceErrorKind::Io);
                 warn!(source = %shared.name, %error, "accepting a connection failed");
                 tokio::time::sleep(std::time::Duration::from_millis(super::STOP_POLL_INTERVAL_MS)).await;
                 continue;
             }
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            shared.metrics.count_error(SourceErrorKind::TooManyConnections);
+            shared.intake.metrics.count_error(SourceErrorKind::TooManyConnections);
             warn!(source = %shared.name, connections_max, "turned a connection away: too many connections");
             let message = format!("too many connections (at most {connections_max}); try again later");
             let shared = shared.clone();
@@ -244,7 +223,7 @@ async fn serve_connection(stream: UnixStream, shared: &Shared) {
             match super::json_lines::read_line_bounded(&mut reader, &mut line, shared.line_bytes_max).await {
                 Ok(read) => read,
                 Err(error) => {
-                    shared.metrics.count_error(SourceErrorKind::Io);
+                    shared.intake.metrics.count_error(SourceErrorKind::Io);
                     debug!(source = %shared.name, %error, "reading from a client failed");
                     return;
                 }
@@ -253,21 +232,17 @@ async fn serve_connection(stream: UnixStream, shared: &Shared) {
         let outcome = match read {
             LineRead::End => return,
             LineRead::TooLong => Err(LineProblem::TooLong { bytes_max: shared.line_bytes_max }),
-            LineRead::Line => shared.records.record_from_line(&line),
+            LineRead::Line => shared.intake.records.record_from_line(&line),
         };
         match outcome {
             Ok(None) => {}
-            Ok(Some(record)) => match deliver_async(&shared.out, record, &shared.stop, &shared.metrics).await
-            {
-                Delivery::Sent => {}
-                Delivery::Stopped => return,
-                Delivery::Disconnected => {
-                    shared.finished.stop();
+            Ok(Some(record)) => {
+                if shared.intake.deliver(record).await != Delivery::Sent {
                     return;
                 }
-            },
+            }
             Err(problem) => {
-                shared.metrics.count_error(problem.kind());
+                shared.intake.metrics.count_error(problem.kind());
                 if answer_error(&mut writer, &format!("line {line_number}: {problem}"), shared).await.is_err()
                 {
                     return;
@@ -287,7 +262,7 @@ async fn answer_error<W: AsyncWrite + Unpin>(
     answer.push('\n');
     let written = writer.write_all(answer.as_bytes()).await;
     if let Err(error) = &written {
-        shared.metrics.count_error(SourceErrorKind::Io);
+        shared.intake.metrics.count_error(SourceErrorKind::Io);
         debug!(source = %shared.name, %error, "answering a client failed");
     }
     written
