@@ -1,7 +1,8 @@
 //! Dictionary compression on the demo's own sensor records (the simulated dev kit's SHT3x and
 //! accelerometer, read through the real drivers, as the `board` source formats them): on small,
-//! time-bound chunks (≤ 4 KiB raw) the dictionary must at least 1.5× the ratio zstd reaches
-//! without one at the same level; on full-size chunks it must not be worse.
+//! time-bound chunks (≤ 4 KiB raw) the dictionary should reach at least 1.5× the ratio zstd
+//! reaches without one at the same level, and on full-size chunks it must not be worse. 1.5× holds
+//! at 1 and 2 KiB; at 4 KiB it is out of reach (see the test and docs/benchmarks.md).
 
 use std::path::Path;
 use std::time::Instant;
@@ -43,10 +44,6 @@ fn demo_sensor_records(count: usize) -> Vec<SourceRecord> {
 }
 
 /// Raw bytes / body bytes over the chunks sealed after the first `skip` records.
-fn ratio(records: &[SourceRecord], chunk_raw_bytes: usize, dictionary: bool, skip: usize) -> f64 {
-    ratio_with(records, ChunkerConfig { chunk_raw_bytes, dictionary, ..ChunkerConfig::default() }, skip)
-}
-
 fn ratio_with(records: &[SourceRecord], config: ChunkerConfig, skip: usize) -> f64 {
     let dictionary = config.dictionary;
     let directory = tempfile::tempdir().unwrap();
@@ -66,31 +63,73 @@ fn ratio_with(records: &[SourceRecord], config: ChunkerConfig, skip: usize) -> f
     raw as f64 / body as f64
 }
 
+/// One row of the measurement: a chunk size and the ratios without and with the dictionary.
+struct Row {
+    chunk_raw_bytes: usize,
+    plain: f64,
+    dictionary: f64,
+}
+
+impl Row {
+    fn gain(&self) -> f64 {
+        self.dictionary / self.plain
+    }
+}
+
+/// Measures every chunk size with the chunker's defaults but for `dictionary_bytes`, and prints
+/// the table recorded in docs/benchmarks.md.
+fn measure(records: &[SourceRecord], dictionary_bytes: usize) -> Vec<Row> {
+    let defaults = ChunkerConfig { dictionary_bytes, ..ChunkerConfig::default() };
+    // The chunker samples the first records before training; compare after that.
+    let skip = defaults.dictionary_sample_records;
+    let rows: Vec<Row> = [1024, 2048, 4096, 16 * 1024, 128 * 1024]
+        .into_iter()
+        .map(|chunk_raw_bytes| {
+            let config = |dictionary| ChunkerConfig { chunk_raw_bytes, dictionary, ..defaults.clone() };
+            Row {
+                chunk_raw_bytes,
+                plain: ratio_with(records, config(false), skip),
+                dictionary: ratio_with(records, config(true), skip),
+            }
+        })
+        .collect();
+    println!("dictionary_bytes = {dictionary_bytes}");
+    println!("| chunk size | without dictionary | with dictionary | gain |");
+    for row in &rows {
+        println!(
+            "| {} KiB | {:.2} | {:.2} | {:.2}x |",
+            row.chunk_raw_bytes / 1024,
+            row.plain,
+            row.dictionary,
+            row.gain()
+        );
+    }
+    rows
+}
+
 #[test]
 fn dictionaries_pay_on_small_chunks_and_cost_nothing_on_large_ones() {
     let records = demo_sensor_records(40_000);
-    // The chunker samples the default 4 000 records before training; compare after that.
-    let skip = ChunkerConfig::default().dictionary_sample_records;
-    // A time-bound chunk of a slow sensor: about ten readings (CHUNK_RAW_BYTES_MIN).
-    let small_plain = ratio(&records, 1024, false, skip);
-    let small_dictionary = ratio(&records, 1024, true, skip);
-    // At the 4 KiB end of "small" the chunk's own repetition already helps zstd (recorded in
-    // docs/benchmarks.md, not asserted).
-    let four_kib = (ratio(&records, 4096, false, skip), ratio(&records, 4096, true, skip));
-    let large_plain = ratio(&records, 128 * 1024, false, skip);
-    let large_dictionary = ratio(&records, 128 * 1024, true, skip);
-    println!(
-        "1 KiB chunks: {small_plain:.2} plain, {small_dictionary:.2} with dictionary ({:.2}x); \
-         4 KiB chunks: {:.2} plain, {:.2} with dictionary ({:.2}x); \
-         128 KiB chunks: {large_plain:.2} plain, {large_dictionary:.2} with dictionary ({:.2}x)",
-        small_dictionary / small_plain,
-        four_kib.0,
-        four_kib.1,
-        four_kib.1 / four_kib.0,
-        large_dictionary / large_plain
-    );
-    assert!(small_dictionary >= 1.5 * small_plain, "small: {small_dictionary:.2} vs {small_plain:.2}");
-    assert!(four_kib.1 > four_kib.0, "4 KiB: {:.2} vs {:.2}", four_kib.1, four_kib.0);
-    // Chunks over DICTIONARY_CHUNK_RAW_BYTES_MAX are compressed without it.
-    assert!(large_dictionary >= large_plain, "large: {large_dictionary:.2} vs {large_plain:.2}");
+    // The previous default dictionary size, for the record in docs/benchmarks.md.
+    measure(&records, 16 * 1024);
+    let rows = measure(&records, ChunkerConfig::default().dictionary_bytes);
+    let gain = |chunk_raw_bytes: usize| {
+        let row = rows.iter().find(|row| row.chunk_raw_bytes == chunk_raw_bytes).expect("measured");
+        (row.gain(), row.plain, row.dictionary)
+    };
+    // Time-bound chunks of a slow sensor (CHUNK_RAW_BYTES_MIN is about ten readings).
+    for chunk_raw_bytes in [1024, 2048] {
+        let (gain, plain, dictionary) = gain(chunk_raw_bytes);
+        assert!(gain >= 1.5, "{chunk_raw_bytes} B: {dictionary:.2} vs {plain:.2} ({gain:.2}x)");
+    }
+    // The issue asks 1.5x at 4 KiB too; that is out of reach at zstd level 3 (it would take
+    // 4 KiB chunks compressing better than 128 KiB chunks do without a dictionary; even level 19
+    // reaches 1.47x; docs/benchmarks.md). Asserted is what the chunker achieves, with margin.
+    let (four_kib, plain, dictionary) = gain(4096);
+    assert!(four_kib >= 1.25, "4 KiB: {dictionary:.2} vs {plain:.2} ({four_kib:.2}x)");
+    let (sixteen_kib, plain, dictionary) = gain(16 * 1024);
+    assert!(sixteen_kib > 1.0, "16 KiB: {dictionary:.2} vs {plain:.2} ({sixteen_kib:.2}x)");
+    // Chunks over DICTIONARY_CHUNK_RAW_BYTES_MAX are compressed without it: never worse.
+    let (large, plain, dictionary) = gain(128 * 1024);
+    assert!(large >= 1.0, "128 KiB: {dictionary:.2} vs {plain:.2} ({large:.2}x)");
 }

