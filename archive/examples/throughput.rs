@@ -17,8 +17,12 @@ fn main() {
     let original_bytes: usize = arguments.get(2).map_or(4096, |text| text.parse().expect("ORIGINAL_BYTES"));
     let temporary = tempfile::tempdir().expect("temporary directory");
     let root = arguments.get(3).map_or(temporary.path().join("archive"), std::path::PathBuf::from);
-    let config =
-        ArchiveConfig { root: root.clone(), origin: "bench/archive".into(), checkpoint_every_entries: 1000 };
+    let config = ArchiveConfig {
+        root: root.clone(),
+        origin: "bench/archive".into(),
+        checkpoint_every_entries: 1000,
+        objects: archive::ObjectsConfig::local(),
+    };
 
     let model = ModelRecord::new("bench", vec![7; 1 << 20]);
     let started = Instant::now();

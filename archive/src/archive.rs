@@ -3,7 +3,8 @@
 //!
 //! Entries are kept in memory until [`Archive::flush`] (at most `checkpoint_every_entries`, which
 //! triggers a flush), so that the objects they name are durable before the entries are: a flush
-//! fsyncs the objects' directories, then appends and fsyncs the entries, the index and a signed
+//! makes the objects durable (local: fsyncs files and directories; object store: uploads them and
+//! confirms each, see `store.rs`), then appends and fsyncs the entries, the index and a signed
 //! checkpoint. A crash loses at most the entries since the last flush; their records are ingested
 //! again from the raw landing, and objects already stored are found in place. Dropping an
 //! `Archive` does not flush: it is the same as a crash, and callers flush where their own state
@@ -37,7 +38,8 @@ use crate::log::{
     open_checked, read_checkpoint_notes, read_entry, read_index,
 };
 use crate::merkle::{MerkleTree, leaf_hash};
-use crate::objects::{ObjectError, ObjectStore};
+use crate::objects::{ObjectError, Objects};
+use crate::objects_config::ObjectsConfig;
 
 /// Most entries between checkpoints (and so most entries held in memory before a flush).
 pub const CHECKPOINT_EVERY_ENTRIES_MAX: u64 = 100_000;
@@ -51,11 +53,14 @@ pub struct ArchiveConfig {
     pub origin: String,
     /// A flush (and so a checkpoint) happens at the latest after this many new entries.
     pub checkpoint_every_entries: u64,
+    /// Where the objects are stored; recorded in `<root>/objects.toml` at creation.
+    pub objects: ObjectsConfig,
 }
 
 impl ArchiveConfig {
     pub fn validate(&self) -> Result<(), String> {
         validate_origin(&self.origin)?;
+        self.objects.validate()?;
         if !(1..=CHECKPOINT_EVERY_ENTRIES_MAX).contains(&self.checkpoint_every_entries) {
             return Err(format!(
                 "checkpoint_every_entries = {}: expected 1..={CHECKPOINT_EVERY_ENTRIES_MAX}",
@@ -128,7 +133,7 @@ struct PendingEntry {
 pub struct Archive {
     config: ArchiveConfig,
     signer: Signer,
-    objects: ObjectStore,
+    objects: Objects,
     entries: File,
     index: File,
     checkpoints: File,
@@ -177,6 +182,11 @@ fn lock(root: &Path) -> Result<File, ArchiveError> {
     Ok(file)
 }
 
+/// Whether the log holds entries (an archive that existed before `objects.toml` did).
+fn has_entries(root: &Path) -> bool {
+    fs::metadata(entries_path(root)).is_ok_and(|metadata| metadata.len() > MAGIC_BYTES as u64)
+}
+
 fn truncate_file(path: &Path, length: u64) -> Result<(), ArchiveError> {
     let file = OpenOptions::new().write(true).open(path).map_err(archive_io(path))?;
     file.set_len(length).and_then(|()| file.sync_all()).map_err(archive_io(path))
@@ -184,13 +194,27 @@ fn truncate_file(path: &Path, length: u64) -> Result<(), ArchiveError> {
 
 impl Archive {
     /// Opens the archive at `config.root`, creating it (and its signing key) on first use, and
-    /// recovers from a crash (see the module doc).
+    /// recovers from a crash (see the module doc). The objects go to the store `config.objects`
+    /// names, which must be the one the archive recorded at creation (`objects.toml`).
     pub fn open(config: ArchiveConfig) -> Result<Archive, ArchiveError> {
+        config.validate().map_err(ArchiveError::Config)?;
+        // Refuse another store before connecting to it (and so before asking for credentials);
+        // `open_with_objects` checks again under the lock.
+        crate::objects::check_recorded(&config.root, &config.objects, has_entries(&config.root))?;
+        let objects = Objects::connect(&config.root, &config.objects)?;
+        Archive::open_with_objects(config, objects)
+    }
+
+    /// [`Archive::open`] with the objects already connected: `objects` must be the store
+    /// `config.objects` describes (tests pass an `object_store` `InMemory` store here).
+    pub fn open_with_objects(config: ArchiveConfig, objects: Objects) -> Result<Archive, ArchiveError> {
         config.validate().map_err(ArchiveError::Config)?;
         let root = config.root.clone();
         let directory = log_dir(&root);
         fs::create_dir_all(&directory).map_err(archive_io(&directory))?;
         let lock = lock(&root)?;
+        // Before any entry can exist: which store the log's objects are in.
+        crate::objects::record_or_check(&root, &config.objects, has_entries(&root))?;
         let signer = Signer::load_or_create(&root, &config.origin).map_err(ArchiveError::Key)?;
         for (path, magic) in [
             (entries_path(&root), ENTRIES_MAGIC),
@@ -321,7 +345,7 @@ impl Archive {
         let entries_length = fs::metadata(&entries_file_path).map_err(archive_io(&entries_file_path))?.len();
         assert_eq!(entries_length, records.last().map_or(MAGIC_BYTES as u64, IndexRecord::end));
         let mut archive = Archive {
-            objects: ObjectStore::new(&root),
+            objects,
             entries: open_append(&entries_file_path)?,
             index,
             checkpoints: open_append(&checkpoints_path(&root))?,

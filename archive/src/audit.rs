@@ -4,6 +4,8 @@
 //! Nothing here writes to the archive or takes its lock, so these run beside a live writer. They
 //! read checkpoints, then the index, then the entries (the reverse of the write order) and so see
 //! a consistent prefix; entries beyond the latest checkpoint are checked but not yet covered.
+//! Objects are read from the store the archive's `objects.toml` names (local when absent);
+//! `export` copies them into the bundle, so a bundle verifies offline wherever they were stored.
 //!
 //! Evidence bundle (a directory):
 //! ```text
@@ -32,7 +34,8 @@ use crate::log::{
     read_entry, read_index,
 };
 use crate::merkle::{Hash, MerkleTree, PROOF_HASHES_MAX, leaf_hash, verify_consistency, verify_inclusion};
-use crate::objects::{OBJECT_BYTES_MAX, check_object, object_path, read_object};
+use crate::objects::{OBJECT_BYTES_MAX, Objects};
+use crate::objects_config::{ObjectsRecord, objects_record_path};
 
 /// What a successful verification covered.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -87,8 +90,15 @@ fn describe(leaf: &LeafEntry) -> String {
     format!("{} {}/{}", leaf.kind().name(), leaf.device, leaf.id())
 }
 
-/// Checks the whole archive; see [`VerifyError`] for what the first failure names.
+/// Checks the whole archive, its objects in the store its `objects.toml` names; see
+/// [`VerifyError`] for what the first failure names.
 pub fn verify(root: &Path) -> Result<VerifyReport, VerifyError> {
+    let objects = Objects::for_audit(root).map_err(|error| unreadable(&objects_record_path(root), error))?;
+    verify_with_objects(root, &objects)
+}
+
+/// [`verify`] against `objects` (which must be the archive's store).
+pub fn verify_with_objects(root: &Path, objects: &Objects) -> Result<VerifyReport, VerifyError> {
     let verifier = read_verifier(root)?;
     let mut report = VerifyReport::default();
     // Checkpoints first, then the index, then the entries: the reverse of the write order.
@@ -157,7 +167,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport, VerifyError> {
             if checked_objects.contains(&digest) {
                 continue;
             }
-            let bytes = check_object(root, &digest).map_err(|error| VerifyError::Object {
+            let bytes = objects.check(&digest).map_err(|error| VerifyError::Object {
                 sha256: sha256_hex(&digest),
                 role,
                 entry_index: index,
@@ -258,7 +268,8 @@ pub struct ObjectView {
     pub content_type: Option<String>,
     pub sha256: String,
     pub bytes: Option<u64>,
-    pub path: PathBuf,
+    /// A path under the archive root, or `s3://bucket/key` (see `objects.toml`).
+    pub location: String,
 }
 
 /// One decision: what `audit show` prints.
@@ -295,6 +306,7 @@ fn latest_checkpoint(root: &Path, verifier: &Verifier) -> Result<Option<(Checkpo
 /// Finds decision `id` (of `device`, when given) and proves it against the latest checkpoint.
 pub fn show(root: &Path, id: &str, device: Option<&str>) -> Result<DecisionView, AuditError> {
     let verifier = read_verifier(root)?;
+    let store = ObjectsRecord::read_or_local(root).map_err(AuditError::Other)?;
     let latest = latest_checkpoint(root, &verifier)?;
     let (records, _) = read_index(root).map_err(|error| AuditError::Other(error.to_string()))?;
     let path = entries_path(root);
@@ -332,17 +344,16 @@ pub fn show(root: &Path, id: &str, device: Option<&str>) -> Result<DecisionView,
         content_type: Some(object.content_type.clone()),
         sha256: object.sha256.clone(),
         bytes: Some(object.bytes),
-        path: object_path(root, &object.digest().expect("validated leaf")),
+        location: store.location(root, &object.sha256),
     };
     let mut objects = vec![view_of("original", original)];
     objects.extend(modified.iter().map(|modified| view_of("modified", modified)));
-    let model_digest = parse_hex_digest(&decision.model_sha256).expect("validated leaf");
     objects.push(ObjectView {
         role: "model",
         content_type: None,
         sha256: decision.model_sha256.clone(),
         bytes: None,
-        path: object_path(root, &model_digest),
+        location: store.location(root, &decision.model_sha256),
     });
     let mut view = DecisionView {
         entry_index,
@@ -421,6 +432,7 @@ pub fn export(
         return Err(AuditError::Other(format!("{} is not empty", out_dir.display())));
     }
     let objects_dir = out_dir.join(BUNDLE_OBJECTS);
+    let objects = Objects::for_audit(root).map_err(|error| AuditError::Other(error.to_string()))?;
     fs::create_dir_all(&objects_dir).map_err(|error| io(&objects_dir, error))?;
     let verifier = read_verifier(root)?;
     let proof_file = ProofFile {
@@ -441,7 +453,8 @@ pub fn export(
     }
     for object in &view.objects {
         let digest = parse_hex_digest(&object.sha256).expect("validated leaf");
-        let bytes = read_object(root, &digest).map_err(|error| AuditError::Other(error.to_string()))?;
+        // Copied out of the store, so the bundle verifies offline.
+        let bytes = objects.read(&digest).map_err(|error| AuditError::Other(error.to_string()))?;
         let path = objects_dir.join(&object.sha256);
         fs::write(&path, bytes).map_err(|error| io(&path, error))?;
     }
@@ -542,11 +555,13 @@ pub struct ReviewItem {
     pub decision_id: String,
     pub label: String,
     pub score: f32,
-    pub original: PathBuf,
+    /// Where the original input is: a path or `s3://bucket/key`.
+    pub original: String,
 }
 
 /// Every logged decision with `score < score_max`, in log order.
 pub fn review_list(root: &Path, score_max: f32) -> Result<Vec<ReviewItem>, AuditError> {
+    let store = ObjectsRecord::read_or_local(root).map_err(AuditError::Other)?;
     let (records, _) = read_index(root).map_err(|error| AuditError::Other(error.to_string()))?;
     let path = entries_path(root);
     let entries =
@@ -566,7 +581,7 @@ pub fn review_list(root: &Path, score_max: f32) -> Result<Vec<ReviewItem>, Audit
                 decision_id: decision.decision_id.clone(),
                 label: decision.label.clone(),
                 score: decision.score,
-                original: object_path(root, &original.digest().expect("validated leaf")),
+                original: store.location(root, &original.sha256),
             });
         }
     }

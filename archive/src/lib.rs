@@ -4,7 +4,8 @@
 //!
 //! Layout under the archive root:
 //! ```text
-//! objects/sha256/<2 hex>/<2 hex>/<64 hex>   content-addressed objects (objects.rs)
+//! objects.toml                              which store holds the objects (objects_config.rs)
+//! objects/sha256/<2 hex>/<2 hex>/<64 hex>   content-addressed objects, kind = "local" (objects.rs)
 //! log/entries                               the decision log's leaves (log.rs, leaf.rs)
 //! log/index                                 60 bytes per entry: offset, length, leaf hash, id hash
 //! log/checkpoints                           every signed checkpoint (checkpoint.rs)
@@ -13,13 +14,25 @@
 //! LOCK                                      flock of the one writer
 //! ```
 //!
+//! Objects are local (the default) or in an S3-compatible object store through the `object_store`
+//! crate (`store.rs`), as `<prefix>/sha256/<2 hex>/<2 hex>/<64 hex>` keys in a bucket; the log,
+//! index, checkpoints and keys always stay local. `objects.toml` records the store when the
+//! archive is created; opening it with a config naming another store is refused, and the audit
+//! functions read it to find and check the objects (S3 credentials from `AWS_ACCESS_KEY_ID` and
+//! `AWS_SECRET_ACCESS_KEY`, never from a file). The archive's API is synchronous: an object store
+//! runs its requests on its own I/O thread with a current-thread tokio runtime, and no tokio type
+//! is part of this crate's API.
+//!
 //! Invariants:
-//! - An entry is written only after the objects it names are durable (file and directory fsynced).
+//! - An entry is written only after the objects it names are durable: local files and directories
+//!   fsynced, or, in an object store, the PUT succeeded and a HEAD confirmed the size.
+//! - Objects are immutable in an object store: an existing key is never overwritten, and one
+//!   holding other bytes makes the flush fail.
 //! - The log is append-only; a checkpoint is written only after the entries it covers and their
 //!   index are durable, and every checkpoint is kept.
 //! - A (device, kind, id) appears in the log at most once.
-//! - Every decoder (frames, leaves, checkpoints, verifier keys, proofs, bundles) bounds lengths
-//!   before allocating and refuses unknown versions.
+//! - Every decoder (frames, leaves, checkpoints, verifier keys, proofs, bundles, objects.toml)
+//!   bounds lengths before allocating and refuses unknown versions.
 //! - The audit functions (`verify`, `show`, `export`, `verify_bundle`) never write to an archive.
 
 pub mod archive;
@@ -30,9 +43,13 @@ pub mod leaf;
 pub mod log;
 pub mod merkle;
 pub mod objects;
+pub mod objects_config;
+mod store;
 
 pub use archive::{Archive, ArchiveConfig, ArchiveError, IngestOutcome, Ingested, IngestedRecord};
 pub use audit::{
     AuditError, BundleError, BundleReport, DecisionView, ReviewItem, VerifyError, VerifyReport, export,
-    review_list, show, verify, verify_bundle,
+    review_list, show, verify, verify_bundle, verify_with_objects,
 };
+pub use objects::{ObjectError, Objects};
+pub use objects_config::{ObjectsConfig, ObjectsKind, ObjectsRecord};

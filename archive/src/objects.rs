@@ -1,14 +1,20 @@
-//! Content-addressed object store: originals, modified inputs and model files.
+//! Content-addressed objects: originals, modified inputs and model files, in the store the
+//! archive's `objects.toml` names (`objects_config.rs`): local files (this module) or an object
+//! store (`store.rs`). [`Objects`] is the one interface the archive and the audit use.
 //!
-//! Layout: `<root>/objects/sha256/<hex 0..2>/<hex 2..4>/<64 hex>`. An object is written to a
-//! hidden temporary name in its final directory and renamed; [`ObjectStore::sync`] fsyncs every
+//! Local layout: `<root>/objects/sha256/<hex 0..2>/<hex 2..4>/<64 hex>`. An object is written to a
+//! hidden temporary name in its final directory and renamed; [`LocalObjects::sync`] fsyncs every
 //! object written since the last call and then every directory that gained an entry, and the
 //! archive calls it before any log entry that names them is written. Deferring the fsyncs to one
 //! batch per flush is what makes ingest fast (one fsync per object costs a journal commit each);
 //! it is safe because an object that is not yet synced is named by no entry, and a copy damaged
 //! by a crash before its sync is found by the hash check of the next `put` and replaced.
 //! Putting an object that exists re-hashes the file; a damaged copy is replaced (the bytes in hand
-//! match the address) and reported.
+//! match the address) and reported. An object store is different: its objects are immutable and
+//! a damaged one is refused, never overwritten (see `store.rs`).
+//!
+//! Durable, for both: [`Objects::sync`] returned. Locally that is file and directory fsynced; in
+//! an object store, the PUT succeeded and a HEAD confirmed the size (`store.rs`).
 //!
 //! Limits: an object is at most [`OBJECT_BYTES_MAX`] bytes (one record payload); a larger file
 //! under the store is refused before it is read.
@@ -20,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use protocol::evidence::{Sha256Digest, sha256, sha256_hex};
 use sha2::{Digest as _, Sha256};
+
+use crate::objects_config::{ObjectsConfig, ObjectsKind, ObjectsRecord};
 
 /// Above this many objects to sync at once, one `syncfs` replaces their fsyncs.
 pub const OBJECT_FSYNCS_PER_SYNC_MAX: usize = 16;
@@ -35,12 +43,21 @@ pub enum ObjectError {
         #[source]
         source: io::Error,
     },
-    #[error("object {sha256} is missing ({path})")]
-    Missing { sha256: String, path: PathBuf },
+    #[error("object {sha256} is missing ({location})")]
+    Missing { sha256: String, location: String },
     #[error("object {sha256} has {bytes} bytes, above the limit of {OBJECT_BYTES_MAX}")]
     TooLarge { sha256: String, bytes: u64 },
     #[error("object {sha256} does not match its address: its bytes hash to {actual}")]
     Mismatch { sha256: String, actual: String },
+    /// A request to the object store failed (after its retries).
+    #[error("object {sha256} at {location}: {reason}")]
+    Store { sha256: String, location: String, reason: String },
+    /// The store holds other bytes under the object's key; they are left alone.
+    #[error("object {sha256} at {location}: {reason}")]
+    Conflict { sha256: String, location: String, reason: String },
+    /// The store cannot be set up: config, credentials, `objects.toml`.
+    #[error("object store: {0}")]
+    Config(String),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ObjectError + '_ {
@@ -53,8 +70,10 @@ pub enum PutOutcome {
     Written,
     /// Already there with the right bytes.
     Existing,
-    /// Was there with the wrong bytes and has been replaced.
+    /// Was there with the wrong bytes and has been replaced (local objects only).
     Repaired,
+    /// Held for the next sync, which uploads it (object stores).
+    Queued,
 }
 
 /// The path of `digest` under the archive root `root`.
@@ -70,7 +89,7 @@ pub fn check_object(root: &Path, digest: &Sha256Digest) -> Result<u64, ObjectErr
     let file = match File::open(&path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            return Err(ObjectError::Missing { sha256: hex, path });
+            return Err(ObjectError::Missing { sha256: hex, location: path.display().to_string() });
         }
         Err(error) => return Err(ObjectError::Io { path, source: error }),
     };
@@ -93,7 +112,9 @@ pub fn read_object(root: &Path, digest: &Sha256Digest) -> Result<Vec<u8>, Object
     let path = object_path(root, digest);
     let hex = sha256_hex(digest);
     let bytes = fs::read(&path).map_err(|error| match error.kind() {
-        io::ErrorKind::NotFound => ObjectError::Missing { sha256: hex.clone(), path: path.clone() },
+        io::ErrorKind::NotFound => {
+            ObjectError::Missing { sha256: hex.clone(), location: path.display().to_string() }
+        }
         _ => ObjectError::Io { path: path.clone(), source: error },
     })?;
     let actual = sha256(&bytes);
@@ -103,17 +124,17 @@ pub fn read_object(root: &Path, digest: &Sha256Digest) -> Result<Vec<u8>, Object
     Ok(bytes)
 }
 
-/// Writes objects; remembers directories to fsync before the log names what they hold.
+/// Writes local objects; remembers directories to fsync before the log names what they hold.
 #[derive(Debug)]
-pub struct ObjectStore {
+pub struct LocalObjects {
     root: PathBuf,
     unsynced_files: Vec<PathBuf>,
     unsynced_directories: BTreeSet<PathBuf>,
 }
 
-impl ObjectStore {
-    pub fn new(root: &Path) -> ObjectStore {
-        ObjectStore {
+impl LocalObjects {
+    pub fn new(root: &Path) -> LocalObjects {
+        LocalObjects {
             root: root.to_path_buf(),
             unsynced_files: Vec::new(),
             unsynced_directories: BTreeSet::new(),
@@ -188,6 +209,149 @@ impl ObjectStore {
     }
 }
 
+enum Backend {
+    Local(LocalObjects),
+    Store(Box<crate::store::StoreObjects>),
+}
+
+/// The archive's objects, wherever `objects.toml` says they are.
+pub struct Objects {
+    root: PathBuf,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.backend {
+            Backend::Local(local) => local.fmt(formatter),
+            Backend::Store(store) => store.fmt(formatter),
+        }
+    }
+}
+
+impl Objects {
+    /// Objects under `<root>/objects/`.
+    pub fn local(root: &Path) -> Objects {
+        Objects { root: root.to_path_buf(), backend: Backend::Local(LocalObjects::new(root)) }
+    }
+
+    /// The store `config` names; an S3 store takes its credentials from `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`. Makes no request.
+    pub fn connect(root: &Path, config: &ObjectsConfig) -> Result<Objects, ObjectError> {
+        match config.kind {
+            ObjectsKind::Local => Ok(Objects::local(root)),
+            ObjectsKind::S3 => Ok(Objects {
+                root: root.to_path_buf(),
+                backend: Backend::Store(Box::new(crate::store::StoreObjects::connect_s3(config)?)),
+            }),
+        }
+    }
+
+    /// The store the archive at `root` records in `objects.toml` (local when it has none), with
+    /// the default limits: what the audit commands read.
+    pub fn for_audit(root: &Path) -> Result<Objects, ObjectError> {
+        let record = ObjectsRecord::read_or_local(root).map_err(ObjectError::Config)?;
+        Objects::connect(root, &ObjectsConfig::from_record(&record))
+    }
+
+    /// Objects in any `object_store` store under `prefix` (`object_store::memory::InMemory` in
+    /// tests), with `config`'s upload limits; locations read `<base_url>/<key>`.
+    pub fn from_store(
+        root: &Path,
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        base_url: &str,
+        prefix: &str,
+        config: &ObjectsConfig,
+    ) -> Result<Objects, ObjectError> {
+        let store = crate::store::StoreObjects::new(store, base_url, prefix, config)?;
+        Ok(Objects { root: root.to_path_buf(), backend: Backend::Store(Box::new(store)) })
+    }
+
+    /// Stores `bytes` under `digest`, which must be their sha256. Durable only after
+    /// [`Objects::sync`].
+    pub fn put(&mut self, digest: &Sha256Digest, bytes: &[u8]) -> Result<PutOutcome, ObjectError> {
+        assert_eq!(sha256(bytes), *digest, "an object is stored under its own sha256");
+        assert!(bytes.len() as u64 <= OBJECT_BYTES_MAX);
+        match &mut self.backend {
+            Backend::Local(local) => local.put(digest, bytes),
+            Backend::Store(store) => store.put(digest, bytes),
+        }
+    }
+
+    /// Makes every object put since the last call durable.
+    pub fn sync(&mut self) -> Result<(), ObjectError> {
+        match &mut self.backend {
+            Backend::Local(local) => local.sync(),
+            Backend::Store(store) => store.sync().map(|_| ()),
+        }
+    }
+
+    /// Reads the object and checks it hashes to `digest`; returns its size.
+    pub fn check(&self, digest: &Sha256Digest) -> Result<u64, ObjectError> {
+        match &self.backend {
+            Backend::Local(_) => check_object(&self.root, digest),
+            Backend::Store(store) => store.check(digest),
+        }
+    }
+
+    /// Reads the object, checked against `digest`.
+    pub fn read(&self, digest: &Sha256Digest) -> Result<Vec<u8>, ObjectError> {
+        match &self.backend {
+            Backend::Local(_) => read_object(&self.root, digest),
+            Backend::Store(store) => store.read(digest),
+        }
+    }
+
+    /// Where the object is, for people: a path or a URL.
+    pub fn location(&self, digest: &Sha256Digest) -> String {
+        match &self.backend {
+            Backend::Local(_) => object_path(&self.root, digest).display().to_string(),
+            Backend::Store(store) => store.location(digest),
+        }
+    }
+}
+
+/// Checks that `config` names the store the archive at `root` records in `objects.toml` (an
+/// archive without one whose log has entries, `has_entries`, predates it and keeps local
+/// objects). Returns the recorded store, `None` for a new archive. Writes nothing.
+pub fn check_recorded(
+    root: &Path,
+    config: &ObjectsConfig,
+    has_entries: bool,
+) -> Result<Option<ObjectsRecord>, ObjectError> {
+    let configured = config.record();
+    let recorded = match ObjectsRecord::read(root).map_err(ObjectError::Config)? {
+        Some(recorded) => recorded,
+        None if has_entries => ObjectsRecord::local(),
+        None => return Ok(None),
+    };
+    if recorded != configured {
+        let path = crate::objects_config::objects_record_path(root);
+        return Err(ObjectError::Config(format!(
+            "the archive at {} keeps its objects in {} ({}), but the config names {}; point \
+             [archive.objects] at the archive's store (or move the objects and edit {})",
+            root.display(),
+            recorded.describe(),
+            path.display(),
+            configured.describe(),
+            path.display()
+        )));
+    }
+    Ok(Some(recorded))
+}
+
+/// At the archive's open, under its lock and before any entry is written: [`check_recorded`],
+/// then records the store in `objects.toml` when the archive has none yet.
+pub fn record_or_check(root: &Path, config: &ObjectsConfig, has_entries: bool) -> Result<(), ObjectError> {
+    let path = crate::objects_config::objects_record_path(root);
+    let record = check_recorded(root, config, has_entries)?.unwrap_or_else(|| config.record());
+    if !path.exists() {
+        record.write(root).map_err(ObjectError::Config)?;
+        tracing::info!(path = %path.display(), objects = %record.describe(), "archive objects store recorded");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,10 +359,10 @@ mod tests {
     #[test]
     fn put_is_idempotent_and_repairs() {
         let directory = tempfile::tempdir().unwrap();
-        let mut store = ObjectStore::new(directory.path());
+        let mut store = LocalObjects::new(directory.path());
         let bytes = b"original image".to_vec();
         let digest = sha256(&bytes);
-        let check = |expected: PutOutcome, store: &mut ObjectStore| {
+        let check = |expected: PutOutcome, store: &mut LocalObjects| {
             assert_eq!(store.put(&digest, &bytes).unwrap(), expected);
             store.sync().unwrap();
             assert_eq!(read_object(directory.path(), &digest).unwrap(), bytes);

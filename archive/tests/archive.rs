@@ -18,7 +18,12 @@ use protocol::evidence::{
 const ORIGIN: &str = "tributary.test/archive";
 
 fn config(root: &Path, checkpoint_every_entries: u64) -> ArchiveConfig {
-    ArchiveConfig { root: root.to_path_buf(), origin: ORIGIN.into(), checkpoint_every_entries }
+    ArchiveConfig {
+        root: root.to_path_buf(),
+        origin: ORIGIN.into(),
+        checkpoint_every_entries,
+        objects: archive::ObjectsConfig::local(),
+    }
 }
 
 fn model() -> ModelRecord {
@@ -122,7 +127,7 @@ fn ingests_once_and_verifies() {
     let view = archive::show(directory.path(), "d-0003", Some("cam-01")).unwrap();
     assert_eq!((view.entry_index, view.lane_seq, view.decision.score), (4, 5, 0.3));
     assert_eq!(view.checkpoint_tree_size, Some(16));
-    assert!(view.objects.iter().all(|object| object.path.exists()));
+    assert!(view.objects.iter().all(|object| Path::new(&object.location).exists()));
     assert!(matches!(
         archive::show(directory.path(), "d-0001", None),
         Err(archive::AuditError::Ambiguous { devices, .. }) if devices == ["cam-01", "cam-02"]
@@ -363,6 +368,88 @@ fn every_tamper_case_names_what_was_changed() {
         assert!(result.as_ref().is_err_and(expected), "{name}: {result:?}");
         println!("{name}: {}", result.unwrap_err());
     }
+}
+
+/// The same archive with its objects in an `object_store` store (`InMemory`: the code path of
+/// the S3 backend without a server): ingest, verify, and tampered or deleted objects named.
+#[test]
+fn objects_in_an_object_store_verify_and_tampering_is_named() {
+    use std::sync::Arc;
+
+    use object_store::ObjectStoreExt as _;
+    use object_store::memory::InMemory;
+    use object_store::path::Path as StorePath;
+
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let memory = Arc::new(InMemory::new());
+    let connect = || {
+        archive::Objects::from_store(
+            root,
+            memory.clone(),
+            "memory://",
+            "tenant",
+            &archive::ObjectsConfig::local(),
+        )
+        .unwrap()
+    };
+    let mut archive = Archive::open_with_objects(config(root, 5), connect()).unwrap();
+    ingest(&mut archive, "cam-01", 0, 12);
+    archive.flush().unwrap();
+    drop(archive);
+    assert!(!root.join("objects").exists(), "no object went to local files");
+    let report = archive::verify_with_objects(root, &connect()).unwrap();
+    assert_eq!((report.entries, report.objects_checked), (13, 19));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let key = |digest: &protocol::evidence::Sha256Digest| {
+        let hex = protocol::evidence::sha256_hex(digest);
+        StorePath::from(format!("tenant/sha256/{}/{}/{hex}", &hex[..2], &hex[2..4]))
+    };
+    let original = evidence(3).original;
+    runtime.block_on(memory.put(&key(&original.sha256), b"edited".to_vec().into())).unwrap();
+    let error = archive::verify_with_objects(root, &connect()).unwrap_err();
+    assert!(
+        matches!(&error, VerifyError::Object { role: "original", entry_index: 4, id, reason, .. }
+            if id == "decision cam-01/d-0003" && reason.contains("does not match its address")),
+        "{error}"
+    );
+    runtime.block_on(memory.put(&key(&original.sha256), original.bytes.clone().into())).unwrap();
+    archive::verify_with_objects(root, &connect()).unwrap();
+
+    runtime.block_on(memory.delete(&key(&model().model.sha256))).unwrap();
+    let error = archive::verify_with_objects(root, &connect()).unwrap_err();
+    assert!(
+        matches!(&error, VerifyError::Object { role: "model", entry_index: 0, reason, .. }
+            if reason.contains("missing (memory://tenant/sha256/")),
+        "{error}"
+    );
+}
+
+/// `objects.toml` is written at creation; another store in the config is refused at open.
+#[test]
+fn an_archive_refuses_a_config_naming_another_object_store() {
+    let directory = tempfile::tempdir().unwrap();
+    drop(populated(directory.path()));
+    let record = archive::ObjectsRecord::read(directory.path()).unwrap();
+    assert_eq!(record, Some(archive::ObjectsRecord::local()));
+    let mut elsewhere = config(directory.path(), 5);
+    elsewhere.objects = archive::ObjectsConfig::s3("tributary-archive", Some("https://s3.example"), "core");
+    let error = Archive::open(elsewhere).unwrap_err().to_string();
+    assert!(
+        error.contains("keeps its objects in local objects/")
+            && error.contains("s3://tributary-archive/core")
+            && error.contains("objects.toml"),
+        "{error}"
+    );
+    // An archive from before objects.toml (entries, no record) is local and gets its record.
+    fs::remove_file(directory.path().join("objects.toml")).unwrap();
+    drop(Archive::open(config(directory.path(), 5)).unwrap());
+    assert_eq!(
+        archive::ObjectsRecord::read(directory.path()).unwrap(),
+        Some(archive::ObjectsRecord::local())
+    );
+    archive::verify(directory.path()).unwrap();
 }
 
 fn file_length(path: &Path) -> u64 {

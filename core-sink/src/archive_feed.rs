@@ -70,6 +70,10 @@ pub struct ArchiveConfig {
     pub review_score_max: f32,
     /// Where review shards are published.
     pub review_dir: PathBuf,
+    /// Where originals, modified inputs and models are stored: `[archive.objects]`, `kind =
+    /// "local"` (under `root`, the default) or `"s3"` (see `archive::ObjectsConfig`).
+    #[serde(default)]
+    pub objects: archive::ObjectsConfig,
 }
 
 fn default_origin() -> String {
@@ -95,6 +99,7 @@ impl ArchiveConfig {
             flush_interval_ms: default_flush_interval_ms(),
             review_score_max: default_review_score_max(),
             review_dir,
+            objects: archive::ObjectsConfig::local(),
         }
     }
 
@@ -103,10 +108,13 @@ impl ArchiveConfig {
             root: self.root.clone(),
             origin: self.origin.clone(),
             checkpoint_every_entries: self.checkpoint_every_entries,
+            objects: self.objects.clone(),
         }
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        // `objects.bucket: …` becomes `archive.objects.bucket: …`, the key as written in sink.toml.
+        self.objects.validate().map_err(|message| format!("archive.{message}"))?;
         self.library_config().validate().map_err(|message| format!("archive: {message}"))?;
         if !(10..=3_600_000).contains(&self.flush_interval_ms) {
             return Err(format!(

@@ -255,12 +255,14 @@ fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check every checkpoint signature, the consistency of successive checkpoints, every log
-    /// entry and every object it names; exits 1 naming the first bad entry, checkpoint or object.
+    /// entry and every object it names (in the store the archive's objects.toml names; an S3
+    /// store takes AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from the environment); exits 1
+    /// naming the first bad entry, checkpoint or object.
     Verify {
         #[arg(long)]
         archive: PathBuf,
     },
-    /// One decision as JSON: fields, device, objects and their paths, inclusion proof.
+    /// One decision as JSON: fields, device, objects and their locations, inclusion proof.
     Show {
         id: String,
         #[arg(long)]
@@ -338,11 +340,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<()> {
             for item in archive::review_list(&archive, score_max)? {
                 println!(
                     "{} {} {} {} {}",
-                    item.device,
-                    item.decision_id,
-                    item.label,
-                    item.score,
-                    item.original.display()
+                    item.device, item.decision_id, item.label, item.score, item.original
                 );
             }
         }

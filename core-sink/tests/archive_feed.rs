@@ -8,78 +8,11 @@ use std::sync::atomic::Ordering;
 
 use core_sink::archive_feed::{ArchiveConfig, ArchiveFeed, ArchiveFeedMetrics};
 use core_sink::dictionaries::DictionaryStore;
-use core_sink::landing::{Committer, RawLanding};
-use protocol::evidence::{
-    Blob, Decision, EVIDENCE_CONTENT_TYPE, Evidence, MODEL_CONTENT_TYPE, ModelRecord, RequestMeta,
-    model_record_key,
-};
-use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
+use core_sink::landing::{Committer as _, RawLanding};
 
-const MIB: u64 = 1024 * 1024;
-const RECORDS_PER_CHUNK: usize = 4;
-
-fn model() -> ModelRecord {
-    ModelRecord::new("shapes", vec![42; 10_000])
-}
-
-fn evidence(number: u32) -> Evidence {
-    let score = (number % 10) as f32 / 10.0;
-    Evidence {
-        decision: Decision {
-            decision_id: format!("d-{number:05}"),
-            decided_at_us: 1_700_000_000_000_000 + u64::from(number) * 1_000_000,
-            model_name: "shapes".into(),
-            model_sha256: model().model.sha256,
-            label: "square".into(),
-            label_index: 0,
-            score,
-            scores: vec![score, 1.0 - score],
-            latency_us: 800,
-            request: RequestMeta::default(),
-        },
-        original: Blob::new("image/png", format!("png {number}").into_bytes()),
-        modified: None,
-    }
-}
-
-/// Lands, as the lander does, the model record (when `with_model`) and decisions `numbers` of
-/// `device` on the audit lane, `RECORDS_PER_CHUNK` records per compressed chunk; commits and
-/// returns the landing checkpoint.
-fn land(
-    landing: &mut RawLanding,
-    device: &str,
-    with_model: bool,
-    numbers: std::ops::Range<u32>,
-    seqs: &mut BTreeMap<String, u64>,
-) -> Vec<u8> {
-    let mut records: Vec<(String, &str, Vec<u8>)> = Vec::new();
-    if with_model {
-        let model = model();
-        records.push((model_record_key(&model.model.sha256), MODEL_CONTENT_TYPE, model.encode().unwrap()));
-    }
-    for number in numbers {
-        let evidence = evidence(number);
-        records.push((
-            evidence.decision.decision_id.clone(),
-            EVIDENCE_CONTENT_TYPE,
-            evidence.encode().unwrap(),
-        ));
-    }
-    let mut compressor = ChunkCompressor::new(1);
-    for chunk in records.chunks(RECORDS_PER_CHUNK) {
-        let mut builder = ChunkBuilder::new(Lane::Audit, 1024 * 1024);
-        for (key, content_type, payload) in chunk {
-            builder.push(RecordRef { key, timestamp_us: 1, content_type, payload }).unwrap();
-        }
-        let seq = seqs.entry(device.to_string()).or_insert(0);
-        *seq += 1;
-        let encoded = builder.seal(&mut compressor, 0).unwrap().encode(*seq);
-        let (header, _) = protocol::decode_chunk(&encoded).unwrap();
-        landing.land(device, &header, &encoded).unwrap();
-    }
-    landing.commit().unwrap();
-    landing.checkpoint()
-}
+#[path = "support/archive.rs"]
+mod support;
+use support::{MIB, core_sink, drain, evidence, land};
 
 fn open_feed(base: &Path) -> ArchiveFeed {
     let mut config = ArchiveConfig::new(base.join("archive"), base.join("review"));
@@ -124,10 +57,6 @@ fn expected_review(devices: &[(&str, std::ops::Range<u32>)]) -> BTreeMap<String,
         }
     }
     samples
-}
-
-fn drain(feed: &mut ArchiveFeed, checkpoint: &[u8]) {
-    while feed.step(checkpoint).unwrap() {}
 }
 
 #[test]
@@ -219,13 +148,45 @@ fn config_section_parses_resolves_and_validates() {
     ] {
         assert!(write(bad).is_err(), "{bad}");
     }
-}
 
-fn core_sink(arguments: &[&str]) -> (bool, String, String) {
-    let output =
-        std::process::Command::new(env!("CARGO_BIN_EXE_core-sink")).args(arguments).output().unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-    (output.status.success(), text(output.stdout), text(output.stderr))
+    // [archive.objects]: local by default; s3 with its bucket; every error names the file and key.
+    assert_eq!(archive.objects, archive::ObjectsConfig::local());
+    let objects =
+        |lines: &str| format!("[archive]\nroot = \"a\"\nreview_dir = \"r\"\n[archive.objects]\n{lines}");
+    let config = write(&objects(
+        "kind = \"s3\"\nbucket = \"tributary-archive\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+         allow_http = true\nprefix = \"core\"\nretries_max = 2\n",
+    ))
+    .unwrap();
+    let parsed = config.archive.unwrap().objects;
+    assert_eq!(
+        (parsed.kind, parsed.bucket.as_deref(), parsed.retries_max),
+        (archive::ObjectsKind::S3, Some("tributary-archive"), 2)
+    );
+    let path = base.join("sink.toml").display().to_string();
+    let check = |lines: &str, expected: &[&str]| {
+        let message = write(&objects(lines)).expect_err(lines).to_string();
+        assert!(message.contains(&path), "names the file: {message}");
+        for part in expected {
+            assert!(message.contains(part), "{message:?} should contain {part:?}");
+        }
+    };
+    check("kind = \"gcs\"\n", &["kind = \"gcs\"", "unknown variant `gcs`, expected `local` or `s3`"]);
+    check("kind = \"s3\"\n", &["archive.objects.bucket: required when kind = \"s3\""]);
+    check("kind = \"s3\"\nbucket = \"Not_A_Bucket\"\n", &["archive.objects.bucket = \"Not_A_Bucket\""]);
+    check(
+        "kind = \"s3\"\nbucket = \"b-1\"\nendpoint = \"http://127.0.0.1:9000\"\n",
+        &["archive.objects.endpoint = \"http://127.0.0.1:9000\": plain http needs allow_http = true"],
+    );
+    check(
+        "kind = \"s3\"\nbucket = \"b-1\"\nsecret_access_key = \"x\"\n",
+        &["unknown field `secret_access_key`"],
+    );
+    check(
+        "kind = \"s3\"\nbucket = \"b-1\"\nretry_timeout_ms = 900000\n",
+        &["archive.objects.retry_timeout_ms = 900000"],
+    );
+    check("bucket = \"b-1\"\n", &["archive.objects.bucket: only for kind = \"s3\""]);
 }
 
 #[test]
