@@ -7,8 +7,17 @@
 //! synthetic images. A live view shows every stage; at the end every kept record is durable at
 //! the sink and a summary says where everything is.
 //!
-//! `--fault sink-outage` stops the core sink for a few seconds mid-run: appliances keep
-//! producing into their rings and resume exactly where the sink's watermark says.
+//! `--fault` switches show the invariants live (they combine):
+//! - `sink-outage` stops the core sink for a few seconds a third of the way in: appliances keep
+//!   producing into their rings and resume exactly where the sink's watermark says.
+//! - `drop-network` drops every datagram between the appliances and the sink for a few seconds
+//!   halfway through (a UDP fault proxy, `chaos`, sits between them): QUIC sessions time out and
+//!   reconnect, chunks sent but not acked are sent again and the sink drops the duplicates.
+//! - `fill-ring` cuts the first appliance's link from a quarter to three quarters of the run,
+//!   gives it a small ring (16 MiB) and drops a burst of files larger than that ring into a
+//!   watched directory: the ring stays within its capacity by evicting the oldest media chunks
+//!   (counted, with their records), sensor readings and the audit lane's reservation are
+//!   untouched, inference keeps answering, and everything still held drains when the link returns.
 //!
 //! Onboarding: an embedded MQTT broker (rumqttd, TLS) carries each appliance's first boot — a
 //! single-use claim token, a key made on the appliance, a CSR, a certificate signed by the
@@ -19,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use appliance::config::ApplianceConfig;
@@ -36,6 +45,20 @@ use protocol::Lane;
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// How long `--fault sink-outage` keeps the sink down.
 const OUTAGE: Duration = Duration::from_secs(4);
+/// How long `--fault drop-network` drops every datagram: longer than the uplink's idle timeout
+/// would be needed to force reconnects, but even a short cut makes QUIC resend.
+const NETWORK_DROP: Duration = Duration::from_secs(5);
+/// The `--fault fill-ring` appliance's ring: small, so a burst fills it within the demo.
+const FILL_RING_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+const FILL_RING_AUDIT_RESERVED_BYTES: u64 = 4 * 1024 * 1024;
+/// The burst: files of `FILL_BURST_FILE_BYTES` of incompressible bytes adding up to 1.5 times
+/// the ring's shared pool.
+const FILL_BURST_FILE_BYTES: usize = 96 * 1024;
+const FILL_BURST_FILES: usize =
+    (FILL_RING_CAPACITY_BYTES - FILL_RING_AUDIT_RESERVED_BYTES) as usize * 3 / 2 / FILL_BURST_FILE_BYTES;
+/// Camera chunks stay under a thirty-second of the smallest ring (the ring's chunk bound).
+const CAMERA_CHUNK_RAW_BYTES: u64 = 256 * 1024;
+const _: () = assert!(CAMERA_CHUNK_RAW_BYTES * 2 <= FILL_RING_CAPACITY_BYTES / 32);
 const BOARD_PROFILE: &str = include_str!("../board/profiles/sim-devkit.toml");
 const MODEL_ONNX: &[u8] = include_bytes!("../models/shapes.onnx");
 const MODEL_SIDECAR: &[u8] = include_bytes!("../models/shapes.json");
@@ -44,6 +67,11 @@ const MODEL_SIDECAR: &[u8] = include_bytes!("../models/shapes.json");
 pub enum Fault {
     /// Stop the core sink for a few seconds a third of the way in, then start it again.
     SinkOutage,
+    /// Drop every datagram between the appliances and the sink for a few seconds halfway through.
+    DropNetwork,
+    /// Cut the first appliance's link for half the run and drop a burst larger than its (small)
+    /// ring into a watched directory: the ring evicts its oldest media, counted.
+    FillRing,
 }
 
 #[derive(Args)]
@@ -64,18 +92,22 @@ pub struct DemoArgs {
     /// Inference requests per second per appliance (synthetic shapes, each decision archived).
     #[arg(long, default_value_t = 10)]
     inferences_per_second: u32,
-    /// Show an invariant live: `sink-outage` stops the sink for a few seconds mid-run.
+    /// Show an invariant live (repeatable): `sink-outage` stops the sink for a few seconds,
+    /// `drop-network` drops all appliance↔sink datagrams for a few seconds, `fill-ring` cuts one
+    /// appliance off and overfills its ring.
     #[arg(long, value_enum)]
     fault: Vec<Fault>,
 }
 
-fn write_sink_config(dir: &Path, listen: SocketAddr, broker_port: u16) -> Result<PathBuf> {
+/// `advertised` is the sink address devices get at onboarding: the fault proxy's when network
+/// faults are on, else `listen`.
+fn write_sink_config(dir: &Path, listen: SocketAddr, advertised: SocketAddr, broker_port: u16) -> Result<PathBuf> {
     let path = dir.join("sink.toml");
     let onboarding = format!(
         "\n[onboarding]\n\
          broker = {{ host = \"127.0.0.1\", port = {broker_port} }}\n\
          registry_dir = \"sink/registry\"\n\
-         sink_address = \"{listen}\"\n\
+         sink_address = \"{advertised}\"\n\
          sink_server_name = \"localhost\"\n\
          poll_interval_ms = 100\n"
     );
@@ -111,21 +143,37 @@ fn free_tcp_port() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// One appliance's config: the dev kit's sensors and camera with filters, the inference API.
+/// One appliance's config: the dev kit's sensors and camera with filters, the inference API;
+/// with `fill_ring`, a small ring and a watched `backlog` directory.
 fn write_appliance_config(
     dir: &Path,
     device: &str,
     broker_port: u16,
     api: SocketAddr,
     args: &DemoArgs,
+    fill_ring: bool,
 ) -> Result<PathBuf> {
+    let (capacity_bytes, audit_reserved_bytes) = if fill_ring {
+        (FILL_RING_CAPACITY_BYTES, FILL_RING_AUDIT_RESERVED_BYTES)
+    } else {
+        (134_217_728, 16_777_216)
+    };
+    let backlog = if fill_ring {
+        std::fs::create_dir_all(dir.join("backlog"))?;
+        "\n# Files dropped here become media records (the fill-ring burst).\n\
+         [sources.backlog]\n\
+         input = { kind = \"directory\", path = \"backlog\", poll_interval_ms = 100 }\n\
+         chunker = { chunk_raw_bytes = 131072, chunk_age_max_ms = 250 }\n"
+    } else {
+        ""
+    };
     let config = format!(
         r#"# Written by `tributary demo`; relative paths are relative to this file.
 data_dir = "."
 device_id = "{device}"
 [ring]
-capacity_bytes = 134217728
-audit_reserved_bytes = 16777216
+capacity_bytes = {capacity_bytes}
+audit_reserved_bytes = {audit_reserved_bytes}
 durability = "periodic"
 sync_interval_ms = 200
 # First boot: a key made here, a certificate from the fleet's authority over MQTT.
@@ -150,7 +198,7 @@ tags = {{ site = "demo-lab" }}
 
 [sources.camera]
 input = {{ kind = "camera", profile = "../../board.toml", fps = {fps} }}
-chunker = {{ chunk_raw_bytes = 1048576, chunk_age_max_ms = 250 }}
+chunker = {{ chunk_raw_bytes = {CAMERA_CHUNK_RAW_BYTES}, chunk_age_max_ms = 250 }}
 [[sources.camera.filters]]
 kind = "drop_duplicates"
 window = 8
@@ -159,7 +207,7 @@ window = 8
 listen = "{api}"
 models_dir = "../../models"
 models = ["shapes"]
-"#,
+{backlog}"#,
         fps = args.frames_per_second
     );
     let path = dir.join("appliance.toml");
@@ -172,6 +220,10 @@ struct Appliance {
     daemon: Daemon,
     api: SocketAddr,
     decisions: Arc<AtomicU64>,
+    /// The watched directory of the `fill-ring` appliance.
+    backlog: Option<PathBuf>,
+    /// Highest ring fill seen, bytes (all lanes).
+    ring_peak_bytes: AtomicU64,
 }
 
 fn source_view<'a>(daemon: &'a Daemon, name: &str) -> &'a appliance::metrics::PipelineView {
@@ -183,18 +235,51 @@ fn line(appliance: &Appliance) -> String {
     let camera = source_view(&appliance.daemon, "camera");
     let stats = appliance.daemon.ring.stats();
     let used: u64 = stats.lanes.iter().map(|lane| lane.bytes_used).sum();
+    appliance.ring_peak_bytes.fetch_max(used, Ordering::Relaxed);
     let lag: u64 =
         stats.lanes.iter().map(|lane| (lane.next_seq - 1).saturating_sub(lane.acked_through)).sum();
+    let now = SystemTime::now();
+    let lag_time = Lane::ALL
+        .iter()
+        .filter_map(|lane| appliance.daemon.metrics_view.lag.lag(*lane, now).ok())
+        .max()
+        .unwrap_or_default();
+    let evicted: u64 = stats.lanes.iter().map(|lane| lane.evicted_chunks).sum();
     format!(
-        "{}  readings {:>6} kept {:>6}  frames {:>4}  decisions {:>4}  ring {:>5.1}%  lag {:>3} chunks",
+        "{}  readings {:>6} kept {:>6}  frames {:>4}  decisions {:>4}  ring {:>5.1}% of {:>3} MiB  \
+         lag {:>3} chunks {:>5.1} s  evicted {:>3}",
         appliance.device,
         sensors.source.records_produced(),
         sensors.filters.records_out.load(Ordering::Relaxed),
         camera.filters.records_out.load(Ordering::Relaxed),
         appliance.decisions.load(Ordering::Relaxed),
         100.0 * used as f64 / stats.capacity_bytes as f64,
-        lag
+        stats.capacity_bytes >> 20,
+        lag,
+        lag_time.as_secs_f64(),
+        evicted
     )
+}
+
+/// Writes `FILL_BURST_FILES` files of incompressible bytes into `dir`, each under a `.partial`
+/// name first so the directory source never takes a file half-written.
+fn write_burst(dir: &Path) -> Result<()> {
+    // xorshift64*: cheap bytes zstd cannot shrink.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut bytes = vec![0u8; FILL_BURST_FILE_BYTES];
+    for index in 0..FILL_BURST_FILES {
+        for word in bytes.chunks_exact_mut(8) {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            word.copy_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        let partial = dir.join(format!("backlog-{index:04}.bin.partial"));
+        std::fs::write(&partial, &bytes).with_context(|| format!("write {}", partial.display()))?;
+        std::fs::rename(&partial, dir.join(format!("backlog-{index:04}.bin")))
+            .with_context(|| format!("rename {}", partial.display()))?;
+    }
+    Ok(())
 }
 
 /// Sends synthetic images to one appliance's inference API until `stop`.
@@ -270,10 +355,20 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     onboarding::broker::EmbeddedBroker::start(broker_address, &dir.join("broker"))?;
     println!("embedded MQTT broker (rumqttd, TLS) on {broker_address}");
     let sink_address = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    let config_path = write_sink_config(&dir, sink_address, broker_address.port())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let has = |fault: Fault| args.fault.contains(&fault);
+    // Network faults need a place to cut: a fault proxy between every appliance and the sink.
+    let proxy = if has(Fault::DropNetwork) || has(Fault::FillRing) {
+        let proxy = runtime.block_on(chaos::ChaosProxy::start(sink_address, chaos::ChaosConfig::clean(1)))?;
+        println!("fault proxy on {} in front of the sink (for --fault drop-network/fill-ring)", proxy.local_addr());
+        Some(proxy)
+    } else {
+        None
+    };
+    let advertised = proxy.as_ref().map_or(sink_address, chaos::ChaosProxy::local_addr);
+    let config_path = write_sink_config(&dir, sink_address, advertised, broker_address.port())?;
     let sink_config = SinkConfig::load(&config_path)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut started_sink = runtime.block_on(Sink::start(sink_config.clone()))?;
     println!("core sink listening on {sink_address} (config {})", config_path.display());
     let tokens = {
@@ -296,10 +391,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         std::fs::create_dir_all(&appliance_dir)?;
         std::fs::write(appliance_dir.join("claim-token"), format!("{token}\n"))?;
         let api = free_tcp_port()?;
-        let path = write_appliance_config(&appliance_dir, &device, broker_address.port(), api, args)?;
+        let fill_ring = index == 0 && has(Fault::FillRing);
+        let path =
+            write_appliance_config(&appliance_dir, &device, broker_address.port(), api, args, fill_ring)?;
         let config = ApplianceConfig::load(&path)?;
         let daemon = runtime.block_on(Daemon::start(config))?;
-        appliances.push(Appliance { device, daemon, api, decisions: Arc::new(AtomicU64::new(0)) });
+        appliances.push(Appliance {
+            device,
+            daemon,
+            api,
+            decisions: Arc::new(AtomicU64::new(0)),
+            backlog: fill_ring.then(|| appliance_dir.join("backlog")),
+            ring_peak_bytes: AtomicU64::new(0),
+        });
     }
     println!(
         "{} appliances onboarded over MQTT (claim token → key made on the device → CSR → certificate) in {:.1} s",
@@ -333,8 +437,18 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let outage_at = args.fault.contains(&Fault::SinkOutage).then(|| Duration::from_secs(args.seconds) / 3);
+    let at = |fraction: f64| Duration::from_secs_f64(args.seconds as f64 * fraction);
+    let outage_at = has(Fault::SinkOutage).then(|| at(1.0 / 3.0));
     let mut outage_until: Option<Instant> = None;
+    let mut network_drop = has(Fault::DropNetwork).then(|| (at(0.5), at(0.5) + NETWORK_DROP));
+    // The fill-ring appliance's uplink as the proxy sees it, and when its link is cut.
+    let mut fill = appliances
+        .first()
+        .filter(|appliance| appliance.backlog.is_some())
+        .and_then(|appliance| appliance.daemon.uplink.as_ref())
+        .map(|uplink| (SocketAddr::from(([127, 0, 0, 1], uplink.local_addr().port())), at(0.25), at(0.75)));
+    let mut filling = false;
+    let mut network_dropping = false;
     let mut sink_metrics_total = (0u64, 0u64);
     let render = |sink: Option<&Sink>, totals: (u64, u64)| -> String {
         match sink {
@@ -370,6 +484,54 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                 println!("fault over: core sink restarted; appliances resume from its watermarks")
             });
         }
+        let elapsed = started.elapsed();
+        if let (Some((from, until)), Some(proxy)) = (network_drop, &proxy) {
+            if elapsed >= from && !network_dropping {
+                network_dropping = true;
+                proxy.set_blackhole(true);
+                view.suspend(|| {
+                    println!(
+                        "fault: network between appliances and sink drops every datagram for {} s",
+                        NETWORK_DROP.as_secs()
+                    )
+                });
+            }
+            if elapsed >= until && network_dropping {
+                proxy.set_blackhole(false);
+                network_drop = None;
+                view.suspend(|| {
+                    println!("fault over: network restored; unacked chunks are resent, the sink drops duplicates")
+                });
+            }
+        }
+        if let (Some((client, from, until)), Some(proxy)) = (fill, &proxy) {
+            let appliance = &appliances[0];
+            if elapsed >= from && !filling {
+                filling = true;
+                proxy.set_client_blackhole(client, true);
+                write_burst(appliance.backlog.as_ref().expect("the fill-ring appliance has a backlog"))?;
+                view.suspend(|| {
+                    println!(
+                        "fault: {} cut off from the sink; {} files ({} MiB) dropped into its backlog \
+                         directory; its ring holds {} MiB",
+                        appliance.device,
+                        FILL_BURST_FILES,
+                        FILL_BURST_FILES * FILL_BURST_FILE_BYTES >> 20,
+                        FILL_RING_CAPACITY_BYTES >> 20
+                    )
+                });
+            }
+            if elapsed >= until && filling {
+                proxy.set_client_blackhole(client, false);
+                fill = None;
+                view.suspend(|| {
+                    println!(
+                        "fault over: {} reconnected; its ring drains from the sink's watermark",
+                        appliance.device
+                    )
+                });
+            }
+        }
         for (bar, appliance) in lines.iter().zip(&appliances) {
             bar.set_message(line(appliance));
         }
@@ -378,6 +540,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     if sink.is_none() {
         sink = Some(runtime.block_on(start_sink_on(&sink_config))?);
+    }
+    // Faults still on when producing stops end now, so everything can drain.
+    if let Some(proxy) = &proxy {
+        if network_drop.is_some() && network_dropping {
+            proxy.set_blackhole(false);
+            println!("fault over: network restored; unacked chunks are resent, the sink drops duplicates");
+        }
+        if let Some((client, _, _)) = fill
+            && filling
+        {
+            proxy.set_client_blackhole(client, false);
+            println!("fault over: {} reconnected; its ring drains from the sink's watermark", appliances[0].device);
+        }
     }
     let sink = sink.expect("running");
     stop.store(true, Ordering::Relaxed);
@@ -464,17 +639,59 @@ fn summarize(appliances: &[Appliance]) {
         body_bytes as f64 / (1 << 20) as f64,
         raw_bytes as f64 / body_bytes.max(1) as f64
     );
+    if let Some(backlog) = kept.get("backlog") {
+        println!(
+            "backlog files (the fill-ring burst): produced {}, kept {backlog}",
+            produced.get("backlog").copied().unwrap_or(0)
+        );
+    }
     println!("decisions answered by the appliances' inference APIs: {decisions}");
+    let (mut evicted_chunks, mut evicted_records) = (BTreeMap::new(), BTreeMap::new());
     for appliance in appliances {
         let stats = appliance.daemon.ring.stats();
+        for lane in Lane::ALL {
+            *evicted_chunks.entry(lane).or_insert(0u64) += stats.lane(lane).evicted_chunks;
+            *evicted_records.entry(lane).or_insert(0u64) += stats.lane(lane).evicted_records;
+        }
+        let ack = appliance.daemon.uplink.as_ref().map(|uplink| {
+            let metrics = uplink.metrics();
+            let mut merged = telemetry::LatencyHistogram::default().snapshot();
+            for lane in Lane::ALL {
+                let snapshot = metrics.ack_latency[lane.index()].snapshot();
+                merged.count += snapshot.count;
+                for (total, count) in merged.buckets.iter_mut().zip(snapshot.buckets) {
+                    *total += count;
+                }
+            }
+            merged
+        });
+        let milliseconds = |quantile: f64| {
+            ack.as_ref()
+                .and_then(|snapshot| snapshot.quantile_upper_bound_seconds(quantile))
+                .map_or_else(|| "-".to_string(), |seconds| format!("{}", seconds * 1000.0))
+        };
         println!(
-            "  {}: acked through seq audit {} sensor {} media {}; ring holds {} unacked chunks",
+            "  {}: acked through seq audit {} sensor {} media {}; ring holds {} unacked chunks, peaked at \
+             {:.1} of {} MiB; {} chunks evicted; ack latency p50 ≤ {} ms, p99 ≤ {} ms",
             appliance.device,
             stats.lane(Lane::Audit).acked_through,
             stats.lane(Lane::Sensor).acked_through,
             stats.lane(Lane::Media).acked_through,
-            stats.lanes.iter().map(|lane| lane.chunk_count).sum::<u64>()
+            stats.lanes.iter().map(|lane| lane.chunk_count).sum::<u64>(),
+            appliance.ring_peak_bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
+            stats.capacity_bytes >> 20,
+            stats.lanes.iter().map(|lane| lane.evicted_chunks).sum::<u64>(),
+            milliseconds(0.5),
+            milliseconds(0.99)
         );
+    }
+    for lane in Lane::ALL {
+        if evicted_chunks[&lane] > 0 {
+            println!(
+                "evicted {lane}: {} chunks holding {} records (ring full while cut off; counted, never silent)",
+                evicted_chunks[&lane], evicted_records[&lane]
+            );
+        }
     }
 }
 

@@ -54,6 +54,13 @@ async fn metrics_count_what_was_sent() {
     assert_eq!(value(body, "tributary_sink_sessions_active"), 1);
     assert!(value(body, "tributary_sink_acks_sent_total") >= 1);
     assert!(value(body, "tributary_sink_commits_total") >= 1);
+    // Every landed chunk is timed once, at the commit that made it durable.
+    assert_eq!(value(body, "tributary_sink_ack_latency_seconds_count"), seqs.len() as u64);
+    assert_eq!(value(body, "tributary_sink_ack_latency_seconds_bucket{le=\"+Inf\"}"), seqs.len() as u64);
+    // And on the appliance, from the send to the Ack (nothing was resent: one session).
+    let sensor_acks = metrics.ack_latency[Lane::Sensor.index()].snapshot();
+    assert_eq!(sensor_acks.count, seqs.len() as u64);
+    assert!(sensor_acks.quantile_upper_bound_seconds(0.5).is_some_and(|seconds| seconds < 60.0));
     assert_eq!(value(body, "tributary_sink_in_flight_bytes"), 0, "everything was written");
     let missing = tokio::task::spawn_blocking(move || get(address, "/other")).await.unwrap();
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");

@@ -145,6 +145,7 @@ impl Daemon {
             ring: ring.clone(),
             pipelines: views,
             uplink: uplink.as_ref().map(Uplink::metrics),
+            lag: crate::lag::LagProbe::new(ring.clone(), dictionaries.clone()),
         });
         let mut tasks = Vec::new();
         let mut metrics_address = None;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dictionaries;
 pub mod filters;
+pub mod lag;
 pub mod metrics;
 pub mod pipeline;
 pub mod source;

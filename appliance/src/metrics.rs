@@ -3,7 +3,8 @@
 //! Per stage: source records and errors (the sources' own families), pipeline records received,
 //! filter records in/out and drops by reason, chunker records and bytes in, chunk raw and body
 //! bytes (their quotient is the compression ratio), dictionaries trained; ring fill, chunks and
-//! evictions per lane; uplink connects, chunks and bytes sent, acked watermark and lag per lane.
+//! evictions per lane; uplink connects, chunks and bytes sent, acked watermark, lag in chunks and
+//! in seconds (age of the oldest unacked record) and ack latency (histogram) per lane.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use buffer::Ring;
 use protocol::Lane;
 
 use crate::filters::DropReason;
+use crate::lag::LagProbe;
 use crate::pipeline::SourcePipeline;
 use crate::sources::SourceMetrics;
 use crate::uplink::UplinkMetrics;
@@ -22,6 +24,8 @@ pub struct MetricsView {
     pub ring: Ring,
     pub pipelines: Vec<PipelineView>,
     pub uplink: Option<Arc<UplinkMetrics>>,
+    /// Uplink lag in seconds per lane.
+    pub lag: LagProbe,
 }
 
 pub struct PipelineView {
@@ -171,12 +175,15 @@ pub fn render(view: &MetricsView) -> String {
 
     let stats = view.ring.stats();
     type LaneValue = fn(&buffer::LaneStats) -> u64;
-    let lane_families: [(&str, &str, &str, LaneValue); 6] = [
+    let lane_families: [(&str, &str, &str, LaneValue); 7] = [
         ("tributary_ring_bytes_used", "gauge", "Bytes the lane holds in the ring.", |s| s.bytes_used),
         ("tributary_ring_budget_bytes", "gauge", "Bytes the lane's pool may hold.", |s| s.budget_bytes),
         ("tributary_ring_chunks", "gauge", "Chunks the lane holds (not yet acked).", |s| s.chunk_count),
         ("tributary_ring_evicted_chunks_total", "counter", "Chunks evicted unacked (drop_oldest).", |s| {
             s.evicted_chunks
+        }),
+        ("tributary_ring_evicted_records_total", "counter", "Records in chunks evicted unacked.", |s| {
+            s.evicted_records
         }),
         ("tributary_ring_quarantined_chunks_total", "counter", "Damaged chunks quarantined.", |s| {
             s.quarantined_chunks
@@ -189,6 +196,22 @@ pub fn render(view: &MetricsView) -> String {
         family(&mut out, name, kind, help);
         for lane in Lane::ALL {
             let _ = writeln!(out, "{name}{{lane=\"{lane}\"}} {}", value(stats.lane(lane)));
+        }
+    }
+    family(
+        &mut out,
+        "tributary_uplink_lag_seconds",
+        "gauge",
+        "Age of the oldest record the sink has not acked as durable (0 when all is acked).",
+    );
+    let now = std::time::SystemTime::now();
+    for lane in Lane::ALL {
+        match view.lag.lag(lane, now) {
+            Ok(lag) => {
+                let _ = writeln!(out, "tributary_uplink_lag_seconds{{lane=\"{lane}\"}} {:.3}", lag.as_secs_f64());
+            }
+            // A chunk that cannot be read is quarantined by the ring and counted there.
+            Err(error) => tracing::warn!(%lane, %error, "uplink lag unknown"),
         }
     }
     family(&mut out, "tributary_ring_capacity_bytes", "gauge", "Configured ring capacity.");
@@ -232,6 +255,16 @@ pub fn render(view: &MetricsView) -> String {
                 uplink.acked_through(lane)
             );
         }
+        let series: Vec<(String, &telemetry::LatencyHistogram)> = Lane::ALL
+            .iter()
+            .map(|lane| (format!("lane=\"{lane}\""), &uplink.ack_latency[lane.index()]))
+            .collect();
+        telemetry::render_histograms(
+            &mut out,
+            "tributary_uplink_ack_latency_seconds",
+            "From a chunk handed to QUIC to the sink's durable Ack covering it.",
+            &series,
+        );
     }
     out
 }

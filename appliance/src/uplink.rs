@@ -25,7 +25,15 @@ use rand::Rng as _;
 use tokio::sync::watch;
 
 use crate::dictionaries::DictionaryStore;
+use telemetry::LatencyHistogram;
 use tokio::task::JoinSet;
+
+/// Chunks per lane whose send time is kept for the ack latency; beyond it chunks go untimed
+/// until Acks catch up (a slow link sends thousands of small chunks ahead of its Acks).
+const SENT_TIMES_MAX: usize = 4096;
+
+/// Send times of chunks awaiting their Ack, per lane, in seq order.
+type SentTimes = Arc<std::sync::Mutex<[std::collections::VecDeque<(u64, Instant)>; Lane::COUNT]>>;
 
 #[derive(Clone, Debug)]
 pub struct UplinkConfig {
@@ -90,6 +98,10 @@ pub struct UplinkMetrics {
     pub dictionaries_sent: AtomicU64,
     /// Durable watermark per lane as last acked by the sink.
     pub acked_through: [AtomicU64; Lane::COUNT],
+    /// Per lane: from a chunk handed to QUIC to the sink's Ack covering it (network both ways,
+    /// the sink's queue and its fsync). Sampled: at most `SENT_TIMES_MAX` chunks per lane are
+    /// timed at once.
+    pub ack_latency: [LatencyHistogram; Lane::COUNT],
 }
 
 impl UplinkMetrics {
@@ -103,6 +115,7 @@ pub struct Uplink {
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     metrics: Arc<UplinkMetrics>,
+    local_addr: SocketAddr,
 }
 
 impl Uplink {
@@ -114,14 +127,21 @@ impl Uplink {
             if config.sink_address.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(client);
+        let local_addr = endpoint.local_addr()?;
         let metrics = Arc::new(UplinkMetrics::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(endpoint, ring, config, metrics.clone(), stopped));
-        Ok(Uplink { task, stop, metrics })
+        Ok(Uplink { task, stop, metrics, local_addr })
     }
 
     pub fn metrics(&self) -> Arc<UplinkMetrics> {
         self.metrics.clone()
+    }
+
+    /// The UDP address every connection of this uplink leaves from (one endpoint for its whole
+    /// life): what the sink, or a proxy in between, sees as this appliance.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     /// Closes the connection and waits for the task to end.
@@ -252,6 +272,7 @@ async fn drive(
             tracing::warn!(%lane, first_seq, next, "the sink is ahead of this ring; renumbered held chunks");
         }
     }
+    let sent_times = SentTimes::default();
     let mut lanes = JoinSet::new();
     for resume in &welcome.resume {
         let stream = connection.open_uni().await?;
@@ -264,6 +285,7 @@ async fn drive(
             resume.resume_seq,
             config.clone(),
             metrics.clone(),
+            sent_times.clone(),
         ));
     }
     loop {
@@ -271,6 +293,15 @@ async fn drive(
             message = read_control(&mut control_recv, &mut decoder, &mut buffer) => match message? {
                 Some(ControlMessage::Ack(ack)) => {
                     metrics.acks_received.fetch_add(1, Ordering::Relaxed);
+                    {
+                        let acked_at = Instant::now();
+                        let mut sent = sent_times.lock().expect("sent times lock");
+                        let waiting = &mut sent[ack.lane.index()];
+                        while let Some(&(seq, sent_at)) = waiting.front() && seq <= ack.durable_through {
+                            metrics.ack_latency[ack.lane.index()].observe(acked_at - sent_at);
+                            waiting.pop_front();
+                        }
+                    }
                     let ring = ring.clone();
                     // The ring's ack waits for its writer's commit: keep it off the async threads.
                     let result = tokio::task::spawn_blocking(move || ring.ack(ack.lane, ack.durable_through)).await?;
@@ -300,6 +331,7 @@ async fn send_lane(
     resume_seq: u64,
     config: UplinkConfig,
     metrics: Arc<UplinkMetrics>,
+    sent_times: SentTimes,
 ) -> anyhow::Result<()> {
     let limits = ReadLimits { chunks_max: config.read_chunks_max, bytes_max: config.read_bytes_max };
     let mut next_seq = resume_seq;
@@ -334,6 +366,13 @@ async fn send_lane(
             }
             frame.clear();
             encode_frame(FrameKind::Chunk, &chunk.encoded, &mut frame)?;
+            // Timed from before the write, so its Ack can never come first.
+            {
+                let mut sent = sent_times.lock().expect("sent times lock");
+                if sent[lane.index()].len() < SENT_TIMES_MAX {
+                    sent[lane.index()].push_back((chunk.seq, Instant::now()));
+                }
+            }
             stream.write_all(&frame).await?;
             next_seq = chunk.seq + 1;
             metrics.chunks_sent.fetch_add(1, Ordering::Relaxed);

@@ -37,6 +37,9 @@ pub struct SinkMetrics {
     pub acks_sent: AtomicU64,
     /// Compression dictionaries received and stored durably.
     pub dictionaries_stored: AtomicU64,
+    /// From a chunk read off its stream to the commit that made it durable (its Ack follows at
+    /// once): waiting for in-flight room, the landing queue, the write and the fsync.
+    pub ack_latency: telemetry::LatencyHistogram,
 }
 
 impl SinkMetrics {
@@ -85,6 +88,8 @@ pub struct LandRequest {
     pub permit: OwnedSemaphorePermit,
     /// Closes the connection when its chunk cannot be landed.
     pub kill: Arc<Notify>,
+    /// When the session read the chunk off its stream (for `SinkMetrics::ack_latency`).
+    pub received_at: Instant,
 }
 
 pub struct LanderConfig {
@@ -102,6 +107,9 @@ pub struct Lander {
     /// Landed since the last commit: seq, and the connection to refuse and kill if it fails.
     pending: BTreeMap<(String, Lane), (u64, u64, Arc<Notify>)>,
     pending_bytes: u64,
+    /// When each chunk landed since the last commit was received; as many entries as chunks
+    /// written since the last commit, which `commit_bytes_max` and `commit_interval` bound.
+    pending_received_at: Vec<Instant>,
     refused: BTreeSet<(String, Lane, u64)>,
 }
 
@@ -130,6 +138,7 @@ impl Lander {
             durable_generation,
             pending: BTreeMap::new(),
             pending_bytes: 0,
+            pending_received_at: Vec::new(),
             refused: BTreeSet::new(),
         };
         Ok((lander, shared, receiver))
@@ -155,7 +164,7 @@ impl Lander {
     }
 
     fn land(&mut self, request: LandRequest) {
-        let LandRequest { device, connection, header, encoded, permit, kill } = request;
+        let LandRequest { device, connection, header, encoded, permit, kill, received_at } = request;
         let key = (device.to_string(), header.lane);
         if self.refused.contains(&(key.0.clone(), key.1, connection)) {
             return;
@@ -170,6 +179,7 @@ impl Lander {
                 self.shared.landed.lock().expect("watermarks lock").insert(key.clone(), header.seq);
                 self.pending.insert(key, (header.seq, connection, kill));
                 self.pending_bytes += encoded.len() as u64;
+                self.pending_received_at.push(received_at);
                 SinkMetrics::add(&self.metrics.chunks_landed, 1);
                 SinkMetrics::add(&self.metrics.bytes_landed, encoded.len() as u64);
             }
@@ -227,6 +237,10 @@ impl Lander {
                 self.durable_advanced(advanced);
                 self.pending.clear();
                 self.pending_bytes = 0;
+                let durable_at = Instant::now();
+                for received_at in self.pending_received_at.drain(..) {
+                    self.metrics.ack_latency.observe(durable_at - received_at);
+                }
                 SinkMetrics::add(&self.metrics.commits, 1);
             }
             Err(error) => {
@@ -239,6 +253,7 @@ impl Lander {
                     self.roll_back(&key);
                 }
                 self.pending_bytes = 0;
+                self.pending_received_at.clear();
             }
         }
     }

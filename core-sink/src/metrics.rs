@@ -109,6 +109,12 @@ pub fn render(sources: &MetricsSources) -> String {
         &sink.landing_failures,
     );
     counter(&mut out, "tributary_sink_acks_sent_total", "Ack messages sent.", &sink.acks_sent);
+    telemetry::render_histograms(
+        &mut out,
+        "tributary_sink_ack_latency_seconds",
+        "From a chunk read off its stream to the commit that made it durable and acked.",
+        &[(String::new(), &sink.ack_latency)],
+    );
     let available = sources.in_flight_available.available_permits() as u64;
     gauge(
         &mut out,

@@ -638,6 +638,7 @@ impl LaneReader {
                 ));
             }
             last_seq = header.seq;
+            let received_at = std::time::Instant::now();
             let bytes = frame.payload.len() as u32;
             let permit = self
                 .context
@@ -653,6 +654,7 @@ impl LaneReader {
                 encoded: frame.payload,
                 permit,
                 kill: self.kill.clone(),
+                received_at,
             };
             let sent =
                 self.context.land.lock().expect("land sender lock").as_ref().map(|land| land.send(request));

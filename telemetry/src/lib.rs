@@ -1,0 +1,181 @@
+//! Latency histograms for the Prometheus text endpoints of the appliance and the core sink.
+//!
+//! A `LatencyHistogram` is a fixed set of cumulative-at-render buckets (`LATENCY_BUCKET_BOUNDS_US`,
+//! 1 ms to 60 s, plus `+Inf`) of atomic counters, a sum and a count: observing is three relaxed
+//! atomic adds, no lock and no allocation, so the uplink and the lander can observe every chunk.
+//! Rendering follows the Prometheus text format (`_bucket{le=…}` cumulative, `_sum` in seconds,
+//! `_count`). Memory is fixed: 17 counters per histogram.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the buckets, in microseconds; a last `+Inf` bucket takes the rest.
+pub const LATENCY_BUCKET_BOUNDS_US: [u64; 15] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+const _: () = {
+    let mut index = 1;
+    while index < LATENCY_BUCKET_BOUNDS_US.len() {
+        assert!(LATENCY_BUCKET_BOUNDS_US[index - 1] < LATENCY_BUCKET_BOUNDS_US[index]);
+        index += 1;
+    }
+};
+
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKET_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A consistent-enough copy for rendering and for tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    pub buckets: [u64; LATENCY_BUCKET_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let index = LATENCY_BUCKET_BOUNDS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(LATENCY_BUCKET_BOUNDS_US.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros.min(u64::MAX / 2), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|index| self.buckets[index].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    /// The upper bound of the bucket holding the `quantile` (0..=1) observation, in seconds;
+    /// `None` with no observations, `f64::INFINITY` when it lies beyond the last bound. Coarse
+    /// by design (a live view, not a benchmark).
+    pub fn quantile_upper_bound_seconds(&self, quantile: f64) -> Option<f64> {
+        assert!((0.0..=1.0).contains(&quantile), "quantile {quantile} outside 0..=1");
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((quantile * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(
+                    LATENCY_BUCKET_BOUNDS_US.get(index).map_or(f64::INFINITY, |bound| *bound as f64 / 1e6),
+                );
+            }
+        }
+        unreachable!("the rank is at most the total")
+    }
+}
+
+/// Writes `# HELP` and `# TYPE histogram` for `name`, then one series per `(labels, histogram)`;
+/// `labels` is the inside of the braces without them (e.g. `lane="audit"`), or empty.
+pub fn render_histograms(out: &mut String, name: &str, help: &str, series: &[(String, &LatencyHistogram)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (labels, histogram) in series {
+        let snapshot = histogram.snapshot();
+        let separator = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (index, count) in snapshot.buckets.iter().enumerate() {
+            cumulative += count;
+            let bound = LATENCY_BUCKET_BOUNDS_US
+                .get(index)
+                .map_or_else(|| "+Inf".to_string(), |bound| format!("{}", *bound as f64 / 1e6));
+            let _ = writeln!(out, "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {cumulative}");
+        }
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", snapshot.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {}", snapshot.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(observations_ms: &[u64], expected_buckets: &[(usize, u64)], expected_count: u64) {
+        let histogram = LatencyHistogram::default();
+        for ms in observations_ms {
+            histogram.observe(Duration::from_millis(*ms));
+        }
+        let snapshot = histogram.snapshot();
+        let mut expected = [0u64; LATENCY_BUCKET_BOUNDS_US.len() + 1];
+        for (index, count) in expected_buckets {
+            expected[*index] = *count;
+        }
+        assert_eq!(snapshot.buckets, expected, "observations {observations_ms:?}");
+        assert_eq!(snapshot.count, expected_count);
+        assert_eq!(snapshot.sum_us, observations_ms.iter().sum::<u64>() * 1000);
+    }
+
+    #[test]
+    fn observations_land_in_the_first_bucket_whose_bound_holds_them() {
+        check(&[], &[], 0);
+        check(&[0, 1], &[(0, 2)], 2);
+        check(&[2, 3], &[(1, 1), (2, 1)], 2);
+        check(&[60_000], &[(14, 1)], 1);
+        check(&[60_001, 3_600_000], &[(15, 2)], 2);
+    }
+
+    #[test]
+    fn quantile_reports_the_bucket_bound() {
+        let histogram = LatencyHistogram::default();
+        assert_eq!(histogram.snapshot().quantile_upper_bound_seconds(0.99), None);
+        for _ in 0..99 {
+            histogram.observe(Duration::from_millis(3));
+        }
+        histogram.observe(Duration::from_secs(2));
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.quantile_upper_bound_seconds(0.5), Some(0.005));
+        assert_eq!(snapshot.quantile_upper_bound_seconds(0.99), Some(0.005));
+        assert_eq!(snapshot.quantile_upper_bound_seconds(1.0), Some(2.5));
+        histogram.observe(Duration::from_secs(100));
+        assert_eq!(histogram.snapshot().quantile_upper_bound_seconds(1.0), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn renders_cumulative_buckets_sum_and_count_per_series() {
+        let (audit, media) = (LatencyHistogram::default(), LatencyHistogram::default());
+        audit.observe(Duration::from_millis(2));
+        audit.observe(Duration::from_millis(40));
+        media.observe(Duration::from_secs(90));
+        let mut out = String::new();
+        render_histograms(
+            &mut out,
+            "x_seconds",
+            "Help.",
+            &[("lane=\"audit\"".into(), &audit), ("lane=\"media\"".into(), &media)],
+        );
+        assert!(out.starts_with("# HELP x_seconds Help.\n# TYPE x_seconds histogram\n"), "{out}");
+        for line in [
+            "x_seconds_bucket{lane=\"audit\",le=\"0.001\"} 0",
+            "x_seconds_bucket{lane=\"audit\",le=\"0.0025\"} 1",
+            "x_seconds_bucket{lane=\"audit\",le=\"0.05\"} 2",
+            "x_seconds_bucket{lane=\"audit\",le=\"+Inf\"} 2",
+            "x_seconds_sum{lane=\"audit\"} 0.042",
+            "x_seconds_count{lane=\"audit\"} 2",
+            "x_seconds_bucket{lane=\"media\",le=\"60\"} 0",
+            "x_seconds_bucket{lane=\"media\",le=\"+Inf\"} 1",
+            "x_seconds_count{lane=\"media\"} 1",
+        ] {
+            assert!(out.lines().any(|candidate| candidate == line), "missing {line:?} in\n{out}");
+        }
+    }
+}
