@@ -101,7 +101,12 @@ pub struct DemoArgs {
 
 /// `advertised` is the sink address devices get at onboarding: the fault proxy's when network
 /// faults are on, else `listen`.
-fn write_sink_config(dir: &Path, listen: SocketAddr, advertised: SocketAddr, broker_port: u16) -> Result<PathBuf> {
+fn write_sink_config(
+    dir: &Path,
+    listen: SocketAddr,
+    advertised: SocketAddr,
+    broker_port: u16,
+) -> Result<PathBuf> {
     let path = dir.join("sink.toml");
     let onboarding = format!(
         "\n[onboarding]\n\
@@ -207,6 +212,9 @@ window = 8
 listen = "{api}"
 models_dir = "../../models"
 models = ["shapes"]
+# The feeder's images are small; the evidence of one body must fit one audit chunk of the
+# smallest (fill-ring) ring.
+body_bytes_max = 262144
 {backlog}"#,
         fps = args.frames_per_second
     );
@@ -360,7 +368,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     // Network faults need a place to cut: a fault proxy between every appliance and the sink.
     let proxy = if has(Fault::DropNetwork) || has(Fault::FillRing) {
         let proxy = runtime.block_on(chaos::ChaosProxy::start(sink_address, chaos::ChaosConfig::clean(1)))?;
-        println!("fault proxy on {} in front of the sink (for --fault drop-network/fill-ring)", proxy.local_addr());
+        println!(
+            "fault proxy on {} in front of the sink (for --fault drop-network/fill-ring)",
+            proxy.local_addr()
+        );
         Some(proxy)
     } else {
         None
@@ -500,7 +511,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                 proxy.set_blackhole(false);
                 network_drop = None;
                 view.suspend(|| {
-                    println!("fault over: network restored; unacked chunks are resent, the sink drops duplicates")
+                    println!(
+                        "fault over: network restored; unacked chunks are resent, the sink drops duplicates"
+                    )
                 });
             }
         }
@@ -551,7 +564,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             && filling
         {
             proxy.set_client_blackhole(client, false);
-            println!("fault over: {} reconnected; its ring drains from the sink's watermark", appliances[0].device);
+            println!(
+                "fault over: {} reconnected; its ring drains from the sink's watermark",
+                appliances[0].device
+            );
         }
     }
     let sink = sink.expect("running");

@@ -111,15 +111,24 @@ fn demo_fill_ring_evicts_only_counted_media_and_drains_the_rest() {
     let backlog = number_after(&stdout, "backlog files", "kept ");
     let evicted_chunks = number_after(&stdout, "evicted media:", "evicted media:");
     let evicted_records = number_after(&stdout, "evicted media:", "chunks holding ");
-    assert!(evicted_chunks > 0 && evicted_records >= evicted_chunks, "the burst overfills the ring: {stdout}");
-    assert_eq!(
-        landed.media_samples + evicted_records,
-        landed.kept_frames + backlog,
-        "every kept media record landed or was evicted, counted: {stdout}"
+    assert!(
+        evicted_chunks > 0 && evicted_records >= evicted_chunks,
+        "the burst overfills the ring: {stdout}"
+    );
+    // Every kept media record landed or was evicted, counted. Not an equality: a chunk the uplink
+    // had already handed to QUIC before the cut can be evicted from the ring and still arrive
+    // from QUIC's send buffer once the link returns (the sink keeps it once), so an eviction does
+    // not always mean a loss.
+    let kept_media = landed.kept_frames + backlog;
+    assert!(landed.media_samples <= kept_media, "no media sample landed twice: {stdout}");
+    assert!(
+        landed.media_samples + evicted_records >= kept_media,
+        "a media loss not counted as eviction: {stdout}"
     );
     // The ring never held more than its capacity.
     let line = stdout.lines().find(|line| line.contains("peaked at ")).unwrap();
-    let peak: f64 = line[line.find("peaked at ").unwrap() + 10..].split_whitespace().next().unwrap().parse().unwrap();
+    let peak: f64 =
+        line[line.find("peaked at ").unwrap() + 10..].split_whitespace().next().unwrap().parse().unwrap();
     assert!(peak > 8.0 && peak <= 16.0, "peak {peak} MiB of a 16 MiB ring: {stdout}");
     assert!(stdout.contains("fault over: demo-appliance-00 reconnected"), "{stdout}");
 }
