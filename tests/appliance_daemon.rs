@@ -160,8 +160,14 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     assert_eq!(metric(&page, "tributary_filter_records_out_total{source=\"ingest\"}"), 250);
     assert!(metric(&page, "tributary_ring_capacity_bytes") == 67_108_864);
     // Lag in time and ack latency per lane (their values are checked in lag.rs and tests/metrics.rs).
-    for series in ["tributary_uplink_lag_seconds{lane=\"sensor\"} ", "tributary_uplink_ack_latency_seconds_count{lane=\"sensor\"} "] {
-        assert!(page.lines().any(|line| line.starts_with(series)), "{series} not in the metrics page:\n{page}");
+    for series in [
+        "tributary_uplink_lag_seconds{lane=\"sensor\"} ",
+        "tributary_uplink_ack_latency_seconds_count{lane=\"sensor\"} ",
+    ] {
+        assert!(
+            page.lines().any(|line| line.starts_with(series)),
+            "{series} not in the metrics page:\n{page}"
+        );
     }
 
     let ring = daemon.ring.clone();

@@ -6,9 +6,9 @@ mod support;
 use std::time::Duration;
 
 use appliance::Uplink;
+use chaos::{ChaosConfig, ChaosProxy};
 use core_sink::{Sink, SinkMetrics};
 use protocol::Lane;
-use chaos::{ChaosConfig, ChaosProxy};
 use support::harness::{
     Fleet, MIB, assert_landed_exactly_once, landed_records, produce, record_key, wait_until,
 };

@@ -61,7 +61,10 @@ impl LagProbe {
         let mut decompressor = ChunkDecompressor::new();
         if header.dict_id != NO_DICTIONARY {
             let dictionary = self.dictionaries.get(header.dict_id).ok_or_else(|| {
-                format!("{} seq {} names dictionary {} this appliance lacks", header.lane, chunk.seq, header.dict_id)
+                format!(
+                    "{} seq {} names dictionary {} this appliance lacks",
+                    header.lane, chunk.seq, header.dict_id
+                )
             })?;
             decompressor
                 .add_dictionary(header.dict_id, &dictionary)

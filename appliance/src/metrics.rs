@@ -208,7 +208,8 @@ pub fn render(view: &MetricsView) -> String {
     for lane in Lane::ALL {
         match view.lag.lag(lane, now) {
             Ok(lag) => {
-                let _ = writeln!(out, "tributary_uplink_lag_seconds{{lane=\"{lane}\"}} {:.3}", lag.as_secs_f64());
+                let _ =
+                    writeln!(out, "tributary_uplink_lag_seconds{{lane=\"{lane}\"}} {:.3}", lag.as_secs_f64());
             }
             // A chunk that cannot be read is quarantined by the ring and counted there.
             Err(error) => tracing::warn!(%lane, %error, "uplink lag unknown"),
