@@ -529,7 +529,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                          directory; its ring holds {} MiB",
                         appliance.device,
                         FILL_BURST_FILES,
-                        FILL_BURST_FILES * FILL_BURST_FILE_BYTES >> 20,
+                        (FILL_BURST_FILES * FILL_BURST_FILE_BYTES) >> 20,
                         FILL_RING_CAPACITY_BYTES >> 20
                     )
                 });
