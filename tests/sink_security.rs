@@ -34,6 +34,7 @@ async fn connect_and_hello(
         protocol_version: PROTOCOL_VERSION,
         device_id: claimed.to_string(),
         boot_id: [7; 16],
+        ring_id: [8; 16],
         lanes: Lane::ALL.to_vec(),
         codecs: vec![Codec::Raw],
         dictionary_ids: Vec::new(),

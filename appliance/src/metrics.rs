@@ -220,7 +220,7 @@ pub fn render(view: &MetricsView) -> String {
 
     if let Some(uplink) = &view.uplink {
         type UplinkValue = fn(&UplinkMetrics) -> u64;
-        let uplink_families: [(&str, &str, UplinkValue); 7] = [
+        let uplink_families: [(&str, &str, UplinkValue); 9] = [
             ("tributary_uplink_connects_total", "Sessions established with the sink.", |m| get(&m.connects)),
             ("tributary_uplink_connect_failures_total", "Connection attempts that failed.", |m| {
                 get(&m.connect_failures)
@@ -238,6 +238,16 @@ pub fn render(view: &MetricsView) -> String {
             ("tributary_uplink_dictionaries_sent_total", "Dictionaries sent ahead of chunks.", |m| {
                 get(&m.dictionaries_sent)
             }),
+            (
+                "tributary_uplink_undeliverable_chunks_total",
+                "Chunks skipped because they can never be delivered (logged with lane and seq).",
+                |m| get(&m.undeliverable_chunks),
+            ),
+            (
+                "tributary_uplink_ring_identity_renewals_total",
+                "Times the ring took a new identity because the sink held seqs it had not written.",
+                |m| get(&m.ring_identity_renewals),
+            ),
         ];
         for (name, help, value) in uplink_families {
             family(&mut out, name, "counter", help);

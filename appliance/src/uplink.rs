@@ -1,39 +1,37 @@
-//! The uplink: streams the ring to the core sink over QUIC with mutual TLS, and trims the ring as
-//! durable Acks come back.
+//! The uplink: a thin async driver around `session::DeviceSession`, which decides every protocol
+//! rule. It connects to the sink over QUIC with mutual TLS, moves the session's transmits onto the
+//! control stream and one unidirectional stream per lane (QUIC priorities audit > decisions >
+//! sensor > media), answers the session's ring reads (`Ring::read_from`, which serves only
+//! fsynced chunks), trims the ring on Acks, renews the ring's identity when the session finds the
+//! ring behind the core, and reconnects forever with `session::Backoff` and jitter drawn here.
 //!
-//! One connection at a time. Per connection: a bidirectional control stream (Hello → Welcome,
-//! then Acks) and one long-lived unidirectional stream per lane with QUIC stream priorities
-//! audit > decisions > sensor > media. Each lane is read from the ring from the sink's resume seq
-//! in bounded batches (`read_chunks_max`, `read_bytes_max`); QUIC flow control is the
-//! backpressure, so a slow link fills the ring and the ring's per-lane policy applies — the
-//! uplink never blocks ingest. Any failure drops the connection and reconnects forever with
-//! exponential backoff and jitter; the sink's watermarks make resends harmless.
+//! Tasks per connection: the session task (owns the state machine, reads the control stream),
+//! one writer task per lane stream and one for the control stream; ring reads and acks run on
+//! blocking threads. QUIC flow control is the backpressure: a lane reads its next batch only when
+//! less than one batch is waiting for its writer, so a slow link fills the ring and the ring's
+//! per-lane policy applies; the uplink never blocks ingest.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use buffer::{ReadLimits, Ring};
+use buffer::{ReadLimits, Ring, StoredChunk};
 use fleet::IssuedCertificate;
 use fleet::transport::TransportSettings;
-use protocol::{
-    Codec, ControlMessage, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, decode_control,
-    encode_control, encode_frame,
-};
+use protocol::{ErrorCode, Lane};
 use rand::Rng as _;
-use tokio::sync::watch;
-
-use crate::dictionaries::DictionaryStore;
+use session::{Backoff, DeviceConfig, DeviceEvent, DeviceSession, Stream};
 use telemetry::LatencyHistogram;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-/// Chunks per lane whose send time is kept for the ack latency; beyond it chunks go untimed
-/// until Acks catch up (a slow link sends thousands of small chunks ahead of its Acks).
-const SENT_TIMES_MAX: usize = 4096;
+use crate::dictionaries::DictionaryStore;
 
-/// Send times of chunks awaiting their Ack, per lane, in seq order.
-type SentTimes = Arc<std::sync::Mutex<[std::collections::VecDeque<(u64, Instant)>; Lane::COUNT]>>;
+/// A session that ran this long was healthy: the next reconnect delay starts from the minimum.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Bytes read from the control stream per call.
+const CONTROL_READ_BYTES: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct UplinkConfig {
@@ -55,6 +53,10 @@ pub struct UplinkConfig {
     pub read_bytes_max: usize,
     /// How often an idle lane looks for new chunks.
     pub idle_poll_ms: u64,
+    /// This appliance's bound on unacked bytes in flight (the sink's limit applies too).
+    pub in_flight_bytes_max: u64,
+    /// How long to wait for the sink's Welcome after the Hello.
+    pub welcome_timeout_ms: u64,
     /// Where the chunkers keep their zstd dictionaries; each is sent ahead of the first chunk
     /// of a session that names it. Without a store, a chunk naming a dictionary ends the session.
     pub dictionaries: Option<Arc<DictionaryStore>>,
@@ -82,6 +84,8 @@ impl UplinkConfig {
             read_chunks_max: 64,
             read_bytes_max: 4 * 1024 * 1024,
             idle_poll_ms: 5,
+            in_flight_bytes_max: 64 * 1024 * 1024,
+            welcome_timeout_ms: 10_000,
             dictionaries: None,
         }
     }
@@ -96,11 +100,15 @@ pub struct UplinkMetrics {
     pub bytes_sent: AtomicU64,
     pub acks_received: AtomicU64,
     pub dictionaries_sent: AtomicU64,
+    /// Chunks skipped because they can never be delivered (each logged with lane and seq).
+    pub undeliverable_chunks: AtomicU64,
+    /// Times the ring took a new identity because the sink held seqs it had not written.
+    pub ring_identity_renewals: AtomicU64,
     /// Durable watermark per lane as last acked by the sink.
     pub acked_through: [AtomicU64; Lane::COUNT],
     /// Per lane: from a chunk handed to QUIC to the sink's Ack covering it (network both ways,
-    /// the sink's queue and its fsync). Sampled: at most `SENT_TIMES_MAX` chunks per lane are
-    /// timed at once.
+    /// the sink's queue and its fsync). Sampled: at most `session::device::ACK_TIMINGS_MAX`
+    /// chunks per lane are timed at once.
     pub ack_latency: [LatencyHistogram; Lane::COUNT],
 }
 
@@ -158,66 +166,57 @@ async fn run(
     metrics: Arc<UplinkMetrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(config.reconnect_min_ms);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(config.reconnect_min_ms.max(1)),
+        Duration::from_millis(config.reconnect_max_ms.max(config.reconnect_min_ms.max(1))),
+        HEALTHY_SESSION,
+    );
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
-            outcome = session(&endpoint, &ring, &config, &metrics) => outcome,
+            outcome = connect_and_run(&endpoint, &ring, &config, &metrics) => outcome,
             _ = stopped.wait_for(|stop| *stop) => break,
         };
         metrics.sessions_ended.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = outcome {
-            tracing::warn!(device = %config.device_id, error = %format!("{error:#}"), "uplink session ended; reconnecting");
-        }
-        // A session that ran a while was healthy: start the next backoff from the bottom.
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(config.reconnect_min_ms);
-        }
-        let jitter = rand::rng().random_range(0.5..1.5);
+        let at_once = match &outcome {
+            Ok(end) => {
+                if !end.renewed_ring_identity {
+                    tracing::warn!(device = %config.device_id, code = end.close.code.name(), reason = %end.close.reason, by_sink = end.close.by_peer, "uplink session ended; reconnecting");
+                }
+                end.renewed_ring_identity
+            }
+            Err(error) => {
+                tracing::warn!(device = %config.device_id, error = %format!("{error:#}"), "uplink session failed; reconnecting");
+                false
+            }
+        };
+        let jitter = rand::rng().random_range(session::backoff::JITTER_MIN..=session::backoff::JITTER_MAX);
+        let delay = backoff.next_delay(started.elapsed(), jitter, at_once);
         tokio::select! {
-            () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            () = tokio::time::sleep(delay) => {}
             _ = stopped.wait_for(|stop| *stop) => break,
         }
-        backoff = (backoff * 2).min(Duration::from_millis(config.reconnect_max_ms));
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"appliance stopping");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-fn control_frame(message: &ControlMessage) -> anyhow::Result<Vec<u8>> {
-    let payload = encode_control(message)?;
-    let mut frame = Vec::with_capacity(payload.len() + 5);
-    encode_frame(FrameKind::Control, &payload, &mut frame)?;
-    Ok(frame)
+/// How a session ended.
+struct SessionEnd {
+    close: session::Close,
+    renewed_ring_identity: bool,
 }
 
-/// Reads the next control message; `None` when the stream ended.
-async fn read_control(
-    stream: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-    buffer: &mut [u8],
-) -> anyhow::Result<Option<ControlMessage>> {
-    loop {
-        if let Some(frame) = decoder.next_frame()? {
-            anyhow::ensure!(
-                frame.kind == FrameKind::Control,
-                "the sink sent a chunk frame on the control stream"
-            );
-            return Ok(Some(decode_control(&frame.payload)?));
-        }
-        match stream.read(buffer).await? {
-            Some(read) => decoder.push(&buffer[..read]),
-            None => return Ok(None),
-        }
-    }
+fn close_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(u32::from(code.id()))
 }
 
-async fn session(
+async fn connect_and_run(
     endpoint: &quinn::Endpoint,
     ring: &Ring,
     config: &UplinkConfig,
     metrics: &Arc<UplinkMetrics>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SessionEnd> {
     let connecting = endpoint.connect(config.sink_address, &config.sink_server_name)?;
     let connection =
         match tokio::time::timeout(Duration::from_millis(config.connect_timeout_ms), connecting).await {
@@ -232,151 +231,248 @@ async fn session(
             }
         };
     metrics.connects.fetch_add(1, Ordering::Relaxed);
-    let result = drive(&connection, ring, config, metrics).await;
-    connection.close(quinn::VarInt::from_u32(0), b"reconnecting");
+    let result = SessionDriver::start(&connection, ring, config, metrics).await;
+    match &result {
+        Ok(end) => connection.close(close_code(end.close.code), end.close.reason.as_bytes()),
+        Err(_) => connection.close(close_code(ErrorCode::Internal), b"appliance uplink error"),
+    }
     result
 }
 
-async fn drive(
-    connection: &quinn::Connection,
-    ring: &Ring,
-    config: &UplinkConfig,
-    metrics: &Arc<UplinkMetrics>,
-) -> anyhow::Result<()> {
-    let (mut control_send, mut control_recv) = connection.open_bi().await?;
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        device_id: config.device_id.clone(),
-        boot_id: config.boot_id,
-        lanes: Lane::ALL.to_vec(),
-        codecs: vec![Codec::Raw, Codec::Zstd],
-        dictionary_ids: Vec::new(),
-    });
-    control_send.write_all(&control_frame(&hello)?).await?;
-    let mut decoder = FrameDecoder::new(1 + protocol::CONTROL_MESSAGE_BYTES_MAX);
-    let mut buffer = vec![0u8; 4096];
-    let welcome = match read_control(&mut control_recv, &mut decoder, &mut buffer).await? {
-        Some(ControlMessage::Welcome(welcome)) => welcome,
-        Some(ControlMessage::Error(error)) => {
-            anyhow::bail!("sink refused: {:?}: {}", error.code, error.reason)
-        }
-        Some(other) => anyhow::bail!("expected Welcome, got {other:?}"),
-        None => anyhow::bail!("sink closed the control stream before Welcome"),
-    };
-    for resume in &welcome.resume {
-        // The sink holds more of this lane than this ring ever wrote: the ring was recreated
-        // (e.g. quarantined after damage). Renumber so new chunks are not taken for duplicates.
-        if resume.resume_seq > ring.stats().lane(resume.lane).next_seq {
-            let (ring, lane, first_seq) = (ring.clone(), resume.lane, resume.resume_seq);
-            let next = tokio::task::spawn_blocking(move || ring.rebase(lane, first_seq)).await??;
-            tracing::warn!(%lane, first_seq, next, "the sink is ahead of this ring; renumbered held chunks");
-        }
+/// One connection's session task.
+struct SessionDriver<'a> {
+    connection: &'a quinn::Connection,
+    ring: &'a Ring,
+    config: &'a UplinkConfig,
+    metrics: &'a Arc<UplinkMetrics>,
+    session: DeviceSession,
+    control: mpsc::UnboundedSender<Vec<u8>>,
+    lanes: [Option<mpsc::UnboundedSender<Vec<u8>>>; Lane::COUNT],
+    /// Writers report bytes written, or why they stopped.
+    written: mpsc::UnboundedSender<Result<(Option<Lane>, usize), String>>,
+    writers: JoinSet<()>,
+    reads: JoinSet<(Lane, Result<Vec<StoredChunk>, buffer::RingError>)>,
+    acks: JoinSet<(Lane, u64, Result<(), buffer::RingError>)>,
+    /// Per lane: highest watermark the session acked, the highest handed to the ring so far.
+    ack_wanted: [u64; Lane::COUNT],
+    ack_started: [u64; Lane::COUNT],
+    ack_running: [bool; Lane::COUNT],
+    renewed_ring_identity: bool,
+}
+
+impl<'a> SessionDriver<'a> {
+    async fn start(
+        connection: &'a quinn::Connection,
+        ring: &'a Ring,
+        config: &'a UplinkConfig,
+        metrics: &'a Arc<UplinkMetrics>,
+    ) -> anyhow::Result<SessionEnd> {
+        let stats = ring.stats();
+        let device_config = DeviceConfig {
+            device_id: config.device_id.clone(),
+            boot_id: config.boot_id,
+            ring_id: ring.identity(),
+            lanes: Lane::ALL.to_vec(),
+            welcome_timeout: Duration::from_millis(config.welcome_timeout_ms),
+            read_chunks_max: config.read_chunks_max.max(1),
+            read_bytes_max: config.read_bytes_max.max(1),
+            idle_poll: Duration::from_millis(config.idle_poll_ms),
+            in_flight_bytes_max: config.in_flight_bytes_max.max(1),
+        };
+        let session = DeviceSession::new(
+            device_config,
+            Lane::ALL.map(|lane| stats.lane(lane).next_seq),
+            Instant::now(),
+        );
+        let (control_send, control_receive) = connection.open_bi().await?;
+        let (written, written_receiver) = mpsc::unbounded_channel();
+        let mut writers = JoinSet::new();
+        let (control, control_outgoing) = mpsc::unbounded_channel();
+        writers.spawn(write_stream(control_send, None, control_outgoing, written.clone()));
+        let driver = SessionDriver {
+            connection,
+            ring,
+            config,
+            metrics,
+            session,
+            control,
+            lanes: Default::default(),
+            written,
+            writers,
+            reads: JoinSet::new(),
+            acks: JoinSet::new(),
+            ack_wanted: [0; Lane::COUNT],
+            ack_started: [0; Lane::COUNT],
+            ack_running: [false; Lane::COUNT],
+            renewed_ring_identity: false,
+        };
+        driver.run(control_receive, written_receiver).await
     }
-    let sent_times = SentTimes::default();
-    let mut lanes = JoinSet::new();
-    for resume in &welcome.resume {
-        let stream = connection.open_uni().await?;
-        // Higher value = sent first: audit 3 … media 0.
-        stream.set_priority((Lane::COUNT - 1 - resume.lane.index()) as i32)?;
-        lanes.spawn(send_lane(
-            stream,
-            ring.clone(),
-            resume.lane,
-            resume.resume_seq,
-            config.clone(),
-            metrics.clone(),
-            sent_times.clone(),
-        ));
-    }
-    loop {
-        tokio::select! {
-            message = read_control(&mut control_recv, &mut decoder, &mut buffer) => match message? {
-                Some(ControlMessage::Ack(ack)) => {
-                    metrics.acks_received.fetch_add(1, Ordering::Relaxed);
-                    {
-                        let acked_at = Instant::now();
-                        let mut sent = sent_times.lock().expect("sent times lock");
-                        let waiting = &mut sent[ack.lane.index()];
-                        while let Some(&(seq, sent_at)) = waiting.front() && seq <= ack.durable_through {
-                            metrics.ack_latency[ack.lane.index()].observe(acked_at - sent_at);
-                            waiting.pop_front();
-                        }
+
+    async fn run(
+        mut self,
+        mut control_receive: quinn::RecvStream,
+        mut written: mpsc::UnboundedReceiver<Result<(Option<Lane>, usize), String>>,
+    ) -> anyhow::Result<SessionEnd> {
+        let mut buffer = vec![0u8; CONTROL_READ_BYTES];
+        loop {
+            self.drive().await?;
+            if let Some(close) = self.session.close() {
+                // Let trims already handed to the ring finish: they are what the sink holds.
+                while self.acks.join_next().await.is_some() {}
+                self.writers.abort_all();
+                return Ok(SessionEnd {
+                    close: close.clone(),
+                    renewed_ring_identity: self.renewed_ring_identity,
+                });
+            }
+            let timeout = self.session.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(deadline) => {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await
                     }
-                    let ring = ring.clone();
-                    // The ring's ack waits for its writer's commit: keep it off the async threads.
-                    let result = tokio::task::spawn_blocking(move || ring.ack(ack.lane, ack.durable_through)).await?;
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = control_receive.read(&mut buffer) => match read {
+                    Ok(Some(read)) => self.session.handle_control_bytes(Instant::now(), &buffer[..read]),
+                    Ok(None) => self.session.handle_control_finished(),
+                    Err(error) => self.session.connection_lost(&format!("control stream: {error}")),
+                },
+                Some(read) = self.reads.join_next() => {
+                    let (lane, chunks) = read?;
+                    self.send(lane, chunks?);
+                }
+                Some(ack) = self.acks.join_next() => {
+                    let (lane, through, result) = ack?;
+                    self.ack_running[lane.index()] = false;
                     match result {
                         Ok(()) => {
-                            metrics.acked_through[ack.lane.index()].fetch_max(ack.durable_through, Ordering::Relaxed);
+                            self.metrics.acked_through[lane.index()].fetch_max(through, Ordering::Relaxed);
                         }
-                        Err(error) => tracing::error!(lane = %ack.lane, through = ack.durable_through, %error, "the sink acked beyond this ring"),
+                        Err(error) => tracing::error!(%lane, through, %error, "trimming the ring after an Ack failed"),
                     }
                 }
-                Some(ControlMessage::Error(error)) => anyhow::bail!("sink error {:?}: {}", error.code, error.reason),
-                Some(other) => anyhow::bail!("unexpected control message {other:?}"),
-                None => anyhow::bail!("sink closed the control stream"),
-            },
-            Some(finished) = lanes.join_next() => {
-                finished??;
-                anyhow::bail!("a lane sender stopped");
+                Some(report) = written.recv() => match report {
+                    Ok((Some(lane), bytes)) => self.session.handle_written(lane, bytes),
+                    Ok((None, _)) => {}
+                    Err(reason) => self.session.connection_lost(&reason),
+                },
+                () = sleep => self.session.handle_timeout(Instant::now()),
             }
         }
+    }
+
+    /// Hands a ring read to the session, which frames it for the lane's stream.
+    fn send(&mut self, lane: Lane, chunks: Vec<StoredChunk>) {
+        let dictionaries = self.config.dictionaries.clone();
+        let mut dictionary = |dict_id: u32| -> Option<Vec<u8>> {
+            dictionaries.as_ref().and_then(|store| store.get(dict_id)).map(|bytes| bytes.as_ref().clone())
+        };
+        let chunks = chunks.into_iter().map(|chunk| (chunk.seq, chunk.encoded)).collect();
+        let summary = self.session.handle_read(Instant::now(), lane, chunks, &mut dictionary);
+        self.metrics.chunks_sent.fetch_add(summary.chunks, Ordering::Relaxed);
+        self.metrics.bytes_sent.fetch_add(summary.bytes, Ordering::Relaxed);
+        self.metrics.dictionaries_sent.fetch_add(summary.dictionaries, Ordering::Relaxed);
+    }
+
+    /// Carries out what the session asks for: reads, transmits, events.
+    async fn drive(&mut self) -> anyhow::Result<()> {
+        while let Some(request) = self.session.poll_read(Instant::now()) {
+            let ring = self.ring.clone();
+            let limits = ReadLimits { chunks_max: request.chunks_max, bytes_max: request.bytes_max };
+            self.reads.spawn_blocking(move || {
+                (request.lane, ring.read_from(request.lane, request.from_seq, limits))
+            });
+        }
+        while let Some(transmit) = self.session.poll_transmit() {
+            let sender = match transmit.stream {
+                Stream::Control => &self.control,
+                Stream::Lane(lane) => self.lane_writer(lane).await?,
+            };
+            if sender.send(transmit.bytes).is_err() {
+                self.session.connection_lost("a stream writer stopped");
+            }
+        }
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                DeviceEvent::Welcomed => {
+                    tracing::debug!(device = %self.config.device_id, "sink welcomed the session")
+                }
+                DeviceEvent::Acked { lane, through } => {
+                    self.metrics.acks_received.fetch_add(1, Ordering::Relaxed);
+                    self.ack_wanted[lane.index()] = self.ack_wanted[lane.index()].max(through);
+                }
+                DeviceEvent::AckLatency { lane, latency } => {
+                    self.metrics.ack_latency[lane.index()].observe(latency)
+                }
+                DeviceEvent::RingBehind { lane, resume_seq, ring_next_seq } => {
+                    let ring = self.ring.clone();
+                    let renewed = tokio::task::spawn_blocking(move || ring.renew_identity()).await??;
+                    self.metrics.ring_identity_renewals.fetch_add(1, Ordering::Relaxed);
+                    self.renewed_ring_identity = true;
+                    tracing::error!(
+                        device = %self.config.device_id,
+                        %lane,
+                        resume_seq,
+                        ring_next_seq,
+                        new_ring_id = %renewed.iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+                        "the sink holds seqs this ring has not written (was the ring restored from an older copy?): \
+                         the ring took a new identity, so the sink starts a new seq epoch; chunks it held may land twice"
+                    );
+                }
+                DeviceEvent::Undeliverable { lane, seq, reason } => {
+                    self.metrics.undeliverable_chunks.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(device = %self.config.device_id, %lane, seq, %reason, "chunk cannot be delivered; skipped (it stays in the ring until a later Ack covers it)");
+                }
+                DeviceEvent::Closed => {}
+            }
+        }
+        for lane in Lane::ALL {
+            let (wanted, index) = (self.ack_wanted[lane.index()], lane.index());
+            if wanted > self.ack_started[index] && !self.ack_running[index] {
+                self.ack_started[index] = wanted;
+                self.ack_running[index] = true;
+                let ring = self.ring.clone();
+                // The ring's ack waits for its writer's commit: keep it off the async threads.
+                self.acks.spawn_blocking(move || (lane, wanted, ring.ack(lane, wanted)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The writer of `lane`'s stream, opened on first use with the lane's priority.
+    async fn lane_writer(&mut self, lane: Lane) -> anyhow::Result<&mpsc::UnboundedSender<Vec<u8>>> {
+        if self.lanes[lane.index()].is_none() {
+            let stream = self.connection.open_uni().await?;
+            // Higher value = sent first: audit 3 … media 0.
+            stream.set_priority((Lane::COUNT - 1 - lane.index()) as i32)?;
+            let (sender, outgoing) = mpsc::unbounded_channel();
+            self.writers.spawn(write_stream(stream, Some(lane), outgoing, self.written.clone()));
+            self.lanes[lane.index()] = Some(sender);
+        }
+        Ok(self.lanes[lane.index()].as_ref().expect("opened above"))
     }
 }
 
-async fn send_lane(
+/// Writes frames to one stream in order and reports each write. The queue it reads is bounded by
+/// the session: a lane reads more only while less than one batch waits here.
+async fn write_stream(
     mut stream: quinn::SendStream,
-    ring: Ring,
-    lane: Lane,
-    resume_seq: u64,
-    config: UplinkConfig,
-    metrics: Arc<UplinkMetrics>,
-    sent_times: SentTimes,
-) -> anyhow::Result<()> {
-    let limits = ReadLimits { chunks_max: config.read_chunks_max, bytes_max: config.read_bytes_max };
-    let mut next_seq = resume_seq;
-    let mut frame = Vec::new();
-    // Dictionaries the sink has been sent on this stream; it stores each durably before it
-    // reads the next frame, so sending once per session is enough.
-    let mut dictionaries_sent = std::collections::HashSet::new();
-    loop {
-        let batch = {
-            let ring = ring.clone();
-            tokio::task::spawn_blocking(move || ring.read_from(lane, next_seq, limits)).await??
+    lane: Option<Lane>,
+    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    written: mpsc::UnboundedSender<Result<(Option<Lane>, usize), String>>,
+) {
+    while let Some(frame) = outgoing.recv().await {
+        let report = match stream.write_all(&frame).await {
+            Ok(()) => Ok((lane, frame.len())),
+            Err(error) => Err(format!("writing the {} stream: {error}", lane.map_or("control", Lane::name))),
         };
-        if batch.is_empty() {
-            tokio::time::sleep(Duration::from_millis(config.idle_poll_ms)).await;
-            continue;
-        }
-        for chunk in batch {
-            let dict_id = chunk.header.dict_id;
-            if dict_id != protocol::NO_DICTIONARY && dictionaries_sent.insert(dict_id) {
-                let Some(dictionary) = config.dictionaries.as_ref().and_then(|store| store.get(dict_id))
-                else {
-                    anyhow::bail!(
-                        "{lane} seq {} names dictionary {dict_id}, which this appliance does not have",
-                        chunk.seq
-                    );
-                };
-                frame.clear();
-                let payload = protocol::dictionary_frame_payload(dict_id, &dictionary);
-                encode_frame(FrameKind::Dictionary, &payload, &mut frame)?;
-                stream.write_all(&frame).await?;
-                metrics.dictionaries_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            frame.clear();
-            encode_frame(FrameKind::Chunk, &chunk.encoded, &mut frame)?;
-            // Timed from before the write, so its Ack can never come first.
-            {
-                let mut sent = sent_times.lock().expect("sent times lock");
-                if sent[lane.index()].len() < SENT_TIMES_MAX {
-                    sent[lane.index()].push_back((chunk.seq, Instant::now()));
-                }
-            }
-            stream.write_all(&frame).await?;
-            next_seq = chunk.seq + 1;
-            metrics.chunks_sent.fetch_add(1, Ordering::Relaxed);
-            metrics.bytes_sent.fetch_add(chunk.encoded.len() as u64, Ordering::Relaxed);
+        let failed = report.is_err();
+        if written.send(report).is_err() || failed {
+            return;
         }
     }
 }

@@ -82,6 +82,16 @@ impl DictionaryStore {
         self.dir.join(device).join(format!("{dict_id:08x}.zdict"))
     }
 
+    /// The ids of every dictionary stored for `device`.
+    pub fn ids(&self, device: &str) -> Vec<u32> {
+        self.known
+            .lock()
+            .expect("dictionary index lock")
+            .get(device)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     pub fn contains(&self, device: &str, dict_id: u32) -> bool {
         self.known
             .lock()

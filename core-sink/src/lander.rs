@@ -1,27 +1,30 @@
-//! The landing thread: the single place where chunks become durable and watermarks advance.
+//! The lander thread: a thin driver around `landing::LandingCore`, which decides everything
+//! (dedupe, ring epochs, fencing, commit points).
 //!
-//! Sessions (async) verify chunks and send them here; this thread drops duplicates (any seq at or
-//! below what was already landed for that (device, lane)), writes the rest through the
-//! `Committer`, and at each commit point fsyncs (`Committer::commit`), records the advanced
-//! watermarks with the committer's checkpoint in `SinkState` (one synced transaction), and only
-//! then publishes the new durable watermarks, from which sessions send Acks.
+//! Sessions (async) send it requests over a channel: `Open` (a Hello: bind the device's ring,
+//! answer with the grant) and `Land` (a verified chunk). The thread lands them in order, commits
+//! when the core says a commit is due, and then publishes the durable watermarks and lane
+//! generations the sessions' Acks and fencing read. Outcomes go back to the session that sent
+//! the chunk as a `LandingRefusal` when the chunk was not landed for a reason the session must
+//! act on.
 //!
 //! Memory bound: every chunk in flight holds permits of a byte semaphore
-//! (`in_flight_bytes_max`) from before it is queued until it is written.
+//! (`in_flight_bytes_max`) from before it is queued until the core has written it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{ChunkHeader, Lane};
-use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
+use landing::{
+    Committer, LandOutcome, LandRequest as CoreLandRequest, LandingCore, LandingStats, LandingStore,
+};
+use protocol::Lane;
+use session::{Grant, IncomingChunk, LandingRefusal};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
-use crate::landing::Committer;
-use crate::state::{SinkState, Watermarks};
-
-/// Counters the sink reports (Prometheus export comes with the metrics issue).
+/// Counters the sink reports on `/metrics`.
 #[derive(Debug, Default)]
 pub struct SinkMetrics {
     pub connections_accepted: AtomicU64,
@@ -30,11 +33,15 @@ pub struct SinkMetrics {
     pub chunks_landed: AtomicU64,
     pub bytes_landed: AtomicU64,
     pub duplicates_dropped: AtomicU64,
+    /// Chunks refused because their lane was rolled back or re-bound since their session began.
+    pub fenced_chunks: AtomicU64,
     pub bad_chunks: AtomicU64,
     pub commits: AtomicU64,
     pub commit_failures: AtomicU64,
     pub landing_failures: AtomicU64,
     pub acks_sent: AtomicU64,
+    /// Devices whose ring changed (a recreated or renewed ring starts a new seq epoch).
+    pub ring_epochs_started: AtomicU64,
     /// Compression dictionaries received and stored durably.
     pub dictionaries_stored: AtomicU64,
     /// From a chunk read off its stream to the commit that made it durable (its Ack follows at
@@ -50,222 +57,194 @@ impl SinkMetrics {
     pub fn add(counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Ordering::Relaxed);
     }
+
+    fn mirror(&self, stats: &LandingStats) {
+        let set = |counter: &AtomicU64, value: u64| counter.store(value, Ordering::Relaxed);
+        set(&self.chunks_landed, stats.chunks_landed);
+        set(&self.bytes_landed, stats.bytes_landed);
+        set(&self.duplicates_dropped, stats.duplicates_dropped);
+        set(&self.fenced_chunks, stats.fenced_chunks);
+        set(&self.commits, stats.commits);
+        set(&self.commit_failures, stats.commit_failures);
+        set(&self.landing_failures, stats.landing_failures);
+        set(&self.ring_epochs_started, stats.epochs_started);
+    }
 }
 
-/// Watermarks shared between the lander and the sessions.
+/// What sessions read from the lander: per (device, lane) the durable watermark (core seq) and
+/// the lane's generation, and the committer's checkpoint at the last commit.
 #[derive(Default)]
 pub struct SharedWatermarks {
-    /// Highest seq written per (device, lane), durable or not: the dedupe line.
-    pub landed: Mutex<Watermarks>,
-    /// Highest seq durable per (device, lane): what Acks report.
-    pub durable: Mutex<Watermarks>,
-    /// The committer's checkpoint at the last commit: what downstream readers (the dataset
-    /// pipeline) may consume.
+    lanes: Mutex<HashMap<String, [(u64, u64); Lane::COUNT]>>,
+    /// The committer's checkpoint at the last commit: what downstream readers (datasets, the
+    /// archive feed) may consume.
     pub checkpoint: Arc<Mutex<Vec<u8>>>,
 }
 
 impl SharedWatermarks {
-    pub fn landed(&self, device: &str, lane: Lane) -> u64 {
-        self.landed.lock().expect("watermarks lock").get(&(device.to_string(), lane)).copied().unwrap_or(0)
+    /// (durable core seq, generation) of (device, lane).
+    pub fn lane(&self, device: &str, lane: Lane) -> (u64, u64) {
+        self.lanes.lock().expect("watermarks lock").get(device).map_or((0, 0), |lanes| lanes[lane.index()])
     }
 
     pub fn durable(&self, device: &str, lane: Lane) -> u64 {
-        self.durable.lock().expect("watermarks lock").get(&(device.to_string(), lane)).copied().unwrap_or(0)
+        self.lane(device, lane).0
+    }
+
+    /// Copies (durable, generation) of (device, lane) from the core; returns whether it changed.
+    fn publish<C: Committer, S: LandingStore>(
+        &self,
+        core: &LandingCore<C, S>,
+        device: &str,
+        lane: Lane,
+    ) -> bool {
+        let mut lanes = self.lanes.lock().expect("watermarks lock");
+        let entry = lanes.entry(device.to_string()).or_insert([(0, 0); Lane::COUNT]);
+        let current = (core.durable(device, lane), core.generation(device, lane));
+        std::mem::replace(&mut entry[lane.index()], current) != current
     }
 }
 
-/// Lanes refused to a connection after a failed landing or commit, kept until newer failures
-/// push them out; long before that the refused connection has been closed.
-const REFUSED_ENTRIES_MAX: usize = 4096;
-
+/// A chunk a session verified, on its way to the landing core.
 pub struct LandRequest {
     pub device: Arc<str>,
-    /// Distinguishes connections of one device: a lane that failed to land is refused for the
-    /// rest of that connection, so nothing after the gap is written.
-    pub connection: u64,
-    pub header: ChunkHeader,
-    pub encoded: Vec<u8>,
+    pub chunk: IncomingChunk,
     pub permit: OwnedSemaphorePermit,
-    /// Closes the connection when its chunk cannot be landed.
-    pub kill: Arc<Notify>,
+    /// Where to tell the session that its chunk was not landed (it closes the connection).
+    pub refusals: mpsc::Sender<LandingRefusal>,
     /// When the session read the chunk off its stream (for `SinkMetrics::ack_latency`).
     pub received_at: Instant,
 }
 
-pub struct LanderConfig {
-    pub commit_interval: Duration,
-    pub commit_bytes_max: u64,
+pub enum LanderRequest {
+    /// A session's Hello: bind the ring if new, answer with the grant.
+    Open {
+        device: Arc<str>,
+        ring_id: [u8; 16],
+        reply: oneshot::Sender<Result<Grant, LandingRefusal>>,
+    },
+    Land(LandRequest),
 }
 
-pub struct Lander {
-    config: LanderConfig,
-    committer: Box<dyn Committer>,
-    state: SinkState,
+pub struct Lander<C: Committer, S: LandingStore> {
+    core: LandingCore<C, S>,
     shared: Arc<SharedWatermarks>,
     metrics: Arc<SinkMetrics>,
     durable_generation: watch::Sender<u64>,
-    /// Landed since the last commit: seq, and the connection to refuse and kill if it fails.
-    pending: BTreeMap<(String, Lane), (u64, u64, Arc<Notify>)>,
-    pending_bytes: u64,
-    /// When each chunk landed since the last commit was received; as many entries as chunks
-    /// written since the last commit, which `commit_bytes_max` and `commit_interval` bound.
-    pending_received_at: Vec<Instant>,
-    refused: BTreeSet<(String, Lane, u64)>,
+    /// When each chunk landed since the last commit was received, per (device, lane): as many
+    /// entries as chunks pending, which `commit_bytes_max` and `commit_interval` bound.
+    received_at: HashMap<(Arc<str>, Lane), Vec<Instant>>,
 }
 
-impl Lander {
-    /// Recovers the committer to the last checkpoint and loads the watermarks.
+impl<C: Committer, S: LandingStore> Lander<C, S> {
     pub fn new(
-        config: LanderConfig,
-        mut committer: Box<dyn Committer>,
-        state: SinkState,
+        core: LandingCore<C, S>,
         metrics: Arc<SinkMetrics>,
-    ) -> anyhow::Result<(Lander, Arc<SharedWatermarks>, watch::Receiver<u64>)> {
-        let (watermarks, checkpoint) = state.load()?;
-        committer.recover(checkpoint.as_deref())?;
+    ) -> (Lander<C, S>, Arc<SharedWatermarks>, watch::Receiver<u64>) {
         let shared = Arc::new(SharedWatermarks {
-            landed: Mutex::new(watermarks.clone()),
-            durable: Mutex::new(watermarks),
-            checkpoint: Arc::new(Mutex::new(checkpoint.clone().unwrap_or_default())),
+            lanes: Mutex::new(HashMap::new()),
+            checkpoint: Arc::new(Mutex::new(core.checkpoint().to_vec())),
         });
+        let devices: Vec<String> = core.devices().map(str::to_string).collect();
+        for device in devices {
+            for lane in Lane::ALL {
+                shared.publish(&core, &device, lane);
+            }
+        }
         let (durable_generation, receiver) = watch::channel(0);
-        let lander = Lander {
-            config,
-            committer,
-            state,
-            shared: shared.clone(),
-            metrics,
-            durable_generation,
-            pending: BTreeMap::new(),
-            pending_bytes: 0,
-            pending_received_at: Vec::new(),
-            refused: BTreeSet::new(),
-        };
-        Ok((lander, shared, receiver))
+        let lander =
+            Lander { core, shared: shared.clone(), metrics, durable_generation, received_at: HashMap::new() };
+        (lander, shared, receiver)
     }
 
     /// Runs until every sender is dropped, committing what is pending before it returns.
-    pub fn run(mut self, requests: Receiver<LandRequest>) {
-        let mut next_commit = Instant::now() + self.config.commit_interval;
+    pub fn run(mut self, requests: Receiver<LanderRequest>) {
         loop {
-            match requests.recv_timeout(next_commit.saturating_duration_since(Instant::now())) {
-                Ok(request) => self.land(request),
+            let wait = self.core.commit_deadline().map_or(Duration::from_secs(1), |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            });
+            match requests.recv_timeout(wait) {
+                Ok(LanderRequest::Open { device, ring_id, reply }) => {
+                    let grant = self.core.open_session(&device, ring_id).map_err(|error| {
+                        tracing::error!(%device, %error, "cannot grant a session");
+                        LandingRefusal::Unavailable(error.to_string())
+                    });
+                    // A new epoch bumps the device's generations: that fences its older sessions.
+                    let mut changed = false;
+                    for lane in Lane::ALL {
+                        changed |= self.shared.publish(&self.core, &device, lane);
+                    }
+                    if changed {
+                        self.durable_generation.send_modify(|generation| *generation += 1);
+                    }
+                    let _ = reply.send(grant);
+                }
+                Ok(LanderRequest::Land(request)) => self.land(request),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.commit();
                     return;
                 }
             }
-            if self.pending_bytes >= self.config.commit_bytes_max || Instant::now() >= next_commit {
+            if self.core.commit_due(Instant::now()) {
                 self.commit();
-                next_commit = Instant::now() + self.config.commit_interval;
             }
+            self.metrics.mirror(self.core.stats());
         }
     }
 
     fn land(&mut self, request: LandRequest) {
-        let LandRequest { device, connection, header, encoded, permit, kill, received_at } = request;
-        let key = (device.to_string(), header.lane);
-        if self.refused.contains(&(key.0.clone(), key.1, connection)) {
-            return;
-        }
-        let landed = self.shared.landed(&device, header.lane);
-        if header.seq <= landed {
-            SinkMetrics::add(&self.metrics.duplicates_dropped, 1);
-            return;
-        }
-        match self.committer.land(&device, &header, &encoded) {
-            Ok(()) => {
-                self.shared.landed.lock().expect("watermarks lock").insert(key.clone(), header.seq);
-                self.pending.insert(key, (header.seq, connection, kill));
-                self.pending_bytes += encoded.len() as u64;
-                self.pending_received_at.push(received_at);
-                SinkMetrics::add(&self.metrics.chunks_landed, 1);
-                SinkMetrics::add(&self.metrics.bytes_landed, encoded.len() as u64);
-            }
-            Err(error) => {
-                // A partial write may sit in the file: roll this lane back to its last commit,
-                // refuse the rest of this connection's lane and close it; the appliance resumes
-                // from the durable watermark on its next connection.
-                tracing::error!(%device, lane = %header.lane, seq = header.seq, %error, "landing failed; closing the connection, nothing is acked");
-                SinkMetrics::add(&self.metrics.landing_failures, 1);
-                self.roll_back(&key);
-                self.refuse(&key, connection);
-                kill.notify_one();
-            }
-        }
+        let LandRequest { device, chunk, permit, refusals, received_at } = request;
+        let outcome = self.core.land(
+            Instant::now(),
+            CoreLandRequest {
+                device: &device,
+                generation: chunk.generation,
+                header: &chunk.header,
+                encoded: &chunk.encoded,
+            },
+        );
         drop(permit);
-    }
-
-    fn roll_back(&mut self, key: &(String, Lane)) {
-        if let Err(error) = self.committer.discard_uncommitted(&key.0, key.1) {
-            tracing::error!(device = %key.0, lane = %key.1, %error, "rolling back uncommitted landing failed");
-        }
-        let durable = self.shared.durable(&key.0, key.1);
-        self.shared.landed.lock().expect("watermarks lock").insert(key.clone(), durable);
-        if let Some((_, connection, kill)) = self.pending.remove(key) {
-            self.refuse(key, connection);
-            kill.notify_one();
-        }
-    }
-
-    /// Refuses the rest of `connection`'s chunks on this lane: after a rollback, anything it still
-    /// has in flight would land after a gap. Connection ids only grow, so the oldest entries are
-    /// the ones to forget when the set is full.
-    fn refuse(&mut self, key: &(String, Lane), connection: u64) {
-        self.refused.insert((key.0.clone(), key.1, connection));
-        while self.refused.len() > REFUSED_ENTRIES_MAX {
-            let oldest = self.refused.iter().min_by_key(|entry| entry.2).cloned().expect("non-empty");
-            self.refused.remove(&oldest);
+        match outcome {
+            LandOutcome::Landed => {
+                self.received_at.entry((device, chunk.lane)).or_default().push(received_at);
+            }
+            LandOutcome::Duplicate => {}
+            LandOutcome::Fenced => {
+                let _ = refusals.try_send(LandingRefusal::Fenced);
+            }
+            LandOutcome::Failed(error) => {
+                self.received_at.remove(&(device.clone(), chunk.lane));
+                self.shared.publish(&self.core, &device, chunk.lane);
+                self.durable_generation.send_modify(|generation| *generation += 1);
+                let _ = refusals.try_send(LandingRefusal::StorageFailed(error.to_string()));
+            }
         }
     }
 
     fn commit(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let advanced: Watermarks =
-            self.pending.iter().map(|(key, (seq, _, _))| (key.clone(), *seq)).collect();
-        let mut checkpoint = Vec::new();
-        let result = self.committer.commit().map_err(anyhow::Error::from).and_then(|()| {
-            checkpoint = self.committer.checkpoint();
-            self.state.commit(&advanced, &checkpoint).map_err(anyhow::Error::from)
-        });
-        match result {
-            Ok(()) => {
-                *self.shared.checkpoint.lock().expect("checkpoint lock") = checkpoint;
-                self.durable_advanced(advanced);
-                self.pending.clear();
-                self.pending_bytes = 0;
+        match self.core.commit() {
+            Ok(advanced) if advanced.is_empty() => {}
+            Ok(advanced) => {
+                *self.shared.checkpoint.lock().expect("checkpoint lock") = self.core.checkpoint().to_vec();
                 let durable_at = Instant::now();
-                for received_at in self.pending_received_at.drain(..) {
-                    self.metrics.ack_latency.observe(durable_at - received_at);
+                for ((device, lane), _) in &advanced {
+                    self.shared.publish(&self.core, device, *lane);
+                    let key: (Arc<str>, Lane) = (Arc::from(device.as_str()), *lane);
+                    for received_at in self.received_at.remove(&key).unwrap_or_default() {
+                        self.metrics.ack_latency.observe(durable_at - received_at);
+                    }
                 }
-                SinkMetrics::add(&self.metrics.commits, 1);
+                self.durable_generation.send_modify(|generation| *generation += 1);
             }
-            Err(error) => {
-                // After a failed fsync the kernel may have dropped the dirty pages: never retry
-                // the sync and trust it. Roll every pending lane back and let the devices resend.
-                tracing::error!(%error, "commit failed; rolling back everything since the last commit, no Acks sent");
-                SinkMetrics::add(&self.metrics.commit_failures, 1);
-                let keys: Vec<_> = self.pending.keys().cloned().collect();
-                for key in keys {
-                    self.roll_back(&key);
+            Err(failure) => {
+                tracing::error!(error = %failure.error, lanes = failure.rolled_back.len(), "commit failed; sessions of the rolled-back lanes are closed and resend");
+                for (device, lane) in &failure.rolled_back {
+                    self.shared.publish(&self.core, device, *lane);
+                    self.received_at.remove(&(Arc::from(device.as_str()), *lane));
                 }
-                self.pending_bytes = 0;
-                self.pending_received_at.clear();
+                self.durable_generation.send_modify(|generation| *generation += 1);
             }
         }
-    }
-
-    fn durable_advanced(&self, advanced: Watermarks) {
-        let mut durable = self.shared.durable.lock().expect("watermarks lock");
-        for (key, seq) in advanced {
-            let entry = durable.entry(key).or_insert(0);
-            debug_assert!(seq >= *entry, "durable watermarks never go backwards");
-            *entry = (*entry).max(seq);
-        }
-        drop(durable);
-        self.durable_generation.send_modify(|generation| *generation += 1);
     }
 }

@@ -13,11 +13,12 @@ pub mod config;
 pub mod datasets;
 pub mod dictionaries;
 pub mod lander;
-pub mod landing;
 pub mod metrics;
 pub mod server;
-pub mod state;
 
+/// The landing core (crate `landing`), re-exported where it used to live.
+pub use ::landing;
+pub use ::landing::state;
 pub use config::SinkConfig;
 pub use lander::SinkMetrics;
 pub use server::{Sink, run_until_signal};

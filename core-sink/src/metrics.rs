@@ -81,8 +81,20 @@ pub fn render(sources: &MetricsSources) -> String {
     counter(
         &mut out,
         "tributary_sink_bad_chunks_total",
-        "Chunks failing CRC or header checks.",
+        "Connections closed for a chunk breaking the rules (CRC, header, lane, seq order, dictionary).",
         &sink.bad_chunks,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_fenced_chunks_total",
+        "Chunks refused because their lane was rolled back or the device's ring changed since their session began.",
+        &sink.fenced_chunks,
+    );
+    counter(
+        &mut out,
+        "tributary_sink_ring_epochs_total",
+        "New seq epochs: a device came back with a ring the sink had not seen (recreated or renewed).",
+        &sink.ring_epochs_started,
     );
     counter(
         &mut out,

@@ -1,12 +1,13 @@
-//! The QUIC server and per-device sessions: a thin async driver around the protocol's decoders
-//! and the lander.
+//! The QUIC server: a thin async driver around `session::SinkSession` (every protocol rule and
+//! every close code) and the lander thread (`landing::LandingCore`: dedupe, epochs, fencing,
+//! commits).
 //!
-//! Per connection: the device id comes from the verified client certificate, never from the
-//! Hello (a Hello naming another device is refused). One bidirectional control stream carries
-//! Hello → Welcome{resume seq per lane = landed watermark + 1}, then Acks as commit points land.
-//! Each unidirectional stream carries one lane's chunk frames in seq order; every chunk is
-//! CRC-checked before it is queued for landing. A malformed frame or chunk closes only that
-//! connection, with the error code and reason in the QUIC close frame and in the sink's log.
+//! Per connection, one task owns the session state machine and moves bytes: the device id from
+//! the verified client certificate into `SinkSession::new`, control-stream bytes and lane-stream
+//! bytes (one reader task per stream, bounded channel) into the session, the session's Hello to
+//! the lander and its grant back, dictionaries to the durable store, chunks to the lander (after
+//! taking in-flight permits), durable watermarks into Acks, and the session's transmits out. When
+//! the session closes, the connection is closed with its error code and reason.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,23 +17,22 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fleet::{IssuedCertificate, RevocationList};
-use protocol::{
-    Ack, ControlMessage, ErrorCode, FRAME_BYTES_MAX, FrameDecoder, FrameKind, Lane, LaneResume,
-    PROTOCOL_VERSION, SessionLimits, Welcome, decode_chunk, decode_control, encode_control, encode_frame,
-};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use landing::{LandingConfig, LandingCore, RawLanding, SinkState};
+use protocol::{ErrorCode, Lane};
+use session::{Close, DictionaryRefusal, LandingRefusal, SinkEvent, SinkSession, SinkSessionConfig, Stream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::config::SinkConfig;
 use crate::dictionaries::DictionaryStore;
-use crate::lander::{LandRequest, Lander, LanderConfig, SharedWatermarks, SinkMetrics};
-use crate::landing::RawLanding;
-use crate::state::SinkState;
+use crate::lander::{LandRequest, Lander, LanderRequest, SharedWatermarks, SinkMetrics};
 
-/// How long a new connection may take to send its Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a stream per call.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// Control messages queued for one connection's writer.
+/// Reads queued from a connection's lane streams for its session task: with
+/// `READ_BUFFER_BYTES`, at most 1 MiB per connection beyond QUIC's windows.
+const STREAM_READS_QUEUED_MAX: usize = 16;
+/// Control frames queued for one connection's writer (Acks are coalesced per commit, so a
+/// connection needs at most one per lane per commit).
 const CONTROL_QUEUE_MAX: usize = 64;
 
 /// A running sink. Dropping it without `shutdown` stops accepting but skips the final commit.
@@ -56,17 +56,31 @@ struct DatasetsRunner {
 }
 
 struct Context {
-    land: Mutex<Option<std::sync::mpsc::Sender<LandRequest>>>,
+    land: Mutex<Option<std::sync::mpsc::Sender<LanderRequest>>>,
     in_flight: Arc<Semaphore>,
     shared: Arc<SharedWatermarks>,
     metrics: Arc<SinkMetrics>,
     durable_generation: watch::Receiver<u64>,
-    sessions: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    /// The live session of each device, and how to tell it to end.
+    sessions: Mutex<HashMap<String, (u64, mpsc::Sender<Command>)>>,
     next_connection: AtomicU64,
-    commit_interval_ms: u32,
-    in_flight_bytes_max: u64,
+    session_config: SinkSessionConfig,
     revocations: RevocationList,
     dictionaries: Arc<DictionaryStore>,
+}
+
+/// What the rest of the sink tells a session task.
+#[derive(Clone, Copy, Debug)]
+enum Command {
+    Superseded,
+    Revoked,
+    ShuttingDown,
+}
+
+impl Context {
+    fn send_to_lander(&self, request: LanderRequest) -> bool {
+        self.land.lock().expect("land sender lock").as_ref().is_some_and(|land| land.send(request).is_ok())
+    }
 }
 
 fn close_code(code: ErrorCode) -> quinn::VarInt {
@@ -97,13 +111,13 @@ impl Sink {
         let metrics = Arc::new(SinkMetrics::default());
         let state = SinkState::open(&config.state_dir)?;
         let dictionaries = Arc::new(DictionaryStore::open(&config.state_dir.join("dictionaries"))?);
-        let committer = Box::new(RawLanding::new(&config.landing_dir, config.raw_file_rotate_bytes));
-        let lander_config = LanderConfig {
+        let committer = RawLanding::new(&config.landing_dir, config.raw_file_rotate_bytes);
+        let landing_config = LandingConfig {
             commit_interval: Duration::from_millis(config.commit_interval_ms),
             commit_bytes_max: config.commit_bytes_max,
         };
-        let (lander, shared, durable_generation) =
-            Lander::new(lander_config, committer, state, metrics.clone())?;
+        let core = LandingCore::open(landing_config, committer, state)?;
+        let (lander, shared, durable_generation) = Lander::new(core, metrics.clone());
         let datasets = match &config.datasets {
             Some(datasets_config) => {
                 let pipeline = crate::datasets::pipeline::Pipeline::open(
@@ -154,8 +168,11 @@ impl Sink {
             durable_generation,
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
-            commit_interval_ms: config.commit_interval_ms as u32,
-            in_flight_bytes_max: config.in_flight_bytes_max,
+            session_config: SinkSessionConfig {
+                in_flight_bytes_max: config.in_flight_bytes_max,
+                commit_interval_ms: u32::try_from(config.commit_interval_ms).unwrap_or(u32::MAX),
+                ..SinkSessionConfig::default()
+            },
             revocations,
             dictionaries,
         });
@@ -216,6 +233,18 @@ impl Sink {
     pub async fn shutdown(mut self) {
         if let Some(onboarding) = self.onboarding.take() {
             onboarding.shutdown().await;
+        }
+        if let Some(context) = &self.context {
+            let sessions: Vec<_> = context
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .values()
+                .map(|(_, commands)| commands.clone())
+                .collect();
+            for commands in sessions {
+                let _ = commands.try_send(Command::ShuttingDown);
+            }
         }
         self.endpoint.close(close_code(ErrorCode::ShuttingDown), b"sink shutting down");
         for task in &self.tasks {
@@ -328,7 +357,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>, connectio
     }
 }
 
-/// Re-reads the revocation list and closes sessions of devices revoked since.
+/// Re-reads the revocation list and ends the sessions of devices revoked since.
 async fn reload_revocations(context: Arc<Context>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
@@ -336,10 +365,10 @@ async fn reload_revocations(context: Arc<Context>, interval: Duration) {
         match context.revocations.reload_if_changed() {
             Ok(true) => {
                 let sessions = context.sessions.lock().expect("sessions lock");
-                for (device, (_, connection)) in sessions.iter() {
+                for (device, (_, commands)) in sessions.iter() {
                     if context.revocations.is_revoked(device) {
-                        tracing::warn!(%device, "closing the session of a revoked device");
-                        connection.close(close_code(ErrorCode::Unauthorized), b"device certificate revoked");
+                        tracing::warn!(%device, "ending the session of a revoked device");
+                        let _ = commands.try_send(Command::Revoked);
                     }
                 }
             }
@@ -349,8 +378,26 @@ async fn reload_revocations(context: Arc<Context>, interval: Duration) {
     }
 }
 
+/// Counts a session as active for exactly as long as it lives, whatever way its task ends.
+struct ActiveSession(Arc<SinkMetrics>);
+
+impl ActiveSession {
+    fn start(metrics: &Arc<SinkMetrics>) -> ActiveSession {
+        SinkMetrics::add(&metrics.sessions_active, 1);
+        ActiveSession(metrics.clone())
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle_incoming(incoming: quinn::Incoming, context: Arc<Context>) {
     let remote = incoming.remote_address();
+    // Counted from the first packet: a handshake in progress holds a connection slot too.
+    let _active = ActiveSession::start(&context.metrics);
     let connection = match incoming.await {
         Ok(connection) => connection,
         Err(error) => {
@@ -362,306 +409,274 @@ async fn handle_incoming(incoming: quinn::Incoming, context: Arc<Context>) {
     let device = match fleet::peer_device_id(&connection) {
         Ok(device) => device,
         Err(error) => {
-            tracing::warn!(%remote, %error, "connection refused: no usable device identity");
+            let close = SinkSession::unidentified(&error.to_string());
+            tracing::warn!(%remote, code = close.code.name(), reason = %close.reason, "connection refused");
             SinkMetrics::add(&context.metrics.connections_refused, 1);
-            connection.close(close_code(ErrorCode::Unauthorized), error.to_string().as_bytes());
+            connection.close(close_code(close.code), close.reason.as_bytes());
             return;
         }
     };
     let connection_id = context.next_connection.fetch_add(1, Ordering::Relaxed);
-    if let Some((_, previous)) = context
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .insert(device.clone(), (connection_id, connection.clone()))
+    let (commands, command_receiver) = mpsc::channel(4);
+    if let Some((_, previous)) =
+        context.sessions.lock().expect("sessions lock").insert(device.clone(), (connection_id, commands))
     {
         // The device reconnected before its old connection timed out: the new one wins.
-        previous.close(close_code(ErrorCode::ShuttingDown), b"superseded by a newer connection");
+        let _ = previous.try_send(Command::Superseded);
     }
     SinkMetrics::add(&context.metrics.connections_accepted, 1);
-    SinkMetrics::add(&context.metrics.sessions_active, 1);
     tracing::info!(%device, %remote, connection = connection_id, "session started");
-    let result = run_session(&connection, &device, connection_id, &context).await;
-    if let Err(failure) = result {
-        tracing::warn!(%device, %remote, code = failure.code.name(), reason = %failure.reason, "closing the connection");
-        connection.close(close_code(failure.code), failure.reason.as_bytes());
+    let close =
+        SessionDriver::new(connection.clone(), &device, command_receiver, context.clone()).run().await;
+    if close.code == ErrorCode::BadChunk {
+        SinkMetrics::add(&context.metrics.bad_chunks, 1);
     }
-    context.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    if close.by_peer {
+        tracing::info!(%device, %remote, code = close.code.name(), reason = %close.reason, "session ended by the device");
+    } else {
+        tracing::warn!(%device, %remote, code = close.code.name(), reason = %close.reason, "closing the connection");
+    }
+    connection.close(close_code(close.code), close.reason.as_bytes());
     let mut sessions = context.sessions.lock().expect("sessions lock");
     if sessions.get(&device).is_some_and(|(id, _)| *id == connection_id) {
         sessions.remove(&device);
     }
 }
 
-/// Why a session ends with an error; the reason goes into the close frame and the log.
-struct Failure {
-    code: ErrorCode,
-    reason: String,
+/// Bytes read from one lane stream, or its end.
+enum StreamRead {
+    Bytes(u64, Vec<u8>),
+    Finished(u64),
+    Failed(String),
 }
 
-fn failure(code: ErrorCode, reason: impl Into<String>) -> Failure {
-    Failure { code, reason: reason.into() }
-}
-
-async fn read_frame(
-    stream: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-    buffer: &mut [u8],
-) -> Result<Option<protocol::Frame>, Failure> {
-    loop {
-        if let Some(frame) =
-            decoder.next_frame().map_err(|error| failure(ErrorCode::BadFrame, error.to_string()))?
-        {
-            return Ok(Some(frame));
-        }
-        match stream.read(buffer).await {
-            Ok(Some(read)) => decoder.push(&buffer[..read]),
-            Ok(None) => return Ok(None),
-            Err(error) => return Err(failure(ErrorCode::ShuttingDown, format!("stream closed: {error}"))),
-        }
-    }
-}
-
-fn control_frame(message: &ControlMessage) -> Vec<u8> {
-    let payload = encode_control(message).expect("the sink only builds valid control messages");
-    let mut frame = Vec::with_capacity(payload.len() + 5);
-    encode_frame(FrameKind::Control, &payload, &mut frame).expect("control messages fit a frame");
-    frame
-}
-
-async fn run_session(
-    connection: &quinn::Connection,
-    device: &str,
-    connection_id: u64,
-    context: &Arc<Context>,
-) -> Result<(), Failure> {
-    let (mut control_send, mut control_recv) =
-        match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
-            Ok(Ok(streams)) => streams,
-            Ok(Err(error)) => {
-                return Err(failure(ErrorCode::ShuttingDown, format!("no control stream: {error}")));
-            }
-            Err(_) => return Err(failure(ErrorCode::BadFrame, "no control stream within 10 s")),
-        };
-    let mut decoder = FrameDecoder::new(1 + protocol::CONTROL_MESSAGE_BYTES_MAX);
-    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
-    let hello =
-        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut control_recv, &mut decoder, &mut buffer))
-            .await
-        {
-            Ok(Ok(Some(frame))) if frame.kind == FrameKind::Control => decode_control(&frame.payload)
-                .map_err(|error| failure(ErrorCode::UnsupportedVersion, error.to_string()))?,
-            Ok(Ok(Some(_))) => {
-                return Err(failure(ErrorCode::BadFrame, "the control stream carried a chunk frame"));
-            }
-            Ok(Ok(None)) => return Err(failure(ErrorCode::BadFrame, "control stream ended before Hello")),
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err(failure(ErrorCode::BadFrame, "no Hello within 10 s")),
-        };
-    let ControlMessage::Hello(hello) = hello else {
-        return Err(failure(ErrorCode::BadFrame, "the first control message must be Hello"));
-    };
-    if hello.device_id != device {
-        return Err(failure(
-            ErrorCode::DeviceMismatch,
-            format!("Hello names device {:?} but the certificate is for {device:?}", hello.device_id),
-        ));
-    }
-    let resume = Lane::ALL
-        .iter()
-        .map(|&lane| LaneResume { lane, resume_seq: context.shared.landed(device, lane) + 1 })
-        .collect();
-    let welcome = ControlMessage::Welcome(Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        resume,
-        limits: SessionLimits {
-            frame_bytes_max: FRAME_BYTES_MAX as u32,
-            in_flight_bytes_max: context.in_flight_bytes_max,
-            commit_interval_ms: context.commit_interval_ms,
-        },
-    });
-    control_send
-        .write_all(&control_frame(&welcome))
-        .await
-        .map_err(|error| failure(ErrorCode::ShuttingDown, format!("sending Welcome: {error}")))?;
-
-    let (control_queue, control_outgoing) = mpsc::channel::<ControlMessage>(CONTROL_QUEUE_MAX);
-    let writer = tokio::spawn(write_control(control_send, control_outgoing));
-    let acks = tokio::spawn(send_acks(device.to_string(), context.clone(), control_queue.clone()));
-    let kill = Arc::new(Notify::new());
-    let device: Arc<str> = Arc::from(device);
-    let (failures, mut failed) = mpsc::channel::<Failure>(4);
-    let result = loop {
-        tokio::select! {
-            stream = connection.accept_uni() => match stream {
-                Ok(stream) => {
-                    let lane_reader = LaneReader {
-                        device: device.clone(),
-                        connection: connection_id,
-                        context: context.clone(),
-                        kill: kill.clone(),
-                    };
-                    let failures = failures.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = lane_reader.run(stream).await {
-                            let _ = failures.send(error).await;
-                        }
-                    });
-                }
-                Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break Ok(()),
-                Err(error) => break Err(failure(ErrorCode::ShuttingDown, format!("connection lost: {error}"))),
-            },
-            Some(error) = failed.recv() => break Err(error),
-            () = kill.notified() => break Err(failure(ErrorCode::Internal, "sink storage failure; resend from the last Ack")),
-        }
-    };
-    acks.abort();
-    writer.abort();
-    drop(control_recv);
-    result
-}
-
-async fn write_control(mut send: quinn::SendStream, mut outgoing: mpsc::Receiver<ControlMessage>) {
-    while let Some(message) = outgoing.recv().await {
-        if send.write_all(&control_frame(&message)).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Sends an Ack for each lane of `device` whose durable watermark advanced.
-async fn send_acks(device: String, context: Arc<Context>, queue: mpsc::Sender<ControlMessage>) {
-    let mut generation = context.durable_generation.clone();
-    let mut sent = [0u64; Lane::COUNT];
-    loop {
-        for lane in Lane::ALL {
-            let durable = context.shared.durable(&device, lane);
-            if durable > sent[lane.index()] {
-                if queue.send(ControlMessage::Ack(Ack { lane, durable_through: durable })).await.is_err() {
-                    return;
-                }
-                sent[lane.index()] = durable;
-                SinkMetrics::add(&context.metrics.acks_sent, 1);
-            }
-        }
-        if generation.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-struct LaneReader {
+/// One connection's task: owns the session state machine and moves bytes.
+struct SessionDriver {
+    connection: quinn::Connection,
     device: Arc<str>,
-    connection: u64,
+    session: SinkSession,
     context: Arc<Context>,
-    kill: Arc<Notify>,
+    commands: mpsc::Receiver<Command>,
+    control: Option<(mpsc::Sender<Vec<u8>>, quinn::RecvStream)>,
+    stream_reads: mpsc::Receiver<StreamRead>,
+    stream_reads_sender: mpsc::Sender<StreamRead>,
+    refusals: mpsc::Receiver<LandingRefusal>,
+    refusals_sender: mpsc::Sender<LandingRefusal>,
+    durable_generation: watch::Receiver<u64>,
+    readers: tokio::task::JoinSet<()>,
 }
 
-impl LaneReader {
-    /// Stores a dictionary frame's dictionary durably before the stream's next frame is read.
-    async fn store_dictionary(&self, payload: Vec<u8>) -> Result<(), Failure> {
-        let (dict_id, _) = protocol::decode_dictionary_frame(&payload)
-            .map_err(|error| failure(ErrorCode::BadFrame, error.to_string()))?;
-        if self.context.dictionaries.contains(&self.device, dict_id) {
-            return Ok(());
-        }
-        let (store, device) = (self.context.dictionaries.clone(), self.device.clone());
-        let stored = tokio::task::spawn_blocking(move || store.store(&device, dict_id, &payload[4..]))
-            .await
-            .map_err(|error| failure(ErrorCode::Internal, error.to_string()))?;
-        match stored {
-            Ok(()) => {
-                SinkMetrics::add(&self.context.metrics.dictionaries_stored, 1);
-                tracing::info!(device = %self.device, dict_id, "stored a compression dictionary");
-                Ok(())
-            }
-            Err(error @ crate::dictionaries::DictionaryStoreError::Io { .. }) => {
-                tracing::error!(device = %self.device, dict_id, %error, "cannot store a dictionary");
-                Err(failure(ErrorCode::Internal, error.to_string()))
-            }
-            Err(error) => Err(failure(ErrorCode::LimitExceeded, error.to_string())),
+impl SessionDriver {
+    fn new(
+        connection: quinn::Connection,
+        device: &str,
+        commands: mpsc::Receiver<Command>,
+        context: Arc<Context>,
+    ) -> SessionDriver {
+        let session = SinkSession::new(
+            context.session_config.clone(),
+            device,
+            context.dictionaries.ids(device),
+            std::time::Instant::now(),
+        );
+        let (stream_reads_sender, stream_reads) = mpsc::channel(STREAM_READS_QUEUED_MAX);
+        let (refusals_sender, refusals) = mpsc::channel(1);
+        SessionDriver {
+            connection,
+            device: Arc::from(device),
+            session,
+            durable_generation: context.durable_generation.clone(),
+            context,
+            commands,
+            control: None,
+            stream_reads,
+            stream_reads_sender,
+            refusals,
+            refusals_sender,
+            readers: tokio::task::JoinSet::new(),
         }
     }
 
-    async fn run(self, mut stream: quinn::RecvStream) -> Result<(), Failure> {
-        let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
-        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
-        let mut stream_lane: Option<Lane> = None;
-        let mut last_seq = 0u64;
-        while let Some(frame) = read_frame(&mut stream, &mut decoder, &mut buffer).await? {
-            match frame.kind {
-                FrameKind::Chunk => {}
-                FrameKind::Dictionary => {
-                    self.store_dictionary(frame.payload).await?;
-                    continue;
-                }
-                FrameKind::Control => {
-                    return Err(failure(ErrorCode::BadFrame, "a lane stream carried a control frame"));
-                }
-            }
-            let header = match decode_chunk(&frame.payload) {
-                Ok((header, _)) => header,
-                Err(error) => {
-                    SinkMetrics::add(&self.context.metrics.bad_chunks, 1);
-                    return Err(failure(ErrorCode::BadChunk, error.to_string()));
+    /// Runs until the session closes; returns why.
+    async fn run(mut self) -> Close {
+        let mut control_buffer = vec![0u8; READ_BUFFER_BYTES];
+        while !self.session.is_closed() {
+            let timeout = self.session.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(deadline) => {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await
+                    }
+                    None => std::future::pending().await,
                 }
             };
-            if header.dict_id != protocol::NO_DICTIONARY
-                && !self.context.dictionaries.contains(&self.device, header.dict_id)
-            {
-                SinkMetrics::add(&self.context.metrics.bad_chunks, 1);
-                return Err(failure(
-                    ErrorCode::BadChunk,
-                    format!(
-                        "{} seq {} is compressed with dictionary {}, which this device never sent",
-                        header.lane, header.seq, header.dict_id
-                    ),
-                ));
+            let awaiting_control = self.control.is_none();
+            tokio::select! {
+                streams = self.connection.accept_bi(), if awaiting_control => match streams {
+                    Ok((send, receive)) => {
+                        let (writer, outgoing) = mpsc::channel(CONTROL_QUEUE_MAX);
+                        tokio::spawn(write_control(send, outgoing));
+                        self.control = Some((writer, receive));
+                    }
+                    Err(error) => self.session.connection_lost(&error.to_string()),
+                },
+                read = async {
+                    match &mut self.control {
+                        Some((_, receive)) => receive.read(&mut control_buffer).await,
+                        None => std::future::pending().await,
+                    }
+                } => match read {
+                    Ok(Some(read)) => self.session.handle_control_bytes(&control_buffer[..read]),
+                    Ok(None) => self.session.handle_control_finished(),
+                    Err(error) => self.session.connection_lost(&format!("control stream: {error}")),
+                },
+                stream = self.connection.accept_uni() => match stream {
+                    Ok(stream) => {
+                        let reads = self.stream_reads_sender.clone();
+                        self.readers.spawn(read_stream(stream, reads));
+                    }
+                    Err(error) => self.session.connection_lost(&error.to_string()),
+                },
+                Some(read) = self.stream_reads.recv() => match read {
+                    StreamRead::Bytes(stream, bytes) => self.session.handle_stream_bytes(stream, &bytes),
+                    StreamRead::Finished(stream) => self.session.handle_stream_finished(stream),
+                    StreamRead::Failed(reason) => self.session.connection_lost(&reason),
+                },
+                Some(command) = self.commands.recv() => match command {
+                    Command::Superseded => self.session.superseded(),
+                    Command::Revoked => self.session.revoked(),
+                    Command::ShuttingDown => self.session.shutting_down(),
+                },
+                Some(refusal) = self.refusals.recv() => self.session.refuse_landing(refusal),
+                changed = self.durable_generation.changed() => match changed {
+                    Ok(()) => self.acks(),
+                    Err(_) => self.session.shutting_down(),
+                },
+                () = sleep => self.session.handle_timeout(std::time::Instant::now()),
             }
-            match stream_lane {
-                None => stream_lane = Some(header.lane),
-                Some(lane) if lane != header.lane => {
-                    return Err(failure(
-                        ErrorCode::BadChunk,
-                        format!("lane {} chunk on the {lane} stream", header.lane),
-                    ));
+            self.drive().await;
+        }
+        self.readers.abort_all();
+        self.session.close().cloned().expect("the loop ends when the session closes")
+    }
+
+    /// Hands every durable watermark of this device to the session (it queues Acks).
+    fn acks(&mut self) {
+        for lane in Lane::ALL {
+            let (durable, generation) = self.context.shared.lane(&self.device, lane);
+            self.session.handle_durable(lane, durable, generation);
+        }
+    }
+
+    /// Carries out what the session asks for until it has nothing more.
+    async fn drive(&mut self) {
+        let acks_before = self.session.acks_queued();
+        self.drive_events().await;
+        SinkMetrics::add(&self.context.metrics.acks_sent, self.session.acks_queued() - acks_before);
+    }
+
+    async fn drive_events(&mut self) {
+        loop {
+            while let Some(transmit) = self.session.poll_transmit() {
+                debug_assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
+                let sent = match &self.control {
+                    Some((writer, _)) => writer.send(transmit.bytes).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    self.session.connection_lost("the control stream writer stopped");
                 }
-                Some(_) => {}
             }
-            if header.seq <= last_seq {
-                return Err(failure(
-                    ErrorCode::BadChunk,
-                    format!(
-                        "{} seq {} after seq {last_seq}: seqs must increase on a stream",
-                        header.lane, header.seq
-                    ),
-                ));
-            }
-            last_seq = header.seq;
-            let received_at = std::time::Instant::now();
-            let bytes = frame.payload.len() as u32;
-            let permit = self
-                .context
-                .in_flight
-                .clone()
-                .acquire_many_owned(bytes)
-                .await
-                .map_err(|_| failure(ErrorCode::ShuttingDown, "sink shutting down"))?;
-            let request = LandRequest {
-                device: self.device.clone(),
-                connection: self.connection,
-                header,
-                encoded: frame.payload,
-                permit,
-                kill: self.kill.clone(),
-                received_at,
-            };
-            let sent =
-                self.context.land.lock().expect("land sender lock").as_ref().map(|land| land.send(request));
-            if !matches!(sent, Some(Ok(()))) {
-                return Err(failure(ErrorCode::ShuttingDown, "sink shutting down"));
+            let Some(event) = self.session.poll_event() else { return };
+            match event {
+                SinkEvent::Hello { ring_id, boot_id } => {
+                    tracing::info!(device = %self.device, ring = %hex(&ring_id), boot = %hex(&boot_id), "hello");
+                    let (reply, answer) = oneshot::channel();
+                    let request = LanderRequest::Open { device: self.device.clone(), ring_id, reply };
+                    let grant = if self.context.send_to_lander(request) {
+                        answer
+                            .await
+                            .unwrap_or_else(|_| Err(LandingRefusal::Unavailable("sink shutting down".into())))
+                    } else {
+                        Err(LandingRefusal::Unavailable("sink shutting down".into()))
+                    };
+                    self.session.handle_grant(grant);
+                    // Acks for what became durable while the grant was on its way.
+                    self.acks();
+                }
+                SinkEvent::Dictionary { stream, dict_id, dictionary } => {
+                    let (store, device) = (self.context.dictionaries.clone(), self.device.clone());
+                    let stored =
+                        tokio::task::spawn_blocking(move || store.store(&device, dict_id, &dictionary)).await;
+                    match stored {
+                        Ok(Ok(())) => {
+                            SinkMetrics::add(&self.context.metrics.dictionaries_stored, 1);
+                            tracing::info!(device = %self.device, dict_id, "stored a compression dictionary");
+                            self.session.dictionary_stored(stream, dict_id);
+                        }
+                        Ok(Err(error @ crate::dictionaries::DictionaryStoreError::Io { .. })) => {
+                            tracing::error!(device = %self.device, dict_id, %error, "cannot store a dictionary");
+                            self.session.dictionary_refused(DictionaryRefusal::Storage(error.to_string()));
+                        }
+                        Ok(Err(error)) => {
+                            self.session.dictionary_refused(DictionaryRefusal::Refused(error.to_string()))
+                        }
+                        Err(error) => {
+                            self.session.dictionary_refused(DictionaryRefusal::Storage(error.to_string()))
+                        }
+                    }
+                }
+                SinkEvent::Chunk(chunk) => {
+                    let received_at = std::time::Instant::now();
+                    let bytes =
+                        u32::try_from(chunk.encoded.len()).expect("frames are bounded by FRAME_BYTES_MAX");
+                    let Ok(permit) = self.context.in_flight.clone().acquire_many_owned(bytes).await else {
+                        self.session.shutting_down();
+                        continue;
+                    };
+                    let request = LandRequest {
+                        device: self.device.clone(),
+                        chunk,
+                        permit,
+                        refusals: self.refusals_sender.clone(),
+                        received_at,
+                    };
+                    if !self.context.send_to_lander(LanderRequest::Land(request)) {
+                        self.session.shutting_down();
+                    }
+                }
+                SinkEvent::Closed => {}
             }
         }
-        Ok(())
     }
+}
+
+async fn write_control(mut send: quinn::SendStream, mut outgoing: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = outgoing.recv().await {
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards one lane stream's bytes to its session task; the bounded channel is the
+/// backpressure (QUIC flow control does the rest).
+async fn read_stream(mut stream: quinn::RecvStream, reads: mpsc::Sender<StreamRead>) {
+    let id = stream.id().index();
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+    loop {
+        let read = match stream.read(&mut buffer).await {
+            Ok(Some(read)) => StreamRead::Bytes(id, buffer[..read].to_vec()),
+            Ok(None) => StreamRead::Finished(id),
+            Err(error) => StreamRead::Failed(format!("lane stream: {error}")),
+        };
+        let last = !matches!(read, StreamRead::Bytes(..));
+        if reads.send(read).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }

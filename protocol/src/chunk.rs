@@ -330,6 +330,24 @@ impl SealedChunk {
     }
 }
 
+/// Rewrites the seq of a valid encoded chunk in place and recomputes the header CRC; the body and
+/// its CRC are untouched. The sink uses it to move a ring's seqs into the core's seq space (a new
+/// ring epoch starts above everything the device's earlier rings landed).
+///
+/// Panics if `encoded` is not a valid chunk header or `seq` is 0: callers restamp only chunks
+/// they decoded, with seqs they computed with checked arithmetic.
+pub fn restamp_seq(encoded: &mut [u8], seq: u64) {
+    let header = ChunkHeader::decode(encoded).expect("restamp_seq needs a valid chunk header");
+    assert!(seq >= 1, "chunk seq starts at 1, got 0");
+    if header.seq == seq {
+        return;
+    }
+    encoded[OFFSET_SEQ..OFFSET_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c(&encoded[..OFFSET_HEADER_CRC]);
+    encoded[OFFSET_HEADER_CRC..OFFSET_HEADER_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(ChunkHeader::decode(encoded).map(|decoded| decoded.seq), Ok(seq));
+}
+
 /// Validates a whole encoded chunk (header checks + body_len matches remaining bytes exactly +
 /// body crc). Returns the header and the body slice. Never allocates.
 pub fn decode_chunk(bytes: &[u8]) -> Result<(ChunkHeader, &[u8]), DecodeError> {

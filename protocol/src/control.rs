@@ -5,6 +5,8 @@
 //! ids) as one byte, `u16`/`u32`/`u64` as varints, strings and lists as a varint length then
 //! their items, and `[u8; 16]` as 16 bytes.
 //!
+//! Version 2 added `Hello.ring_id` (after `boot_id`); a version-1 peer is refused.
+//!
 //! | variant index | message | direction |
 //! | --- | --- | --- |
 //! | 0 | `Hello` | appliance → sink, first message |
@@ -72,7 +74,8 @@ const HELLO_BYTES_MAX: usize = VARIANT_TAG_BYTES
     + U16_VARINT_BYTES_MAX
     + varint_len(DEVICE_ID_BYTES_MAX as u64)
     + DEVICE_ID_BYTES_MAX
-    + 16
+    + 16 // boot_id
+    + 16 // ring_id
     + (LIST_LENGTH_BYTES_MAX + CONTROL_LIST_ITEMS_MAX) // lanes, one byte each
     + (LIST_LENGTH_BYTES_MAX + CONTROL_LIST_ITEMS_MAX) // codecs, one byte each
     + (LIST_LENGTH_BYTES_MAX + CONTROL_LIST_ITEMS_MAX * (1 + U32_VARINT_BYTES_MAX));
@@ -116,6 +119,11 @@ pub struct Hello {
     pub device_id: String,
     /// Random per boot, so the sink can tell a reconnect from a reboot in its logs.
     pub boot_id: [u8; 16],
+    /// The identity of the appliance's ring: random, made when the ring is created and kept for
+    /// its life. Seqs are numbered per ring, so a ring the sink has not seen before (recreated,
+    /// reformatted, quarantined) starts a new seq epoch at the sink instead of being taken for a
+    /// resend of seqs the sink already holds.
+    pub ring_id: [u8; 16],
     /// Lanes this appliance will open streams for.
     pub lanes: Vec<Lane>,
     /// Codecs its chunks may use.
@@ -359,6 +367,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             device_id: "d".repeat(DEVICE_ID_BYTES_MAX),
             boot_id: [0xff; 16],
+            ring_id: [0xee; 16],
             lanes: vec![Lane::Media; CONTROL_LIST_ITEMS_MAX],
             codecs: vec![Codec::Zstd; CONTROL_LIST_ITEMS_MAX],
             dictionary_ids: vec![

@@ -63,7 +63,7 @@ pub mod record;
 
 pub use chunk::{
     CHUNK_BODY_BYTES_MAX, CHUNK_ENCODED_BYTES_MAX, CHUNK_FORMAT_VERSION, CHUNK_HEADER_LEN, CHUNK_MAGIC,
-    CHUNK_RAW_BYTES_MAX, CHUNK_RECORDS_MAX, ChunkHeader, SealedChunk, decode_chunk,
+    CHUNK_RAW_BYTES_MAX, CHUNK_RECORDS_MAX, ChunkHeader, SealedChunk, decode_chunk, restamp_seq,
 };
 pub use codec::{
     ChunkCompressor, ChunkDecompressor, Codec, DICTIONARIES_MAX, DICTIONARY_BYTES_MAX, NO_DICTIONARY,
@@ -91,5 +91,5 @@ pub use record::{
 
 /// The protocol version this build speaks, carried in `Hello` and `Welcome`. A peer that sends
 /// any other version is refused with [`DecodeError::UnsupportedVersion`]; there is no
-/// negotiation in version 1.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// negotiation. Version 2 added the ring identity to `Hello`.
+pub const PROTOCOL_VERSION: u16 = 2;

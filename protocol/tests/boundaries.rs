@@ -488,6 +488,7 @@ fn hello() -> Hello {
         protocol_version: PROTOCOL_VERSION,
         device_id: "cam-0042".into(),
         boot_id: [7; 16],
+        ring_id: [9; 16],
         lanes: Lane::ALL.to_vec(),
         codecs: vec![Codec::Raw, Codec::Zstd],
         dictionary_ids: vec![LaneDictionary { lane: Lane::Sensor, dict_id: 3 }],
@@ -516,9 +517,13 @@ fn control_cases() -> Cases<Vec<u8>, Result<ControlMessage, DecodeError>> {
     let ack_bytes = unchecked(&ack);
     assert_eq!(ack_bytes, [2, 3, 0xac, 0x02], "Ack: tag 2, lane 3, varint 300");
     let hello_bytes = unchecked(&ControlMessage::Hello(hello()));
-    assert_eq!(&hello_bytes[..2], &[0, 1], "Hello: tag 0, version 1 first");
-    let mut hello_version_2 = hello_bytes.clone();
-    hello_version_2[1] = 2;
+    assert_eq!(&hello_bytes[..2], &[0, 2], "Hello: tag 0, version 2 first");
+    let mut hello_version_1 = hello_bytes.clone();
+    hello_version_1[1] = 1;
+    // A version-1 Hello as a version-1 appliance sends it (no ring_id): refused by its version.
+    let version_1_layout = [&hello_bytes[..27], &hello_bytes[43..]].concat();
+    let mut hello_version_1_layout = version_1_layout;
+    hello_version_1_layout[1] = 1;
     let welcome_version_300 = [vec![1, 0xac, 0x02], b"a layout this build does not know".to_vec()].concat();
     let invalid = |violation| Err(DecodeError::InvalidControl(violation));
     let unknown_id = || {
@@ -536,14 +541,19 @@ fn control_cases() -> Cases<Vec<u8>, Result<ControlMessage, DecodeError>> {
             Err(DecodeError::ControlTrailingBytes { count: 2 }),
         ),
         (
-            "Hello with protocol_version 2",
-            hello_version_2,
-            Err(DecodeError::UnsupportedVersion { found: 2, supported: 1 }),
+            "Hello with protocol_version 1",
+            hello_version_1,
+            Err(DecodeError::UnsupportedVersion { found: 1, supported: 2 }),
+        ),
+        (
+            "a version-1 appliance's Hello (no ring_id)",
+            hello_version_1_layout,
+            Err(DecodeError::UnsupportedVersion { found: 1, supported: 2 }),
         ),
         (
             "Welcome with protocol_version 300 and an unknown layout",
             welcome_version_300,
-            Err(DecodeError::UnsupportedVersion { found: 300, supported: 1 }),
+            Err(DecodeError::UnsupportedVersion { found: 300, supported: 2 }),
         ),
         (
             "too large to be a control message",
@@ -842,7 +852,7 @@ fn error_messages_carry_the_values() {
         (DecodeError::UnknownLane(7), "unknown lane id 7 (known: 0 audit, 1 decisions, 2 sensor, 3 media)"),
         (
             DecodeError::UnsupportedVersion { found: 9, supported: PROTOCOL_VERSION },
-            "unsupported protocol version 9 (this build speaks 1)",
+            "unsupported protocol version 9 (this build speaks 2)",
         ),
         (
             DecodeError::BadChunkMagic { found: *b"XC" },
@@ -974,4 +984,18 @@ fn every_decode_error_variant_has_a_case() {
     covered.insert("DictionaryMismatch");
     let missing: Vec<_> = ALL_VARIANTS.iter().filter(|name| !covered.contains(*name)).collect();
     assert!(missing.is_empty(), "DecodeError variants without a hand-made case: {missing:?}");
+}
+
+#[test]
+fn restamping_a_seq_keeps_the_chunk_valid_and_its_body_untouched() {
+    let body = b"records".to_vec();
+    let sealed = SealedChunk::new(Lane::Sensor, Codec::Raw, 0, 1, body.len() as u32, body.clone()).unwrap();
+    for (from, to) in [(1, 1), (1, 2), (7, u64::MAX), (u64::MAX, 1)] {
+        let mut encoded = sealed.encode(from);
+        protocol::restamp_seq(&mut encoded, to);
+        let (header, restamped_body) = decode_chunk(&encoded).expect("still a valid chunk");
+        assert_eq!(header, sealed.header(to), "{from} → {to}");
+        assert_eq!(restamped_body, &body[..]);
+        assert_eq!(encoded, sealed.encode(to), "{from} → {to}: same bytes as encoding at the new seq");
+    }
 }

@@ -112,15 +112,17 @@ pub fn valid_control_message() -> impl Strategy<Value = ControlMessage> {
     let hello = (
         "[a-z0-9-]{1,128}",
         any::<[u8; 16]>(),
+        any::<[u8; 16]>(),
         vec(lane(), 0..=CONTROL_LIST_ITEMS_MAX),
         vec(codec(), 0..=4),
         vec(lane_dictionary, 0..=8),
     )
-        .prop_map(|(device_id, boot_id, lanes, codecs, dictionary_ids)| {
+        .prop_map(|(device_id, boot_id, ring_id, lanes, codecs, dictionary_ids)| {
             ControlMessage::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
                 device_id,
                 boot_id,
+                ring_id,
                 lanes,
                 codecs,
                 dictionary_ids,

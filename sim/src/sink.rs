@@ -1,0 +1,985 @@
+//! The sink: the real `landing::LandingCore` over a `landing::memory::MemoryDisk`, one real
+//! `session::SinkSession` per connection, driven as `core-sink/src/server.rs` and
+//! `core-sink/src/lander.rs` drive them.
+//!
+//! Per connection a driver task (`SinkConn`) takes one input at a time (control bytes, a lane
+//! stream's bytes, a command, a refusal, "durable watermarks changed", a timeout) and then drives
+//! the session's outputs: transmits go to the control stream; a `Hello` asks the lander for a
+//! grant and the driver waits for it; a `Dictionary` is stored durably (the driver waits); a
+//! `Chunk` takes byte permits from the lander's semaphore (the driver waits, FIFO, when there are
+//! none) and is queued for the lander. While the driver waits, inputs queue up, as they do in the
+//! real driver's channels. A newer connection of a device supersedes the older one.
+//!
+//! The lander takes requests in order (`Open` → `open_session` and the grant back; `Land` →
+//! `land`, refusals back to the session that sent the chunk), commits when `commit_due`, and
+//! publishes (durable, generation) per lane at the same points `Lander` does, after which every
+//! session is told to send Acks (`handle_durable` for every lane).
+//!
+//! Faults: armed `landing::memory::Faults`, a failing dictionary store, crashes (power loss:
+//! `MemoryDisk::crash`, or a process restart that keeps the page cache), and a restart by the
+//! operator when the core reports itself broken. Each core call is bracketed by the armed faults
+//! before and after, so the simulator knows exactly which injected fault fired, and every
+//! outcome is checked against the core's rules and its `LandingStats`.
+//!
+//! Limits: [`SINK_INPUTS_QUEUED_MAX`] inputs per connection (the real driver's channels plus
+//! QUIC's receive windows); the lander queue is bounded by the permits (bytes) plus one `Open`
+//! per connection.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use landing::memory::{Faults, MemoryCommitter, MemoryDisk, MemoryStore};
+use landing::{LandOutcome, LandRequest, LandingCore, LandingStats};
+use protocol::Lane;
+use session::{DictionaryRefusal, Grant, IncomingChunk, LandingRefusal, SinkEvent, SinkSession, Stream};
+
+use crate::link::{ConnId, Dir, Payload, StreamKey};
+use crate::scenario::SinkParams;
+use crate::trace;
+use crate::world::{Event, Side, World};
+
+/// Inputs one connection's driver may have waiting.
+pub const SINK_INPUTS_QUEUED_MAX: usize = 1 << 20;
+/// Dictionaries the sink stores per device (`core_sink::dictionaries::DEVICE_DICTIONARIES_MAX`).
+pub const DEVICE_DICTIONARIES_MAX: usize = protocol::DICTIONARIES_MAX;
+
+type Core = LandingCore<MemoryCommitter, MemoryStore>;
+
+enum Busy {
+    /// Waiting for the lander's answer to the Hello.
+    Grant,
+    /// Storing a dictionary.
+    Dictionary { stream: u64, dict_id: u32, dictionary: Vec<u8> },
+    /// Waiting for byte permits for this chunk.
+    Permits(IncomingChunk),
+}
+
+enum Input {
+    Control(Payload),
+    Stream(u64, Payload),
+    Superseded,
+    Refusal(LandingRefusal),
+    DurableChanged,
+    Timeout,
+    Lost(String),
+}
+
+pub struct SinkConn {
+    pub device: String,
+    pub hostile: Option<usize>,
+    pub session: SinkSession,
+    busy: Option<Busy>,
+    inputs: VecDeque<Input>,
+    /// Lane bytes a slow reader task has not handed over yet, per stream.
+    late: BTreeMap<u64, VecDeque<Payload>>,
+    durable_queued: bool,
+    refusal_queued: bool,
+    timeout_at: Option<u64>,
+    pump_scheduled: bool,
+}
+
+enum LanderRequest {
+    Open { conn: ConnId, device: String, ring_id: [u8; 16] },
+    Land { conn: ConnId, device: String, chunk: IncomingChunk },
+}
+
+/// What the simulator saw the core do, per core incarnation, to compare with `LandingStats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observed {
+    pub landed: u64,
+    pub bytes_landed: u64,
+    pub duplicates: u64,
+    pub fenced: u64,
+    pub land_failures: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub epochs: u64,
+    pub grants: u64,
+    /// Injected faults that fired, by kind.
+    pub fired_land: u64,
+    pub fired_commit: u64,
+    pub fired_store_commit: u64,
+    pub fired_bind: u64,
+    pub fired_recover: u64,
+    pub open_failures: u64,
+}
+
+/// Which records the sink's durable data holds, per honest (device, lane), read lazily from
+/// `MemoryDisk::durable_chunks` (durable data only grows: checkpoints never move back).
+#[derive(Default)]
+pub struct DurableIndex {
+    /// first record → last record of each durable chunk.
+    ranges: BTreeMap<u64, u64>,
+    indexed: BTreeMap<(String, Lane), usize>,
+}
+
+impl DurableIndex {
+    pub fn contains(&mut self, disk: &MemoryDisk, device: &str, lane: Lane, record: u64) -> bool {
+        self.holds(record) || {
+            self.refresh(disk, device, lane);
+            self.holds(record)
+        }
+    }
+
+    fn holds(&self, record: u64) -> bool {
+        self.ranges.range(..=record).next_back().is_some_and(|(_, &last)| record <= last)
+    }
+
+    fn refresh(&mut self, disk: &MemoryDisk, device: &str, lane: Lane) {
+        let chunks = disk.durable_chunks(device, lane);
+        let indexed = self.indexed.entry((device.to_string(), lane)).or_insert(0);
+        assert!(chunks.len() >= *indexed, "durable data of {device}/{lane} shrank from {} to {} chunks", *indexed, chunks.len());
+        for (_, encoded) in &chunks[*indexed..] {
+            if let Some((first, last)) = record_range(encoded) {
+                self.ranges.insert(first, last);
+            }
+        }
+        *indexed = chunks.len();
+    }
+}
+
+/// The records an honest chunk carries: its body starts with `record_count` u64 record ids.
+pub fn record_range(encoded: &[u8]) -> Option<(u64, u64)> {
+    let (header, body) = protocol::decode_chunk(encoded).ok()?;
+    let count = header.record_count as usize;
+    if count == 0 || body.len() < 8 * count {
+        return None;
+    }
+    let id = |index: usize| u64::from_le_bytes(body[8 * index..8 * index + 8].try_into().expect("8 bytes"));
+    let first = id(0);
+    (0..count).all(|index| id(index) == first + index as u64).then(|| (first, first + count as u64 - 1))
+}
+
+pub struct Sink {
+    pub params: SinkParams,
+    pub disk: MemoryDisk,
+    pub core: Option<Core>,
+    pub incarnation: u64,
+    pub conns: BTreeMap<ConnId, SinkConn>,
+    live_session: BTreeMap<String, ConnId>,
+    lander: VecDeque<LanderRequest>,
+    lander_bytes: u64,
+    lander_step_scheduled: bool,
+    lander_free_at: u64,
+    commit_check_at: Option<u64>,
+    permit_waiters: VecDeque<ConnId>,
+    published: BTreeMap<(String, Lane), (u64, u64)>,
+    /// The durable dictionary store: device → id → bytes.
+    pub dictionaries: BTreeMap<String, BTreeMap<u32, Vec<u8>>>,
+    pub dictionary_fault: bool,
+    operator_restart_scheduled: bool,
+    pub observed: Observed,
+    /// Stats of earlier core incarnations, added up.
+    pub past_stats: LandingStats,
+    pub past_observed: Observed,
+    pub max_durable: BTreeMap<(String, Lane), u64>,
+    pub durable_index: DurableIndex,
+    pub closes: BTreeMap<String, u64>,
+}
+
+impl Sink {
+    pub fn new(params: &SinkParams) -> Sink {
+        Sink {
+            params: params.clone(),
+            disk: MemoryDisk::new(),
+            core: None,
+            incarnation: 0,
+            conns: BTreeMap::new(),
+            live_session: BTreeMap::new(),
+            lander: VecDeque::new(),
+            lander_bytes: 0,
+            lander_step_scheduled: false,
+            lander_free_at: 0,
+            commit_check_at: None,
+            permit_waiters: VecDeque::new(),
+            published: BTreeMap::new(),
+            dictionaries: BTreeMap::new(),
+            dictionary_fault: false,
+            operator_restart_scheduled: false,
+            observed: Observed::default(),
+            past_stats: LandingStats::default(),
+            past_observed: Observed::default(),
+            max_durable: BTreeMap::new(),
+            durable_index: DurableIndex::default(),
+            closes: BTreeMap::new(),
+        }
+    }
+
+    /// Whether a connection attempt reaches a listening sink.
+    pub fn accepting(&self) -> bool {
+        self.core.is_some()
+    }
+
+    fn publish(&mut self, device: &str, lane: Lane) -> bool {
+        let core = self.core.as_ref().expect("publishing needs a core");
+        let current = (core.durable(device, lane), core.generation(device, lane));
+        self.published.insert((device.to_string(), lane), current).unwrap_or((0, 0)) != current
+    }
+}
+
+fn fired(before: Faults, after: Faults, pick: fn(&Faults) -> bool) -> u64 {
+    u64::from(pick(&before) && !pick(&after))
+}
+
+impl World {
+    fn sink_instant(&self) -> Instant {
+        self.clock.instant(self.now())
+    }
+
+    // ---- start, crash, restart ----
+
+    pub fn sink_start_now(&mut self) {
+        let incarnation = self.sink.incarnation;
+        self.sink_start(incarnation);
+    }
+
+    pub fn sink_start(&mut self, incarnation: u64) {
+        if self.sink.incarnation != incarnation || self.sink.core.is_some() {
+            return;
+        }
+        let before = self.sink.disk.armed();
+        let opened = LandingCore::open(self.sink.params.landing, self.sink.disk.committer(), self.sink.disk.store());
+        let after = self.sink.disk.armed();
+        self.sink.observed.fired_recover += fired(before, after, |faults| faults.recover);
+        let core = match opened {
+            Ok(core) => core,
+            Err(error) => {
+                trace!(self, "sink: open failed ({error}); retrying");
+                if fired(before, after, |faults| faults.recover) == 0 {
+                    self.fail(format!("the landing core failed to open without an injected fault: {error}"));
+                }
+                self.queue.after(100 * crate::time::MICROS_PER_MS, Event::SinkStart { incarnation });
+                return;
+            }
+        };
+        // Durable watermarks never go backwards, across crashes too.
+        let mut problems = Vec::new();
+        for ((device, lane), &seen) in &self.sink.max_durable {
+            let durable = core.durable(device, *lane);
+            if durable < seen {
+                problems.push(format!("{device}/{lane}: durable {durable} after a restart, {seen} before"));
+            }
+        }
+        let mut devices: Vec<String> = core.devices().map(str::to_string).collect();
+        devices.sort();
+        self.sink.core = Some(core);
+        self.sink.published.clear();
+        for device in devices {
+            for lane in Lane::ALL {
+                self.sink.publish(&device, lane);
+            }
+        }
+        self.sink.lander_free_at = self.now();
+        trace!(self, "sink: up (incarnation {incarnation})");
+        for problem in problems {
+            self.fail(format!("DURABLE WATERMARK WENT BACKWARDS: {problem}"));
+        }
+    }
+
+    /// The sink process ends; with `power_loss`, everything not fsynced is lost too.
+    pub fn sink_stop(&mut self, power_loss: bool) {
+        let Some(core) = self.sink.core.take() else { return };
+        self.sink_check_stats(&core);
+        self.sink.past_stats = add_stats(self.sink.past_stats, *core.stats());
+        self.sink.past_observed = add_observed(self.sink.past_observed, self.sink.observed);
+        self.sink.observed = Observed::default();
+        drop(core.into_parts());
+        if power_loss {
+            self.sink.disk.crash();
+        }
+        let conns: Vec<ConnId> = self.sink.conns.keys().copied().collect();
+        for conn in conns {
+            let reason = if power_loss { "the sink lost power" } else { "the sink restarted" };
+            self.break_connection(conn, reason);
+            if let Some(connection) = self.connections.get_mut(&conn) {
+                connection.sink_open = false;
+            }
+        }
+        self.sink.conns.clear();
+        self.sink.live_session.clear();
+        self.sink.lander.clear();
+        self.sink.lander_bytes = 0;
+        self.sink.lander_step_scheduled = false;
+        self.sink.commit_check_at = None;
+        self.sink.permit_waiters.clear();
+        self.sink.published.clear();
+        self.sink.operator_restart_scheduled = false;
+        self.sink.incarnation += 1;
+        let incarnation = self.sink.incarnation;
+        let downtime = self.rng.range(1, self.sink.params.downtime_us_max);
+        self.queue.after(downtime, Event::SinkStart { incarnation });
+    }
+
+    fn schedule_operator_restart(&mut self) {
+        if !self.sink.operator_restart_scheduled {
+            self.sink.operator_restart_scheduled = true;
+            let delay = self.rng.range(1, self.sink.params.broken_restart_us_max);
+            let incarnation = self.sink.incarnation;
+            self.queue.after(delay, Event::SinkOperatorRestart { incarnation });
+        }
+    }
+
+    pub fn arm_landing_faults(&mut self) {
+        let faults = Faults {
+            land: self.rng.chance(0.4),
+            torn_write: self.rng.chance(0.5),
+            commit: self.rng.chance(0.3),
+            sync_partially: self.rng.chance(0.5),
+            store_commit: self.rng.chance(0.2),
+            store_bind: self.rng.chance(0.2),
+            recover: self.rng.chance(0.05),
+        };
+        trace!(self, "sink: armed {faults:?}");
+        self.sink.disk.arm(faults);
+    }
+
+    /// Counters are honest: the core's stats match what the simulator saw it do.
+    pub fn sink_check_stats(&mut self, core: &Core) {
+        let stats = *core.stats();
+        let observed = self.sink.observed;
+        let mut problems = Vec::new();
+        let mut check = |name: &str, stat: u64, seen: u64| {
+            if stat != seen {
+                problems.push(format!("LandingStats.{name} is {stat}, the simulator saw {seen}"));
+            }
+        };
+        check("chunks_landed", stats.chunks_landed, observed.landed);
+        check("bytes_landed", stats.bytes_landed, observed.bytes_landed);
+        check("duplicates_dropped", stats.duplicates_dropped, observed.duplicates);
+        check("fenced_chunks", stats.fenced_chunks, observed.fenced);
+        check("landing_failures", stats.landing_failures, observed.land_failures);
+        check("landing_failures (vs injected land faults)", stats.landing_failures, observed.fired_land);
+        check("commits", stats.commits, observed.commits);
+        check("commit_failures", stats.commit_failures, observed.commit_failures);
+        check(
+            "commit_failures (vs injected commit and store faults)",
+            stats.commit_failures,
+            observed.fired_commit + observed.fired_store_commit,
+        );
+        check("epochs_started", stats.epochs_started, observed.epochs);
+        check("sessions_granted", stats.sessions_granted, observed.grants);
+        for problem in problems {
+            self.fail(format!("DISHONEST COUNTER: {problem}"));
+        }
+    }
+
+    // ---- connections ----
+
+    /// A connection from `conn`'s device is established (its certificate verified).
+    pub fn sink_accept(&mut self, conn: ConnId, hostile: Option<usize>) {
+        let connection = self.connections.get_mut(&conn).expect("accepting a known connection");
+        connection.sink_open = true;
+        let device = connection.device_id.clone();
+        let known: Vec<u32> = self.sink.dictionaries.get(&device).map(|ids| ids.keys().copied().collect()).unwrap_or_default();
+        let session = SinkSession::new(self.sink.params.session.clone(), &device, known, self.sink_instant());
+        self.sink.conns.insert(
+            conn,
+            SinkConn {
+                device: device.clone(),
+                hostile,
+                session,
+                busy: None,
+                inputs: VecDeque::new(),
+                late: BTreeMap::new(),
+                durable_queued: false,
+                refusal_queued: false,
+                timeout_at: None,
+                pump_scheduled: false,
+            },
+        );
+        if let Some(previous) = self.sink.live_session.insert(device.clone(), conn) {
+            // The device reconnected before its old connection timed out: the new one wins.
+            trace!(self, "sink: conn#{conn} of {device} supersedes conn#{previous}");
+            self.sink_input(previous, Input::Superseded);
+        }
+        self.sink_schedule_timeout(conn);
+    }
+
+    fn sink_input(&mut self, conn: ConnId, input: Input) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        match input {
+            Input::DurableChanged if state.durable_queued => return,
+            Input::DurableChanged => state.durable_queued = true,
+            // The refusals channel holds one (`try_send`).
+            Input::Refusal(_) if state.refusal_queued => return,
+            Input::Refusal(_) => state.refusal_queued = true,
+            _ => {}
+        }
+        state.inputs.push_back(input);
+        assert!(state.inputs.len() <= SINK_INPUTS_QUEUED_MAX, "conn#{conn}: more than {SINK_INPUTS_QUEUED_MAX} inputs queued");
+        self.sink_schedule_pump(conn);
+    }
+
+    fn sink_schedule_pump(&mut self, conn: ConnId) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        if !state.pump_scheduled {
+            state.pump_scheduled = true;
+            self.queue.after(0, Event::SinkPump { conn });
+        }
+    }
+
+    pub fn sink_deliver(&mut self, conn: ConnId, stream: StreamKey, payload: Payload) {
+        match stream {
+            StreamKey::Control => self.sink_input(conn, Input::Control(payload)),
+            StreamKey::Uni(stream) => {
+                let late_handoff = self.sink.params.late_handoff;
+                let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+                let queue = state.late.entry(stream).or_default();
+                let late = !queue.is_empty() || late_handoff.is_some_and(|(chance, _)| self.rng.chance(chance));
+                if late {
+                    queue.push_back(payload);
+                    if queue.len() == 1 {
+                        let delay = self.rng.range(1, late_handoff.map_or(1, |(_, delay)| delay));
+                        self.queue.after(delay, Event::SinkHandOff { conn, stream });
+                    }
+                } else {
+                    self.sink_input(conn, Input::Stream(stream, payload));
+                }
+            }
+        }
+    }
+
+    pub fn sink_hand_off(&mut self, conn: ConnId, stream: u64) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        let queue = state.late.entry(stream).or_default();
+        let payloads: Vec<Payload> = queue.drain(..).collect();
+        for payload in payloads {
+            self.sink_input(conn, Input::Stream(stream, payload));
+        }
+    }
+
+    pub fn sink_connection_lost(&mut self, conn: ConnId, reason: &str) {
+        self.sink_input(conn, Input::Lost(reason.to_string()));
+    }
+
+    pub fn sink_timeout(&mut self, conn: ConnId) {
+        let now = self.now();
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        if state.timeout_at == Some(now) {
+            state.timeout_at = None;
+            self.sink_input(conn, Input::Timeout);
+        }
+    }
+
+    fn sink_schedule_timeout(&mut self, conn: ConnId) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        if let Some(deadline) = state.session.poll_timeout() {
+            let at = self.clock.micros(deadline).max(self.queue.now);
+            if state.timeout_at.is_none_or(|scheduled| at < scheduled) {
+                state.timeout_at = Some(at);
+                self.queue.at(at, Event::SinkTimeout { conn });
+            }
+        }
+    }
+
+    /// The driver loop: one input at a time while the driver is not waiting.
+    pub fn sink_pump(&mut self, conn: ConnId) {
+        if let Some(state) = self.sink.conns.get_mut(&conn) {
+            state.pump_scheduled = false;
+        }
+        loop {
+            let now = self.sink_instant();
+            let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+            if state.busy.is_some() {
+                return;
+            }
+            let Some(input) = state.inputs.pop_front() else { break };
+            let session = &mut state.session;
+            match input {
+                Input::Control(Payload::Bytes(bytes)) => session.handle_control_bytes(&bytes),
+                Input::Control(Payload::Fin) => session.handle_control_finished(),
+                Input::Stream(stream, Payload::Bytes(bytes)) => {
+                    if !session.is_closed() && !session.stream_ready(stream) {
+                        self.fail(format!("conn#{conn}: stream {stream} got bytes while it waits for a dictionary"));
+                        return;
+                    }
+                    session.handle_stream_bytes(stream, &bytes)
+                }
+                Input::Stream(stream, Payload::Fin) => session.handle_stream_finished(stream),
+                Input::Superseded => session.superseded(),
+                Input::Refusal(refusal) => {
+                    state.refusal_queued = false;
+                    session.refuse_landing(refusal)
+                }
+                Input::DurableChanged => {
+                    state.durable_queued = false;
+                    self.sink_acks(conn);
+                }
+                Input::Timeout => session.handle_timeout(now),
+                Input::Lost(reason) => session.connection_lost(&reason),
+            }
+            self.sink_drive(conn);
+        }
+        self.sink_schedule_timeout(conn);
+    }
+
+    /// `SessionDriver::acks`: every lane's published watermark into the session.
+    fn sink_acks(&mut self, conn: ConnId) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        for lane in Lane::ALL {
+            let (durable, generation) = self.sink.published.get(&(state.device.clone(), lane)).copied().unwrap_or((0, 0));
+            state.session.handle_durable(lane, durable, generation);
+        }
+    }
+
+    /// `SessionDriver::drive_events`: transmits out, events carried out until the driver waits.
+    fn sink_drive(&mut self, conn: ConnId) {
+        loop {
+            let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+            let mut transmits = Vec::new();
+            while let Some(transmit) = state.session.poll_transmit() {
+                assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
+                transmits.push(transmit.bytes);
+            }
+            for bytes in transmits {
+                self.send(conn, Dir::Down, StreamKey::Control, Payload::Bytes(bytes));
+            }
+            let state = self.sink.conns.get_mut(&conn).expect("still here");
+            if state.busy.is_some() {
+                return;
+            }
+            let Some(event) = state.session.poll_event() else { break };
+            let device = state.device.clone();
+            match event {
+                SinkEvent::Hello { ring_id, .. } => {
+                    trace!(self, "sink: conn#{conn} Hello from {device}, ring {}", crate::device::hex(&ring_id));
+                    state.busy = Some(Busy::Grant);
+                    self.lander_push(LanderRequest::Open { conn, device, ring_id });
+                }
+                SinkEvent::Dictionary { stream, dict_id, dictionary } => {
+                    state.busy = Some(Busy::Dictionary { stream, dict_id, dictionary });
+                    let delay = self.rng.range(1, self.sink.params.dictionary_store_us_max);
+                    self.queue.after(delay, Event::SinkDictionaryDone { conn });
+                }
+                SinkEvent::Chunk(chunk) => {
+                    let bytes = chunk.encoded.len() as u64;
+                    if !self.sink.permit_waiters.is_empty() || self.sink.lander_bytes + bytes > self.sink.params.permits_bytes {
+                        state.busy = Some(Busy::Permits(chunk));
+                        self.sink.permit_waiters.push_back(conn);
+                    } else {
+                        self.sink.lander_bytes += bytes;
+                        self.lander_push(LanderRequest::Land { conn, device, chunk });
+                    }
+                }
+                SinkEvent::Closed => {}
+            }
+        }
+        let closed = self.sink.conns.get(&conn).is_some_and(|state| state.session.is_closed());
+        if closed {
+            self.sink_close(conn);
+        }
+    }
+
+    /// The session ended: close the connection with its code.
+    fn sink_close(&mut self, conn: ConnId) {
+        let Some(state) = self.sink.conns.remove(&conn) else { return };
+        let close = state.session.close().cloned().expect("closed");
+        trace!(self, "sink: conn#{conn} of {} closed: {} by_device={} {}", state.device, close.code, close.by_peer, close.reason);
+        *self.sink.closes.entry(close.code.name().to_string()).or_default() += 1;
+        if self.sink.live_session.get(&state.device) == Some(&conn) {
+            self.sink.live_session.remove(&state.device);
+        }
+        match state.hostile {
+            Some(hostile) => self.hostile_closed(hostile, close.code, close.by_peer, &close.reason),
+            None => {
+                *self.tally.honest_sessions_closed.entry(close.code.name().to_string()).or_default() += 1;
+                if !crate::hostile::is_transient(close.code) {
+                    self.fail(format!(
+                        "HONEST DEVICE REFUSED: the sink closed {}'s session with {}: {}",
+                        state.device, close.code, close.reason
+                    ));
+                }
+            }
+        }
+        if self.connections.get(&conn).is_some_and(|connection| connection.sink_open) {
+            self.close_connection(conn, Side::Sink, format!("closed by the sink: {} ({})", close.code, close.reason));
+        }
+    }
+
+    pub fn sink_dictionary_done(&mut self, conn: ConnId) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        let Some(Busy::Dictionary { stream, dict_id, dictionary }) = state.busy.take() else {
+            unreachable!("a dictionary store finished for a driver not storing one")
+        };
+        let device = state.device.clone();
+        let stored = self.sink.dictionaries.entry(device.clone()).or_default();
+        let outcome = if protocol::dictionary_id(&dictionary) != dict_id {
+            Err(DictionaryRefusal::Refused(format!("dictionary {dict_id} is not the content id of its bytes")))
+        } else if stored.contains_key(&dict_id) {
+            Ok(())
+        } else if self.sink.dictionary_fault {
+            self.sink.dictionary_fault = false;
+            Err(DictionaryRefusal::Storage("injected dictionary store failure".to_string()))
+        } else if stored.len() >= DEVICE_DICTIONARIES_MAX {
+            Err(DictionaryRefusal::Refused(format!("device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries")))
+        } else {
+            stored.insert(dict_id, dictionary);
+            Ok(())
+        };
+        trace!(self, "sink: conn#{conn} dictionary {dict_id:08x} of {device}: {outcome:?}");
+        let state = self.sink.conns.get_mut(&conn).expect("still here");
+        match outcome {
+            Ok(()) => state.session.dictionary_stored(stream, dict_id),
+            Err(refusal) => state.session.dictionary_refused(refusal),
+        }
+        self.sink_drive(conn);
+        self.sink_schedule_pump(conn);
+    }
+
+    fn sink_wake_permit_waiters(&mut self) {
+        while let Some(&conn) = self.sink.permit_waiters.front() {
+            let Some(state) = self.sink.conns.get_mut(&conn) else {
+                self.sink.permit_waiters.pop_front();
+                continue;
+            };
+            let Some(Busy::Permits(chunk)) = &state.busy else {
+                self.sink.permit_waiters.pop_front();
+                continue;
+            };
+            let bytes = chunk.encoded.len() as u64;
+            if self.sink.lander_bytes + bytes > self.sink.params.permits_bytes {
+                return;
+            }
+            self.sink.permit_waiters.pop_front();
+            let Some(Busy::Permits(chunk)) = state.busy.take() else { unreachable!() };
+            let device = state.device.clone();
+            self.sink.lander_bytes += bytes;
+            self.lander_push(LanderRequest::Land { conn, device, chunk });
+            self.sink_drive(conn);
+            self.sink_schedule_pump(conn);
+        }
+    }
+
+    /// Every session re-reads the published watermarks (`durable_generation` changed).
+    fn sink_notify_all(&mut self) {
+        let conns: Vec<ConnId> = self.sink.conns.keys().copied().collect();
+        for conn in conns {
+            self.sink_input(conn, Input::DurableChanged);
+        }
+    }
+
+    // ---- the lander ----
+
+    fn lander_push(&mut self, request: LanderRequest) {
+        self.sink.lander.push_back(request);
+        self.lander_schedule();
+    }
+
+    fn lander_schedule(&mut self) {
+        if !self.sink.lander_step_scheduled && !self.sink.lander.is_empty() {
+            self.sink.lander_step_scheduled = true;
+            let at = self.sink.lander_free_at.max(self.now()) + self.rng.range(1, self.sink.params.land_us_max);
+            let incarnation = self.sink.incarnation;
+            self.queue.at(at, Event::LanderStep { incarnation });
+        }
+    }
+
+    pub fn lander_step(&mut self, incarnation: u64) {
+        if incarnation != self.sink.incarnation || self.sink.core.is_none() {
+            return;
+        }
+        self.sink.lander_step_scheduled = false;
+        self.sink.lander_free_at = self.now();
+        if let Some(request) = self.sink.lander.pop_front() {
+            match request {
+                LanderRequest::Open { conn, device, ring_id } => self.lander_open(conn, &device, ring_id),
+                LanderRequest::Land { conn, device, chunk } => self.lander_land(conn, &device, chunk),
+            }
+        }
+        self.lander_commit_if_due();
+        self.lander_schedule();
+    }
+
+    pub fn lander_commit_check(&mut self, incarnation: u64) {
+        if incarnation != self.sink.incarnation || self.sink.core.is_none() {
+            return;
+        }
+        if self.sink.commit_check_at == Some(self.now()) {
+            self.sink.commit_check_at = None;
+        }
+        if !self.sink.lander_step_scheduled {
+            self.lander_commit_if_due();
+        }
+    }
+
+    fn lander_commit_if_due(&mut self) {
+        let now = self.sink_instant();
+        let core = self.sink.core.as_ref().expect("running");
+        if core.commit_due(now) {
+            self.lander_commit();
+        }
+        let Some(core) = self.sink.core.as_ref() else { return };
+        if let Some(deadline) = core.commit_deadline() {
+            let at = self.clock.micros(deadline).max(self.now());
+            if self.sink.commit_check_at.is_none_or(|scheduled| at < scheduled) {
+                self.sink.commit_check_at = Some(at);
+                let incarnation = self.sink.incarnation;
+                self.queue.at(at, Event::LanderCommitCheck { incarnation });
+            }
+        }
+    }
+
+    fn lander_open(&mut self, conn: ConnId, device: &str, ring_id: [u8; 16]) {
+        let core = self.sink.core.as_mut().expect("running");
+        let bound_before = core.binding(device).copied();
+        let before = self.sink.disk.armed();
+        let result = core.open_session(device, ring_id);
+        let after = self.sink.disk.armed();
+        let fired_bind = fired(before, after, |faults| faults.store_bind);
+        self.sink.observed.fired_bind += fired_bind;
+        let broken = core.broken().is_some();
+        let binding = core.binding(device).copied();
+        let grant = match result {
+            Ok(grant) => {
+                self.sink.observed.grants += 1;
+                if bound_before.is_some_and(|bound| bound.ring_id != ring_id) {
+                    self.sink.observed.epochs += 1;
+                }
+                let binding = binding.expect("a granted device is bound");
+                if binding.ring_id != ring_id {
+                    self.fail(format!("{device}: granted ring {} but bound to {}", crate::device::hex(&ring_id), crate::device::hex(&binding.ring_id)));
+                }
+                for lane in Lane::ALL {
+                    let lane_grant = grant.lanes[lane.index()];
+                    if lane_grant.base != binding.bases[lane.index()] {
+                        self.fail(format!("{device}/{lane}: the grant's base {} is not the binding's {}", lane_grant.base, binding.bases[lane.index()]));
+                    }
+                }
+                // A ring keeps its bases for life.
+                let key = (device.to_string(), ring_id);
+                match self.ring_bases.get(&key) {
+                    Some(bases) if *bases != binding.bases => {
+                        let bases = *bases;
+                        self.fail(format!("{device}: ring {} had bases {bases:?}, now {:?}", crate::device::hex(&ring_id), binding.bases));
+                    }
+                    Some(_) => {}
+                    None => {
+                        // A new epoch starts above everything any earlier ring of the device used.
+                        for ((other_device, other_ring), bases) in &self.ring_bases {
+                            if other_device == device && *other_ring != ring_id {
+                                for lane in Lane::ALL {
+                                    if binding.bases[lane.index()] < bases[lane.index()] {
+                                        self.failure.get_or_insert(format!(
+                                            "{device}/{lane}: new ring {} has base {} below an earlier ring's {}",
+                                            crate::device::hex(&ring_id),
+                                            binding.bases[lane.index()],
+                                            bases[lane.index()]
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                        self.ring_bases.insert(key, binding.bases);
+                    }
+                }
+                trace!(self, "lander: grant conn#{conn} {device}: {:?}", grant.lanes.map(|lane| (lane.base, lane.landed, lane.generation)));
+                Ok(grant)
+            }
+            Err(error) => {
+                self.sink.observed.open_failures += 1;
+                if fired_bind == 0 && !broken {
+                    self.fail(format!("{device}: open_session failed without an injected fault: {error}"));
+                }
+                trace!(self, "lander: open for conn#{conn} {device} failed: {error}");
+                Err(LandingRefusal::Unavailable(error.to_string()))
+            }
+        };
+        // A new epoch bumps the device's generations: that fences its older sessions.
+        let mut changed = false;
+        for lane in Lane::ALL {
+            changed |= self.sink.publish(device, lane);
+        }
+        if changed {
+            self.sink_notify_all();
+        }
+        self.sink_reply_grant(conn, grant);
+    }
+
+    fn sink_reply_grant(&mut self, conn: ConnId, grant: Result<Grant, LandingRefusal>) {
+        let Some(state) = self.sink.conns.get_mut(&conn) else { return };
+        if !matches!(state.busy, Some(Busy::Grant)) {
+            return;
+        }
+        state.busy = None;
+        state.session.handle_grant(grant);
+        // Acks for what became durable while the grant was on its way.
+        self.sink_acks(conn);
+        self.sink_drive(conn);
+        self.sink_schedule_pump(conn);
+    }
+
+    fn lander_land(&mut self, conn: ConnId, device: &str, chunk: IncomingChunk) {
+        let now = self.sink_instant();
+        let bytes = chunk.encoded.len() as u64;
+        let core = self.sink.core.as_mut().expect("running");
+        let lane = chunk.lane;
+        let generation_before = core.generation(device, lane);
+        let landed_before = core.landed(device, lane);
+        let broken_before = core.broken().is_some();
+        let before = self.sink.disk.armed();
+        let outcome = core.land(
+            now,
+            LandRequest { device, generation: chunk.generation, header: &chunk.header, encoded: &chunk.encoded },
+        );
+        let after = self.sink.disk.armed();
+        let fired_land = fired(before, after, |faults| faults.land);
+        self.sink.observed.fired_land += fired_land;
+        let broken_after = core.broken().is_some();
+        self.sink.lander_bytes -= bytes;
+        let stale = chunk.generation != generation_before || broken_before;
+        let seq = chunk.seq;
+        let mut problems = Vec::new();
+        let refusal = match outcome {
+            LandOutcome::Landed => {
+                self.sink.observed.landed += 1;
+                self.sink.observed.bytes_landed += bytes;
+                if stale || seq <= landed_before || fired_land > 0 {
+                    problems.push(format!("{device}/{lane} seq {seq} landed (generation {} vs {generation_before}, landed {landed_before})", chunk.generation));
+                }
+                None
+            }
+            LandOutcome::Duplicate => {
+                self.sink.observed.duplicates += 1;
+                if stale || seq > landed_before {
+                    problems.push(format!("{device}/{lane} seq {seq} dropped as a duplicate above landed {landed_before}"));
+                }
+                None
+            }
+            LandOutcome::Fenced => {
+                self.sink.observed.fenced += 1;
+                if !stale {
+                    problems.push(format!(
+                        "{device}/{lane} seq {seq} fenced with the lane's current generation {generation_before} (no rollback or epoch since its grant)"
+                    ));
+                }
+                Some(LandingRefusal::Fenced)
+            }
+            LandOutcome::Failed(error) => {
+                self.sink.observed.land_failures += 1;
+                if fired_land == 0 {
+                    problems.push(format!("{device}/{lane} seq {seq} failed to land without an injected fault: {error}"));
+                }
+                // `Lander::land`: publish the rolled-back lane, wake every session.
+                self.sink.publish(device, lane);
+                self.sink_notify_all();
+                Some(LandingRefusal::StorageFailed(error.to_string()))
+            }
+        };
+        trace!(self, "lander: conn#{conn} {device}/{lane} core seq {seq} (ring seq {}): {}", chunk.ring_seq, match &refusal {
+            None if seq > landed_before && !stale => "landed",
+            None => "duplicate",
+            Some(LandingRefusal::Fenced) => "FENCED",
+            Some(_) => "FAILED",
+        });
+        for problem in problems {
+            self.fail(format!("LANDING RULE BROKEN: {problem}"));
+        }
+        if let Some(refusal) = refusal {
+            self.sink_input(conn, Input::Refusal(refusal));
+        }
+        if broken_after {
+            self.schedule_operator_restart();
+        }
+        self.sink_wake_permit_waiters();
+    }
+
+    fn lander_commit(&mut self) {
+        let core = self.sink.core.as_mut().expect("running");
+        let before = self.sink.disk.armed();
+        let result = core.commit();
+        let after = self.sink.disk.armed();
+        let fired_commit = fired(before, after, |faults| faults.commit);
+        let fired_store = fired(before, after, |faults| faults.store_commit);
+        let fired_recover = fired(before, after, |faults| faults.recover);
+        self.sink.observed.fired_commit += fired_commit;
+        self.sink.observed.fired_store_commit += fired_store;
+        self.sink.observed.fired_recover += fired_recover;
+        let commit_us = self.rng.range(1, self.sink.params.commit_us_max);
+        self.sink.lander_free_at = self.now() + commit_us;
+        match result {
+            Ok(advanced) if advanced.is_empty() => {}
+            Ok(advanced) => {
+                self.sink.observed.commits += 1;
+                if fired_commit + fired_store > 0 {
+                    self.fail("a commit succeeded although an injected fault fired".to_string());
+                }
+                let mut problems = Vec::new();
+                for ((device, lane), seq) in &advanced {
+                    self.sink.publish(device, *lane);
+                    let seen = self.sink.max_durable.entry((device.clone(), *lane)).or_insert(0);
+                    if *seq < *seen {
+                        problems.push(format!("{device}/{lane}: durable {seq} after {seen}"));
+                    }
+                    *seen = (*seen).max(*seq);
+                }
+                trace!(self, "lander: commit {:?}", advanced);
+                for problem in problems {
+                    self.fail(format!("DURABLE WATERMARK WENT BACKWARDS: {problem}"));
+                }
+                self.sink_notify_all();
+            }
+            Err(failure) => {
+                self.sink.observed.commit_failures += 1;
+                if fired_commit + fired_store == 0 {
+                    self.fail(format!("a commit failed without an injected fault: {}", failure.error));
+                }
+                trace!(self, "lander: COMMIT FAILED ({}); rolled back {:?}; broken {:?}", failure.error, failure.rolled_back, failure.broken);
+                for (device, lane) in &failure.rolled_back {
+                    self.sink.publish(device, *lane);
+                }
+                self.sink_notify_all();
+                if failure.broken.is_some() {
+                    self.schedule_operator_restart();
+                }
+            }
+        }
+    }
+
+    /// The sink's final state for the checks: the core (running), its stats checked.
+    pub fn sink_final_stats(&mut self) -> (LandingStats, Observed) {
+        let core = self.sink.core.take().expect("the sink runs at the end");
+        self.sink_check_stats(&core);
+        let stats = add_stats(self.sink.past_stats, *core.stats());
+        let observed = add_observed(self.sink.past_observed, self.sink.observed);
+        self.sink.core = Some(core);
+        (stats, observed)
+    }
+
+    pub fn sink_devices_with_lanes(&self) -> BTreeSet<(String, Lane)> {
+        self.sink.disk.lanes().into_iter().collect()
+    }
+}
+
+fn add_stats(a: LandingStats, b: LandingStats) -> LandingStats {
+    LandingStats {
+        chunks_landed: a.chunks_landed + b.chunks_landed,
+        bytes_landed: a.bytes_landed + b.bytes_landed,
+        duplicates_dropped: a.duplicates_dropped + b.duplicates_dropped,
+        fenced_chunks: a.fenced_chunks + b.fenced_chunks,
+        landing_failures: a.landing_failures + b.landing_failures,
+        commits: a.commits + b.commits,
+        commit_failures: a.commit_failures + b.commit_failures,
+        epochs_started: a.epochs_started + b.epochs_started,
+        sessions_granted: a.sessions_granted + b.sessions_granted,
+    }
+}
+
+fn add_observed(a: Observed, b: Observed) -> Observed {
+    Observed {
+        landed: a.landed + b.landed,
+        bytes_landed: a.bytes_landed + b.bytes_landed,
+        duplicates: a.duplicates + b.duplicates,
+        fenced: a.fenced + b.fenced,
+        land_failures: a.land_failures + b.land_failures,
+        commits: a.commits + b.commits,
+        commit_failures: a.commit_failures + b.commit_failures,
+        epochs: a.epochs + b.epochs,
+        grants: a.grants + b.grants,
+        fired_land: a.fired_land + b.fired_land,
+        fired_commit: a.fired_commit + b.fired_commit,
+        fired_store_commit: a.fired_store_commit + b.fired_store_commit,
+        fired_bind: a.fired_bind + b.fired_bind,
+        fired_recover: a.fired_recover + b.fired_recover,
+        open_failures: a.open_failures + b.open_failures,
+    }
+}
