@@ -8,91 +8,9 @@ use std::time::Duration;
 
 use appliance::Uplink;
 use core_sink::{Sink, SinkMetrics};
-use protocol::{
-    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, SealedChunk,
-    decode_control, encode_control, encode_frame,
-};
+use protocol::{Codec, ControlMessage, ErrorCode, FrameKind, Lane, SealedChunk, encode_frame};
 use support::harness::{Fleet, MIB, produce, wait_until};
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// A hand-driven client: connects with `device`'s certificate and sends a Hello naming `claimed`.
-async fn connect_and_hello(
-    fleet: &Fleet,
-    device: &str,
-    claimed: &str,
-    sink: std::net::SocketAddr,
-) -> (quinn::Endpoint, quinn::Connection, Option<ControlMessage>) {
-    let settings = fleet::transport::TransportSettings::default();
-    let client =
-        fleet::client_config(fleet.ca.certificate_pem(), &fleet.device(device), settings.to_quinn()).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client);
-    let connection = endpoint.connect(sink, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        device_id: claimed.to_string(),
-        boot_id: [7; 16],
-        ring_id: [8; 16],
-        lanes: Lane::ALL.to_vec(),
-        codecs: vec![Codec::Raw],
-        dictionary_ids: Vec::new(),
-    });
-    let mut frame = Vec::new();
-    encode_frame(FrameKind::Control, &encode_control(&hello).unwrap(), &mut frame).unwrap();
-    send.write_all(&frame).await.unwrap();
-    let mut decoder = FrameDecoder::new(1 + protocol::CONTROL_MESSAGE_BYTES_MAX);
-    let mut buffer = vec![0u8; 4096];
-    let reply = loop {
-        if let Some(frame) = decoder.next_frame().unwrap() {
-            break Some(decode_control(&frame.payload).unwrap());
-        }
-        match tokio::time::timeout(LIMIT, recv.read(&mut buffer)).await.unwrap() {
-            Ok(Some(read)) => decoder.push(&buffer[..read]),
-            _ => break None,
-        }
-    };
-    (endpoint, connection, reply)
-}
-
-/// Waits for the sink to close `connection` and returns its application error code.
-async fn close_code(connection: &quinn::Connection) -> (u64, String) {
-    match tokio::time::timeout(LIMIT, connection.closed()).await.expect("closed in time") {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            (close.error_code.into_inner(), String::from_utf8_lossy(&close.reason).into_owned())
-        }
-        other => panic!("expected an application close, got {other}"),
-    }
-}
-
-/// A well-behaved appliance that must keep flowing while others misbehave.
-struct Bystander {
-    ring: buffer::Ring,
-    uplink: Uplink,
-}
-
-impl Bystander {
-    fn start(fleet: &Fleet, sink: &Sink) -> Bystander {
-        let ring = fleet.open_ring("bystander", 16 * MIB);
-        let uplink =
-            Uplink::spawn(ring.clone(), fleet.uplink_config("bystander", sink.local_addr())).unwrap();
-        Bystander { ring, uplink }
-    }
-
-    async fn delivers(&self, first: u64) {
-        let ring = self.ring.clone();
-        let seqs = tokio::task::spawn_blocking(move || produce(&ring, "bystander", Lane::Sensor, first, 500))
-            .await
-            .unwrap();
-        let last = *seqs.last().unwrap();
-        let metrics = self.uplink.metrics();
-        assert!(
-            wait_until(LIMIT, || metrics.acked_through(Lane::Sensor) >= last).await,
-            "bystander keeps flowing"
-        );
-    }
-}
+use support::raw_device::{Bystander, LIMIT, close_code, connect_and_hello};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_naming_another_device_is_refused() {

@@ -2,3 +2,4 @@
 //! `mod support;` and uses the modules it needs.
 
 pub mod harness;
+pub mod raw_device;
