@@ -25,6 +25,7 @@ pub fn hello(device_id: &str) -> Hello {
         protocol_version: PROTOCOL_VERSION,
         device_id: device_id.to_string(),
         boot_id: [7; 16],
+        ring_id: [8; 16],
         lanes: Lane::ALL.to_vec(),
         codecs: vec![Codec::Raw],
         dictionary_ids: Vec::new(),
