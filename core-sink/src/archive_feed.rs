@@ -25,7 +25,6 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write as _};
-use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,21 +33,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use archive::{Archive, ArchiveError, IngestOutcome, IngestedRecord};
 use protocol::evidence::{Evidence, sha256_hex};
-use protocol::{ChunkDecompressor, Lane, decode_chunk, decode_records};
+use protocol::{ChunkDecompressor, ChunkHeader, Lane, decode_records};
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::tar::TarShardWriter;
 use crate::dictionaries::DictionaryStore;
-use crate::landing::{parse_checkpoint, raw_files};
+use crate::landing::{CommittedLanding, ReadPosition};
 
-/// Raw bytes read per device per step, so one huge backlog cannot hold the feed.
+/// Raw bytes read per device per step (overshot by at most one record), so one huge backlog
+/// cannot hold the feed.
 const READ_STEP_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest positions file (about 150 bytes per device).
 const POSITIONS_BYTES_MAX: u64 = 16 * 1024 * 1024;
 const POSITIONS_FORMAT_VERSION: u32 = 1;
 const REVIEW_PREFIX: &str = "review-";
-
-const _: () = assert!(READ_STEP_BYTES >= 4 + protocol::CHUNK_ENCODED_BYTES_MAX as u64);
 
 /// `[archive]` in sink.toml.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -144,12 +142,33 @@ pub struct ArchiveFeedMetrics {
     pub failures: AtomicU64,
 }
 
+/// A `ReadPosition` as the positions file spells it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Position {
     raw_file_first_seq: u64,
     raw_offset: u64,
     through_seq: u64,
+}
+
+impl From<Position> for ReadPosition {
+    fn from(position: Position) -> ReadPosition {
+        ReadPosition {
+            file_first_seq: position.raw_file_first_seq,
+            offset: position.raw_offset,
+            through_seq: position.through_seq,
+        }
+    }
+}
+
+impl From<ReadPosition> for Position {
+    fn from(position: ReadPosition) -> Position {
+        Position {
+            raw_file_first_seq: position.file_first_seq,
+            raw_offset: position.offset,
+            through_seq: position.through_seq,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,102 +371,51 @@ impl ArchiveFeed {
 
     /// One pass over every device's committed audit lane (at most `READ_STEP_BYTES` each).
     /// Returns whether anything was consumed. Nothing is durable until [`ArchiveFeed::persist`].
-    pub fn step(&mut self, committed: &[u8]) -> anyhow::Result<bool> {
+    pub fn step(&mut self, checkpoint: &[u8]) -> anyhow::Result<bool> {
+        let committed = CommittedLanding::new(&self.landing_dir, checkpoint)?;
         let mut progressed = false;
-        for ((device, lane), (first_seq, length)) in parse_checkpoint(committed)? {
+        for (device, lane) in committed.lanes() {
             if lane == Lane::Audit {
-                progressed |= self.consume(&device, first_seq, length)? > 0;
+                progressed |= self.consume(&committed, device)? > 0;
             }
         }
         Ok(progressed)
     }
 
     /// Reads committed audit chunks of `device`; returns the bytes read.
-    fn consume(
-        &mut self,
-        device: &str,
-        committed_first_seq: u64,
-        committed_length: u64,
-    ) -> anyhow::Result<u64> {
-        let mut position = self.positions.get(device).copied().unwrap_or_default();
-        let mut budget = READ_STEP_BYTES;
-        for (first_seq, path) in raw_files(&self.landing_dir, device, Lane::Audit) {
-            if first_seq < position.raw_file_first_seq || first_seq > committed_first_seq {
-                continue;
-            }
-            if first_seq > position.raw_file_first_seq {
-                position = Position { raw_file_first_seq: first_seq, raw_offset: 0, ..position };
-            }
-            let end = if first_seq == committed_first_seq {
-                committed_length
-            } else {
-                fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.len()
-            };
-            let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-            while position.raw_offset < end && budget > 0 {
-                // At least one whole chunk per read, so a chunk never straddles the budget.
-                let read =
-                    budget.max(4 + protocol::CHUNK_ENCODED_BYTES_MAX as u64).min(end - position.raw_offset);
-                let mut bytes = vec![0u8; read as usize];
-                file.read_exact_at(&mut bytes, position.raw_offset)
-                    .with_context(|| format!("read {} at {}", path.display(), position.raw_offset))?;
-                let mut offset = 0usize;
-                while offset + 4 <= bytes.len() {
-                    let length =
-                        u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
-                    anyhow::ensure!(
-                        length <= protocol::CHUNK_ENCODED_BYTES_MAX,
-                        "{} at {}: record of {length} bytes",
-                        path.display(),
-                        position.raw_offset + offset as u64
-                    );
-                    if offset + 4 + length > bytes.len() {
-                        break; // the rest of this chunk comes with the next read
-                    }
-                    let seq = self.consume_chunk(
-                        device,
-                        &bytes[offset + 4..offset + 4 + length],
-                        position.through_seq,
-                    )?;
-                    position.through_seq = position.through_seq.max(seq);
-                    offset += 4 + length;
-                }
-                anyhow::ensure!(offset > 0, "{}: no whole record at {}", path.display(), position.raw_offset);
-                position.raw_offset += offset as u64;
-                budget = budget.saturating_sub(offset as u64);
-                self.positions.insert(device.to_string(), position);
-            }
-            if position.raw_offset < end {
-                break; // this step's budget is spent; continue in this file next step
-            }
+    fn consume(&mut self, committed: &CommittedLanding, device: &str) -> anyhow::Result<u64> {
+        let from: ReadPosition = self.positions.get(device).copied().unwrap_or_default().into();
+        let mut reader = committed.read(device, Lane::Audit, from)?;
+        while reader.bytes_read() < READ_STEP_BYTES {
+            let Some(chunk) = reader.next_chunk()? else { break };
+            self.consume_chunk(device, &chunk.header, chunk.body())?;
         }
-        Ok(READ_STEP_BYTES - budget)
+        if reader.position() != from {
+            self.positions.insert(device.to_string(), reader.position().into());
+        }
+        Ok(reader.bytes_read())
     }
 
-    /// Ingests a chunk's records; returns the chunk's seq.
-    fn consume_chunk(&mut self, device: &str, encoded: &[u8], through_seq: u64) -> anyhow::Result<u64> {
-        let (header, body) = decode_chunk(encoded)?;
-        if header.seq <= through_seq {
-            return Ok(header.seq); // consumed before the last persist
-        }
+    /// Ingests a committed chunk's records.
+    fn consume_chunk(&mut self, device: &str, header: &ChunkHeader, body: &[u8]) -> anyhow::Result<()> {
         let (decompressor, registered) = self.decompressors.entry(device.to_string()).or_default();
         if header.dict_id != protocol::NO_DICTIONARY && !registered.contains(&header.dict_id) {
             self.dictionaries.register_all(device, decompressor, registered)?;
         }
-        let raw = match decompressor.decompress(&header, body) {
+        let raw = match decompressor.decompress(header, body) {
             Ok(raw) => raw,
             Err(error) => {
                 tracing::error!(%device, seq = header.seq, %error, "audit chunk cannot be decoded for the archive");
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
-                return Ok(header.seq);
+                return Ok(());
             }
         };
-        let records = match decode_records(&header, &raw) {
+        let records = match decode_records(header, &raw) {
             Ok(records) => records,
             Err(error) => {
                 tracing::error!(%device, seq = header.seq, %error, "audit chunk's records do not decode");
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
-                return Ok(header.seq);
+                return Ok(());
             }
         };
         for (index, record) in records.iter().enumerate() {
@@ -476,7 +444,7 @@ impl ArchiveFeed {
             }
         }
         self.unpersisted_records += records.len() as u64;
-        Ok(header.seq)
+        Ok(())
     }
 
     fn add_review_sample(

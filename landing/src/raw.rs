@@ -7,9 +7,12 @@
 //!
 //! Raw landing layout (the archive of originals as received):
 //! `<landing_dir>/raw/<device>/<lane>/<first seq, 20 digits>.tcr`, each file a sequence of
-//! records `length u32 LE ‖ encoded chunk (header ‖ body)`, chunks in seq order. A file is
-//! rotated (a new one started) at the first chunk after it reached `rotate_bytes`. Checkpoint:
-//! one line per (device, lane): `device lane first_seq committed_length`.
+//! records `length u32 LE ‖ encoded chunk (header ‖ body)`, chunks in seq order. A record's
+//! length is at most `protocol::CHUNK_ENCODED_BYTES_MAX`. A file is rotated (a new one started)
+//! at the first chunk after it reached `rotate_bytes`; the full file is fsynced first, so once a
+//! commit records a newer file, every older file of the lane is committed whole. Checkpoint: one
+//! line per (device, lane): `device lane first_seq committed_length` (the newest file of the lane
+//! and how much of it is committed). Readers of committed data use `committed`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -49,10 +52,15 @@ pub trait Committer: Send {
     fn discard_uncommitted(&mut self, device: &str, lane: Lane) -> Result<(), LandingError>;
 }
 
+/// Bytes of a record's length prefix.
+pub const RECORD_LENGTH_BYTES: usize = 4;
+
+/// A file of one (device, lane) and a length in it: the committed end of a lane in a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FilePosition {
-    first_seq: u64,
-    length: u64,
+pub struct FilePosition {
+    /// The file's first seq, which names it.
+    pub first_seq: u64,
+    pub length: u64,
 }
 
 struct OpenFile {
@@ -105,7 +113,7 @@ impl RawLanding {
     fn roll_back_lane(&self, device: &str, lane: Lane) -> Result<(), LandingError> {
         let committed = self.committed.get(&(device.to_string(), lane)).copied();
         let landing_dir = self.root.parent().expect("raw root is inside the landing dir");
-        for (first_seq, path) in raw_files(landing_dir, device, lane) {
+        for (first_seq, path) in raw_files(landing_dir, device, lane)? {
             match committed {
                 Some(position) if first_seq == position.first_seq => {
                     let file = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
@@ -163,7 +171,7 @@ impl Committer for RawLanding {
         let path = self.file_path(device, header.lane, first_seq);
         let open = self.open.get_mut(&key).expect("inserted above");
         let length = u32::try_from(encoded.len()).expect("chunks are bounded by CHUNK_ENCODED_BYTES_MAX");
-        let mut record = Vec::with_capacity(4 + encoded.len());
+        let mut record = Vec::with_capacity(RECORD_LENGTH_BYTES + encoded.len());
         record.extend_from_slice(&length.to_le_bytes());
         record.extend_from_slice(encoded);
         open.file.write_all(&record).map_err(io_error(&path))?;
@@ -209,10 +217,7 @@ impl Committer for RawLanding {
 
     fn recover(&mut self, checkpoint: Option<&[u8]>) -> Result<(), LandingError> {
         self.open.clear();
-        self.committed.clear();
-        for ((device, lane), (first_seq, length)) in parse_checkpoint(checkpoint.unwrap_or_default())? {
-            self.committed.insert((device, lane), FilePosition { first_seq, length });
-        }
+        self.committed = parse_checkpoint(checkpoint.unwrap_or_default())?;
         let devices: Vec<PathBuf> = match fs::read_dir(&self.root) {
             Ok(entries) => entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect(),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -236,11 +241,11 @@ impl Committer for RawLanding {
     }
 }
 
-/// The committed position of every (device, lane) in a raw landing checkpoint: the file that
-/// starts at `first_seq` is committed through `length` bytes; older files are committed whole.
-/// (first seq of the committed file, committed length) per (device, lane).
-pub type CommittedPositions = BTreeMap<(String, Lane), (u64, u64)>;
+/// The committed end of every (device, lane) in a raw landing checkpoint: the file that starts
+/// at `first_seq` is committed through `length` bytes; older files are committed whole.
+pub type CommittedPositions = BTreeMap<(String, Lane), FilePosition>;
 
+/// Parses a raw landing checkpoint (`RawLanding`'s `Committer::checkpoint`).
 pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<CommittedPositions, LandingError> {
     let text = String::from_utf8_lossy(checkpoint);
     let mut positions = BTreeMap::new();
@@ -254,46 +259,28 @@ pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<CommittedPositions, Landing
         let lane: Lane = lane.parse().map_err(|_| malformed("unknown lane"))?;
         let first_seq = first_seq.parse().map_err(|_| malformed("bad first seq"))?;
         let length = length.parse().map_err(|_| malformed("bad length"))?;
-        positions.insert((device.to_string(), lane), (first_seq, length));
+        positions.insert((device.to_string(), lane), FilePosition { first_seq, length });
     }
     Ok(positions)
 }
 
-/// The raw landing files of (device, lane) under `landing_dir`, oldest first, with their first seq.
-pub fn raw_files(landing_dir: &Path, device: &str, lane: Lane) -> Vec<(u64, PathBuf)> {
+/// The raw landing files of (device, lane) under `landing_dir`, oldest first, with their first
+/// seq; none if the lane has no directory. Other names in the directory are not landing files
+/// and are left out.
+pub fn raw_files(landing_dir: &Path, device: &str, lane: Lane) -> Result<Vec<(u64, PathBuf)>, LandingError> {
     let directory = landing_dir.join("raw").join(device).join(lane.name());
-    let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&directory)
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-                .filter_map(|path| parse_first_seq(&path).map(|first_seq| (first_seq, path)))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
-
-/// Reads the chunks of one landed file, verifying each (length prefix bounded, CRC checked).
-pub fn read_landed_file(path: &Path) -> Result<Vec<(ChunkHeader, Vec<u8>)>, String> {
-    let bytes = fs::read(path).map_err(|error| format!("{}: {error}", path.display()))?;
-    let mut chunks = Vec::new();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        let Some(prefix) = bytes.get(offset..offset + 4) else {
-            return Err(format!("{}: truncated length prefix at {offset}", path.display()));
-        };
-        let length = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
-        if length > protocol::CHUNK_ENCODED_BYTES_MAX {
-            return Err(format!("{}: record at {offset} claims {length} bytes", path.display()));
+    let entries = match fs::read_dir(&directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(LandingError::Io { path: directory, source: error }),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io_error(&directory))?.path();
+        if let Some(first_seq) = parse_first_seq(&path) {
+            files.push((first_seq, path));
         }
-        let Some(encoded) = bytes.get(offset + 4..offset + 4 + length) else {
-            return Err(format!("{}: truncated record at {offset}", path.display()));
-        };
-        let (header, _) =
-            protocol::decode_chunk(encoded).map_err(|error| format!("{}: {error}", path.display()))?;
-        chunks.push((header, encoded.to_vec()));
-        offset += 4 + length;
     }
-    Ok(chunks)
+    files.sort();
+    Ok(files)
 }

@@ -55,6 +55,8 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
 const STEP: Duration = Duration::from_millis(1);
 
 type Key = (String, Lane);
+/// A failed commit as the model sees it: the lanes rolled back, and whether the core broke.
+type RolledBack = (Vec<Key>, bool);
 
 fn key(device: &str, lane: Lane) -> Key {
     (device.to_string(), lane)
@@ -274,8 +276,7 @@ impl Model {
     }
 
     /// `Ok(advanced watermarks)` or `Err((rolled back lanes, broken))`.
-    #[allow(clippy::type_complexity)]
-    fn commit(&mut self) -> Result<Vec<(Key, u64)>, (Vec<Key>, bool)> {
+    fn commit(&mut self) -> Result<Vec<(Key, u64)>, RolledBack> {
         let pending = self.pending();
         if pending.is_empty() {
             return Ok(Vec::new());
@@ -573,7 +574,8 @@ impl Harness {
                 .collect();
             assert!(
                 uncovered.is_empty(),
-                "step {step}: {device}/{lane}: durable watermark {durable} covers seqs {uncovered:?} whose chunks are not durable"
+                "step {step}: {device}/{lane}: durable watermark {durable} covers seqs {uncovered:?} \
+                 whose chunks are not durable"
             );
             let high = self.durable_high.entry(key.clone()).or_insert(0);
             assert!(
@@ -697,74 +699,74 @@ fn land_all(harness: &mut Harness, session: usize, lane: Lane, count: u64) {
     }
 }
 
-/// How C1 is made to lose its uncommitted chunks after C2's grant was taken.
+/// What fails and makes C1 lose its uncommitted chunks after C2's grant was taken.
 #[derive(Clone, Copy, Debug)]
-enum RollBack {
+enum Failing {
     /// C1's seq 11 fails to land (a torn write or not).
-    LandFailure { torn: bool },
+    Write { torn: bool },
     /// The commit fails (with or without some of its data reaching the disk).
-    CommitFailure { partial_sync: bool },
+    Commit { partial_sync: bool },
     /// The committer's fsync succeeds, the store's transaction does not.
-    StoreCommitFailure,
+    StoreCommit,
 }
 
 /// The rollback race: C1 lands seqs 1..=10 uncommitted; C2's grant is taken (resume 11 =
 /// landed + 1); then C1's lane rolls back. C2's chunks 11 and 12 must be fenced: landing them
 /// would let the next commit's watermark cover 1..=10, which are gone. The device then resends
 /// from the durable watermark and everything lands once.
-fn check_rollback_race(rollback: RollBack) {
+fn check_rollback_race(failing: Failing) {
     let media = Lane::Media;
     let mut harness = Harness::new();
     let c1 = harness.open(0, 0).expect("granted");
     land_all(&mut harness, c1, media, 10);
     let c2 = harness.open(0, 0).expect("granted");
-    assert_eq!(harness.sessions[c2].next[media.index()], 11, "{rollback:?}: C2 resumes at landed + 1");
-    match rollback {
-        RollBack::LandFailure { torn } => {
+    assert_eq!(harness.sessions[c2].next[media.index()], 11, "{failing:?}: C2 resumes at landed + 1");
+    match failing {
+        Failing::Write { torn } => {
             harness.arm(if torn { Fault::TornLand } else { Fault::Land });
             let outcome = harness.land(c1, media, Send::Next);
-            assert!(matches!(outcome, LandOutcome::Failed(_)), "{rollback:?}: C1's seq 11: {outcome:?}");
+            assert!(matches!(outcome, LandOutcome::Failed(_)), "{failing:?}: C1's seq 11: {outcome:?}");
         }
-        RollBack::CommitFailure { partial_sync } => {
+        Failing::Commit { partial_sync } => {
             harness.arm(if partial_sync { Fault::CommitPartialSync } else { Fault::Commit });
             let failure = harness.commit().expect_err("the commit fails");
-            assert_eq!(failure.rolled_back, vec![key(DEVICES[0], media)], "{rollback:?}");
+            assert_eq!(failure.rolled_back, vec![key(DEVICES[0], media)], "{failing:?}");
         }
-        RollBack::StoreCommitFailure => {
+        Failing::StoreCommit => {
             harness.arm(Fault::StoreCommit);
             let failure = harness.commit().expect_err("the commit fails");
-            assert_eq!(failure.rolled_back, vec![key(DEVICES[0], media)], "{rollback:?}");
+            assert_eq!(failure.rolled_back, vec![key(DEVICES[0], media)], "{failing:?}");
         }
     }
     for seq in [11, 12] {
         let outcome = harness.land(c2, media, Send::Next);
-        assert!(matches!(outcome, LandOutcome::Fenced), "{rollback:?}: C2's seq {seq}: {outcome:?}");
+        assert!(matches!(outcome, LandOutcome::Fenced), "{failing:?}: C2's seq {seq}: {outcome:?}");
     }
     let advanced = harness.commit().expect("nothing pending commits");
-    assert!(advanced.is_empty(), "{rollback:?}: {advanced:?}");
-    assert_eq!(harness.durable(DEVICES[0], media), 0, "{rollback:?}: the watermark covers nothing lost");
-    assert!(harness.durable_seqs(DEVICES[0], media).is_empty(), "{rollback:?}");
+    assert!(advanced.is_empty(), "{failing:?}: {advanced:?}");
+    assert_eq!(harness.durable(DEVICES[0], media), 0, "{failing:?}: the watermark covers nothing lost");
+    assert!(harness.durable_seqs(DEVICES[0], media).is_empty(), "{failing:?}");
     // The device resends from the durable watermark.
     let c3 = harness.open(0, 0).expect("granted");
-    assert_eq!(harness.sessions[c3].next[media.index()], 1, "{rollback:?}: C3 resumes at durable + 1");
+    assert_eq!(harness.sessions[c3].next[media.index()], 1, "{failing:?}: C3 resumes at durable + 1");
     land_all(&mut harness, c3, media, 12);
     harness.commit().expect("commit");
-    assert_eq!(harness.durable_seqs(DEVICES[0], media), (1..=12).collect::<Vec<_>>(), "{rollback:?}");
+    assert_eq!(harness.durable_seqs(DEVICES[0], media), (1..=12).collect::<Vec<_>>(), "{failing:?}");
     harness.restart(true);
-    assert_eq!(harness.durable_seqs(DEVICES[0], media), (1..=12).collect::<Vec<_>>(), "{rollback:?}");
+    assert_eq!(harness.durable_seqs(DEVICES[0], media), (1..=12).collect::<Vec<_>>(), "{failing:?}");
 }
 
 #[test]
 fn rollback_race_after_a_failed_write_fences_the_later_grant() {
-    check_rollback_race(RollBack::LandFailure { torn: false });
-    check_rollback_race(RollBack::LandFailure { torn: true });
+    check_rollback_race(Failing::Write { torn: false });
+    check_rollback_race(Failing::Write { torn: true });
 }
 
 #[test]
 fn rollback_race_after_a_failed_commit_fences_the_later_grant() {
-    check_rollback_race(RollBack::CommitFailure { partial_sync: false });
-    check_rollback_race(RollBack::CommitFailure { partial_sync: true });
-    check_rollback_race(RollBack::StoreCommitFailure);
+    check_rollback_race(Failing::Commit { partial_sync: false });
+    check_rollback_race(Failing::Commit { partial_sync: true });
+    check_rollback_race(Failing::StoreCommit);
 }
 
 /// What happens between the failed store commit and the devices' resend.

@@ -34,6 +34,9 @@ impl Table {
     }
 }
 
+/// One raw entry: its database, key and value.
+type Entry = (Table, Vec<u8>, Vec<u8>);
+
 fn watermark_key(device: &[u8], lane_id: u8) -> Vec<u8> {
     [device, &[0, lane_id]].concat()
 }
@@ -52,7 +55,7 @@ fn binding_bytes(binding: &RingBinding) -> Vec<u8> {
 }
 
 /// Writes `entries` as they are into the databases of a state directory.
-fn write_raw(path: &Path, entries: &[(Table, Vec<u8>, Vec<u8>)]) {
+fn write_raw(path: &Path, entries: &[Entry]) {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
     options.map_size(MAP_BYTES).max_dbs(3);
     // SAFETY: this test opens the path once at a time; the env is closed before SinkState opens it.
@@ -72,7 +75,7 @@ fn load(path: &Path) -> StoredState {
 }
 
 /// Raw entries in, what `SinkState` loads out.
-fn check_load(entries: &[(Table, Vec<u8>, Vec<u8>)], expected: StoredState) {
+fn check_load(entries: &[Entry], expected: StoredState) {
     let directory = tempfile::tempdir().expect("tempdir");
     let path = directory.path().join("state");
     std::fs::create_dir_all(&path).expect("create");
@@ -122,7 +125,7 @@ fn malformed_entries_are_skipped_and_the_rest_kept() {
     let keep_watermark =
         (Table::Watermarks, watermark_key(b"kept", Lane::Sensor.id()), 5u64.to_le_bytes().to_vec());
     let kept = state(&[("kept", Lane::Sensor, 5)], &[("kept", good)], None);
-    let malformed: Vec<(&str, (Table, Vec<u8>, Vec<u8>))> = vec![
+    let malformed: Vec<(&str, Entry)> = vec![
         (
             "binding one byte short",
             (Table::Rings, b"short".to_vec(), bytes[..RING_BINDING_BYTES - 1].to_vec()),

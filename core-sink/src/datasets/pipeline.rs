@@ -13,21 +13,21 @@
 //! are deleted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{ChunkDecompressor, Lane, decode_chunk, decode_records};
+use protocol::{ChunkDecompressor, ChunkHeader, Lane, decode_records};
 
 use super::manifest::{Consumed, Manifest, SeqRange, ShardEntry};
 use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
 use super::{DatasetsConfig, Placement};
 use crate::dictionaries::DictionaryStore;
-use crate::landing::{parse_checkpoint, raw_files};
+use crate::landing::{CommittedLanding, ReadPosition};
 
-/// Raw bytes read per step, so one huge backlog cannot hold the whole pipeline.
+/// Raw bytes read per (device, lane) per step (overshot by at most one record), so one huge
+/// backlog cannot hold the whole pipeline.
 const READ_STEP_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, Default)]
@@ -38,13 +38,6 @@ pub struct DatasetMetrics {
     pub undecodable_chunks: AtomicU64,
     /// Chunks whose records fail validation (keys that would break WebDataset, bad layout).
     pub rejected_chunks: AtomicU64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Position {
-    file_first_seq: u64,
-    offset: u64,
-    through_seq: u64,
 }
 
 struct OpenShard {
@@ -67,7 +60,7 @@ struct Dataset {
     manifest: Manifest,
     manifest_path: PathBuf,
     /// Read positions, ahead of the manifest while a shard is open.
-    positions: BTreeMap<(String, Lane), Position>,
+    positions: BTreeMap<(String, Lane), ReadPosition>,
     open: Option<OpenShard>,
 }
 
@@ -79,7 +72,7 @@ impl Dataset {
         }
     }
 
-    fn published_positions(&self) -> BTreeMap<(String, Lane), Position> {
+    fn published_positions(&self) -> BTreeMap<(String, Lane), ReadPosition> {
         self.manifest
             .consumed
             .iter()
@@ -87,7 +80,7 @@ impl Dataset {
                 let lane: Lane = consumed.lane.parse().ok()?;
                 Some((
                     (consumed.device.clone(), lane),
-                    Position {
+                    ReadPosition {
                         file_first_seq: consumed.raw_file_first_seq,
                         offset: consumed.raw_offset,
                         through_seq: consumed.through_seq,
@@ -202,15 +195,14 @@ impl Pipeline {
 
     /// One pass: consume what is committed (at most `READ_STEP_BYTES` per (device, lane)),
     /// rotate by age. Returns whether anything was consumed.
-    pub fn step(&mut self, committed: &[u8]) -> anyhow::Result<bool> {
-        let positions = parse_checkpoint(committed)?;
+    pub fn step(&mut self, checkpoint: &[u8]) -> anyhow::Result<bool> {
+        let committed = CommittedLanding::new(&self.landing_dir, checkpoint)?;
         let mut progressed = false;
         for index in 0..self.datasets.len() {
             let lanes = self.datasets[index].lanes;
-            for ((device, lane), (committed_first_seq, committed_length)) in &positions {
-                if lanes.contains(lane) {
-                    progressed |=
-                        self.consume(index, device, *lane, *committed_first_seq, *committed_length)? > 0;
+            for (device, lane) in committed.lanes() {
+                if lanes.contains(&lane) {
+                    progressed |= self.consume(index, &committed, device, lane)? > 0;
                 }
             }
             let age_max = Duration::from_millis(self.config.shard_age_max_ms);
@@ -225,111 +217,64 @@ impl Pipeline {
     fn consume(
         &mut self,
         dataset: usize,
+        committed: &CommittedLanding,
         device: &str,
         lane: Lane,
-        committed_first_seq: u64,
-        committed_length: u64,
     ) -> anyhow::Result<u64> {
         let key = (device.to_string(), lane);
-        let files = raw_files(&self.landing_dir, device, lane);
-        let mut position = self.datasets[dataset].positions.get(&key).copied().unwrap_or_default();
-        let mut budget = READ_STEP_BYTES;
-        for (first_seq, path) in files {
-            if first_seq < position.file_first_seq || first_seq > committed_first_seq {
-                continue;
-            }
-            if first_seq > position.file_first_seq {
-                position =
-                    Position { file_first_seq: first_seq, offset: 0, through_seq: position.through_seq };
-            }
-            let end = if first_seq == committed_first_seq {
-                committed_length
-            } else {
-                std::fs::metadata(&path)?.len()
-            };
-            while position.offset < end && budget > 0 {
-                let read =
-                    (end - position.offset).min(budget).max(4 + protocol::CHUNK_ENCODED_BYTES_MAX as u64);
-                let read = read.min(end - position.offset);
-                let mut file = std::fs::File::open(&path)?;
-                file.seek(SeekFrom::Start(position.offset))?;
-                let mut bytes = vec![0u8; read as usize];
-                file.read_exact(&mut bytes)?;
-                let mut offset = 0usize;
-                while offset + 4 <= bytes.len() {
-                    let length =
-                        u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
-                    anyhow::ensure!(
-                        length <= protocol::CHUNK_ENCODED_BYTES_MAX,
-                        "{} at {}: record of {length} bytes",
-                        path.display(),
-                        position.offset + offset as u64
-                    );
-                    if offset + 4 + length > bytes.len() {
-                        break; // the rest of this chunk comes with the next read
-                    }
-                    let encoded = &bytes[offset + 4..offset + 4 + length];
-                    let seq = self.consume_chunk(dataset, device, lane, encoded, position.through_seq)?;
-                    position.through_seq = position.through_seq.max(seq);
-                    offset += 4 + length;
-                    // Rotate at chunk boundaries: the manifest records this position as consumed.
-                    let at = Position { offset: position.offset + offset as u64, ..position };
-                    self.datasets[dataset].positions.insert(key.clone(), at);
-                    if !self.rotate_if_full(dataset) {
-                        // The shard failed and the dataset rolled back to its manifest: the next
-                        // step reads again from there.
-                        return Ok(READ_STEP_BYTES - budget + offset as u64);
-                    }
-                }
-                anyhow::ensure!(offset > 0, "{}: no whole record at {}", path.display(), position.offset);
-                position.offset += offset as u64;
-                budget = budget.saturating_sub(offset as u64);
-                self.datasets[dataset].positions.insert(key.clone(), position);
-            }
-            if position.offset < end {
-                break; // this step's read budget is spent; continue in this file next step
+        let from = self.datasets[dataset].positions.get(&key).copied().unwrap_or_default();
+        let mut reader = committed.read(device, lane, from)?;
+        while reader.bytes_read() < READ_STEP_BYTES {
+            let Some(chunk) = reader.next_chunk()? else { break };
+            self.consume_chunk(dataset, device, lane, &chunk.header, chunk.body())?;
+            // Rotate at chunk boundaries: the manifest records this position as consumed.
+            self.datasets[dataset].positions.insert(key.clone(), chunk.position);
+            if !self.rotate_if_full(dataset) {
+                // The shard failed and the dataset rolled back to its manifest: the next step
+                // reads again from there.
+                return Ok(reader.bytes_read());
             }
         }
-        Ok(READ_STEP_BYTES - budget)
+        // Past chunks consumed before (at or below the position's `through_seq`) too.
+        if reader.position() != from {
+            self.datasets[dataset].positions.insert(key, reader.position());
+        }
+        Ok(reader.bytes_read())
     }
 
-    /// Adds a chunk's records to the dataset's open shard; returns the chunk's seq.
+    /// Adds a committed chunk's records to the dataset's open shard.
     fn consume_chunk(
         &mut self,
         dataset: usize,
         device: &str,
         lane: Lane,
-        encoded: &[u8],
-        through_seq: u64,
-    ) -> anyhow::Result<u64> {
-        let (header, body) = decode_chunk(encoded)?;
-        if header.seq <= through_seq {
-            return Ok(header.seq); // already in this dataset
-        }
+        header: &ChunkHeader,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
         let (decompressor, registered) = self.decompressors.entry(device.to_string()).or_default();
         if header.dict_id != protocol::NO_DICTIONARY && !registered.contains(&header.dict_id) {
             self.dictionaries.register_all(device, decompressor, registered)?;
         }
-        let raw = match decompressor.decompress(&header, body) {
+        let raw = match decompressor.decompress(header, body) {
             Ok(raw) => raw,
             Err(error) => {
                 // The sink refuses chunks whose dictionary it lacks, so this is damage at rest;
                 // the raw landing keeps the chunk as received.
                 tracing::error!(%device, %lane, seq = header.seq, %error, "chunk cannot be decoded for datasets");
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
-                return Ok(header.seq);
+                return Ok(());
             }
         };
         let mut samples = Vec::new();
         // A chunk whose records do not all decode (a key with '.' or '/', which would split a
         // WebDataset sample, a truncated record, a wrong count) is rejected whole for datasets and
         // counted; the raw landing keeps it as received.
-        let decoded = match decode_records(&header, &raw) {
+        let decoded = match decode_records(header, &raw) {
             Ok(decoded) => decoded,
             Err(error) => {
                 tracing::error!(%device, %lane, seq = header.seq, %error, "chunk rejected for datasets");
                 self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
-                return Ok(header.seq);
+                return Ok(());
             }
         };
         let open = self.ensure_open(dataset)?;
@@ -385,7 +330,7 @@ impl Pipeline {
         }
         let range = open.ranges.entry((device.to_string(), lane)).or_insert((header.seq, header.seq));
         range.1 = header.seq;
-        Ok(header.seq)
+        Ok(())
     }
 
     /// The target for `dataset`'s next shard. Round robin is per dataset (its shard seq, offset
