@@ -112,8 +112,14 @@ impl MemoryDisk {
         let key = (device.to_string(), lane);
         let positions = disk.store.checkpoint.as_deref().map(parse_positions).unwrap_or_default();
         let length = positions.get(&key).copied().unwrap_or(0);
-        let entries =
-            disk.files.get(&key).map(|entries| &entries[..length.min(entries.len())]).unwrap_or(&[]);
+        let entries = disk.files.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        // The store records a checkpoint only after the committer synced what it covers.
+        assert!(
+            length <= entries.len(),
+            "{device}/{lane}: the stored checkpoint covers {length} entries but the disk holds {}",
+            entries.len()
+        );
+        let entries = &entries[..length];
         entries
             .iter()
             .map(|entry| match entry {

@@ -374,7 +374,12 @@ impl DeviceSession {
             self.lanes[resume.lane.index()] = Some(LaneState {
                 next_read_seq: resume.resume_seq,
                 highest_covered: held_through,
-                acked_through: held_through,
+                // Fix (simulator seed 3): nothing is trimmed at the Welcome. The resume seq is
+                // what the sink *landed* (`landed - base + 1`), which includes chunks written
+                // since its last commit point; trimming below it deleted chunks a sink crash
+                // then lost (invariant 1: delete only what an Ack covers). The sink acks what
+                // of it is durable right after the grant (`SinkSession::handle_durable`).
+                acked_through: 0,
                 read_outstanding: false,
                 idle_until: None,
                 in_flight: VecDeque::new(),
@@ -382,10 +387,6 @@ impl DeviceSession {
                 dictionaries_sent: HashSet::new(),
                 unwritten_bytes: 0,
             });
-            if held_through > 0 {
-                // Everything below the resume seq is durable at the core: trim it.
-                self.events.push_back(DeviceEvent::Acked { lane: resume.lane, through: held_through });
-            }
         }
         self.state = State::Streaming;
         self.events.push_back(DeviceEvent::Welcomed);
@@ -531,6 +532,22 @@ impl DeviceSession {
                     });
                     continue;
                 };
+                // Fix (simulator seed 102): the dictionary's frame must fit the sink's frame
+                // limit too; unchecked, the sink closed every session with `bad_frame` at this
+                // frame and the lane never got past the chunk (a reconnect loop, not a skip).
+                let dictionary_frame_bytes = protocol::FRAME_KIND_BYTES + 4 + bytes.len();
+                if dictionary_frame_bytes > frame_bytes_max {
+                    self.events.push_back(DeviceEvent::Undeliverable {
+                        lane,
+                        seq,
+                        reason: format!(
+                            "its dictionary {} needs a frame of {dictionary_frame_bytes} bytes, above the \
+                             sink's frame limit of {frame_bytes_max}",
+                            header.dict_id
+                        ),
+                    });
+                    continue;
+                }
                 let mut frame = Vec::with_capacity(bytes.len() + 9);
                 encode_frame(
                     FrameKind::Dictionary,

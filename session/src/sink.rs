@@ -419,7 +419,10 @@ impl SinkSession {
                 return;
             };
             progress.highest_ring_seq = held;
-            progress.acked_ring_seq = held;
+            // Fix (simulator seed 3): `held` is landed, not necessarily durable, so it was never
+            // acked; the first `handle_durable` acks what of it is durable (the device no longer
+            // trims at the Welcome).
+            progress.acked_ring_seq = 0;
             resume.push(LaneResume { lane, resume_seq });
         }
         let welcome = ControlMessage::Welcome(Welcome {

@@ -87,12 +87,11 @@ fn welcomed(next_seqs: [u64; Lane::COUNT], resume: &[(Lane, u64)]) -> (DeviceSes
 }
 
 #[test]
-fn the_welcome_trims_what_the_sink_holds_and_reads_start_at_the_resume_seq() {
+fn reads_start_at_the_resume_seq_and_nothing_is_trimmed_before_an_ack() {
+    // The resume seq counts what the sink landed, durable or not: only an Ack trims (the
+    // simulator's seed 3 found the ring trimmed at the Welcome losing chunks to a sink crash).
     let (mut session, now) = welcomed([1, 1, 40, 1], &[(Lane::Audit, 1), (Lane::Sensor, 31)]);
-    assert_eq!(
-        events(&mut session),
-        [DeviceEvent::Acked { lane: Lane::Sensor, through: 30 }, DeviceEvent::Welcomed]
-    );
+    assert_eq!(events(&mut session), [DeviceEvent::Welcomed]);
     let first = session.poll_read(now).unwrap();
     assert_eq!(first, ReadRequest { lane: Lane::Audit, from_seq: 1, chunks_max: 8, bytes_max: 1 << 20 });
     let second = session.poll_read(now).unwrap();
@@ -158,10 +157,11 @@ fn chunks_are_framed_with_their_dictionary_once_and_acks_trim() {
 #[test]
 fn an_ack_beyond_anything_sent_closes_without_trimming() {
     let (mut session, now) = welcomed([1, 1, 10, 1], &[(Lane::Sensor, 5)]);
-    assert_eq!(
-        events(&mut session),
-        [DeviceEvent::Acked { lane: Lane::Sensor, through: 4 }, DeviceEvent::Welcomed]
-    );
+    assert_eq!(events(&mut session), [DeviceEvent::Welcomed]);
+    // What the sink held at the Welcome may be acked...
+    session.handle_control_bytes(now, &ack(Lane::Sensor, 4));
+    assert_eq!(events(&mut session), [DeviceEvent::Acked { lane: Lane::Sensor, through: 4 }]);
+    // ...but nothing beyond it or what was sent since.
     session.handle_control_bytes(now, &ack(Lane::Sensor, 5));
     assert_eq!(events(&mut session), [DeviceEvent::Closed]);
     let close = session.close().unwrap();
