@@ -23,13 +23,15 @@
 mod config;
 mod error;
 pub mod layout;
+#[cfg(feature = "test-support")]
+pub mod power_cut;
 mod ring;
 mod store;
 mod writer;
 
 pub use config::{
     CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, Durability, LaneConfig, LanePolicy, MAP_HEADROOM_PERCENT,
-    OnCorrupt, RingConfig,
+    OnCorrupt, RingConfig, SyncObserver,
 };
 pub use error::{AppendError, Result, RingError};
 pub use ring::{LaneStats, ReadLimits, Ring, RingStats, StoredChunk};

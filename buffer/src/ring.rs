@@ -161,6 +161,10 @@ impl Ring {
                 }
             },
         };
+        // `try_open` fsynced the ring: everything in it survives a power cut from here on.
+        if let Some(observer) = &config.sync_observer {
+            observer.observe(&path);
+        }
         let shared = Arc::new(Mutex::new(SharedState { lanes: opened.lanes, ..SharedState::default() }));
         let (requests, receiver) = sync_channel(config.queue_depth_max);
         let chunks = opened.databases.chunks;
@@ -463,7 +467,21 @@ fn try_open(path: &Path, config: &RingConfig) -> std::result::Result<Opened, Ope
             "data.mdb is truncated: {file_bytes} bytes, its meta page needs {needed}"
         )));
     }
-    match initialize(path, &env) {
+    let initialized = initialize(path, &env).and_then(|initialized| {
+        // In every durability mode: in `Periodic` mode the commits a crashed process left in the
+        // page cache are not durable yet. After this fsync everything in the ring survives a power
+        // cut.
+        env.force_sync()
+            .map_err(|source| {
+                OpenFailure::Fatal(RingError::Storage {
+                    path: path.to_path_buf(),
+                    operation: "fsync at open",
+                    source,
+                })
+            })
+            .map(|()| initialized)
+    });
+    match initialized {
         Ok((databases, lanes)) => Ok(Opened { env, databases, lanes }),
         Err(failure) => {
             close(env);

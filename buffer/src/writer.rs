@@ -5,6 +5,9 @@
 //! LMDB write transaction, commits (fsync in `Sync` mode) and only then replies. Every append
 //! first joins its lane's FIFO queue, so a lane's seqs follow arrival order and a blocked append
 //! holds back the appends queued behind it instead of being overtaken.
+//!
+//! Durable points: after each fsync (`force_sync` in `Periodic` mode, each commit in `Sync`
+//! mode) the writer calls the `SyncObserver` test seam, if one is set.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -206,8 +209,34 @@ impl Writer {
             self.sync_if_due(&mut sync_replies, disconnected);
             self.publish();
         }
-        if let Err(error) = self.env.force_sync() {
+        if let Err(error) = self.fsync() {
             tracing::error!(path = %self.path.display(), %error, "final ring fsync failed");
+        }
+    }
+
+    /// Forces an fsync; on success everything committed so far is durable.
+    fn fsync(&mut self) -> Result<()> {
+        self.env.force_sync().map_err(|source| self.storage_error("fsync", source))?;
+        self.unsynced_commits = false;
+        self.last_sync = Instant::now();
+        self.shared.lock().expect("ring state lock").syncs += 1;
+        self.made_durable();
+        Ok(())
+    }
+
+    /// Bookkeeping after a commit: in `Sync` mode LMDB fsynced it, so it is a durable point; in
+    /// `Periodic` mode the next fsync makes it one.
+    fn committed(&mut self) {
+        match self.config.durability {
+            Durability::Sync => self.made_durable(),
+            Durability::Periodic { .. } => self.unsynced_commits = true,
+        }
+    }
+
+    /// Everything committed is on disk: show the observer the file as a power cut would leave it.
+    fn made_durable(&mut self) {
+        if let Some(observer) = &self.config.sync_observer {
+            observer.observe(&self.path);
         }
     }
 
@@ -401,10 +430,12 @@ impl Writer {
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
         self.lanes = lanes;
+        self.committed();
         // A real write, so that this second commit advances LMDB's transaction id.
         let mut txn = self.env.write_txn()?;
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
+        self.committed();
         Ok(())
     }
 
@@ -474,7 +505,7 @@ impl Writer {
     fn finish(&mut self, attempt: Attempt, acks: &mut Vec<(Lane, u64, Reply<()>)>) {
         self.lanes = attempt.lanes;
         self.meta_dirty = false;
-        self.unsynced_commits = true;
+        self.committed();
         self.shared.lock().expect("ring state lock").commit_groups += 1;
         // Stats must already show the commit when a producer wakes up.
         self.publish();
@@ -695,17 +726,9 @@ impl Writer {
         if !(due || closing || !sync_replies.is_empty()) {
             return;
         }
-        let result = if self.unsynced_commits || !sync_replies.is_empty() {
-            self.env.force_sync().map_err(|source| self.storage_error("fsync", source))
-        } else {
-            Ok(())
-        };
+        let result = if self.unsynced_commits || !sync_replies.is_empty() { self.fsync() } else { Ok(()) };
         if let Err(error) = &result {
             tracing::error!(path = %self.path.display(), %error, "ring fsync failed");
-        } else {
-            self.unsynced_commits = false;
-            self.last_sync = Instant::now();
-            self.shared.lock().expect("ring state lock").syncs += 1;
         }
         for reply in sync_replies.drain(..) {
             let _ = reply.send(match &result {
