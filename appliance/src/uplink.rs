@@ -264,12 +264,20 @@ async fn drive(
         None => anyhow::bail!("sink closed the control stream before Welcome"),
     };
     for resume in &welcome.resume {
-        // The sink holds more of this lane than this ring ever wrote: the ring was recreated
-        // (e.g. quarantined after damage). Renumber so new chunks are not taken for duplicates.
-        if resume.resume_seq > ring.stats().lane(resume.lane).next_seq {
-            let (ring, lane, first_seq) = (ring.clone(), resume.lane, resume.resume_seq);
-            let next = tokio::task::spawn_blocking(move || ring.rebase(lane, first_seq)).await??;
-            tracing::warn!(%lane, first_seq, next, "the sink is ahead of this ring; renumbered held chunks");
+        // The sink holds more of this lane than this ring ever wrote under its identity: the ring
+        // was recreated or restored. A new identity makes the sink start a new seq epoch instead
+        // of taking new chunks for duplicates; it is durable before it is ever sent.
+        let next_seq = ring.stats().lane(resume.lane).next_seq;
+        if resume.resume_seq > next_seq {
+            let renewing = ring.clone();
+            let identity = tokio::task::spawn_blocking(move || renewing.renew_identity()).await??;
+            let identity: String = identity.iter().map(|byte| format!("{byte:02x}")).collect();
+            anyhow::bail!(
+                "the sink holds lane {} through seq {} but this ring's next seq is {next_seq}: \
+                 renewed the ring identity to {identity} so the sink starts a new epoch; reconnecting",
+                resume.lane,
+                resume.resume_seq - 1
+            );
         }
     }
     let sent_times = SentTimes::default();
