@@ -1,5 +1,8 @@
 //! Ring configuration: every bound is named here, with a default and a reason.
 
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::Lane;
@@ -76,6 +79,41 @@ pub enum OnCorrupt {
     Refuse,
 }
 
+/// A test seam: called on the ring's writer thread right after each successful fsync of the ring
+/// (each `force_sync` in `Periodic` mode, each commit in `Sync` mode, and the fsync at open), with
+/// the ring's directory, while the writer is paused: `data.mdb` then holds exactly the state a
+/// power cut at that moment would leave. Tests copy `data.mdb` here to simulate power cuts
+/// (`buffer::power_cut`); production configs leave it `None`. The callback blocks the writer:
+/// keep it short and never call the ring from it (that would deadlock).
+#[derive(Clone)]
+pub struct SyncObserver(pub Arc<dyn Fn(&Path) + Send + Sync>);
+
+impl SyncObserver {
+    pub fn new(observe: impl Fn(&Path) + Send + Sync + 'static) -> SyncObserver {
+        SyncObserver(Arc::new(observe))
+    }
+
+    pub(crate) fn observe(&self, path: &Path) {
+        (self.0)(path)
+    }
+}
+
+/// A closure has nothing to print.
+impl fmt::Debug for SyncObserver {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("SyncObserver(..)")
+    }
+}
+
+/// Two observers are equal when they are the same closure (clones of one `SyncObserver`).
+impl PartialEq for SyncObserver {
+    fn eq(&self, other: &SyncObserver) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SyncObserver {}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingConfig {
     /// Bytes of chunks (as accounted by `stored_bytes`) the ring may hold, all lanes together.
@@ -89,6 +127,8 @@ pub struct RingConfig {
     pub queue_depth_max: usize,
     pub readers_max: u32,
     pub on_corrupt: OnCorrupt,
+    /// Test seam, `None` in production: see `SyncObserver`.
+    pub sync_observer: Option<SyncObserver>,
 }
 
 impl RingConfig {
@@ -112,6 +152,7 @@ impl RingConfig {
             queue_depth_max: QUEUE_DEPTH_MAX_DEFAULT,
             readers_max: READERS_MAX_DEFAULT,
             on_corrupt: OnCorrupt::Quarantine,
+            sync_observer: None,
         }
     }
 

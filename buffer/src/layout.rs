@@ -7,7 +7,9 @@
 //! |--------------|-------------------------------------|-----------------------------------------|
 //! | `chunks`     | lane u8 ‖ seq u64 BE ‖ segment u16 BE (11) | segment of an encoded chunk (header ‖ body) |
 //! | `meta`       | `format`                            | `tributary-ring/1`                      |
+//! |              | `identity`                          | 16 random bytes, the ring's identity    |
 //! |              | `lane/<id>` (6 bytes)               | `LaneMeta`, 64 bytes little-endian      |
+//! |              | `evicted-records/<id>` (17 bytes)   | u64 LE, records in evicted chunks       |
 //! | `quarantine` | lane u8 ‖ seq u64 BE ‖ 0u16         | first `QUARANTINE_SAMPLE_BYTES` of a bad chunk |
 //!
 //! `LaneMeta` (all u64 LE): next_seq, acked_through, bytes_used, chunk_count, evicted_chunks,
@@ -16,6 +18,14 @@
 //! `evicted-records/<id>` (u64 LE, same transactions) counts the records in evicted chunks; it
 //! has its own key so that a ring written by this version still opens with a build that
 //! predates it (an A/B rollback), which ignores the key.
+//!
+//! `identity` names this ring to the core, so that the core can keep its seq watermarks per ring:
+//! a ring that is recreated (factory reset, a damaged ring quarantined) starts again at seq 1
+//! under a new identity instead of being taken for a duplicate of the old one. It is written at open when
+//! missing (a new ring, or one written by a build that predates the key), replaced by
+//! `Ring::renew_identity`, and fsynced before either returns. Like `evicted-records/<id>` it is a
+//! key of its own: builds that predate it read `meta` by key and ignore it, so an A/B rollback
+//! still opens the ring (and keeps the identity for the roll forward).
 //!
 //! Segments: an encoded chunk is stored as consecutive segments of at most `SEGMENT_BYTES_MAX`
 //! (65 520 bytes: exactly 16 pages with LMDB's page header). LMDB stores each large value on a
@@ -49,6 +59,9 @@ const _: () = assert!(protocol::CHUNK_ENCODED_BYTES_MAX / SEGMENT_BYTES_MAX < u1
 pub const FORMAT_KEY: &[u8] = b"format";
 pub const FORMAT_VALUE: &str = "tributary-ring/1";
 pub const FORMAT_PREFIX: &str = "tributary-ring/";
+pub const IDENTITY_KEY: &[u8] = b"identity";
+/// 128 random bits: two rings drawing the same identity is not a case worth handling.
+pub const IDENTITY_BYTES: usize = 16;
 pub const LANE_META_BYTES: usize = 64;
 /// How much of a bad chunk is kept for forensics, and how many are kept (oldest dropped first).
 pub const QUARANTINE_SAMPLE_BYTES: usize = 1024;

@@ -15,6 +15,7 @@
 //! - Chunk data and its lane's accounting change in the same write transaction.
 //! - An append returns `Ok(seq)` only after its transaction committed (and, in `Sync` mode, was
 //!   fsynced).
+//! - The ring identity (`identity`) is durable before `open` or `renew_identity` returns.
 //! - `acked_through` never decreases; `next_seq` never decreases; seqs in a lane are contiguous
 //!   except for evicted (counted) and quarantined (counted) chunks.
 //! - The audit lane is never evicted; no lane evicts a higher-priority lane.
@@ -23,13 +24,16 @@
 mod config;
 mod error;
 pub mod layout;
+#[cfg(feature = "test-support")]
+pub mod power_cut;
 mod ring;
 mod store;
 mod writer;
 
 pub use config::{
     CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, Durability, LaneConfig, LanePolicy, MAP_HEADROOM_PERCENT,
-    OnCorrupt, RingConfig,
+    OnCorrupt, RingConfig, SyncObserver,
 };
 pub use error::{AppendError, Result, RingError};
+pub use layout::IDENTITY_BYTES;
 pub use ring::{LaneStats, ReadLimits, Ring, RingStats, StoredChunk};

@@ -14,8 +14,9 @@ use protocol::{ChunkHeader, Lane, SealedChunk, decode_chunk};
 use crate::config::{Durability, OnCorrupt, RingConfig};
 use crate::error::{AppendError, Result, RingError};
 use crate::layout::{
-    CHUNKS_DATABASE, DATABASES_MAX, FORMAT_KEY, FORMAT_PREFIX, FORMAT_VALUE, LaneMeta, META_DATABASE,
-    QUARANTINE_DATABASE, QUARANTINE_SAMPLE_BYTES, lane_meta_key, parse_chunk_key, segment_stored_bytes,
+    CHUNKS_DATABASE, DATABASES_MAX, FORMAT_KEY, FORMAT_PREFIX, FORMAT_VALUE, IDENTITY_BYTES, IDENTITY_KEY,
+    LaneMeta, META_DATABASE, QUARANTINE_DATABASE, QUARANTINE_SAMPLE_BYTES, lane_meta_key, parse_chunk_key,
+    segment_stored_bytes,
 };
 use crate::store::{self, Assembler};
 use crate::writer::{Databases, Request, SharedState, Writer};
@@ -124,6 +125,7 @@ struct Opened {
     env: heed::Env<WithoutTls>,
     databases: Databases,
     lanes: [LaneMeta; Lane::COUNT],
+    identity: [u8; IDENTITY_BYTES],
 }
 
 impl Ring {
@@ -161,7 +163,15 @@ impl Ring {
                 }
             },
         };
-        let shared = Arc::new(Mutex::new(SharedState { lanes: opened.lanes, ..SharedState::default() }));
+        // `try_open` fsynced the ring: everything in it survives a power cut from here on.
+        if let Some(observer) = &config.sync_observer {
+            observer.observe(&path);
+        }
+        let shared = Arc::new(Mutex::new(SharedState {
+            lanes: opened.lanes,
+            identity: opened.identity,
+            ..SharedState::default()
+        }));
         let (requests, receiver) = sync_channel(config.queue_depth_max);
         let chunks = opened.databases.chunks;
         let writer = Writer::new(
@@ -233,12 +243,25 @@ impl Ring {
         self.send(|reply| Request::Ack { lane, through_seq, reply })
     }
 
-    /// Called when the core reports it already holds `lane` through `first_seq - 1` but this ring
-    /// is behind (it was recreated): renumbers held chunks below `first_seq` after everything
-    /// else and raises the watermark, so nothing new is mistaken for a duplicate. Returns the
-    /// lane's next seq. A no-op when the ring is not behind.
-    pub fn rebase(&self, lane: Lane, first_seq: u64) -> Result<u64> {
-        self.send(|reply| Request::Rebase { lane, first_seq, reply })
+    /// This ring's identity: 16 random bytes made when the ring was first opened by a build that
+    /// has them, durable, and the same across reopens until `renew_identity`. It lets the core
+    /// keep its seq watermarks per ring, so that a recreated ring (new identity) is not taken for
+    /// a duplicate of the old one. Cheap: a cached copy.
+    pub fn identity(&self) -> [u8; IDENTITY_BYTES] {
+        self.core.shared.lock().expect("ring state lock").identity
+    }
+
+    /// Replaces the identity with fresh random bytes and returns them once they are durable: the
+    /// writer commits them and fsyncs, in every durability mode, before answering. A renewed
+    /// identity that a power cut could take back would let the core land the same chunks under
+    /// two identities. Called when the core holds more of a lane under this identity than the
+    /// ring ever wrote (the ring was restored or recreated under an old identity).
+    ///
+    /// On an fsync error the new identity is committed but perhaps not durable: `identity()`
+    /// already returns it (it is the ring's state), and nothing may be sent under it until a
+    /// later `sync` or `renew_identity` succeeds.
+    pub fn renew_identity(&self) -> Result<[u8; IDENTITY_BYTES]> {
+        self.send(|reply| Request::RenewIdentity { reply })
     }
 
     /// Forces an fsync now (useful in `Periodic` mode before a planned shutdown).
@@ -463,8 +486,22 @@ fn try_open(path: &Path, config: &RingConfig) -> std::result::Result<Opened, Ope
             "data.mdb is truncated: {file_bytes} bytes, its meta page needs {needed}"
         )));
     }
-    match initialize(path, &env) {
-        Ok((databases, lanes)) => Ok(Opened { env, databases, lanes }),
+    let initialized = initialize(path, &env).and_then(|initialized| {
+        // In every durability mode: the identity may be new, and in `Periodic` mode the commits a
+        // crashed process left in the page cache are not durable yet. After this fsync everything
+        // in the ring survives a power cut.
+        env.force_sync()
+            .map_err(|source| {
+                OpenFailure::Fatal(RingError::Storage {
+                    path: path.to_path_buf(),
+                    operation: "fsync at open",
+                    source,
+                })
+            })
+            .map(|()| initialized)
+    });
+    match initialized {
+        Ok((databases, lanes, identity)) => Ok(Opened { env, databases, lanes, identity }),
         Err(failure) => {
             close(env);
             Err(failure)
@@ -478,10 +515,14 @@ fn close(env: heed::Env<WithoutTls>) {
     env.prepare_for_closing().wait();
 }
 
-fn initialize(
-    path: &Path,
-    env: &heed::Env<WithoutTls>,
-) -> std::result::Result<(Databases, [LaneMeta; Lane::COUNT]), OpenFailure> {
+/// What `initialize` found (and repaired) in the ring: its databases, lane state and identity.
+type Initialized = (Databases, [LaneMeta; Lane::COUNT], [u8; IDENTITY_BYTES]);
+
+/// Checks the format and the accounting, writes what is missing (the format of a new ring, the
+/// identity of a new or older ring) in one transaction. Keys of `meta` are read one by one, never
+/// iterated, so keys this build does not know (written by a newer one) are ignored: what lets an
+/// older build open a ring after an A/B rollback.
+fn initialize(path: &Path, env: &heed::Env<WithoutTls>) -> std::result::Result<Initialized, OpenFailure> {
     let storage = |operation, source| {
         OpenFailure::Fatal(RingError::Storage { path: path.to_path_buf(), operation, source })
     };
@@ -535,6 +576,25 @@ fn initialize(
         }
         None => return Err(OpenFailure::Corrupt("format marker is missing".into())),
     }
+    let identity = match meta.get(&txn, IDENTITY_KEY).map_err(damage)? {
+        Some(value) => <[u8; IDENTITY_BYTES]>::try_from(value).map_err(|_| {
+            OpenFailure::Corrupt(format!("ring identity is {} bytes, not {IDENTITY_BYTES}", value.len()))
+        })?,
+        // A new ring, or one written by a build that predates identities.
+        None => {
+            let identity = random_identity().map_err(|error| {
+                OpenFailure::Fatal(RingError::Open {
+                    path: path.to_path_buf(),
+                    reason: format!("no randomness for the ring identity: {error}"),
+                })
+            })?;
+            meta.put(&mut txn, IDENTITY_KEY, &identity).map_err(|source| storage("initialize", source))?;
+            if !fresh {
+                tracing::info!(path = %path.display(), "gave a ring written by an older build its identity");
+            }
+            identity
+        }
+    };
     let mut lanes = [LaneMeta::new(); Lane::COUNT];
     for lane in Lane::ALL {
         if let Some(value) = meta.get(&txn, &lane_meta_key(lane)).map_err(damage)? {
@@ -592,5 +652,13 @@ fn initialize(
             .map_err(|source| storage("initialize", source))?;
     }
     txn.commit().map_err(|source| storage("commit", source))?;
-    Ok((Databases { chunks, meta, quarantine }, lanes))
+    Ok((Databases { chunks, meta, quarantine }, lanes, identity))
+}
+
+/// 16 bytes from the operating system's random source (`getrandom(2)` on Linux).
+pub(crate) fn random_identity() -> std::io::Result<[u8; IDENTITY_BYTES]> {
+    let mut identity = [0u8; IDENTITY_BYTES];
+    getrandom::fill(&mut identity).map_err(|error| std::io::Error::other(error.to_string()))?;
+    assert!(identity != [0u8; IDENTITY_BYTES], "the OS returned 128 zero bits");
+    Ok(identity)
 }

@@ -5,6 +5,9 @@
 //! LMDB write transaction, commits (fsync in `Sync` mode) and only then replies. Every append
 //! first joins its lane's FIFO queue, so a lane's seqs follow arrival order and a blocked append
 //! holds back the appends queued behind it instead of being overtaken.
+//!
+//! Durable points: after each fsync (`force_sync` in `Periodic` mode, each commit in `Sync`
+//! mode) the writer calls the `SyncObserver` test seam, if one is set.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -20,8 +23,8 @@ use protocol::{Lane, SealedChunk};
 use crate::config::{Durability, LanePolicy, RingConfig};
 use crate::error::{AppendError, Result, RingError};
 use crate::layout::{
-    LaneMeta, QUARANTINE_ENTRIES_MAX, QUARANTINE_SAMPLE_BYTES, SEGMENT_BYTES_MAX, chunk_key, lane_meta_key,
-    stored_bytes,
+    IDENTITY_BYTES, IDENTITY_KEY, LaneMeta, QUARANTINE_ENTRIES_MAX, QUARANTINE_SAMPLE_BYTES,
+    SEGMENT_BYTES_MAX, chunk_key, lane_meta_key, stored_bytes,
 };
 use crate::store;
 
@@ -49,12 +52,9 @@ pub(crate) enum Request {
         seq: u64,
         reason: String,
     },
-    /// Renumbers every held chunk of `lane` with a seq below `first_seq` to the end of the lane,
-    /// and moves the watermark to `first_seq - 1`. Replies with the lane's next seq.
-    Rebase {
-        lane: Lane,
-        first_seq: u64,
-        reply: Reply<u64>,
+    /// Replace the ring identity with fresh random bytes; replies once they are fsynced.
+    RenewIdentity {
+        reply: Reply<[u8; IDENTITY_BYTES]>,
     },
     /// Force an fsync now (periodic mode); replies when the file is durable.
     Sync {
@@ -81,6 +81,8 @@ impl PendingAppend {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SharedState {
     pub lanes: [LaneMeta; Lane::COUNT],
+    /// The durable ring identity (`Ring::identity`).
+    pub identity: [u8; IDENTITY_BYTES],
     pub waiting_appends: [usize; Lane::COUNT],
     pub commit_groups: u64,
     pub syncs: u64,
@@ -184,10 +186,8 @@ impl Writer {
                     Request::Ack { lane, through_seq, reply } => acks.push((lane, through_seq, reply)),
                     Request::Quarantine { lane, seq, reason } => quarantines.push((lane, seq, reason)),
                     Request::Sync { reply } => sync_replies.push(reply),
-                    Request::Rebase { lane, first_seq, reply } => {
-                        let result = self.rebase(lane, first_seq);
-                        self.publish();
-                        let _ = reply.send(result);
+                    Request::RenewIdentity { reply } => {
+                        let _ = reply.send(self.renew_identity());
                     }
                 }
                 if group_bytes >= self.config.commit_group_bytes_max
@@ -206,9 +206,59 @@ impl Writer {
             self.sync_if_due(&mut sync_replies, disconnected);
             self.publish();
         }
-        if let Err(error) = self.env.force_sync() {
+        if let Err(error) = self.fsync() {
             tracing::error!(path = %self.path.display(), %error, "final ring fsync failed");
         }
+    }
+
+    /// Forces an fsync; on success everything committed so far is durable.
+    fn fsync(&mut self) -> Result<()> {
+        self.env.force_sync().map_err(|source| self.storage_error("fsync", source))?;
+        self.unsynced_commits = false;
+        self.last_sync = Instant::now();
+        self.shared.lock().expect("ring state lock").syncs += 1;
+        self.made_durable();
+        Ok(())
+    }
+
+    /// Bookkeeping after a commit: in `Sync` mode LMDB fsynced it, so it is a durable point; in
+    /// `Periodic` mode the next fsync makes it one.
+    fn committed(&mut self) {
+        match self.config.durability {
+            Durability::Sync => self.made_durable(),
+            Durability::Periodic { .. } => self.unsynced_commits = true,
+        }
+    }
+
+    /// Everything committed is on disk: show the observer the file as a power cut would leave it.
+    fn made_durable(&mut self) {
+        if let Some(observer) = &self.config.sync_observer {
+            observer.observe(&self.path);
+        }
+    }
+
+    /// Writes a fresh identity and fsyncs it, in every durability mode, before it is published or
+    /// answered: the core must never see an identity a power cut could take back.
+    fn renew_identity(&mut self) -> Result<[u8; IDENTITY_BYTES]> {
+        let storage =
+            |source| RingError::Storage { path: self.path.clone(), operation: "renew identity", source };
+        let identity = crate::ring::random_identity().map_err(|error| storage(heed::Error::Io(error)))?;
+        let mut txn = self.env.write_txn().map_err(storage)?;
+        self.databases.meta.put(&mut txn, IDENTITY_KEY, &identity).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        // The fsync below is the durable point, in every mode (in `Sync` mode LMDB has already
+        // synced the commit; one more fdatasync on a rare call buys a rule without exceptions).
+        let synced = self.fsync();
+        if synced.is_err() {
+            self.unsynced_commits = true;
+        }
+        // Committed either way: the ring's identity is the new one from here on (see
+        // `Ring::renew_identity` for what an fsync error means).
+        self.shared.lock().expect("ring state lock").identity = identity;
+        self.publish();
+        synced?;
+        tracing::warn!(path = %self.path.display(), "renewed the ring identity");
+        Ok(identity)
     }
 
     fn enqueue(&mut self, chunk: SealedChunk, reply: AppendReply) {
@@ -323,58 +373,6 @@ impl Writer {
         }
     }
 
-    /// The core already holds seqs up to `first_seq - 1` of this lane from an earlier ring (this
-    /// one was recreated, e.g. after corruption): chunks numbered below would be dropped there as
-    /// duplicates. Renumber them after everything held, a bounded batch per transaction, so a
-    /// crash midway leaves a consistent ring that the next call finishes.
-    fn rebase(&mut self, lane: Lane, first_seq: u64) -> Result<u64> {
-        const BATCH_CHUNKS_MAX: usize = 64;
-        let storage = |source| RingError::Storage { path: self.path.clone(), operation: "rebase", source };
-        loop {
-            let mut lanes = self.lanes;
-            let mut txn = self.env.write_txn().map_err(storage)?;
-            let meta = &mut lanes[lane.index()];
-            if meta.next_seq < first_seq {
-                meta.next_seq = first_seq;
-            }
-            meta.acked_through = meta.acked_through.max(first_seq - 1);
-            let mut moved = 0;
-            while moved < BATCH_CHUNKS_MAX {
-                let Some(seq) = store::oldest_seq(self.databases.chunks, &txn, lane).map_err(storage)? else {
-                    break;
-                };
-                if seq >= first_seq {
-                    break;
-                }
-                let encoded = store::read_chunk(self.databases.chunks, &txn, lane, seq).map_err(storage)?;
-                let freed =
-                    store::delete_seqs(self.databases.chunks, &mut txn, lane, seq, seq).map_err(storage)?;
-                lanes[lane.index()].bytes_used -= freed.bytes;
-                lanes[lane.index()].chunk_count -= freed.chunks;
-                match encoded.map(|encoded| {
-                    encoded.and_then(|bytes| {
-                        SealedChunk::from_encoded(&bytes).map_err(|error| error.to_string())
-                    })
-                }) {
-                    Some(Ok((_, chunk))) => {
-                        let stored = stored_bytes(chunk.encoded_len());
-                        self.put_chunk(&mut txn, &mut lanes, &chunk, stored).map_err(storage)?;
-                    }
-                    _ => lanes[lane.index()].quarantined_chunks += 1,
-                }
-                moved += 1;
-            }
-            self.write_all_lane_meta(&mut txn, &lanes).map_err(storage)?;
-            txn.commit().map_err(storage)?;
-            self.lanes = lanes;
-            self.unsynced_commits = true;
-            if moved < BATCH_CHUNKS_MAX {
-                tracing::warn!(path = %self.path.display(), %lane, first_seq, "ring renumbered above the core's watermark");
-                return Ok(self.lanes[lane.index()].next_seq);
-            }
-        }
-    }
-
     /// LMDB reuses the pages a transaction frees only two commits later, so evicting inside the
     /// failed transaction cannot help it. Evict down to the lowered budget in a transaction of
     /// its own, then commit once more so those pages are free for the retry.
@@ -401,10 +399,12 @@ impl Writer {
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
         self.lanes = lanes;
+        self.committed();
         // A real write, so that this second commit advances LMDB's transaction id.
         let mut txn = self.env.write_txn()?;
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
+        self.committed();
         Ok(())
     }
 
@@ -474,7 +474,7 @@ impl Writer {
     fn finish(&mut self, attempt: Attempt, acks: &mut Vec<(Lane, u64, Reply<()>)>) {
         self.lanes = attempt.lanes;
         self.meta_dirty = false;
-        self.unsynced_commits = true;
+        self.committed();
         self.shared.lock().expect("ring state lock").commit_groups += 1;
         // Stats must already show the commit when a producer wakes up.
         self.publish();
@@ -695,17 +695,9 @@ impl Writer {
         if !(due || closing || !sync_replies.is_empty()) {
             return;
         }
-        let result = if self.unsynced_commits || !sync_replies.is_empty() {
-            self.env.force_sync().map_err(|source| self.storage_error("fsync", source))
-        } else {
-            Ok(())
-        };
+        let result = if self.unsynced_commits || !sync_replies.is_empty() { self.fsync() } else { Ok(()) };
         if let Err(error) = &result {
             tracing::error!(path = %self.path.display(), %error, "ring fsync failed");
-        } else {
-            self.unsynced_commits = false;
-            self.last_sync = Instant::now();
-            self.shared.lock().expect("ring state lock").syncs += 1;
         }
         for reply in sync_replies.drain(..) {
             let _ = reply.send(match &result {
