@@ -7,7 +7,12 @@
 //! holds back the appends queued behind it instead of being overtaken.
 //!
 //! Durable points: after each fsync (`force_sync` in `Periodic` mode, each commit in `Sync`
-//! mode) the writer calls the `SyncObserver` test seam, if one is set.
+//! mode) the writer records every lane's `next_seq` as `synced_next_seq` and publishes it;
+//! `Ring::read_from` serves only seqs below it. Only appends move `next_seq`; acks, evictions,
+//! quarantines and the MAP_FULL relief delete chunks below it, and a power cut that undoes such a
+//! deletion brings back a chunk that is either acked (the core resumes past it and its next Ack
+//! deletes it again) or not (it is sent, as if never evicted), with its counters undone in the same
+//! transaction. Renewing the identity is fsynced before it is answered, in every mode.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -81,6 +86,8 @@ impl PendingAppend {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SharedState {
     pub lanes: [LaneMeta; Lane::COUNT],
+    /// Per lane, `next_seq` as of the last fsync: `read_from` serves only seqs below it.
+    pub synced_next_seq: [u64; Lane::COUNT],
     /// The durable ring identity (`Ring::identity`).
     pub identity: [u8; IDENTITY_BYTES],
     pub waiting_appends: [usize; Lane::COUNT],
@@ -110,6 +117,8 @@ pub(crate) struct Writer {
     unsynced_commits: bool,
     last_sync: Instant,
     meta_dirty: bool,
+    /// Per lane, `next_seq` as of the last fsync (published in `SharedState`).
+    synced_next_seq: [u64; Lane::COUNT],
 }
 
 /// What one attempt decided for the head of each lane's queue.
@@ -146,6 +155,8 @@ impl Writer {
             unsynced_commits: false,
             last_sync: Instant::now(),
             meta_dirty: false,
+            // `Ring::open` fsynced the ring before starting the writer.
+            synced_next_seq: lanes.map(|meta| meta.next_seq),
         }
     }
 
@@ -230,10 +241,17 @@ impl Writer {
         }
     }
 
-    /// Everything committed is on disk: show the observer the file as a power cut would leave it.
+    /// Everything committed is on disk: show the observer the file as a power cut would leave it,
+    /// then let readers see the chunks this made durable. The observer goes first so that no
+    /// chunk can be sent before it has seen a state holding it. Callers publish.
     fn made_durable(&mut self) {
         if let Some(observer) = &self.config.sync_observer {
             observer.observe(&self.path);
+        }
+        for lane in Lane::ALL {
+            let next_seq = self.lanes[lane.index()].next_seq;
+            assert!(next_seq >= self.synced_next_seq[lane.index()], "{lane}: next_seq went backwards");
+            self.synced_next_seq[lane.index()] = next_seq;
         }
     }
 
@@ -476,7 +494,7 @@ impl Writer {
         self.meta_dirty = false;
         self.committed();
         self.shared.lock().expect("ring state lock").commit_groups += 1;
-        // Stats must already show the commit when a producer wakes up.
+        // Stats (and, in `Sync` mode, reads) must already show the commit when a producer wakes up.
         self.publish();
         for (reply, result) in attempt.ack_replies {
             let _ = reply.send(result);
@@ -699,6 +717,8 @@ impl Writer {
         if let Err(error) = &result {
             tracing::error!(path = %self.path.display(), %error, "ring fsync failed");
         }
+        // A caller of `sync` may read what it made durable as soon as it is answered.
+        self.publish();
         for reply in sync_replies.drain(..) {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(()),
@@ -714,6 +734,7 @@ impl Writer {
     fn publish(&self) {
         let mut shared = self.shared.lock().expect("ring state lock");
         shared.lanes = self.lanes;
+        shared.synced_next_seq = self.synced_next_seq;
         shared.reserve_bytes = self.reserve_bytes;
         for lane in Lane::ALL {
             shared.waiting_appends[lane.index()] = self.queues[lane.index()].len();
