@@ -121,6 +121,21 @@ pub(crate) struct Writer {
     synced_next_seq: [u64; Lane::COUNT],
 }
 
+/// The chunks of one lane evicted by one transaction, logged as one line once it commits (a
+/// transaction that fails evicted nothing).
+#[derive(Clone, Copy, Debug, Default)]
+struct Evicted {
+    /// Lowest and highest seq evicted; 0 while nothing was. Seqs between them may have been acked
+    /// or quarantined earlier, so `chunks` can be fewer than the range.
+    first_seq: u64,
+    last_seq: u64,
+    chunks: u64,
+    records: u64,
+    bytes: u64,
+}
+
+type Evictions = [Evicted; Lane::COUNT];
+
 /// What one attempt decided for the head of each lane's queue.
 enum Outcome {
     Appended(u64),
@@ -132,6 +147,7 @@ struct Attempt {
     /// Per lane: outcomes for the first `len()` queued appends, which leave the queue on commit.
     outcomes: [Vec<Outcome>; Lane::COUNT],
     ack_replies: Vec<(Reply<()>, Result<()>)>,
+    evictions: Evictions,
 }
 
 impl Writer {
@@ -396,6 +412,7 @@ impl Writer {
     /// its own, then commit once more so those pages are free for the retry.
     fn relieve_map_pressure(&mut self) -> std::result::Result<(), heed::Error> {
         let mut lanes = self.lanes;
+        let mut evictions = Evictions::default();
         let target = self.config.pool_budget_bytes(Lane::Sensor) - self.reserve_bytes;
         let mut txn = self.env.write_txn()?;
         loop {
@@ -410,7 +427,9 @@ impl Writer {
                     && lanes[lane.index()].chunk_count > 0
             });
             match victim {
-                Some(victim) if used > target => self.evict_oldest(&mut txn, &mut lanes, victim)?,
+                Some(victim) if used > target => {
+                    self.evict_oldest(&mut txn, &mut lanes, &mut evictions, victim)?
+                }
                 _ => break,
             }
         }
@@ -418,12 +437,34 @@ impl Writer {
         txn.commit()?;
         self.lanes = lanes;
         self.committed();
+        self.log_evictions(&evictions);
         // A real write, so that this second commit advances LMDB's transaction id.
         let mut txn = self.env.write_txn()?;
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
         self.committed();
         Ok(())
+    }
+
+    /// One line per lane that lost chunks in one transaction, never one per chunk: a full ring
+    /// under `drop_oldest` can evict on every append.
+    fn log_evictions(&self, evictions: &Evictions) {
+        for lane in Lane::ALL {
+            let evicted = evictions[lane.index()];
+            if evicted.last_seq == 0 {
+                continue;
+            }
+            tracing::warn!(
+                path = %self.path.display(),
+                %lane,
+                first_seq = evicted.first_seq,
+                last_seq = evicted.last_seq,
+                chunks = evicted.chunks,
+                records = evicted.records,
+                bytes = evicted.bytes,
+                "evicted unacked chunks to make room (drop_oldest): lost unless the core already holds them"
+            );
+        }
     }
 
     fn attempt(
@@ -433,8 +474,12 @@ impl Writer {
         include_appends: bool,
     ) -> std::result::Result<(Attempt, bool), heed::Error> {
         let mut txn = self.env.write_txn()?;
-        let mut attempt =
-            Attempt { lanes: self.lanes, outcomes: Default::default(), ack_replies: Vec::new() };
+        let mut attempt = Attempt {
+            lanes: self.lanes,
+            outcomes: Default::default(),
+            ack_replies: Vec::new(),
+            evictions: Evictions::default(),
+        };
         for (lane, through_seq, reply) in acks {
             let result = self.apply_ack(&mut txn, &mut attempt.lanes, *lane, *through_seq)?;
             attempt.ack_replies.push((reply.clone(), result));
@@ -451,7 +496,13 @@ impl Writer {
                     cut_by_bound = true;
                     break 'lanes;
                 }
-                match self.make_room(&mut txn, &mut attempt.lanes, lane, pending.stored_bytes)? {
+                match self.make_room(
+                    &mut txn,
+                    &mut attempt.lanes,
+                    &mut attempt.evictions,
+                    lane,
+                    pending.stored_bytes,
+                )? {
                     Room::Fits => {
                         let seq = self.put_chunk(
                             &mut txn,
@@ -493,6 +544,7 @@ impl Writer {
         self.lanes = attempt.lanes;
         self.meta_dirty = false;
         self.committed();
+        self.log_evictions(&attempt.evictions);
         self.shared.lock().expect("ring state lock").commit_groups += 1;
         // Stats (and, in `Sync` mode, reads) must already show the commit when a producer wakes up.
         self.publish();
@@ -572,6 +624,7 @@ impl Writer {
         &self,
         txn: &mut RwTxn,
         lanes: &mut [LaneMeta; Lane::COUNT],
+        evictions: &mut Evictions,
         lane: Lane,
         needed: u64,
     ) -> std::result::Result<Room, heed::Error> {
@@ -612,7 +665,7 @@ impl Writer {
                 })
             };
             match victim {
-                Some(victim) => self.evict_oldest(txn, lanes, victim)?,
+                Some(victim) => self.evict_oldest(txn, lanes, evictions, victim)?,
                 None if policy == LanePolicy::Block => return Ok(Room::Wait),
                 None => return Ok(Room::Refused(RingError::Rejected { lane, needed_bytes: needed })),
             }
@@ -623,6 +676,7 @@ impl Writer {
         &self,
         txn: &mut RwTxn,
         lanes: &mut [LaneMeta; Lane::COUNT],
+        evictions: &mut Evictions,
         lane: Lane,
     ) -> std::result::Result<(), heed::Error> {
         let seq = store::oldest_seq(self.databases.chunks, txn, lane)?
@@ -641,6 +695,15 @@ impl Writer {
         meta.chunk_count -= freed.chunks;
         meta.evicted_chunks += freed.chunks;
         meta.evicted_bytes += freed.bytes;
+        let evicted = &mut evictions[lane.index()];
+        assert!(seq > evicted.last_seq, "{lane}: evictions go oldest first");
+        if evicted.first_seq == 0 {
+            evicted.first_seq = seq;
+        }
+        evicted.last_seq = seq;
+        evicted.chunks += freed.chunks;
+        evicted.records += records;
+        evicted.bytes += freed.bytes;
         Ok(())
     }
 
