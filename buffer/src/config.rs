@@ -43,7 +43,10 @@ pub enum Durability {
     /// Commits are written without fsync (LMDB `NOSYNC`, never with `WRITEMAP`) and the file is
     /// fsynced every `sync_interval_ms`. A process crash loses nothing (the pages are in the OS
     /// page cache); a power loss or kernel crash may lose the commits of the last
-    /// `sync_interval_ms` plus one commit group.
+    /// `sync_interval_ms` plus one commit group. Those commits are never sent: `Ring::read_from`
+    /// serves only chunks an fsync has made durable (`LaneStats::synced_next_seq`), so a ring
+    /// that lost them after a power cut is never behind what the core holds, and their seqs are
+    /// given again to new chunks the core has not seen.
     Periodic { sync_interval_ms: u64 },
 }
 
@@ -82,8 +85,10 @@ pub enum OnCorrupt {
 /// A test seam: called on the ring's writer thread right after each successful fsync of the ring
 /// (each `force_sync` in `Periodic` mode, each commit in `Sync` mode, and the fsync at open), with
 /// the ring's directory, while the writer is paused: `data.mdb` then holds exactly the state a
-/// power cut at that moment would leave. Tests copy `data.mdb` here to simulate power cuts
-/// (`buffer::power_cut`); production configs leave it `None`. The callback blocks the writer:
+/// power cut at that moment would leave. Reads do not yet see chunks this fsync made durable
+/// (the observer runs before they are published), so nothing leaves the ring before an observer
+/// has seen the state holding it. Tests copy `data.mdb` here to simulate power cuts
+/// (`tests/power_cut.rs`); production configs leave it `None`. The callback blocks the writer:
 /// keep it short and never call the ring from it (that would deadlock).
 #[derive(Clone)]
 pub struct SyncObserver(pub Arc<dyn Fn(&Path) + Send + Sync>);

@@ -15,9 +15,12 @@
 //! - Chunk data and its lane's accounting change in the same write transaction.
 //! - An append returns `Ok(seq)` only after its transaction committed (and, in `Sync` mode, was
 //!   fsynced).
+//! - `read_from` returns only chunks whose commit was fsynced (seq below `synced_next_seq`): what
+//!   leaves the ring survives a power cut, in every durability mode.
 //! - The ring identity (`identity`) is durable before `open` or `renew_identity` returns.
-//! - `acked_through` never decreases; `next_seq` never decreases; seqs in a lane are contiguous
-//!   except for evicted (counted) and quarantined (counted) chunks.
+//! - `acked_through` never decreases; `next_seq` never decreases (in `Periodic` mode a power cut
+//!   takes both back to the last fsync); seqs in a lane are contiguous except for evicted
+//!   (counted) and quarantined (counted) chunks.
 //! - The audit lane is never evicted; no lane evicts a higher-priority lane.
 //! - Knows nothing of the network.
 

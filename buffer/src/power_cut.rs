@@ -7,8 +7,8 @@
 //! next boot. The copy goes to a temporary name and is renamed, so the snapshot is always whole.
 //!
 //! Not a model of everything a power cut does: LMDB in `NOSYNC` mode may also find later commits
-//! partly written back by the kernel; the snapshot is the ideal loss (every unsynced commit
-//! gone).
+//! partly written back by the kernel; the snapshot is the ideal loss (every unsynced commit gone),
+//! which is the case the ring's read clamp must handle.
 
 use std::fs;
 use std::path::{Path, PathBuf};

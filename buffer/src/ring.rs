@@ -48,6 +48,10 @@ pub struct ReadLimits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LaneStats {
     pub next_seq: u64,
+    /// `next_seq` as of the last fsync: chunks below it survive a power cut, and only they are
+    /// served by `read_from`. Equal to `next_seq` after every commit in `Sync` mode; in
+    /// `Periodic` mode it trails by up to `sync_interval_ms` of appends.
+    pub synced_next_seq: u64,
     pub acked_through: u64,
     pub chunk_count: u64,
     pub bytes_used: u64,
@@ -169,6 +173,7 @@ impl Ring {
         }
         let shared = Arc::new(Mutex::new(SharedState {
             lanes: opened.lanes,
+            synced_next_seq: opened.lanes.map(|meta| meta.next_seq),
             identity: opened.identity,
             ..SharedState::default()
         }));
@@ -264,21 +269,36 @@ impl Ring {
         self.send(|reply| Request::RenewIdentity { reply })
     }
 
-    /// Forces an fsync now (useful in `Periodic` mode before a planned shutdown).
+    /// Forces an fsync now: before a planned shutdown, or in `Periodic` mode to make appends
+    /// durable (and so readable by `read_from`) without waiting for the next interval.
     pub fn sync(&self) -> Result<()> {
         self.send(|reply| Request::Sync { reply })
     }
 
     /// Reads chunks of `lane` with seq >= `from_seq`, in seq order, in one short read
     /// transaction. Chunks that fail validation are skipped, counted and quarantined.
+    ///
+    /// Only chunks whose commit is durable are returned: seq below `LaneStats::synced_next_seq`.
+    /// In `Sync` mode that is every committed chunk; in `Periodic` mode an appended chunk becomes
+    /// readable at the next fsync (`sync_interval_ms`, or `sync`). What leaves the ring (to the
+    /// core, or as an answer) therefore survives a power cut, and a ring that lost its unsynced
+    /// tail is never behind the core: the seqs it gives again were never sent.
     pub fn read_from(&self, lane: Lane, from_seq: u64, limits: ReadLimits) -> Result<Vec<StoredChunk>> {
         let storage =
             |operation, source| RingError::Storage { path: self.core.path.clone(), operation, source };
+        // Read before the transaction begins: every chunk below it is then in the snapshot the
+        // transaction sees (or was acked, evicted or quarantined since), and seqs are never reused
+        // while the ring is open.
+        let synced_next_seq = self.core.shared.lock().expect("ring state lock").synced_next_seq[lane.index()];
+        assert!(synced_next_seq >= 1, "seqs start at 1");
+        if from_seq >= synced_next_seq {
+            return Ok(Vec::new());
+        }
         let mut chunks: Vec<StoredChunk> = Vec::new();
         let mut damaged = Vec::new();
         {
             let txn = self.core.env.read_txn().map_err(|source| storage("begin read", source))?;
-            let range = store::seq_range(lane, from_seq, u64::MAX);
+            let range = store::seq_range(lane, from_seq, synced_next_seq - 1);
             let mut bytes = 0usize;
             let mut assembler = Assembler::default();
             // Returns false once the limits are reached.
@@ -321,6 +341,7 @@ impl Ring {
                 take(finished);
             }
         }
+        assert!(chunks.iter().all(|chunk| chunk.seq >= from_seq && chunk.seq < synced_next_seq));
         if let Some(requests) = &self.core.requests {
             for (seq, reason) in damaged {
                 // Best effort: if the writer is busy the next read finds the chunk again.
@@ -345,6 +366,7 @@ impl Ring {
             let meta = shared.lanes[lane.index()];
             LaneStats {
                 next_seq: meta.next_seq,
+                synced_next_seq: shared.synced_next_seq[lane.index()],
                 acked_through: meta.acked_through,
                 chunk_count: meta.chunk_count,
                 bytes_used: meta.bytes_used,
@@ -489,7 +511,8 @@ fn try_open(path: &Path, config: &RingConfig) -> std::result::Result<Opened, Ope
     let initialized = initialize(path, &env).and_then(|initialized| {
         // In every durability mode: the identity may be new, and in `Periodic` mode the commits a
         // crashed process left in the page cache are not durable yet. After this fsync everything
-        // in the ring survives a power cut.
+        // in the ring survives a power cut, which is what `read_from` relies on (it serves every
+        // chunk below the `next_seq` found here).
         env.force_sync()
             .map_err(|source| {
                 OpenFailure::Fatal(RingError::Storage {

@@ -7,7 +7,12 @@
 //! holds back the appends queued behind it instead of being overtaken.
 //!
 //! Durable points: after each fsync (`force_sync` in `Periodic` mode, each commit in `Sync`
-//! mode) the writer calls the `SyncObserver` test seam, if one is set.
+//! mode) the writer records every lane's `next_seq` as `synced_next_seq` and publishes it;
+//! `Ring::read_from` serves only seqs below it. Only appends move `next_seq`; acks, evictions,
+//! quarantines and the MAP_FULL relief delete chunks below it, and a power cut that undoes such a
+//! deletion brings back a chunk that is either acked (the core resumes past it and its next Ack
+//! deletes it again) or not (it is sent, as if never evicted), with its counters undone in the same
+//! transaction. Renewing the identity is fsynced before it is answered, in every mode.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -81,6 +86,8 @@ impl PendingAppend {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SharedState {
     pub lanes: [LaneMeta; Lane::COUNT],
+    /// Per lane, `next_seq` as of the last fsync: `read_from` serves only seqs below it.
+    pub synced_next_seq: [u64; Lane::COUNT],
     /// The durable ring identity (`Ring::identity`).
     pub identity: [u8; IDENTITY_BYTES],
     pub waiting_appends: [usize; Lane::COUNT],
@@ -110,7 +117,24 @@ pub(crate) struct Writer {
     unsynced_commits: bool,
     last_sync: Instant,
     meta_dirty: bool,
+    /// Per lane, `next_seq` as of the last fsync (published in `SharedState`).
+    synced_next_seq: [u64; Lane::COUNT],
 }
+
+/// The chunks of one lane evicted by one transaction, logged as one line once it commits (a
+/// transaction that fails evicted nothing).
+#[derive(Clone, Copy, Debug, Default)]
+struct Evicted {
+    /// Lowest and highest seq evicted; 0 while nothing was. Seqs between them may have been acked
+    /// or quarantined earlier, so `chunks` can be fewer than the range.
+    first_seq: u64,
+    last_seq: u64,
+    chunks: u64,
+    records: u64,
+    bytes: u64,
+}
+
+type Evictions = [Evicted; Lane::COUNT];
 
 /// What one attempt decided for the head of each lane's queue.
 enum Outcome {
@@ -123,6 +147,7 @@ struct Attempt {
     /// Per lane: outcomes for the first `len()` queued appends, which leave the queue on commit.
     outcomes: [Vec<Outcome>; Lane::COUNT],
     ack_replies: Vec<(Reply<()>, Result<()>)>,
+    evictions: Evictions,
 }
 
 impl Writer {
@@ -146,6 +171,8 @@ impl Writer {
             unsynced_commits: false,
             last_sync: Instant::now(),
             meta_dirty: false,
+            // `Ring::open` fsynced the ring before starting the writer.
+            synced_next_seq: lanes.map(|meta| meta.next_seq),
         }
     }
 
@@ -230,10 +257,17 @@ impl Writer {
         }
     }
 
-    /// Everything committed is on disk: show the observer the file as a power cut would leave it.
+    /// Everything committed is on disk: show the observer the file as a power cut would leave it,
+    /// then let readers see the chunks this made durable. The observer goes first so that no
+    /// chunk can be sent before it has seen a state holding it. Callers publish.
     fn made_durable(&mut self) {
         if let Some(observer) = &self.config.sync_observer {
             observer.observe(&self.path);
+        }
+        for lane in Lane::ALL {
+            let next_seq = self.lanes[lane.index()].next_seq;
+            assert!(next_seq >= self.synced_next_seq[lane.index()], "{lane}: next_seq went backwards");
+            self.synced_next_seq[lane.index()] = next_seq;
         }
     }
 
@@ -378,6 +412,7 @@ impl Writer {
     /// its own, then commit once more so those pages are free for the retry.
     fn relieve_map_pressure(&mut self) -> std::result::Result<(), heed::Error> {
         let mut lanes = self.lanes;
+        let mut evictions = Evictions::default();
         let target = self.config.pool_budget_bytes(Lane::Sensor) - self.reserve_bytes;
         let mut txn = self.env.write_txn()?;
         loop {
@@ -392,7 +427,9 @@ impl Writer {
                     && lanes[lane.index()].chunk_count > 0
             });
             match victim {
-                Some(victim) if used > target => self.evict_oldest(&mut txn, &mut lanes, victim)?,
+                Some(victim) if used > target => {
+                    self.evict_oldest(&mut txn, &mut lanes, &mut evictions, victim)?
+                }
                 _ => break,
             }
         }
@@ -400,12 +437,34 @@ impl Writer {
         txn.commit()?;
         self.lanes = lanes;
         self.committed();
+        self.log_evictions(&evictions);
         // A real write, so that this second commit advances LMDB's transaction id.
         let mut txn = self.env.write_txn()?;
         self.write_all_lane_meta(&mut txn, &lanes)?;
         txn.commit()?;
         self.committed();
         Ok(())
+    }
+
+    /// One line per lane that lost chunks in one transaction, never one per chunk: a full ring
+    /// under `drop_oldest` can evict on every append.
+    fn log_evictions(&self, evictions: &Evictions) {
+        for lane in Lane::ALL {
+            let evicted = evictions[lane.index()];
+            if evicted.last_seq == 0 {
+                continue;
+            }
+            tracing::warn!(
+                path = %self.path.display(),
+                %lane,
+                first_seq = evicted.first_seq,
+                last_seq = evicted.last_seq,
+                chunks = evicted.chunks,
+                records = evicted.records,
+                bytes = evicted.bytes,
+                "evicted unacked chunks to make room (drop_oldest): lost unless the core already holds them"
+            );
+        }
     }
 
     fn attempt(
@@ -415,8 +474,12 @@ impl Writer {
         include_appends: bool,
     ) -> std::result::Result<(Attempt, bool), heed::Error> {
         let mut txn = self.env.write_txn()?;
-        let mut attempt =
-            Attempt { lanes: self.lanes, outcomes: Default::default(), ack_replies: Vec::new() };
+        let mut attempt = Attempt {
+            lanes: self.lanes,
+            outcomes: Default::default(),
+            ack_replies: Vec::new(),
+            evictions: Evictions::default(),
+        };
         for (lane, through_seq, reply) in acks {
             let result = self.apply_ack(&mut txn, &mut attempt.lanes, *lane, *through_seq)?;
             attempt.ack_replies.push((reply.clone(), result));
@@ -433,7 +496,13 @@ impl Writer {
                     cut_by_bound = true;
                     break 'lanes;
                 }
-                match self.make_room(&mut txn, &mut attempt.lanes, lane, pending.stored_bytes)? {
+                match self.make_room(
+                    &mut txn,
+                    &mut attempt.lanes,
+                    &mut attempt.evictions,
+                    lane,
+                    pending.stored_bytes,
+                )? {
                     Room::Fits => {
                         let seq = self.put_chunk(
                             &mut txn,
@@ -475,8 +544,9 @@ impl Writer {
         self.lanes = attempt.lanes;
         self.meta_dirty = false;
         self.committed();
+        self.log_evictions(&attempt.evictions);
         self.shared.lock().expect("ring state lock").commit_groups += 1;
-        // Stats must already show the commit when a producer wakes up.
+        // Stats (and, in `Sync` mode, reads) must already show the commit when a producer wakes up.
         self.publish();
         for (reply, result) in attempt.ack_replies {
             let _ = reply.send(result);
@@ -554,6 +624,7 @@ impl Writer {
         &self,
         txn: &mut RwTxn,
         lanes: &mut [LaneMeta; Lane::COUNT],
+        evictions: &mut Evictions,
         lane: Lane,
         needed: u64,
     ) -> std::result::Result<Room, heed::Error> {
@@ -594,7 +665,7 @@ impl Writer {
                 })
             };
             match victim {
-                Some(victim) => self.evict_oldest(txn, lanes, victim)?,
+                Some(victim) => self.evict_oldest(txn, lanes, evictions, victim)?,
                 None if policy == LanePolicy::Block => return Ok(Room::Wait),
                 None => return Ok(Room::Refused(RingError::Rejected { lane, needed_bytes: needed })),
             }
@@ -605,6 +676,7 @@ impl Writer {
         &self,
         txn: &mut RwTxn,
         lanes: &mut [LaneMeta; Lane::COUNT],
+        evictions: &mut Evictions,
         lane: Lane,
     ) -> std::result::Result<(), heed::Error> {
         let seq = store::oldest_seq(self.databases.chunks, txn, lane)?
@@ -623,6 +695,15 @@ impl Writer {
         meta.chunk_count -= freed.chunks;
         meta.evicted_chunks += freed.chunks;
         meta.evicted_bytes += freed.bytes;
+        let evicted = &mut evictions[lane.index()];
+        assert!(seq > evicted.last_seq, "{lane}: evictions go oldest first");
+        if evicted.first_seq == 0 {
+            evicted.first_seq = seq;
+        }
+        evicted.last_seq = seq;
+        evicted.chunks += freed.chunks;
+        evicted.records += records;
+        evicted.bytes += freed.bytes;
         Ok(())
     }
 
@@ -699,6 +780,8 @@ impl Writer {
         if let Err(error) = &result {
             tracing::error!(path = %self.path.display(), %error, "ring fsync failed");
         }
+        // A caller of `sync` may read what it made durable as soon as it is answered.
+        self.publish();
         for reply in sync_replies.drain(..) {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(()),
@@ -714,6 +797,7 @@ impl Writer {
     fn publish(&self) {
         let mut shared = self.shared.lock().expect("ring state lock");
         shared.lanes = self.lanes;
+        shared.synced_next_seq = self.synced_next_seq;
         shared.reserve_bytes = self.reserve_bytes;
         for lane in Lane::ALL {
             shared.waiting_appends[lane.index()] = self.queues[lane.index()].len();

@@ -1,4 +1,4 @@
-//! What survives a power cut: the ring identity.
+//! What survives a power cut: the ring identity, and every chunk `read_from` ever served.
 //!
 //! Power cuts are simulated with `buffer::power_cut::PowerCut`: the ring's `data.mdb` is copied
 //! after every fsync (through the `SyncObserver` seam) and put back after the ring is closed.
@@ -52,6 +52,67 @@ fn edit_meta(
 }
 
 #[test]
+fn read_from_serves_only_fsynced_chunks_in_periodic_mode() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("ring");
+    let cuts = PowerCut::new(directory.path().join("snapshot"));
+    let config = periodic(&cuts);
+    let ring = open(&path, config.clone());
+    for step in 0..3 {
+        assert_eq!(ring.append(chunk(Lane::Sensor, step, 1000)).unwrap(), step + 1);
+    }
+    let check = |ring: &Ring, next_seq: u64, synced_next_seq: u64, readable: &[u64]| {
+        let stats = ring.stats();
+        let lane = stats.lane(Lane::Sensor);
+        assert_eq!((lane.next_seq, lane.synced_next_seq), (next_seq, synced_next_seq));
+        assert_eq!(seqs(ring, Lane::Sensor), readable);
+        // A read from a seq past the synced ones is empty, not an error.
+        assert!(ring.read_from(Lane::Sensor, synced_next_seq, ALL).unwrap().is_empty());
+    };
+    check(&ring, 4, 1, &[]);
+    ring.sync().unwrap();
+    check(&ring, 4, 4, &[1, 2, 3]);
+    for step in 3..5 {
+        ring.append(chunk(Lane::Sensor, step, 1000)).unwrap();
+    }
+    check(&ring, 6, 4, &[1, 2, 3]);
+    // Acks and other lanes do not make unsynced appends readable.
+    ring.ack(Lane::Sensor, 1).unwrap();
+    ring.append(chunk(Lane::Audit, 0, 1000)).unwrap();
+    check(&ring, 6, 4, &[2, 3]);
+    assert!(seqs(&ring, Lane::Audit).is_empty());
+
+    // The power goes: the unsynced appends and the ack are gone, everything read survived, and
+    // the lost seqs are given again.
+    let ring = power_cut(ring, &cuts, &path, config.clone());
+    check(&ring, 4, 4, &[1, 2, 3]);
+    assert_eq!(ring.stats().lane(Lane::Sensor).acked_through, 0);
+    assert_eq!(ring.append(chunk(Lane::Sensor, 40, 1000)).unwrap(), 4);
+    ring.sync().unwrap();
+    let read = ring.read_from(Lane::Sensor, 4, ALL).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].body(), &common::body_bytes(Lane::Sensor, 40, 1000)[..]);
+}
+
+#[test]
+fn sync_mode_serves_every_commit_at_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let cuts = PowerCut::new(directory.path().join("snapshot"));
+    let mut config = RingConfig::with_capacity(8 * MIB);
+    config.sync_observer = Some(cuts.observer());
+    let ring = open(&directory.path().join("ring"), config);
+    let snapshots_at_open = cuts.snapshots();
+    for step in 0..3 {
+        let seq = ring.append(chunk(Lane::Sensor, step, 1000)).unwrap();
+        let lane = ring.stats().lanes[Lane::Sensor.index()];
+        assert_eq!((lane.next_seq, lane.synced_next_seq), (seq + 1, seq + 1));
+        assert_eq!(seqs(&ring, Lane::Sensor), (1..=seq).collect::<Vec<_>>());
+    }
+    // Each commit is fsynced by LMDB, and each is shown to the observer.
+    assert!(cuts.snapshots() >= snapshots_at_open + 3);
+}
+
+#[test]
 fn the_identity_is_made_at_open_and_survives_reopens() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("ring");
@@ -89,6 +150,8 @@ fn renew_identity_is_durable_when_it_returns_in_every_mode() {
         assert_ne!(renewed, old, "{durability:?}");
         assert_eq!(ring.identity(), renewed);
         assert_eq!(ring.stats().syncs, syncs + 1, "{durability:?}: renewing forced an fsync");
+        // Its fsync made the append before it durable too, so it is readable now.
+        assert_eq!(seqs(&ring, Lane::Sensor), [1]);
         let ring = power_cut(ring, &cuts, &path, config.clone());
         assert_eq!(ring.identity(), renewed, "{durability:?}: the renewed identity survived the cut");
         assert_eq!(seqs(&ring, Lane::Sensor), [1]);

@@ -1,13 +1,14 @@
-//! Model-based test: random sequences of append / read / ack / reopen applied to the real ring
-//! and to a `BTreeMap` model must give identical observable results, including eviction under
-//! `drop_oldest`, backpressure under `block`, and the audit reservation.
+//! Model-based test: random sequences of append / read / ack / sync / reopen applied to the real
+//! ring and to a `BTreeMap` model must give identical observable results, including eviction under
+//! `drop_oldest`, backpressure under `block`, the audit reservation, and (in `Periodic` mode) reads
+//! that serve only chunks an fsync made durable.
 
 mod common;
 
 use std::collections::BTreeMap;
 
 use buffer::layout::stored_bytes;
-use buffer::{AppendError, LanePolicy, ReadLimits, Ring, RingConfig, RingError};
+use buffer::{AppendError, Durability, LanePolicy, ReadLimits, Ring, RingConfig, RingError};
 use common::{MIB, body_bytes, chunk, open};
 use proptest::prelude::*;
 use protocol::{CHUNK_HEADER_LEN, Lane, SealedChunk};
@@ -28,8 +29,14 @@ enum Operation {
         offset: u8,
         chunks_max: u8,
     },
+    /// `Ring::sync`: in `Periodic` mode, makes every append so far readable.
+    Sync,
     Reopen,
 }
+
+/// Longer than any case runs, so in `Periodic` mode only `Sync` and `Reopen` fsync and the model
+/// needs no clock.
+const SYNC_INTERVAL_NEVER_MS: u64 = 60_000;
 
 fn lane_strategy() -> impl Strategy<Value = Lane> {
     prop_oneof![Just(Lane::Audit), Just(Lane::Decisions), Just(Lane::Sensor), Just(Lane::Media)]
@@ -40,6 +47,7 @@ fn operation_strategy() -> impl Strategy<Value = Operation> {
         6 => (lane_strategy(), prop_oneof![4 => 0usize..3_000, 8 => 3_000usize..400_000, 1 => 500_000usize..600_000]).prop_map(|(lane, len)| Operation::Append { lane, len }),
         2 => (lane_strategy(), 0u8..=100).prop_map(|(lane, fraction)| Operation::Ack { lane, fraction }),
         2 => (lane_strategy(), any::<u8>(), 1u8..8).prop_map(|(lane, offset, chunks_max)| Operation::Read { lane, offset, chunks_max }),
+        1 => Just(Operation::Sync),
         1 => Just(Operation::Reopen),
     ]
 }
@@ -47,6 +55,8 @@ fn operation_strategy() -> impl Strategy<Value = Operation> {
 #[derive(Clone, Debug, Default)]
 struct ModelLane {
     next_seq: u64,
+    /// `next_seq` at the last fsync: reads serve only seqs below it.
+    synced_next_seq: u64,
     acked_through: u64,
     chunks: BTreeMap<u64, (u64, Vec<u8>)>,
     evicted_chunks: u64,
@@ -77,8 +87,15 @@ struct Model {
 
 impl Model {
     fn new(config: RingConfig) -> Model {
-        let lane = ModelLane { next_seq: 1, ..ModelLane::default() };
+        let lane = ModelLane { next_seq: 1, synced_next_seq: 1, ..ModelLane::default() };
         Model { config, lanes: [lane.clone(), lane.clone(), lane.clone(), lane] }
+    }
+
+    /// An fsync: everything appended so far becomes readable.
+    fn sync(&mut self) {
+        for lane in &mut self.lanes {
+            lane.synced_next_seq = lane.next_seq;
+        }
     }
 
     fn pool_used(&self, lane: Lane) -> u64 {
@@ -136,6 +153,10 @@ impl Model {
         let seq = state.next_seq;
         state.next_seq += 1;
         state.chunks.insert(seq, (needed, body));
+        if self.config.durability == Durability::Sync {
+            // LMDB fsynced the commit before the append returned.
+            self.sync();
+        }
         AppendResult::Appended(seq)
     }
 }
@@ -157,8 +178,9 @@ fn observe_append(result: Result<u64, AppendError>, sent: &SealedChunk) -> Appen
     }
 }
 
-fn model_config() -> RingConfig {
+fn model_config(durability: Durability) -> RingConfig {
     let mut config = RingConfig::with_capacity(16 * MIB);
+    config.durability = durability;
     config.audit_reserved_bytes = 2 * MIB;
     // Backpressure at once, so the model needs no clock.
     config.lanes[Lane::Decisions.index()].block_timeout_ms = 0;
@@ -172,6 +194,7 @@ fn check_lanes_agree(ring: &Ring, model: &Model) {
         let expected = &model.lanes[lane.index()];
         let actual = stats.lane(lane);
         assert_eq!(actual.next_seq, expected.next_seq, "{lane} next_seq");
+        assert_eq!(actual.synced_next_seq, expected.synced_next_seq, "{lane} synced_next_seq");
         assert_eq!(actual.acked_through, expected.acked_through, "{lane} acked_through");
         assert_eq!(actual.chunk_count, expected.chunks.len() as u64, "{lane} chunk_count");
         assert_eq!(actual.bytes_used, expected.bytes_used(), "{lane} bytes_used");
@@ -190,10 +213,10 @@ fn check_lanes_agree(ring: &Ring, model: &Model) {
     assert_eq!(stats.map_full_retries, 0, "the model does not expect MAP_FULL at this scale");
 }
 
-fn run(operations: Vec<Operation>) {
+fn run(operations: Vec<Operation>, durability: Durability) {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("ring");
-    let config = model_config();
+    let config = model_config(durability);
     let mut ring = open(&path, config.clone());
     let mut model = Model::new(config.clone());
     for (step, operation) in operations.into_iter().enumerate() {
@@ -227,7 +250,7 @@ fn run(operations: Vec<Operation>) {
                 let read = ring.read_from(lane, from, limits).unwrap();
                 let expected: Vec<(u64, &Vec<u8>)> = state
                     .chunks
-                    .range(from..)
+                    .range(from..state.synced_next_seq.max(from))
                     .take(chunks_max as usize)
                     .map(|(seq, (_, body))| (*seq, body))
                     .collect();
@@ -239,9 +262,15 @@ fn run(operations: Vec<Operation>) {
                     assert!(body == expected_body, "step {step}: body of seq {seq} differs");
                 }
             }
+            Operation::Sync => {
+                ring.sync().unwrap();
+                model.sync();
+            }
             Operation::Reopen => {
                 drop(ring);
                 ring = open(&path, config.clone());
+                // The ring fsyncs when it closes and again when it opens.
+                model.sync();
             }
         }
         check_lanes_agree(&ring, &model);
@@ -252,7 +281,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn ring_matches_model(operations in proptest::collection::vec(operation_strategy(), 1..80)) {
-        run(operations);
+        run(operations, Durability::Sync);
+    }
+
+    #[test]
+    fn ring_matches_model_in_periodic_mode(operations in proptest::collection::vec(operation_strategy(), 1..80)) {
+        run(operations, Durability::Periodic { sync_interval_ms: SYNC_INTERVAL_NEVER_MS });
     }
 }
 
@@ -271,5 +305,27 @@ fn fills_every_pool_then_drains() {
         operations.push(Operation::Ack { lane, fraction: 100 });
     }
     operations.push(Operation::Append { lane: Lane::Decisions, len: 4_000_000 });
-    run(operations);
+    run(operations, Durability::Sync);
+}
+
+/// In `Periodic` mode a read sees nothing appended since the last fsync, then all of it.
+#[test]
+fn periodic_reads_wait_for_the_fsync() {
+    let mut operations = Vec::new();
+    for lane in Lane::ALL {
+        operations.push(Operation::Append { lane, len: 10_000 });
+        operations.push(Operation::Read { lane, offset: 0, chunks_max: 7 });
+    }
+    operations.push(Operation::Sync);
+    for lane in Lane::ALL {
+        operations.push(Operation::Read { lane, offset: 0, chunks_max: 7 });
+        operations.push(Operation::Append { lane, len: 10_000 });
+        operations.push(Operation::Read { lane, offset: 0, chunks_max: 7 });
+        operations.push(Operation::Ack { lane, fraction: 100 });
+    }
+    operations.push(Operation::Reopen);
+    for lane in Lane::ALL {
+        operations.push(Operation::Read { lane, offset: 0, chunks_max: 7 });
+    }
+    run(operations, Durability::Periodic { sync_interval_ms: SYNC_INTERVAL_NEVER_MS });
 }
