@@ -464,6 +464,8 @@ struct SessionDriver {
     refusals_sender: mpsc::Sender<LandingRefusal>,
     durable_generation: watch::Receiver<u64>,
     readers: tokio::task::JoinSet<()>,
+    /// Acks of this session already added to `SinkMetrics::acks_sent`.
+    acks_counted: u64,
 }
 
 impl SessionDriver {
@@ -494,12 +496,14 @@ impl SessionDriver {
             refusals,
             refusals_sender,
             readers: tokio::task::JoinSet::new(),
+            acks_counted: 0,
         }
     }
 
     /// Runs until the session closes; returns why.
     async fn run(mut self) -> Close {
         let mut control_buffer = vec![0u8; READ_BUFFER_BYTES];
+        let mut control_finished = false;
         while !self.session.is_closed() {
             let timeout = self.session.poll_timeout();
             let sleep = async {
@@ -522,12 +526,15 @@ impl SessionDriver {
                 },
                 read = async {
                     match &mut self.control {
-                        Some((_, receive)) => receive.read(&mut control_buffer).await,
-                        None => std::future::pending().await,
+                        Some((_, receive)) if !control_finished => receive.read(&mut control_buffer).await,
+                        _ => std::future::pending().await,
                     }
                 } => match read {
                     Ok(Some(read)) => self.session.handle_control_bytes(&control_buffer[..read]),
-                    Ok(None) => self.session.handle_control_finished(),
+                    Ok(None) => {
+                        control_finished = true;
+                        self.session.handle_control_finished();
+                    }
                     Err(error) => self.session.connection_lost(&format!("control stream: {error}")),
                 },
                 stream = self.connection.accept_uni() => match stream {
@@ -570,9 +577,10 @@ impl SessionDriver {
 
     /// Carries out what the session asks for until it has nothing more.
     async fn drive(&mut self) {
-        let acks_before = self.session.acks_queued();
         self.drive_events().await;
-        SinkMetrics::add(&self.context.metrics.acks_sent, self.session.acks_queued() - acks_before);
+        let acks = self.session.acks_queued();
+        SinkMetrics::add(&self.context.metrics.acks_sent, acks - self.acks_counted);
+        self.acks_counted = acks;
     }
 
     async fn drive_events(&mut self) {

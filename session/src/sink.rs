@@ -344,15 +344,12 @@ impl SinkSession {
         }
     }
 
-    /// The device finished its side of the control stream.
+    /// The device finished its side of the control stream. Before the Hello that ends the
+    /// session; after it the device simply has nothing more to say (it only ever sends a Hello
+    /// and, before closing, an Error), so the session goes on.
     pub fn handle_control_finished(&mut self) {
-        match self.state {
-            State::AwaitingHello { .. } => {
-                self.close_with(Close::local(ErrorCode::BadFrame, "control stream ended before Hello"));
-            }
-            _ => {
-                self.close_with(Close::peer(ErrorCode::ShuttingDown, "the device closed the control stream"))
-            }
+        if let State::AwaitingHello { .. } = self.state {
+            self.close_with(Close::local(ErrorCode::BadFrame, "control stream ended before Hello"));
         }
     }
 
