@@ -374,11 +374,12 @@ impl DeviceSession {
             self.lanes[resume.lane.index()] = Some(LaneState {
                 next_read_seq: resume.resume_seq,
                 highest_covered: held_through,
-                // Fix (simulator seed 3): nothing is trimmed at the Welcome. The resume seq is
-                // what the sink *landed* (`landed - base + 1`), which includes chunks written
-                // since its last commit point; trimming below it deleted chunks a sink crash
-                // then lost (invariant 1: delete only what an Ack covers). The sink acks what
-                // of it is durable right after the grant (`SinkSession::handle_durable`).
+                // Fix (simulator, regression `welcome_trimmed_chunks_the_sink_had_not_committed`):
+                // nothing is trimmed at the Welcome. The resume seq is what the sink *landed*
+                // (`landed - base + 1`), which includes chunks written since its last commit
+                // point; trimming below it deleted chunks a sink crash then lost (invariant 1:
+                // delete only what an Ack covers). The sink acks what of it is durable right
+                // after the grant (`SinkSession::handle_durable`).
                 acked_through: 0,
                 read_outstanding: false,
                 idle_until: None,
@@ -532,9 +533,10 @@ impl DeviceSession {
                     });
                     continue;
                 };
-                // Fix (simulator seed 102): the dictionary's frame must fit the sink's frame
-                // limit too; unchecked, the sink closed every session with `bad_frame` at this
-                // frame and the lane never got past the chunk (a reconnect loop, not a skip).
+                // Fix (simulator, regression `dictionary_frame_above_the_sink_frame_limit`): the
+                // dictionary's frame must fit the sink's frame limit too; unchecked, the sink
+                // closed every session with `bad_frame` at this frame and the lane never got past
+                // the chunk (a reconnect loop, not a skip).
                 let dictionary_frame_bytes = protocol::FRAME_KIND_BYTES + 4 + bytes.len();
                 if dictionary_frame_bytes > frame_bytes_max {
                     self.events.push_back(DeviceEvent::Undeliverable {

@@ -416,9 +416,10 @@ impl SinkSession {
                 return;
             };
             progress.highest_ring_seq = held;
-            // Fix (simulator seed 3): `held` is landed, not necessarily durable, so it was never
-            // acked; the first `handle_durable` acks what of it is durable (the device no longer
-            // trims at the Welcome).
+            // Fix (simulator, regression `welcome_trimmed_chunks_the_sink_had_not_committed`):
+            // `held` is landed, not necessarily durable, so it was never acked; the first
+            // `handle_durable` acks what of it is durable (the device no longer trims at the
+            // Welcome).
             progress.acked_ring_seq = 0;
             resume.push(LaneResume { lane, resume_seq });
         }

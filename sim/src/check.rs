@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 
 use protocol::Lane;
 
+use crate::Report;
 use crate::ring::Fate;
 use crate::sink::record_range;
 use crate::world::World;
-use crate::Report;
 
 pub fn final_checks(world: &mut World) -> Result<(), String> {
     let (stats, observed) = world.sink_final_stats();
@@ -41,17 +41,35 @@ pub fn final_checks(world: &mut World) -> Result<(), String> {
                     return Err(format!("{}: core seqs do not increase (after {last_seq})", context()));
                 }
                 last_seq = seq;
-                let (header, _) = protocol::decode_chunk(&encoded).map_err(|error| format!("{}: {error}", context()))?;
+                let (header, _) =
+                    protocol::decode_chunk(&encoded).map_err(|error| format!("{}: {error}", context()))?;
                 if header.seq != seq || header.lane != lane {
-                    return Err(format!("{}: the stored header says {} seq {}", context(), header.lane, header.seq));
+                    return Err(format!(
+                        "{}: the stored header says {} seq {}",
+                        context(),
+                        header.lane,
+                        header.seq
+                    ));
                 }
                 if header.dict_id != protocol::NO_DICTIONARY
-                    && !world.sink.dictionaries.get(id).is_some_and(|stored| stored.contains_key(&header.dict_id))
+                    && !world
+                        .sink
+                        .dictionaries
+                        .get(id)
+                        .is_some_and(|stored| stored.contains_key(&header.dict_id))
                 {
-                    return Err(format!("{}: names dictionary {:08x}, which the sink does not store", context(), header.dict_id));
+                    return Err(format!(
+                        "{}: names dictionary {:08x}, which the sink does not store",
+                        context(),
+                        header.dict_id
+                    ));
                 }
-                let (first, last) = record_range(&encoded).ok_or_else(|| format!("{}: not an honest chunk body", context()))?;
-                let owner = world.ledger.owner(first).ok_or_else(|| format!("{}: record {first} was never appended", context()))?;
+                let (first, last) = record_range(&encoded)
+                    .ok_or_else(|| format!("{}: not an honest chunk body", context()))?;
+                let owner = world
+                    .ledger
+                    .owner(first)
+                    .ok_or_else(|| format!("{}: record {first} was never appended", context()))?;
                 let chunk = &world.ledger.chunks[owner];
                 if chunk.device != device.index
                     || chunk.lane != lane
@@ -60,21 +78,36 @@ pub fn final_checks(world: &mut World) -> Result<(), String> {
                 {
                     return Err(format!("{}: records {first}..{last} belong to {:?}", context(), chunk));
                 }
-                let epoch_matches = device.identities.iter().filter(|(storage, _)| *storage == chunk.storage).any(|(_, ring_id)| {
-                    world.ring_bases.get(&(id.clone(), *ring_id)).is_some_and(|bases| bases[lane.index()].checked_add(chunk.seq) == Some(seq))
-                });
+                let epoch_matches = device
+                    .identities
+                    .iter()
+                    .filter(|(storage, _)| *storage == chunk.storage)
+                    .any(|(_, ring_id)| {
+                        world.ring_bases.get(&(id.clone(), *ring_id)).is_some_and(|epochs| {
+                            epochs.iter().any(|bases| bases[lane.index()].checked_add(chunk.seq) == Some(seq))
+                        })
+                    });
                 if !epoch_matches {
-                    return Err(format!("{}: ring seq {} of ring storage {} is not base + ring seq of any of its rings", context(), chunk.seq, chunk.storage));
+                    return Err(format!(
+                        "{}: ring seq {} of ring storage {} is not base + ring seq of any of its rings",
+                        context(),
+                        chunk.seq,
+                        chunk.storage
+                    ));
                 }
                 *counts.entry(owner).or_default() += 1;
             }
             let durable = core.durable(id, lane);
             if durable != last_seq {
-                return Err(format!("{id}/{lane}: durable watermark {durable}, but the last durable chunk is seq {last_seq}"));
+                return Err(format!(
+                    "{id}/{lane}: durable watermark {durable}, but the last durable chunk is seq {last_seq}"
+                ));
             }
             let stored_watermark = stored.watermarks.get(&(id.clone(), lane)).copied().unwrap_or(0);
             if stored_watermark != durable {
-                return Err(format!("{id}/{lane}: stored watermark {stored_watermark}, core durable {durable}"));
+                return Err(format!(
+                    "{id}/{lane}: stored watermark {stored_watermark}, core durable {durable}"
+                ));
             }
         }
     }
@@ -93,7 +126,7 @@ pub fn final_checks(world: &mut World) -> Result<(), String> {
                 chunk.undeliverable.map_or(String::new(), |why| format!(", undeliverable: {why:?}"))
             )
         };
-        if count > 1 {
+        if count > 1 + chunk.restored {
             return Err(format!("DUPLICATE: {} is in the sink's durable data {count} times", name()));
         }
         if chunk.undeliverable.is_some() {
@@ -106,12 +139,36 @@ pub fn final_checks(world: &mut World) -> Result<(), String> {
             continue;
         }
         match chunk.fate {
-            Fate::Trimmed if count != 1 => return Err(format!("ACKED DATA LOST: {} is not in the sink's durable data", name())),
+            Fate::Trimmed if count == 0 => {
+                return Err(format!("ACKED DATA LOST: {} is not in the sink's durable data", name()));
+            }
             Fate::InRing => return Err(format!("{} is still unacked after convergence", name())),
+            Fate::EvictionUndone if count != 0 => {
+                return Err(format!("{} reached the sink after its Ack deleted it unsent", name()));
+            }
             Fate::LostPowerCut if count != 0 => {
-                return Err(format!("{} reached the sink although a power cut took it back before any fsync", name()));
+                return Err(format!(
+                    "{} reached the sink although a power cut took it back before any fsync",
+                    name()
+                ));
             }
             _ => {}
+        }
+    }
+    for hostile in
+        world.hostiles.iter().filter(|hostile| hostile.kind == crate::hostile::HostileKind::Replayer)
+    {
+        let durable = world.sink.disk.durable_chunks(&hostile.id, Lane::Sensor);
+        let expected: Vec<(u64, Vec<u8>)> = (1..=hostile.replayed)
+            .map(|seq| (seq, crate::hostile::replayed_chunk(seq).encode(seq)))
+            .collect();
+        if durable != expected {
+            return Err(format!(
+                "{}: resent chunks 1..={} landed as {:?}, not exactly once each",
+                hostile.id,
+                hostile.replayed,
+                durable.iter().map(|(seq, _)| *seq).collect::<Vec<_>>()
+            ));
         }
     }
     for device in &world.devices {
@@ -124,33 +181,53 @@ pub fn final_checks(world: &mut World) -> Result<(), String> {
             .sum();
         let counted = device.ring.evicted_records() + device.counters.evicted_records_past_rings;
         if ledger != counted {
-            return Err(format!("{}: the ring counts {counted} evicted records, the ledger {ledger}", device.id));
+            return Err(format!(
+                "{}: the ring counts {counted} evicted records, the ledger {ledger}",
+                device.id
+            ));
         }
     }
     if stats.landing_failures != observed.fired_land {
-        return Err(format!("landing failures {} != injected land faults {}", stats.landing_failures, observed.fired_land));
+        return Err(format!(
+            "landing failures {} != injected land faults {}",
+            stats.landing_failures, observed.fired_land
+        ));
     }
     Ok(())
 }
 
 impl World {
     pub fn report(&self) -> Report {
-        let mut report = Report { seed: self.seed, virtual_us: self.queue.now, events: self.queue.processed, ..Report::default() };
+        let mut report = Report {
+            seed: self.seed,
+            virtual_us: self.queue.now,
+            events: self.queue.processed,
+            ..Report::default()
+        };
         report.devices = self.devices.len();
-        report.hostiles = self.hostiles.iter().map(|hostile| (hostile.id.clone(), hostile.attempts, hostile.closes.len())).collect();
+        report.hostiles = self
+            .hostiles
+            .iter()
+            .map(|hostile| (hostile.id.clone(), hostile.attempts, hostile.closes.len()))
+            .collect();
         for chunk in &self.ledger.chunks {
             let records = u64::from(chunk.records);
             report.chunks += 1;
             report.records += records;
-            if chunk.undeliverable.is_some() {
+            if let Some(why) = chunk.undeliverable {
                 report.undeliverable_records += records;
+                *report.undeliverable_chunks.entry(format!("{why:?}")).or_default() += 1;
+                if chunk.reported_undeliverable {
+                    *report.undeliverable_chunks.entry("reported".to_string()).or_default() += 1;
+                }
                 continue;
             }
             match chunk.fate {
                 Fate::Trimmed => report.delivered_records += records,
                 Fate::Evicted => report.evicted_records += records,
                 Fate::LostPowerCut => report.power_cut_records += records,
-                Fate::LostRecreation => report.recreation_records += records,
+                Fate::LostRecreation | Fate::LostRestore => report.recreation_records += records,
+                Fate::EvictionUndone => report.eviction_undone_records += records,
                 Fate::InRing => {}
             }
         }
@@ -167,7 +244,19 @@ impl World {
             report.landing.sessions_granted += stats.sessions_granted;
         }
         report.faults = format!("{:?}", self.tally);
+        report.duplicated_records = self
+            .ledger
+            .chunks
+            .iter()
+            .filter(|chunk| chunk.restored > 0)
+            .map(|chunk| u64::from(chunk.records))
+            .sum();
         report.sink_closes = self.sink.closes.clone();
+        report.grants_over_pending = self.sink.grants_over_pending;
+        report.max_restores_of_a_chunk =
+            self.ledger.chunks.iter().map(|chunk| chunk.restored).max().unwrap_or(0);
+        report.ring_identity_renewals =
+            self.devices.iter().map(|device| device.counters.ring_identity_renewals).sum();
         report
     }
 }

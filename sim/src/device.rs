@@ -13,8 +13,11 @@
 //!   to reconnect.
 //!
 //! Edge faults: a power cut (the ring goes back to its last fsync, the session vanishes without
-//! a word, a new boot id), a process restart (the ring keeps everything), a recreation (factory
-//! reset or quarantine: an empty ring with a new identity), a partition.
+//! a word, a new boot id), a process restart (the ring keeps everything and fsyncs it when it
+//! opens again), a recreation (factory reset or quarantine: an empty ring with a new identity),
+//! a restore of the ring from an older backup (the sink may then hold seqs the ring has not
+//! written: `RingBehind` and a new identity, or the old identity comes back as a new epoch; the
+//! chunks it brings back may land again, which the design accepts), a partition.
 //!
 //! Producer: a chunk every `produce_mean_us` on average, on a lane by weight, with 1..records_max
 //! records numbered globally and padding; sensor and media chunks may name one of the device's
@@ -27,11 +30,10 @@ use protocol::{Codec, Lane, NO_DICTIONARY, SealedChunk};
 use session::{Backoff, DeviceConfig, DeviceEvent, DeviceSession, Stream};
 
 use crate::link::{ConnId, Dir, Payload, Peer, StreamKey};
-use crate::ring::{Fate, LedgerChunk, ModelRing, Refused, Undeliverable};
+use crate::ring::{Fate, LedgerChunk, ModelRing, Refused, RingState, Undeliverable};
 use crate::rng::Rng;
 use crate::scenario::DeviceParams;
 use crate::time::MICROS_PER_MS;
-use crate::trace;
 use crate::world::{Event, Side, World};
 
 /// A session that lasted this long was healthy (`appliance::uplink::HEALTHY_SESSION`).
@@ -68,7 +70,10 @@ pub enum Uplink {
     Down,
     /// Waiting out the backoff.
     Waiting,
-    Connecting { conn: ConnId, started: u64 },
+    Connecting {
+        conn: ConnId,
+        started: u64,
+    },
     Session(Box<DeviceConn>),
 }
 
@@ -104,6 +109,8 @@ pub struct Device {
     pub held: [Option<ChunkPlan>; Lane::COUNT],
     pub partitioned_until: u64,
     pub counters: DeviceCounters,
+    /// An older copy of the ring's data partition: (ring storage, fsynced state, append count).
+    pub backup: Option<(u32, RingState, u64)>,
 }
 
 fn new_backoff(params: &DeviceParams) -> Backoff {
@@ -138,6 +145,7 @@ impl Device {
             held: Default::default(),
             partitioned_until: 0,
             counters: DeviceCounters::default(),
+            backup: None,
             params,
         }
     }
@@ -156,6 +164,8 @@ impl World {
     pub fn device_boot(&mut self, device: usize) {
         let boot_id = self.rng.bytes16();
         let state = &mut self.devices[device];
+        // `Ring::open` fsyncs: after a process restart what the page cache kept is durable now.
+        state.ring.sync();
         state.up = true;
         state.boot_id = boot_id;
         state.backoff = new_backoff(&state.params);
@@ -213,6 +223,53 @@ impl World {
         self.device_vanishes(device);
     }
 
+    /// Someone copies the data partition (what `restore_backup` may bring back later).
+    pub fn take_backup(&mut self, device: usize) {
+        let state = &mut self.devices[device];
+        let (ring, writes) = state.ring.backup();
+        state.backup = Some((state.ring.storage, ring, writes));
+        trace!(self, "{}: backup of the ring taken", self.devices[device].id);
+    }
+
+    /// The ring comes back from the backup (an operator restored it, or an old image booted):
+    /// what it held then is back, what was appended since is lost, and the sink may hold seqs
+    /// this ring has not written (`RingBehind`).
+    pub fn restore_backup(&mut self, device: usize) -> bool {
+        let state = &self.devices[device];
+        let Some((storage, ring, writes)) = state.backup.clone() else { return false };
+        if storage != state.ring.storage {
+            return false;
+        }
+        trace!(
+            self,
+            "{}: RING RESTORED FROM A BACKUP (ring {})",
+            self.devices[device].id,
+            hex(&ring.identity)
+        );
+        let mut restored = std::collections::BTreeSet::new();
+        for lane in &ring.lanes {
+            restored.extend(lane.chunks.values().map(|chunk| chunk.ledger));
+        }
+        for (index, chunk) in self.ledger.chunks.iter_mut().enumerate() {
+            if chunk.device != device || chunk.storage != storage {
+                continue;
+            }
+            if restored.contains(&index) {
+                chunk.fate = Fate::InRing;
+                chunk.restored += 1;
+            } else if chunk.write_number >= writes {
+                chunk.fate = Fate::LostRestore;
+            }
+        }
+        let identity = ring.identity;
+        self.devices[device].ring.restore(ring);
+        if !self.devices[device].identities.contains(&(storage, identity)) {
+            self.devices[device].identities.push((storage, identity));
+        }
+        self.device_vanishes(device);
+        true
+    }
+
     pub fn restart(&mut self, device: usize) {
         trace!(self, "{}: process restart", self.devices[device].id);
         self.device_vanishes(device);
@@ -224,7 +281,9 @@ impl World {
         let state = &mut self.devices[device];
         let storage = state.ring.storage;
         state.counters.evicted_records_past_rings += state.ring.evicted_records();
-        for chunk in self.ledger.chunks.iter_mut().filter(|chunk| chunk.device == device && chunk.storage == storage) {
+        for chunk in
+            self.ledger.chunks.iter_mut().filter(|chunk| chunk.device == device && chunk.storage == storage)
+        {
             if chunk.fate == Fate::InRing {
                 chunk.fate = Fate::LostRecreation;
             }
@@ -280,9 +339,13 @@ impl World {
             None => {
                 let records = self.rng.range(1, u64::from(params.records_max)) as u32;
                 let pad = self.rng.range_usize(0, params.pad_bytes_max);
-                let dictionary = if matches!(lane, Lane::Sensor | Lane::Media) && self.rng.chance(params.missing_dictionary_chance) {
+                let dictionary = if matches!(lane, Lane::Sensor | Lane::Media)
+                    && self.rng.chance(params.missing_dictionary_chance)
+                {
                     Some(LOST_DICTIONARY)
-                } else if !self.devices[device].dictionaries.is_empty() && self.rng.chance(params.dictionary_chance) {
+                } else if !self.devices[device].dictionaries.is_empty()
+                    && self.rng.chance(params.dictionary_chance)
+                {
                     Some(self.rng.range_usize(0, self.devices[device].dictionaries.len() - 1))
                 } else {
                     None
@@ -303,11 +366,22 @@ impl World {
             let entry = &mut self.ledger.chunks[chunk.ledger];
             assert_eq!(entry.fate, Fate::InRing, "only chunks in the ring are evicted");
             entry.fate = Fate::Evicted;
-            trace!(self, "{}: evicted {} seq {} ({} records)", self.devices[device].id, entry.lane, entry.seq, entry.records);
+            entry.evicted_once = true;
+            trace!(
+                self,
+                "{}: evicted {} seq {} ({} records)",
+                self.devices[device].id,
+                entry.lane,
+                entry.seq,
+                entry.records
+            );
         }
         match result {
             Err((Refused::TooLarge, _)) => {
-                self.fail(format!("{}: the producer built a chunk of {needed} bytes the ring can never take", self.devices[device].id));
+                self.fail(format!(
+                    "{}: the producer built a chunk of {needed} bytes the ring can never take",
+                    self.devices[device].id
+                ));
             }
             Err((Refused::Full, _)) => {
                 self.devices[device].counters.appends_refused += 1;
@@ -355,12 +429,13 @@ impl World {
                     fate: Fate::InRing,
                     undeliverable,
                     reported_undeliverable: false,
+                    restored: 0,
+                    evicted_once: false,
                 });
                 let ring = &mut self.devices[device].ring;
                 let put = ring.put(plan.lane, ledger, encoded, plan.records);
                 assert_eq!(put, seq);
-                self.ledger.chunks[ledger].write_number =
-                    ring.lane(plan.lane).chunks[&seq].write_number;
+                self.ledger.chunks[ledger].write_number = ring.lane(plan.lane).chunks[&seq].write_number;
                 trace!(
                     self,
                     "{}: append {} seq {seq} records {}..{} dict {dict_id:08x}{}",
@@ -375,7 +450,9 @@ impl World {
     }
 
     pub fn ring_sync(&mut self, device: usize) {
-        if let crate::ring::Durability::Periodic { sync_interval_us } = self.devices[device].params.ring.durability {
+        if let crate::ring::Durability::Periodic { sync_interval_us } =
+            self.devices[device].params.ring.durability
+        {
             if self.devices[device].up {
                 self.devices[device].ring.sync();
             }
@@ -439,7 +516,12 @@ impl World {
             wake_at: None,
             closed: false,
         }));
-        trace!(self, "{}: connected (conn#{conn}), ring {}", self.devices[device].id, hex(&self.devices[device].ring.identity()));
+        trace!(
+            self,
+            "{}: connected (conn#{conn}), ring {}",
+            self.devices[device].id,
+            hex(&self.devices[device].ring.identity())
+        );
         self.device_drive(device);
     }
 
@@ -472,7 +554,9 @@ impl World {
         let now_us = self.now();
         let now = self.clock.instant(now_us);
         let latency_max = self.devices[device].params.ring_latency_us_max;
-        let Uplink::Session(mut conn_state) = std::mem::replace(&mut self.devices[device].uplink, Uplink::Waiting) else {
+        let Uplink::Session(mut conn_state) =
+            std::mem::replace(&mut self.devices[device].uplink, Uplink::Waiting)
+        else {
             return;
         };
         let conn = conn_state.conn;
@@ -541,11 +625,15 @@ impl World {
                 }
                 DeviceEvent::Undeliverable { lane, seq, reason } => {
                     self.devices[device].counters.undeliverable_events += 1;
-                    let ledger = self.devices[device].ring.lane(lane).chunks.get(&seq).map(|chunk| chunk.ledger);
+                    let ledger =
+                        self.devices[device].ring.lane(lane).chunks.get(&seq).map(|chunk| chunk.ledger);
                     match ledger {
                         Some(ledger) if self.ledger.chunks[ledger].undeliverable.is_some() => {
                             self.ledger.chunks[ledger].reported_undeliverable = true;
-                            trace!(self, "{}: undeliverable {lane} seq {seq}: {reason}", self.devices[device].id);
+                            trace!(
+                                self,
+                                "{}: undeliverable {lane} seq {seq}: {reason}", self.devices[device].id
+                            );
                         }
                         _ => {
                             let id = self.devices[device].id.clone();
@@ -565,7 +653,10 @@ impl World {
                     );
                     if !close.by_peer && !crate::hostile::is_transient(close.code) {
                         let id = self.devices[device].id.clone();
-                        self.fail(format!("{id}: the device session closed with {}: {} (the sink is honest)", close.code, close.reason));
+                        self.fail(format!(
+                            "{id}: the device session closed with {}: {} (the sink is honest)",
+                            close.code, close.reason
+                        ));
                     }
                 }
             }
@@ -579,7 +670,8 @@ impl World {
                     conn_state.ack_running[index] = true;
                     let delay = self.rng.range(1, latency_max);
                     let boot = self.devices[device].boot;
-                    self.queue.after(delay, Event::DeviceAckDone { device, boot, conn, lane, through: wanted });
+                    self.queue
+                        .after(delay, Event::DeviceAckDone { device, boot, conn, lane, through: wanted });
                 }
             }
             if conn_state.session.is_closed() {
@@ -595,7 +687,11 @@ impl World {
             let close = conn_state.session.close().cloned().expect("closed");
             self.devices[device].counters.sessions_ended += 1;
             if self.connections.get(&conn).is_some_and(|connection| connection.device_open) {
-                self.close_connection(conn, Side::Device, format!("closed by the device: {} {}", close.code, close.reason));
+                self.close_connection(
+                    conn,
+                    Side::Device,
+                    format!("closed by the device: {} {}", close.code, close.reason),
+                );
             }
             self.device_backoff(device, conn_state.started, conn_state.renewed);
             return;
@@ -622,7 +718,15 @@ impl World {
         self.device_drive(device);
     }
 
-    pub fn device_read(&mut self, device: usize, conn: ConnId, lane: Lane, from_seq: u64, chunks_max: usize, bytes_max: usize) {
+    pub fn device_read(
+        &mut self,
+        device: usize,
+        conn: ConnId,
+        lane: Lane,
+        from_seq: u64,
+        chunks_max: usize,
+        bytes_max: usize,
+    ) {
         let now = self.clock.instant(self.now());
         let state = &mut self.devices[device];
         let chunks = state.ring.read_from(lane, from_seq, chunks_max, bytes_max);
@@ -631,7 +735,8 @@ impl World {
         if conn_state.conn != conn {
             return;
         }
-        let mut dictionary = |dict_id: u32| dictionaries.iter().find(|(id, _)| *id == dict_id).map(|(_, bytes)| bytes.clone());
+        let mut dictionary =
+            |dict_id: u32| dictionaries.iter().find(|(id, _)| *id == dict_id).map(|(_, bytes)| bytes.clone());
         let summary = conn_state.session.handle_read(now, lane, chunks, &mut dictionary);
         state.counters.chunks_sent += summary.chunks;
         state.counters.dictionaries_sent += summary.dictionaries;
@@ -651,14 +756,21 @@ impl World {
         let id = self.devices[device].id.clone();
         match self.devices[device].ring.ack(lane, through) {
             Ok(trimmed) => {
+                let trimmed_any = !trimmed.is_empty();
                 for chunk in trimmed {
-                    let entry = &self.ledger.chunks[chunk.ledger];
-                    if entry.undeliverable.is_none() {
-                        self.check_durable_at_sink(device, chunk.ledger);
-                    }
-                    self.ledger.chunks[chunk.ledger].fate = Fate::Trimmed;
+                    let fate = if self.ledger.chunks[chunk.ledger].undeliverable.is_some() {
+                        Fate::Trimmed
+                    } else {
+                        self.check_durable_at_sink(device, chunk.ledger)
+                    };
+                    self.ledger.chunks[chunk.ledger].fate = fate;
                 }
-                trace!(self, "{id}: ring trimmed {lane} through {through}");
+                if !trimmed_any {
+                    trace!(self, "{id}: ring trimmed nothing new of {lane} through {through}");
+                } else {
+                    self.last_progress = self.now();
+                    trace!(self, "{id}: ring trimmed {lane} through {through}");
+                }
             }
             Err(error) => self.fail(format!("{id}: {error}")),
         }
@@ -668,11 +780,24 @@ impl World {
         }
     }
 
-    /// Invariant: a chunk the ring deletes on an Ack is durable at the sink.
-    fn check_durable_at_sink(&mut self, device: usize, ledger: usize) {
+    /// Invariant: a chunk the ring deletes on an Ack is durable at the sink, unless its eviction
+    /// left a gap there that a power cut then hid from the ring (`Fate::EvictionUndone`).
+    fn check_durable_at_sink(&mut self, device: usize, ledger: usize) -> Fate {
         let entry = self.ledger.chunks[ledger].clone();
         let id = self.devices[device].id.clone();
-        if !self.sink.durable_index.contains(&self.sink.disk, &id, entry.lane, entry.first_record) {
+        if self.sink.mirror.holds(entry.first_record) {
+            return Fate::Trimmed;
+        }
+        if entry.evicted_once {
+            trace!(
+                self,
+                "{id}: {} seq {} was evicted, restored by a power cut and is now acked unsent",
+                entry.lane,
+                entry.seq
+            );
+            return Fate::EvictionUndone;
+        }
+        {
             self.fail(format!(
                 "ACKED DATA NOT DURABLE: {id} trimmed {} seq {} (records {}..{}) on an Ack, but the sink's durable data does not hold it",
                 entry.lane,
@@ -681,6 +806,7 @@ impl World {
                 entry.first_record + u64::from(entry.records) - 1
             ));
         }
+        Fate::Trimmed
     }
 
     pub fn device_deliver(&mut self, device: usize, conn: ConnId, payload: Payload) {

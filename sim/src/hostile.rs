@@ -10,8 +10,8 @@
 //! `FrameDecoder` only to learn the Welcome's resume seqs.
 
 use protocol::{
-    Ack, Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, SealedChunk,
-    dictionary_frame_payload, dictionary_id, encode_control, encode_frame,
+    Ack, Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION,
+    SealedChunk, dictionary_frame_payload, dictionary_id, encode_control, encode_frame,
 };
 
 use crate::link::ConnId;
@@ -19,6 +19,9 @@ use crate::rng::Rng;
 
 /// Dictionary frames the `TooManyDictionaries` device sends: one more than a connection may.
 pub const TOO_MANY_DICTIONARIES: usize = protocol::DICTIONARIES_MAX + 1;
+/// Chunks the `Replayer` resends on every connection, and connections it makes at least.
+pub const REPLAYED_CHUNKS_MAX: u64 = 20;
+pub const REPLAYER_ATTEMPTS_MIN: u64 = 3;
 /// Control frames a hostile device decodes from the sink.
 const CONTROL_FRAME_BYTES_MAX: usize = protocol::FRAME_KIND_BYTES + protocol::CONTROL_MESSAGE_BYTES_MAX;
 
@@ -62,10 +65,15 @@ pub enum HostileKind {
     SecondHello,
     /// An Ack from the device.
     AckFromDevice,
+    /// Not hostile, only wasteful: resends the same chunks from seq 1 on every connection,
+    /// whatever the Welcome says. The protocol allows it; the sink must drop the resends as
+    /// duplicates and hold each chunk exactly once (the dedupe path, which honest devices,
+    /// resuming at the sink's landed seq, rarely take).
+    Replayer,
 }
 
 impl HostileKind {
-    pub const ALL: [HostileKind; 18] = [
+    pub const ALL: [HostileKind; 19] = [
         HostileKind::SeqMax,
         HostileKind::EpochOverflow,
         HostileKind::LaneSwitch,
@@ -84,6 +92,7 @@ impl HostileKind {
         HostileKind::Silent,
         HostileKind::SecondHello,
         HostileKind::AckFromDevice,
+        HostileKind::Replayer,
     ];
 
     /// The codes the sink must close this device's session with.
@@ -108,6 +117,8 @@ impl HostileKind {
             HostileKind::WrongDevice => &[ErrorCode::DeviceMismatch],
             // Random bytes may even parse as a control frame of another version.
             HostileKind::RandomBytes => &[ErrorCode::BadFrame, ErrorCode::UnsupportedVersion],
+            // Never closed for what it sends.
+            HostileKind::Replayer => &[],
         }
     }
 
@@ -134,6 +145,8 @@ pub struct Hostile {
     pub done: bool,
     /// Every close of one of its sessions at the sink: (code, by the device, reason).
     pub closes: Vec<(ErrorCode, bool, String)>,
+    /// `Replayer`: how many chunks it resends.
+    pub replayed: u64,
 }
 
 impl Hostile {
@@ -149,6 +162,7 @@ impl Hostile {
             attempts: 0,
             done: false,
             closes: Vec::new(),
+            replayed: rng.range(5, REPLAYED_CHUNKS_MAX),
         }
     }
 
@@ -190,16 +204,34 @@ fn hello(device_id: &str, ring_id: [u8; 16], lanes: Vec<Lane>, rng: &mut Rng) ->
 /// A valid chunk frame of `lane` at `seq`, one record, naming `dict_id`.
 pub fn chunk_frame(lane: Lane, seq: u64, dict_id: u32, rng: &mut Rng) -> Vec<u8> {
     let body = rng.bytes(8);
-    let chunk = SealedChunk::new(lane, Codec::Raw, dict_id, 1, body.len() as u32, body).expect("a small chunk");
+    let chunk =
+        SealedChunk::new(lane, Codec::Raw, dict_id, 1, body.len() as u32, body).expect("a small chunk");
     let mut frame = Vec::new();
     encode_frame(FrameKind::Chunk, &chunk.encode(seq), &mut frame).expect("a small chunk fits a frame");
     frame
 }
 
+/// The `Replayer`'s chunk at `seq`: the same bytes on every connection.
+pub fn replayed_chunk(seq: u64) -> SealedChunk {
+    let body = seq.to_le_bytes().repeat(2);
+    SealedChunk::new(Lane::Sensor, Codec::Raw, 0, 1, body.len() as u32, body).expect("a small chunk")
+}
+
+fn replayed_chunk_frame(seq: u64) -> Vec<u8> {
+    let mut frame = Vec::new();
+    encode_frame(FrameKind::Chunk, &replayed_chunk(seq).encode(seq), &mut frame)
+        .expect("a small chunk fits a frame");
+    frame
+}
+
 fn dictionary_frame(dictionary: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
-    encode_frame(FrameKind::Dictionary, &dictionary_frame_payload(dictionary_id(dictionary), dictionary), &mut frame)
-        .expect("a small dictionary fits a frame");
+    encode_frame(
+        FrameKind::Dictionary,
+        &dictionary_frame_payload(dictionary_id(dictionary), dictionary),
+        &mut frame,
+    )
+    .expect("a small dictionary fits a frame");
     frame
 }
 
@@ -214,7 +246,9 @@ pub fn opening(hostile: &Hostile, honest_victim: &str, rng: &mut Rng) -> Writes 
         }
         HostileKind::DataBeforeHello => vec![(Some(0), chunk_frame(Lane::Sensor, 1, 0, rng), false)],
         HostileKind::Silent => Vec::new(),
-        HostileKind::LaneNotInHello => vec![(None, hello(&hostile.id, hostile.ring_id, vec![Lane::Audit], rng), false)],
+        HostileKind::LaneNotInHello => {
+            vec![(None, hello(&hostile.id, hostile.ring_id, vec![Lane::Audit], rng), false)]
+        }
         _ => vec![(None, hello(&hostile.id, hostile.ring_id, all, rng), false)],
     }
 }
@@ -274,19 +308,29 @@ pub fn after_welcome(hostile: &Hostile, resume: impl Fn(Lane) -> u64, rng: &mut 
             vec![(Some(0), frame, false)]
         }
         HostileKind::LaneNotInHello => vec![(Some(0), chunk_frame(Lane::Sensor, 1, 0, rng), false)],
-        HostileKind::SecondHello => vec![(None, hello(&hostile.id, hostile.ring_id, Lane::ALL.to_vec(), rng), false)],
+        HostileKind::SecondHello => {
+            vec![(None, hello(&hostile.id, hostile.ring_id, Lane::ALL.to_vec(), rng), false)]
+        }
         HostileKind::AckFromDevice => {
-            vec![(None, control_frame(&ControlMessage::Ack(Ack { lane: Lane::Audit, durable_through: 1 })), false)]
+            vec![(
+                None,
+                control_frame(&ControlMessage::Ack(Ack { lane: Lane::Audit, durable_through: 1 })),
+                false,
+            )]
         }
-        HostileKind::WrongDevice | HostileKind::RandomBytes | HostileKind::DataBeforeHello | HostileKind::Silent => {
-            Vec::new()
+        HostileKind::Replayer => {
+            let bytes = (1..=hostile.replayed).flat_map(replayed_chunk_frame).collect();
+            vec![(Some(0), bytes, false)]
         }
+        HostileKind::WrongDevice
+        | HostileKind::RandomBytes
+        | HostileKind::DataBeforeHello
+        | HostileKind::Silent => Vec::new(),
     }
 }
 
 use crate::link::{Dir, Payload, Peer, StreamKey};
 use crate::time::MICROS_PER_MS;
-use crate::trace;
 use crate::world::{Event, Side, World};
 
 /// How long a hostile device waits for the sink to act on what it sent before it hangs up and
@@ -319,7 +363,8 @@ impl World {
         if self.hostiles[hostile].conn != Some(conn) {
             return;
         }
-        let reachable = self.sink.accepting() && self.connections.get(&conn).is_some_and(|connection| !connection.broken);
+        let reachable =
+            self.sink.accepting() && self.connections.get(&conn).is_some_and(|connection| !connection.broken);
         if !reachable {
             if let Some(connection) = self.connections.get_mut(&conn) {
                 connection.device_open = false;
@@ -327,12 +372,22 @@ impl World {
             self.hostile_retry(hostile);
             return;
         }
-        trace!(self, "{}: connected (conn#{conn}, attempt {})", self.hostiles[hostile].id, self.hostiles[hostile].attempts);
+        trace!(
+            self,
+            "{}: connected (conn#{conn}, attempt {})",
+            self.hostiles[hostile].id,
+            self.hostiles[hostile].attempts
+        );
         self.sink_accept(conn, Some(hostile));
         let victim = self.devices[0].id.clone();
         let writes = opening(&self.hostiles[hostile], &victim, &mut self.rng);
         self.hostile_write(hostile, conn, writes);
-        let give_up = self.rng.range(GIVE_UP_US.0, GIVE_UP_US.1) + self.scenario.sink.session.hello_timeout.as_micros() as u64;
+        // A device waiting to be closed waits out the sink's Hello timeout too; the replayer
+        // hangs up as soon as its chunks could have landed.
+        let waits_for_close = self.hostiles[hostile].kind != HostileKind::Replayer;
+        let hello_timeout = self.scenario.sink.session.hello_timeout.as_micros() as u64;
+        let give_up =
+            self.rng.range(GIVE_UP_US.0, GIVE_UP_US.1) + if waits_for_close { hello_timeout } else { 0 };
         self.queue.after(give_up, Event::HostileGiveUp { hostile, conn });
     }
 
@@ -343,7 +398,10 @@ impl World {
                 Some(index) => {
                     let opened = self.hostile_streams.entry(hostile).or_default();
                     while opened.len() <= index {
-                        let key = self.connections.get_mut(&conn).map_or(StreamKey::Uni(u64::MAX), |connection| connection.open_uni());
+                        let key = self
+                            .connections
+                            .get_mut(&conn)
+                            .map_or(StreamKey::Uni(u64::MAX), |connection| connection.open_uni());
                         opened.push(key);
                     }
                     opened[index]
@@ -387,6 +445,16 @@ impl World {
         if self.hostiles[hostile].conn != Some(conn) {
             return;
         }
+        if self.hostiles[hostile].kind == HostileKind::Replayer && !self.hostiles[hostile].done {
+            let state = &self.hostiles[hostile];
+            let durable: Vec<u64> =
+                self.sink.disk.durable_chunks(&state.id, Lane::Sensor).iter().map(|(seq, _)| *seq).collect();
+            if state.attempts >= REPLAYER_ATTEMPTS_MIN && durable == (1..=state.replayed).collect::<Vec<_>>()
+            {
+                self.hostiles[hostile].done = true;
+                self.last_progress = self.queue.now;
+            }
+        }
         trace!(self, "{}: hangs up (conn#{conn})", self.hostiles[hostile].id);
         self.close_connection(conn, Side::Device, "closed by the device: shutting_down".to_string());
         self.hostile_retry(hostile);
@@ -405,6 +473,7 @@ impl World {
         let kind = state.kind;
         if kind.expected().contains(&code) && !by_peer {
             state.done = true;
+            self.last_progress = self.queue.now;
         } else if !is_transient(code) {
             let id = state.id.clone();
             self.fail(format!("HOSTILE DEVICE CLOSED WITH THE WRONG CODE: {id} ({kind:?}) expected {:?}, got {code}: {reason}", kind.expected()));

@@ -11,7 +11,8 @@
 //! - durability: in `Sync` mode every change is fsynced at once; in `Periodic` mode the state as
 //!   of the last fsync is kept aside (`synced`) and `read_from` serves only seqs below the
 //!   `next_seq` of that fsync, so nothing a power cut can take back was ever sent;
-//! - a power cut brings the ring back to its last fsynced state; `renew_identity` replaces the
+//! - a power cut brings the ring back to its last fsynced state; opening the ring fsyncs (so
+//!   after a process restart the page cache's commits are durable); `renew_identity` replaces the
 //!   identity and fsyncs; recreation (factory reset, quarantine) is a new `ModelRing`.
 //!
 //! Stored bytes are the encoded length (the real ring adds per-segment overhead; the rules do not
@@ -54,7 +55,11 @@ impl RingParams {
     }
 
     fn pool_budget_bytes(&self, lane: Lane) -> u64 {
-        if lane == Lane::Audit { self.audit_reserved_bytes } else { self.capacity_bytes - self.audit_reserved_bytes }
+        if lane == Lane::Audit {
+            self.audit_reserved_bytes
+        } else {
+            self.capacity_bytes - self.audit_reserved_bytes
+        }
     }
 }
 
@@ -158,7 +163,13 @@ impl ModelRing {
 
     /// `Ring::read_from`: chunks of `lane` from `from_seq`, fsynced ones only, at least one chunk
     /// when any is there, then within `chunks_max` and `bytes_max`.
-    pub fn read_from(&self, lane: Lane, from_seq: u64, chunks_max: usize, bytes_max: usize) -> Vec<(u64, Vec<u8>)> {
+    pub fn read_from(
+        &self,
+        lane: Lane,
+        from_seq: u64,
+        chunks_max: usize,
+        bytes_max: usize,
+    ) -> Vec<(u64, Vec<u8>)> {
         let visible = self.visible_next_seq(lane);
         let mut chunks = Vec::new();
         let mut bytes = 0usize;
@@ -177,7 +188,11 @@ impl ModelRing {
 
     /// `Writer::make_room`: evicts what a chunk of `needed` bytes on `lane` needs, returning the
     /// evicted chunks, or why it cannot go in.
-    pub fn make_room(&mut self, lane: Lane, needed: u64) -> Result<Vec<StoredChunk>, (Refused, Vec<StoredChunk>)> {
+    pub fn make_room(
+        &mut self,
+        lane: Lane,
+        needed: u64,
+    ) -> Result<Vec<StoredChunk>, (Refused, Vec<StoredChunk>)> {
         let pool_budget = self.params.pool_budget_bytes(lane);
         if needed > pool_budget.min(self.params.chunk_bytes_max()) {
             return Err((Refused::TooLarge, Vec::new()));
@@ -211,7 +226,11 @@ impl ModelRing {
 
     fn evict_oldest(&mut self, lane: Lane) -> StoredChunk {
         assert_ne!(lane, Lane::Audit, "the audit lane is never evicted");
-        assert_eq!(self.params.policies[lane.index()], Policy::DropOldest, "only drop_oldest lanes are evicted");
+        assert_eq!(
+            self.params.policies[lane.index()],
+            Policy::DropOldest,
+            "only drop_oldest lanes are evicted"
+        );
         let state = &mut self.live.lanes[lane.index()];
         let (_, chunk) = state.chunks.pop_first().expect("a victim lane holds a chunk");
         state.bytes_used -= chunk.encoded.len() as u64;
@@ -227,7 +246,9 @@ impl ModelRing {
         let state = &mut self.live.lanes[lane.index()];
         let seq = state.next_seq;
         state.bytes_used += encoded.len() as u64;
-        state.chunks.insert(seq, StoredChunk { ledger, encoded: Rc::new(encoded), records, write_number: writes });
+        state
+            .chunks
+            .insert(seq, StoredChunk { ledger, encoded: Rc::new(encoded), records, write_number: writes });
         state.next_seq += 1;
         self.writes += 1;
         self.changed();
@@ -288,6 +309,22 @@ impl ModelRing {
         self.dirty = false;
     }
 
+    /// What a backup of the data partition holds: the fsynced state and its append count.
+    pub fn backup(&self) -> (RingState, u64) {
+        (self.synced().clone(), self.synced_writes())
+    }
+
+    /// The ring comes back from an older copy (a restored backup, an old disk image): its
+    /// identity, seqs and chunks as they were then. Append numbers stay monotonic.
+    pub fn restore(&mut self, state: RingState) {
+        if let Some(synced) = &mut self.synced {
+            *synced = state.clone();
+        }
+        self.live = state;
+        self.synced_writes = self.writes;
+        self.dirty = false;
+    }
+
     /// Evicted records over every lane (what `RingStats` reports).
     pub fn evicted_records(&self) -> u64 {
         self.live.lanes.iter().map(|lane| lane.evicted_records).sum()
@@ -305,6 +342,13 @@ pub enum Fate {
     LostPowerCut,
     /// Held by a ring that was recreated.
     LostRecreation,
+    /// Appended after the backup the ring was restored from.
+    LostRestore,
+    /// Evicted, brought back by a power cut (the eviction was not fsynced), then deleted by an
+    /// Ack that covered the gap its eviction had left at the sink: lost, and no longer counted
+    /// anywhere, because the ring's eviction counter went back with the power cut. A real
+    /// accounting hole of `Periodic` rings (see the crate's report); counted by the simulator.
+    EvictionUndone,
 }
 
 /// Why an honest chunk can never be delivered (the device session skips it and says so).
@@ -334,6 +378,13 @@ pub struct LedgerChunk {
     pub undeliverable: Option<Undeliverable>,
     /// The device session reported it undeliverable.
     pub reported_undeliverable: bool,
+    /// It came back with a ring restored from a backup after the sink may have landed it: the
+    /// ring takes a new identity (`RingBehind`) or the old identity starts a new epoch, and the
+    /// chunk is sent again under new core seqs. The design accepts that duplicate (the uplink
+    /// logs it), so the checks allow this chunk once more per restore that brought it back.
+    pub restored: u32,
+    /// It was evicted at least once (a power cut may have brought it back since).
+    pub evicted_once: bool,
 }
 
 /// Every chunk honest devices appended, in record order (records are numbered at append).
@@ -345,7 +396,10 @@ pub struct Ledger {
 impl Ledger {
     pub fn push(&mut self, chunk: LedgerChunk) -> usize {
         if let Some(last) = self.chunks.last() {
-            assert!(chunk.first_record >= last.first_record + u64::from(last.records), "records are numbered in order");
+            assert!(
+                chunk.first_record >= last.first_record + u64::from(last.records),
+                "records are numbered in order"
+            );
         }
         self.chunks.push(chunk);
         self.chunks.len() - 1

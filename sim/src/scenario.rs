@@ -32,7 +32,7 @@ pub const CHUNK_RECORDS_MAX: u32 = 64;
 /// Run phase, CI and long mode; the heal phase must converge within `HEAL_MAX_US`.
 pub const RUN_US_CI: (u64, u64) = (2 * MICROS_PER_S, 8 * MICROS_PER_S);
 pub const RUN_US_LONG: (u64, u64) = (30 * MICROS_PER_S, 300 * MICROS_PER_S);
-pub const HEAL_MAX_US: u64 = 180 * MICROS_PER_S;
+pub const HEAL_MAX_US: u64 = 120 * MICROS_PER_S;
 
 #[derive(Clone, Debug)]
 pub struct DeviceParams {
@@ -99,7 +99,11 @@ impl LinkRanges {
             latency_us,
             jitter_us: rng.range(0, latency_us),
             bytes_per_ms: log_uniform(rng, self.bytes_per_ms_min, self.bytes_per_ms_max),
-            fragment_bytes_max: log_uniform(rng, 1, self.fragment_bytes_max as u64) as usize,
+            fragment_bytes_max: log_uniform(
+                rng,
+                (self.fragment_bytes_max as u64 / 4).max(1),
+                self.fragment_bytes_max as u64,
+            ) as usize,
             whole_chance: self.whole_chance,
         }
     }
@@ -118,6 +122,8 @@ pub struct FaultRates {
     pub sink_restart_us: Option<f64>,
     pub landing_fault_us: Option<f64>,
     pub dictionary_fault_us: Option<f64>,
+    /// Restores of a ring from an older backup (backups are taken four times as often).
+    pub restore_us: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -149,9 +155,11 @@ impl Scenario {
         let frame_bytes_max = if rng.chance(0.8) {
             protocol::FRAME_BYTES_MAX
         } else {
-            rng.range_usize(protocol::FRAME_KIND_BYTES + protocol::CONTROL_MESSAGE_BYTES_MAX, 16 * 1024)
+            rng.range_usize(protocol::FRAME_KIND_BYTES + protocol::CONTROL_MESSAGE_BYTES_MAX, 8 * 1024)
         };
-        let permits_bytes = log_uniform(rng, 64 * 1024, 16 * 1024 * 1024);
+        // At least the largest chunk (a ring's capacity / 32) plus a hostile chunk, or a chunk
+        // would wait for permits forever; small budgets make sessions wait for the lander.
+        let permits_bytes = log_uniform(rng, 32 * 1024, 16 * 1024 * 1024);
         let sink = SinkParams {
             session: SinkSessionConfig {
                 hello_timeout: Duration::from_millis(rng.range(500, 10_000)),
@@ -182,7 +190,10 @@ impl Scenario {
             latency_us_max: log_uniform(rng, 100, 50 * MICROS_PER_MS),
             bytes_per_ms_min: 50,
             bytes_per_ms_max: log_uniform(rng, 200, 1 << 20),
-            fragment_bytes_max: log_uniform(rng, 1, 65_536) as usize,
+            // Byte-sized fragments stress every decoder's reassembly but cost an event per byte:
+            // a few seeds get them, the rest packet-sized or larger reads.
+            fragment_bytes_max: if rng.chance(0.05) { rng.range(1, 16) } else { log_uniform(rng, 64, 65_536) }
+                as usize,
             whole_chance: rng.float(0.0, 0.9),
             device_detect_us_max: log_uniform(rng, 1_000, 3 * MICROS_PER_S),
             sink_detect_us_max: log_uniform(rng, 1_000, 3 * MICROS_PER_S),
@@ -204,6 +215,7 @@ impl Scenario {
             sink_restart_us: maybe(rng, on, 2.0, 30.0 * scale),
             landing_fault_us: maybe(rng, on, 0.1, 5.0),
             dictionary_fault_us: maybe(rng, on, 0.5, 20.0),
+            restore_us: maybe(rng, on * 0.3, 2.0, 30.0 * scale),
         };
 
         let mut hostiles = Vec::new();
@@ -250,7 +262,8 @@ impl DeviceParams {
         let chunk_bytes_max =
             ring.chunk_bytes_max().min(audit_reserved_bytes) as usize - protocol::CHUNK_HEADER_LEN;
         let records_max = rng.range(1, u64::from(CHUNK_RECORDS_MAX)).min((chunk_bytes_max / 8) as u64) as u32;
-        let pad_bytes_max = if rng.chance(0.5) { 0 } else { rng.range_usize(0, chunk_bytes_max - 8 * records_max as usize) };
+        let pad_bytes_max =
+            if rng.chance(0.5) { 0 } else { rng.range_usize(0, chunk_bytes_max - 8 * records_max as usize) };
         let dictionary_count = if rng.chance(0.5) { rng.range_usize(1, DEVICE_DICTIONARIES_MAX) } else { 0 };
         DeviceParams {
             id: format!("dev-{index}"),
@@ -261,7 +274,7 @@ impl DeviceParams {
             records_max: records_max.max(1),
             pad_bytes_max,
             dictionary_count,
-            dictionary_bytes_max: log_uniform(rng, 16, 4096) as usize,
+            dictionary_bytes_max: log_uniform(rng, 16, 8192) as usize,
             dictionary_chance: rng.float(0.0, 0.6),
             missing_dictionary_chance: if rng.chance(0.15) { 0.02 } else { 0.0 },
             read_chunks_max: log_uniform(rng, 1, 64) as usize,

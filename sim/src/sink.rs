@@ -35,7 +35,6 @@ use session::{DictionaryRefusal, Grant, IncomingChunk, LandingRefusal, SinkEvent
 
 use crate::link::{ConnId, Dir, Payload, StreamKey};
 use crate::scenario::SinkParams;
-use crate::trace;
 use crate::world::{Event, Side, World};
 
 /// Inputs one connection's driver may have waiting.
@@ -64,16 +63,100 @@ enum Input {
     Lost(String),
 }
 
+/// What waits for a driver, per source, as in the real driver's `select!`: the control stream,
+/// the lane streams' reader channel (FIFO), the commands channel, the refusals channel (holds
+/// one: `try_send`), the durable-watermarks watch (coalesces), the timer, a connection error.
+/// The driver takes the next input from a source chosen at random among those with one ready,
+/// as `tokio::select!` does; so a superseded session may still land chunks it had queued.
+#[derive(Default)]
+struct Inputs {
+    control: VecDeque<Payload>,
+    streams: VecDeque<(u64, Payload)>,
+    superseded: bool,
+    refusal: Option<LandingRefusal>,
+    durable_changed: bool,
+    timeout: bool,
+    lost: Option<String>,
+}
+
+impl Inputs {
+    fn len(&self) -> usize {
+        self.control.len() + self.streams.len()
+    }
+
+    fn push(&mut self, input: Input) {
+        match input {
+            Input::Control(payload) => self.control.push_back(payload),
+            Input::Stream(stream, payload) => self.streams.push_back((stream, payload)),
+            Input::Superseded => self.superseded = true,
+            Input::Refusal(refusal) => {
+                self.refusal.get_or_insert(refusal);
+            }
+            Input::DurableChanged => self.durable_changed = true,
+            Input::Timeout => self.timeout = true,
+            Input::Lost(reason) => {
+                self.lost.get_or_insert(reason);
+            }
+        }
+    }
+
+    fn pop(&mut self, rng: &mut crate::rng::Rng) -> Option<Input> {
+        let ready = [
+            !self.control.is_empty(),
+            !self.streams.is_empty(),
+            self.superseded,
+            self.refusal.is_some(),
+            self.durable_changed,
+            self.timeout,
+            self.lost.is_some(),
+        ];
+        let count = ready.iter().filter(|&&ready| ready).count();
+        if count == 0 {
+            return None;
+        }
+        let mut pick = rng.below(count as u64) as usize;
+        let source = ready
+            .iter()
+            .position(|&ready| {
+                ready
+                    && (pick == 0 || {
+                        pick -= 1;
+                        false
+                    })
+            })
+            .expect("picked");
+        Some(match source {
+            0 => Input::Control(self.control.pop_front().expect("ready")),
+            1 => {
+                let (stream, payload) = self.streams.pop_front().expect("ready");
+                Input::Stream(stream, payload)
+            }
+            2 => {
+                self.superseded = false;
+                Input::Superseded
+            }
+            3 => Input::Refusal(self.refusal.take().expect("ready")),
+            4 => {
+                self.durable_changed = false;
+                Input::DurableChanged
+            }
+            5 => {
+                self.timeout = false;
+                Input::Timeout
+            }
+            _ => Input::Lost(self.lost.take().expect("ready")),
+        })
+    }
+}
+
 pub struct SinkConn {
     pub device: String,
     pub hostile: Option<usize>,
     pub session: SinkSession,
     busy: Option<Busy>,
-    inputs: VecDeque<Input>,
+    inputs: Inputs,
     /// Lane bytes a slow reader task has not handed over yet, per stream.
     late: BTreeMap<u64, VecDeque<Payload>>,
-    durable_queued: bool,
-    refusal_queued: bool,
     timeout_at: Option<u64>,
     pump_scheduled: bool,
 }
@@ -104,37 +187,100 @@ pub struct Observed {
     pub open_failures: u64,
 }
 
-/// Which records the sink's durable data holds, per honest (device, lane), read lazily from
-/// `MemoryDisk::durable_chunks` (durable data only grows: checkpoints never move back).
-#[derive(Default)]
-pub struct DurableIndex {
-    /// first record → last record of each durable chunk.
-    ranges: BTreeMap<u64, u64>,
-    indexed: BTreeMap<(String, Lane), usize>,
+/// One durable (or pending) chunk as the mirror keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorEntry {
+    pub seq: u64,
+    pub body_crc32c: u32,
+    pub encoded_len: usize,
 }
 
-impl DurableIndex {
-    pub fn contains(&mut self, disk: &MemoryDisk, device: &str, lane: Lane, record: u64) -> bool {
-        self.holds(record) || {
-            self.refresh(disk, device, lane);
-            self.holds(record)
-        }
+/// What the sink's durable data holds, as the landing core's outcomes say: chunks landed since
+/// the last commit are pending; a successful commit makes them durable; a failed write rolls its
+/// lane back, a failed commit or a restart all of them. The trim-time check reads it (cheap);
+/// [`DurableMirror::verify`] compares it with `MemoryDisk::durable_chunks` at every sink stop and
+/// at the end. Both only grow, so agreeing there means they agreed at every trim in between.
+/// A landed chunk and the records it carries (`None` for a hostile device's body).
+type PendingChunk = (MirrorEntry, Option<(u64, u64)>);
+
+#[derive(Default)]
+pub struct DurableMirror {
+    pending: BTreeMap<(String, Lane), Vec<PendingChunk>>,
+    durable: BTreeMap<(String, Lane), Vec<MirrorEntry>>,
+    /// first record → last record of every durable honest chunk.
+    records: BTreeMap<u64, u64>,
+}
+
+impl DurableMirror {
+    fn landed(&mut self, device: &str, chunk: &IncomingChunk) {
+        let entry = MirrorEntry {
+            seq: chunk.seq,
+            body_crc32c: chunk.header.body_crc32c,
+            encoded_len: chunk.encoded.len(),
+        };
+        self.pending
+            .entry((device.to_string(), chunk.lane))
+            .or_default()
+            .push((entry, record_range(&chunk.encoded)));
     }
 
-    fn holds(&self, record: u64) -> bool {
-        self.ranges.range(..=record).next_back().is_some_and(|(_, &last)| record <= last)
+    fn rolled_back(&mut self, device: &str, lane: Lane) {
+        self.pending.remove(&(device.to_string(), lane));
     }
 
-    fn refresh(&mut self, disk: &MemoryDisk, device: &str, lane: Lane) {
-        let chunks = disk.durable_chunks(device, lane);
-        let indexed = self.indexed.entry((device.to_string(), lane)).or_insert(0);
-        assert!(chunks.len() >= *indexed, "durable data of {device}/{lane} shrank from {} to {} chunks", *indexed, chunks.len());
-        for (_, encoded) in &chunks[*indexed..] {
-            if let Some((first, last)) = record_range(encoded) {
-                self.ranges.insert(first, last);
+    fn committed(&mut self) {
+        for (key, entries) in std::mem::take(&mut self.pending) {
+            let durable = self.durable.entry(key).or_default();
+            for (entry, records) in entries {
+                durable.push(entry);
+                if let Some((first, last)) = records {
+                    self.records.insert(first, last);
+                }
             }
         }
-        *indexed = chunks.len();
+    }
+
+    fn lost_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Whether `record` is in the durable data.
+    pub fn holds(&self, record: u64) -> bool {
+        self.records.range(..=record).next_back().is_some_and(|(_, &last)| record <= last)
+    }
+
+    /// The mirror equals the disk's durable data, lane by lane.
+    pub fn verify(&self, disk: &MemoryDisk) -> Result<(), String> {
+        let mut keys: BTreeSet<(String, Lane)> = disk.lanes().into_iter().collect();
+        keys.extend(self.durable.keys().cloned());
+        for (device, lane) in keys {
+            let on_disk: Vec<MirrorEntry> = disk
+                .durable_chunks(&device, lane)
+                .iter()
+                .map(|(seq, encoded)| MirrorEntry {
+                    seq: *seq,
+                    body_crc32c: protocol::ChunkHeader::decode(encoded)
+                        .map_or(0, |header| header.body_crc32c),
+                    encoded_len: encoded.len(),
+                })
+                .collect();
+            let mirrored = self.durable.get(&(device.clone(), lane)).map_or(&[][..], Vec::as_slice);
+            if on_disk != mirrored {
+                let first_difference = on_disk
+                    .iter()
+                    .zip(mirrored)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(on_disk.len().min(mirrored.len()));
+                return Err(format!(
+                    "{device}/{lane}: the durable data ({} chunks) is not what the commits reported ({} chunks); first difference at #{first_difference}: disk {:?}, commits {:?}",
+                    on_disk.len(),
+                    mirrored.len(),
+                    on_disk.get(first_difference),
+                    mirrored.get(first_difference)
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -173,8 +319,10 @@ pub struct Sink {
     pub past_stats: LandingStats,
     pub past_observed: Observed,
     pub max_durable: BTreeMap<(String, Lane), u64>,
-    pub durable_index: DurableIndex,
+    pub mirror: DurableMirror,
     pub closes: BTreeMap<String, u64>,
+    /// Grants given while some lane of the device had landed chunks not yet committed.
+    pub grants_over_pending: u64,
 }
 
 impl Sink {
@@ -200,8 +348,9 @@ impl Sink {
             past_stats: LandingStats::default(),
             past_observed: Observed::default(),
             max_durable: BTreeMap::new(),
-            durable_index: DurableIndex::default(),
+            mirror: DurableMirror::default(),
             closes: BTreeMap::new(),
+            grants_over_pending: 0,
         }
     }
 
@@ -238,7 +387,8 @@ impl World {
             return;
         }
         let before = self.sink.disk.armed();
-        let opened = LandingCore::open(self.sink.params.landing, self.sink.disk.committer(), self.sink.disk.store());
+        let opened =
+            LandingCore::open(self.sink.params.landing, self.sink.disk.committer(), self.sink.disk.store());
         let after = self.sink.disk.armed();
         self.sink.observed.fired_recover += fired(before, after, |faults| faults.recover);
         let core = match opened {
@@ -286,6 +436,10 @@ impl World {
         drop(core.into_parts());
         if power_loss {
             self.sink.disk.crash();
+        }
+        self.sink.mirror.lost_pending();
+        if let Err(problem) = self.sink.mirror.verify(&self.sink.disk) {
+            self.fail(format!("DURABLE DATA MISMATCH after the sink stopped: {problem}"));
         }
         let conns: Vec<ConnId> = self.sink.conns.keys().copied().collect();
         for conn in conns {
@@ -370,7 +524,8 @@ impl World {
         let connection = self.connections.get_mut(&conn).expect("accepting a known connection");
         connection.sink_open = true;
         let device = connection.device_id.clone();
-        let known: Vec<u32> = self.sink.dictionaries.get(&device).map(|ids| ids.keys().copied().collect()).unwrap_or_default();
+        let known: Vec<u32> =
+            self.sink.dictionaries.get(&device).map(|ids| ids.keys().copied().collect()).unwrap_or_default();
         let session = SinkSession::new(self.sink.params.session.clone(), &device, known, self.sink_instant());
         self.sink.conns.insert(
             conn,
@@ -379,10 +534,8 @@ impl World {
                 hostile,
                 session,
                 busy: None,
-                inputs: VecDeque::new(),
+                inputs: Inputs::default(),
                 late: BTreeMap::new(),
-                durable_queued: false,
-                refusal_queued: false,
                 timeout_at: None,
                 pump_scheduled: false,
             },
@@ -397,16 +550,11 @@ impl World {
 
     fn sink_input(&mut self, conn: ConnId, input: Input) {
         let Some(state) = self.sink.conns.get_mut(&conn) else { return };
-        match input {
-            Input::DurableChanged if state.durable_queued => return,
-            Input::DurableChanged => state.durable_queued = true,
-            // The refusals channel holds one (`try_send`).
-            Input::Refusal(_) if state.refusal_queued => return,
-            Input::Refusal(_) => state.refusal_queued = true,
-            _ => {}
-        }
-        state.inputs.push_back(input);
-        assert!(state.inputs.len() <= SINK_INPUTS_QUEUED_MAX, "conn#{conn}: more than {SINK_INPUTS_QUEUED_MAX} inputs queued");
+        state.inputs.push(input);
+        assert!(
+            state.inputs.len() <= SINK_INPUTS_QUEUED_MAX,
+            "conn#{conn}: more than {SINK_INPUTS_QUEUED_MAX} inputs queued"
+        );
         self.sink_schedule_pump(conn);
     }
 
@@ -425,9 +573,14 @@ impl World {
                 let late_handoff = self.sink.params.late_handoff;
                 let Some(state) = self.sink.conns.get_mut(&conn) else { return };
                 let queue = state.late.entry(stream).or_default();
-                let late = !queue.is_empty() || late_handoff.is_some_and(|(chance, _)| self.rng.chance(chance));
+                let late =
+                    !queue.is_empty() || late_handoff.is_some_and(|(chance, _)| self.rng.chance(chance));
                 if late {
                     queue.push_back(payload);
+                    assert!(
+                        queue.len() <= SINK_INPUTS_QUEUED_MAX,
+                        "conn#{conn}: more than {SINK_INPUTS_QUEUED_MAX} late reads"
+                    );
                     if queue.len() == 1 {
                         let delay = self.rng.range(1, late_handoff.map_or(1, |(_, delay)| delay));
                         self.queue.after(delay, Event::SinkHandOff { conn, stream });
@@ -483,28 +636,24 @@ impl World {
             if state.busy.is_some() {
                 return;
             }
-            let Some(input) = state.inputs.pop_front() else { break };
+            let Some(input) = state.inputs.pop(&mut self.rng) else { break };
             let session = &mut state.session;
             match input {
                 Input::Control(Payload::Bytes(bytes)) => session.handle_control_bytes(&bytes),
                 Input::Control(Payload::Fin) => session.handle_control_finished(),
                 Input::Stream(stream, Payload::Bytes(bytes)) => {
                     if !session.is_closed() && !session.stream_ready(stream) {
-                        self.fail(format!("conn#{conn}: stream {stream} got bytes while it waits for a dictionary"));
+                        self.fail(format!(
+                            "conn#{conn}: stream {stream} got bytes while it waits for a dictionary"
+                        ));
                         return;
                     }
                     session.handle_stream_bytes(stream, &bytes)
                 }
                 Input::Stream(stream, Payload::Fin) => session.handle_stream_finished(stream),
                 Input::Superseded => session.superseded(),
-                Input::Refusal(refusal) => {
-                    state.refusal_queued = false;
-                    session.refuse_landing(refusal)
-                }
-                Input::DurableChanged => {
-                    state.durable_queued = false;
-                    self.sink_acks(conn);
-                }
+                Input::Refusal(refusal) => session.refuse_landing(refusal),
+                Input::DurableChanged => self.sink_acks(conn),
                 Input::Timeout => session.handle_timeout(now),
                 Input::Lost(reason) => session.connection_lost(&reason),
             }
@@ -517,7 +666,8 @@ impl World {
     fn sink_acks(&mut self, conn: ConnId) {
         let Some(state) = self.sink.conns.get_mut(&conn) else { return };
         for lane in Lane::ALL {
-            let (durable, generation) = self.sink.published.get(&(state.device.clone(), lane)).copied().unwrap_or((0, 0));
+            let (durable, generation) =
+                self.sink.published.get(&(state.device.clone(), lane)).copied().unwrap_or((0, 0));
             state.session.handle_durable(lane, durable, generation);
         }
     }
@@ -542,7 +692,11 @@ impl World {
             let device = state.device.clone();
             match event {
                 SinkEvent::Hello { ring_id, .. } => {
-                    trace!(self, "sink: conn#{conn} Hello from {device}, ring {}", crate::device::hex(&ring_id));
+                    trace!(
+                        self,
+                        "sink: conn#{conn} Hello from {device}, ring {}",
+                        crate::device::hex(&ring_id)
+                    );
                     state.busy = Some(Busy::Grant);
                     self.lander_push(LanderRequest::Open { conn, device, ring_id });
                 }
@@ -553,7 +707,9 @@ impl World {
                 }
                 SinkEvent::Chunk(chunk) => {
                     let bytes = chunk.encoded.len() as u64;
-                    if !self.sink.permit_waiters.is_empty() || self.sink.lander_bytes + bytes > self.sink.params.permits_bytes {
+                    if !self.sink.permit_waiters.is_empty()
+                        || self.sink.lander_bytes + bytes > self.sink.params.permits_bytes
+                    {
                         state.busy = Some(Busy::Permits(chunk));
                         self.sink.permit_waiters.push_back(conn);
                     } else {
@@ -574,7 +730,14 @@ impl World {
     fn sink_close(&mut self, conn: ConnId) {
         let Some(state) = self.sink.conns.remove(&conn) else { return };
         let close = state.session.close().cloned().expect("closed");
-        trace!(self, "sink: conn#{conn} of {} closed: {} by_device={} {}", state.device, close.code, close.by_peer, close.reason);
+        trace!(
+            self,
+            "sink: conn#{conn} of {} closed: {} by_device={} {}",
+            state.device,
+            close.code,
+            close.by_peer,
+            close.reason
+        );
         *self.sink.closes.entry(close.code.name().to_string()).or_default() += 1;
         if self.sink.live_session.get(&state.device) == Some(&conn) {
             self.sink.live_session.remove(&state.device);
@@ -592,7 +755,11 @@ impl World {
             }
         }
         if self.connections.get(&conn).is_some_and(|connection| connection.sink_open) {
-            self.close_connection(conn, Side::Sink, format!("closed by the sink: {} ({})", close.code, close.reason));
+            self.close_connection(
+                conn,
+                Side::Sink,
+                format!("closed by the sink: {} ({})", close.code, close.reason),
+            );
         }
     }
 
@@ -604,14 +771,18 @@ impl World {
         let device = state.device.clone();
         let stored = self.sink.dictionaries.entry(device.clone()).or_default();
         let outcome = if protocol::dictionary_id(&dictionary) != dict_id {
-            Err(DictionaryRefusal::Refused(format!("dictionary {dict_id} is not the content id of its bytes")))
+            Err(DictionaryRefusal::Refused(format!(
+                "dictionary {dict_id} is not the content id of its bytes"
+            )))
         } else if stored.contains_key(&dict_id) {
             Ok(())
         } else if self.sink.dictionary_fault {
             self.sink.dictionary_fault = false;
             Err(DictionaryRefusal::Storage("injected dictionary store failure".to_string()))
         } else if stored.len() >= DEVICE_DICTIONARIES_MAX {
-            Err(DictionaryRefusal::Refused(format!("device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries")))
+            Err(DictionaryRefusal::Refused(format!(
+                "device {device} already has {DEVICE_DICTIONARIES_MAX} dictionaries"
+            )))
         } else {
             stored.insert(dict_id, dictionary);
             Ok(())
@@ -668,7 +839,8 @@ impl World {
     fn lander_schedule(&mut self) {
         if !self.sink.lander_step_scheduled && !self.sink.lander.is_empty() {
             self.sink.lander_step_scheduled = true;
-            let at = self.sink.lander_free_at.max(self.now()) + self.rng.range(1, self.sink.params.land_us_max);
+            let at =
+                self.sink.lander_free_at.max(self.now()) + self.rng.range(1, self.sink.params.land_us_max);
             let incarnation = self.sink.incarnation;
             self.queue.at(at, Event::LanderStep { incarnation });
         }
@@ -732,47 +904,64 @@ impl World {
         let grant = match result {
             Ok(grant) => {
                 self.sink.observed.grants += 1;
+                if Lane::ALL.iter().any(|lane| core.landed(device, *lane) > core.durable(device, *lane)) {
+                    // The device resumes above data the sink has not committed yet.
+                    self.sink.grants_over_pending += 1;
+                }
                 if bound_before.is_some_and(|bound| bound.ring_id != ring_id) {
                     self.sink.observed.epochs += 1;
                 }
                 let binding = binding.expect("a granted device is bound");
                 if binding.ring_id != ring_id {
-                    self.fail(format!("{device}: granted ring {} but bound to {}", crate::device::hex(&ring_id), crate::device::hex(&binding.ring_id)));
+                    self.fail(format!(
+                        "{device}: granted ring {} but bound to {}",
+                        crate::device::hex(&ring_id),
+                        crate::device::hex(&binding.ring_id)
+                    ));
                 }
                 for lane in Lane::ALL {
                     let lane_grant = grant.lanes[lane.index()];
                     if lane_grant.base != binding.bases[lane.index()] {
-                        self.fail(format!("{device}/{lane}: the grant's base {} is not the binding's {}", lane_grant.base, binding.bases[lane.index()]));
+                        self.fail(format!(
+                            "{device}/{lane}: the grant's base {} is not the binding's {}",
+                            lane_grant.base,
+                            binding.bases[lane.index()]
+                        ));
                     }
                 }
-                // A ring keeps its bases for life.
+                // A ring keeps its bases while it is bound; a new epoch (a ring the device is not
+                // bound to) starts at or above every base any earlier epoch of the device used.
                 let key = (device.to_string(), ring_id);
-                match self.ring_bases.get(&key) {
-                    Some(bases) if *bases != binding.bases => {
-                        let bases = *bases;
-                        self.fail(format!("{device}: ring {} had bases {bases:?}, now {:?}", crate::device::hex(&ring_id), binding.bases));
-                    }
-                    Some(_) => {}
-                    None => {
-                        // A new epoch starts above everything any earlier ring of the device used.
-                        for ((other_device, other_ring), bases) in &self.ring_bases {
-                            if other_device == device && *other_ring != ring_id {
-                                for lane in Lane::ALL {
-                                    if binding.bases[lane.index()] < bases[lane.index()] {
-                                        self.failure.get_or_insert(format!(
-                                            "{device}/{lane}: new ring {} has base {} below an earlier ring's {}",
-                                            crate::device::hex(&ring_id),
-                                            binding.bases[lane.index()],
-                                            bases[lane.index()]
-                                        ));
-                                    }
+                let new_epoch = bound_before.is_none_or(|bound| bound.ring_id != ring_id);
+                if new_epoch {
+                    for ((other_device, _), epochs) in &self.ring_bases {
+                        for bases in epochs.iter().filter(|_| other_device == device) {
+                            for lane in Lane::ALL {
+                                if binding.bases[lane.index()] < bases[lane.index()] {
+                                    self.failure.get_or_insert(format!(
+                                        "{device}/{lane}: new epoch of ring {} has base {} below an earlier epoch's {}",
+                                        crate::device::hex(&ring_id),
+                                        binding.bases[lane.index()],
+                                        bases[lane.index()]
+                                    ));
                                 }
                             }
                         }
-                        self.ring_bases.insert(key, binding.bases);
                     }
+                    self.ring_bases.entry(key).or_default().push(binding.bases);
+                } else if self.ring_bases.get(&key).and_then(|epochs| epochs.last()) != Some(&binding.bases) {
+                    let before = self.ring_bases.get(&key).and_then(|epochs| epochs.last()).copied();
+                    self.fail(format!(
+                        "{device}: ring {} had bases {before:?} and, still bound, now {:?}",
+                        crate::device::hex(&ring_id),
+                        binding.bases
+                    ));
                 }
-                trace!(self, "lander: grant conn#{conn} {device}: {:?}", grant.lanes.map(|lane| (lane.base, lane.landed, lane.generation)));
+                trace!(
+                    self,
+                    "lander: grant conn#{conn} {device}: {:?}",
+                    grant.lanes.map(|lane| (lane.base, lane.landed, lane.generation))
+                );
                 Ok(grant)
             }
             Err(error) => {
@@ -819,7 +1008,12 @@ impl World {
         let before = self.sink.disk.armed();
         let outcome = core.land(
             now,
-            LandRequest { device, generation: chunk.generation, header: &chunk.header, encoded: &chunk.encoded },
+            LandRequest {
+                device,
+                generation: chunk.generation,
+                header: &chunk.header,
+                encoded: &chunk.encoded,
+            },
         );
         let after = self.sink.disk.armed();
         let fired_land = fired(before, after, |faults| faults.land);
@@ -831,6 +1025,7 @@ impl World {
         let mut problems = Vec::new();
         let refusal = match outcome {
             LandOutcome::Landed => {
+                self.sink.mirror.landed(device, &chunk);
                 self.sink.observed.landed += 1;
                 self.sink.observed.bytes_landed += bytes;
                 if stale || seq <= landed_before || fired_land > 0 {
@@ -841,7 +1036,9 @@ impl World {
             LandOutcome::Duplicate => {
                 self.sink.observed.duplicates += 1;
                 if stale || seq > landed_before {
-                    problems.push(format!("{device}/{lane} seq {seq} dropped as a duplicate above landed {landed_before}"));
+                    problems.push(format!(
+                        "{device}/{lane} seq {seq} dropped as a duplicate above landed {landed_before}"
+                    ));
                 }
                 None
             }
@@ -857,20 +1054,28 @@ impl World {
             LandOutcome::Failed(error) => {
                 self.sink.observed.land_failures += 1;
                 if fired_land == 0 {
-                    problems.push(format!("{device}/{lane} seq {seq} failed to land without an injected fault: {error}"));
+                    problems.push(format!(
+                        "{device}/{lane} seq {seq} failed to land without an injected fault: {error}"
+                    ));
                 }
                 // `Lander::land`: publish the rolled-back lane, wake every session.
+                self.sink.mirror.rolled_back(device, lane);
                 self.sink.publish(device, lane);
                 self.sink_notify_all();
                 Some(LandingRefusal::StorageFailed(error.to_string()))
             }
         };
-        trace!(self, "lander: conn#{conn} {device}/{lane} core seq {seq} (ring seq {}): {}", chunk.ring_seq, match &refusal {
-            None if seq > landed_before && !stale => "landed",
-            None => "duplicate",
-            Some(LandingRefusal::Fenced) => "FENCED",
-            Some(_) => "FAILED",
-        });
+        trace!(
+            self,
+            "lander: conn#{conn} {device}/{lane} core seq {seq} (ring seq {}): {}",
+            chunk.ring_seq,
+            match &refusal {
+                None if seq > landed_before && !stale => "landed",
+                None => "duplicate",
+                Some(LandingRefusal::Fenced) => "FENCED",
+                Some(_) => "FAILED",
+            }
+        );
         for problem in problems {
             self.fail(format!("LANDING RULE BROKEN: {problem}"));
         }
@@ -899,6 +1104,7 @@ impl World {
         match result {
             Ok(advanced) if advanced.is_empty() => {}
             Ok(advanced) => {
+                self.sink.mirror.committed();
                 self.sink.observed.commits += 1;
                 if fired_commit + fired_store > 0 {
                     self.fail("a commit succeeded although an injected fault fired".to_string());
@@ -919,11 +1125,18 @@ impl World {
                 self.sink_notify_all();
             }
             Err(failure) => {
+                self.sink.mirror.lost_pending();
                 self.sink.observed.commit_failures += 1;
                 if fired_commit + fired_store == 0 {
                     self.fail(format!("a commit failed without an injected fault: {}", failure.error));
                 }
-                trace!(self, "lander: COMMIT FAILED ({}); rolled back {:?}; broken {:?}", failure.error, failure.rolled_back, failure.broken);
+                trace!(
+                    self,
+                    "lander: COMMIT FAILED ({}); rolled back {:?}; broken {:?}",
+                    failure.error,
+                    failure.rolled_back,
+                    failure.broken
+                );
                 for (device, lane) in &failure.rolled_back {
                     self.sink.publish(device, *lane);
                 }
@@ -939,14 +1152,13 @@ impl World {
     pub fn sink_final_stats(&mut self) -> (LandingStats, Observed) {
         let core = self.sink.core.take().expect("the sink runs at the end");
         self.sink_check_stats(&core);
+        if let Err(problem) = self.sink.mirror.verify(&self.sink.disk) {
+            self.fail(format!("DURABLE DATA MISMATCH at the end: {problem}"));
+        }
         let stats = add_stats(self.sink.past_stats, *core.stats());
         let observed = add_observed(self.sink.past_observed, self.sink.observed);
         self.sink.core = Some(core);
         (stats, observed)
-    }
-
-    pub fn sink_devices_with_lanes(&self) -> BTreeSet<(String, Lane)> {
-        self.sink.disk.lanes().into_iter().collect()
     }
 }
 

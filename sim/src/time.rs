@@ -87,7 +87,10 @@ impl<E> Queue<E> {
 
     /// Schedules `event` at `at` (never in the past: an earlier time runs now).
     pub fn at(&mut self, at: u64, event: E) {
-        assert!(self.heap.len() < EVENTS_QUEUED_MAX, "more than {EVENTS_QUEUED_MAX} events queued: a runaway loop");
+        assert!(
+            self.heap.len() < EVENTS_QUEUED_MAX,
+            "more than {EVENTS_QUEUED_MAX} events queued: a runaway loop"
+        );
         let at = at.max(self.now);
         self.heap.push(Scheduled { at, order: self.next_order, event });
         self.next_order += 1;

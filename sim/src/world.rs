@@ -9,11 +9,16 @@
 //! close (convergence), or fails when that takes longer than `heal_max_us`. Last come the
 //! invariants (`check`).
 //!
+//! Faults, each a Poisson process with a per-seed mean (or off): connection breaks, partitions,
+//! power cuts, process restarts, ring recreations, backups and restores of rings, sink power
+//! losses and restarts, armed landing faults (`landing::memory::Faults`), failing dictionary
+//! stores; plus the sink's operator restarting a core that reports itself broken.
+//!
 //! Invariant violations found while running (an Ack for data that is not durable, an honest
 //! session closed for a protocol violation, counters that disagree) stop the run at once with a
 //! message; the trace then shows the events that led there.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -32,6 +37,10 @@ use crate::{Options, Report};
 
 /// How often the heal phase looks for convergence.
 const CONVERGENCE_POLL_US: u64 = 50 * MICROS_PER_MS;
+/// After healing, a run that makes no progress (no ring trimmed, no hostile answered) for this
+/// long is stuck: every wait in the system (backoff, timeouts, downtime, commit interval) is far
+/// shorter. Failing here instead of at `HEAL_MAX_US` keeps stuck seeds cheap.
+const HEAL_STALL_US: u64 = 30 * crate::time::MICROS_PER_S;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Side {
@@ -50,10 +59,12 @@ pub enum FaultKind {
     SinkRestart,
     LandingFault,
     DictionaryFault,
+    Backup,
+    RestoreBackup,
 }
 
 impl FaultKind {
-    const ALL: [FaultKind; 9] = [
+    const ALL: [FaultKind; 11] = [
         FaultKind::ConnectionBreak,
         FaultKind::Partition,
         FaultKind::PowerCut,
@@ -63,34 +74,107 @@ impl FaultKind {
         FaultKind::SinkRestart,
         FaultKind::LandingFault,
         FaultKind::DictionaryFault,
+        FaultKind::Backup,
+        FaultKind::RestoreBackup,
     ];
 }
 
 pub enum Event {
-    Produce { device: usize },
-    RingSync { device: usize },
-    DeviceBoot { device: usize, boot: u64 },
-    DeviceReconnect { device: usize, boot: u64 },
-    DeviceConnected { device: usize, conn: ConnId },
-    DeviceConnectFailed { device: usize, conn: ConnId },
-    DeviceWake { device: usize, conn: ConnId },
-    DeviceRead { device: usize, conn: ConnId, lane: Lane, from_seq: u64, chunks_max: usize, bytes_max: usize },
-    DeviceWritten { device: usize, conn: ConnId, lane: Lane, bytes: usize },
-    DeviceAckDone { device: usize, boot: u64, conn: ConnId, lane: Lane, through: u64 },
-    Deliver { conn: ConnId, dir: Dir, stream: StreamKey, payload: Payload },
+    Produce {
+        device: usize,
+    },
+    RingSync {
+        device: usize,
+    },
+    DeviceBoot {
+        device: usize,
+        boot: u64,
+    },
+    DeviceReconnect {
+        device: usize,
+        boot: u64,
+    },
+    DeviceConnected {
+        device: usize,
+        conn: ConnId,
+    },
+    DeviceConnectFailed {
+        device: usize,
+        conn: ConnId,
+    },
+    DeviceWake {
+        device: usize,
+        conn: ConnId,
+    },
+    DeviceRead {
+        device: usize,
+        conn: ConnId,
+        lane: Lane,
+        from_seq: u64,
+        chunks_max: usize,
+        bytes_max: usize,
+    },
+    DeviceWritten {
+        device: usize,
+        conn: ConnId,
+        lane: Lane,
+        bytes: usize,
+    },
+    DeviceAckDone {
+        device: usize,
+        boot: u64,
+        conn: ConnId,
+        lane: Lane,
+        through: u64,
+    },
+    Deliver {
+        conn: ConnId,
+        dir: Dir,
+        stream: StreamKey,
+        payload: Payload,
+    },
     /// One side learns that the connection is gone (`reason` says how).
-    Learn { conn: ConnId, side: Side, reason: String },
-    SinkPump { conn: ConnId },
-    SinkHandOff { conn: ConnId, stream: u64 },
-    SinkTimeout { conn: ConnId },
-    SinkDictionaryDone { conn: ConnId },
-    LanderStep { incarnation: u64 },
-    LanderCommitCheck { incarnation: u64 },
-    SinkStart { incarnation: u64 },
-    SinkOperatorRestart { incarnation: u64 },
-    HostileConnect { hostile: usize },
-    HostileConnected { hostile: usize, conn: ConnId },
-    HostileGiveUp { hostile: usize, conn: ConnId },
+    Learn {
+        conn: ConnId,
+        side: Side,
+        reason: String,
+    },
+    SinkPump {
+        conn: ConnId,
+    },
+    SinkHandOff {
+        conn: ConnId,
+        stream: u64,
+    },
+    SinkTimeout {
+        conn: ConnId,
+    },
+    SinkDictionaryDone {
+        conn: ConnId,
+    },
+    LanderStep {
+        incarnation: u64,
+    },
+    LanderCommitCheck {
+        incarnation: u64,
+    },
+    SinkStart {
+        incarnation: u64,
+    },
+    SinkOperatorRestart {
+        incarnation: u64,
+    },
+    HostileConnect {
+        hostile: usize,
+    },
+    HostileConnected {
+        hostile: usize,
+        conn: ConnId,
+    },
+    HostileGiveUp {
+        hostile: usize,
+        conn: ConnId,
+    },
     Fault(FaultKind),
     Heal,
     ConvergenceCheck,
@@ -102,6 +186,7 @@ pub struct Tally {
     pub power_cuts: u64,
     pub restarts: u64,
     pub recreations: u64,
+    pub restores: u64,
     pub partitions: u64,
     pub connection_breaks: u64,
     pub sink_crashes: u64,
@@ -119,6 +204,8 @@ pub struct World {
     pub queue: Queue<Event>,
     pub trace: Rc<RefCell<Trace>>,
     pub tracing: bool,
+    /// The virtual time of the event being handled, for a failure report after a panic.
+    now_probe: Rc<Cell<u64>>,
     pub scenario: Scenario,
     pub devices: Vec<Device>,
     pub hostiles: Vec<Hostile>,
@@ -129,33 +216,35 @@ pub struct World {
     pub next_record: u64,
     pub healing: bool,
     pub converged: bool,
+    /// When a ring last trimmed or a hostile device last got its answer.
+    pub last_progress: u64,
     pub failure: Option<String>,
     pub tally: Tally,
-    /// Per (device, ring id): the seq bases of that ring's epoch, from the grants seen.
-    pub ring_bases: BTreeMap<(String, [u8; 16]), [u64; Lane::COUNT]>,
+    /// Per (device, ring id): the seq bases of each epoch that ring was bound in, from the grants
+    /// seen (a ring restored from a backup may be bound again after another ring, with new bases).
+    pub ring_bases: BTreeMap<(String, [u8; 16]), Vec<[u64; Lane::COUNT]>>,
     /// The unidirectional streams each hostile device opened on its current connection.
     pub hostile_streams: BTreeMap<usize, Vec<StreamKey>>,
 }
 
-/// Formats a trace line only when tracing (formatting costs more than most events).
-#[macro_export]
-macro_rules! trace {
-    ($world:expr, $($argument:tt)*) => {
-        if $world.tracing {
-            let now = $world.queue.now;
-            $world.trace.borrow_mut().line(now, format!($($argument)*));
-        }
-    };
-}
-
 impl World {
-    pub fn new(seed: u64, options: &Options, trace: Rc<RefCell<Trace>>) -> World {
+    pub fn new(seed: u64, options: &Options, trace: Rc<RefCell<Trace>>, now: Rc<Cell<u64>>) -> World {
         let mut rng = Rng::new(seed);
         let scenario = Scenario::draw(&mut rng, options.long);
         let tracing = trace.borrow().enabled;
         let sink = Sink::new(&scenario.sink);
-        let devices = scenario.devices.iter().enumerate().map(|(index, params)| Device::new(index, params.clone(), &mut rng)).collect();
-        let hostiles = scenario.hostiles.iter().enumerate().map(|(index, kind)| Hostile::new(index, *kind, &mut rng)).collect();
+        let devices = scenario
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(index, params)| Device::new(index, params.clone(), &mut rng))
+            .collect();
+        let hostiles = scenario
+            .hostiles
+            .iter()
+            .enumerate()
+            .map(|(index, kind)| Hostile::new(index, *kind, &mut rng))
+            .collect();
         World {
             seed,
             rng,
@@ -163,6 +252,7 @@ impl World {
             queue: Queue::new(),
             trace,
             tracing,
+            now_probe: now,
             scenario,
             devices,
             hostiles,
@@ -173,6 +263,7 @@ impl World {
             next_record: 1,
             healing: false,
             converged: false,
+            last_progress: 0,
             failure: None,
             tally: Tally::default(),
             ring_bases: BTreeMap::new(),
@@ -230,7 +321,9 @@ impl World {
             let mean = self.devices[device].params.produce_mean_us;
             let first = self.rng.exponential_us(mean);
             self.queue.after(first, Event::Produce { device });
-            if let crate::ring::Durability::Periodic { sync_interval_us } = self.devices[device].params.ring.durability {
+            if let crate::ring::Durability::Periodic { sync_interval_us } =
+                self.devices[device].params.ring.durability
+            {
                 self.queue.after(sync_interval_us, Event::RingSync { device });
             }
         }
@@ -252,6 +345,7 @@ impl World {
                     self.convergence_report()
                 ));
             }
+            self.now_probe.set(self.queue.now);
             self.handle(event);
             if let Some(failure) = self.failure.take() {
                 return Err(failure);
@@ -261,7 +355,10 @@ impl World {
             }
         }
         if !self.converged {
-            return Err(format!("the event queue ran dry before convergence:\n{}", self.convergence_report()));
+            return Err(format!(
+                "the event queue ran dry before convergence:\n{}",
+                self.convergence_report()
+            ));
         }
         crate::check::final_checks(self)?;
         Ok(self.report())
@@ -283,7 +380,9 @@ impl World {
             Event::DeviceRead { device, conn, lane, from_seq, chunks_max, bytes_max } => {
                 self.device_read(device, conn, lane, from_seq, chunks_max, bytes_max)
             }
-            Event::DeviceWritten { device, conn, lane, bytes } => self.device_written(device, conn, lane, bytes),
+            Event::DeviceWritten { device, conn, lane, bytes } => {
+                self.device_written(device, conn, lane, bytes)
+            }
             Event::DeviceAckDone { device, boot, conn, lane, through } => {
                 self.device_ack_done(device, boot, conn, lane, through)
             }
@@ -367,8 +466,14 @@ impl World {
         }
         connection.broken = true;
         trace!(self, "conn#{conn}: broken ({why})");
-        self.queue.after(device_detect, Event::Learn { conn, side: Side::Device, reason: format!("connection lost ({why})") });
-        self.queue.after(sink_detect, Event::Learn { conn, side: Side::Sink, reason: format!("connection lost ({why})") });
+        self.queue.after(
+            device_detect,
+            Event::Learn { conn, side: Side::Device, reason: format!("connection lost ({why})") },
+        );
+        self.queue.after(
+            sink_detect,
+            Event::Learn { conn, side: Side::Sink, reason: format!("connection lost ({why})") },
+        );
     }
 
     /// One side closes `conn` (with a QUIC close frame): the other learns after one latency.
@@ -439,6 +544,8 @@ impl World {
             FaultKind::SinkRestart => faults.sink_restart_us,
             FaultKind::LandingFault => faults.landing_fault_us,
             FaultKind::DictionaryFault => faults.dictionary_fault_us,
+            FaultKind::Backup => faults.restore_us.map(|mean| mean / 4.0),
+            FaultKind::RestoreBackup => faults.restore_us,
         }
     }
 
@@ -456,8 +563,12 @@ impl World {
         let devices = self.devices.len();
         match kind {
             FaultKind::ConnectionBreak => {
-                let live: Vec<ConnId> =
-                    self.connections.values().filter(|connection| !connection.broken).map(|connection| connection.id).collect();
+                let live: Vec<ConnId> = self
+                    .connections
+                    .values()
+                    .filter(|connection| !connection.broken)
+                    .map(|connection| connection.id)
+                    .collect();
                 if !live.is_empty() {
                     let conn = *self.rng.pick(&live);
                     self.tally.connection_breaks += 1;
@@ -503,6 +614,16 @@ impl World {
                 self.tally.landing_faults_armed += 1;
                 self.arm_landing_faults();
             }
+            FaultKind::Backup => {
+                let device = self.rng.range_usize(0, devices - 1);
+                self.take_backup(device);
+            }
+            FaultKind::RestoreBackup => {
+                let device = self.rng.range_usize(0, devices - 1);
+                if self.restore_backup(device) {
+                    self.tally.restores += 1;
+                }
+            }
             FaultKind::DictionaryFault => {
                 self.tally.dictionary_faults += 1;
                 self.sink.dictionary_fault = true;
@@ -515,6 +636,7 @@ impl World {
     fn heal(&mut self) {
         trace!(self, "HEAL: producers stop, faults stop, partitions end");
         self.healing = true;
+        self.last_progress = self.now();
         self.sink.disk.arm(landing::memory::Faults::default());
         self.sink.dictionary_fault = false;
         for device in 0..self.devices.len() {
@@ -527,13 +649,17 @@ impl World {
     /// Every honest ring fully acked (but for chunks that can never be delivered), every hostile
     /// device answered.
     pub fn is_converged(&self) -> bool {
-        self.devices.iter().all(|device| device.up && self.device_drained(device)) && self.hostiles.iter().all(|hostile| hostile.done)
+        self.devices.iter().all(|device| device.up && self.device_drained(device))
+            && self.hostiles.iter().all(|hostile| hostile.done)
     }
 
     pub fn device_drained(&self, device: &Device) -> bool {
         Lane::ALL.iter().all(|lane| {
             let state = device.ring.lane(*lane);
-            state.chunks.range(state.acked_through + 1..).all(|(_, chunk)| self.ledger.chunks[chunk.ledger].undeliverable.is_some())
+            state
+                .chunks
+                .range(state.acked_through + 1..)
+                .all(|(_, chunk)| self.ledger.chunks[chunk.ledger].undeliverable.is_some())
         })
     }
 
@@ -541,6 +667,12 @@ impl World {
         if self.is_converged() {
             trace!(self, "CONVERGED");
             self.converged = true;
+        } else if self.now() - self.last_progress > HEAL_STALL_US {
+            let report = self.convergence_report();
+            self.fail(format!(
+                "STUCK: no progress for {} s after healing (nothing trimmed, no hostile answered):\n{report}",
+                crate::time::seconds(HEAL_STALL_US)
+            ));
         } else {
             self.queue.after(CONVERGENCE_POLL_US, Event::ConvergenceCheck);
         }
@@ -584,7 +716,11 @@ impl World {
                 hostile.id, hostile.done, hostile.attempts, hostile.closes
             ));
         }
-        text.push_str(&format!("  sink up={} broken={:?}\n", self.sink.core.is_some(), self.sink.core.as_ref().and_then(|core| core.broken())));
+        text.push_str(&format!(
+            "  sink up={} broken={:?}\n",
+            self.sink.core.is_some(),
+            self.sink.core.as_ref().and_then(|core| core.broken())
+        ));
         text
     }
 }
