@@ -282,7 +282,11 @@ impl Ring {
     /// In `Sync` mode that is every committed chunk; in `Periodic` mode an appended chunk becomes
     /// readable at the next fsync (`sync_interval_ms`, or `sync`). What leaves the ring (to the
     /// core, or as an answer) therefore survives a power cut, and a ring that lost its unsynced
-    /// tail is never behind the core: the seqs it gives again were never sent.
+    /// tail is never behind the core: the seqs it gives again were never sent. Nor does it serve
+    /// a chunk past a gap whose deletion (eviction, quarantine) is not durable yet: a power cut
+    /// would bring the deleted chunk back below what the core then holds, and the next Ack would
+    /// delete it unsent. Such a read returns the chunks before the gap (maybe none) until the
+    /// next fsync.
     pub fn read_from(&self, lane: Lane, from_seq: u64, limits: ReadLimits) -> Result<Vec<StoredChunk>> {
         let storage =
             |operation, source| RingError::Storage { path: self.core.path.clone(), operation, source };
@@ -296,8 +300,13 @@ impl Ring {
         }
         let mut chunks: Vec<StoredChunk> = Vec::new();
         let mut damaged = Vec::new();
+        let unsynced_deleted_through;
         {
             let txn = self.core.env.read_txn().map_err(|source| storage("begin read", source))?;
+            // Read after the transaction begins: the writer raises it before committing a
+            // deletion, so a snapshot that shows the gap comes with a hold that covers it.
+            unsynced_deleted_through =
+                self.core.shared.lock().expect("ring state lock").unsynced_deleted_through[lane.index()];
             let range = store::seq_range(lane, from_seq, synced_next_seq - 1);
             let mut bytes = 0usize;
             let mut assembler = Assembler::default();
@@ -340,6 +349,14 @@ impl Ring {
             if open && let Some(finished) = assembler.finish() {
                 take(finished);
             }
+        }
+        if unsynced_deleted_through >= from_seq {
+            // A deletion at or above `from_seq` may be undone by a power cut: serve only the run
+            // without a gap, so the core never moves past a chunk that can come back (module doc
+            // of `writer`). The next durable point lifts the hold.
+            let contiguous =
+                chunks.iter().zip(from_seq..).take_while(|(chunk, seq)| chunk.seq == *seq).count();
+            chunks.truncate(contiguous);
         }
         assert!(chunks.iter().all(|chunk| chunk.seq >= from_seq && chunk.seq < synced_next_seq));
         if let Some(requests) = &self.core.requests {

@@ -9,10 +9,14 @@
 //! Durable points: after each fsync (`force_sync` in `Periodic` mode, each commit in `Sync`
 //! mode) the writer records every lane's `next_seq` as `synced_next_seq` and publishes it;
 //! `Ring::read_from` serves only seqs below it. Only appends move `next_seq`; acks, evictions,
-//! quarantines and the MAP_FULL relief delete chunks below it, and a power cut that undoes such a
-//! deletion brings back a chunk that is either acked (the core resumes past it and its next Ack
-//! deletes it again) or not (it is sent, as if never evicted), with its counters undone in the same
-//! transaction. Renewing the identity is fsynced before it is answered, in every mode.
+//! quarantines and the MAP_FULL relief delete chunks below it. A power cut that undoes such a
+//! deletion brings back a chunk, with its counters undone in the same transaction, so the core
+//! must not have moved past the gap the deletion made: before a transaction deletes a lane's chunk
+//! other than by an ack, the writer raises the lane's `unsynced_deleted_through` (published before
+//! the commit, cleared at the next durable point), and `read_from` serves nothing past a gap at or
+//! below it. Otherwise (found by the simulator) the chunks after the gap were sent and acked, the
+//! power cut brought the evicted chunk back below the core's watermark, and the next Ack deleted
+//! it unsent and uncounted. Renewing the identity is fsynced before it is answered, in every mode.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -88,6 +92,10 @@ pub(crate) struct SharedState {
     pub lanes: [LaneMeta; Lane::COUNT],
     /// Per lane, `next_seq` as of the last fsync: `read_from` serves only seqs below it.
     pub synced_next_seq: [u64; Lane::COUNT],
+    /// Per lane, the highest seq deleted other than by an ack (evicted, quarantined) whose deletion
+    /// may not be durable yet; 0 when none. Raised before the deleting transaction commits, cleared
+    /// at each durable point; `read_from` serves nothing past a gap at or below it.
+    pub unsynced_deleted_through: [u64; Lane::COUNT],
     /// The durable ring identity (`Ring::identity`).
     pub identity: [u8; IDENTITY_BYTES],
     pub waiting_appends: [usize; Lane::COUNT],
@@ -269,6 +277,18 @@ impl Writer {
             assert!(next_seq >= self.synced_next_seq[lane.index()], "{lane}: next_seq went backwards");
             self.synced_next_seq[lane.index()] = next_seq;
         }
+        // The writer is between transactions: every deletion so far is committed, so durable now.
+        self.shared.lock().expect("ring state lock").unsynced_deleted_through = [0; Lane::COUNT];
+    }
+
+    /// Called before a transaction deletes `seq` of `lane` other than by an ack: from now until
+    /// the next durable point, `read_from` serves nothing past a gap at or below `seq` (see the
+    /// module doc). Raising it before the commit means a reader whose snapshot shows the gap
+    /// always sees the hold too; a transaction that then fails leaves a harmless, stale hold.
+    fn hold_reads_past_deletion(&self, lane: Lane, seq: u64) {
+        let mut shared = self.shared.lock().expect("ring state lock");
+        let held = &mut shared.unsynced_deleted_through[lane.index()];
+        *held = (*held).max(seq);
     }
 
     /// Writes a fresh identity and fsyncs it, in every durability mode, before it is published or
@@ -606,6 +626,7 @@ impl Writer {
             Some(Err(_)) => Vec::new(),
         };
         self.databases.quarantine.put(txn, &chunk_key(lane, seq, 0), &sample)?;
+        self.hold_reads_past_deletion(lane, seq);
         let freed = store::delete_seqs(self.databases.chunks, txn, lane, seq, seq)?;
         let meta = &mut lanes[lane.index()];
         meta.bytes_used -= freed.bytes;
@@ -688,6 +709,7 @@ impl Writer {
             .get(txn, &chunk_key(lane, seq, 0))?
             .and_then(|segment| protocol::ChunkHeader::decode(segment).ok())
             .map_or(0, |header| u64::from(header.record_count));
+        self.hold_reads_past_deletion(lane, seq);
         let freed = store::delete_seqs(self.databases.chunks, txn, lane, seq, seq)?;
         let meta = &mut lanes[lane.index()];
         meta.evicted_records += records;

@@ -216,3 +216,55 @@ fn a_malformed_identity_is_damage_handled_by_policy() {
         Ok(_) => panic!("a 5-byte identity was accepted"),
     }
 }
+
+/// Found by the simulator (`sim/tests/regressions.rs`,
+/// `an_eviction_undone_by_a_power_cut_is_never_skipped_past`): an eviction that is not fsynced yet
+/// leaves a gap a power cut can undo. Had `read_from` served the chunks after the gap, the core
+/// would have acked past it, the cut would have brought the evicted chunk back below the core's
+/// watermark (with the eviction counters undone), and the next Ack would have deleted it unsent
+/// and uncounted. So reads hold at such a gap until the next fsync makes the eviction durable.
+#[test]
+fn read_from_never_serves_past_a_gap_a_power_cut_can_undo() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("ring");
+    let cuts = PowerCut::new(directory.path().join("snapshot"));
+    let mut config = periodic(&cuts);
+    config.lanes[Lane::Sensor.index()] = buffer::LaneConfig {
+        policy: buffer::LanePolicy::DropOldest,
+        // Each 10 000-byte chunk costs three pages and a node (`layout::stored_bytes`): five fit.
+        bytes_max: Some(70_000),
+        block_timeout_ms: 0,
+    };
+    let ring = open(&path, config.clone());
+    for tag in 1..=5 {
+        assert_eq!(ring.append(chunk(Lane::Sensor, tag, 10_000)).unwrap(), tag);
+    }
+    ring.sync().unwrap();
+    assert_eq!(seqs(&ring, Lane::Sensor), [1, 2, 3, 4, 5]);
+
+    // The sixth chunk does not fit: seq 1 is evicted, in a commit not fsynced yet.
+    assert_eq!(ring.append(chunk(Lane::Sensor, 6, 10_000)).unwrap(), 6);
+    assert_eq!(ring.stats().lane(Lane::Sensor).evicted_chunks, 1);
+    assert!(
+        seqs(&ring, Lane::Sensor).is_empty(),
+        "a read from the evicted seq must wait for the eviction to be durable"
+    );
+    // A reader already past the gap (it sent seq 1) is not held back.
+    let from_two: Vec<u64> =
+        ring.read_from(Lane::Sensor, 2, ALL).unwrap().iter().map(|stored| stored.seq).collect();
+    assert_eq!(from_two, [2, 3, 4, 5]);
+
+    // Why: a power cut now brings seq 1 back, uncounted as evicted.
+    let ring = power_cut(ring, &cuts, &path, config.clone());
+    assert_eq!(seqs(&ring, Lane::Sensor), [1, 2, 3, 4, 5]);
+    assert_eq!(ring.stats().lane(Lane::Sensor).evicted_chunks, 0);
+
+    // Once the eviction is fsynced, reads skip the gap as before.
+    assert_eq!(ring.append(chunk(Lane::Sensor, 6, 10_000)).unwrap(), 6);
+    assert!(seqs(&ring, Lane::Sensor).is_empty());
+    ring.sync().unwrap();
+    assert_eq!(seqs(&ring, Lane::Sensor), [2, 3, 4, 5, 6]);
+    let ring = power_cut(ring, &cuts, &path, config);
+    assert_eq!(seqs(&ring, Lane::Sensor), [2, 3, 4, 5, 6]);
+    assert_eq!(ring.stats().lane(Lane::Sensor).evicted_chunks, 1);
+}

@@ -214,6 +214,9 @@ impl World {
                 continue;
             }
             if in_synced.contains(&index) {
+                if chunk.fate == Fate::Evicted {
+                    self.tally.evictions_undone += 1;
+                }
                 chunk.fate = Fate::InRing;
             } else if chunk.write_number >= synced_writes {
                 chunk.fate = Fate::LostPowerCut;
@@ -366,7 +369,6 @@ impl World {
             let entry = &mut self.ledger.chunks[chunk.ledger];
             assert_eq!(entry.fate, Fate::InRing, "only chunks in the ring are evicted");
             entry.fate = Fate::Evicted;
-            entry.evicted_once = true;
             trace!(
                 self,
                 "{}: evicted {} seq {} ({} records)",
@@ -430,7 +432,6 @@ impl World {
                     undeliverable,
                     reported_undeliverable: false,
                     restored: 0,
-                    evicted_once: false,
                 });
                 let ring = &mut self.devices[device].ring;
                 let put = ring.put(plan.lane, ledger, encoded, plan.records);
@@ -780,22 +781,12 @@ impl World {
         }
     }
 
-    /// Invariant: a chunk the ring deletes on an Ack is durable at the sink, unless its eviction
-    /// left a gap there that a power cut then hid from the ring (`Fate::EvictionUndone`).
+    /// Invariant: a chunk the ring deletes on an Ack is durable at the sink.
     fn check_durable_at_sink(&mut self, device: usize, ledger: usize) -> Fate {
         let entry = self.ledger.chunks[ledger].clone();
         let id = self.devices[device].id.clone();
         if self.sink.mirror.holds(entry.first_record) {
             return Fate::Trimmed;
-        }
-        if entry.evicted_once {
-            trace!(
-                self,
-                "{id}: {} seq {} was evicted, restored by a power cut and is now acked unsent",
-                entry.lane,
-                entry.seq
-            );
-            return Fate::EvictionUndone;
         }
         {
             self.fail(format!(

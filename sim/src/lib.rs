@@ -118,9 +118,8 @@ pub struct Report {
     /// Records restored with a ring from a backup after they may have been delivered (allowed
     /// to be at the sink twice: the design accepts that duplicate).
     pub duplicated_records: u64,
-    /// Records of chunks whose eviction a power cut hid from the ring and an Ack then deleted:
-    /// lost and not counted by the ring (a known accounting hole of `Periodic` rings).
-    pub eviction_undone_records: u64,
+    /// Chunks whose eviction a power cut undid (they were back in the ring, to be sent).
+    pub evictions_undone: u64,
     /// Undeliverable chunks by reason, and how many the sessions reported.
     pub undeliverable_chunks: BTreeMap<String, u64>,
     pub landing: LandingStats,
@@ -138,7 +137,7 @@ impl fmt::Display for Report {
         write!(
             formatter,
             "seed {}: {} s virtual, {} events, {} devices, {} hostiles; {} records in {} chunks: {} delivered, \
-             {} evicted, {} lost to power cuts, {} to recreations or restores, {} undeliverable, {} restored (may be twice), {} evicted uncounted; landed {} (dup {}, fenced {}), \
+             {} evicted, {} lost to power cuts, {} to recreations or restores, {} undeliverable, {} restored (may be twice), {} evictions undone by power cuts; landed {} (dup {}, fenced {}), \
              commits {} (failed {}), epochs {}",
             self.seed,
             time::seconds(self.virtual_us),
@@ -153,7 +152,7 @@ impl fmt::Display for Report {
             self.recreation_records,
             self.undeliverable_records,
             self.duplicated_records,
-            self.eviction_undone_records,
+            self.evictions_undone,
             self.landing.chunks_landed,
             self.landing.duplicates_dropped,
             self.landing.fenced_chunks,

@@ -176,7 +176,21 @@ impl ModelRing {
         if from_seq >= visible {
             return chunks;
         }
-        for (&seq, chunk) in self.lane(lane).chunks.range(from_seq..visible) {
+        // A deletion (eviction) not fsynced yet may be undone by a power cut: nothing past a gap
+        // at or above `from_seq` is served until it is durable (`buffer`'s `writer` module doc).
+        let live = self.lane(lane);
+        let unsynced_deleted_through = self.synced().lanes[lane.index()]
+            .chunks
+            .keys()
+            .filter(|seq| **seq > live.acked_through && !live.chunks.contains_key(seq))
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let hold_at_gap = unsynced_deleted_through >= from_seq;
+        for ((&seq, chunk), expected_seq) in live.chunks.range(from_seq..visible).zip(from_seq..) {
+            if hold_at_gap && seq != expected_seq {
+                break;
+            }
             if chunks.len() >= chunks_max || (!chunks.is_empty() && bytes + chunk.encoded.len() > bytes_max) {
                 break;
             }
@@ -344,11 +358,6 @@ pub enum Fate {
     LostRecreation,
     /// Appended after the backup the ring was restored from.
     LostRestore,
-    /// Evicted, brought back by a power cut (the eviction was not fsynced), then deleted by an
-    /// Ack that covered the gap its eviction had left at the sink: lost, and no longer counted
-    /// anywhere, because the ring's eviction counter went back with the power cut. A real
-    /// accounting hole of `Periodic` rings (see the crate's report); counted by the simulator.
-    EvictionUndone,
 }
 
 /// Why an honest chunk can never be delivered (the device session skips it and says so).
@@ -383,8 +392,6 @@ pub struct LedgerChunk {
     /// chunk is sent again under new core seqs. The design accepts that duplicate (the uplink
     /// logs it), so the checks allow this chunk once more per restore that brought it back.
     pub restored: u32,
-    /// It was evicted at least once (a power cut may have brought it back since).
-    pub evicted_once: bool,
 }
 
 /// Every chunk honest devices appended, in record order (records are numbered at append).

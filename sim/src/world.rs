@@ -184,6 +184,8 @@ pub enum Event {
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
     pub power_cuts: u64,
+    /// Chunks whose eviction a power cut undid (back in the ring, counters undone).
+    pub evictions_undone: u64,
     pub restarts: u64,
     pub recreations: u64,
     pub restores: u64,
