@@ -1,7 +1,7 @@
 //! The simulator's seed runs.
 //!
 //! - `cargo test --release -p tributary-sim --test seeds`: seeds `0..N`, N from
-//!   `TRIBUTARY_SIM_SEEDS` (default [`DEFAULT_SEEDS`]: about 40 s on this project's 2-core
+//!   `TRIBUTARY_SIM_SEEDS` (default [`DEFAULT_SEEDS`]: about a minute on this project's 2-core
 //!   machine), spread over one worker thread per core (each seed is its own deterministic world;
 //!   the simulator itself runs no threads).
 //! - `TRIBUTARY_SIM_SEED=x`: replays seed x with the full trace on stderr (add `-- --nocapture`).
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sim::{Failure, Options, run_seed};
 
 /// Seeds a plain `cargo test` runs.
-const DEFAULT_SEEDS: u64 = 1000;
+const DEFAULT_SEEDS: u64 = 3000;
 /// Worker threads, at most (one seed per worker at a time).
 const WORKERS_MAX: usize = 8;
 
