@@ -10,6 +10,11 @@
 //! chunk it ever acked.
 //! Invariant: a stored dictionary never changes: the id is the content's hash, and a second
 //! dictionary under an id is refused.
+//! Invariant: a dictionary is stored only after zstd loaded it (`Unusable` otherwise), and a
+//! device never holds more than `DEVICE_DICTIONARIES_MAX`: stores are serialised, so concurrent
+//! dictionary frames cannot all pass the count check. A stored file that still does not load (a
+//! store written by an older build) is skipped by `register_all`, logged once, and the chunks
+//! naming it count as undecodable; nothing panics on bytes a device sent.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -31,6 +36,8 @@ pub enum DictionaryStoreError {
     TooMany { device: String, dict_id: u32 },
     #[error("dictionary {dict_id} of device {device} is not the content id of its bytes")]
     WrongId { device: String, dict_id: u32 },
+    #[error("dictionary {dict_id} of device {device} cannot be loaded by zstd: {reason}")]
+    Unusable { device: String, dict_id: u32, reason: String },
 }
 
 #[derive(Debug)]
@@ -38,6 +45,10 @@ pub struct DictionaryStore {
     dir: PathBuf,
     /// (device, dict_id) of every stored dictionary.
     known: Mutex<HashMap<String, HashSet<u32>>>,
+    /// Held for the whole of `store`, so the per-device count cannot be passed by racing stores.
+    storing: Mutex<()>,
+    /// (device, dict_id) of stored files zstd would not load, reported once.
+    unusable: Mutex<HashSet<(String, u32)>>,
 }
 
 fn io<'path>(
@@ -75,7 +86,12 @@ impl DictionaryStore {
                 }
             }
         }
-        Ok(DictionaryStore { dir: dir.to_path_buf(), known: Mutex::new(known) })
+        Ok(DictionaryStore {
+            dir: dir.to_path_buf(),
+            known: Mutex::new(known),
+            storing: Mutex::new(()),
+            unusable: Mutex::new(HashSet::new()),
+        })
     }
 
     fn path(&self, device: &str, dict_id: u32) -> PathBuf {
@@ -106,6 +122,11 @@ impl DictionaryStore {
         if dictionary_id(dictionary) != dict_id {
             return Err(DictionaryStoreError::WrongId { device: device.to_string(), dict_id });
         }
+        // Load it before storing: a dictionary the sink stored must be one it can decode with.
+        ChunkDecompressor::new().add_dictionary(dict_id, dictionary).map_err(|error| {
+            DictionaryStoreError::Unusable { device: device.to_string(), dict_id, reason: error.to_string() }
+        })?;
+        let _storing = self.storing.lock().expect("dictionary store lock");
         if self.contains(device, dict_id) {
             return Ok(());
         }
@@ -158,14 +179,29 @@ impl DictionaryStore {
             .map(|ids| ids.iter().copied().collect())
             .unwrap_or_default();
         for id in ids {
-            if registered.contains(&id) {
+            if registered.contains(&id)
+                || self.unusable.lock().expect("dictionary store lock").contains(&(device.to_string(), id))
+            {
                 continue;
             }
             if let Some(bytes) = self.load(device, id)? {
-                // Ids are content hashes checked on load, so a registration error here would be a
-                // decompressor limit, which DEVICE_DICTIONARIES_MAX rules out.
-                decompressor.add_dictionary(id, &bytes).expect("a stored dictionary registers");
-                registered.insert(id);
+                match decompressor.add_dictionary(id, &bytes) {
+                    Ok(()) => {
+                        registered.insert(id);
+                    }
+                    Err(error) => {
+                        // Stores check this before writing, so only a file from an older build or
+                        // damaged at rest gets here; chunks naming it stay undecodable.
+                        if self
+                            .unusable
+                            .lock()
+                            .expect("dictionary store lock")
+                            .insert((device.to_string(), id))
+                        {
+                            tracing::error!(%device, dict_id = id, %error, "stored dictionary cannot be loaded; chunks naming it are skipped");
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -197,5 +233,68 @@ mod tests {
         assert!(!store.contains("dev-2", id));
         assert_eq!(store.load("dev-1", id).unwrap(), Some(dictionary));
         assert!(!dir.path().join("dev-1").join("00000001.partial").exists());
+    }
+
+    /// zstd's dictionary magic followed by bytes that are no entropy tables.
+    fn garbage_with_magic(seed: u8) -> Vec<u8> {
+        let mut bytes = vec![0x37, 0xA4, 0x30, 0xEC];
+        bytes.extend((0..200u8).map(|index| index.wrapping_mul(31).wrapping_add(seed)));
+        bytes
+    }
+
+    #[test]
+    fn a_dictionary_zstd_cannot_load_is_refused_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DictionaryStore::open(dir.path()).unwrap();
+        let garbage = garbage_with_magic(0);
+        let id = dictionary_id(&garbage);
+        assert!(ChunkDecompressor::new().add_dictionary(id, &garbage).is_err(), "zstd must refuse it");
+        let refused = store.store("dev-1", id, &garbage);
+        assert!(matches!(refused, Err(DictionaryStoreError::Unusable { .. })), "{refused:?}");
+        assert!(!store.contains("dev-1", id));
+        assert!(!store.path("dev-1", id).exists());
+    }
+
+    #[test]
+    fn a_stored_file_zstd_cannot_load_is_skipped_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = garbage_with_magic(1);
+        let id = dictionary_id(&garbage);
+        let good = b"a raw-content dictionary".to_vec();
+        let good_id = dictionary_id(&good);
+        // What an older build (which stored without loading) left behind.
+        std::fs::create_dir_all(dir.path().join("dev-1")).unwrap();
+        std::fs::write(dir.path().join("dev-1").join(format!("{id:08x}.zdict")), &garbage).unwrap();
+        let store = DictionaryStore::open(dir.path()).unwrap();
+        store.store("dev-1", good_id, &good).unwrap();
+        let mut decompressor = ChunkDecompressor::new();
+        let mut registered = HashSet::new();
+        for _ in 0..2 {
+            store.register_all("dev-1", &mut decompressor, &mut registered).unwrap();
+            assert_eq!(registered, HashSet::from([good_id]));
+        }
+    }
+
+    #[test]
+    fn racing_stores_never_pass_the_per_device_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(DictionaryStore::open(dir.path()).unwrap());
+        let dictionary = |index: usize| format!("raw-content dictionary number {index}").into_bytes();
+        for index in 0..DEVICE_DICTIONARIES_MAX - 2 {
+            let bytes = dictionary(index);
+            store.store("dev-1", dictionary_id(&bytes), &bytes).unwrap();
+        }
+        let threads: Vec<_> = (0..8)
+            .map(|thread| {
+                let store = store.clone();
+                let bytes = dictionary(1_000 + thread);
+                std::thread::spawn(move || store.store("dev-1", dictionary_id(&bytes), &bytes).is_ok())
+            })
+            .collect();
+        let stored = threads.into_iter().map(|thread| thread.join().unwrap()).filter(|ok| *ok).count();
+        assert_eq!(stored, 2);
+        assert_eq!(store.ids("dev-1").len(), DEVICE_DICTIONARIES_MAX);
+        let files = std::fs::read_dir(dir.path().join("dev-1")).unwrap().count();
+        assert_eq!(files, DEVICE_DICTIONARIES_MAX);
     }
 }

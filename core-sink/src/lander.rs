@@ -44,6 +44,8 @@ pub struct SinkMetrics {
     pub ring_epochs_started: AtomicU64,
     /// Compression dictionaries received and stored durably.
     pub dictionaries_stored: AtomicU64,
+    /// Dictionaries refused: over the device's quota, or not loadable by zstd.
+    pub dictionaries_refused: AtomicU64,
     /// From a chunk read off its stream to the commit that made it durable (its Ack follows at
     /// once): waiting for in-flight room, the landing queue, the write and the fsync.
     pub ack_latency: telemetry::LatencyHistogram,

@@ -104,6 +104,12 @@ pub fn render(sources: &MetricsSources) -> String {
     );
     counter(
         &mut out,
+        "tributary_sink_dictionaries_refused_total",
+        "Compression dictionaries refused (over the device's quota, or bytes zstd cannot load); the session is closed.",
+        &sink.dictionaries_refused,
+    );
+    counter(
+        &mut out,
         "tributary_sink_commits_total",
         "Commit points (fsync + state) completed.",
         &sink.commits,
@@ -162,8 +168,14 @@ pub fn render(sources: &MetricsSources) -> String {
         counter(
             &mut out,
             "tributary_datasets_rejected_chunks_total",
-            "Chunks whose records would break a dataset.",
+            "Chunks quarantined (left out of the datasets, listed in the manifest) because a record would break the dataset.",
             &datasets.rejected_chunks,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_step_failures_total",
+            "Dataset pipeline steps that failed and will be retried (logged at most every 10 s).",
+            &datasets.step_failures,
         );
         counter(
             &mut out,

@@ -626,7 +626,13 @@ impl SessionDriver {
                             tracing::error!(device = %self.device, dict_id, %error, "cannot store a dictionary");
                             self.session.dictionary_refused(DictionaryRefusal::Storage(error.to_string()));
                         }
+                        Ok(Err(error @ crate::dictionaries::DictionaryStoreError::Unusable { .. })) => {
+                            SinkMetrics::add(&self.context.metrics.dictionaries_refused, 1);
+                            tracing::warn!(device = %self.device, dict_id, %error, "refused a dictionary zstd cannot load");
+                            self.session.dictionary_refused(DictionaryRefusal::Invalid(error.to_string()))
+                        }
                         Ok(Err(error)) => {
+                            SinkMetrics::add(&self.context.metrics.dictionaries_refused, 1);
                             self.session.dictionary_refused(DictionaryRefusal::Refused(error.to_string()))
                         }
                         Err(error) => {

@@ -216,7 +216,10 @@ fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
     let check = |key: &str| {
         assert!(protocol::validate_key(key).is_err(), "{key:?} is refused at the edge too");
     };
-    let bad_keys = ["frame.0001", "cam/0001", "..", "a\u{7}b"];
+    // The last three passed the old rule (UTF-8 up to 128 bytes) and wedged every dataset: a tar
+    // member name is ASCII and its name field 100 bytes.
+    let too_long = "k".repeat(protocol::RECORD_KEY_BYTES_MAX + 1);
+    let bad_keys = ["frame.0001", "cam/0001", "..", "a\u{7}b", "kamera-\u{fc}", "room 12", &too_long];
     for (index, key) in bad_keys.iter().enumerate() {
         check(key);
         let body = hand_made_block(key, &[index as u8; 100]);
@@ -238,6 +241,10 @@ fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
         bad_keys.len() as u64
     );
     assert_exactly_once(&published_keys(base), &expected_keys(&[0], 100));
+    let manifest = Manifest::read(&base.join("manifests/media/manifest.json")).unwrap().unwrap();
+    assert_eq!(manifest.quarantined_total, bad_keys.len() as u64);
+    let listed: Vec<u64> = manifest.quarantined.iter().map(|chunk| chunk.seq).collect();
+    assert_eq!(listed, (1..=bad_keys.len() as u64).collect::<Vec<u64>>());
 }
 
 /// A size-limited tmpfs mounted for the test (root only), unmounted when dropped.

@@ -27,8 +27,8 @@ pub enum KeyProblem {
     #[error("key is not UTF-8 (invalid byte at {valid_up_to})")]
     NotUtf8 { valid_up_to: usize },
     #[error(
-        "key contains {character:?} at byte {position} (keys become WebDataset keys and file \
-         names: no '.', no '/', no control characters)"
+        "key contains {character:?} at byte {position} (keys become WebDataset keys and tar \
+         member names: printable ASCII without space, '.', '/' or '\\')"
     )]
     ForbiddenCharacter { character: char, position: usize },
 }

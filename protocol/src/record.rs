@@ -5,20 +5,23 @@
 //!
 //! ```text
 //! size                 field
-//! 2                    key_len        u16, 1..=RECORD_KEY_BYTES_MAX (128)
-//! key_len              key            UTF-8; no '.', no '/', no control characters
+//! 2                    key_len        u16, 1..=RECORD_KEY_BYTES_MAX (80)
+//! key_len              key            printable ASCII '!'..='~' except '.', '/', '\'
 //! 8                    timestamp_us   u64, microseconds since the Unix epoch, stamped by the source
 //! 1                    content_type_len  u8, 1..=CONTENT_TYPE_BYTES_MAX (64)
 //! content_type_len     content_type   printable ASCII MIME type, e.g. "image/jpeg"
-//! 4                    payload_len    u32, 0..=RECORD_PAYLOAD_BYTES_MAX (4 194 097)
+//! 4                    payload_len    u32, 0..=RECORD_PAYLOAD_BYTES_MAX (4 194 145)
 //! payload_len          payload        opaque bytes
 //! ```
 //!
 //! A record therefore takes 15 fixed bytes plus its key, content type and payload: at least
 //! [`RECORD_BYTES_MIN`] (17) and at most [`CHUNK_RAW_BYTES_MAX`] (4 MiB) bytes, since one record
-//! must fit one chunk. The key becomes a WebDataset key and a file name at the core, which is why
-//! dots (WebDataset splits key from extension at the first dot), slashes and control characters
-//! are refused at ingest rather than discovered at the sink.
+//! must fit one chunk. The key becomes a WebDataset key and a tar member name at the core
+//! (`<device>/<key>.<extension>`): dots (WebDataset splits key from extension at the first dot),
+//! slashes, backslashes, spaces, non-ASCII and control characters, and keys too long for a ustar
+//! name field with an extension ([`RECORD_KEY_BYTES_MAX`] + 1 + [`KEY_EXTENSION_BYTES_MAX`] ≤ 100)
+//! are refused at the edge, by this one rule, rather than discovered at the sink; the sink checks
+//! the same rule when it decodes, so a chunk from an older or hostile edge is rejected there.
 //!
 //! A record's identity across the system is (device, lane, seq, index in chunk): the chunk is
 //! the unit that gets a sequence number.
@@ -30,8 +33,12 @@ use crate::codec::{ChunkCompressor, Codec};
 use crate::error::{ContentTypeProblem, DecodeError, EncodeError, KeyProblem, echo};
 use crate::lane::Lane;
 
-/// Longest record key, in bytes.
-pub const RECORD_KEY_BYTES_MAX: usize = 128;
+/// Longest record key, in bytes: `<key>.<extension>` must fit a ustar name field (100 bytes).
+pub const RECORD_KEY_BYTES_MAX: usize = 80;
+/// The key rule in words, for error messages that name what was expected.
+pub const KEY_RULE: &str = "1..=80 bytes of printable ASCII without space, '.', '/' or '\\'";
+/// Longest file extension the core puts after a key (`json`, `jpg`, ...).
+pub const KEY_EXTENSION_BYTES_MAX: usize = 19;
 /// Longest content type, in bytes.
 pub const CONTENT_TYPE_BYTES_MAX: usize = 64;
 /// The fixed part of a record: key_len (2) + timestamp_us (8) + content_type_len (1) +
@@ -51,7 +58,8 @@ const _: () = assert!(CONTENT_TYPE_BYTES_MAX <= u8::MAX as usize);
 const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX < CHUNK_RAW_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX + RECORD_OVERHEAD_BYTES_MAX == CHUNK_RAW_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
-const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX == 4_194_097);
+const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX == 4_194_145);
+const _: () = assert!(RECORD_KEY_BYTES_MAX + 1 + KEY_EXTENSION_BYTES_MAX <= 100);
 
 /// A record borrowed from a record block or from its producer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,8 +151,14 @@ fn key_problem(key: &str) -> Option<KeyProblem> {
         return Some(KeyProblem::TooLong { length: key.len(), max: RECORD_KEY_BYTES_MAX });
     }
     key.char_indices()
-        .find(|&(_, character)| character == '.' || character == '/' || character.is_control())
+        .find(|&(_, character)| !is_key_character(character))
         .map(|(position, character)| KeyProblem::ForbiddenCharacter { character, position })
+}
+
+/// Printable ASCII without space, '.', '/' and '\\': what a WebDataset key, a tar member name and
+/// a file name on every file system the core writes to all accept.
+fn is_key_character(character: char) -> bool {
+    character.is_ascii_graphic() && !matches!(character, '.' | '/' | '\\')
 }
 
 fn content_type_problem(content_type: &[u8]) -> Option<ContentTypeProblem> {
@@ -160,7 +174,9 @@ fn content_type_problem(content_type: &[u8]) -> Option<ContentTypeProblem> {
         .map(|position| ContentTypeProblem::NotPrintableAscii { byte: content_type[position], position })
 }
 
-/// Checks a record key: 1..=128 bytes of UTF-8 with no '.', no '/' and no control characters.
+/// Checks a record key: 1..=80 bytes of printable ASCII ('!'..='~') except '.', '/' and '\\'.
+/// The one definition of a valid key: the edge refuses records with other keys, and the core
+/// rejects chunks holding them.
 pub fn validate_key(key: &str) -> Result<(), EncodeError> {
     match key_problem(key) {
         None => Ok(()),
@@ -491,7 +507,10 @@ mod tests {
     #[test]
     fn key_rules() {
         assert!(validate_key("camera-01_frame000123").is_ok());
-        assert!(validate_key("überwachung").is_ok());
+        // Non-ASCII would not fit a ustar member name at the core (issue 15: one such record
+        // wedged every dataset), so the one key rule refuses it at the edge.
+        assert!(validate_key("überwachung").is_err());
+        assert!(validate_key("!#$%&'()*+,-:;<=>?@[]^_`{|}~").is_ok());
         assert!(validate_key(&"k".repeat(RECORD_KEY_BYTES_MAX)).is_ok());
         let problem = |key: &str| match validate_key(key) {
             Err(EncodeError::InvalidKey { problem, .. }) => Some(problem),
@@ -500,11 +519,16 @@ mod tests {
         assert_eq!(problem(""), Some(KeyProblem::Empty));
         assert_eq!(
             problem(&"k".repeat(RECORD_KEY_BYTES_MAX + 1)),
-            Some(KeyProblem::TooLong { length: 129, max: 128 })
+            Some(KeyProblem::TooLong { length: 81, max: 80 })
         );
-        for (key, character, position) in
-            [("a/b", '/', 1), ("a\nb", '\n', 1), ("a\u{7f}", '\u{7f}', 1), ("é.jpg", '.', 2)]
-        {
+        for (key, character, position) in [
+            ("a/b", '/', 1),
+            ("a\nb", '\n', 1),
+            ("a\u{7f}", '\u{7f}', 1),
+            ("é.jpg", 'é', 0),
+            ("a b", ' ', 1),
+            ("a\\b", '\\', 1),
+        ] {
             assert_eq!(problem(key), Some(KeyProblem::ForbiddenCharacter { character, position }));
         }
     }

@@ -294,11 +294,26 @@ fn record_cases() -> Cases<Vec<u8>, Vec<Result<Record, DecodeError>>> {
             record_bytes(b"a\x1bb", b"image/jpeg", 0, b""),
             vec![key_problem(KeyProblem::ForbiddenCharacter { character: '\x1b', position: 1 })],
         ),
+        (
+            "record key with a non-ASCII character (a ustar name cannot hold it)",
+            record_bytes("cam\u{e9}ra".as_bytes(), b"image/jpeg", 0, b""),
+            vec![key_problem(KeyProblem::ForbiddenCharacter { character: '\u{e9}', position: 3 })],
+        ),
+        (
+            "record key with a space",
+            record_bytes(b"a b", b"image/jpeg", 0, b""),
+            vec![key_problem(KeyProblem::ForbiddenCharacter { character: ' ', position: 1 })],
+        ),
+        (
+            "record key with a backslash",
+            record_bytes(b"a\\b", b"image/jpeg", 0, b""),
+            vec![key_problem(KeyProblem::ForbiddenCharacter { character: '\\', position: 1 })],
+        ),
         ("empty key", record_bytes(b"", b"image/jpeg", 0, b""), vec![key_problem(KeyProblem::Empty)]),
         (
             "key too long",
-            record_bytes(&[b'k'; 129], b"image/jpeg", 0, b""),
-            vec![key_problem(KeyProblem::TooLong { length: 129, max: 128 })],
+            record_bytes(&[b'k'; 81], b"image/jpeg", 0, b""),
+            vec![key_problem(KeyProblem::TooLong { length: 81, max: 80 })],
         ),
         (
             "key not UTF-8",
@@ -429,7 +444,7 @@ fn record_encode_boundaries() {
             record(&too_long_key, "text/plain"),
             Err(EncodeError::InvalidKey {
                 key: too_long_key.clone(),
-                problem: KeyProblem::TooLong { length: 129, max: 128 },
+                problem: KeyProblem::TooLong { length: 81, max: 80 },
             }),
         ),
         (
@@ -870,8 +885,8 @@ fn error_messages_carry_the_values() {
                 offset: 34,
                 problem: KeyProblem::ForbiddenCharacter { character: '.', position: 5 },
             },
-            "record at offset 34: key contains '.' at byte 5 (keys become WebDataset keys and file \
-             names: no '.', no '/', no control characters)",
+            "record at offset 34: key contains '.' at byte 5 (keys become WebDataset keys and tar \
+             member names: printable ASCII without space, '.', '/' or '\\')",
         ),
     ];
     for (error, message) in cases {

@@ -117,8 +117,10 @@ pub enum SinkEvent {
 /// Why the driver could not store a dictionary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DictionaryRefusal {
-    /// The device is over its dictionary quota, or the dictionary is unusable.
+    /// The device is over its dictionary quota.
     Refused(String),
+    /// The dictionary's bytes are not a dictionary zstd can load (checked before it is stored).
+    Invalid(String),
     /// The sink's own storage failed.
     Storage(String),
 }
@@ -504,6 +506,7 @@ impl SinkSession {
             DictionaryRefusal::Refused(reason) => {
                 self.close_with(Close::local(ErrorCode::LimitExceeded, reason))
             }
+            DictionaryRefusal::Invalid(reason) => self.close_with(Close::local(ErrorCode::BadFrame, reason)),
             DictionaryRefusal::Storage(reason) => self.close_with(Close::local(ErrorCode::Internal, reason)),
         }
     }

@@ -5,10 +5,37 @@
 //! atomic adds, no lock and no allocation, so the uplink and the lander can observe every chunk.
 //! Rendering follows the Prometheus text format (`_bucket{le=…}` cumulative, `_sum` in seconds,
 //! `_count`). Memory is fixed: 17 counters per histogram.
+//!
+//! `LogRateLimit` keeps a repeating condition (a poison chunk per read, a step that fails every
+//! poll) to one log line per interval, with the number of lines it held back.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Lets one log line through per `interval`; the caller counts the condition in a metric anyway.
+#[derive(Debug)]
+pub struct LogRateLimit {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogRateLimit {
+    pub const fn new(interval: Duration) -> LogRateLimit {
+        LogRateLimit { interval, last: None, suppressed: 0 }
+    }
+
+    /// `Some(lines held back since the last one let through)` when a line may be logged now.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|last| now.saturating_duration_since(last) < self.interval) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
 
 /// Upper bounds of the buckets, in microseconds; a last `+Inf` bucket takes the rest.
 pub const LATENCY_BUCKET_BOUNDS_US: [u64; 15] = [
@@ -177,5 +204,23 @@ mod tests {
         ] {
             assert!(out.lines().any(|candidate| candidate == line), "missing {line:?} in\n{out}");
         }
+    }
+}
+
+#[cfg(test)]
+mod log_rate_limit_tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_interval_with_the_count_held_back() {
+        let mut limit = LogRateLimit::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(limit.allow(start), Some(0));
+        for second in 1..10 {
+            assert_eq!(limit.allow(start + Duration::from_secs(second)), None);
+        }
+        assert_eq!(limit.allow(start + Duration::from_secs(10)), Some(9));
+        assert_eq!(limit.allow(start + Duration::from_secs(11)), None);
+        assert_eq!(limit.allow(start + Duration::from_secs(25)), Some(1));
     }
 }

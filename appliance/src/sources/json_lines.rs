@@ -104,7 +104,7 @@ pub(crate) enum LineProblem {
     InvalidJson(String),
     #[error("expected a JSON object, found {0}")]
     NotAnObject(&'static str),
-    #[error("\"key\" must be a string of 1..=128 bytes without '.', '/' or control characters, found {0}")]
+    #[error("\"key\" must be a string of {rule}, found {0}", rule = protocol::record::KEY_RULE)]
     InvalidKey(String),
     #[error("\"timestamp_us\" must be an unsigned integer (microseconds since the Unix epoch), found {0}")]
     InvalidTimestamp(String),
@@ -265,6 +265,9 @@ mod tests {
         check("[1]", Err(LineProblem::NotAnObject("an array")));
         check("42", Err(LineProblem::NotAnObject("a number")));
         check(r#"{"key":"a.b"}"#, Err(LineProblem::InvalidKey("\"a.b\"".to_string())));
+        // One key rule at both ends: what the core's tar writer cannot hold is refused here.
+        check(r#"{"key":"kamera-ü"}"#, Err(LineProblem::InvalidKey("\"kamera-ü\"".to_string())));
+        check(r#"{"key":"room 12"}"#, Err(LineProblem::InvalidKey("\"room 12\"".to_string())));
         check(r#"{"key":7}"#, Err(LineProblem::InvalidKey("7".to_string())));
         check(r#"{"timestamp_us":-1}"#, Err(LineProblem::InvalidTimestamp("-1".to_string())));
         check(r#"{"timestamp_us":"now"}"#, Err(LineProblem::InvalidTimestamp("\"now\"".to_string())));

@@ -37,7 +37,7 @@
 //! Record keys are `<source name>-<sequence>`, the sequence a zero-padded 20-digit decimal that
 //! starts at the wall clock in microseconds when the source is built and counts up by one per
 //! record, so keys stay unique across restarts without any stored state (unless the clock goes
-//! back). A source name is therefore at most `SOURCE_NAME_BYTES_MAX` (107) bytes: 128 bytes of
+//! back). A source name is therefore at most `SOURCE_NAME_BYTES_MAX` (59) bytes: 80 bytes of
 //! key, less '-' and 20 digits. Clients of the JSON sources may bring their own keys.
 //!
 //! Limits, each a named constant next to the code it bounds: JSON line and body sizes
@@ -151,8 +151,9 @@ pub fn build_source(
 
 /// Checks that `name` can prefix generated keys.
 pub(crate) fn validate_source_name(name: &str) -> Result<(), SourceConfigError> {
-    let expected =
-        format!("a source name of 1..={SOURCE_NAME_BYTES_MAX} bytes without '.', '/' or control characters");
+    let expected = format!(
+        "a source name of 1..={SOURCE_NAME_BYTES_MAX} bytes of printable ASCII without space, '.', '/' or '\\'"
+    );
     if name.len() > SOURCE_NAME_BYTES_MAX || protocol::validate_key(name).is_err() {
         return Err(SourceConfigError::invalid(name, "name", expected, format!("{name:?}")));
     }

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FORMAT: &str = "tributary-manifest/1";
 /// Manifests larger than this are refused when read (a damaged or foreign file).
 pub const MANIFEST_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Quarantined chunks a manifest lists by name; older ones are only counted.
+pub const QUARANTINE_LISTED_MAX: usize = 1024;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,23 @@ pub struct Manifest {
     pub next_shard_seq: u64,
     pub shards: Vec<ShardEntry>,
     pub consumed: Vec<Consumed>,
+    /// Chunks left out of the dataset because their records cannot go into it (a key or record
+    /// the format cannot hold, a chunk that does not decode), newest last, at most
+    /// `QUARANTINE_LISTED_MAX`. The raw landing keeps them as received.
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedChunk>,
+    /// Every chunk ever quarantined, listed or not.
+    #[serde(default)]
+    pub quarantined_total: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantinedChunk {
+    pub device: String,
+    pub lane: String,
+    pub seq: u64,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

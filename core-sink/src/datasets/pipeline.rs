@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{ChunkDecompressor, ChunkHeader, Lane, decode_records};
 
-use super::manifest::{Consumed, Manifest, SeqRange, ShardEntry};
+use super::manifest::{Consumed, Manifest, QUARANTINE_LISTED_MAX, QuarantinedChunk, SeqRange, ShardEntry};
 use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
 use super::{DatasetsConfig, Placement};
 use crate::dictionaries::DictionaryStore;
@@ -29,6 +29,8 @@ use crate::landing::{CommittedLanding, ReadPosition};
 /// Raw bytes read per (device, lane) per step (overshot by at most one record), so one huge
 /// backlog cannot hold the whole pipeline.
 const READ_STEP_BYTES: u64 = 16 * 1024 * 1024;
+/// One log line per repeating condition (a failing step, quarantined chunks) per this interval.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 pub struct DatasetMetrics {
@@ -36,8 +38,11 @@ pub struct DatasetMetrics {
     pub samples_published: AtomicU64,
     pub shard_failures: AtomicU64,
     pub undecodable_chunks: AtomicU64,
-    /// Chunks whose records fail validation (keys that would break WebDataset, bad layout).
+    /// Chunks whose records fail validation (keys that would break WebDataset, bad layout):
+    /// quarantined, i.e. left out of the dataset and listed in its manifest.
     pub rejected_chunks: AtomicU64,
+    /// Pipeline steps that failed (a dataset target or the raw landing could not be read).
+    pub step_failures: AtomicU64,
 }
 
 struct OpenShard {
@@ -61,6 +66,10 @@ struct Dataset {
     manifest_path: PathBuf,
     /// Read positions, ahead of the manifest while a shard is open.
     positions: BTreeMap<(String, Lane), ReadPosition>,
+    /// Chunks quarantined since the manifest was written (the newest `QUARANTINE_LISTED_MAX`
+    /// listed, all counted); the next manifest takes them.
+    quarantined: Vec<QuarantinedChunk>,
+    quarantined_count: u64,
     open: Option<OpenShard>,
 }
 
@@ -103,6 +112,8 @@ pub struct Pipeline {
     decompressors: HashMap<String, (ChunkDecompressor, HashSet<u32>)>,
     next_shard_id: u64,
     pub metrics: Arc<DatasetMetrics>,
+    step_failure_log: telemetry::LogRateLimit,
+    quarantine_log: telemetry::LogRateLimit,
 }
 
 impl Pipeline {
@@ -142,6 +153,8 @@ impl Pipeline {
                 manifest,
                 manifest_path,
                 positions: BTreeMap::new(),
+                quarantined: Vec::new(),
+                quarantined_count: 0,
                 open: None,
             };
             dataset.positions = dataset.published_positions();
@@ -159,6 +172,8 @@ impl Pipeline {
             decompressors: HashMap::new(),
             next_shard_id: 1,
             metrics: Arc::new(DatasetMetrics::default()),
+            step_failure_log: telemetry::LogRateLimit::new(LOG_INTERVAL),
+            quarantine_log: telemetry::LogRateLimit::new(LOG_INTERVAL),
         })
     }
 
@@ -171,7 +186,10 @@ impl Pipeline {
             let progressed = match self.step(&committed) {
                 Ok(progressed) => progressed,
                 Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "dataset pipeline step failed; will retry");
+                    self.metrics.step_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.step_failure_log.allow(Instant::now()) {
+                        tracing::error!(error = %format!("{error:#}"), suppressed, "dataset pipeline step failed; will retry");
+                    }
                     false
                 }
             };
@@ -258,10 +276,10 @@ impl Pipeline {
         let raw = match decompressor.decompress(header, body) {
             Ok(raw) => raw,
             Err(error) => {
-                // The sink refuses chunks whose dictionary it lacks, so this is damage at rest;
-                // the raw landing keeps the chunk as received.
-                tracing::error!(%device, %lane, seq = header.seq, %error, "chunk cannot be decoded for datasets");
+                // The sink refuses chunks whose dictionary it lacks, so this is damage at rest or
+                // a dictionary zstd will not load; the raw landing keeps the chunk as received.
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
+                self.quarantine(dataset, device, lane, header.seq, format!("cannot be decoded: {error}"));
                 return Ok(());
             }
         };
@@ -272,14 +290,11 @@ impl Pipeline {
         let decoded = match decode_records(header, &raw) {
             Ok(decoded) => decoded,
             Err(error) => {
-                tracing::error!(%device, %lane, seq = header.seq, %error, "chunk rejected for datasets");
                 self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                self.quarantine(dataset, device, lane, header.seq, format!("records refused: {error}"));
                 return Ok(());
             }
         };
-        let open = self.ensure_open(dataset)?;
-        let target = open.target;
-        let shard = open.id;
         for (index, record) in decoded.into_iter().enumerate() {
             let mtime_seconds = record.timestamp_us / 1_000_000;
             let sample = match self.datasets[dataset].format {
@@ -318,16 +333,25 @@ impl Pipeline {
                     payload: record.payload.to_vec(),
                 }),
             };
+            if let Some(problem) = sample.problem() {
+                self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                self.quarantine(dataset, device, lane, header.seq, format!("record {index}: {problem}"));
+                return Ok(());
+            }
             samples.push((record.timestamp_us, record.payload.len() as u64 + 1024, sample));
         }
-        let open = self.datasets[dataset].open.as_mut().expect("opened above");
-        for (timestamp_us, bytes, sample) in samples {
+        let open = self.ensure_open(dataset)?;
+        let (target, shard) = (open.target, open.id);
+        for (timestamp_us, bytes, _) in &samples {
             open.samples += 1;
             open.bytes += bytes;
-            open.time_range_us[0] = open.time_range_us[0].min(timestamp_us);
-            open.time_range_us[1] = open.time_range_us[1].max(timestamp_us);
+            open.time_range_us[0] = open.time_range_us[0].min(*timestamp_us);
+            open.time_range_us[1] = open.time_range_us[1].max(*timestamp_us);
+        }
+        for (_, _, sample) in samples {
             self.targets[target].append(shard, sample);
         }
+        let open = self.datasets[dataset].open.as_mut().expect("opened above");
         let range = open.ranges.entry((device.to_string(), lane)).or_insert((header.seq, header.seq));
         range.1 = header.seq;
         Ok(())
@@ -387,6 +411,25 @@ impl Pipeline {
         Ok(self.datasets[dataset].open.as_mut().expect("opened"))
     }
 
+    /// Leaves a chunk out of the dataset: counted by the caller, listed in the next manifest,
+    /// logged at most once per `LOG_INTERVAL`; the chunks after it keep flowing.
+    fn quarantine(&mut self, dataset: usize, device: &str, lane: Lane, seq: u64, reason: String) {
+        if let Some(suppressed) = self.quarantine_log.allow(Instant::now()) {
+            tracing::error!(dataset = self.datasets[dataset].name, %device, %lane, seq, %reason, suppressed, "chunk quarantined: left out of the dataset (the raw landing keeps it)");
+        }
+        let data = &mut self.datasets[dataset];
+        data.quarantined_count += 1;
+        if data.quarantined.len() >= QUARANTINE_LISTED_MAX {
+            data.quarantined.remove(0);
+        }
+        data.quarantined.push(QuarantinedChunk {
+            device: device.to_string(),
+            lane: lane.name().to_string(),
+            seq,
+            reason,
+        });
+    }
+
     /// Seals the open shard if it is full; false if sealing failed (the dataset rolled back).
     fn rotate_if_full(&mut self, dataset: usize) -> bool {
         let full = self.datasets[dataset]
@@ -439,8 +482,14 @@ impl Pipeline {
                     raw_offset: position.offset,
                 })
                 .collect();
+            manifest.quarantined_total += data.quarantined_count;
+            manifest.quarantined.extend(data.quarantined.iter().cloned());
+            let excess = manifest.quarantined.len().saturating_sub(QUARANTINE_LISTED_MAX);
+            manifest.quarantined.drain(..excess);
             manifest.write(&data.manifest_path).map_err(|error| error.to_string())?;
             data.manifest = manifest;
+            data.quarantined.clear();
+            data.quarantined_count = 0;
             Ok(())
         });
         match result {
@@ -458,6 +507,9 @@ impl Pipeline {
                 let _ = std::fs::remove_file(&open.published_path);
                 let data = &mut self.datasets[dataset];
                 data.positions = data.published_positions();
+                // Read again from the manifest's positions, so found again.
+                data.quarantined.clear();
+                data.quarantined_count = 0;
                 false
             }
         }

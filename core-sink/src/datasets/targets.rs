@@ -38,6 +38,24 @@ pub enum Sample {
     Series(OwnedSeriesRow),
 }
 
+impl Sample {
+    /// Why the shard writer would refuse this sample, checked before it is handed over: a refusal
+    /// inside the writer fails the whole shard and the target, so one bad record must be caught
+    /// here. `protocol::validate_key` already keeps keys within what a tar member name holds;
+    /// this is the writer's own rule, checked again because the bytes came from a device.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Sample::Media { base, extension, .. } => [format!("{base}.{extension}"), format!("{base}.json")]
+                .iter()
+                .find_map(|name| super::tar::split_member_name(name).err())
+                .map(|error| error.to_string()),
+            // Every series column is bounded by the protocol's own limits at compile time
+            // (`parquet.rs`), so a decoded record always makes a valid row.
+            Sample::Series(_) => None,
+        }
+    }
+}
+
 pub struct Published {
     pub bytes: u64,
     pub sha256: String,

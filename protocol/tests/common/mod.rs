@@ -70,10 +70,9 @@ pub fn valid_header() -> impl Strategy<Value = ChunkHeader> {
         })
 }
 
-/// Keys that pass validation: 1..=20 characters, any Unicode but '.', '/' and control
-/// characters (at most 4 bytes each, so within the 128-byte limit).
+/// Keys that pass validation: 1..=80 characters of printable ASCII but '.', '/' and backslash.
 pub fn valid_key() -> impl Strategy<Value = String> {
-    "[^./\\p{Cc}]{1,20}"
+    "[!-\\-0-\\[\\]-~]{1,80}"
 }
 
 pub fn valid_content_type() -> impl Strategy<Value = String> {
