@@ -350,12 +350,14 @@ impl Ring {
                 take(finished);
             }
         }
-        if unsynced_deleted_through >= from_seq {
+        // Seqs start at 1, so 0 means no hold, and a read from 0 starts at seq 1.
+        let first_seq = from_seq.max(1);
+        if unsynced_deleted_through != 0 && unsynced_deleted_through >= first_seq {
             // A deletion at or above `from_seq` may be undone by a power cut: serve only the run
             // without a gap, so the core never moves past a chunk that can come back (module doc
             // of `writer`). The next durable point lifts the hold.
             let contiguous =
-                chunks.iter().zip(from_seq..).take_while(|(chunk, seq)| chunk.seq == *seq).count();
+                chunks.iter().zip(first_seq..).take_while(|(chunk, seq)| chunk.seq == *seq).count();
             chunks.truncate(contiguous);
         }
         assert!(chunks.iter().all(|chunk| chunk.seq >= from_seq && chunk.seq < synced_next_seq));

@@ -186,8 +186,9 @@ impl ModelRing {
             .max()
             .copied()
             .unwrap_or(0);
-        let hold_at_gap = unsynced_deleted_through >= from_seq;
-        for ((&seq, chunk), expected_seq) in live.chunks.range(from_seq..visible).zip(from_seq..) {
+        let first_seq = from_seq.max(1);
+        let hold_at_gap = unsynced_deleted_through != 0 && unsynced_deleted_through >= first_seq;
+        for ((&seq, chunk), expected_seq) in live.chunks.range(from_seq..visible).zip(first_seq..) {
             if hold_at_gap && seq != expected_seq {
                 break;
             }
