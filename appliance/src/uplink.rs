@@ -466,8 +466,10 @@ async fn write_stream(
     written: mpsc::UnboundedSender<Result<(Option<Lane>, usize), String>>,
 ) {
     while let Some(frame) = outgoing.recv().await {
-        let report = match stream.write_all(&frame).await {
-            Ok(()) => Ok((lane, frame.len())),
+        let length = frame.len();
+        // Handed to quinn as it is (`Bytes` from the Vec takes it over without a copy).
+        let report = match stream.write_chunk(bytes::Bytes::from(frame)).await {
+            Ok(()) => Ok((lane, length)),
             Err(error) => Err(format!("writing the {} stream: {error}", lane.map_or("control", Lane::name))),
         };
         let failed = report.is_err();

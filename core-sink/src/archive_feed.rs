@@ -33,11 +33,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use archive::{Archive, ArchiveError, IngestOutcome, IngestedRecord};
 use protocol::evidence::{Evidence, sha256_hex};
-use protocol::{ChunkDecompressor, ChunkHeader, Lane, decode_records};
+use protocol::{ChunkHeader, Lane, decode_records};
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::tar::TarShardWriter;
-use crate::dictionaries::DictionaryStore;
+use crate::dictionaries::{DECOMPRESSOR_CACHE_BYTES_MAX, DecompressorCache, DictionaryStore};
 use crate::landing::{CommittedLanding, ReadPosition};
 
 /// Raw bytes read per device per step (overshot by at most one record), so one huge backlog
@@ -245,7 +245,9 @@ pub struct ArchiveFeed {
     landing_dir: PathBuf,
     archive: Archive,
     dictionaries: Arc<DictionaryStore>,
-    decompressors: BTreeMap<String, (ChunkDecompressor, std::collections::HashSet<u32>)>,
+    /// Per device: its decompressor with its dictionaries loaded (bounded, least recently used
+    /// devices dropped).
+    decompressors: DecompressorCache,
     /// Read positions, ahead of `persisted` between persists.
     positions: BTreeMap<String, Position>,
     persisted: FeedState,
@@ -290,7 +292,7 @@ impl ArchiveFeed {
             landing_dir: landing_dir.to_path_buf(),
             archive,
             dictionaries,
-            decompressors: BTreeMap::new(),
+            decompressors: DecompressorCache::new(DECOMPRESSOR_CACHE_BYTES_MAX),
             review: None,
             unpersisted_records: 0,
             last_persist: Instant::now(),
@@ -398,11 +400,7 @@ impl ArchiveFeed {
 
     /// Ingests a committed chunk's records.
     fn consume_chunk(&mut self, device: &str, header: &ChunkHeader, body: &[u8]) -> anyhow::Result<()> {
-        let (decompressor, registered) = self.decompressors.entry(device.to_string()).or_default();
-        if header.dict_id != protocol::NO_DICTIONARY && !registered.contains(&header.dict_id) {
-            self.dictionaries.register_all(device, decompressor, registered)?;
-        }
-        let raw = match decompressor.decompress(header, body) {
+        let raw = match self.decompressors.decompress(&self.dictionaries, device, header, body)? {
             Ok(raw) => raw,
             Err(error) => {
                 tracing::error!(%device, seq = header.seq, %error, "audit chunk cannot be decoded for the archive");

@@ -36,6 +36,15 @@ pub struct SinkConfig {
     /// Bytes of verified chunks waiting to be written, all connections together.
     #[serde(default = "default_in_flight_bytes_max")]
     pub in_flight_bytes_max: u64,
+    /// Bytes of verified chunks one connection (one device) may have waiting to be written, and
+    /// what its Welcome advertises; absent = a quarter of `in_flight_bytes_max`, at least two
+    /// maximal chunks. One device cannot hold the whole budget and starve the others.
+    #[serde(default)]
+    pub device_in_flight_bytes_max: Option<u64>,
+    /// Raw landing files open at once (least recently used closed first): file descriptors are
+    /// a process-wide limit, and every (device, lane) would otherwise keep one open forever.
+    #[serde(default = "default_open_files_max")]
+    pub open_files_max: usize,
     #[serde(default = "default_connections_max")]
     pub connections_max: u64,
     #[serde(default)]
@@ -72,6 +81,9 @@ fn default_raw_file_rotate_bytes() -> u64 {
 fn default_in_flight_bytes_max() -> u64 {
     64 * 1024 * 1024
 }
+fn default_open_files_max() -> usize {
+    landing::raw::OPEN_FILES_MAX_DEFAULT
+}
 fn default_connections_max() -> u64 {
     4096
 }
@@ -103,6 +115,8 @@ impl SinkConfig {
             commit_bytes_max: default_commit_bytes_max(),
             raw_file_rotate_bytes: default_raw_file_rotate_bytes(),
             in_flight_bytes_max: default_in_flight_bytes_max(),
+            device_in_flight_bytes_max: None,
+            open_files_max: default_open_files_max(),
             connections_max: default_connections_max(),
             transport: TransportSettings::default(),
             datasets: None,
@@ -151,6 +165,15 @@ impl SinkConfig {
         Ok(config)
     }
 
+    /// What one connection may hold of `in_flight_bytes_max` (see `device_in_flight_bytes_max`).
+    pub fn device_in_flight_bytes(&self) -> u64 {
+        self.device_in_flight_bytes_max.unwrap_or_else(|| {
+            (self.in_flight_bytes_max / 4)
+                .max(2 * protocol::CHUNK_ENCODED_BYTES_MAX as u64)
+                .min(self.in_flight_bytes_max)
+        })
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, message: String| if ok { Ok(()) } else { Err(message) };
         check(
@@ -172,6 +195,20 @@ impl SinkConfig {
                 self.in_flight_bytes_max,
                 2 * protocol::CHUNK_ENCODED_BYTES_MAX
             ),
+        )?;
+        if let Some(device) = self.device_in_flight_bytes_max {
+            check(
+                (2 * protocol::CHUNK_ENCODED_BYTES_MAX as u64..=self.in_flight_bytes_max).contains(&device),
+                format!(
+                    "device_in_flight_bytes_max = {device}: expected at least two maximal chunks ({}) and at most in_flight_bytes_max ({})",
+                    2 * protocol::CHUNK_ENCODED_BYTES_MAX,
+                    self.in_flight_bytes_max
+                ),
+            )?;
+        }
+        check(
+            (1..=65_536).contains(&self.open_files_max),
+            format!("open_files_max = {}: expected 1..=65536", self.open_files_max),
         )?;
         check(
             (1..=1_000_000).contains(&self.connections_max),

@@ -164,13 +164,15 @@ impl DictionaryStore {
         }
     }
 
-    /// Registers every stored dictionary of `device` with `decompressor` that it lacks.
+    /// Registers every stored dictionary of `device` with `decompressor` that it lacks; returns
+    /// the dictionary bytes added.
     pub fn register_all(
         &self,
         device: &str,
         decompressor: &mut ChunkDecompressor,
         registered: &mut HashSet<u32>,
-    ) -> Result<(), DictionaryStoreError> {
+    ) -> Result<u64, DictionaryStoreError> {
+        let mut added = 0u64;
         let ids: Vec<u32> = self
             .known
             .lock()
@@ -188,6 +190,7 @@ impl DictionaryStore {
                 match decompressor.add_dictionary(id, &bytes) {
                     Ok(()) => {
                         registered.insert(id);
+                        added += bytes.len() as u64;
                     }
                     Err(error) => {
                         // Stores check this before writing, so only a file from an older build or
@@ -204,7 +207,89 @@ impl DictionaryStore {
                 }
             }
         }
-        Ok(())
+        Ok(added)
+    }
+}
+
+/// Dictionary bytes a [`DecompressorCache`] keeps loaded by default: four devices at their full
+/// quota (64 dictionaries of 1 MiB), far more than the few a device uses in practice.
+pub const DECOMPRESSOR_CACHE_BYTES_MAX: u64 =
+    4 * (DEVICE_DICTIONARIES_MAX * protocol::DICTIONARY_BYTES_MAX) as u64;
+
+/// Per-device decompressors with their dictionaries loaded, for readers of committed landing
+/// (the datasets pipeline and the archive feed). Bounded: when the dictionary bytes loaded pass
+/// `bytes_max`, the least recently used devices are dropped (their dictionaries are loaded again
+/// from the store when one of their chunks comes by).
+pub struct DecompressorCache {
+    bytes_max: u64,
+    bytes: u64,
+    uses: u64,
+    evictions: u64,
+    devices: HashMap<String, CachedDecompressor>,
+}
+
+#[derive(Default)]
+struct CachedDecompressor {
+    decompressor: ChunkDecompressor,
+    registered: HashSet<u32>,
+    bytes: u64,
+    last_used: u64,
+}
+
+impl DecompressorCache {
+    pub fn new(bytes_max: u64) -> DecompressorCache {
+        DecompressorCache { bytes_max, bytes: 0, uses: 0, evictions: 0, devices: HashMap::new() }
+    }
+
+    /// Decompresses a committed chunk of `device`, loading its dictionaries from `store` if the
+    /// chunk names one not loaded yet. The outer error is the store's (I/O); the inner one is
+    /// the chunk's (it cannot be decoded: damage at rest, a dictionary zstd will not load).
+    pub fn decompress(
+        &mut self,
+        store: &DictionaryStore,
+        device: &str,
+        header: &protocol::ChunkHeader,
+        body: &[u8],
+    ) -> Result<Result<Vec<u8>, protocol::DecodeError>, DictionaryStoreError> {
+        self.uses += 1;
+        let entry = self.devices.entry(device.to_string()).or_default();
+        entry.last_used = self.uses;
+        if header.dict_id != protocol::NO_DICTIONARY && !entry.registered.contains(&header.dict_id) {
+            let added = store.register_all(device, &mut entry.decompressor, &mut entry.registered)?;
+            entry.bytes += added;
+            self.bytes += added;
+        }
+        let raw = entry.decompressor.decompress(header, body);
+        self.evict_beyond_bound(device);
+        Ok(raw)
+    }
+
+    /// Drops least recently used devices (never `keep`, the one just used) while over the bound.
+    fn evict_beyond_bound(&mut self, keep: &str) {
+        while self.bytes > self.bytes_max {
+            let Some(victim) = self
+                .devices
+                .iter()
+                .filter(|(device, _)| device.as_str() != keep)
+                .min_by_key(|(_, cached)| cached.last_used)
+                .map(|(device, _)| device.clone())
+            else {
+                return;
+            };
+            let cached = self.devices.remove(&victim).expect("chosen above");
+            self.bytes -= cached.bytes;
+            self.evictions += 1;
+        }
+    }
+
+    /// Dictionary bytes loaded now (at most `bytes_max`, or one device's if that is more).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Devices dropped so far to stay within the bound.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 }
 
@@ -296,5 +381,34 @@ mod tests {
         assert_eq!(store.ids("dev-1").len(), DEVICE_DICTIONARIES_MAX);
         let files = std::fs::read_dir(dir.path().join("dev-1")).unwrap().count();
         assert_eq!(files, DEVICE_DICTIONARIES_MAX);
+    }
+
+    #[test]
+    fn the_decompressor_cache_stays_within_its_bound_and_reloads_what_it_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DictionaryStore::open(dir.path()).unwrap();
+        let dictionary = format!("raw-content dictionary {}", "shared words ".repeat(64)).into_bytes();
+        let id = dictionary_id(&dictionary);
+        let devices = ["dev-1", "dev-2", "dev-3"];
+        for device in devices {
+            store.store(device, id, &dictionary).unwrap();
+        }
+        let mut compressor = protocol::ChunkCompressor::new(3);
+        compressor.add_dictionary(id, &dictionary).unwrap();
+        let raw = "shared words ".repeat(200).into_bytes();
+        let (codec, body) = compressor.compress(&raw, id).unwrap();
+        let encoded =
+            protocol::SealedChunk::new(protocol::Lane::Sensor, codec, id, 1, raw.len() as u32, body)
+                .unwrap()
+                .encode(1);
+        let (header, body) = protocol::decode_chunk(&encoded).unwrap();
+
+        // Room for two devices' dictionaries: the third evicts the least recently used.
+        let mut cache = DecompressorCache::new(2 * dictionary.len() as u64);
+        for device in devices.into_iter().chain(devices) {
+            assert_eq!(cache.decompress(&store, device, &header, body).unwrap().unwrap(), raw, "{device}");
+            assert!(cache.bytes() <= 2 * dictionary.len() as u64, "{} bytes loaded", cache.bytes());
+        }
+        assert_eq!(cache.evictions(), 4, "every device but the two most recent was dropped and reloaded");
     }
 }

@@ -42,6 +42,11 @@ pub struct SinkMetrics {
     pub acks_sent: AtomicU64,
     /// Devices whose ring changed (a recreated or renewed ring starts a new seq epoch).
     pub ring_epochs_started: AtomicU64,
+    /// Raw landing files open now, and files closed to stay within `open_files_max`.
+    pub landing_files_open: AtomicU64,
+    pub landing_files_closed_at_limit: AtomicU64,
+    /// Chunks that waited because their connection held its whole in-flight share.
+    pub device_in_flight_waits: AtomicU64,
     /// Compression dictionaries received and stored durably.
     pub dictionaries_stored: AtomicU64,
     /// Dictionaries refused: over the device's quota, or not loadable by zstd.
@@ -60,8 +65,10 @@ impl SinkMetrics {
         counter.fetch_add(value, Ordering::Relaxed);
     }
 
-    fn mirror(&self, stats: &LandingStats) {
+    fn mirror<C: Committer>(&self, stats: &LandingStats, committer: &C) {
         let set = |counter: &AtomicU64, value: u64| counter.store(value, Ordering::Relaxed);
+        set(&self.landing_files_open, committer.open_files() as u64);
+        set(&self.landing_files_closed_at_limit, committer.files_closed_at_limit());
         set(&self.chunks_landed, stats.chunks_landed);
         set(&self.bytes_landed, stats.bytes_landed);
         set(&self.duplicates_dropped, stats.duplicates_dropped);
@@ -111,11 +118,18 @@ impl SharedWatermarks {
 pub struct LandRequest {
     pub device: Arc<str>,
     pub chunk: IncomingChunk,
-    pub permit: OwnedSemaphorePermit,
+    pub permits: InFlightPermits,
     /// Where to tell the session that its chunk was not landed (it closes the connection).
     pub refusals: mpsc::Sender<LandingRefusal>,
     /// When the session read the chunk off its stream (for `SinkMetrics::ack_latency`).
     pub received_at: Instant,
+}
+
+/// A chunk's bytes held against the sink's in-flight budget and its connection's share of it,
+/// released once the chunk is written.
+pub struct InFlightPermits {
+    pub connection: OwnedSemaphorePermit,
+    pub all: OwnedSemaphorePermit,
 }
 
 pub enum LanderRequest {
@@ -191,12 +205,12 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
             if self.core.commit_due(Instant::now()) {
                 self.commit();
             }
-            self.metrics.mirror(self.core.stats());
+            self.metrics.mirror(self.core.stats(), self.core.committer());
         }
     }
 
     fn land(&mut self, request: LandRequest) {
-        let LandRequest { device, chunk, permit, refusals, received_at } = request;
+        let LandRequest { device, chunk, permits, refusals, received_at } = request;
         let outcome = self.core.land(
             Instant::now(),
             CoreLandRequest {
@@ -206,7 +220,7 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
                 encoded: &chunk.encoded,
             },
         );
-        drop(permit);
+        drop(permits);
         match outcome {
             LandOutcome::Landed => {
                 self.received_at.entry((device, chunk.lane)).or_default().push(received_at);

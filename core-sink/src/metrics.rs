@@ -146,6 +146,24 @@ pub fn render(sources: &MetricsSources) -> String {
         "Bound on in-flight bytes.",
         sources.in_flight_bytes_max,
     );
+    counter(
+        &mut out,
+        "tributary_sink_device_in_flight_waits_total",
+        "Chunks that waited because their connection held its whole share of the in-flight bound (device_in_flight_bytes_max).",
+        &sink.device_in_flight_waits,
+    );
+    gauge(
+        &mut out,
+        "tributary_sink_landing_files_open",
+        "Raw landing files open now (bounded by open_files_max).",
+        sink.landing_files_open.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "tributary_sink_landing_files_closed_at_limit_total",
+        "Raw landing files closed (least recently used first) to stay within open_files_max.",
+        &sink.landing_files_closed_at_limit,
+    );
     if let Some(datasets) = &sources.datasets {
         counter(
             &mut out,
@@ -182,6 +200,18 @@ pub fn render(sources: &MetricsSources) -> String {
             "tributary_datasets_undecodable_chunks_total",
             "Chunks the sink cannot decode.",
             &datasets.undecodable_chunks,
+        );
+        gauge(
+            &mut out,
+            "tributary_datasets_dictionary_cache_bytes",
+            "Dictionary bytes loaded in the datasets pipeline's decompressors (least recently used devices dropped past the bound).",
+            datasets.dictionary_cache_bytes.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_dictionary_cache_evictions_total",
+            "Devices whose dictionaries were dropped from the datasets pipeline's decompressors to stay within the bound.",
+            &datasets.dictionary_cache_evictions,
         );
     }
     out

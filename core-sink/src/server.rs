@@ -24,9 +24,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::config::SinkConfig;
 use crate::dictionaries::DictionaryStore;
-use crate::lander::{LandRequest, Lander, LanderRequest, SharedWatermarks, SinkMetrics};
+use crate::lander::{InFlightPermits, LandRequest, Lander, LanderRequest, SharedWatermarks, SinkMetrics};
 
-/// Bytes read from a stream per call.
+/// Most bytes taken from a stream per read (quinn hands out its received buffers without a copy).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Reads queued from a connection's lane streams for its session task: with
 /// `READ_BUFFER_BYTES`, at most 1 MiB per connection beyond QUIC's windows.
@@ -58,6 +58,8 @@ struct DatasetsRunner {
 struct Context {
     land: Mutex<Option<std::sync::mpsc::Sender<LanderRequest>>>,
     in_flight: Arc<Semaphore>,
+    /// Each connection's share of `in_flight` (`SinkConfig::device_in_flight_bytes`).
+    device_in_flight_bytes: u64,
     shared: Arc<SharedWatermarks>,
     metrics: Arc<SinkMetrics>,
     durable_generation: watch::Receiver<u64>,
@@ -111,7 +113,11 @@ impl Sink {
         let metrics = Arc::new(SinkMetrics::default());
         let state = SinkState::open(&config.state_dir)?;
         let dictionaries = Arc::new(DictionaryStore::open(&config.state_dir.join("dictionaries"))?);
-        let committer = RawLanding::new(&config.landing_dir, config.raw_file_rotate_bytes);
+        let committer = RawLanding::with_open_files_max(
+            &config.landing_dir,
+            config.raw_file_rotate_bytes,
+            config.open_files_max,
+        );
         let landing_config = LandingConfig {
             commit_interval: Duration::from_millis(config.commit_interval_ms),
             commit_bytes_max: config.commit_bytes_max,
@@ -168,8 +174,9 @@ impl Sink {
             durable_generation,
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            device_in_flight_bytes: config.device_in_flight_bytes(),
             session_config: SinkSessionConfig {
-                in_flight_bytes_max: config.in_flight_bytes_max,
+                in_flight_bytes_max: config.device_in_flight_bytes(),
                 commit_interval_ms: u32::try_from(config.commit_interval_ms).unwrap_or(u32::MAX),
                 ..SinkSessionConfig::default()
             },
@@ -445,7 +452,8 @@ async fn handle_incoming(incoming: quinn::Incoming, context: Arc<Context>) {
 
 /// Bytes read from one lane stream, or its end.
 enum StreamRead {
-    Bytes(u64, Vec<u8>),
+    /// Bytes as quinn received them (no copy between the stream and the session).
+    Bytes(u64, bytes::Bytes),
     Finished(u64),
     Failed(String),
 }
@@ -466,6 +474,8 @@ struct SessionDriver {
     readers: tokio::task::JoinSet<()>,
     /// Acks of this session already added to `SinkMetrics::acks_sent`.
     acks_counted: u64,
+    /// This connection's share of the sink's in-flight budget.
+    in_flight: Arc<Semaphore>,
 }
 
 impl SessionDriver {
@@ -483,6 +493,7 @@ impl SessionDriver {
         );
         let (stream_reads_sender, stream_reads) = mpsc::channel(STREAM_READS_QUEUED_MAX);
         let (refusals_sender, refusals) = mpsc::channel(1);
+        let in_flight = Arc::new(Semaphore::new(context.device_in_flight_bytes as usize));
         SessionDriver {
             connection,
             device: Arc::from(device),
@@ -497,6 +508,7 @@ impl SessionDriver {
             refusals_sender,
             readers: tokio::task::JoinSet::new(),
             acks_counted: 0,
+            in_flight,
         }
     }
 
@@ -644,14 +656,25 @@ impl SessionDriver {
                     let received_at = std::time::Instant::now();
                     let bytes =
                         u32::try_from(chunk.encoded.len()).expect("frames are bounded by FRAME_BYTES_MAX");
-                    let Ok(permit) = self.context.in_flight.clone().acquire_many_owned(bytes).await else {
+                    // The connection's share first: a device at its share waits without holding
+                    // any of the budget the other devices share.
+                    let connection = match self.in_flight.clone().try_acquire_many_owned(bytes) {
+                        Ok(permit) => Ok(permit),
+                        Err(_) => {
+                            SinkMetrics::add(&self.context.metrics.device_in_flight_waits, 1);
+                            self.in_flight.clone().acquire_many_owned(bytes).await
+                        }
+                    };
+                    let (Ok(connection), Ok(all)) =
+                        (connection, self.context.in_flight.clone().acquire_many_owned(bytes).await)
+                    else {
                         self.session.shutting_down();
                         continue;
                     };
                     let request = LandRequest {
                         device: self.device.clone(),
                         chunk,
-                        permit,
+                        permits: InFlightPermits { connection, all },
                         refusals: self.refusals_sender.clone(),
                         received_at,
                     };
@@ -677,10 +700,9 @@ async fn write_control(mut send: quinn::SendStream, mut outgoing: mpsc::Receiver
 /// backpressure (QUIC flow control does the rest).
 async fn read_stream(mut stream: quinn::RecvStream, reads: mpsc::Sender<StreamRead>) {
     let id = stream.id().index();
-    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     loop {
-        let read = match stream.read(&mut buffer).await {
-            Ok(Some(read)) => StreamRead::Bytes(id, buffer[..read].to_vec()),
+        let read = match stream.read_chunk(READ_BUFFER_BYTES, true).await {
+            Ok(Some(chunk)) => StreamRead::Bytes(id, chunk.bytes),
             Ok(None) => StreamRead::Finished(id),
             Err(error) => StreamRead::Failed(format!("lane stream: {error}")),
         };

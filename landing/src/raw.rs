@@ -10,7 +10,12 @@
 //! records `length u32 LE ‖ encoded chunk (header ‖ body)`, chunks in seq order. A record's
 //! length is at most `protocol::CHUNK_ENCODED_BYTES_MAX`. A file is rotated (a new one started)
 //! at the first chunk after it reached `rotate_bytes`; the full file is fsynced first, so once a
-//! commit records a newer file, every older file of the lane is committed whole. Checkpoint: one
+//! commit records a newer file, every older file of the lane is committed whole. At most
+//! `open_files_max` files are open at once (file descriptors are a process-wide limit, and every
+//! (device, lane) that ever landed would otherwise keep one): landing on a lane whose file is not
+//! open when the limit is reached closes the least recently used file first (fsyncing it if it
+//! holds uncommitted bytes, then remembering its position for the next commit), and the lane
+//! continues in a new file, exactly as after a rotation. Checkpoint: one
 //! line per (device, lane): `device lane first_seq committed_length` (the newest file of the lane
 //! and how much of it is committed). Readers of committed data use `committed`.
 
@@ -50,6 +55,14 @@ pub trait Committer: Send {
     /// Forgets uncommitted writes of one (device, lane) after a failed `land`, so that its
     /// resent chunks land cleanly.
     fn discard_uncommitted(&mut self, device: &str, lane: Lane) -> Result<(), LandingError>;
+    /// Files the committer holds open (for metrics).
+    fn open_files(&self) -> usize {
+        0
+    }
+    /// Files closed so far to stay within the committer's open-file limit (for metrics).
+    fn files_closed_at_limit(&self) -> u64 {
+        0
+    }
 }
 
 /// Bytes of a record's length prefix.
@@ -68,26 +81,74 @@ struct OpenFile {
     position: FilePosition,
     dirty: bool,
     created: bool,
+    /// `RawLanding::uses` at its last write: the least recently used file is closed first.
+    last_used: u64,
 }
+
+/// A file closed at the open-file limit while it held uncommitted bytes: already fsynced, its
+/// position goes into the next commit's checkpoint (unless a newer file of the lane does).
+#[derive(Clone, Copy)]
+struct ClosedUncommitted {
+    position: FilePosition,
+    created: bool,
+}
+
+/// Default for [`RawLanding::with_open_files_max`]: well under the usual 1024 descriptors.
+pub const OPEN_FILES_MAX_DEFAULT: usize = 256;
 
 /// Append-only, rotated, fsynced files of verified chunks per device and lane.
 pub struct RawLanding {
     root: PathBuf,
     rotate_bytes: u64,
+    open_files_max: usize,
     open: BTreeMap<(String, Lane), OpenFile>,
+    closed_uncommitted: BTreeMap<(String, Lane), ClosedUncommitted>,
     committed: BTreeMap<(String, Lane), FilePosition>,
+    uses: u64,
+    closed_at_limit: u64,
 }
 
 const FILE_SUFFIX: &str = ".tcr";
 
 impl RawLanding {
     pub fn new(landing_dir: &Path, rotate_bytes: u64) -> RawLanding {
+        RawLanding::with_open_files_max(landing_dir, rotate_bytes, OPEN_FILES_MAX_DEFAULT)
+    }
+
+    /// A raw landing that keeps at most `open_files_max` (at least 1) files open.
+    pub fn with_open_files_max(landing_dir: &Path, rotate_bytes: u64, open_files_max: usize) -> RawLanding {
+        assert!(open_files_max >= 1, "open_files_max must be at least 1");
         RawLanding {
             root: landing_dir.join("raw"),
             rotate_bytes,
+            open_files_max,
             open: BTreeMap::new(),
+            closed_uncommitted: BTreeMap::new(),
             committed: BTreeMap::new(),
+            uses: 0,
+            closed_at_limit: 0,
         }
+    }
+
+    /// Closes the least recently used open file, a clean one if there is one; a file with
+    /// uncommitted bytes is fsynced first and its position kept for the next commit.
+    fn close_least_recently_used(&mut self) -> Result<(), LandingError> {
+        let victim = self
+            .open
+            .iter()
+            .min_by_key(|(_, open)| (open.dirty, open.last_used))
+            .map(|(key, _)| key.clone())
+            .expect("called with open files");
+        let open = self.open.remove(&victim).expect("chosen above");
+        if open.dirty {
+            let path = self.file_path(&victim.0, victim.1, open.position.first_seq);
+            open.file.sync_data().map_err(io_error(&path))?;
+            let created =
+                open.created || self.closed_uncommitted.get(&victim).is_some_and(|closed| closed.created);
+            self.closed_uncommitted.insert(victim, ClosedUncommitted { position: open.position, created });
+        }
+        self.closed_at_limit += 1;
+        Ok(())
     }
 
     fn lane_dir(&self, device: &str, lane: Lane) -> PathBuf {
@@ -151,6 +212,9 @@ impl Committer for RawLanding {
                 )))?;
             }
         }
+        if !self.open.contains_key(&key) && self.open.len() >= self.open_files_max {
+            self.close_least_recently_used()?;
+        }
         if !self.open.contains_key(&key) {
             let directory = self.lane_dir(device, header.lane);
             fs::create_dir_all(&directory).map_err(io_error(&directory))?;
@@ -164,9 +228,12 @@ impl Committer for RawLanding {
                     position: FilePosition { first_seq: header.seq, length },
                     dirty: false,
                     created: true,
+                    last_used: 0,
                 },
             );
         }
+        self.uses += 1;
+        let uses = self.uses;
         let first_seq = self.open[&key].position.first_seq;
         let path = self.file_path(device, header.lane, first_seq);
         let open = self.open.get_mut(&key).expect("inserted above");
@@ -177,11 +244,22 @@ impl Committer for RawLanding {
         open.file.write_all(&record).map_err(io_error(&path))?;
         open.position.length += record.len() as u64;
         open.dirty = true;
+        open.last_used = uses;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), LandingError> {
         let mut new_directories = BTreeSet::new();
+        // Closed at the open-file limit: fsynced then; a newer file of the lane, if one is open
+        // and dirty, overrides this position below.
+        for ((device, lane), closed) in std::mem::take(&mut self.closed_uncommitted) {
+            if closed.created {
+                new_directories.insert(self.lane_dir(&device, lane));
+                new_directories.insert(self.root.join(&device));
+                new_directories.insert(self.root.clone());
+            }
+            self.committed.insert((device, lane), closed.position);
+        }
         for ((device, lane), open) in &mut self.open {
             if !open.dirty {
                 continue;
@@ -217,6 +295,7 @@ impl Committer for RawLanding {
 
     fn recover(&mut self, checkpoint: Option<&[u8]>) -> Result<(), LandingError> {
         self.open.clear();
+        self.closed_uncommitted.clear();
         self.committed = parse_checkpoint(checkpoint.unwrap_or_default())?;
         let devices: Vec<PathBuf> = match fs::read_dir(&self.root) {
             Ok(entries) => entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect(),
@@ -235,8 +314,17 @@ impl Committer for RawLanding {
         Ok(())
     }
 
+    fn open_files(&self) -> usize {
+        self.open.len()
+    }
+
+    fn files_closed_at_limit(&self) -> u64 {
+        self.closed_at_limit
+    }
+
     fn discard_uncommitted(&mut self, device: &str, lane: Lane) -> Result<(), LandingError> {
         self.open.remove(&(device.to_string(), lane));
+        self.closed_uncommitted.remove(&(device.to_string(), lane));
         self.roll_back_lane(device, lane)
     }
 }

@@ -12,18 +12,18 @@
 //! files and published files the manifest does not list (a crash between rename and manifest)
 //! are deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{ChunkDecompressor, ChunkHeader, Lane, decode_records};
+use protocol::{ChunkHeader, Lane, decode_records};
 
 use super::manifest::{Consumed, Manifest, QUARANTINE_LISTED_MAX, QuarantinedChunk, SeqRange, ShardEntry};
 use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
 use super::{DatasetsConfig, Placement};
-use crate::dictionaries::DictionaryStore;
+use crate::dictionaries::{DECOMPRESSOR_CACHE_BYTES_MAX, DecompressorCache, DictionaryStore};
 use crate::landing::{CommittedLanding, ReadPosition};
 
 /// Raw bytes read per (device, lane) per step (overshot by at most one record), so one huge
@@ -43,6 +43,10 @@ pub struct DatasetMetrics {
     pub rejected_chunks: AtomicU64,
     /// Pipeline steps that failed (a dataset target or the raw landing could not be read).
     pub step_failures: AtomicU64,
+    /// Dictionary bytes loaded in the pipeline's decompressors (bounded by
+    /// `DECOMPRESSOR_CACHE_BYTES_MAX`), and devices dropped from them to stay within it.
+    pub dictionary_cache_bytes: AtomicU64,
+    pub dictionary_cache_evictions: AtomicU64,
 }
 
 struct OpenShard {
@@ -107,9 +111,9 @@ pub struct Pipeline {
     unhealthy_until: Vec<Option<Instant>>,
     datasets: Vec<Dataset>,
     dictionaries: Arc<DictionaryStore>,
-    /// Per device: its decompressor and the dictionary ids registered with it (dictionary ids
-    /// are per device).
-    decompressors: HashMap<String, (ChunkDecompressor, HashSet<u32>)>,
+    /// Per device: its decompressor with its dictionaries loaded (bounded, least recently used
+    /// devices dropped).
+    decompressors: DecompressorCache,
     next_shard_id: u64,
     pub metrics: Arc<DatasetMetrics>,
     step_failure_log: telemetry::LogRateLimit,
@@ -169,7 +173,7 @@ impl Pipeline {
             unhealthy_until,
             datasets,
             dictionaries,
-            decompressors: HashMap::new(),
+            decompressors: DecompressorCache::new(DECOMPRESSOR_CACHE_BYTES_MAX),
             next_shard_id: 1,
             metrics: Arc::new(DatasetMetrics::default()),
             step_failure_log: telemetry::LogRateLimit::new(LOG_INTERVAL),
@@ -269,11 +273,10 @@ impl Pipeline {
         header: &ChunkHeader,
         body: &[u8],
     ) -> anyhow::Result<()> {
-        let (decompressor, registered) = self.decompressors.entry(device.to_string()).or_default();
-        if header.dict_id != protocol::NO_DICTIONARY && !registered.contains(&header.dict_id) {
-            self.dictionaries.register_all(device, decompressor, registered)?;
-        }
-        let raw = match decompressor.decompress(header, body) {
+        let decompressed = self.decompressors.decompress(&self.dictionaries, device, header, body)?;
+        self.metrics.dictionary_cache_bytes.store(self.decompressors.bytes(), Ordering::Relaxed);
+        self.metrics.dictionary_cache_evictions.store(self.decompressors.evictions(), Ordering::Relaxed);
+        let raw = match decompressed {
             Ok(raw) => raw,
             Err(error) => {
                 // The sink refuses chunks whose dictionary it lacks, so this is damage at rest or
