@@ -66,6 +66,12 @@ impl CheckedCsr {
     pub fn public_key_der(&self) -> &[u8] {
         rcgen::PublicKeyData::der_bytes(&self.params.public_key)
     }
+
+    /// The requested public key as an X.509 SubjectPublicKeyInfo (DER), what `openssl pkey
+    /// -pubin -outform DER` prints: the bytes a key fingerprint is taken of.
+    pub fn subject_public_key_info(&self) -> Vec<u8> {
+        rcgen::PublicKeyData::subject_public_key_info(&self.params.public_key)
+    }
 }
 
 impl CsrSigner {
@@ -181,6 +187,13 @@ fn csr_for_key(device_id: &str, key: &KeyPair) -> Result<String, FleetError> {
     params.distinguished_name.push(DnType::CommonName, device_id);
     let generate = |source| FleetError::Generate { what: format!("the CSR of device {device_id}"), source };
     params.serialize_request(key).and_then(|csr| csr.pem()).map_err(generate)
+}
+
+/// The SubjectPublicKeyInfo (DER) of the key in `private_key_pem`: the same bytes as
+/// [`CheckedCsr::subject_public_key_info`] of a CSR made with that key.
+pub fn subject_public_key_info_of_key_pem(private_key_pem: &str) -> Result<Vec<u8>, FleetError> {
+    let key = pem::key_pair(private_key_pem, "device private key")?;
+    Ok(rcgen::PublicKeyData::subject_public_key_info(&key))
 }
 
 /// Whether the certificate in `certificate_pem` carries the public key of `private_key_pem`.
