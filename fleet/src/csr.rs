@@ -254,4 +254,16 @@ mod tests {
         issued.write_to(&directory.path().join("device"), ca.certificate_pem()).expect("write");
         crate::IssuedCertificate::read_from(&directory.path().join("device")).expect("read back");
     }
+
+    #[test]
+    fn the_key_and_its_csr_give_the_same_subject_public_key_info() {
+        let (csr_pem, key_pem) = generate_device_key_and_csr("dev-1").expect("key and CSR");
+        let from_key = subject_public_key_info_of_key_pem(&key_pem).expect("from key");
+        let from_csr = CsrSigner::check(&csr_pem, "dev-1").expect("checked").subject_public_key_info();
+        assert_eq!(from_key, from_csr);
+        // A P-256 SubjectPublicKeyInfo: 26 bytes of algorithm and curve, then the 65-byte point.
+        assert_eq!(from_key.len(), 26 + P256_POINT_BYTES);
+        let (_, other_key_pem) = generate_device_key_and_csr("dev-1").expect("another key");
+        assert_ne!(subject_public_key_info_of_key_pem(&other_key_pem).expect("other"), from_key);
+    }
 }
