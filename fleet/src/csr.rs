@@ -66,6 +66,12 @@ impl CheckedCsr {
     pub fn public_key_der(&self) -> &[u8] {
         rcgen::PublicKeyData::der_bytes(&self.params.public_key)
     }
+
+    /// The requested public key as an X.509 SubjectPublicKeyInfo (DER), what `openssl pkey
+    /// -pubin -outform DER` prints: the bytes a key fingerprint is taken of.
+    pub fn subject_public_key_info(&self) -> Vec<u8> {
+        rcgen::PublicKeyData::subject_public_key_info(&self.params.public_key)
+    }
 }
 
 impl CsrSigner {
@@ -183,6 +189,13 @@ fn csr_for_key(device_id: &str, key: &KeyPair) -> Result<String, FleetError> {
     params.serialize_request(key).and_then(|csr| csr.pem()).map_err(generate)
 }
 
+/// The SubjectPublicKeyInfo (DER) of the key in `private_key_pem`: the same bytes as
+/// [`CheckedCsr::subject_public_key_info`] of a CSR made with that key.
+pub fn subject_public_key_info_of_key_pem(private_key_pem: &str) -> Result<Vec<u8>, FleetError> {
+    let key = pem::key_pair(private_key_pem, "device private key")?;
+    Ok(rcgen::PublicKeyData::subject_public_key_info(&key))
+}
+
 /// Whether the certificate in `certificate_pem` carries the public key of `private_key_pem`.
 pub fn certificate_matches_key(certificate_pem: &str, private_key_pem: &str) -> bool {
     let Ok(certificate) = pem::first_certificate(certificate_pem, "certificate") else { return false };
@@ -240,5 +253,17 @@ mod tests {
         // It is accepted where device certificates are used: written and read back as an identity.
         issued.write_to(&directory.path().join("device"), ca.certificate_pem()).expect("write");
         crate::IssuedCertificate::read_from(&directory.path().join("device")).expect("read back");
+    }
+
+    #[test]
+    fn the_key_and_its_csr_give_the_same_subject_public_key_info() {
+        let (csr_pem, key_pem) = generate_device_key_and_csr("dev-1").expect("key and CSR");
+        let from_key = subject_public_key_info_of_key_pem(&key_pem).expect("from key");
+        let from_csr = CsrSigner::check(&csr_pem, "dev-1").expect("checked").subject_public_key_info();
+        assert_eq!(from_key, from_csr);
+        // A P-256 SubjectPublicKeyInfo: 26 bytes of algorithm and curve, then the 65-byte point.
+        assert_eq!(from_key.len(), 26 + P256_POINT_BYTES);
+        let (_, other_key_pem) = generate_device_key_and_csr("dev-1").expect("another key");
+        assert_ne!(subject_public_key_info_of_key_pem(&other_key_pem).expect("other"), from_key);
     }
 }

@@ -4,6 +4,10 @@
 //! and hands it to the daemon through a `watch` channel (only the latest config matters, so the
 //! channel holds one value and never grows).
 //!
+//! The MQTT client id is the device id with a random suffix (`mqtt::unguessable_client_id`): the
+//! ACL keys a device's topics on its certificate CN, not on the client id, and a client id the
+//! claim identity's holders could guess would let them knock the agent off the broker.
+//!
 //! Config keys the agent applies itself: `heartbeat_interval_ms` (100..=3600000). Every other key
 //! is passed to the daemon as is.
 
@@ -56,6 +60,7 @@ pub struct DeviceAgent {
     config: watch::Receiver<ConfigDocument>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Session>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct State {
@@ -94,9 +99,10 @@ impl DeviceAgent {
             .or_else(|_| heartbeat_interval(&ConfigDocument::default(), config.heartbeat_interval_ms))
             .map_err(OnboardingError::Config)?;
         let config_topic = topics::config(&identity.device_id);
+        let client_id = mqtt::unguessable_client_id(&identity.device_id)?;
         let mut session = Session::start(
             &config.broker,
-            &identity.device_id,
+            &client_id,
             &TlsIdentity {
                 ca_pem: &identity.ca_pem,
                 certificate_pem: &identity.certificate.certificate_pem,
@@ -104,6 +110,7 @@ impl DeviceAgent {
             },
             std::slice::from_ref(&config_topic),
         )?;
+        let connections = session.connections.clone();
         let (status_sender, status) = watch::channel(DeviceStatus::default());
         let (config_sender, config_receiver) = watch::channel(persisted);
         let (stop, mut stopped) = watch::channel(false);
@@ -138,7 +145,7 @@ impl DeviceAgent {
             }
             session
         });
-        Ok(DeviceAgent { status: status_sender, config: config_receiver, stop, task })
+        Ok(DeviceAgent { status: status_sender, config: config_receiver, stop, task, connections })
     }
 
     /// Replaces the status the next heartbeats report.
@@ -154,6 +161,11 @@ impl DeviceAgent {
     /// The latest applied config; `changed()` on it wakes when a new one is applied.
     pub fn config(&self) -> watch::Receiver<ConfigDocument> {
         self.config.clone()
+    }
+
+    /// How many times the broker accepted the agent's connection: 1 while it never reconnected.
+    pub fn mqtt_connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn shutdown(self) {

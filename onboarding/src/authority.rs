@@ -2,14 +2,31 @@
 //! config acknowledgements, and publishes what the operator's CLI writes into the registry
 //! (config changes).
 //!
-//! A request is checked in this order, each failure answered with its [`RejectionCode`] on the
-//! device's response topic and logged: payload size (before parsing), JSON shape, device id in
-//! the payload = device id in the topic (the ACL ties the topic to the client id), device id
-//! syntax, reserved ids, CSR (size, syntax, signature, ECDSA P-256, subject CN = device id), then
-//! in one registry write transaction: device not revoked, token known (by hash), not expired,
-//! unused or used by this same device (a retry after a lost answer), device id free or belonging
-//! to this claim. The certificate is signed and recorded in that same transaction, so a token is
-//! consumed exactly when a certificate is issued.
+//! A request arrives on `tributary/onboarding/request/{key}` and is answered on
+//! `tributary/onboarding/response/{key}`, `{key}` being the fingerprint of the requester's key
+//! (`topics::key_fingerprint`); a topic segment that is not even a device-id-shaped word is
+//! ignored (no answer topic can be named for it). A request is checked in this order, each failure
+//! answered with its [`RejectionCode`], logged at warn with the code and counted per code
+//! ([`AuthorityMetrics::rejections`]): payload size (before parsing), JSON shape, device id syntax,
+//! reserved ids, CSR (size, syntax, signature — the proof that the requester holds the key —,
+//! ECDSA P-256, subject CN = device id), topic segment = fingerprint of the CSR's key
+//! (`topic_mismatch`), then in one registry write transaction:
+//!
+//! 1. device revoked: `device_revoked`;
+//! 2. device active with this same key: the stored certificate is sent again (a retry after a
+//!    lost answer; nothing is signed or consumed);
+//! 3. with a token: unknown (`unknown_token`), already used — by anyone, with any key —
+//!    (`token_used`), expired (`expired_token`); then the id active with another key
+//!    (`device_id_taken`) or approved for another key (`key_mismatch`); otherwise the token is
+//!    consumed (device id, key fingerprint, time) and the certificate signed in that same
+//!    transaction, so a token is consumed exactly when a certificate is issued;
+//! 4. without a token: approval mode off (`missing_token`), id active (`device_id_taken`), id
+//!    bound to another key (`key_mismatch`, the other key's fingerprint is not revealed: it names
+//!    that key's answer topic); otherwise the first key to ask binds the id and the request waits
+//!    (`pending`) until `core-sink fleet approve`, which signs only the bound key.
+//!
+//! A token outranks an unapproved request: a valid unused token signs its key even if another key
+//! asked for the id without a token (otherwise anyone with the claim identity could squat ids).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -104,12 +121,38 @@ pub struct AuthorityMetrics {
     pub config_acks: AtomicU64,
     pub configs_published: AtomicU64,
     pub ignored: AtomicU64,
+    /// Requests answered with the certificate already issued to their key (retries).
+    pub reanswered: AtomicU64,
+    /// Rejections per code, indexed by [`RejectionCode::index`].
+    rejected_by_code: [AtomicU64; RejectionCode::ALL.len()],
+}
+
+impl AuthorityMetrics {
+    /// How many requests were refused with `code`.
+    pub fn rejections(&self, code: RejectionCode) -> u64 {
+        self.rejected_by_code.get(code.index()).map_or(0, |count| count.load(Ordering::Relaxed))
+    }
+
+    fn count_rejection(&self, code: RejectionCode) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = self.rejected_by_code.get(code.index()) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What a request gets.
 #[derive(Debug)]
 enum Decision {
-    Accepted { certificate_pem: String, config: ConfigDocument },
+    Accepted {
+        certificate_pem: String,
+        config: ConfigDocument,
+    },
+    /// The certificate already issued to this key, sent again.
+    Reanswered {
+        certificate_pem: String,
+        config: ConfigDocument,
+    },
     Pending(String),
     Rejected(RejectionCode, String),
 }
@@ -146,9 +189,11 @@ impl Authority {
             RevocationList::revoke(revocation_file, reserved)?;
         }
         let identity = ca.issue_device(AUTHORITY_IDENTITY, Validity::days(AUTHORITY_CERTIFICATE_DAYS))?;
+        // Not the bare identity name: a claim holder could connect with it and knock us off.
+        let client_id = mqtt::unguessable_client_id(AUTHORITY_IDENTITY)?;
         let mut session = Session::start(
             &config.broker,
-            AUTHORITY_IDENTITY,
+            &client_id,
             &TlsIdentity {
                 ca_pem: ca.certificate_pem(),
                 certificate_pem: &identity.certificate_pem,
@@ -223,7 +268,7 @@ impl Drop for Authority {
 impl Handler {
     async fn handle(&self, session: &Session, topic: &str, payload: &[u8]) {
         match topics::parse(topic) {
-            Some(Topic::Request(device_id)) => self.answer(session, device_id, payload).await,
+            Some(Topic::Request(key)) => self.answer(session, key, payload).await,
             Some(Topic::Heartbeat(device_id)) => self.heartbeat(device_id, payload),
             Some(Topic::ConfigAck(device_id)) => self.config_ack(device_id, payload),
             _ => {
@@ -233,75 +278,84 @@ impl Handler {
         }
     }
 
-    async fn answer(&self, session: &Session, topic_device_id: &str, payload: &[u8]) {
-        if fleet::validate_device_id(topic_device_id).is_err() {
-            // No response topic can be named for it; the ACL keeps such topics unreachable.
-            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-            let shown = shorten(topic_device_id);
-            tracing::warn!(topic_device_id = shown, "onboarding request on an invalid topic ignored");
+    async fn answer(&self, session: &Session, topic_key: &str, payload: &[u8]) {
+        if fleet::validate_device_id(topic_key).is_err() {
+            // Not a word an answer topic can be named after; the ACL keeps such topics
+            // unreachable for everyone but the authority.
+            self.metrics.count_rejection(RejectionCode::TopicMismatch);
+            let shown = shorten(topic_key);
+            tracing::warn!(topic_key = shown, "onboarding request on an invalid topic ignored");
             return;
         }
-        let decision = match self.decide(topic_device_id, payload) {
-            Ok(decision) => decision,
+        let (device_id, decision) = match self.decide(topic_key, payload) {
+            Ok(outcome) => outcome,
             Err(error) => {
-                tracing::error!(device_id = topic_device_id, %error, "onboarding request failed");
-                Decision::Rejected(
-                    RejectionCode::InternalError,
-                    "the authority failed; try again later".to_owned(),
-                )
+                tracing::error!(topic_key, %error, "onboarding request failed");
+                let message = "the authority failed; try again later".to_owned();
+                (None, Decision::Rejected(RejectionCode::InternalError, message))
             }
+        };
+        let device_id = device_id.unwrap_or_default();
+        let accepted = |certificate_pem, config| OnboardingResponse::Accepted {
+            certificate_pem,
+            ca_pem: self.signer.ca_pem().to_owned(),
+            sink_address: self.config.sink_address.clone(),
+            sink_server_name: self.config.sink_server_name.clone(),
+            config,
         };
         let response = match decision {
             Decision::Accepted { certificate_pem, config } => {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(device_id = topic_device_id, "device onboarded: certificate issued");
-                OnboardingResponse::Accepted {
-                    certificate_pem,
-                    ca_pem: self.signer.ca_pem().to_owned(),
-                    sink_address: self.config.sink_address.clone(),
-                    sink_server_name: self.config.sink_server_name.clone(),
-                    config,
-                }
+                tracing::info!(device_id, key_sha256 = topic_key, "device onboarded: certificate issued");
+                accepted(certificate_pem, config)
+            }
+            Decision::Reanswered { certificate_pem, config } => {
+                self.metrics.reanswered.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device_id, key_sha256 = topic_key, "certificate sent again to its key");
+                accepted(certificate_pem, config)
             }
             Decision::Pending(message) => {
                 self.metrics.pending.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(device_id = topic_device_id, "onboarding request waits for operator approval");
+                tracing::info!(
+                    device_id,
+                    key_sha256 = topic_key,
+                    "onboarding request waits for operator approval"
+                );
                 OnboardingResponse::Pending { message }
             }
             Decision::Rejected(code, message) => {
-                self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                self.metrics.count_rejection(code);
                 let message = shorten(&message);
-                tracing::warn!(device_id = topic_device_id, %code, message, "onboarding request rejected");
+                tracing::warn!(
+                    device_id,
+                    key_sha256 = topic_key,
+                    %code,
+                    message,
+                    "onboarding request rejected"
+                );
                 OnboardingResponse::Rejected { code, message }
             }
         };
         let bytes = serde_json::to_vec(&response).expect("a response serializes");
-        if let Err(error) =
-            mqtt::publish(&session.client, topics::response(topic_device_id), false, bytes).await
-        {
-            tracing::error!(device_id = topic_device_id, %error, "could not send the onboarding response");
+        if let Err(error) = mqtt::publish(&session.client, topics::response(topic_key), false, bytes).await {
+            tracing::error!(key_sha256 = topic_key, %error, "could not send the onboarding response");
         }
     }
 
-    fn decide(&self, topic_device_id: &str, payload: &[u8]) -> Result<Decision, OnboardingError> {
-        let reject = |code, message: String| Ok(Decision::Rejected(code, message));
+    /// Decides on one request; returns the device id it named (once it is known to be valid, for
+    /// logs) with the decision.
+    fn decide(&self, topic_key: &str, payload: &[u8]) -> Result<(Option<String>, Decision), OnboardingError> {
+        let reject = |code, message: String| Ok((None, Decision::Rejected(code, message)));
         let request: OnboardingRequest = match parse_bounded(payload) {
             Ok(request) => request,
             Err((code, message)) => return reject(code, message),
         };
-        if request.device_id != topic_device_id {
-            return reject(
-                RejectionCode::TopicMismatch,
-                format!(
-                    "payload names device {:?} on the topic of {topic_device_id:?}",
-                    shorten(&request.device_id)
-                ),
-            );
-        }
         let device_id = request.device_id.as_str();
         if let Err(error) = fleet::validate_device_id(device_id) {
             return reject(RejectionCode::InvalidDeviceId, error.to_string());
         }
+        let named = Some(device_id.to_owned());
+        let reject = |code, message: String| Ok((named.clone(), Decision::Rejected(code, message)));
         if RESERVED_DEVICE_IDS.contains(&device_id) {
             return reject(RejectionCode::ReservedDeviceId, format!("{device_id} is reserved"));
         }
@@ -317,6 +371,18 @@ impl Handler {
                 return reject(code, problem.to_string());
             }
         };
+        // The CSR's signature verified: the requester holds this key. The topic must be named
+        // after it, so the answer goes only to a client whose id is this key's fingerprint.
+        let key_sha256 = topics::key_fingerprint(&csr.subject_public_key_info());
+        if key_sha256 != topic_key {
+            return reject(
+                RejectionCode::TopicMismatch,
+                format!(
+                    "the request topic must end in the SHA-256 of the CSR's public key \
+                     (SubjectPublicKeyInfo, DER, lowercase hex): {key_sha256}"
+                ),
+            );
+        }
         if let Some(token) = &request.claim_token
             && token.len() > crate::messages::CLAIM_TOKEN_BYTES_MAX
         {
@@ -325,81 +391,100 @@ impl Handler {
                 "claim token is not one this fleet issued".to_owned(),
             );
         }
-        let key_hash = sha256_hex(csr.public_key_der());
         let now = unix_ms_now();
         let validity = Validity::days(self.config.certificate_validity_days);
+        let refuse = |code, message: String| Ok(Err(Decision::Rejected(code, message)));
         let outcome = self.registry.write(|transaction| {
             let existing = transaction.device(device_id)?;
             if existing.as_ref().is_some_and(|record| record.state == DeviceState::Revoked) {
-                return Ok(Err(Decision::Rejected(
-                    RejectionCode::DeviceRevoked,
-                    format!("device {device_id} is revoked"),
-                )));
+                return refuse(RejectionCode::DeviceRevoked, format!("device {device_id} is revoked"));
             }
-            let mut record = existing
-                .clone()
-                .unwrap_or_else(|| Registry::new_record(device_id, &self.config.default_config));
+            if let Some(record) = &existing
+                && record.state == DeviceState::Active
+                && record.key_sha256.as_deref() == Some(key_sha256.as_str())
+                && let Some(certificate_pem) = &record.certificate_pem
+            {
+                // A retry after a lost answer: nothing changes, so nothing is committed (the
+                // error side of `write` rolls back; here it only carries the answer).
+                return Ok(Err(Decision::Reanswered {
+                    certificate_pem: certificate_pem.clone(),
+                    config: record.config.clone(),
+                }));
+            }
+            let mut record =
+                existing.unwrap_or_else(|| Registry::new_record(device_id, &self.config.default_config));
+            let bound_to_other_key =
+                record.pending_key_sha256.as_deref().is_some_and(|bound| bound != key_sha256);
             match &request.claim_token {
                 Some(token) => {
                     let token_hash = sha256_hex(token.as_bytes());
                     let Some(mut token_record) = transaction.token(&token_hash)? else {
-                        return Ok(Err(Decision::Rejected(
+                        return refuse(
                             RejectionCode::UnknownToken,
                             "claim token is not one this fleet issued".to_owned(),
-                        )));
+                        );
                     };
+                    if token_record.used_by.is_some() {
+                        return refuse(
+                            RejectionCode::TokenUsed,
+                            "claim token was already used (a token is single-use; ask the operator \
+                             for a new one)"
+                                .to_owned(),
+                        );
+                    }
                     if now > token_record.expires_unix_ms {
-                        return Ok(Err(Decision::Rejected(
+                        return refuse(
                             RejectionCode::ExpiredToken,
                             "claim token has expired; ask the operator for a new one".to_owned(),
-                        )));
+                        );
                     }
-                    if token_record.used_by.as_deref().is_some_and(|user| user != device_id) {
-                        return Ok(Err(Decision::Rejected(
-                            RejectionCode::TokenUsed,
-                            "claim token was already used by another device".to_owned(),
-                        )));
-                    }
-                    let owned_by_other_claim = record.state == DeviceState::Active
-                        && record.token_hash.as_deref() != Some(token_hash.as_str());
-                    if owned_by_other_claim {
-                        return Ok(Err(Decision::Rejected(
+                    if record.state == DeviceState::Active {
+                        return refuse(
                             RejectionCode::DeviceIdTaken,
-                            format!("device id {device_id} belongs to another device"),
-                        )));
+                            format!("device id {device_id} belongs to another device (another key)"),
+                        );
+                    }
+                    if record.approved && bound_to_other_key {
+                        return refuse(
+                            RejectionCode::KeyMismatch,
+                            format!("device id {device_id} is approved for another key"),
+                        );
                     }
                     token_record.used_by = Some(device_id.to_owned());
+                    token_record.used_by_key_sha256 = Some(key_sha256.clone());
+                    token_record.used_unix_ms = Some(now);
                     transaction.put_token(&token_hash, &token_record)?;
                     record.token_hash = Some(token_hash);
                 }
                 None => {
                     if !self.config.allow_operator_approval {
-                        return Ok(Err(Decision::Rejected(
-                            RejectionCode::MissingToken,
-                            "a claim token is required".to_owned(),
-                        )));
+                        return refuse(RejectionCode::MissingToken, "a claim token is required".to_owned());
                     }
                     if record.state == DeviceState::Active {
-                        return Ok(Err(Decision::Rejected(
+                        return refuse(
                             RejectionCode::DeviceIdTaken,
-                            format!("device id {device_id} is already onboarded"),
-                        )));
+                            format!("device id {device_id} is already onboarded with another key"),
+                        );
+                    }
+                    if bound_to_other_key {
+                        return refuse(
+                            RejectionCode::KeyMismatch,
+                            format!(
+                                "device id {device_id} is requested by another key; if that is not \
+                                 yours, the operator can approve yours: `core-sink fleet approve \
+                                 {device_id} --key-sha256 {key_sha256}`"
+                            ),
+                        );
+                    }
+                    if record.pending_key_sha256.is_none() {
+                        // The first key to ask binds the id; the operator sees its fingerprint.
+                        record.pending_key_sha256 = Some(key_sha256.clone());
+                        transaction.put_device(&record)?;
                     }
                     if !record.approved {
-                        // The first key to ask is the one the operator sees and approves.
-                        if record.pending_key_sha256.is_none() {
-                            record.pending_key_sha256 = Some(key_hash.clone());
-                            transaction.put_device(&record)?;
-                        }
                         return Ok(Ok(Decision::Pending(format!(
-                            "waiting for `core-sink fleet approve {device_id}`"
+                            "waiting for `core-sink fleet approve {device_id}` (key sha256 {key_sha256})"
                         ))));
-                    }
-                    if record.pending_key_sha256.as_deref().is_some_and(|pending| pending != key_hash) {
-                        return Ok(Err(Decision::Rejected(
-                            RejectionCode::DeviceIdTaken,
-                            "the approved request was made with another key".to_owned(),
-                        )));
                     }
                 }
             }
@@ -408,10 +493,11 @@ impl Handler {
             record.certificate_pem = Some(certificate_pem.clone());
             record.onboarded_unix_ms = Some(now);
             record.pending_key_sha256 = None;
+            record.key_sha256 = Some(key_sha256.clone());
             transaction.put_device(&record)?;
             Ok(Ok(Decision::Accepted { certificate_pem, config: record.config.clone() }))
         })?;
-        Ok(outcome.unwrap_or_else(|decision| decision))
+        Ok((named, outcome.unwrap_or_else(|decision| decision)))
     }
 
     fn heartbeat(&self, device_id: &str, payload: &[u8]) {

@@ -2,7 +2,9 @@
 //! QoS 0/1) with one TLS listener whose clients must present a certificate of the fleet CA.
 //!
 //! Not the fleet broker: rumqttd has no ACL, so any fleet certificate (a device's, the claim
-//! identity's) may use any topic. Production uses Mosquitto with `onboarding/mosquitto/acl`.
+//! identity's) may use any topic: the key-bound topics, single-use tokens and the pinned CA still
+//! hold, but a claim holder can subscribe to every answer (certificates are public; keys never
+//! travel) and any client id. Production uses Mosquitto with `onboarding/mosquitto/acl`.
 //! rumqttd's `Broker::start` never returns and has no stop: the broker runs on its own threads
 //! until the process exits.
 

@@ -19,8 +19,15 @@ pub enum FleetCommand {
         #[command(subcommand)]
         command: ClaimCommand,
     },
-    /// Approve a device that asked without a token (or will): operator approval mode.
-    Approve { device: String },
+    /// Approve a device that asked without a token (or will): operator approval mode. Prints the
+    /// fingerprint of the key the approval signs; compare it with the `key_sha256` the device logs.
+    Approve {
+        device: String,
+        /// Sign only this key (SHA-256 of its SubjectPublicKeyInfo, 64 hex digits), even if
+        /// another key asked for DEVICE first.
+        #[arg(long)]
+        key_sha256: Option<String>,
+    },
     /// Device config delivered over MQTT.
     Config {
         #[command(subcommand)]
@@ -79,9 +86,14 @@ pub fn run(
             ca.issue_device(CLAIM_IDENTITY, Validity::days(days))?.write_to(&out, ca.certificate_pem())?;
             Ok(format!("claim identity written to {}", out.display()))
         }
-        FleetCommand::Approve { device } => {
-            registry()?.approve(&device, &config.default_config)?;
-            Ok(format!("device {device} approved"))
+        FleetCommand::Approve { device, key_sha256 } => {
+            match registry()?.approve(&device, key_sha256.as_deref(), &config.default_config)? {
+                Some(key) => Ok(format!("device {device} approved for key sha256 {key}")),
+                None => Ok(format!(
+                    "device {device} approved before it asked: the first key to ask will be signed \
+                     (pass --key-sha256 to bind the approval to one key)"
+                )),
+            }
         }
         FleetCommand::Config { command: ConfigCommand::Set { device, assignments } } => {
             let registry = registry()?;
@@ -107,8 +119,8 @@ pub fn run(
 pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
     let now = unix_ms_now();
     let mut lines = vec![format!(
-        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12}",
-        "DEVICE", "STATE", "HEARTBEAT_AGO", "LAG", "RING_FILL_%", "CONFIG", "VERSION"
+        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12} {}",
+        "DEVICE", "STATE", "HEARTBEAT_AGO", "LAG", "RING_FILL_%", "CONFIG", "VERSION", "KEY_SHA256"
     )];
     for record in registry.devices()? {
         let ago = record
@@ -127,8 +139,10 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
             ),
             None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
         };
+        // The certified key, or the key a pending id is bound to.
+        let key = record.key_sha256.as_deref().or(record.pending_key_sha256.as_deref()).unwrap_or("-");
         lines.push(format!(
-            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12}",
+            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12} {}",
             record.device_id,
             record.state.as_str(),
             ago,
@@ -136,7 +150,8 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
             fill,
             record.config_acked_version,
             record.config.version,
-            version
+            version,
+            key
         ));
     }
     Ok(lines.join("\n"))

@@ -5,18 +5,29 @@
 //! `config.json` (the device config, see `agent.rs`). The key is written before the first
 //! request, so a reboot during onboarding asks again for the same key.
 //!
-//! Sequence: connect with the claim identity (client id = device id), subscribe to
-//! `tributary/onboarding/response/{id}` and wait for the SubAck, then publish the request; wait
+//! Sequence: connect with the claim identity, client id = `{key}` (the fingerprint of the device
+//! key, see `topics.rs`: nobody else can guess it, so nobody else can read the answer or take the
+//! session over), subscribe to `tributary/onboarding/response/{key}` and wait for the SubAck, then
+//! publish the request on `tributary/onboarding/request/{key}`; wait
 //! `response_timeout_ms` for an answer and ask again, at most `attempts_max` times. A rejection
 //! with a permanent code ends onboarding with that code; `pending` (operator approval) keeps
 //! asking for up to `approval_wait_ms`.
+//!
+//! Trust anchor: the fleet CA is the one shipped in the image (the claim bundle's `ca.pem`, which
+//! already verifies the broker). An accepted answer naming another CA is refused
+//! ([`OnboardingError::CaMismatch`]), the certificate must chain to the pinned CA, and `ca.pem`
+//! in the identity directory is written from the claim bundle, never from the answer.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet::IssuedCertificate;
-use fleet::csr::{certificate_matches_key, csr_for_key_pem, generate_device_key_and_csr};
+use fleet::csr::{
+    certificate_matches_key, csr_for_key_pem, generate_device_key_and_csr, subject_public_key_info_of_key_pem,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, PRIVATE_MODE};
@@ -36,7 +47,8 @@ pub struct DeviceOnboardingConfig {
     pub identity_dir: PathBuf,
     pub broker: BrokerEndpoint,
     /// The claim identity shipped in the image: `cert.pem`, `key.pem`, `ca.pem` (the fleet CA,
-    /// which verifies the broker), as `core-sink fleet claim identity` writes them.
+    /// which verifies the broker and is pinned as the device's trust anchor), as `core-sink fleet
+    /// claim identity` writes them.
     pub claim_identity_dir: PathBuf,
     /// The claim token; `None` asks for an operator's approval.
     pub claim_token: Option<String>,
@@ -125,12 +137,20 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
             (csr_pem, key_pem)
         }
     };
+    let key_sha256 = topics::key_fingerprint(&subject_public_key_info_of_key_pem(&private_key_pem)?);
+    // The operator compares this with what `core-sink fleet approve` shows (approval mode).
+    tracing::info!(
+        device_id = config.device_id,
+        key_sha256,
+        "asking the onboarding authority for a certificate"
+    );
     let request = OnboardingRequest {
         device_id: config.device_id.clone(),
         claim_token: config.claim_token.clone(),
         csr_pem,
     };
-    let accepted = ask(config, &request).await?;
+    let pinned_ca_pem = fleet::read_ca_pem(&config.claim_identity_dir)?;
+    let accepted = ask(config, &request, &key_sha256, &pinned_ca_pem).await?;
     let OnboardingResponse::Accepted {
         certificate_pem,
         ca_pem,
@@ -141,6 +161,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     else {
         unreachable!("ask returns only an accepted response");
     };
+    check_ca_is_pinned(&pinned_ca_pem, &ca_pem)?;
     if !certificate_matches_key(&certificate_pem, &private_key_pem) {
         return Err(OnboardingError::BadAnswer("the certificate is not for this device's key".to_owned()));
     }
@@ -148,6 +169,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     if certificate.device_id()? != config.device_id {
         return Err(OnboardingError::BadAnswer("the certificate names another device".to_owned()));
     }
+    check_issued_by(&pinned_ca_pem, &certificate.certificate_pem)?;
     device_config.validate().map_err(OnboardingError::BadAnswer)?;
     let sink = SinkLocation { sink_address, sink_server_name };
     // The sink location and config first, the certificate last: its presence means "onboarded".
@@ -156,7 +178,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     if persisted.is_none_or(|persisted| persisted.version < device_config.version) {
         files::write_json(&config.identity_dir.join(CONFIG_FILE), &device_config)?;
     }
-    certificate.write_to(&config.identity_dir, &ca_pem)?;
+    certificate.write_to(&config.identity_dir, &pinned_ca_pem)?;
     tracing::info!(device_id = config.device_id, "device onboarded: certificate stored");
     load_identity(&config.identity_dir, &config.device_id)?
         .ok_or_else(|| OnboardingError::BadAnswer("the stored identity does not read back".to_owned()))
@@ -192,24 +214,83 @@ pub fn load_identity(
     }))
 }
 
+/// The certificates (DER) in a PEM text, at most `CA_CERTIFICATES_MAX`.
+fn certificates_der(pem: &str, what: &str) -> Result<Vec<Vec<u8>>, OnboardingError> {
+    let mut certificates = Vec::new();
+    for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let certificate = certificate.map_err(|error| {
+            OnboardingError::BadAnswer(format!("{what} is not PEM certificates: {error}"))
+        })?;
+        if certificates.len() == CA_CERTIFICATES_MAX {
+            return Err(OnboardingError::BadAnswer(format!(
+                "{what} holds more than {CA_CERTIFICATES_MAX} certificates"
+            )));
+        }
+        certificates.push(certificate.as_ref().to_vec());
+    }
+    if certificates.is_empty() {
+        return Err(OnboardingError::BadAnswer(format!("{what} holds no certificate")));
+    }
+    Ok(certificates)
+}
+
+/// Most certificates a CA PEM may hold (ours holds one).
+const CA_CERTIFICATES_MAX: usize = 4;
+
+/// Refuses an answer naming another fleet CA than the one the image pins.
+fn check_ca_is_pinned(pinned_ca_pem: &str, offered_ca_pem: &str) -> Result<(), OnboardingError> {
+    let pinned = certificates_der(pinned_ca_pem, "the pinned fleet CA (claim bundle ca.pem)")?;
+    let offered = certificates_der(offered_ca_pem, "the CA in the answer")?;
+    if pinned != offered {
+        let fingerprint = |certificates: &[Vec<u8>]| crate::registry::sha256_hex(&certificates.concat());
+        return Err(OnboardingError::CaMismatch {
+            pinned_sha256: fingerprint(&pinned),
+            offered_sha256: fingerprint(&offered),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `certificate_pem` is a client certificate issued by the pinned CA, as the sink
+/// will check it (webpki, clientAuth).
+fn check_issued_by(pinned_ca_pem: &str, certificate_pem: &str) -> Result<(), OnboardingError> {
+    let bad = |problem: String| OnboardingError::BadAnswer(format!("the certificate: {problem}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates_der(pinned_ca_pem, "the pinned fleet CA (claim bundle ca.pem)")? {
+        roots.add(CertificateDer::from(certificate)).map_err(|error| bad(format!("pinned CA: {error}")))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+            .build()
+            .map_err(|error| bad(format!("verifier: {error}")))?;
+    let end_entity = CertificateDer::from_pem_slice(certificate_pem.as_bytes())
+        .map_err(|error| bad(format!("not PEM: {error}")))?;
+    verifier
+        .verify_client_cert(&end_entity, &[], rustls_pki_types::UnixTime::now())
+        .map_err(|error| bad(format!("not issued by the pinned fleet CA: {error}")))?;
+    Ok(())
+}
+
 async fn ask(
     config: &DeviceOnboardingConfig,
     request: &OnboardingRequest,
+    key_sha256: &str,
+    pinned_ca_pem: &str,
 ) -> Result<OnboardingResponse, OnboardingError> {
     let claim = IssuedCertificate::read_from(&config.claim_identity_dir)?;
-    let ca_pem = fleet::read_ca_pem(&config.claim_identity_dir)?;
-    let response_topic = topics::response(&config.device_id);
+    let response_topic = topics::response(key_sha256);
     let mut session = Session::start(
         &config.broker,
-        &config.device_id,
+        key_sha256,
         &TlsIdentity {
-            ca_pem: &ca_pem,
+            ca_pem: pinned_ca_pem,
             certificate_pem: &claim.certificate_pem,
             private_key_pem: &claim.private_key_pem,
         },
         std::slice::from_ref(&response_topic),
     )?;
-    let result = exchange(config, request, &mut session, &response_topic).await;
+    let result = exchange(config, request, &mut session, key_sha256).await;
     session.close().await;
     result
 }
@@ -218,8 +299,9 @@ async fn exchange(
     config: &DeviceOnboardingConfig,
     request: &OnboardingRequest,
     session: &mut Session,
-    response_topic: &str,
+    key_sha256: &str,
 ) -> Result<OnboardingResponse, OnboardingError> {
+    let response_topic = topics::response(key_sha256);
     let timeout = Duration::from_millis(config.response_timeout_ms);
     let payload = serde_json::to_vec(request).expect("a request serializes");
     let approval_deadline = tokio::time::Instant::now() + Duration::from_millis(config.approval_wait_ms);
@@ -230,7 +312,7 @@ async fn exchange(
             unanswered += 1;
             continue;
         }
-        mqtt::publish(&session.client, topics::request(&config.device_id), false, payload.clone()).await?;
+        mqtt::publish(&session.client, topics::request(key_sha256), false, payload.clone()).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let answer = loop {
             let Ok(message) = tokio::time::timeout_at(deadline, session.incoming.recv()).await else {

@@ -46,6 +46,13 @@ pub enum OnboardingError {
     #[error("the authority's answer is not usable: {0}")]
     BadAnswer(String),
 
+    #[error(
+        "the authority's answer names fleet CA sha256 {offered_sha256}, but this device pins sha256 \
+         {pinned_sha256} (the claim bundle's ca.pem shipped in the image): answer refused (is the \
+         device image built for this fleet?)"
+    )]
+    CaMismatch { pinned_sha256: String, offered_sha256: String },
+
     #[error("device {device_id} is {state}, not active (only an onboarded device takes config)")]
     NotActive { device_id: String, state: &'static str },
 

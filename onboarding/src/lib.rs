@@ -1,22 +1,33 @@
 //! Onboarding over MQTT: a device with no certificate obtains one from the fleet CA with a claim
 //! token (or an operator's approval), then reports heartbeats and receives remote config.
 //!
-//! Topic layout (prefix `tributary`; `{id}` is a device id, 1..=128 bytes of `[A-Za-z0-9_-]`):
+//! Topic layout (prefix `tributary`; `{id}` is a device id, 1..=128 bytes of `[A-Za-z0-9_-]`;
+//! `{key}` is the fingerprint of the requesting key: SHA-256 of its SubjectPublicKeyInfo, 64
+//! lowercase hex digits, [`topics::key_fingerprint`]):
 //!
 //! | topic                                   | from      | to        | payload (JSON)         |
 //! |-----------------------------------------|-----------|-----------|------------------------|
-//! | `tributary/onboarding/request/{id}`     | device    | authority | [`OnboardingRequest`]  |
-//! | `tributary/onboarding/response/{id}`    | authority | device    | [`OnboardingResponse`] |
+//! | `tributary/onboarding/request/{key}`    | device    | authority | [`OnboardingRequest`]  |
+//! | `tributary/onboarding/response/{key}`   | authority | device    | [`OnboardingResponse`] |
 //! | `tributary/device/{id}/heartbeat`       | device    | authority | [`Heartbeat`]          |
 //! | `tributary/device/{id}/config`          | authority | device    | [`ConfigDocument`], retained |
 //! | `tributary/device/{id}/config/ack`      | device    | authority | [`ConfigAck`]          |
 //!
 //! Identities at the broker (TLS client certificates signed by the fleet CA, CN = MQTT user
-//! name): a device (CN = its id), the shared claim identity (CN `claim`, shipped in the image,
-//! client id = the device id it onboards) and the authority (CN `onboarding-authority`). The ACL
-//! (`onboarding/mosquitto/acl`) lets a device use only its own topics and the claim identity
-//! only `request/{client id}` and `response/{client id}`. Both reserved ids are put on the
+//! name): a device (CN = its id), the shared claim identity (CN `claim`, shipped in every image,
+//! client id = `{key}` of the key it onboards) and the authority (CN `onboarding-authority`). The
+//! ACL (`onboarding/mosquitto/acl`) keys a device's topics on its CN, and lets the claim identity
+//! use only `request/{client id}` and `response/{client id}`. Both reserved ids are put on the
 //! revocation list by the authority, so neither identity can stream to the QUIC sink.
+//!
+//! Against a holder of the claim identity (every device image has it): it can read only answers
+//! to keys it holds (the authority answers on the topic of the CSR's key and refuses a topic that
+//! is not that key's fingerprint, after the CSR signature proved possession); it cannot take a
+//! device id bound to another key (an active device's certificate key, a pending request's key,
+//! an approved key) nor reuse a claim token (single-use, consumed with the signature); and no
+//! long-lived session uses a client id it can guess (agents and the authority add a random
+//! suffix), so it cannot knock them off the broker. What it can still do is listed in
+//! docs/ARCHITECTURE.md (onboarding).
 //!
 //! Limits: a payload is at most `PAYLOAD_BYTES_MAX` (16 KiB) and is refused before parsing when
 //! larger; config holds at most `CONFIG_KEYS_MAX` (64) keys of at most `CONFIG_KEY_BYTES_MAX` (64)
@@ -35,6 +46,11 @@
 //!
 //! Invariant: a device's private key is generated on the device and is never sent: requests carry
 //! a CSR, responses a certificate.
+//! Invariant: an onboarding answer is published only on the topic of the key whose CSR signature
+//! verified; a device id is bound to one key (pending, approved or certified) and a claim token
+//! to the first certificate it was used for.
+//! Invariant: the device's trust anchor is the fleet CA shipped in its image (claim bundle
+//! `ca.pem`), never a CA named in an MQTT message.
 //! Invariant: the rumqttc event loop runs in its own task and never publishes; publishing is done
 //! by other tasks through the `AsyncClient`.
 

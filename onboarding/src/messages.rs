@@ -28,7 +28,8 @@ pub const HEARTBEAT_LANES_MAX: usize = 16;
 const _: () =
     assert!(CONFIG_KEYS_MAX * (CONFIG_KEY_BYTES_MAX + CONFIG_VALUE_BYTES_MAX + 8) < PAYLOAD_BYTES_MAX * 2);
 
-/// A device asks for a certificate: `tributary/onboarding/request/{device_id}`.
+/// A device asks for a certificate: `tributary/onboarding/request/{key}`, where `{key}` is the
+/// [`key_fingerprint`](crate::topics::key_fingerprint) of the key in `csr_pem`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct OnboardingRequest {
@@ -40,13 +41,14 @@ pub struct OnboardingRequest {
     pub csr_pem: String,
 }
 
-/// The authority's answer: `tributary/onboarding/response/{device_id}`.
+/// The authority's answer: `tributary/onboarding/response/{key}` (the request's key fingerprint).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OnboardingResponse {
     Accepted {
         certificate_pem: String,
-        /// The fleet CA the device pins to verify the sink.
+        /// The fleet CA. The device does not take it from here: it pins the CA shipped in its
+        /// image (the claim bundle's `ca.pem`) and refuses an answer naming another one.
         ca_pem: String,
         /// Where the QUIC sink listens (`host:port`) and the name its certificate carries.
         sink_address: String,
@@ -81,11 +83,39 @@ pub enum RejectionCode {
     CsrUnsupportedKey,
     CsrSubjectMismatch,
     DeviceIdTaken,
+    /// The device id is bound to another key: requested by it (pending) or approved for it.
+    KeyMismatch,
     DeviceRevoked,
     InternalError,
 }
 
 impl RejectionCode {
+    /// Every code, in declaration order (`index` is the position here).
+    pub const ALL: [RejectionCode; 17] = [
+        RejectionCode::PayloadTooLarge,
+        RejectionCode::MalformedPayload,
+        RejectionCode::TopicMismatch,
+        RejectionCode::InvalidDeviceId,
+        RejectionCode::ReservedDeviceId,
+        RejectionCode::MissingToken,
+        RejectionCode::UnknownToken,
+        RejectionCode::ExpiredToken,
+        RejectionCode::TokenUsed,
+        RejectionCode::CsrMalformed,
+        RejectionCode::CsrBadSignature,
+        RejectionCode::CsrUnsupportedKey,
+        RejectionCode::CsrSubjectMismatch,
+        RejectionCode::DeviceIdTaken,
+        RejectionCode::KeyMismatch,
+        RejectionCode::DeviceRevoked,
+        RejectionCode::InternalError,
+    ];
+
+    /// The position of this code in [`RejectionCode::ALL`] (a metrics slot).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RejectionCode::PayloadTooLarge => "payload_too_large",
@@ -102,6 +132,7 @@ impl RejectionCode {
             RejectionCode::CsrUnsupportedKey => "csr_unsupported_key",
             RejectionCode::CsrSubjectMismatch => "csr_subject_mismatch",
             RejectionCode::DeviceIdTaken => "device_id_taken",
+            RejectionCode::KeyMismatch => "key_mismatch",
             RejectionCode::DeviceRevoked => "device_revoked",
             RejectionCode::InternalError => "internal_error",
         }
@@ -230,4 +261,17 @@ pub(crate) fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_codes_are_listed_once_in_order_and_serialize_as_their_names() {
+        for (index, code) in RejectionCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), index, "{code}");
+            assert_eq!(serde_json::to_string(code).expect("json"), format!("\"{}\"", code.as_str()));
+        }
+    }
 }

@@ -7,6 +7,12 @@
 //! Publishing happens in other tasks through the `AsyncClient`: publishing from inside the loop
 //! can deadlock it. TLS is rustls with the ring provider passed explicitly and the fleet CA as the
 //! only trust anchor; the client presents a certificate (its identity at the broker's ACL).
+//!
+//! Client ids: MQTT lets a new connection with a client id already in use take the old one's
+//! place (the broker disconnects the old one), and Mosquitto cannot tie client ids to
+//! certificates. So no long-lived session uses a client id another certificate holder can guess:
+//! the authority and the device agents use [`unguessable_client_id`], a claim session the
+//! fingerprint of a key only its holder has seen (see `topics.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +45,19 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const _: () = assert!(crate::PAYLOAD_BYTES_MAX * 4 <= PACKET_BYTES_MAX);
 
+/// Random bytes in the suffix of [`unguessable_client_id`] (shown as 32 hex digits).
+const CLIENT_ID_RANDOM_BYTES: usize = 16;
+
+/// `{prefix}-{32 random hex digits}`: a client id nobody else can guess, so nobody can take the
+/// session over by connecting with the same id. The prefix keeps broker logs readable.
+pub fn unguessable_client_id(prefix: &str) -> Result<String, OnboardingError> {
+    let mut bytes = [0u8; CLIENT_ID_RANDOM_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| OnboardingError::Mqtt("no system randomness for an MQTT client id".to_owned()))?;
+    let suffix: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    Ok(format!("{prefix}-{suffix}"))
+}
+
 /// Where the MQTT broker listens (TLS). `host` is also the name its certificate must carry.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +80,10 @@ pub struct Session {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     pub dropped: Arc<AtomicU64>,
+    /// Connections the broker accepted (ConnAcks). More than one means the session reconnected:
+    /// after a network failure, or because the broker closed it (for example another client
+    /// connected with the same client id).
+    pub connections: Arc<AtomicU64>,
 }
 
 fn tls_config(identity: &TlsIdentity<'_>) -> Result<rustls::ClientConfig, OnboardingError> {
@@ -105,6 +128,7 @@ impl Session {
         let (ready_sender, ready) = watch::channel(false);
         let (stop, stopped) = watch::channel(false);
         let dropped = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let filters: Vec<SubscribeFilter> =
             subscriptions.iter().map(|topic| SubscribeFilter::new(topic.clone(), QoS::AtLeastOnce)).collect();
         let task = tokio::spawn(drive(Driver {
@@ -116,8 +140,9 @@ impl Session {
             stopped,
             name: client_id.to_owned(),
             dropped: dropped.clone(),
+            connections: connections.clone(),
         }));
-        Ok(Session { client, incoming, ready, stop, task, dropped })
+        Ok(Session { client, incoming, ready, stop, task, dropped, connections })
     }
 
     /// Waits until connected and subscribed (a SubAck after the latest ConnAck), at most
@@ -164,6 +189,7 @@ struct Driver {
     stopped: watch::Receiver<bool>,
     name: String,
     dropped: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
 }
 
 async fn drive(mut driver: Driver) {
@@ -176,7 +202,8 @@ async fn drive(mut driver: Driver) {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = RECONNECT_MIN;
-                tracing::debug!(client = driver.name, "MQTT connected");
+                let connections = driver.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(client = driver.name, connections, "MQTT connected");
                 if driver.filters.is_empty() {
                     driver.ready.send_replace(true);
                 } else {

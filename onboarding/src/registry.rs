@@ -37,8 +37,15 @@ const TOKEN_RANDOM_BYTES: usize = 32;
 pub struct TokenRecord {
     pub created_unix_ms: u64,
     pub expires_unix_ms: u64,
-    /// The device that claimed it; a token is single-use.
+    /// The device that claimed it; a token is single-use: set in the transaction that signs the
+    /// certificate, and any later request naming it is refused (`token_used`).
     pub used_by: Option<String>,
+    /// The key fingerprint the certificate was signed for (absent in records written before
+    /// tokens were bound to keys).
+    #[serde(default)]
+    pub used_by_key_sha256: Option<String>,
+    #[serde(default)]
+    pub used_unix_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,8 +75,15 @@ pub struct DeviceRecord {
     pub token_hash: Option<String>,
     /// Operator approval (approval mode), given before or after the device asked.
     pub approved: bool,
-    /// SHA-256 (hex) of the public key a pending request asked for: an approval signs only that key.
+    /// Fingerprint (`topics::key_fingerprint`) of the key this pending id is bound to: the first
+    /// key that asked without a token, or the key the operator approved. Another key is refused
+    /// (`key_mismatch`) and an approval signs only this key.
     pub pending_key_sha256: Option<String>,
+    /// Fingerprint of the key the certificate was signed for (active devices). A request with
+    /// this key gets the stored certificate again (a retry after a lost answer); another key is
+    /// refused.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
     pub certificate_pem: Option<String>,
     pub onboarded_unix_ms: Option<u64>,
     pub last_heartbeat: Option<Heartbeat>,
@@ -90,6 +104,7 @@ impl DeviceRecord {
             token_hash: None,
             approved: false,
             pending_key_sha256: None,
+            key_sha256: None,
             certificate_pem: None,
             onboarded_unix_ms: None,
             last_heartbeat: None,
@@ -231,6 +246,8 @@ impl Registry {
                     created_unix_ms: now_unix_ms,
                     expires_unix_ms: now_unix_ms.saturating_add(validity.as_millis() as u64),
                     used_by: None,
+                    used_by_key_sha256: None,
+                    used_unix_ms: None,
                 };
                 transaction.put_token(&sha256_hex(token.as_bytes()), &record)?;
                 tokens.push(token);
@@ -290,15 +307,28 @@ impl Registry {
         })?
     }
 
-    /// Approves `device_id` (before or after it asked). Refuses reserved, active or revoked ids.
+    /// Approves `device_id` (before or after it asked) for the key with fingerprint `key_sha256`,
+    /// or, without one, for the key that asked (if none asked yet: the first key to ask). Given a
+    /// fingerprint, the approval binds the id to it even if another key asked first: the
+    /// operator's word outranks first come. Refuses reserved, active or revoked ids. Returns the
+    /// fingerprint the approval is bound to (`None`: the first key to ask).
     pub fn approve(
         &self,
         device_id: &str,
+        key_sha256: Option<&str>,
         defaults: &BTreeMap<String, String>,
-    ) -> Result<(), OnboardingError> {
+    ) -> Result<Option<String>, OnboardingError> {
         fleet::validate_device_id(device_id)?;
         if RESERVED_DEVICE_IDS.contains(&device_id) {
             return Err(OnboardingError::Config(format!("{device_id} is a reserved id")));
+        }
+        if let Some(key) = key_sha256
+            && !crate::topics::is_key_fingerprint(key)
+        {
+            return Err(OnboardingError::Config(format!(
+                "key fingerprint {:?}: expected 64 lowercase hex digits (SHA-256 of the public key)",
+                crate::messages::shorten(key)
+            )));
         }
         self.write(|transaction| {
             let mut record =
@@ -309,9 +339,12 @@ impl Registry {
                     record.state.as_str()
                 ))));
             }
+            if let Some(key) = key_sha256 {
+                record.pending_key_sha256 = Some(key.to_owned());
+            }
             record.approved = true;
             transaction.put_device(&record)?;
-            Ok(Ok(()))
+            Ok(Ok(record.pending_key_sha256.clone()))
         })?
     }
 

@@ -1,4 +1,12 @@
 //! Topic names (see the table in the crate documentation).
+//!
+//! Onboarding topics are named by a key fingerprint, not a device id: `{key}` is
+//! [`key_fingerprint`], 64 lowercase hex digits of SHA-256 over the requesting key's
+//! SubjectPublicKeyInfo (DER). The claim identity's MQTT client id is that fingerprint and the ACL
+//! lets it use only the topics named by its client id, so a claim holder reads only answers to its
+//! own key; the authority refuses a request whose topic is not the fingerprint of the CSR's key.
+
+use sha2::{Digest as _, Sha256};
 
 /// Every topic starts with this.
 pub const PREFIX: &str = "tributary";
@@ -8,12 +16,32 @@ pub const REQUEST_FILTER: &str = "tributary/onboarding/request/+";
 pub const HEARTBEAT_FILTER: &str = "tributary/device/+/heartbeat";
 pub const CONFIG_ACK_FILTER: &str = "tributary/device/+/config/ack";
 
-pub fn request(device_id: &str) -> String {
-    format!("{PREFIX}/onboarding/request/{device_id}")
+/// Length of a key fingerprint: SHA-256 in hex.
+pub const KEY_FINGERPRINT_HEX_BYTES: usize = 64;
+
+/// The fingerprint of a public key: SHA-256 of its SubjectPublicKeyInfo (DER), lowercase hex.
+/// The same as `openssl pkey -pubin -outform DER | sha256sum`.
+pub fn key_fingerprint(subject_public_key_info_der: &[u8]) -> String {
+    let fingerprint: String =
+        Sha256::digest(subject_public_key_info_der).iter().map(|byte| format!("{byte:02x}")).collect();
+    debug_assert!(is_key_fingerprint(&fingerprint));
+    fingerprint
 }
 
-pub fn response(device_id: &str) -> String {
-    format!("{PREFIX}/onboarding/response/{device_id}")
+/// Whether `text` has the shape of a [`key_fingerprint`].
+pub fn is_key_fingerprint(text: &str) -> bool {
+    text.len() == KEY_FINGERPRINT_HEX_BYTES
+        && text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Where the holder of the key with fingerprint `key` asks for a certificate.
+pub fn request(key: &str) -> String {
+    format!("{PREFIX}/onboarding/request/{key}")
+}
+
+/// Where the authority answers the holder of the key with fingerprint `key`.
+pub fn response(key: &str) -> String {
+    format!("{PREFIX}/onboarding/response/{key}")
 }
 
 pub fn heartbeat(device_id: &str) -> String {
@@ -28,7 +56,7 @@ pub fn config_ack(device_id: &str) -> String {
     format!("{PREFIX}/device/{device_id}/config/ack")
 }
 
-/// What a received topic is, with the device id it names (not yet validated).
+/// What a received topic is, with the key fingerprint or device id it names (not yet validated).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Topic<'a> {
     Request(&'a str),
@@ -70,5 +98,19 @@ mod tests {
         check("tributary/device/a/b/heartbeat", None);
         check("other/onboarding/request/a", None);
         check("tributary/onboarding/request/a/b", None);
+    }
+
+    #[test]
+    fn key_fingerprints_have_one_shape() {
+        let check = |text: &str, expected: bool| assert_eq!(is_key_fingerprint(text), expected, "{text:?}");
+        check(&key_fingerprint(b"any key"), true);
+        check(&"0".repeat(64), true);
+        check(&"0".repeat(63), false);
+        check(&"0".repeat(65), false);
+        check(&"A".repeat(64), false);
+        check(&format!("{}g", "0".repeat(63)), false);
+        check("dev-01", false);
+        // SHA-256 of the empty input, as `sha256sum` prints it.
+        assert_eq!(key_fingerprint(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 }

@@ -4,7 +4,10 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use fleet::Validity;
 
 use onboarding::cli::{ConfigCommand, FleetCommand};
 use onboarding::messages::OnboardingRequest;
@@ -87,7 +90,8 @@ async fn twenty_devices_onboard_concurrently_then_stream_over_quic() {
         assert_eq!(record.state, DeviceState::Active);
     }
     assert!(!capture.contains(b"PRIVATE KEY"), "a private key was published");
-    assert!(capture.on_topic(&topics::response("dev-07")) >= 1, "answers travel through the broker");
+    let dev_07_key = fingerprint_of_key_pem(&identities[7].certificate.private_key_pem);
+    assert!(capture.on_topic(&topics::response(&dev_07_key)) >= 1, "answers travel through the broker");
 
     // A device with a certificate does not ask again: this broker address cannot be reached.
     let mut offline = fleet.onboarding_config("dev-00", None);
@@ -111,13 +115,12 @@ async fn twenty_devices_onboard_concurrently_then_stream_over_quic() {
     sink.shutdown().await;
 }
 
-/// Sends a raw request as the claim identity and returns the authority's answer.
-async fn ask_raw(fleet: &TestFleet, client_id: &str, payload: Vec<u8>) -> OnboardingResponse {
-    let mut session = fleet.claim_session(client_id);
+/// Sends a raw request as the claim identity on the topic of `key` (a key fingerprint; also the
+/// client id, as the ACL requires) and returns the authority's answer.
+async fn ask_raw(fleet: &TestFleet, key: &str, payload: Vec<u8>) -> OnboardingResponse {
+    let mut session = fleet.claim_session(key);
     assert!(session.wait_ready(WAIT).await, "claim session did not subscribe");
-    onboarding::mqtt::publish(&session.client, topics::request(client_id), false, payload)
-        .await
-        .expect("publish");
+    onboarding::mqtt::publish(&session.client, topics::request(key), false, payload).await.expect("publish");
     let message =
         tokio::time::timeout(WAIT, session.incoming.recv()).await.expect("an answer").expect("open");
     session.close().await;
@@ -133,24 +136,53 @@ fn request(device_id: &str, token: Option<&str>, csr_pem: String) -> Vec<u8> {
     .expect("request")
 }
 
-fn csr(device_id: &str) -> String {
-    fleet::csr::generate_device_key_and_csr(device_id).expect("csr").0
+/// A device key: its CSR for a device id and its fingerprint (the onboarding topic segment).
+struct Key {
+    csr_pem: String,
+    sha256: String,
 }
 
-/// A CSR whose signature does not verify: one byte of the signature flipped.
-fn csr_with_bad_signature(device_id: &str) -> String {
-    let pem = csr(device_id);
-    let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+fn key(device_id: &str) -> Key {
+    let (csr_pem, key_pem) = fleet::csr::generate_device_key_and_csr(device_id).expect("csr");
+    Key { csr_pem, sha256: fingerprint_of_key_pem(&key_pem) }
+}
+
+fn fingerprint_of_key_pem(key_pem: &str) -> String {
+    topics::key_fingerprint(&fleet::csr::subject_public_key_info_of_key_pem(key_pem).expect("key"))
+}
+
+/// A CSR whose signature does not verify (one byte of the signature flipped), with the
+/// fingerprint of the key it names.
+fn csr_with_bad_signature(device_id: &str) -> Key {
+    let Key { csr_pem, sha256 } = key(device_id);
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(csr_pem.as_bytes())
         .map(|der: rustls_pki_types::CertificateSigningRequestDer<'static>| der.as_ref().to_vec())
         .expect("csr der");
     let mut der = der;
     let last = der.len() - 1;
     der[last] ^= 0x01;
-    support::pem("CERTIFICATE REQUEST", &der)
+    Key { csr_pem: support::pem("CERTIFICATE REQUEST", &der), sha256 }
 }
 
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+fn certificate_of(response: &OnboardingResponse) -> &str {
+    match response {
+        OnboardingResponse::Accepted { certificate_pem, .. } => certificate_pem,
+        other => panic!("expected a certificate, got {other:?}"),
+    }
+}
+
+fn rejection_of(response: OnboardingResponse) -> RejectionCode {
+    match response {
+        OnboardingResponse::Rejected { code, message } => {
+            assert!(!message.is_empty(), "{code}: a rejection says why");
+            code
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
 }
 
 /// Each bad request is refused with its reason, and no certificate is issued for it.
@@ -172,80 +204,64 @@ async fn bad_requests_are_refused_with_their_reason_and_no_certificate() {
 
     struct Case {
         name: &'static str,
-        client_id: &'static str,
+        device_id: &'static str,
+        /// The topic segment (and client id) the request is sent on.
+        topic_key: String,
         payload: Vec<u8>,
         expected: RejectionCode,
     }
+    let case = |name, device_id: &'static str, token: Option<&str>, expected| {
+        let Key { csr_pem, sha256 } = key(device_id);
+        Case { name, device_id, topic_key: sha256, payload: request(device_id, token, csr_pem), expected }
+    };
+    let bad_signature = csr_with_bad_signature("badsig");
+    let stranger = key("topic");
     let cases = vec![
-        Case {
-            name: "reused token",
-            client_id: "reuser",
-            payload: request("reuser", Some(&tokens[0]), csr("reuser")),
-            expected: RejectionCode::TokenUsed,
-        },
-        Case {
-            name: "expired token",
-            client_id: "late",
-            payload: request("late", Some(&expired), csr("late")),
-            expected: RejectionCode::ExpiredToken,
-        },
-        Case {
-            name: "forged token",
-            client_id: "forger",
-            payload: request("forger", Some(&"ab".repeat(32)), csr("forger")),
-            expected: RejectionCode::UnknownToken,
-        },
-        Case {
-            name: "no token without approval mode",
-            client_id: "tokenless",
-            payload: request("tokenless", None, csr("tokenless")),
-            expected: RejectionCode::MissingToken,
-        },
+        case("reused token", "reuser", Some(&tokens[0]), RejectionCode::TokenUsed),
+        case("expired token", "late", Some(&expired), RejectionCode::ExpiredToken),
+        case("forged token", "forger", Some(&"ab".repeat(32)), RejectionCode::UnknownToken),
+        case("no token without approval mode", "tokenless", None, RejectionCode::MissingToken),
         Case {
             name: "CSR with a bad signature",
-            client_id: "badsig",
-            payload: request("badsig", Some(&tokens[1]), csr_with_bad_signature("badsig")),
+            device_id: "badsig",
+            topic_key: bad_signature.sha256.clone(),
+            payload: request("badsig", Some(&tokens[1]), bad_signature.csr_pem.clone()),
             expected: RejectionCode::CsrBadSignature,
         },
-        Case {
-            name: "CSR for another device's id",
-            client_id: "owner",
-            payload: request("owner", Some(&tokens[1]), csr("owner")),
-            expected: RejectionCode::DeviceIdTaken,
-        },
+        case("CSR for another device's id", "owner", Some(&tokens[1]), RejectionCode::DeviceIdTaken),
         Case {
             name: "CSR subject is not the device asked for",
-            client_id: "thief",
-            payload: request("thief", Some(&tokens[1]), csr("owner")),
+            device_id: "thief",
+            topic_key: stranger.sha256.clone(),
+            payload: request("thief", Some(&tokens[1]), stranger.csr_pem.clone()),
             expected: RejectionCode::CsrSubjectMismatch,
         },
         Case {
-            name: "payload names another device than the topic",
-            client_id: "topic",
-            payload: request("owner", Some(&tokens[1]), csr("owner")),
+            name: "topic is not the fingerprint of the CSR's key",
+            device_id: "topic",
+            topic_key: key("topic").sha256,
+            payload: request("topic", Some(&tokens[1]), stranger.csr_pem.clone()),
             expected: RejectionCode::TopicMismatch,
         },
-        Case {
-            name: "reserved id",
-            client_id: "claim",
-            payload: request("claim", Some(&tokens[1]), csr("claim")),
-            expected: RejectionCode::ReservedDeviceId,
-        },
+        case("reserved id", "claim", Some(&tokens[1]), RejectionCode::ReservedDeviceId),
         Case {
             name: "oversized payload",
-            client_id: "big",
+            device_id: "big",
+            topic_key: key("big").sha256,
             payload: vec![b'x'; onboarding::PAYLOAD_BYTES_MAX + 1],
             expected: RejectionCode::PayloadTooLarge,
         },
         Case {
             name: "not JSON",
-            client_id: "garbage",
+            device_id: "garbage",
+            topic_key: key("garbage").sha256,
             payload: b"\x00\x01 definitely not json".to_vec(),
             expected: RejectionCode::MalformedPayload,
         },
         Case {
             name: "not a CSR",
-            client_id: "nocsr",
+            device_id: "nocsr",
+            topic_key: key("nocsr").sha256,
             payload: request(
                 "nocsr",
                 Some(&tokens[1]),
@@ -255,15 +271,15 @@ async fn bad_requests_are_refused_with_their_reason_and_no_certificate() {
         },
     ];
     for case in cases {
-        match ask_raw(&fleet, case.client_id, case.payload).await {
+        match ask_raw(&fleet, &case.topic_key, case.payload).await {
             OnboardingResponse::Rejected { code, message } => {
                 assert_eq!(code, case.expected, "{}: {message}", case.name);
                 assert!(!message.is_empty(), "{}", case.name);
             }
             other => panic!("{}: expected a rejection, got {other:?}", case.name),
         }
-        let record = registry.device(case.client_id).expect("read");
-        if case.client_id != "owner" {
+        let record = registry.device(case.device_id).expect("read");
+        if case.device_id != "owner" {
             assert!(
                 record.is_none_or(|record| record.certificate_pem.is_none()),
                 "{}: a certificate was issued",
@@ -278,7 +294,8 @@ async fn bad_requests_are_refused_with_their_reason_and_no_certificate() {
         "owner unchanged"
     );
     // The token offered with every refused CSR was not consumed by the refusals.
-    match ask_raw(&fleet, "fresh", request("fresh", Some(&tokens[1]), csr("fresh"))).await {
+    let fresh = key("fresh");
+    match ask_raw(&fleet, &fresh.sha256, request("fresh", Some(&tokens[1]), fresh.csr_pem)).await {
         OnboardingResponse::Accepted { .. } => {}
         other => panic!("a refused request must not consume the token: {other:?}"),
     }
@@ -528,15 +545,247 @@ async fn operator_approval_onboards_a_device_without_token() {
         .await,
         "the request did not become pending"
     );
-    onboarding::cli::run(
-        FleetCommand::Approve { device: "approved".to_owned() },
+    let key_pem = std::fs::read_to_string(fleet.identity_dir("approved").join(fleet::KEY_FILE)).expect("key");
+    let printed = onboarding::cli::run(
+        FleetCommand::Approve { device: "approved".to_owned(), key_sha256: None },
         &config,
         &fleet.path().join("ca"),
         &fleet.revocation_file(),
     )
     .expect("approve");
+    // The operator sees which key the approval signs, to compare with the device's log.
+    assert!(printed.contains(&fingerprint_of_key_pem(&key_pem)), "{printed}");
     let identity =
         tokio::time::timeout(WAIT, onboarding).await.expect("in time").expect("task").expect("onboarded");
     assert_eq!(identity.certificate.device_id().expect("id"), "approved");
+    authority.shutdown().await;
+}
+
+/// Issue 15: a second holder of the claim identity (shipped in every image) who knows a device's
+/// id (ids are predictable) neither reads that device's answer nor takes over its sessions: the
+/// device onboards on the topic of its key's fingerprint, and the agent and the authority use
+/// client ids nobody can guess. On the old layout (client id = device id) the device's onboarding
+/// session kicked the eavesdropper off (and read through it), and the eavesdropper's reconnect or
+/// a later claim session with the device id knocked the agent off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_holder_neither_reads_another_devices_answer_nor_knocks_it_off() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let (capture, _observer) = Capture::start(&fleet).await;
+    let authority = start_authority(&fleet, free_udp_port()).await;
+    let registry = authority.registry().clone();
+    let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
+    let claim = fleet::IssuedCertificate::read_from(&fleet.claim_dir).expect("claim identity");
+    let mut eavesdropper = fleet.session_with(
+        &claim,
+        "victim",
+        &[
+            topics::response("victim"),
+            "tributary/onboarding/response/+".to_owned(),
+            "tributary/onboarding/#".to_owned(),
+            "tributary/#".to_owned(),
+        ],
+    );
+    assert!(eavesdropper.wait_ready(WAIT).await, "eavesdropper did not connect");
+
+    let identity = onboarding::ensure_identity(&fleet.onboarding_config("victim", Some(tokens[0].clone())))
+        .await
+        .expect("the victim onboards");
+    let victim_key = fingerprint_of_key_pem(&identity.certificate.private_key_pem);
+    assert!(capture.on_topic(&topics::response(&victim_key)) >= 1, "the answer went through the broker");
+    // Time for a kicked session to reconnect, had it been kicked.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let overheard: Vec<String> =
+        std::iter::from_fn(|| eavesdropper.incoming.try_recv().ok()).map(|message| message.topic).collect();
+    assert!(overheard.is_empty(), "the eavesdropper received {overheard:?}");
+    assert_eq!(eavesdropper.connections.load(Ordering::Relaxed), 1, "the eavesdropper was disconnected");
+    eavesdropper.close().await;
+
+    let mut agent_config = DeviceAgentConfig::new(fleet.broker.endpoint());
+    agent_config.heartbeat_interval_ms = 100;
+    let agent = DeviceAgent::start(agent_config, &identity).expect("agent");
+    let heartbeat_at = || {
+        registry.device("victim").expect("read").expect("victim").last_heartbeat_received_unix_ms.unwrap_or(0)
+    };
+    assert!(wait_until(WAIT, || heartbeat_at() > 0).await, "no heartbeat from the agent");
+    // Every client id a claim holder can guess: the device id, the authority's name.
+    let mut intruders = Vec::new();
+    for client_id in ["victim", onboarding::AUTHORITY_IDENTITY] {
+        let mut intruder = fleet.session_with(&claim, client_id, &[]);
+        assert!(intruder.wait_ready(WAIT).await, "{client_id}: intruder did not connect");
+        intruders.push(intruder);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let since = heartbeat_at();
+    assert!(wait_until(WAIT, || heartbeat_at() > since).await, "heartbeats stopped");
+    assert_eq!(agent.mqtt_connections(), 1, "the agent was knocked off the broker");
+    // The authority still answers: another device onboards.
+    onboarding::ensure_identity(&fleet.onboarding_config("next", Some(tokens[1].clone())))
+        .await
+        .expect("the authority still answers");
+    for intruder in intruders {
+        intruder.close().await;
+    }
+    agent.shutdown().await;
+    authority.shutdown().await;
+}
+
+/// Issue 15: a claim token is single-use. A retry with the same key and device id (a lost answer)
+/// gets the same certificate again; the same token with another key, even for the same device
+/// id, is refused with `token_used`, and a fresh token cannot move a device id to another key.
+/// The old code signed a second certificate for another key with the same token and device id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_token_is_single_use_and_a_retry_with_the_same_key_gets_its_certificate() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let authority = start_authority(&fleet, free_udp_port()).await;
+    let registry = authority.registry().clone();
+    let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
+    let first_key = key("solo");
+    let first_request = request("solo", Some(&tokens[0]), first_key.csr_pem.clone());
+    let first = ask_raw(&fleet, &first_key.sha256, first_request.clone()).await;
+    let retry = ask_raw(&fleet, &first_key.sha256, first_request).await;
+    assert_eq!(certificate_of(&retry), certificate_of(&first), "a retry gets the same certificate");
+    assert_eq!(authority.metrics().reanswered.load(Ordering::Relaxed), 1);
+    assert_eq!(authority.metrics().accepted.load(Ordering::Relaxed), 1, "signed once");
+
+    let second_key = key("solo");
+    let reuse_same_device = request("solo", Some(&tokens[0]), second_key.csr_pem.clone());
+    assert_eq!(
+        rejection_of(ask_raw(&fleet, &second_key.sha256, reuse_same_device).await),
+        RejectionCode::TokenUsed
+    );
+    let other = key("other");
+    let reuse_other_device = request("other", Some(&tokens[0]), other.csr_pem.clone());
+    assert_eq!(
+        rejection_of(ask_raw(&fleet, &other.sha256, reuse_other_device).await),
+        RejectionCode::TokenUsed
+    );
+    let fresh_token_other_key = request("solo", Some(&tokens[1]), second_key.csr_pem.clone());
+    assert_eq!(
+        rejection_of(ask_raw(&fleet, &second_key.sha256, fresh_token_other_key).await),
+        RejectionCode::DeviceIdTaken
+    );
+    assert_eq!(authority.metrics().rejections(RejectionCode::TokenUsed), 2);
+    assert_eq!(authority.metrics().rejections(RejectionCode::DeviceIdTaken), 1);
+
+    let record = registry.device("solo").expect("read").expect("solo");
+    assert_eq!(record.key_sha256.as_deref(), Some(first_key.sha256.as_str()));
+    assert_eq!(record.certificate_pem.as_deref(), Some(certificate_of(&first)));
+    // The refusal did not consume the fresh token: another device uses it.
+    let last = key("other");
+    let accepted = ask_raw(&fleet, &last.sha256, request("other", Some(&tokens[1]), last.csr_pem)).await;
+    certificate_of(&accepted);
+    authority.shutdown().await;
+}
+
+/// Issue 15: the device pins the fleet CA shipped in its image. A (test-built) authority that
+/// answers with another CA is refused with `CaMismatch`; one that names the right CA but signs
+/// with another is refused too; nothing is stored. The old code stored whatever CA the answer
+/// named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_a_foreign_ca_is_refused_by_the_device() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let rogue = fleet::FleetCa::init(&fleet.path().join("rogue"), "rogue fleet").expect("rogue CA");
+    let rogue_signer = fleet::CsrSigner::from_ca(&rogue).expect("rogue signer");
+    // It holds an authority certificate of the real fleet (the broker lets it answer).
+    let identity = fleet.ca.issue_device(onboarding::AUTHORITY_IDENTITY, Validity::days(1)).expect("id");
+    let mut fake = fleet.session_with(&identity, "fake-authority", &[topics::REQUEST_FILTER.to_owned()]);
+    assert!(fake.wait_ready(WAIT).await, "fake authority did not subscribe");
+
+    for (device_id, named_ca) in
+        [("foreign-ca", rogue.certificate_pem()), ("foreign-signer", fleet.ca.certificate_pem())]
+    {
+        let mut config = fleet.onboarding_config(device_id, Some("t".repeat(64)));
+        config.attempts_max = 1;
+        let device = tokio::spawn(async move { onboarding::ensure_identity(&config).await });
+        let message =
+            tokio::time::timeout(WAIT, fake.incoming.recv()).await.expect("a request").expect("open");
+        let asked: OnboardingRequest = serde_json::from_slice(&message.payload).expect("request");
+        assert_eq!(asked.device_id, device_id);
+        let csr = fleet::CsrSigner::check(&asked.csr_pem, device_id).expect("csr");
+        let answer = OnboardingResponse::Accepted {
+            certificate_pem: rogue_signer.sign(&csr, Validity::days(1)).expect("sign"),
+            ca_pem: named_ca.to_owned(),
+            sink_address: "127.0.0.1:1".to_owned(),
+            sink_server_name: "localhost".to_owned(),
+            config: Default::default(),
+        };
+        let topic = message.topic.replace("/request/", "/response/");
+        onboarding::mqtt::publish(&fake.client, topic, false, serde_json::to_vec(&answer).expect("json"))
+            .await
+            .expect("publish");
+        let outcome = tokio::time::timeout(WAIT, device).await.expect("in time").expect("task");
+        match (device_id, outcome) {
+            ("foreign-ca", Err(OnboardingError::CaMismatch { pinned_sha256, offered_sha256 })) => {
+                assert_ne!(pinned_sha256, offered_sha256)
+            }
+            ("foreign-signer", Err(OnboardingError::BadAnswer(problem))) => {
+                assert!(problem.contains("not issued by the pinned fleet CA"), "{problem}")
+            }
+            (_, other) => panic!("{device_id}: the device accepted a foreign CA: {other:?}"),
+        }
+        assert!(!fleet.identity_dir(device_id).join(fleet::CERTIFICATE_FILE).exists(), "{device_id}: stored");
+        assert!(
+            !fleet.identity_dir(device_id).join(fleet::CA_CERTIFICATE_FILE).exists(),
+            "{device_id}: stored"
+        );
+    }
+    fake.close().await;
+}
+
+/// Issue 15, approval mode: the first key to ask for a device id binds it; another key asking for
+/// that id is refused with `key_mismatch` (the old code told it `pending` and let the operator
+/// approve whichever key came first, unseen). The operator sees the bound key and can approve the
+/// right one by fingerprint, which the other key then cannot take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_binds_a_device_id_to_one_key_and_the_operator_chooses_it() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let mut config = fleet.authority_config(free_udp_port());
+    config.allow_operator_approval = true;
+    let mut authority =
+        Authority::start(config.clone(), &fleet.ca, &fleet.revocation_file()).expect("authority");
+    assert!(authority.wait_ready(WAIT).await);
+    let registry = authority.registry().clone();
+    let squatter = key("victim");
+    let squat = request("victim", None, squatter.csr_pem.clone());
+    assert!(matches!(
+        ask_raw(&fleet, &squatter.sha256, squat.clone()).await,
+        OnboardingResponse::Pending { .. }
+    ));
+
+    let mut device = fleet.onboarding_config("victim", None);
+    device.response_timeout_ms = 1_000;
+    device.approval_wait_ms = 2_000;
+    match onboarding::ensure_identity(&device).await {
+        Err(OnboardingError::Rejected { code, message }) => {
+            assert_eq!(code, RejectionCode::KeyMismatch, "{message}");
+            assert!(!message.contains(&squatter.sha256), "the other key's topic is not revealed: {message}");
+        }
+        other => panic!("a second key for a pending id was not refused: {other:?}"),
+    }
+    let listing = onboarding::cli::list(&registry).expect("list");
+    assert!(listing.contains(&squatter.sha256), "the operator sees the bound key: {listing}");
+
+    let device_key_pem =
+        std::fs::read_to_string(fleet.identity_dir("victim").join(fleet::KEY_FILE)).expect("device key");
+    let device_key = fingerprint_of_key_pem(&device_key_pem);
+    let approve = |key_sha256: Option<String>| {
+        onboarding::cli::run(
+            FleetCommand::Approve { device: "victim".to_owned(), key_sha256 },
+            &config,
+            &fleet.path().join("ca"),
+            &fleet.revocation_file(),
+        )
+    };
+    assert!(approve(Some("not-a-fingerprint".to_owned())).is_err(), "a malformed fingerprint is refused");
+    let printed = approve(Some(device_key.clone())).expect("approve");
+    assert!(printed.contains(&device_key), "{printed}");
+    assert_eq!(rejection_of(ask_raw(&fleet, &squatter.sha256, squat).await), RejectionCode::KeyMismatch);
+    let identity = onboarding::ensure_identity(&device).await.expect("the approved key onboards");
+    assert_eq!(fingerprint_of_key_pem(&identity.certificate.private_key_pem), device_key);
+    assert_eq!(authority.metrics().rejections(RejectionCode::KeyMismatch), 2);
     authority.shutdown().await;
 }
