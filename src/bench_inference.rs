@@ -153,6 +153,12 @@ pub fn run(args: InferenceArgs) -> Result<()> {
     if args.requests == 0 || args.clients == 0 {
         bail!("--requests and --clients must be at least 1");
     }
+    if args.clients > inference::http_server::CONNECTIONS_LIMIT {
+        bail!(
+            "--clients must be at most {} (the API's connection limit)",
+            inference::http_server::CONNECTIONS_LIMIT
+        );
+    }
     let work = tempfile::Builder::new()
         .prefix("tributary-bench-inference")
         .tempdir_in(&args.dir)
@@ -165,6 +171,8 @@ pub fn run(args: InferenceArgs) -> Result<()> {
     let start = |mode: EvidenceMode, state: &str| -> Result<Arc<InferenceService>> {
         let mut config = InferenceConfig::new(work.path().join(state), vec![source.clone()]);
         config.evidence = mode;
+        // Every benchmark client keeps its connection; none waits in the queue.
+        config.http.connections_max = args.clients;
         InferenceService::start(config, ring.clone())
             .with_context(|| format!("start the inference service with {}", source.onnx_path.display()))
     };

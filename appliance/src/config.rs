@@ -89,12 +89,72 @@ pub struct InferenceSettings {
     pub models: Vec<String>,
     #[serde(default)]
     pub default_model: Option<String>,
+    /// Largest request body; a model's own bound applies when smaller.
     #[serde(default = "default_inference_body_bytes")]
     pub body_bytes_max: usize,
+    /// An image may be at most this many times the model's input a side.
+    #[serde(default = "default_image_scale_max")]
+    pub image_scale_max: u32,
+    /// Most inputs decoded and run at once.
+    #[serde(default = "default_decodes_max")]
+    pub decodes_max: usize,
+    /// Connection caps and timeouts of the API (see `inference::http_server`).
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
+    #[serde(default = "default_connections_queued_max")]
+    pub connections_queued_max: usize,
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+impl InferenceSettings {
+    /// The API's connection limits, checked; the error names the key and what was expected.
+    pub fn http_limits(&self) -> Result<inference::http_server::HttpLimits, String> {
+        inference::http_server::HttpLimits::from_config(
+            self.connections_max,
+            self.connections_queued_max,
+            self.header_timeout_ms,
+            self.body_timeout_ms,
+            self.idle_timeout_ms,
+        )
+        .map_err(|error| format!("inference.{error}"))
+    }
 }
 
 fn default_inference_body_bytes() -> usize {
-    1024 * 1024
+    inference::service::BODY_BYTES_MAX_DEFAULT
+}
+
+fn default_image_scale_max() -> u32 {
+    inference::input::IMAGE_SCALE_MAX_DEFAULT
+}
+
+fn default_decodes_max() -> usize {
+    inference::service::DECODES_MAX_DEFAULT
+}
+
+fn default_connections_max() -> usize {
+    inference::http_server::CONNECTIONS_MAX_DEFAULT
+}
+
+fn default_connections_queued_max() -> usize {
+    inference::http_server::CONNECTIONS_QUEUED_MAX_DEFAULT
+}
+
+fn default_header_timeout_ms() -> u64 {
+    inference::http_server::HEADER_TIMEOUT_DEFAULT_MS
+}
+
+fn default_body_timeout_ms() -> u64 {
+    inference::http_server::BODY_TIMEOUT_DEFAULT_MS
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    inference::http_server::IDLE_TIMEOUT_DEFAULT_MS
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -259,10 +319,32 @@ impl ApplianceConfig {
                 );
             }
         }
-        if let Some(inference) = &self.inference
-            && inference.models.is_empty()
-        {
-            return Err("inference.models: expected at least one model name".into());
+        if let Some(inference) = &self.inference {
+            if inference.models.is_empty() {
+                return Err("inference.models: expected at least one model name".into());
+            }
+            if !(1..=inference::service::BODY_BYTES_LIMIT).contains(&inference.body_bytes_max) {
+                return Err(format!(
+                    "inference.body_bytes_max: expected 1..={} bytes, found {}",
+                    inference::service::BODY_BYTES_LIMIT,
+                    inference.body_bytes_max
+                ));
+            }
+            if !(1..=inference::input::IMAGE_SCALE_LIMIT).contains(&inference.image_scale_max) {
+                return Err(format!(
+                    "inference.image_scale_max: expected 1..={} times the model's input size, found {}",
+                    inference::input::IMAGE_SCALE_LIMIT,
+                    inference.image_scale_max
+                ));
+            }
+            if !(1..=inference::service::DECODES_LIMIT).contains(&inference.decodes_max) {
+                return Err(format!(
+                    "inference.decodes_max: expected 1..={} decodes at once, found {}",
+                    inference::service::DECODES_LIMIT,
+                    inference.decodes_max
+                ));
+            }
+            inference.http_limits()?;
         }
         if self.onboarding.is_some() {
             if self.uplink.is_some() {
@@ -335,6 +417,29 @@ keep_every = 2
         check(
             &format!("{VALID}\n[uplink]\nsink = \"nowhere\"\nserver_name = \"x\"\nca_file = \"ca.pem\"\n"),
             Err("uplink.sink: expected host:port"),
+        );
+        let inference =
+            "\n[inference]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"m\"\nmodels = [\"shapes\"]\n";
+        check(&format!("{VALID}{inference}"), Ok(()));
+        check(
+            &format!("{VALID}{inference}header_timeout_ms = 5\n"),
+            Err("inference.header_timeout_ms: expected 100..=3600000 milliseconds, found 5"),
+        );
+        check(
+            &format!("{VALID}{inference}connections_max = 0\n"),
+            Err("inference.connections_max: expected 1..=1024 connections, found 0"),
+        );
+        check(
+            &format!("{VALID}{inference}image_scale_max = 0\n"),
+            Err("inference.image_scale_max: expected 1..=256"),
+        );
+        check(
+            &format!("{VALID}{inference}decodes_max = 65\n"),
+            Err("inference.decodes_max: expected 1..=64"),
+        );
+        check(
+            &format!("{VALID}{inference}body_bytes_max = 0\n"),
+            Err("inference.body_bytes_max: expected 1..="),
         );
         let missing = ApplianceConfig::load(Path::new("/nonexistent/appliance.toml")).unwrap_err();
         assert!(missing.to_string().starts_with("/nonexistent/appliance.toml: cannot read"), "{missing}");

@@ -167,6 +167,10 @@ impl Daemon {
                 inference::InferenceConfig::new(config.data_dir.join("inference"), models);
             inference_config.default_model = settings.default_model.clone();
             inference_config.body_bytes_max = settings.body_bytes_max;
+            inference_config.image_scale_max = settings.image_scale_max;
+            inference_config.decodes_max = settings.decodes_max;
+            // Checked when the config was parsed; this only converts.
+            inference_config.http = settings.http_limits().map_err(|message| anyhow::anyhow!("{message}"))?;
             let service = inference::InferenceService::start(inference_config, ring.clone())
                 .context("inference: start the service")?;
             let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -786,3 +786,177 @@ fn board_configs_are_refused_naming_the_key() {
         &format!("source \"kit\": key \"profile\": {}: sensors[0].address", missing.display()),
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile clients (issue 15): limits set small in the config; the tests assert what happens
+// (closed, refused, 408), never how fast.
+
+/// Writes `prefix`, then one more byte every 20 ms, never finishing; true once the server has
+/// closed the connection (a write fails or a read ends), false if it is still open after `WAIT`.
+fn trickle_until_closed(
+    mut stream: impl std::io::Write,
+    mut reader: impl std::io::Read + Send + 'static,
+    prefix: &[u8],
+) -> bool {
+    let (closed_sender, closed) = sync_channel(1);
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 256];
+        // Any answer, end of stream or error means the server let go.
+        while reader.read(&mut buffer).is_ok_and(|read| read > 0) {}
+        let _ = closed_sender.send(());
+    });
+    let deadline = Instant::now() + WAIT;
+    for &byte in prefix.iter().chain(std::iter::repeat(&b'a')) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        if stream.write_all(&[byte]).is_err() || closed.try_recv().is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unreachable!("the trickle is endless")
+}
+
+/// Posts `body` until the answer is not a 503 (every slot taken), within `WAIT`.
+fn request_eventually(address: SocketAddr, body: &[u8]) -> (u16, Value) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "a well-behaved client was never served");
+        if let Ok(mut stream) = TcpStream::connect(address) {
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let mut message = format!(
+                "POST /v1/records HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            message.extend_from_slice(body);
+            let mut response = Vec::new();
+            // A refused connection may be reset before its 503 is read: try again.
+            if stream.write_all(&message).is_ok() && stream.read_to_end(&mut response).is_ok() {
+                let response = String::from_utf8_lossy(&response);
+                let status = response.get(9..12).and_then(|code| code.parse::<u16>().ok());
+                if let Some(status) = status.filter(|&status| status != 503) {
+                    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+                    return (status, serde_json::from_str(body).unwrap_or(Value::Null));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn hostile_http_config() -> HttpConfig {
+    HttpConfig {
+        connections_max: 1,
+        connections_queued_max: 0,
+        header_timeout_ms: 1_000,
+        body_timeout_ms: 1_000,
+        // Far longer than the trickle's 20 ms: only the header and body timeouts can fire.
+        idle_timeout_ms: 60_000,
+        ..HttpConfig::new(loopback_any_port())
+    }
+}
+
+#[test]
+fn http_cuts_off_a_slowloris_client_and_then_serves_a_well_behaved_one() {
+    let (running, address) = start_http(hostile_http_config());
+    let slow = TcpStream::connect(address).unwrap();
+    let reader = slow.try_clone().unwrap();
+    let slow_thread = std::thread::spawn(move || {
+        trickle_until_closed(slow, reader, b"POST /v1/records HTTP/1.1\r\nHost: test\r\nX-Padding: ")
+    });
+    // While the slow client holds the only slot, others are refused; once the header timeout
+    // cuts it off, a well-behaved client is served.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(request_eventually(address, b"{\"n\":1}").0, 202);
+    assert!(slow_thread.join().unwrap(), "the slow client was never cut off");
+    assert_eq!(running.next_record().payload, b"{\"n\":1}");
+    let metrics = running.stop_and_join();
+    assert_eq!(metrics.errors(SourceErrorKind::HeaderTimeout), 1);
+    assert!(metrics.errors(SourceErrorKind::TooManyConnections) >= 1, "the slot was held, others refused");
+}
+
+#[test]
+fn http_queues_connections_to_a_bound_and_refuses_the_rest_with_503() {
+    let config = HttpConfig { connections_queued_max: 1, header_timeout_ms: 60_000, ..hostile_http_config() };
+    let (running, address) = start_http(config);
+    let mut holder = TcpStream::connect(address).unwrap();
+    holder.write_all(b"POST /v1/records HTTP/1.1\r\n").unwrap();
+    let mut queued = TcpStream::connect(address).unwrap();
+    wait_until("the second connection is queued", || running.metrics.connections_queued() == 1);
+    let mut refused = TcpStream::connect(address).unwrap();
+    refused.set_read_timeout(Some(WAIT)).unwrap();
+    let mut answer = Vec::new();
+    refused.read_to_end(&mut answer).expect("the refused connection is answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert_eq!(running.metrics.errors(SourceErrorKind::TooManyConnections), 1);
+    // The queued connection is served once the slot is free.
+    drop(holder);
+    queued.set_read_timeout(Some(WAIT)).unwrap();
+    queued
+        .write_all(
+            b"POST /v1/records HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .unwrap();
+    let mut answer = Vec::new();
+    queued.read_to_end(&mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 202 "));
+    running.stop_and_join();
+}
+
+#[test]
+fn http_answers_408_to_a_trickled_body_and_413_to_a_large_one() {
+    let config = HttpConfig { connections_max: 4, body_bytes_max: 1024, ..hostile_http_config() };
+    let (running, address) = start_http(config);
+    assert_eq!(request(address, "POST", "/v1/records", &[b' '; 1025]).0, 413);
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(b"POST /v1/records HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n").unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline && writer.write_all(b" ").is_ok() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    // Closed, by FIN or (the rest of the body unread) by reset; not still open at the wait's end.
+    let still_open = read.as_ref().is_err_and(|error| {
+        matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    });
+    assert!(!still_open, "the connection was not closed after the 408: {read:?}");
+    trickle.join().unwrap();
+    let metrics = running.stop_and_join();
+    assert_eq!(metrics.errors(SourceErrorKind::BodyTimeout), 1);
+    assert_eq!(metrics.errors(SourceErrorKind::BodyTooLarge), 1);
+}
+
+#[test]
+fn socket_closes_a_connection_that_trickles_a_line_and_serves_the_next() {
+    let directory = tempfile::tempdir().unwrap();
+    let socket_path = directory.path().join("slow.sock");
+    let config =
+        JsonSocketConfig { connections_max: 1, idle_timeout_ms: 300, ..JsonSocketConfig::new(&socket_path) };
+    let running = start_built("slow", SourceConfig::JsonSocket(config));
+    let (slow, reader) = connect(&socket_path);
+    assert!(
+        trickle_until_closed(slow, reader.into_inner(), b"{\"padding\":\""),
+        "a client trickling one line was never cut off"
+    );
+    assert_eq!(running.metrics.errors(SourceErrorKind::IdleTimeout), 1);
+    wait_until("a new connection is served after the slow one was closed", || {
+        let (mut stream, _) = connect(&socket_path);
+        stream.write_all(b"{\"n\":2}\n").is_ok()
+            && running
+                .records
+                .recv_timeout(Duration::from_millis(100))
+                .is_ok_and(|record| record.payload == b"{\"n\":2}")
+    });
+    running.stop_and_join();
+}

@@ -7,7 +7,9 @@
 //!   200 {"decision_id","label","label_index","score","scores","model_name","model_sha256","latency_us"}
 //!       only after the evidence record is durable on the audit lane
 //!   400 not_an_image | malformed_tensor | shape_mismatch | bad_request
-//!   404 unknown_model        413 body_too_large        415 unsupported_media_type
+//!   404 unknown_model        408 body_timeout          415 unsupported_media_type
+//!   413 body_too_large (over min(body_bytes_max, what the model can need))
+//!       | image_too_large (the image's header declares more pixels than the model's bound)
 //!   503 audit_full | evidence_queue_full | ring_failed, with Retry-After; nothing was decided
 //!   500 internal_error (the model failed at run time)
 //! GET /v1/decisions/{id}
@@ -15,8 +17,14 @@
 //! ```
 //!
 //! Every error body is `{"error": "<reason>", "message": "<what and what to do>"}`. The client
-//! address in the evidence comes from `ConnectInfo<SocketAddr>` when the router is served with
-//! `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does), else "unknown".
+//! address in the evidence comes from `ConnectInfo<SocketAddr>` in the request's extensions (as
+//! [`serve`] puts it there), else "unknown".
+//!
+//! Limits: [`serve`] runs the router on `http_server::serve` with the service's `http` limits
+//! (connection cap and queue, header, body and idle timeouts; refusals get 503
+//! `too_many_connections`); a body must arrive within `body_timeout` (else 408); at most
+//! `decodes_max` inputs are decoded and run at once on blocking threads, the rest wait for a slot
+//! (counted in `decodes_waited_total`) holding only their bounded body.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +41,7 @@ use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use protocol::evidence::{Blob, Decision, EVIDENCE_FIELD_BYTES_MAX, Evidence, RequestMeta, sha256_hex};
 use serde::{Deserialize, Serialize};
 
-use crate::input::{InputError, InputKind, TENSOR_CONTENT_TYPE, prepare};
+use crate::input::{InputError, InputKind, TENSOR_CONTENT_TYPE, body_bytes_max_for_model, prepare_within};
 use crate::ledger::{CommitError, PendingEvidence, record_bytes};
 use crate::metrics::{RejectReason, UnavailableReason};
 use crate::model::Classification;
@@ -51,15 +59,25 @@ pub fn router(service: Arc<InferenceService>) -> axum::Router {
         .with_state(service)
 }
 
-/// Serves [`router`] on `listener` (with client addresses) until `shutdown` completes.
+/// Serves [`router`] on `listener` (with client addresses) within the service's `http` limits
+/// until `shutdown` completes; requests in progress then get `SHUTDOWN_GRACE_MS` to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: Arc<InferenceService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(service).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = service.config.http;
+    let observer = service.metrics.clone();
+    crate::http_server::serve(
+        "inference",
+        listener,
+        router(service),
+        limits,
+        observer,
+        shutdown,
+        std::time::Duration::from_millis(crate::service::SHUTDOWN_GRACE_MS),
+    )
+    .await
 }
 
 /// The answer to a decision.
@@ -122,16 +140,34 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// Counts a decode in `decodes_in_progress` while it lives (on the blocking thread).
+struct DecodeInProgress(Arc<crate::metrics::InferenceMetrics>);
+
+impl DecodeInProgress {
+    fn start(metrics: Arc<crate::metrics::InferenceMetrics>) -> DecodeInProgress {
+        metrics.decodes_in_progress.fetch_add(1, Ordering::Relaxed);
+        DecodeInProgress(metrics)
+    }
+}
+
+impl Drop for DecodeInProgress {
+    fn drop(&mut self) {
+        self.0.decodes_in_progress.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct ApiError {
     status: StatusCode,
     reason: &'static str,
     message: String,
     retry_after_seconds: Option<u32>,
+    /// Answer with `connection: close` (the rest of the request was not read).
+    close: bool,
 }
 
 impl ApiError {
     fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, reason, message: message.into(), retry_after_seconds: None }
+        ApiError { status, reason, message: message.into(), retry_after_seconds: None, close: false }
     }
 
     fn rejected(
@@ -152,6 +188,7 @@ impl ApiError {
             InputError::NotAnImage { .. } | InputError::ImagesNotAccepted { .. } => {
                 (RejectReason::NotAnImage, StatusCode::BAD_REQUEST)
             }
+            InputError::ImageTooLarge { .. } => (RejectReason::ImageTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
             InputError::MalformedTensor(_) => (RejectReason::MalformedTensor, StatusCode::BAD_REQUEST),
             InputError::ShapeMismatch { .. } => (RejectReason::ShapeMismatch, StatusCode::BAD_REQUEST),
         };
@@ -170,6 +207,7 @@ impl ApiError {
             reason: reason.name(),
             message: error.to_string(),
             retry_after_seconds: Some(service.config.retry_after_seconds),
+            close: false,
         }
     }
 
@@ -187,6 +225,9 @@ impl IntoResponse for ApiError {
                 .into_response();
         if let Some(seconds) = self.retry_after_seconds {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -247,7 +288,11 @@ async fn infer_inner(service: &Arc<InferenceService>, request: Request) -> Resul
             ApiError::rejected(service, RejectReason::UnknownModel, StatusCode::NOT_FOUND, message)
         })?
         .clone();
-    let body_bytes_max = service.config.body_bytes_max;
+    // Bound by what this model can need, so a small model's API does not buffer a large body.
+    let body_bytes_max = service
+        .config
+        .body_bytes_max
+        .min(body_bytes_max_for_model(model.input_shape(), service.config.image_scale_max));
     let too_large = |length: String| {
         ApiError::rejected(
             service,
@@ -263,25 +308,59 @@ async fn infer_inner(service: &Arc<InferenceService>, request: Request) -> Resul
     {
         return Err(too_large(length.to_string()));
     }
-    let original = match Limited::new(body, body_bytes_max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+    let body_timeout = service.config.http.body_timeout;
+    let collected = tokio::time::timeout(body_timeout, Limited::new(body, body_bytes_max).collect()).await;
+    let original = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
             return Err(too_large(format!("more than {body_bytes_max}")));
         }
-        Err(error) => return Err(bad_request(format!("body could not be read: {error}"))),
+        Ok(Err(error)) => return Err(bad_request(format!("body could not be read: {error}"))),
+        Err(_) => {
+            let mut error = ApiError::rejected(
+                service,
+                RejectReason::BodyTimeout,
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} ms (body_timeout_ms); send it at once",
+                    body_timeout.as_millis()
+                ),
+            );
+            error.close = true;
+            return Err(error);
+        }
     };
 
-    // Decoding a large image takes milliseconds: keep it off the async workers.
+    // Decoding takes milliseconds: keep it off the async workers, and at most `decodes_max` at
+    // once so a burst of requests cannot take every blocking thread and the memory they decode
+    // into. Waiting requests hold only their (bounded) body.
+    let decode_slot = match service.decodes.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            service.metrics.decodes_waited.fetch_add(1, Ordering::Relaxed);
+            service
+                .decodes
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|error| ApiError::internal(service, format!("decode slots closed: {error}")))?
+        }
+    };
+    let in_progress = DecodeInProgress::start(service.metrics.clone());
     let worker_model = model.clone();
     let worker_original = original.clone();
+    let image_scale_max = service.config.image_scale_max;
     let prepared = tokio::task::spawn_blocking(move || {
+        let _slot = decode_slot;
+        let _in_progress = in_progress;
         let started = Instant::now();
-        let (tensor, modified) = prepare(
+        let (tensor, modified) = prepare_within(
             kind,
             &worker_original,
             worker_model.name(),
             worker_model.input_shape(),
             worker_model.normalisation(),
+            image_scale_max,
         )
         .map_err(Ok)?;
         let classification = worker_model.classify(&tensor).map_err(Err)?;

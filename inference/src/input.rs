@@ -6,8 +6,12 @@
 //!   grayscale, resized to the model's `H`×`W` (triangle filter; a no-op when the size already
 //!   matches), then each pixel becomes `(pixel / 255 - mean) / std` with the model's
 //!   normalisation. Only models whose input shape is `[1, 1, H, W]` take images. Decoding is
-//!   bounded: at most [`IMAGE_SIDE_PIXELS_MAX`] pixels a side and [`IMAGE_DECODE_BYTES_MAX`] bytes
-//!   of decoder allocations, so a small compressed bomb cannot take the appliance's memory.
+//!   bounded by what the model needs ([`ImageBounds`]): the dimensions the image's header
+//!   declares are read first and an image wider than `image_scale_max` × W or taller than
+//!   `image_scale_max` × H (default [`IMAGE_SCALE_MAX_DEFAULT`], 8; never over
+//!   [`IMAGE_SIDE_PIXELS_MAX`] a side) is refused with [`InputError::ImageTooLarge`] before any
+//!   pixel buffer is allocated; the decoder's own allocations are then capped at 8 bytes (16-bit
+//!   RGBA) per allowed pixel. A small compressed bomb cannot take the appliance's memory.
 //! - [`TENSOR_CONTENT_TYPE`] (`application/x-tensor-f32`), already normalised, little-endian:
 //!
 //!   ```text
@@ -45,14 +49,71 @@ pub const TENSOR_MAGIC: [u8; 4] = *b"TF32";
 pub const TENSOR_RANK_MAX: usize = 8;
 /// Most values a tensor may hold (4 MiB of f32).
 pub const TENSOR_ELEMENTS_MAX: usize = 1 << 20;
-/// Longest side of an image we decode, in pixels.
+/// Longest side of an image we decode, in pixels, whatever the model.
 pub const IMAGE_SIDE_PIXELS_MAX: u32 = 8192;
-/// Most bytes the image decoder may allocate for one image.
-pub const IMAGE_DECODE_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Default of `image_scale_max`: an image may be 8 times the model's input a side (256×256 for
+/// the 32×32 `shapes` model, a 64-fold decode), enough for a camera crop sent as is.
+pub const IMAGE_SCALE_MAX_DEFAULT: u32 = 8;
+/// Largest `image_scale_max` a config may ask for.
+pub const IMAGE_SCALE_LIMIT: u32 = 256;
+/// Largest decoded pixel of the formats we accept (16-bit RGBA PNG), bytes.
+pub const DECODED_PIXEL_BYTES_MAX: u64 = 8;
+/// Room beside the pixels of an image body (container, metadata chunks).
+pub const IMAGE_CONTAINER_BYTES_MAX: usize = 64 * 1024;
+/// Room per value of a JSON tensor body (`-0.123456789,` is 13 bytes; shortest f32 forms are
+/// at most 15).
+pub const JSON_VALUE_BYTES_MAX: usize = 32;
+/// Room beside the values of a JSON tensor body (`{"shape": [...], "data": [...]}`).
+pub const JSON_FRAME_BYTES_MAX: usize = 4096;
 
 const TENSOR_HEADER_FIXED_BYTES: usize = TENSOR_MAGIC.len() + 1;
 const _: () = assert!(TENSOR_RANK_MAX <= u8::MAX as usize);
 const _: () = assert!((TENSOR_ELEMENTS_MAX as u64) * 4 <= u32::MAX as u64);
+const _: () = assert!(IMAGE_SCALE_MAX_DEFAULT <= IMAGE_SCALE_LIMIT);
+// The largest decode allowed at all stays within 512 MiB of decoder allocations.
+const _: () = assert!(
+    (IMAGE_SIDE_PIXELS_MAX as u64) * (IMAGE_SIDE_PIXELS_MAX as u64) * DECODED_PIXEL_BYTES_MAX <= 512 << 20
+);
+
+/// How large an image a model takes, in pixels a side (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageBounds {
+    pub width_max: u32,
+    pub height_max: u32,
+}
+
+impl ImageBounds {
+    /// The bounds for a model with `input_shape` (`[1, 1, H, W]`; `None` for models that take no
+    /// images): `scale_max` × each side, at most [`IMAGE_SIDE_PIXELS_MAX`].
+    pub fn for_model(input_shape: &[usize], scale_max: u32) -> Option<ImageBounds> {
+        let &[1, 1, height, width] = input_shape else { return None };
+        let side = |model_side: usize| {
+            u32::try_from(model_side).unwrap_or(u32::MAX).saturating_mul(scale_max).min(IMAGE_SIDE_PIXELS_MAX)
+        };
+        Some(ImageBounds { width_max: side(width), height_max: side(height) })
+    }
+
+    /// Most bytes the decoder may allocate for an image within the bounds.
+    pub fn decode_bytes_max(self) -> u64 {
+        u64::from(self.width_max) * u64::from(self.height_max) * DECODED_PIXEL_BYTES_MAX
+    }
+}
+
+/// The largest body a model with `input_shape` can need: an image within its bounds stored
+/// uncompressed in RGBA plus its container, or its tensor as JSON or binary. The API applies
+/// the smaller of this and the configured `body_bytes_max`.
+pub fn body_bytes_max_for_model(input_shape: &[usize], image_scale_max: u32) -> usize {
+    let elements =
+        input_shape.iter().try_fold(1usize, |total, &dim| total.checked_mul(dim)).unwrap_or(usize::MAX);
+    let elements = elements.min(TENSOR_ELEMENTS_MAX);
+    let binary = TENSOR_HEADER_FIXED_BYTES + 4 * TENSOR_RANK_MAX + 4 * elements;
+    let json = JSON_FRAME_BYTES_MAX + JSON_VALUE_BYTES_MAX * elements;
+    let image = ImageBounds::for_model(input_shape, image_scale_max).map_or(0, |bounds| {
+        usize::try_from(u64::from(bounds.width_max) * u64::from(bounds.height_max) * 4).unwrap_or(usize::MAX)
+            + IMAGE_CONTAINER_BYTES_MAX
+    });
+    binary.max(json).max(image)
+}
 
 /// Why a request's input cannot be given to the model. Each variant maps to one HTTP status and
 /// one metrics reason (see `api`).
@@ -62,6 +123,11 @@ pub enum InputError {
     UnsupportedMediaType { content_type: String },
     #[error("body is not a valid {content_type} image: {reason}")]
     NotAnImage { content_type: &'static str, reason: String },
+    #[error(
+        "{content_type} image declares {width}x{height} pixels; this model takes images of at most \
+         {width_max}x{height_max} (image_scale_max times its input size): scale it down before sending"
+    )]
+    ImageTooLarge { content_type: &'static str, width: u32, height: u32, width_max: u32, height_max: u32 },
     #[error("model {model} takes tensors of shape {shape:?}, not images (images need [1, 1, H, W])")]
     ImagesNotAccepted { model: String, shape: Vec<usize> },
     #[error("malformed tensor: {0}")]
@@ -235,13 +301,25 @@ impl InputKind {
 
 /// The tensor a model with `input_shape` and `normalisation` sees for `bytes` of `kind`, and
 /// whether it differs from the bytes as received (so the evidence stores it as the modified
-/// input). The shape is checked.
+/// input). The shape is checked. Images are bounded by the default `image_scale_max`.
 pub fn prepare(
     kind: InputKind,
     bytes: &[u8],
     model_name: &str,
     input_shape: &[usize],
     normalisation: Normalisation,
+) -> Result<(InputTensor, bool), InputError> {
+    prepare_within(kind, bytes, model_name, input_shape, normalisation, IMAGE_SCALE_MAX_DEFAULT)
+}
+
+/// [`prepare`] with images bounded by `image_scale_max` × the model's input size.
+pub fn prepare_within(
+    kind: InputKind,
+    bytes: &[u8],
+    model_name: &str,
+    input_shape: &[usize],
+    normalisation: Normalisation,
+    image_scale_max: u32,
 ) -> Result<(InputTensor, bool), InputError> {
     let (tensor, modified) = match kind {
         InputKind::Tensor => (InputTensor::decode(bytes)?, false),
@@ -254,7 +332,9 @@ pub fn prepare(
                 });
             };
             let format = if kind == InputKind::Jpeg { ImageFormat::Jpeg } else { ImageFormat::Png };
-            let gray = decode_grayscale(bytes, format, kind.content_type())?;
+            let bounds = ImageBounds::for_model(input_shape, image_scale_max)
+                .expect("an image input shape was matched above");
+            let gray = decode_grayscale(bytes, format, kind.content_type(), bounds)?;
             (image_to_tensor(&gray, height, width, normalisation), true)
         }
     };
@@ -262,22 +342,45 @@ pub fn prepare(
     Ok((tensor, modified))
 }
 
-/// Decodes `bytes` as `format` into 8-bit grayscale, within the decode limits.
+/// Decodes `bytes` as `format` into 8-bit grayscale within `bounds`: the dimensions its header
+/// declares are checked before any pixel buffer exists, and the decoder's allocations are capped.
 pub fn decode_grayscale(
     bytes: &[u8],
     format: ImageFormat,
     content_type: &'static str,
+    bounds: ImageBounds,
 ) -> Result<image::GrayImage, InputError> {
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let not_an_image =
+        |error: image::ImageError| InputError::NotAnImage { content_type, reason: error.to_string() };
     let mut limits = Limits::default();
-    limits.max_image_width = Some(IMAGE_SIDE_PIXELS_MAX);
-    limits.max_image_height = Some(IMAGE_SIDE_PIXELS_MAX);
-    limits.max_alloc = Some(IMAGE_DECODE_BYTES_MAX);
+    limits.max_image_width = Some(bounds.width_max);
+    limits.max_image_height = Some(bounds.height_max);
+    limits.max_alloc = Some(bounds.decode_bytes_max());
+    // Reads the header only (the image crate allocates no pixels for `into_dimensions`).
+    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
+    header.limits(no_dimension_limits(limits.clone()));
+    let (width, height) = header.into_dimensions().map_err(not_an_image)?;
+    if width > bounds.width_max || height > bounds.height_max {
+        return Err(InputError::ImageTooLarge {
+            content_type,
+            width,
+            height,
+            width_max: bounds.width_max,
+            height_max: bounds.height_max,
+        });
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits);
-    let decoded = reader
-        .decode()
-        .map_err(|error| InputError::NotAnImage { content_type, reason: error.to_string() })?;
+    let decoded = reader.decode().map_err(not_an_image)?;
     Ok(decoded.into_luma8())
+}
+
+/// `limits` without the dimension bounds, so reading a header reports the dimensions it
+/// declares (and [`InputError::ImageTooLarge`] can name them) instead of a decoder error.
+fn no_dimension_limits(mut limits: Limits) -> Limits {
+    limits.max_image_width = None;
+    limits.max_image_height = None;
+    limits
 }
 
 /// Resizes (when needed) and normalises a grayscale image into a `[1, 1, height, width]` tensor.

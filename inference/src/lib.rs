@@ -10,7 +10,8 @@
 //! Code map: `input` (content types, tensor wire format, image pre-processing), `model`
 //! (loading, running), `ledger` (the evidence writer and lookups), `state` (decision ids and
 //! model-record markers that survive restarts), `service` (config, hot-swappable models),
-//! `api` (the axum router), `metrics` (atomics), `synthetic` (the test images, twin of
+//! `api` (the axum router), `http_server` (the server loop with connection limits and timeouts,
+//! shared with the appliance's `/v1/records` source), `metrics` (atomics), `synthetic` (the test images, twin of
 //! `models/train_classifier.py`), `client` (loopback client for tests and the benchmark).
 //!
 //! Invariant: a decision is answered only after its evidence is durable on the audit lane
@@ -20,6 +21,7 @@
 
 pub mod api;
 pub mod client;
+pub mod http_server;
 pub mod input;
 pub mod ledger;
 pub mod metrics;

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::http_server::{ConnectionEvent, ConnectionObserver};
+
 /// Upper bounds of the evidence batch-size histogram (records per appended chunk); a last bucket
 /// counts everything larger.
 pub const BATCH_SIZE_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
@@ -16,17 +18,24 @@ pub enum RejectReason {
     MalformedTensor,
     ShapeMismatch,
     BodyTooLarge,
+    /// An image whose header declares more pixels a side than the model's bound; refused before
+    /// its pixels are decoded.
+    ImageTooLarge,
+    /// The body did not arrive within `body_timeout_ms` (408).
+    BodyTimeout,
     UnknownModel,
     BadRequest,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::UnsupportedMediaType,
         RejectReason::NotAnImage,
         RejectReason::MalformedTensor,
         RejectReason::ShapeMismatch,
         RejectReason::BodyTooLarge,
+        RejectReason::ImageTooLarge,
+        RejectReason::BodyTimeout,
         RejectReason::UnknownModel,
         RejectReason::BadRequest,
     ];
@@ -39,6 +48,8 @@ impl RejectReason {
             RejectReason::MalformedTensor => "malformed_tensor",
             RejectReason::ShapeMismatch => "shape_mismatch",
             RejectReason::BodyTooLarge => "body_too_large",
+            RejectReason::ImageTooLarge => "image_too_large",
+            RejectReason::BodyTimeout => "body_timeout",
             RejectReason::UnknownModel => "unknown_model",
             RejectReason::BadRequest => "bad_request",
         }
@@ -92,6 +103,19 @@ pub struct InferenceMetrics {
     /// Batches by size: `batch_size_buckets[i]` counts batches of at most `BATCH_SIZE_BUCKETS[i]`
     /// records and more than the bucket before; the last counts larger ones.
     pub batch_size_buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len() + 1],
+    /// Connection events of the API's server, indexed like [`ConnectionEvent::ALL`].
+    pub connections: [AtomicU64; ConnectionEvent::ALL.len()],
+    /// Requests that found every decode slot taken and waited for one.
+    pub decodes_waited: AtomicU64,
+    /// Decodes (and model runs) on blocking threads now; at most `decodes_max`.
+    pub decodes_in_progress: AtomicU64,
+}
+
+impl ConnectionObserver for InferenceMetrics {
+    fn connection_event(&self, event: ConnectionEvent) {
+        let index = ConnectionEvent::ALL.iter().position(|&known| known == event).expect("listed");
+        add(&self.connections[index], 1);
+    }
 }
 
 /// A copy of the counters at one moment.
@@ -107,6 +131,9 @@ pub struct MetricsSnapshot {
     pub evidence_batches: u64,
     pub evidence_batch_records: u64,
     pub batch_size_buckets: Vec<u64>,
+    pub connections: Vec<(&'static str, u64)>,
+    pub decodes_waited: u64,
+    pub decodes_in_progress: u64,
 }
 
 impl MetricsSnapshot {
@@ -116,6 +143,10 @@ impl MetricsSnapshot {
 
     pub fn unavailable(&self, reason: UnavailableReason) -> u64 {
         self.unavailable.iter().find(|(name, _)| *name == reason.name()).map_or(0, |(_, count)| *count)
+    }
+
+    pub fn connections(&self, event: ConnectionEvent) -> u64 {
+        self.connections.iter().find(|(name, _)| *name == event.name()).map_or(0, |(_, count)| *count)
     }
 }
 
@@ -167,6 +198,13 @@ impl InferenceMetrics {
             evidence_batches: load(&self.evidence_batches),
             evidence_batch_records: load(&self.evidence_batch_records),
             batch_size_buckets: self.batch_size_buckets.iter().map(load).collect(),
+            connections: ConnectionEvent::ALL
+                .iter()
+                .zip(&self.connections)
+                .map(|(event, count)| (event.name(), load(count)))
+                .collect(),
+            decodes_waited: load(&self.decodes_waited),
+            decodes_in_progress: load(&self.decodes_in_progress),
         }
     }
 
@@ -207,6 +245,33 @@ impl InferenceMetrics {
             &plain(snapshot.evidence_bytes),
         );
         counter("model_records_total", "Model records appended durably.", &plain(snapshot.model_records));
+        let events = snapshot
+            .connections
+            .iter()
+            .map(|(event, value)| (format!("{{event=\"{event}\"}}"), *value))
+            .collect::<Vec<_>>();
+        counter(
+            "connections_total",
+            "Connections to the API by event: accepted, queued, refused (503 at the limits), \
+             header_timeout, idle_timeout, closed.",
+            &events,
+        );
+        counter(
+            "decodes_waited_total",
+            "Requests that waited for a decode slot (all decodes_max busy).",
+            &plain(snapshot.decodes_waited),
+        );
+        let open = snapshot
+            .connections(ConnectionEvent::Accepted)
+            .saturating_sub(snapshot.connections(ConnectionEvent::Closed));
+        for (name, help, value) in [
+            ("connections_open", "Connections being served now.", open),
+            ("decodes_in_progress", "Inputs being decoded and run now.", snapshot.decodes_in_progress),
+        ] {
+            let _ = writeln!(out, "# HELP tributary_inference_{name} {help}");
+            let _ = writeln!(out, "# TYPE tributary_inference_{name} gauge");
+            let _ = writeln!(out, "tributary_inference_{name} {value}");
+        }
         let _ = writeln!(
             out,
             "# HELP tributary_inference_evidence_batch_records Evidence records per appended chunk."

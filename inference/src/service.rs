@@ -8,13 +8,27 @@ use std::sync::{Arc, RwLock};
 use buffer::Ring;
 use protocol::evidence::{EVIDENCE_CONTENT_TYPE, model_record_key};
 
+use crate::http_server::HttpLimits;
+use crate::input::{IMAGE_SCALE_LIMIT, IMAGE_SCALE_MAX_DEFAULT};
 use crate::ledger::{Ledger, LedgerLimits, chunk_raw_bytes_max, record_bytes};
 use crate::metrics::InferenceMetrics;
 use crate::model::{Model, ModelError};
 use crate::state::{DecisionIds, RecordedModels, StateError};
 
-/// Default largest request body: typical camera JPEGs are 50–500 KiB.
+/// Default largest request body: typical camera JPEGs are 50–500 KiB. A model's own bound
+/// (`input::ImageBounds::body_bytes_max`) applies when it is smaller.
 pub const BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Largest `body_bytes_max` a config may ask for (a record holds at most
+/// `RECORD_PAYLOAD_BYTES_MAX`, and the evidence holds the body).
+pub const BODY_BYTES_LIMIT: usize = 4_000_000;
+const _: () = assert!(BODY_BYTES_MAX_DEFAULT <= BODY_BYTES_LIMIT);
+const _: () = assert!(BODY_BYTES_LIMIT <= protocol::RECORD_PAYLOAD_BYTES_MAX);
+/// Default most inputs decoded (and run) at once on blocking threads: the appliance has 2 cores.
+pub const DECODES_MAX_DEFAULT: usize = 2;
+/// Largest `decodes_max` a config may ask for.
+pub const DECODES_LIMIT: usize = 64;
+/// How long requests in progress may finish after shutdown before they are cut off.
+pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Default bound of the evidence queue (requests waiting for their record).
 pub const EVIDENCE_QUEUE_DEPTH_MAX_DEFAULT: usize = 1024;
 /// Default most evidence records per appended chunk.
@@ -68,6 +82,13 @@ pub struct InferenceConfig {
     /// Largest request body; larger ones get 413. Must leave room for the evidence in one audit
     /// chunk of the ring (checked at start).
     pub body_bytes_max: usize,
+    /// An image may be at most this many times the model's input height and width (and at most
+    /// `input::IMAGE_SIDE_PIXELS_MAX` a side); checked from its header, before decoding.
+    pub image_scale_max: u32,
+    /// Most inputs decoded and run at once; further requests wait for a slot (counted).
+    pub decodes_max: usize,
+    /// Connection caps and timeouts of the API's server.
+    pub http: HttpLimits,
     pub evidence_queue_depth_max: usize,
     pub batch_records_max: usize,
     pub retry_after_seconds: u32,
@@ -81,6 +102,9 @@ impl InferenceConfig {
             models,
             default_model: None,
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            image_scale_max: IMAGE_SCALE_MAX_DEFAULT,
+            decodes_max: DECODES_MAX_DEFAULT,
+            http: HttpLimits::default(),
             evidence_queue_depth_max: EVIDENCE_QUEUE_DEPTH_MAX_DEFAULT,
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
             retry_after_seconds: RETRY_AFTER_SECONDS_DEFAULT,
@@ -136,6 +160,8 @@ pub struct InferenceService {
     pub(crate) ids: DecisionIds,
     pub(crate) ledger: Ledger,
     pub(crate) metrics: Arc<InferenceMetrics>,
+    /// One permit per decode running on a blocking thread (`decodes_max`).
+    pub(crate) decodes: Arc<tokio::sync::Semaphore>,
     chunk_raw_bytes_max: usize,
 }
 
@@ -145,8 +171,26 @@ impl InferenceService {
     pub fn start(config: InferenceConfig, ring: Ring) -> Result<Arc<InferenceService>, ServiceError> {
         let models = config.models.iter().map(ModelSource::load).collect::<Result<Vec<_>, _>>()?;
         let config_problem = |key, problem| Err(ServiceError::Config { key, problem });
-        if config.body_bytes_max == 0 {
-            return config_problem("body_bytes_max", "0 would refuse every request".to_string());
+        if !(1..=BODY_BYTES_LIMIT).contains(&config.body_bytes_max) {
+            return config_problem(
+                "body_bytes_max",
+                format!("{} is not in 1..={BODY_BYTES_LIMIT}", config.body_bytes_max),
+            );
+        }
+        if !(1..=IMAGE_SCALE_LIMIT).contains(&config.image_scale_max) {
+            return config_problem(
+                "image_scale_max",
+                format!("{} is not in 1..={IMAGE_SCALE_LIMIT}", config.image_scale_max),
+            );
+        }
+        if !(1..=DECODES_LIMIT).contains(&config.decodes_max) {
+            return config_problem(
+                "decodes_max",
+                format!("{} is not in 1..={DECODES_LIMIT}", config.decodes_max),
+            );
+        }
+        if let Err(error) = config.http.validate() {
+            return config_problem(error.key, format!("{} is not in {}", error.found, error.expected));
         }
         if !(1..=1 << 20).contains(&config.evidence_queue_depth_max) {
             return config_problem(
@@ -175,6 +219,7 @@ impl InferenceService {
             ids,
             ledger,
             metrics,
+            decodes: Arc::new(tokio::sync::Semaphore::new(config.decodes_max)),
             chunk_raw_bytes_max,
             config,
         };
@@ -183,6 +228,9 @@ impl InferenceService {
             models = ?service.models().names(),
             chunk_raw_bytes_max,
             body_bytes_max = service.config.body_bytes_max,
+            image_scale_max = service.config.image_scale_max,
+            decodes_max = service.config.decodes_max,
+            http = ?service.config.http,
             "inference service started"
         );
         Ok(Arc::new(service))

@@ -444,3 +444,258 @@ async fn models_are_swapped_without_a_restart() {
     assert_eq!(client.infer(None, "image/png", png).await.unwrap().status, 200);
     harness.stop().await;
 }
+
+// Hostile clients (issue 15): connection caps, timeouts and decode bounds. Limits are set small
+// in the config; the tests assert what happens (closed, refused, 4xx), never how fast.
+
+/// How long a test waits for something that must happen; far above every configured timeout.
+const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Polls `condition` until it holds; fails the test after `EVENTUALLY`.
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Everything the server sends until it closes the connection (bounded by `EVENTUALLY`).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(EVENTUALLY, stream.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open; it sent {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A connection that sends request headers one byte per `interval` and never finishes them.
+/// Resolves to true once the server closes it, false if it is still open after `EVENTUALLY`.
+async fn slowloris(address: SocketAddr, interval: std::time::Duration) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let headers = b"POST /v1/infer HTTP/1.1\r\nhost: appliance\r\ncontent-type: image/png\r\nx-padding: ";
+    let trickle = async move {
+        for &byte in headers.iter().chain(std::iter::repeat(&b'a')) {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(interval).await;
+        }
+    };
+    let closed = async move {
+        let mut buffer = [0u8; 1024];
+        // Any answer or end of stream means the server let go of the connection.
+        while let Ok(read) = reader.read(&mut buffer).await {
+            if read == 0 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = closed => true,
+        () = trickle => true,
+        _ = tokio::time::sleep(EVENTUALLY) => false,
+    }
+}
+
+fn small_limits(config: &mut InferenceConfig) {
+    config.http = inference::http_server::HttpLimits {
+        connections_max: 1,
+        connections_queued_max: 0,
+        header_timeout: std::time::Duration::from_millis(300),
+        body_timeout: std::time::Duration::from_millis(300),
+        // Far longer than the trickle's interval: only the header and body timeouts can fire.
+        idle_timeout: std::time::Duration::from_secs(10),
+    };
+}
+
+/// Sends one good PNG until it is decided, retrying while the only slot is taken (503).
+async fn decide_eventually(harness: &Harness) -> InferResponse {
+    let png = encode_png(&dataset(3, 1).remove(0).1);
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "a well-behaved client was never served");
+        if let Ok(mut client) = LoopbackClient::connect(harness.address).await
+            && let Ok(response) = client.infer(Some("shapes"), "image/png", png.clone()).await
+        {
+            match response.status {
+                200 => return response.json().unwrap(),
+                503 => {}
+                status => panic!("unexpected {status}: {}", String::from_utf8_lossy(&response.body)),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_off_and_does_not_block_a_well_behaved_one() {
+    use inference::http_server::ConnectionEvent;
+    let directory = tempfile::tempdir().unwrap();
+    let ring = open_ring(&directory.path().join("ring"), 64 * MIB, 8 * MIB);
+    let harness = Harness::start(&ring, &directory.path().join("state"), small_limits).await;
+    let slow = tokio::spawn(slowloris(harness.address, std::time::Duration::from_millis(20)));
+    let metrics = harness.service.metrics().clone();
+    wait_until("the slow client holds the only slot", || {
+        metrics.snapshot().connections(ConnectionEvent::Accepted) == 1
+    })
+    .await;
+    // The only slot is taken: a well-behaved client is turned away until the slow one is cut
+    // off by the header timeout, then served.
+    let answer = decide_eventually(&harness).await;
+    assert!(harness.service.models().get(None).unwrap().labels().contains(&answer.label));
+    assert!(slow.await.unwrap(), "the slow client was never cut off");
+    let snapshot = metrics.snapshot();
+    assert_eq!(snapshot.connections(ConnectionEvent::HeaderTimeout), 1, "{snapshot:?}");
+    assert_eq!(snapshot.decisions, 1);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_get_503_and_are_counted_then_a_freed_slot_serves_again() {
+    use inference::http_server::ConnectionEvent;
+    use tokio::io::AsyncWriteExt as _;
+    let directory = tempfile::tempdir().unwrap();
+    let ring = open_ring(&directory.path().join("ring"), 64 * MIB, 8 * MIB);
+    let harness = Harness::start(&ring, &directory.path().join("state"), |config| {
+        small_limits(config);
+        config.http.connections_queued_max = 1;
+        config.http.header_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let metrics = harness.service.metrics().clone();
+    let mut holder = tokio::net::TcpStream::connect(harness.address).await.unwrap();
+    holder.write_all(b"POST /v1/infer HTTP/1.1\r\n").await.unwrap();
+    wait_until("the first client is served", || {
+        metrics.snapshot().connections(ConnectionEvent::Accepted) == 1
+    })
+    .await;
+    let mut queued = tokio::net::TcpStream::connect(harness.address).await.unwrap();
+    wait_until("the second client is queued", || {
+        metrics.snapshot().connections(ConnectionEvent::Queued) == 1
+    })
+    .await;
+    let mut refused = tokio::net::TcpStream::connect(harness.address).await.unwrap();
+    let answer = read_until_closed(&mut refused).await;
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert_eq!(metrics.snapshot().connections(ConnectionEvent::Refused), 1);
+    // The queued client gets the slot once the first one leaves.
+    drop(holder);
+    wait_until("the queued client is served", || {
+        metrics.snapshot().connections(ConnectionEvent::Accepted) == 2
+    })
+    .await;
+    queued
+        .write_all(b"GET /v1/decisions/none HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut queued).await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    harness.stop().await;
+}
+
+/// The standard CRC-32 of PNG chunks.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffff_u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// `png` with the size in its IHDR chunk replaced (and the chunk's CRC fixed).
+fn png_declaring(mut png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
+    assert_eq!(&png[12..16], b"IHDR");
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// `jpeg` with the size in its baseline frame header (SOF0) replaced.
+fn jpeg_declaring(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
+    let sof = jpeg.windows(2).position(|pair| pair == [0xff, 0xc0]).expect("a baseline JPEG");
+    jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_larger_than_the_model_needs_are_refused_from_their_header() {
+    let directory = tempfile::tempdir().unwrap();
+    let ring = open_ring(&directory.path().join("ring"), 64 * MIB, 8 * MIB);
+    let harness = Harness::start(&ring, &directory.path().join("state"), |_| {}).await;
+    let image = dataset(4, 1).remove(0).1;
+    // A few hundred bytes declaring 3.6 gigapixels: refused before any pixel buffer exists.
+    let huge_png = png_declaring(encode_png(&image), 60_000, 60_000);
+    let huge_jpeg = jpeg_declaring(encode_jpeg(&image, 85), 60_000, 60_000);
+    // A real image, 1000×1000 of one grey (about 1 KiB compressed): over the default bound of
+    // 8 × the model's 32×32 input a side, so it is not decoded either.
+    let mut flat_png = Vec::new();
+    image::GrayImage::from_pixel(1000, 1000, image::Luma([128]))
+        .write_to(&mut std::io::Cursor::new(&mut flat_png), image::ImageFormat::Png)
+        .unwrap();
+    for (content_type, body) in [("image/png", huge_png), ("image/jpeg", huge_jpeg), ("image/png", flat_png)]
+    {
+        check(&harness, "/v1/infer", &[("content-type", content_type)], body, 413, "image_too_large").await;
+    }
+    // At the bound, an image is taken.
+    let mut bound_png = Vec::new();
+    image::imageops::resize(&image, 256, 256, image::imageops::FilterType::Nearest)
+        .write_to(&mut std::io::Cursor::new(&mut bound_png), image::ImageFormat::Png)
+        .unwrap();
+    let response = harness.client().await.infer(None, "image/png", bound_png).await.unwrap();
+    assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+    let metrics = harness.service.metrics().snapshot();
+    assert_eq!(metrics.rejected(RejectReason::ImageTooLarge), 3);
+    assert_eq!(metrics.decodes_in_progress, 0);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_limit_follows_the_model_and_a_trickled_body_gets_408() {
+    use tokio::io::AsyncWriteExt as _;
+    let directory = tempfile::tempdir().unwrap();
+    let ring = open_ring(&directory.path().join("ring"), 64 * MIB, 8 * MIB);
+    let harness = Harness::start(&ring, &directory.path().join("state"), small_limits).await;
+    // The configured body_bytes_max is 1 MiB, but the 32×32 model needs at most a 256×256 RGBA
+    // image and its container: 320 KiB.
+    let limit = inference::input::body_bytes_max_for_model(&[1, 1, 32, 32], 8);
+    assert_eq!(limit, 256 * 256 * 4 + 64 * 1024);
+    check(&harness, "/v1/infer", &[("content-type", "image/png")], vec![0; limit + 1], 413, "body_too_large")
+        .await;
+    // A body that trickles in is cut off by the body timeout (the idle timeout is far longer).
+    let mut stream = tokio::net::TcpStream::connect(harness.address).await.unwrap();
+    stream
+        .write_all(b"POST /v1/infer HTTP/1.1\r\nhost: a\r\ncontent-type: image/png\r\ncontent-length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        while writer.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(EVENTUALLY, tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut answer))
+            .await;
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "the trickled body was never cut off; got {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(harness.service.metrics().snapshot().rejected(RejectReason::BodyTimeout), 1);
+    harness.stop().await;
+}

@@ -12,43 +12,49 @@
 //!   the first K records were accepted.
 //! - 404 for any other path, 405 for another method.
 //!
+//! - 408 `{"error": "..."}`: the body did not arrive within `body_timeout_ms`; the connection is
+//!   closed.
+//!
 //! Limits: `body_bytes_max` (default `BODY_BYTES_DEFAULT`, 1 MiB; at most `BODY_BYTES_LIMIT`,
 //! 4 000 000 bytes, below `RECORD_PAYLOAD_BYTES_MAX` because a single object is one record) is
-//! checked against Content-Length before reading and enforced while reading; `connections_max`
-//! connections are served at once (default 16, at most 1024): further clients wait in the
-//! kernel's accept backlog. So the memory held by bodies is at most `connections_max` ×
-//! `body_bytes_max`. A connection that sends nothing for `idle_timeout_ms` (default 30 s) while
-//! the server waits to read from it is closed, so stalled or idle clients give their slot back.
+//! checked against Content-Length before reading and enforced while reading. The server is
+//! `inference::http_server` (shared with the inference API): `connections_max` connections are
+//! served at once (default 16, at most 1024), `connections_queued_max` more wait for a slot
+//! (default 16) at most `header_timeout_ms`, and the rest get 503 `too_many_connections` and are
+//! closed; headers must be complete within `header_timeout_ms` (default 10 s, also the longest
+//! wait for the next request on a kept-alive connection), a body within `body_timeout_ms`
+//! (default 30 s), and a connection that sends nothing for `idle_timeout_ms` (default 30 s)
+//! while the server waits to read from it is closed. So a slow client gives its slot back within
+//! a bounded time however it trickles, and the memory held by bodies is at most
+//! `connections_max` × `body_bytes_max`. Refusals and timeouts are counted as source errors
+//! (`too_many_connections`, `header_timeout`, `body_timeout`, `idle_timeout`), waits for a slot
+//! in `tributary_source_connections_queued_total`.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use inference::http_server::{
+    BODY_TIMEOUT_DEFAULT_MS, CONNECTIONS_QUEUED_MAX_DEFAULT, HEADER_TIMEOUT_DEFAULT_MS, HttpLimits,
+    IDLE_TIMEOUT_DEFAULT_MS,
+};
 use protocol::RECORD_PAYLOAD_BYTES_MAX;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::json_lines::{
     CONNECTIONS_DEFAULT, Intake, RecordMaker, connections_default, lane_and_connections,
 };
 use super::metrics::{SourceErrorKind, SourceMetrics};
-use super::{
-    Delivery, KeySequence, STOP_POLL_INTERVAL_MS, SourceConfigError, check_range, source_runtime,
-    validate_source_name,
-};
+use super::{Delivery, KeySequence, SourceConfigError, check_range, source_runtime, validate_source_name};
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
 
 /// Default largest body.
@@ -61,10 +67,6 @@ pub const RECORDS_PER_BODY_MAX: usize = 10_000;
 const PROBLEMS_REPORTED_MAX: usize = 10;
 /// How long requests in progress may finish after `stop` before they are cut off.
 const SHUTDOWN_GRACE_MS: u64 = 1_000;
-/// Default time a connection may send nothing while the server waits to read from it.
-pub(crate) const IDLE_TIMEOUT_DEFAULT_MS: u64 = 30_000;
-/// Shortest and longest `idle_timeout_ms` a config may ask for.
-const IDLE_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 
 const _: () = assert!(BODY_BYTES_DEFAULT <= BODY_BYTES_LIMIT);
 const _: () = assert!(BODY_BYTES_LIMIT <= RECORD_PAYLOAD_BYTES_MAX);
@@ -87,10 +89,31 @@ pub struct HttpConfig {
     /// Most connections served at once.
     #[serde(default = "connections_default")]
     pub connections_max: usize,
+    /// Most connections waiting for a slot (each at most `header_timeout_ms`); beyond, 503.
+    #[serde(default = "connections_queued_default")]
+    pub connections_queued_max: usize,
+    /// A request's headers must be complete this long after the server starts waiting for them.
+    #[serde(default = "header_timeout_default_ms")]
+    pub header_timeout_ms: u64,
+    /// A request's body must be complete this long after its headers (else 408).
+    #[serde(default = "body_timeout_default_ms")]
+    pub body_timeout_ms: u64,
     /// A connection that sends nothing for this long while the server waits for it (a stalled
     /// request or an idle keep-alive) is closed, so slow clients cannot hold every slot.
     #[serde(default = "idle_timeout_default_ms")]
     pub idle_timeout_ms: u64,
+}
+
+fn connections_queued_default() -> usize {
+    CONNECTIONS_QUEUED_MAX_DEFAULT
+}
+
+fn header_timeout_default_ms() -> u64 {
+    HEADER_TIMEOUT_DEFAULT_MS
+}
+
+fn body_timeout_default_ms() -> u64 {
+    BODY_TIMEOUT_DEFAULT_MS
 }
 
 fn idle_timeout_default_ms() -> u64 {
@@ -109,6 +132,9 @@ impl HttpConfig {
             lane: None,
             body_bytes_max: BODY_BYTES_DEFAULT,
             connections_max: CONNECTIONS_DEFAULT,
+            connections_queued_max: CONNECTIONS_QUEUED_MAX_DEFAULT,
+            header_timeout_ms: HEADER_TIMEOUT_DEFAULT_MS,
+            body_timeout_ms: BODY_TIMEOUT_DEFAULT_MS,
             idle_timeout_ms: IDLE_TIMEOUT_DEFAULT_MS,
         }
     }
@@ -121,8 +147,7 @@ pub struct HttpSource {
     listener: std::net::TcpListener,
     local_address: SocketAddr,
     body_bytes_max: usize,
-    connections_max: usize,
-    idle_timeout: Duration,
+    limits: HttpLimits,
     records: RecordMaker,
     metrics: Arc<SourceMetrics>,
 }
@@ -139,13 +164,14 @@ impl HttpSource {
             lane_and_connections(name, config.lane.as_deref(), config.connections_max)?;
         let body_bytes_max =
             check_range(name, "body_bytes_max", config.body_bytes_max, 1..=BODY_BYTES_LIMIT, "bytes")?;
-        let idle_timeout_ms = check_range(
-            name,
-            "idle_timeout_ms",
+        let limits = HttpLimits::from_config(
+            connections_max,
+            config.connections_queued_max,
+            config.header_timeout_ms,
+            config.body_timeout_ms,
             config.idle_timeout_ms,
-            IDLE_TIMEOUT_RANGE_MS,
-            "milliseconds",
-        )?;
+        )
+        .map_err(|error| SourceConfigError::invalid(name, error.key, error.expected, error.found))?;
         let listen_error = |error| SourceConfigError::Listen {
             source_name: name.to_string(),
             key: "listen",
@@ -160,8 +186,7 @@ impl HttpSource {
             listener,
             local_address,
             body_bytes_max,
-            connections_max,
-            idle_timeout: Duration::from_millis(idle_timeout_ms),
+            limits,
             records: RecordMaker::new(lane, Arc::new(KeySequence::starting_now(name))),
             metrics,
         })
@@ -176,6 +201,7 @@ impl HttpSource {
 /// What every request of one source shares.
 struct Shared {
     body_bytes_max: usize,
+    body_timeout: Duration,
     intake: Intake,
 }
 
@@ -187,17 +213,15 @@ impl Source for HttpSource {
     fn run(self: Box<Self>, out: RecordSender, stop: StopSignal) -> anyhow::Result<()> {
         let source = *self;
         let runtime = source_runtime()?;
+        let metrics = source.metrics.clone();
         let shared = Arc::new(Shared {
             body_bytes_max: source.body_bytes_max,
+            body_timeout: source.limits.body_timeout,
             intake: Intake::new(source.records, source.metrics, out, stop),
         });
-        info!(source = %source.name, address = %source.local_address, "http source listening");
+        info!(source = %source.name, address = %source.local_address, limits = ?source.limits, "http source listening");
         runtime.block_on(async move {
-            let listener = LimitedListener {
-                listener: TcpListener::from_std(source.listener)?,
-                connections: Arc::new(Semaphore::new(source.connections_max)),
-                idle_timeout: source.idle_timeout,
-            };
+            let listener = TcpListener::from_std(source.listener)?;
             let router = axum::Router::new()
                 .route(RECORDS_PATH, post(accept_records))
                 .fallback(unknown_path)
@@ -206,14 +230,18 @@ impl Source for HttpSource {
                 let shared = shared.clone();
                 async move { shared.intake.stopped().await }
             };
-            let server =
-                tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future());
-            shared.intake.stopped().await;
-            match tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => warn!(source = %source.name, %error, "http server failed"),
-                Ok(Err(error)) => warn!(source = %source.name, %error, "http server task failed"),
-                Err(_) => warn!(source = %source.name, "requests still in progress were cut off at shutdown"),
+            let served = inference::http_server::serve(
+                "records",
+                listener,
+                router,
+                source.limits,
+                metrics,
+                shutdown,
+                Duration::from_millis(SHUTDOWN_GRACE_MS),
+            )
+            .await;
+            if let Err(error) = served {
+                warn!(source = %source.name, %error, "http server failed");
             }
             anyhow::Ok(())
         })
@@ -244,11 +272,25 @@ async fn accept_records(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     if declared_bytes.is_some_and(|bytes| bytes > shared.body_bytes_max as u64) {
         return too_large();
     }
-    let body = match axum::body::to_bytes(body, shared.body_bytes_max).await {
-        Ok(body) => body,
-        // Either the limit was hit or the client went away; only the former gets to read this.
-        Err(_) => return too_large(),
-    };
+    let body =
+        match tokio::time::timeout(shared.body_timeout, axum::body::to_bytes(body, shared.body_bytes_max))
+            .await
+        {
+            Ok(Ok(body)) => body,
+            // Either the limit was hit or the client went away; only the former gets to read this.
+            Ok(Err(_)) => return too_large(),
+            Err(_) => {
+                shared.intake.metrics.count_error(SourceErrorKind::BodyTimeout);
+                let message = format!(
+                    "request body not complete within {} ms; send it at once",
+                    shared.body_timeout.as_millis()
+                );
+                let mut response = answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": message }));
+                // The rest of the body was not read: this connection cannot carry another request.
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+        };
     let records = match records_from_body(&shared.intake.records, &body, &shared.intake.metrics) {
         Ok(records) => records,
         Err((status, body)) => return answer(status, body),
@@ -318,102 +360,4 @@ fn records_from_body(
         return Err((StatusCode::BAD_REQUEST, json!({ "error": message, "problems": problems })));
     }
     Ok(records)
-}
-
-/// Accepts a connection only while fewer than `connections` are open; the others wait in the
-/// kernel's backlog.
-struct LimitedListener {
-    listener: TcpListener,
-    connections: Arc<Semaphore>,
-    idle_timeout: Duration,
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (LimitedStream, SocketAddr) {
-        let permit = self.connections.clone().acquire_owned().await.expect("the semaphore is never closed");
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, address)) => {
-                    let idle_deadline = Box::pin(tokio::time::sleep(self.idle_timeout));
-                    let stream = LimitedStream {
-                        stream,
-                        idle_timeout: self.idle_timeout,
-                        idle_deadline,
-                        _permit: permit,
-                    };
-                    return (stream, address);
-                }
-                Err(error) => {
-                    // Running out of file descriptors must not end the source; wait and retry.
-                    warn!(%error, "accepting an http connection failed");
-                    tokio::time::sleep(Duration::from_millis(STOP_POLL_INTERVAL_MS)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
-/// A connection that gives its slot back when it closes, and fails a read that has waited
-/// `idle_timeout` since the last bytes arrived.
-struct LimitedStream {
-    stream: TcpStream,
-    idle_timeout: Duration,
-    idle_deadline: Pin<Box<tokio::time::Sleep>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-        buffer: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_read(context, buffer) {
-            Poll::Ready(result) => {
-                let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                this.idle_deadline.as_mut().reset(deadline);
-                Poll::Ready(result)
-            }
-            Poll::Pending => match this.idle_deadline.as_mut().poll(context) {
-                Poll::Ready(()) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long")))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(self: Pin<&mut Self>, context: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(context, bytes)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(context)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(context)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-        buffers: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(context, buffers)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
 }

@@ -10,7 +10,13 @@
 //!
 //! Limits: `line_bytes_max` per line (default 64 KiB, at most 1 MiB), `connections_max` open
 //! connections (default `CONNECTIONS_DEFAULT`, 16; at most `CONNECTIONS_LIMIT`, 1024), one read
-//! buffer of `READ_BUFFER_BYTES` and one line buffer per connection.
+//! buffer of `READ_BUFFER_BYTES` and one line buffer per connection. A connection that does not
+//! complete a line within `idle_timeout_ms` (default `IDLE_TIMEOUT_DEFAULT_MS`, 5 min; 100 ms
+//! ..= 1 h), idle or trickling bytes, is closed and counted (`idle_timeout`), so silent or slow
+//! clients cannot keep every slot; the same bound applies to writing an error answer to a
+//! client that does not read. While the pipeline is behind the clock does not run (that wait is
+//! backpressure, not the client's fault). The refusal of a connection over the limit is written
+//! without waiting (`try_write`), so refused clients cost no task.
 //!
 //! The socket file is created when the source is built (a stale socket file from an earlier run
 //! is replaced; any other kind of file there is a config error) and removed when `run` returns.
@@ -19,8 +25,11 @@ use std::io;
 use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use inference::http_server::TIMEOUT_RANGE_MS;
 use serde::Deserialize;
+use telemetry::LogRateLimit;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
@@ -38,6 +47,8 @@ use crate::source::{RecordSender, Source, StopSignal};
 
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Default time a connection may take to complete a line.
+pub(crate) const IDLE_TIMEOUT_DEFAULT_MS: u64 = 300_000;
 
 /// Settings of a `json_socket` source.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -54,10 +65,18 @@ pub struct JsonSocketConfig {
     /// Most connections served at once.
     #[serde(default = "connections_default")]
     pub connections_max: usize,
+    /// A connection that does not complete a line (or take an error answer) within this long is
+    /// closed.
+    #[serde(default = "idle_timeout_default_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 fn line_bytes_default() -> usize {
     LINE_BYTES_DEFAULT
+}
+
+fn idle_timeout_default_ms() -> u64 {
+    IDLE_TIMEOUT_DEFAULT_MS
 }
 
 impl JsonSocketConfig {
@@ -68,6 +87,7 @@ impl JsonSocketConfig {
             lane: None,
             line_bytes_max: LINE_BYTES_DEFAULT,
             connections_max: CONNECTIONS_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_DEFAULT_MS,
         }
     }
 }
@@ -80,6 +100,7 @@ pub struct JsonSocketSource {
     listener: std::os::unix::net::UnixListener,
     line_bytes_max: usize,
     connections_max: usize,
+    idle_timeout: Duration,
     records: RecordMaker,
     metrics: Arc<SourceMetrics>,
 }
@@ -97,6 +118,8 @@ impl JsonSocketSource {
             lane_and_connections(name, config.lane.as_deref(), config.connections_max)?;
         let line_bytes_max =
             check_range(name, "line_bytes_max", config.line_bytes_max, 1..=LINE_BYTES_LIMIT, "bytes")?;
+        let idle_timeout_ms =
+            check_range(name, "idle_timeout_ms", config.idle_timeout_ms, TIMEOUT_RANGE_MS, "milliseconds")?;
         let listen_error = |error| SourceConfigError::Listen {
             source_name: name.to_string(),
             key: "path",
@@ -112,6 +135,7 @@ impl JsonSocketSource {
             listener,
             line_bytes_max,
             connections_max,
+            idle_timeout: Duration::from_millis(idle_timeout_ms),
             records: RecordMaker::new(lane, Arc::new(KeySequence::starting_now(name))),
             metrics,
         })
@@ -150,7 +174,22 @@ impl Drop for SocketFileGuard<'_> {
 struct Shared {
     name: String,
     line_bytes_max: usize,
+    idle_timeout: Duration,
     intake: Intake,
+    /// One log line per interval for refusals and for timeouts (the metrics count them all).
+    refusal_logs: std::sync::Mutex<LogRateLimit>,
+    timeout_logs: std::sync::Mutex<LogRateLimit>,
+}
+
+/// One log line per this interval for each repeating condition.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs `message` unless one was logged within `LOG_INTERVAL`.
+fn log_limited(limit: &std::sync::Mutex<LogRateLimit>, source: &str, message: &str) {
+    let allowed = limit.lock().unwrap_or_else(std::sync::PoisonError::into_inner).allow(Instant::now());
+    if let Some(suppressed) = allowed {
+        warn!(source, suppressed, "{message}");
+    }
 }
 
 impl Source for JsonSocketSource {
@@ -165,7 +204,10 @@ impl Source for JsonSocketSource {
         let shared = Arc::new(Shared {
             name: source.name.clone(),
             line_bytes_max: source.line_bytes_max,
+            idle_timeout: source.idle_timeout,
             intake: Intake::new(source.records, source.metrics, out, stop),
+            refusal_logs: std::sync::Mutex::new(LogRateLimit::new(LOG_INTERVAL)),
+            timeout_logs: std::sync::Mutex::new(LogRateLimit::new(LOG_INTERVAL)),
         });
         info!(source = %shared.name, path = %source.path.display(), "json socket source listening");
         // Dropping the runtime when this returns cancels every connection task.
@@ -185,7 +227,7 @@ async fn accept_connections(
             accepted = listener.accept() => accepted,
             () = shared.intake.stopped() => return Ok(()),
         };
-        let mut stream = match accepted {
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Running out of file descriptors must not end the source; wait and retry.
@@ -197,12 +239,18 @@ async fn accept_connections(
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             shared.intake.metrics.count_error(SourceErrorKind::TooManyConnections);
-            warn!(source = %shared.name, connections_max, "turned a connection away: too many connections");
-            let message = format!("too many connections (at most {connections_max}); try again later");
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _ = answer_error(&mut stream, &message, &shared).await;
-            });
+            log_limited(
+                &shared.refusal_logs,
+                &shared.name,
+                &format!("turned a connection away: too many connections (at most {connections_max})"),
+            );
+            let mut answer = serde_json::json!({
+                "error": format!("too many connections (at most {connections_max}); try again later")
+            })
+            .to_string();
+            answer.push('\n');
+            // Without waiting: a refused client that does not read gets less, and costs no task.
+            let _ = stream.try_write(answer.as_bytes());
             continue;
         };
         let shared = shared.clone();
@@ -219,15 +267,19 @@ async fn serve_connection(stream: UnixStream, shared: &Shared) {
     let mut line = Vec::new();
     let mut line_number: u64 = 0;
     loop {
-        let read =
-            match super::json_lines::read_line_bounded(&mut reader, &mut line, shared.line_bytes_max).await {
-                Ok(read) => read,
-                Err(error) => {
-                    shared.intake.metrics.count_error(SourceErrorKind::Io);
-                    debug!(source = %shared.name, %error, "reading from a client failed");
-                    return;
-                }
-            };
+        let read_line = super::json_lines::read_line_bounded(&mut reader, &mut line, shared.line_bytes_max);
+        let read = match tokio::time::timeout(shared.idle_timeout, read_line).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(error)) => {
+                shared.intake.metrics.count_error(SourceErrorKind::Io);
+                debug!(source = %shared.name, %error, "reading from a client failed");
+                return;
+            }
+            Err(_) => {
+                timed_out(shared, "closed a connection that completed no line within idle_timeout_ms");
+                return;
+            }
+        };
         line_number += 1;
         let outcome = match read {
             LineRead::End => return,
@@ -252,7 +304,14 @@ async fn serve_connection(stream: UnixStream, shared: &Shared) {
     }
 }
 
-/// Writes `{"error": message}` and a newline.
+/// Counts and (rate-limited) logs a connection closed by `idle_timeout`.
+fn timed_out(shared: &Shared, message: &str) {
+    shared.intake.metrics.count_error(SourceErrorKind::IdleTimeout);
+    log_limited(&shared.timeout_logs, &shared.name, message);
+}
+
+/// Writes `{"error": message}` and a newline, within `idle_timeout` (a client that never reads
+/// cannot hold its slot by filling the socket buffer).
 async fn answer_error<W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &str,
@@ -260,7 +319,16 @@ async fn answer_error<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut answer = serde_json::json!({ "error": message }).to_string();
     answer.push('\n');
-    let written = writer.write_all(answer.as_bytes()).await;
+    let written = match tokio::time::timeout(shared.idle_timeout, writer.write_all(answer.as_bytes())).await {
+        Ok(written) => written,
+        Err(_) => {
+            timed_out(
+                shared,
+                "closed a connection that did not read its error answers within idle_timeout_ms",
+            );
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "client did not read its answer"));
+        }
+    };
     if let Err(error) = &written {
         shared.intake.metrics.count_error(SourceErrorKind::Io);
         debug!(source = %shared.name, %error, "answering a client failed");

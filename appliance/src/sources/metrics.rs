@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use inference::http_server::{ConnectionEvent, ConnectionObserver};
+
 /// Why a source dropped an input or failed an operation; one counter each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SourceErrorKind {
@@ -36,10 +38,16 @@ pub enum SourceErrorKind {
     CameraFrame,
     /// A camera frame larger than a record may be.
     FrameTooLarge,
+    /// A connection closed because its request headers were not complete in time.
+    HeaderTimeout,
+    /// A request answered 408 because its body was not complete in time.
+    BodyTimeout,
+    /// A connection closed because it sent nothing (or no complete line) for too long.
+    IdleTimeout,
 }
 
 impl SourceErrorKind {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 18;
     pub const ALL: [SourceErrorKind; SourceErrorKind::COUNT] = [
         SourceErrorKind::InvalidJson,
         SourceErrorKind::InvalidRecord,
@@ -56,6 +64,9 @@ impl SourceErrorKind {
         SourceErrorKind::SensorOutOfRange,
         SourceErrorKind::CameraFrame,
         SourceErrorKind::FrameTooLarge,
+        SourceErrorKind::HeaderTimeout,
+        SourceErrorKind::BodyTimeout,
+        SourceErrorKind::IdleTimeout,
     ];
 
     /// The `kind` label in metrics.
@@ -76,6 +87,9 @@ impl SourceErrorKind {
             SourceErrorKind::SensorOutOfRange => "sensor_out_of_range",
             SourceErrorKind::CameraFrame => "camera_frame",
             SourceErrorKind::FrameTooLarge => "frame_too_large",
+            SourceErrorKind::HeaderTimeout => "header_timeout",
+            SourceErrorKind::BodyTimeout => "body_timeout",
+            SourceErrorKind::IdleTimeout => "idle_timeout",
         }
     }
 
@@ -99,6 +113,29 @@ pub struct SourceMetrics {
     records_produced: AtomicU64,
     payload_bytes_produced: AtomicU64,
     errors: [AtomicU64; SourceErrorKind::COUNT],
+    connections_queued: AtomicU64,
+}
+
+/// The HTTP source's server reports here: refusals and timeouts are errors by kind, waiting for
+/// a slot is counted on its own.
+impl ConnectionObserver for SourceMetrics {
+    fn connection_event(&self, event: ConnectionEvent) {
+        match event {
+            ConnectionEvent::Refused => {
+                self.count_error(SourceErrorKind::TooManyConnections);
+            }
+            ConnectionEvent::HeaderTimeout => {
+                self.count_error(SourceErrorKind::HeaderTimeout);
+            }
+            ConnectionEvent::IdleTimeout => {
+                self.count_error(SourceErrorKind::IdleTimeout);
+            }
+            ConnectionEvent::Queued => {
+                self.connections_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            ConnectionEvent::Accepted | ConnectionEvent::Closed => {}
+        }
+    }
 }
 
 impl SourceMetrics {
@@ -110,6 +147,11 @@ impl SourceMetrics {
     /// Payload bytes of the records handed to the pipeline.
     pub fn payload_bytes_produced(&self) -> u64 {
         self.payload_bytes_produced.load(Ordering::Relaxed)
+    }
+
+    /// Connections that found every slot taken and waited for one (HTTP source).
+    pub fn connections_queued(&self) -> u64 {
+        self.connections_queued.load(Ordering::Relaxed)
     }
 
     /// Errors of one kind.
@@ -130,11 +172,12 @@ impl SourceMetrics {
 }
 
 /// Appends every source's counters to `out` in the Prometheus text format, one family each:
-/// `tributary_source_records_total{source}`, `tributary_source_payload_bytes_total{source}` and
+/// `tributary_source_records_total{source}`, `tributary_source_payload_bytes_total{source}`,
+/// `tributary_source_connections_queued_total{source}` and
 /// `tributary_source_errors_total{source,kind}`.
 pub fn render_prometheus(sources: &[(&str, &SourceMetrics)], out: &mut String) {
     type Value = fn(&SourceMetrics) -> u64;
-    let families: [(&str, &str, Value); 2] = [
+    let families: [(&str, &str, Value); 3] = [
         ("tributary_source_records_total", "Records a source handed to the pipeline.", |metrics| {
             metrics.records_produced()
         }),
@@ -142,6 +185,11 @@ pub fn render_prometheus(sources: &[(&str, &SourceMetrics)], out: &mut String) {
             "tributary_source_payload_bytes_total",
             "Payload bytes a source handed to the pipeline.",
             |metrics| metrics.payload_bytes_produced(),
+        ),
+        (
+            "tributary_source_connections_queued_total",
+            "Connections that waited for a slot (every connections_max slot was taken).",
+            |metrics| metrics.connections_queued(),
         ),
     ];
     for (family, help, value) in families {

@@ -17,11 +17,12 @@
 //!
 //! [sources.local-sensors]
 //! kind = "json_socket"
-//! path = "/run/tributary/sensors.sock"
+//! path = "/run/tributary/sensors.sock"   # line_bytes_max, connections_max, idle_timeout_ms (300000)
 //!
 //! [sources.web]
 //! kind = "http"
-//! listen = "127.0.0.1:8081"
+//! listen = "127.0.0.1:8081"    # body_bytes_max, connections_max (16), connections_queued_max (16),
+//!                              # header_timeout_ms (10000), body_timeout_ms (30000), idle_timeout_ms (30000)
 //!
 //! [sources.devkit-sensors]
 //! kind = "board"
@@ -41,7 +42,8 @@
 //! key, less '-' and 20 digits. Clients of the JSON sources may bring their own keys.
 //!
 //! Limits, each a named constant next to the code it bounds: JSON line and body sizes
-//! (`json_lines.rs`), open connections per socket or HTTP source, files tracked per directory
+//! (`json_lines.rs`), open and queued connections and the header, body and idle timeouts per socket
+//! or HTTP source (`http.rs`, `json_socket.rs`, `inference::http_server`), files tracked per directory
 //! poll (`directory.rs`), and how often a blocked or sleeping source looks at its stop signal
 //! (`STOP_POLL_INTERVAL_MS`, 20 ms), which is how quickly every source returns after `stop`.
 //!
