@@ -24,6 +24,8 @@ pub struct MetricsSources {
     pub datasets: Option<Arc<DatasetMetrics>>,
     pub in_flight_available: Arc<tokio::sync::Semaphore>,
     pub in_flight_bytes_max: u64,
+    /// The onboarding authority's counters, when `[onboarding]` is configured.
+    pub onboarding: Option<Arc<onboarding::authority::AuthorityMetrics>>,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
@@ -164,6 +166,9 @@ pub fn render(sources: &MetricsSources) -> String {
         "Raw landing files closed (least recently used first) to stay within open_files_max.",
         &sink.landing_files_closed_at_limit,
     );
+    if let Some(authority) = &sources.onboarding {
+        render_onboarding(&mut out, authority);
+    }
     if let Some(datasets) = &sources.datasets {
         counter(
             &mut out,
@@ -252,5 +257,60 @@ pub async fn serve(listener: TcpListener, sources: MetricsSources) {
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+/// The onboarding authority's counters; refusals per `RejectionCode` (the codes a claim holder
+/// or device provokes: `docs/operations.md`, "Threat model").
+fn render_onboarding(out: &mut String, authority: &onboarding::authority::AuthorityMetrics) {
+    for (name, help, value) in [
+        ("accepted", "Onboarding requests answered with a new certificate.", &authority.accepted),
+        (
+            "reanswered",
+            "Requests answered again with the certificate already issued to their key.",
+            &authority.reanswered,
+        ),
+        ("pending", "Requests waiting for an operator's approval.", &authority.pending),
+        ("ignored", "Messages ignored (invalid topic, unparsable, revoked sender).", &authority.ignored),
+        ("heartbeats", "Device heartbeats recorded.", &authority.heartbeats),
+        ("config_acks", "Config acks recorded.", &authority.config_acks),
+        ("configs_published", "Config documents published.", &authority.configs_published),
+    ] {
+        counter(out, &format!("tributary_onboarding_{name}_total"), help, value);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tributary_onboarding_rejected_total Onboarding requests refused, per code.\n# TYPE tributary_onboarding_rejected_total counter"
+    );
+    for code in onboarding::RejectionCode::ALL {
+        let _ = writeln!(
+            out,
+            "tributary_onboarding_rejected_total{{code=\"{}\"}} {}",
+            code.as_str(),
+            authority.rejections(code)
+        );
+    }
+}
+
+#[cfg(test)]
+mod onboarding_tests {
+    use super::*;
+
+    #[test]
+    fn onboarding_refusals_are_exported_per_code() {
+        let authority = Arc::new(onboarding::authority::AuthorityMetrics::default());
+        authority.count_rejection(onboarding::RejectionCode::TokenUsed);
+        authority.count_rejection(onboarding::RejectionCode::TokenUsed);
+        let sources = MetricsSources {
+            sink: Arc::new(SinkMetrics::default()),
+            datasets: None,
+            in_flight_available: Arc::new(tokio::sync::Semaphore::new(8)),
+            in_flight_bytes_max: 8,
+            onboarding: Some(authority),
+        };
+        let text = render(&sources);
+        assert!(text.contains("tributary_onboarding_rejected_total{code=\"token_used\"} 2"), "{text}");
+        assert!(text.contains("tributary_onboarding_rejected_total{code=\"key_mismatch\"} 0"), "{text}");
+        assert!(text.contains("tributary_onboarding_accepted_total 0"), "{text}");
     }
 }

@@ -196,6 +196,7 @@ impl Sink {
                 datasets: datasets.as_ref().map(|datasets| datasets.metrics.clone()),
                 in_flight_available: context.in_flight.clone(),
                 in_flight_bytes_max: config.in_flight_bytes_max,
+                onboarding: onboarding.as_ref().map(|authority| authority.shared_metrics()),
             };
             tasks.push(tokio::spawn(crate::metrics::serve(listener, sources)));
         }

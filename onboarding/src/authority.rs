@@ -133,7 +133,8 @@ impl AuthorityMetrics {
         self.rejected_by_code.get(code.index()).map_or(0, |count| count.load(Ordering::Relaxed))
     }
 
-    fn count_rejection(&self, code: RejectionCode) {
+    /// Counts one request refused with `code`.
+    pub fn count_rejection(&self, code: RejectionCode) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         if let Some(count) = self.rejected_by_code.get(code.index()) {
             count.fetch_add(1, Ordering::Relaxed);
@@ -239,6 +240,11 @@ impl Authority {
 
     pub fn metrics(&self) -> &AuthorityMetrics {
         &self.metrics
+    }
+
+    /// The counters, for an endpoint that outlives this borrow (the sink's `/metrics`).
+    pub fn shared_metrics(&self) -> Arc<AuthorityMetrics> {
+        self.metrics.clone()
     }
 
     /// Waits until connected and subscribed, at most `limit`.
