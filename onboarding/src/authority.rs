@@ -72,6 +72,14 @@ pub struct AuthorityConfig {
     /// How often the registry is checked for config changes made by the CLI.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Onboarding requests handled per second (a burst of the same size); beyond it a request is
+    /// refused `rate_limited` before its CSR is even parsed, and the device asks again later.
+    #[serde(default = "default_requests_per_second_max")]
+    pub requests_per_second_max: u32,
+    /// Unapproved pending devices the registry holds (approval mode); a request for a new id
+    /// beyond it is refused `too_many_pending` until the operator approves or forgets some.
+    #[serde(default = "default_pending_devices_max")]
+    pub pending_devices_max: u32,
 }
 
 fn default_certificate_validity_days() -> u32 {
@@ -79,6 +87,12 @@ fn default_certificate_validity_days() -> u32 {
 }
 fn default_poll_interval_ms() -> u64 {
     500
+}
+fn default_requests_per_second_max() -> u32 {
+    100
+}
+fn default_pending_devices_max() -> u32 {
+    1_000
 }
 
 impl AuthorityConfig {
@@ -100,6 +114,18 @@ impl AuthorityConfig {
             return Err(format!(
                 "onboarding.poll_interval_ms = {}: expected 10..=60000",
                 self.poll_interval_ms
+            ));
+        }
+        if !(1..=100_000).contains(&self.requests_per_second_max) {
+            return Err(format!(
+                "onboarding.requests_per_second_max = {}: expected 1..=100000",
+                self.requests_per_second_max
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.pending_devices_max) {
+            return Err(format!(
+                "onboarding.pending_devices_max = {}: expected 1..=1000000",
+                self.pending_devices_max
             ));
         }
         if self.broker.host.is_empty() || self.sink_address.is_empty() || self.sink_server_name.is_empty() {
@@ -163,6 +189,8 @@ struct Handler {
     registry: Registry,
     signer: CsrSigner,
     metrics: Arc<AuthorityMetrics>,
+    /// `requests_per_second_max`; only the authority's task takes from it.
+    requests: std::sync::Mutex<telemetry::TokenBucket>,
 }
 
 /// A running authority.
@@ -209,7 +237,10 @@ impl Authority {
         let metrics = Arc::new(AuthorityMetrics::default());
         let (stop, mut stopped) = watch::channel(false);
         let (ready_sender, ready) = watch::channel(false);
-        let handler = Handler { config, registry: registry.clone(), signer, metrics: metrics.clone() };
+        let rate = u64::from(config.requests_per_second_max);
+        let requests = std::sync::Mutex::new(telemetry::TokenBucket::new(rate, rate));
+        let handler =
+            Handler { config, registry: registry.clone(), signer, metrics: metrics.clone(), requests };
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(handler.config.poll_interval_ms));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -293,7 +324,18 @@ impl Handler {
             tracing::warn!(topic_key = shown, "onboarding request on an invalid topic ignored");
             return;
         }
-        let (device_id, decision) = match self.decide(topic_key, payload) {
+        let within_rate = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_take(std::time::Instant::now(), 1);
+        let decided = if within_rate {
+            self.decide(topic_key, payload)
+        } else {
+            let message = "the authority is busy; ask again later".to_owned();
+            Ok((None, Decision::Rejected(RejectionCode::RateLimited, message)))
+        };
+        let (device_id, decision) = match decided {
             Ok(outcome) => outcome,
             Err(error) => {
                 tracing::error!(topic_key, %error, "onboarding request failed");
@@ -417,6 +459,7 @@ impl Handler {
                     config: record.config.clone(),
                 }));
             }
+            let is_new_record = existing.is_none();
             let mut record =
                 existing.unwrap_or_else(|| Registry::new_record(device_id, &self.config.default_config));
             let bound_to_other_key =
@@ -479,6 +522,17 @@ impl Handler {
                                 "device id {device_id} is requested by another key; if that is not \
                                  yours, the operator can approve yours: `core-sink fleet approve \
                                  {device_id} --key-sha256 {key_sha256}`"
+                            ),
+                        );
+                    }
+                    if is_new_record
+                        && transaction.unapproved_count()? >= u64::from(self.config.pending_devices_max)
+                    {
+                        return refuse(
+                            RejectionCode::TooManyPending,
+                            format!(
+                                "{} devices already wait for approval; ask again later",
+                                self.config.pending_devices_max
                             ),
                         );
                     }

@@ -33,6 +33,9 @@ pub enum FleetCommand {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Forget pending DEVICE (one you will not approve): its record goes, its id is free again,
+    /// and it no longer counts against `pending_devices_max`.
+    Forget { device: String },
     /// Revoke DEVICE: the QUIC sink refuses it within revocation_reload_ms and it cannot onboard again.
     Revoke { device: String },
     /// Devices with state, last heartbeat, uplink lag, ring fill and version.
@@ -105,6 +108,10 @@ pub fn run(
                 version = registry.set_config(&device, key, value)?;
             }
             Ok(format!("device {device}: config version {version} (delivered at the authority's next poll)"))
+        }
+        FleetCommand::Forget { device } => {
+            registry()?.forget_pending(&device)?;
+            Ok(format!("pending device {device} forgotten"))
         }
         FleetCommand::Revoke { device } => {
             RevocationList::revoke(revocation_file, &device)?;

@@ -343,6 +343,8 @@ async fn exchange(
                 let device_id = &config.device_id;
                 tracing::warn!(device_id, answer = ?other, "onboarding not completed; asking again");
                 unanswered += 1;
+                // A busy authority (rate limit, too many pending) is not asked again at once.
+                tokio::time::sleep_until(deadline).await;
             }
             None => unanswered += 1,
         }

@@ -86,12 +86,16 @@ pub enum RejectionCode {
     /// The device id is bound to another key: requested by it (pending) or approved for it.
     KeyMismatch,
     DeviceRevoked,
+    /// More requests per second than `requests_per_second_max`; ask again later.
+    RateLimited,
+    /// `pending_devices_max` unapproved devices are waiting already; ask again later.
+    TooManyPending,
     InternalError,
 }
 
 impl RejectionCode {
     /// Every code, in declaration order (`index` is the position here).
-    pub const ALL: [RejectionCode; 17] = [
+    pub const ALL: [RejectionCode; 19] = [
         RejectionCode::PayloadTooLarge,
         RejectionCode::MalformedPayload,
         RejectionCode::TopicMismatch,
@@ -108,6 +112,8 @@ impl RejectionCode {
         RejectionCode::DeviceIdTaken,
         RejectionCode::KeyMismatch,
         RejectionCode::DeviceRevoked,
+        RejectionCode::RateLimited,
+        RejectionCode::TooManyPending,
         RejectionCode::InternalError,
     ];
 
@@ -134,13 +140,19 @@ impl RejectionCode {
             RejectionCode::DeviceIdTaken => "device_id_taken",
             RejectionCode::KeyMismatch => "key_mismatch",
             RejectionCode::DeviceRevoked => "device_revoked",
+            RejectionCode::RateLimited => "rate_limited",
+            RejectionCode::TooManyPending => "too_many_pending",
             RejectionCode::InternalError => "internal_error",
         }
     }
 
-    /// Whether asking again with the same request can succeed (only an internal error can).
+    /// Whether asking again with the same request can succeed (after an internal error or a
+    /// limit of the authority's, it can).
     pub fn is_permanent(self) -> bool {
-        self != RejectionCode::InternalError
+        !matches!(
+            self,
+            RejectionCode::InternalError | RejectionCode::RateLimited | RejectionCode::TooManyPending
+        )
     }
 }
 

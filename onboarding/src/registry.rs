@@ -2,7 +2,10 @@
 //!
 //! Layout: database `tokens`, key = SHA-256 of the token (hex; the token itself is shown once by
 //! `create_tokens` and never stored), value = [`TokenRecord`] as JSON; database `devices`, key =
-//! device id, value = [`DeviceRecord`] as JSON. Values are small (a record with certificate and
+//! device id, value = [`DeviceRecord`] as JSON; database `unapproved`, key = device id of every
+//! pending record no operator approved (what anyone holding the claim identity can create), value
+//! empty: an index kept by `put_device` and rebuilt at open, so the authority bounds these
+//! records (`pending_devices_max`) with one O(1) count. Values are small (a record with certificate and
 //! heartbeat is about 3 KiB), so the map (`REGISTRY_MAP_BYTES`, 256 MiB) holds tens of thousands
 //! of devices.
 //!
@@ -115,6 +118,11 @@ impl DeviceRecord {
             config_ack_message: None,
         }
     }
+
+    /// A record that a request without a token created and no operator approved yet.
+    fn is_unapproved_request(&self) -> bool {
+        self.state == DeviceState::Pending && !self.approved
+    }
 }
 
 /// A handle on the registry; clones share one environment.
@@ -124,6 +132,7 @@ pub struct Registry {
     env: Env<WithoutTls>,
     tokens: Database<Str, Bytes>,
     devices: Database<Str, Bytes>,
+    unapproved: Database<Str, Bytes>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -173,7 +182,7 @@ impl Registry {
             move |source| OnboardingError::Registry { path, operation, source }
         };
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(REGISTRY_MAP_BYTES).max_dbs(2);
+        options.map_size(REGISTRY_MAP_BYTES).max_dbs(3);
         // SAFETY: opened once per path per process (the map above), default flags (every commit
         // fsynced): a signed certificate is recorded durably before it is sent.
         let env = unsafe { options.open(&key) }.map_err(error("open"))?;
@@ -181,14 +190,70 @@ impl Registry {
         let mut txn = env.write_txn().map_err(error("begin"))?;
         let tokens = env.create_database(&mut txn, Some("tokens")).map_err(error("create tokens"))?;
         let devices = env.create_database(&mut txn, Some("devices")).map_err(error("create devices"))?;
+        let unapproved =
+            env.create_database(&mut txn, Some("unapproved")).map_err(error("create unapproved"))?;
         txn.commit().map_err(error("commit"))?;
-        let registry = Registry { path: key.clone(), env, tokens, devices };
+        let registry = Registry { path: key.clone(), env, tokens, devices, unapproved };
+        registry.rebuild_unapproved_index()?;
         opened.insert(key, registry.clone());
         Ok(registry)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Recomputes the `unapproved` index from the device records (a registry written before the
+    /// index existed, or one edited by hand, comes out consistent).
+    fn rebuild_unapproved_index(&self) -> Result<(), OnboardingError> {
+        let outcome: Result<(), std::convert::Infallible> = self.write(|transaction| {
+            let registry = transaction.registry;
+            registry.unapproved.clear(&mut transaction.txn).map_err(registry.error("clear unapproved"))?;
+            let mut unapproved = Vec::new();
+            for entry in registry.devices.iter(&transaction.txn).map_err(registry.error("read devices"))? {
+                let (device_id, bytes) = entry.map_err(registry.error("read devices"))?;
+                let record: DeviceRecord = registry.decode(&format!("device {device_id}"), bytes)?;
+                if record.is_unapproved_request() {
+                    unapproved.push(record.device_id);
+                }
+            }
+            for device_id in unapproved {
+                registry
+                    .unapproved
+                    .put(&mut transaction.txn, &device_id, &[])
+                    .map_err(registry.error("write unapproved"))?;
+            }
+            Ok(Ok(()))
+        })?;
+        let Ok(()) = outcome;
+        Ok(())
+    }
+
+    /// Removes the record of a pending device (approved or not), so its id and its place among
+    /// the `pending_devices_max` are free again. Refuses active and revoked devices: those
+    /// records are the certificate's and the revocation's history.
+    pub fn forget_pending(&self, device_id: &str) -> Result<(), OnboardingError> {
+        self.write(|transaction| {
+            let Some(record) = transaction.device(device_id)? else {
+                return Ok(Err(OnboardingError::UnknownDevice { device_id: device_id.to_owned() }));
+            };
+            if record.state != DeviceState::Pending {
+                return Ok(Err(OnboardingError::Config(format!(
+                    "device {device_id} is {}: only a pending device can be forgotten (revoke it instead)",
+                    record.state.as_str()
+                ))));
+            }
+            let registry = transaction.registry;
+            registry
+                .devices
+                .delete(&mut transaction.txn, device_id)
+                .map_err(registry.error("delete device"))?;
+            registry
+                .unapproved
+                .delete(&mut transaction.txn, device_id)
+                .map_err(registry.error("delete unapproved"))?;
+            Ok(Ok(()))
+        })?
     }
 
     fn error(&self, operation: &'static str) -> impl FnOnce(heed::Error) -> OnboardingError + '_ {
@@ -426,12 +491,32 @@ impl Transaction<'_> {
         self.registry.device_in(&self.txn, device_id)
     }
 
+    /// Writes `record` and keeps the `unapproved` index in step with it.
     pub fn put_device(&mut self, record: &DeviceRecord) -> Result<(), OnboardingError> {
+        let registry = self.registry;
         let bytes = serde_json::to_vec(record).expect("a device record serializes");
-        self.registry
+        registry
             .devices
             .put(&mut self.txn, &record.device_id, &bytes)
-            .map_err(self.registry.error("write device"))
+            .map_err(registry.error("write device"))?;
+        if record.is_unapproved_request() {
+            registry
+                .unapproved
+                .put(&mut self.txn, &record.device_id, &[])
+                .map_err(registry.error("write unapproved"))
+        } else {
+            registry
+                .unapproved
+                .delete(&mut self.txn, &record.device_id)
+                .map(drop)
+                .map_err(registry.error("delete unapproved"))
+        }
+    }
+
+    /// Pending records no operator approved (O(1): the index's entry count).
+    pub fn unapproved_count(&self) -> Result<u64, OnboardingError> {
+        let registry = self.registry;
+        registry.unapproved.len(&self.txn).map_err(registry.error("count unapproved"))
     }
 }
 
@@ -474,5 +559,41 @@ mod tests {
         assert_eq!(outcome, Err(()));
         // A second open in the same process shares the environment.
         Registry::open(directory.path()).expect("second open");
+    }
+
+    #[test]
+    fn the_unapproved_index_follows_the_records() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let registry = Registry::open(directory.path()).expect("open");
+        let count = || {
+            registry.write(|transaction| Ok(Err::<(), u64>(transaction.unapproved_count()?))).expect("count")
+        };
+        let put = |record: DeviceRecord| {
+            registry.write(|transaction| transaction.put_device(&record).map(Ok::<(), ()>)).expect("put")
+        };
+        put(DeviceRecord::new("a", &BTreeMap::new())).expect("a");
+        put(DeviceRecord::new("b", &BTreeMap::new())).expect("b");
+        assert_eq!(count(), Err(2));
+        registry.approve("a", None, &BTreeMap::new()).expect("approve");
+        assert_eq!(count(), Err(1), "an approved record is the operator's, not a claim holder's");
+        registry.forget_pending("b").expect("forget");
+        assert_eq!(count(), Err(0));
+        assert!(registry.device("b").expect("read").is_none());
+        registry.revoke("c").expect("revoke");
+        assert_eq!(count(), Err(0));
+        assert!(registry.forget_pending("c").is_err(), "a revoked record stays");
+        put(DeviceRecord::new("d", &BTreeMap::new())).expect("d");
+        // Dropped from the index by hand: the next open rebuilds it from the records.
+        let outcome: Result<(), ()> = registry
+            .write(|transaction| {
+                let registry = transaction.registry;
+                registry.unapproved.clear(&mut transaction.txn).map_err(registry.error("clear"))?;
+                Ok(Ok(()))
+            })
+            .expect("clear");
+        outcome.expect("cleared");
+        assert_eq!(count(), Err(0));
+        registry.rebuild_unapproved_index().expect("rebuild");
+        assert_eq!(count(), Err(1));
     }
 }

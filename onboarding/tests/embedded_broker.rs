@@ -41,6 +41,8 @@ async fn a_device_onboards_and_reports_through_the_embedded_broker() {
         certificate_validity_days: 1,
         default_config: Default::default(),
         poll_interval_ms: 50,
+        requests_per_second_max: 1_000,
+        pending_devices_max: 1_000,
     };
     let mut authority = Authority::start(config, &ca, &dir.path().join("revoked.txt")).expect("authority");
     assert!(authority.wait_ready(WAIT).await, "authority did not subscribe");

@@ -794,3 +794,94 @@ async fn approval_binds_a_device_id_to_one_key_and_the_operator_chooses_it() {
     assert_eq!(authority.metrics().rejections(RejectionCode::KeyMismatch), 2);
     authority.shutdown().await;
 }
+
+/// Anyone holding the claim identity can ask for new ids without a token: in approval mode the
+/// registry keeps at most `pending_devices_max` unapproved records (a request for another new id
+/// is refused `too_many_pending`, ids already pending are answered as before, a token still
+/// onboards), and the operator frees places by approving or forgetting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unapproved_pending_devices_are_bounded_and_the_operator_frees_places() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let mut config = fleet.authority_config(free_udp_port());
+    config.allow_operator_approval = true;
+    config.pending_devices_max = 2;
+    let mut authority =
+        Authority::start(config.clone(), &fleet.ca, &fleet.revocation_file()).expect("authority");
+    assert!(authority.wait_ready(WAIT).await);
+    let keys: Vec<(String, Key)> = ["squat-1", "squat-2", "squat-3", "squat-4"]
+        .into_iter()
+        .map(|device_id| (device_id.to_owned(), key(device_id)))
+        .collect();
+    let ask = |index: usize| {
+        let (device_id, key) = &keys[index];
+        ask_raw(&fleet, &key.sha256, request(device_id, None, key.csr_pem.clone()))
+    };
+    assert!(matches!(ask(0).await, OnboardingResponse::Pending { .. }));
+    assert!(matches!(ask(1).await, OnboardingResponse::Pending { .. }));
+    assert_eq!(rejection_of(ask(2).await), RejectionCode::TooManyPending);
+    assert!(matches!(ask(0).await, OnboardingResponse::Pending { .. }), "a pending id is still answered");
+    let registry = authority.registry().clone();
+    assert!(registry.device("squat-3").expect("read").is_none(), "the refused id left no record");
+    assert!(!RejectionCode::TooManyPending.is_permanent(), "the device asks again later");
+
+    let token = registry.create_tokens(1, Duration::from_secs(60), now_unix_ms()).expect("token");
+    let with_token = key("tokened");
+    let answer =
+        ask_raw(&fleet, &with_token.sha256, request("tokened", Some(&token[0]), with_token.csr_pem)).await;
+    certificate_of(&answer);
+
+    let fleet_command =
+        |command| onboarding::cli::run(command, &config, &fleet.path().join("ca"), &fleet.revocation_file());
+    fleet_command(FleetCommand::Forget { device: "squat-1".to_owned() }).expect("forget");
+    assert!(registry.device("squat-1").expect("read").is_none());
+    assert!(fleet_command(FleetCommand::Forget { device: "tokened".to_owned() }).is_err(), "active is kept");
+    assert!(matches!(ask(2).await, OnboardingResponse::Pending { .. }), "a forgotten place is free");
+    assert_eq!(rejection_of(ask(3).await), RejectionCode::TooManyPending);
+    fleet_command(FleetCommand::Approve { device: "squat-2".to_owned(), key_sha256: None }).expect("approve");
+    certificate_of(&ask(1).await);
+    assert!(matches!(ask(3).await, OnboardingResponse::Pending { .. }), "an approved place is free");
+    assert_eq!(authority.metrics().rejections(RejectionCode::TooManyPending), 2);
+    authority.shutdown().await;
+}
+
+/// Requests beyond `requests_per_second_max` are refused `rate_limited` before their CSR is
+/// looked at: over a burst sent on one session, the authority answered no more requests than its
+/// bucket allows in the time the burst took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_requests_beyond_the_rate_are_refused_rate_limited() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let mut config = fleet.authority_config(free_udp_port());
+    config.requests_per_second_max = 2;
+    let mut authority = Authority::start(config, &fleet.ca, &fleet.revocation_file()).expect("authority");
+    assert!(authority.wait_ready(WAIT).await);
+    const REQUESTS: usize = 20;
+    let flooder = key("flooder");
+    let payload = request("flooder", Some("no-such-token"), flooder.csr_pem.clone());
+    let mut session = fleet.claim_session(&flooder.sha256);
+    assert!(session.wait_ready(WAIT).await, "claim session did not subscribe");
+    let started = Instant::now();
+    for _ in 0..REQUESTS {
+        onboarding::mqtt::publish(&session.client, topics::request(&flooder.sha256), false, payload.clone())
+            .await
+            .expect("publish");
+    }
+    let mut codes = Vec::new();
+    while codes.len() < REQUESTS {
+        let message =
+            tokio::time::timeout(WAIT, session.incoming.recv()).await.expect("an answer").expect("open");
+        codes.push(rejection_of(serde_json::from_slice(&message.payload).expect("a response")));
+    }
+    let elapsed = started.elapsed();
+    session.close().await;
+    let looked_at = codes.iter().filter(|code| **code == RejectionCode::UnknownToken).count();
+    let limited = codes.iter().filter(|code| **code == RejectionCode::RateLimited).count();
+    assert_eq!(looked_at + limited, REQUESTS, "{codes:?}");
+    // The burst (2) at once, then 2 per second.
+    let allowed = 2 + 2 * elapsed.as_secs_f64().ceil() as usize;
+    assert!(looked_at <= allowed, "{looked_at} requests decided in {elapsed:?}: more than the rate allows");
+    assert!(limited >= 1, "{codes:?}");
+    assert_eq!(authority.metrics().rejections(RejectionCode::RateLimited), limited as u64);
+    authority.shutdown().await;
+}

@@ -7,7 +7,8 @@
 //! `_count`). Memory is fixed: 17 counters per histogram.
 //!
 //! `LogRateLimit` keeps a repeating condition (a poison chunk per read, a step that fails every
-//! poll) to one log line per interval, with the number of lines it held back.
+//! poll) to one log line per interval, with the number of lines it held back. `TokenBucket` bounds
+//! a rate (requests, bytes) with a burst; it reads no clock itself, so simulations drive it.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,58 @@ impl LogRateLimit {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// At most `rate` units per second on average, at most `burst` at once. The caller passes the
+/// time (an `Instant`), so a virtual clock can drive it.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate_per_second: u64,
+    burst: u64,
+    /// Tokens held, in millionths, so slow rates refill smoothly without floating point.
+    micro_tokens: u64,
+    refilled_at: Option<Instant>,
+}
+
+impl TokenBucket {
+    /// A bucket that starts full. `rate_per_second` and `burst` are at least 1.
+    pub fn new(rate_per_second: u64, burst: u64) -> TokenBucket {
+        let burst = burst.max(1);
+        TokenBucket {
+            rate_per_second: rate_per_second.max(1),
+            burst,
+            micro_tokens: burst.saturating_mul(1_000_000),
+            refilled_at: None,
+        }
+    }
+
+    /// Takes `amount` tokens if they are there at `now`; returns whether it did. An amount larger
+    /// than the burst never fits.
+    pub fn try_take(&mut self, now: Instant, amount: u64) -> bool {
+        self.refill(now);
+        let wanted = amount.saturating_mul(1_000_000);
+        if wanted > self.micro_tokens {
+            return false;
+        }
+        self.micro_tokens -= wanted;
+        true
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let capacity = self.burst.saturating_mul(1_000_000);
+        if let Some(last) = self.refilled_at {
+            let elapsed_us =
+                u64::try_from(now.saturating_duration_since(last).as_micros()).unwrap_or(u64::MAX);
+            // micro-tokens per microsecond = rate
+            let added = elapsed_us.saturating_mul(self.rate_per_second);
+            self.micro_tokens = self.micro_tokens.saturating_add(added).min(capacity);
+        }
+        // A clock that went backwards (a virtual clock reset) neither refills nor stalls.
+        if self.refilled_at.is_none_or(|last| now >= last) {
+            self.refilled_at = Some(now);
+        }
+        assert!(self.micro_tokens <= capacity, "a bucket never holds more than its burst");
     }
 }
 
@@ -136,6 +189,31 @@ pub fn render_histograms(out: &mut String, name: &str, help: &str, series: &[(St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, 5);
+        let taken = (0..20).filter(|_| bucket.try_take(start, 1)).count();
+        assert_eq!(taken, 5, "a full bucket lets the burst through at once");
+        assert!(!bucket.try_take(start + Duration::from_millis(99), 1), "under 1/rate nothing refills");
+        assert!(bucket.try_take(start + Duration::from_millis(100), 1));
+        // A long pause refills only up to the burst.
+        let later = start + Duration::from_secs(3600);
+        assert_eq!((0..20).filter(|_| bucket.try_take(later, 1)).count(), 5);
+        // Over one simulated second at the limit: the rate, never more.
+        let mut granted = 0;
+        for millisecond in 1..=1000 {
+            if bucket.try_take(later + Duration::from_millis(millisecond), 1) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 10);
+        assert!(!bucket.try_take(later + Duration::from_secs(10), 6), "more than the burst never fits");
+        // A clock that goes backwards takes nothing that was not there.
+        assert!(bucket.try_take(later + Duration::from_secs(10), 5));
+        assert!(!bucket.try_take(later, 1));
+    }
 
     fn check(observations_ms: &[u64], expected_buckets: &[(usize, u64)], expected_count: u64) {
         let histogram = LatencyHistogram::default();

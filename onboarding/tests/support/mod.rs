@@ -145,6 +145,8 @@ impl TestFleet {
             certificate_validity_days: 1,
             default_config: [("log_level".to_owned(), "info".to_owned())].into(),
             poll_interval_ms: 50,
+            requests_per_second_max: 1_000,
+            pending_devices_max: 1_000,
         }
     }
 
