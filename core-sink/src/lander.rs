@@ -22,7 +22,7 @@ use landing::{
 };
 use protocol::Lane;
 use session::{Grant, IncomingChunk, LandingRefusal};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 /// Counters the sink reports on `/metrics`.
 #[derive(Debug, Default)]
@@ -130,6 +130,29 @@ pub struct LandRequest {
 pub struct InFlightPermits {
     pub connection: OwnedSemaphorePermit,
     pub all: OwnedSemaphorePermit,
+}
+
+impl InFlightPermits {
+    /// Takes `bytes` from the connection's share first, then from the budget all connections
+    /// share: a connection at its share waits without holding any of the shared budget, so one
+    /// device whose chunks land slowly cannot starve the others. `on_wait` runs when the share
+    /// is full (a metric). `None`: a semaphore was closed (shutdown).
+    pub async fn acquire(
+        connection: &Arc<Semaphore>,
+        all: &Arc<Semaphore>,
+        bytes: u32,
+        on_wait: impl FnOnce(),
+    ) -> Option<InFlightPermits> {
+        let connection = match connection.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => permit,
+            Err(_) => {
+                on_wait();
+                connection.clone().acquire_many_owned(bytes).await.ok()?
+            }
+        };
+        let all = all.clone().acquire_many_owned(bytes).await.ok()?;
+        Some(InFlightPermits { connection, all })
+    }
 }
 
 pub enum LanderRequest {
@@ -262,5 +285,56 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
                 self.durable_generation.send_modify(|generation| *generation += 1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Poll;
+
+    use super::*;
+
+    /// Polls `future` once: `Some` if it completed without waiting.
+    async fn now<T>(future: impl Future<Output = T>) -> Option<T> {
+        let mut future = pin!(future);
+        std::future::poll_fn(|context| match future.as_mut().poll(context) {
+            Poll::Ready(value) => Poll::Ready(Some(value)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+
+    /// Device A sends as fast as it can and its chunks never finish landing (it holds every
+    /// permit it got); then device B sends one chunk of the same size. Returns whether B had to
+    /// wait, and how often A was told to wait.
+    async fn second_device_waits(budget: u32, share: u32, chunk: u32) -> (bool, u64) {
+        let all = Arc::new(Semaphore::new(budget as usize));
+        let a_share = Arc::new(Semaphore::new(share as usize));
+        let b_share = Arc::new(Semaphore::new(share as usize));
+        let waits = AtomicU64::new(0);
+        let count_wait = || {
+            waits.fetch_add(1, Ordering::Relaxed);
+        };
+        let mut held_by_a = Vec::new();
+        while let Some(Some(permits)) = now(InFlightPermits::acquire(&a_share, &all, chunk, count_wait)).await
+        {
+            held_by_a.push(permits);
+        }
+        assert!(!held_by_a.is_empty());
+        let b = now(InFlightPermits::acquire(&b_share, &all, chunk, || {})).await;
+        (b.is_none(), waits.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_chunks_land_slowly_cannot_starve_the_others() {
+        // The sink's defaults: a quarter of the budget per connection.
+        let (b_waited, a_waits) = second_device_waits(64, 16, 4).await;
+        assert!(!b_waited, "B got its chunk in while A held its whole share");
+        assert_eq!(a_waits, 1, "A was stopped at its share");
+        // One pool for everybody (a share as large as the budget): A takes it all, B starves.
+        let (b_waited, _) = second_device_waits(64, 64, 4).await;
+        assert!(b_waited, "the test sees starvation when there is no per-connection share");
     }
 }

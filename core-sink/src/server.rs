@@ -657,25 +657,19 @@ impl SessionDriver {
                     let received_at = std::time::Instant::now();
                     let bytes =
                         u32::try_from(chunk.encoded.len()).expect("frames are bounded by FRAME_BYTES_MAX");
-                    // The connection's share first: a device at its share waits without holding
-                    // any of the budget the other devices share.
-                    let connection = match self.in_flight.clone().try_acquire_many_owned(bytes) {
-                        Ok(permit) => Ok(permit),
-                        Err(_) => {
-                            SinkMetrics::add(&self.context.metrics.device_in_flight_waits, 1);
-                            self.in_flight.clone().acquire_many_owned(bytes).await
-                        }
-                    };
-                    let (Ok(connection), Ok(all)) =
-                        (connection, self.context.in_flight.clone().acquire_many_owned(bytes).await)
-                    else {
+                    let waits = &self.context.metrics.device_in_flight_waits;
+                    let acquired =
+                        InFlightPermits::acquire(&self.in_flight, &self.context.in_flight, bytes, || {
+                            SinkMetrics::add(waits, 1)
+                        });
+                    let Some(permits) = acquired.await else {
                         self.session.shutting_down();
                         continue;
                     };
                     let request = LandRequest {
                         device: self.device.clone(),
                         chunk,
-                        permits: InFlightPermits { connection, all },
+                        permits,
                         refusals: self.refusals_sender.clone(),
                         received_at,
                     };
