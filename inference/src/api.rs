@@ -145,7 +145,8 @@ struct DecodeInProgress(Arc<crate::metrics::InferenceMetrics>);
 
 impl DecodeInProgress {
     fn start(metrics: Arc<crate::metrics::InferenceMetrics>) -> DecodeInProgress {
-        metrics.decodes_in_progress.fetch_add(1, Ordering::Relaxed);
+        let now = metrics.decodes_in_progress.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics.decodes_in_progress_peak.fetch_max(now, Ordering::Relaxed);
         DecodeInProgress(metrics)
     }
 }

@@ -109,6 +109,8 @@ pub struct InferenceMetrics {
     pub decodes_waited: AtomicU64,
     /// Decodes (and model runs) on blocking threads now; at most `decodes_max`.
     pub decodes_in_progress: AtomicU64,
+    /// The most `decodes_in_progress` has been since start.
+    pub decodes_in_progress_peak: AtomicU64,
 }
 
 impl ConnectionObserver for InferenceMetrics {
@@ -134,6 +136,7 @@ pub struct MetricsSnapshot {
     pub connections: Vec<(&'static str, u64)>,
     pub decodes_waited: u64,
     pub decodes_in_progress: u64,
+    pub decodes_in_progress_peak: u64,
 }
 
 impl MetricsSnapshot {
@@ -205,6 +208,7 @@ impl InferenceMetrics {
                 .collect(),
             decodes_waited: load(&self.decodes_waited),
             decodes_in_progress: load(&self.decodes_in_progress),
+            decodes_in_progress_peak: load(&self.decodes_in_progress_peak),
         }
     }
 
@@ -267,6 +271,11 @@ impl InferenceMetrics {
         for (name, help, value) in [
             ("connections_open", "Connections being served now.", open),
             ("decodes_in_progress", "Inputs being decoded and run now.", snapshot.decodes_in_progress),
+            (
+                "decodes_in_progress_peak",
+                "The most inputs decoded at once since start (at most decodes_max).",
+                snapshot.decodes_in_progress_peak,
+            ),
         ] {
             let _ = writeln!(out, "# HELP tributary_inference_{name} {help}");
             let _ = writeln!(out, "# TYPE tributary_inference_{name} gauge");

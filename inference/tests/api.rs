@@ -699,3 +699,38 @@ async fn the_body_limit_follows_the_model_and_a_trickled_body_gets_408() {
     assert_eq!(harness.service.metrics().snapshot().rejected(RejectReason::BodyTimeout), 1);
     harness.stop().await;
 }
+
+/// Many clients at once with `decodes_max` = 1: every request is decided, and never more than one
+/// input was being decoded at a time (the peak gauge), however the requests overlapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_decode_more_than_decodes_max_at_once() {
+    const CLIENTS: usize = 8;
+    const REQUESTS_PER_CLIENT: usize = 12;
+    let directory = tempfile::tempdir().unwrap();
+    let ring = open_ring(&directory.path().join("ring"), 64 * MIB, 32 * MIB);
+    let harness =
+        Harness::start(&ring, &directory.path().join("state"), |config| config.decodes_max = 1).await;
+    let images = Arc::new(dataset(7, CLIENTS * REQUESTS_PER_CLIENT));
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let mut client = harness.client().await;
+        let images = images.clone();
+        tasks.push(tokio::spawn(async move {
+            for request in 0..REQUESTS_PER_CLIENT {
+                let index = client_index * REQUESTS_PER_CLIENT + request;
+                let (content_type, body) = request_body(index, &images[index].1);
+                let response = client.infer(None, content_type, body).await.unwrap();
+                assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let snapshot = harness.service.metrics().snapshot();
+    assert_eq!(snapshot.decisions, (CLIENTS * REQUESTS_PER_CLIENT) as u64);
+    assert_eq!(snapshot.decodes_in_progress_peak, 1, "{snapshot:?}");
+    assert_eq!(snapshot.decodes_in_progress, 0);
+    println!("{} of {} requests waited for the decode slot", snapshot.decodes_waited, snapshot.decisions);
+    harness.stop().await;
+}
