@@ -314,4 +314,88 @@ mod tests {
         ];
         assert_eq!(found, expected.map(|(read, text)| (read, text.to_string())));
     }
+
+    /// Lines shaped like what a client might send, right or wrong: JSON tokens in any order.
+    fn json_ish_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let token = prop_oneof![
+            Just("{".to_owned()),
+            Just("}".to_owned()),
+            Just("[".to_owned()),
+            Just("]".to_owned()),
+            Just(",".to_owned()),
+            Just(":".to_owned()),
+            Just("\"key\"".to_owned()),
+            Just("\"timestamp_us\"".to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            any::<i64>().prop_map(|number| number.to_string()),
+            any::<u64>().prop_map(|number| number.to_string()),
+            any::<f64>().prop_map(|number| number.to_string()),
+            "[ -~]{0,80}".prop_map(|text| format!("{text:?}")),
+            any::<String>().prop_map(|text| format!("{text:?}")),
+            Just(" \r\t".to_owned()),
+        ];
+        prop_oneof![
+            proptest::collection::vec(token, 0..24).prop_map(|tokens| tokens.concat().into_bytes()),
+            proptest::collection::vec(any::<u8>(), 0..256),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2_000))]
+
+        /// Any bytes a client sends become a record whose key the core accepts and whose payload
+        /// is exactly the trimmed line, or a problem whose message stays short.
+        #[test]
+        fn any_line_is_a_valid_record_or_a_short_problem(line in json_ish_line()) {
+            match maker().record_from_line(&line) {
+                Ok(Some(record)) => {
+                    proptest::prop_assert!(protocol::validate_key(&record.key).is_ok(), "{:?}", record.key);
+                    proptest::prop_assert_eq!(record.payload.as_slice(), line.trim_ascii());
+                    proptest::prop_assert!(record.payload.len() <= RECORD_PAYLOAD_BYTES_MAX);
+                }
+                Ok(None) => proptest::prop_assert!(line.trim_ascii().is_empty()),
+                Err(problem) => {
+                    proptest::prop_assert!(problem.to_string().len() <= 320, "{problem}");
+                }
+            }
+        }
+
+        /// However the input is split into reads, the bounded reader returns the same lines as a
+        /// plain split on '\n', each at most `bytes_max` long, and marks the longer ones.
+        #[test]
+        fn the_bounded_reader_agrees_with_a_plain_split(
+            input in proptest::collection::vec(proptest::prop_oneof![proptest::prelude::Just(b'\n'), proptest::prelude::any::<u8>()], 0..600),
+            capacity in 1usize..64,
+            bytes_max in 1usize..40,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let found = runtime.block_on(async {
+                let mut reader = tokio::io::BufReader::with_capacity(capacity, input.as_slice());
+                let mut line = Vec::new();
+                let mut found = Vec::new();
+                loop {
+                    match read_line_bounded(&mut reader, &mut line, bytes_max).await.unwrap() {
+                        LineRead::End => break,
+                        LineRead::TooLong => found.push(None),
+                        LineRead::Line => {
+                            assert!(line.len() <= bytes_max);
+                            found.push(Some(line.clone()));
+                        }
+                    }
+                }
+                found
+            });
+            let mut expected: Vec<Option<Vec<u8>>> = input
+                .split(|&byte| byte == b'\n')
+                .map(|piece| (piece.len() <= bytes_max).then(|| piece.to_vec()))
+                .collect();
+            // A final '\n' (or empty input) leaves no last line.
+            if expected.last() == Some(&Some(Vec::new())) {
+                expected.pop();
+            }
+            proptest::prop_assert_eq!(found, expected);
+        }
+    }
 }
