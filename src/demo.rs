@@ -570,7 +570,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             );
         }
     }
-    let sink = sink.expect("running");
+    let mut sink = sink.expect("running");
     stop.store(true, Ordering::Relaxed);
     runtime.block_on(async {
         for feeder in feeders {
@@ -604,6 +604,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     sink_line.finish_with_message(render(Some(&sink), sink_metrics_total));
     summarize(&appliances);
+    if let Some(authority) = sink.onboarding() {
+        let devices = authority.registry().devices()?;
+        let now_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        let view = onboarding::cli::top(&devices, now_unix_ms, 10)?;
+        println!("fleet view from the appliances' heartbeats (live: `core-sink fleet top`):");
+        for line in view.lines() {
+            println!("  {line}");
+        }
+    }
     // Appliances first, then the sink, which publishes open shards and flushes the archive.
     runtime.block_on(async {
         for appliance in appliances {

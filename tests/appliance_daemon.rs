@@ -159,6 +159,21 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     assert_eq!(metric(&page, "tributary_filter_dropped_total{source=\"ingest\",reason=\"decimate\"}"), 50);
     assert_eq!(metric(&page, "tributary_filter_records_out_total{source=\"ingest\"}"), 250);
     assert!(metric(&page, "tributary_ring_capacity_bytes") == 67_108_864);
+    // Every appliance-side family the Grafana dashboard queries is one this endpoint exports.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/tributary.json"),
+    )
+    .unwrap();
+    let appliance_side: Vec<String> = telemetry::metric_families_named_in(&dashboard)
+        .into_iter()
+        .filter(|family| {
+            !family.starts_with("tributary_sink_") && !family.starts_with("tributary_onboarding_")
+        })
+        .collect();
+    assert!(appliance_side.len() >= 10, "{appliance_side:?}");
+    for family in &appliance_side {
+        assert!(page.contains(&format!("# TYPE {family} ")), "the dashboard queries {family}, not exported");
+    }
     // Lag in time and ack latency per lane (their values are checked in lag.rs and tests/metrics.rs).
     for series in [
         "tributary_uplink_lag_seconds{lane=\"sensor\"} ",

@@ -96,6 +96,17 @@ fn demo_for_20_seconds_with_3_appliances_through_a_sink_outage_and_a_network_dro
     assert!(stdout.contains("fault over: network restored"), "{stdout}");
     assert!(!stdout.contains("evicted "), "nothing is evicted from a 128 MiB ring: {stdout}");
     assert_eq!(stdout.matches("ack latency p50 ≤ ").count(), 3, "{stdout}");
+    // The fleet view: every appliance reported by heartbeat, with its version and lag in seconds.
+    let fleet_view: Vec<&str> =
+        stdout.lines().skip_while(|line| !line.starts_with("fleet view")).skip(3).take(3).collect();
+    assert_eq!(fleet_view.len(), 3, "{stdout}");
+    for line in fleet_view {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        assert!(columns[0].starts_with("demo-appliance-"), "{line}");
+        assert_eq!(columns[1], "active", "{line}");
+        assert!(columns[2].parse::<f64>().is_ok(), "the lag in seconds is reported: {line}");
+        assert!(columns.contains(&env!("CARGO_PKG_VERSION")), "{line}");
+    }
 }
 
 #[test]

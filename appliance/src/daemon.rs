@@ -207,8 +207,7 @@ impl Daemon {
             tasks.push(tokio::spawn(apply_remote_config(started.config(), updaters)));
             tasks.push(tokio::spawn(report_status(
                 started.status_reporter(),
-                ring.clone(),
-                uplink.as_ref().map(Uplink::metrics),
+                metrics_view.clone(),
                 Duration::from_millis(settings.heartbeat_interval_ms),
             )));
             agent = Some(started);
@@ -340,16 +339,27 @@ fn start_pipeline(
     Ok((pipeline, view))
 }
 
-/// What heartbeats report: ring fill per lane, uplink lag and the last ack.
+/// What heartbeats report: ring fill per lane, uplink lag in chunks and in seconds per lane,
+/// the last ack, intake rates and the boot slot.
 async fn report_status(
     reporter: tokio::sync::watch::Sender<onboarding::DeviceStatus>,
-    ring: Ring,
-    uplink: Option<Arc<crate::uplink::UplinkMetrics>>,
+    view: Arc<MetricsView>,
     interval: Duration,
 ) {
     let started = std::time::Instant::now();
     let mut last_acked = 0u64;
     let mut last_ack_unix_ms = None;
+    let boot_slot = std::fs::read_to_string("/proc/cmdline").ok().and_then(|line| boot_slot(&line));
+    let intake = |view: &MetricsView| {
+        view.pipelines.iter().fold((0u64, 0u64), |(records, bytes), pipeline| {
+            (
+                records.saturating_add(pipeline.source.records_produced()),
+                bytes.saturating_add(pipeline.source.payload_bytes_produced()),
+            )
+        })
+    };
+    let mut previous = (std::time::Instant::now(), intake(&view));
+    let (ring, uplink) = (&view.ring, &view.uplink);
     loop {
         let stats = ring.stats();
         let ring_fill_percent_per_lane = protocol::Lane::ALL
@@ -370,15 +380,39 @@ async fn report_status(
                 last_ack_unix_ms = Some(unix_ms());
             }
         }
+        let now = std::time::Instant::now();
+        let totals = intake(&view);
+        let seconds = now.duration_since(previous.0).as_secs_f64().max(0.001);
+        let records_per_second = totals.0.saturating_sub(previous.1.0) as f64 / seconds;
+        let bytes_per_second = totals.1.saturating_sub(previous.1.1) as f64 / seconds;
+        previous = (now, totals);
+        let wall_clock = std::time::SystemTime::now();
+        let uplink_lag_seconds_per_lane = protocol::Lane::ALL
+            .iter()
+            .filter_map(|lane| {
+                let lag = view.lag.lag(*lane, wall_clock).ok()?;
+                Some((lane.to_string(), lag.as_secs_f64()))
+            })
+            .collect();
         reporter.send_replace(onboarding::DeviceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: started.elapsed().as_secs(),
             ring_fill_percent_per_lane,
             uplink_lag_chunks,
             last_ack_unix_ms,
+            uplink_lag_seconds_per_lane,
+            records_per_second,
+            bytes_per_second,
+            boot_slot: boot_slot.clone(),
         });
         tokio::time::sleep(interval.min(Duration::from_secs(1))).await;
     }
+}
+
+/// The slot named by `rauc.slot=` on a kernel command line (how RAUC learns which slot booted).
+fn boot_slot(cmdline: &str) -> Option<String> {
+    let slot = cmdline.split_ascii_whitespace().find_map(|word| word.strip_prefix("rauc.slot="))?;
+    (!slot.is_empty() && slot.len() <= onboarding::messages::BOOT_SLOT_BYTES_MAX).then(|| slot.to_owned())
 }
 
 /// Applies remote config from the fleet authority: `sources.NAME.filters` holds a TOML array of
@@ -508,5 +542,17 @@ pub mod systemd {
                 tracing::error!(stale, "pipelines stopped making progress; withholding the watchdog ping");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod boot_slot_tests {
+    #[test]
+    fn the_booted_slot_comes_from_the_kernel_command_line() {
+        let line = "console=ttyS0 root=PARTLABEL=rootfs-b rw rootwait rauc.slot=B panic=-1 quiet\n";
+        assert_eq!(super::boot_slot(line).as_deref(), Some("B"));
+        assert_eq!(super::boot_slot("console=ttyS0 quiet"), None);
+        assert_eq!(super::boot_slot("rauc.slot= quiet"), None);
+        assert_eq!(super::boot_slot(&format!("rauc.slot={}", "x".repeat(100))), None);
     }
 }

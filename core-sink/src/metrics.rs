@@ -312,5 +312,19 @@ mod onboarding_tests {
         assert!(text.contains("tributary_onboarding_rejected_total{code=\"token_used\"} 2"), "{text}");
         assert!(text.contains("tributary_onboarding_rejected_total{code=\"key_mismatch\"} 0"), "{text}");
         assert!(text.contains("tributary_onboarding_accepted_total 0"), "{text}");
+        // Every sink-side family the Grafana dashboard queries is one this endpoint exports.
+        let dashboard = include_str!("../../deploy/grafana/tributary.json");
+        let sink_side = telemetry::metric_families_named_in(dashboard).into_iter().filter(|family| {
+            family.starts_with("tributary_sink_") || family.starts_with("tributary_onboarding_")
+        });
+        let mut checked = 0;
+        for family in sink_side {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the dashboard queries {family}, not exported"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10, "the dashboard shows the sink ({checked} families)");
     }
 }

@@ -49,6 +49,10 @@ pub struct DeviceStatus {
     pub ring_fill_percent_per_lane: BTreeMap<String, f64>,
     pub uplink_lag_chunks: u64,
     pub last_ack_unix_ms: Option<u64>,
+    pub uplink_lag_seconds_per_lane: BTreeMap<String, f64>,
+    pub records_per_second: f64,
+    pub bytes_per_second: f64,
+    pub boot_slot: Option<String>,
 }
 
 /// A config the daemon should apply (the latest one).
@@ -232,6 +236,10 @@ impl State {
             last_ack_unix_ms: status.last_ack_unix_ms,
             config_version: self.config.borrow().version,
             sent_unix_ms: unix_ms_now(),
+            uplink_lag_seconds_per_lane: status.uplink_lag_seconds_per_lane,
+            records_per_second: status.records_per_second,
+            bytes_per_second: status.bytes_per_second,
+            boot_slot: status.boot_slot,
         };
         let bytes = serde_json::to_vec(&heartbeat).expect("a heartbeat serializes");
         if let Err(error) =

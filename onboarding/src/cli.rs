@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use fleet::{FleetCa, RevocationList, Validity};
 
-use crate::messages::unix_ms_now;
-use crate::registry::{Registry, parse_duration};
+use crate::messages::{Heartbeat, unix_ms_now};
+use crate::registry::{DeviceRecord, DeviceState, Registry, parse_duration};
 use crate::{AuthorityConfig, CLAIM_IDENTITY, OnboardingError};
 
 #[derive(Clone, Debug, Subcommand)]
@@ -40,6 +40,20 @@ pub enum FleetCommand {
     Revoke { device: String },
     /// Devices with state, last heartbeat, uplink lag, ring fill and version.
     List,
+    /// A live view of the fleet from the devices' heartbeats, worst uplink lag first: per device
+    /// the lag in seconds (and its lane), ring fill per lane, intake rates, heartbeat age,
+    /// version and boot slot. Redraws every INTERVAL seconds until interrupted.
+    Top {
+        /// Seconds between redraws.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+        /// Print the view once and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Most devices shown (the worst ones).
+        #[arg(long, default_value_t = 40)]
+        rows: usize,
+    },
 }
 
 #[derive(Clone, Debug, Subcommand)]
@@ -119,7 +133,104 @@ pub fn run(
             Ok(format!("device {device} revoked in {}", revocation_file.display()))
         }
         FleetCommand::List => list(&registry()?),
+        FleetCommand::Top { interval, once, rows } => {
+            let registry = registry()?;
+            if once {
+                return top(&registry.devices()?, unix_ms_now(), rows);
+            }
+            loop {
+                let view = top(&registry.devices()?, unix_ms_now(), rows)?;
+                // Clear the screen and home the cursor, then draw.
+                print!("\x1b[2J\x1b[H{view}\n");
+                std::io::Write::flush(&mut std::io::stdout())
+                    .map_err(|source| OnboardingError::io("write", Path::new("stdout"), source))?;
+                std::thread::sleep(Duration::from_secs(interval));
+            }
+        }
     }
+}
+
+/// One device's line in `fleet top`, and what it is sorted by.
+struct TopRow {
+    worst_lag_seconds: Option<f64>,
+    heartbeat_age_ms: Option<u64>,
+    line: String,
+}
+
+/// The `fleet top` view at `now_unix_ms`: a summary line, then at most `rows` devices, those with
+/// the largest uplink lag first (devices never heard from last; ties by older heartbeat first).
+pub fn top(devices: &[DeviceRecord], now_unix_ms: u64, rows: usize) -> Result<String, OnboardingError> {
+    let mut table: Vec<TopRow> = devices
+        .iter()
+        .filter(|record| record.state != DeviceState::Revoked)
+        .map(|record| top_row(record, now_unix_ms))
+        .collect();
+    table.sort_by(|a, b| {
+        let lag = |row: &TopRow| row.worst_lag_seconds.unwrap_or(-1.0);
+        lag(b).total_cmp(&lag(a)).then(b.heartbeat_age_ms.cmp(&a.heartbeat_age_ms))
+    });
+    let heard: Vec<&Heartbeat> = devices.iter().filter_map(|record| record.last_heartbeat.as_ref()).collect();
+    let records_per_second: f64 = heard.iter().map(|heartbeat| heartbeat.records_per_second).sum();
+    let bytes_per_second: f64 = heard.iter().map(|heartbeat| heartbeat.bytes_per_second).sum();
+    let worst = table.first().and_then(|row| row.worst_lag_seconds).unwrap_or(0.0);
+    let mut lines = vec![
+        format!(
+            "{} devices ({} reporting): {:.0} records/s, {:.2} MB/s in; worst uplink lag {worst:.1} s",
+            table.len(),
+            heard.len(),
+            records_per_second,
+            bytes_per_second / 1e6,
+        ),
+        format!(
+            "{:<24} {:<8} {:>9} {:<8} {:>9} {:<38} {:>9} {:>8} {:<12} {}",
+            "DEVICE",
+            "STATE",
+            "LAG_S",
+            "LAG_LANE",
+            "HEARD_S",
+            "RING_FILL_%",
+            "REC/S",
+            "MB/S",
+            "VERSION",
+            "SLOT"
+        ),
+    ];
+    lines.extend(table.into_iter().take(rows).map(|row| row.line));
+    Ok(lines.join("\n"))
+}
+
+fn top_row(record: &DeviceRecord, now_unix_ms: u64) -> TopRow {
+    let heartbeat_age_ms =
+        record.last_heartbeat_received_unix_ms.map(|received| now_unix_ms.saturating_sub(received));
+    let heard = heartbeat_age_ms.map_or("never".to_owned(), |age| format!("{:.0}", age as f64 / 1000.0));
+    let Some(heartbeat) = &record.last_heartbeat else {
+        let line =
+            format!("{:<24} {:<8} {:>9} {:<8} {heard:>9}", record.device_id, record.state.as_str(), "-", "-");
+        return TopRow { worst_lag_seconds: None, heartbeat_age_ms, line };
+    };
+    let worst = heartbeat
+        .uplink_lag_seconds_per_lane
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(lane, seconds)| (lane.clone(), *seconds));
+    let fill = heartbeat
+        .ring_fill_percent_per_lane
+        .iter()
+        .map(|(lane, percent)| format!("{lane}={percent:.0}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (lag, lane) =
+        worst.as_ref().map_or(("-".to_owned(), "-"), |(lane, seconds)| (format!("{seconds:.1}"), lane));
+    let line = format!(
+        "{:<24} {:<8} {lag:>9} {lane:<8} {heard:>9} {fill:<38} {:>9.0} {:>8.2} {:<12} {}",
+        record.device_id,
+        record.state.as_str(),
+        heartbeat.records_per_second,
+        heartbeat.bytes_per_second / 1e6,
+        heartbeat.version,
+        heartbeat.boot_slot.as_deref().unwrap_or("-"),
+    );
+    TopRow { worst_lag_seconds: worst.map(|(_, seconds)| seconds), heartbeat_age_ms, line }
 }
 
 /// The fleet view, one line per device.
@@ -162,4 +273,58 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
         ));
     }
     Ok(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(
+        id: &str,
+        heard_ms_ago: Option<u64>,
+        lags: &[(&str, f64)],
+        records_per_second: f64,
+    ) -> DeviceRecord {
+        let mut record = Registry::new_record(id, &Default::default());
+        record.state = DeviceState::Active;
+        if let Some(ago) = heard_ms_ago {
+            record.last_heartbeat_received_unix_ms = Some(1_000_000 - ago);
+            record.last_heartbeat = Some(Heartbeat {
+                version: "1.2.3".to_owned(),
+                uplink_lag_seconds_per_lane: lags
+                    .iter()
+                    .map(|(lane, seconds)| (lane.to_string(), *seconds))
+                    .collect(),
+                ring_fill_percent_per_lane: [("sensor".to_owned(), 12.0)].into(),
+                records_per_second,
+                bytes_per_second: records_per_second * 100.0,
+                boot_slot: Some("B".to_owned()),
+                ..Default::default()
+            });
+        }
+        record
+    }
+
+    #[test]
+    fn top_puts_the_worst_lag_first_and_sums_the_fleet() {
+        let mut revoked = device("gone", Some(1_000), &[("sensor", 900.0)], 5.0);
+        revoked.state = DeviceState::Revoked;
+        let devices = vec![
+            device("calm", Some(2_000), &[("sensor", 0.5), ("audit", 0.0)], 100.0),
+            device("silent", None, &[], 0.0),
+            device("behind", Some(30_000), &[("sensor", 1.0), ("media", 120.0)], 300.0),
+            revoked,
+        ];
+        let view = top(&devices, 1_000_000, 10).expect("top");
+        let lines: Vec<&str> = view.lines().collect();
+        assert!(lines[0].starts_with("3 devices (3 reporting): 405 records/s"), "{view}");
+        assert!(lines[0].ends_with("worst uplink lag 120.0 s"), "{view}");
+        let order: Vec<&str> =
+            lines[2..].iter().map(|line| line.split_whitespace().next().unwrap()).collect();
+        assert_eq!(order, ["behind", "calm", "silent"], "{view}");
+        assert!(lines[2].contains(" media "), "the lane that lags is named: {view}");
+        assert!(lines[2].contains("sensor=12") && lines[2].ends_with(" B"), "{view}");
+        assert!(lines[4].contains("never"), "{view}");
+        assert_eq!(top(&devices, 1_000_000, 1).expect("top").lines().count(), 3, "rows bounds the table");
+    }
 }

@@ -23,6 +23,8 @@ pub const CLAIM_TOKEN_BYTES_MAX: usize = 128;
 pub const MESSAGE_BYTES_MAX: usize = 512;
 /// Most ring lanes a heartbeat reports.
 pub const HEARTBEAT_LANES_MAX: usize = 16;
+/// Longest boot slot name a heartbeat reports (RAUC names slots `A`, `B`, `rootfs.0`, ...).
+pub const BOOT_SLOT_BYTES_MAX: usize = 32;
 
 // A full config fits in one payload with room for the envelope.
 const _: () =
@@ -226,6 +228,19 @@ pub struct Heartbeat {
     pub config_version: u64,
     /// When the device sent this heartbeat (Unix milliseconds, the device's clock).
     pub sent_unix_ms: u64,
+    /// Per lane, the age in seconds of the oldest record the sink has not acknowledged as
+    /// durable (0 when everything is acked). Absent from devices older than this field.
+    #[serde(default)]
+    pub uplink_lag_seconds_per_lane: BTreeMap<String, f64>,
+    /// Records and payload bytes the device's sources took in per second, since its last report.
+    #[serde(default)]
+    pub records_per_second: f64,
+    #[serde(default)]
+    pub bytes_per_second: f64,
+    /// The A/B image slot the device booted (`rauc.slot=` on its kernel command line); absent
+    /// when it does not run from an image.
+    #[serde(default)]
+    pub boot_slot: Option<String>,
 }
 
 impl Heartbeat {
@@ -239,6 +254,23 @@ impl Heartbeat {
             return Err(format!(
                 "ring_fill_percent_per_lane: at most {HEARTBEAT_LANES_MAX} short lane names"
             ));
+        }
+        if self.uplink_lag_seconds_per_lane.len() > HEARTBEAT_LANES_MAX
+            || self.uplink_lag_seconds_per_lane.keys().any(|lane| lane.len() > CONFIG_KEY_BYTES_MAX)
+        {
+            return Err(format!(
+                "uplink_lag_seconds_per_lane: at most {HEARTBEAT_LANES_MAX} short lane names"
+            ));
+        }
+        let measures = [self.records_per_second, self.bytes_per_second]
+            .into_iter()
+            .chain(self.uplink_lag_seconds_per_lane.values().copied())
+            .chain(self.ring_fill_percent_per_lane.values().copied());
+        if measures.into_iter().any(|value| !value.is_finite() || value < 0.0) {
+            return Err("rates, lags and fills must be finite and not negative".to_owned());
+        }
+        if self.boot_slot.as_ref().is_some_and(|slot| slot.is_empty() || slot.len() > BOOT_SLOT_BYTES_MAX) {
+            return Err(format!("boot_slot: 1..={BOOT_SLOT_BYTES_MAX} bytes"));
         }
         Ok(())
     }

@@ -90,6 +90,25 @@ impl TokenBucket {
     }
 }
 
+/// The metric families a text names (a dashboard's queries, an alert file): every
+/// `tributary_…` word, with a histogram's `_bucket`, `_sum` or `_count` suffix taken off.
+pub fn metric_families_named_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut families = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("tributary_") {
+        let word = &rest[start..];
+        let end = word
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(word.len());
+        let name = &word[..end];
+        let family =
+            ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name);
+        families.insert(family.to_owned());
+        rest = &word[end..];
+    }
+    families
+}
+
 /// Upper bounds of the buckets, in microseconds; a last `+Inf` bucket takes the rest.
 pub const LATENCY_BUCKET_BOUNDS_US: [u64; 15] = [
     1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
