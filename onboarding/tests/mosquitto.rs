@@ -480,6 +480,10 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
         ring_fill_percent_per_lane: [("sensor".to_owned(), 12.5)].into(),
         uplink_lag_chunks: 7,
         last_ack_unix_ms: Some(1),
+        uplink_lag_seconds_per_lane: [("media".to_owned(), 4.5)].into(),
+        records_per_second: 250.0,
+        bytes_per_second: 80_000.0,
+        boot_slot: Some("B".to_owned()),
     });
     let mut applied = agent.config();
     onboarding::cli::run(
@@ -506,6 +510,9 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
             heartbeat.config_version == version
                 && heartbeat.version == "1.2.3"
                 && heartbeat.uplink_lag_chunks == 7
+                && heartbeat.uplink_lag_seconds_per_lane.get("media") == Some(&4.5)
+                && heartbeat.records_per_second == 250.0
+                && heartbeat.boot_slot.as_deref() == Some("B")
         })
     };
     assert!(wait_until(WAIT, reported).await, "heartbeat does not report the new config");
@@ -517,6 +524,9 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
     let listing = onboarding::cli::list(&registry).expect("list");
     let line = listing.lines().find(|line| line.starts_with("cfg ")).expect("cfg listed");
     assert!(line.contains("active") && line.contains("1.2.3") && line.contains("sensor=12"), "{line}");
+    let view = onboarding::cli::top(&registry.devices().expect("devices"), now_unix_ms(), 10).expect("top");
+    let line = view.lines().find(|line| line.starts_with("cfg ")).expect("cfg in the fleet view");
+    assert!(line.contains(" 4.5 media ") && line.contains(" 250 ") && line.ends_with(" B"), "{view}");
 
     // Restart: the persisted config is in force from the start, before any message arrives.
     agent.shutdown().await;
