@@ -95,8 +95,14 @@ struct CrashingReplica {
     inner: DirectoryReplica,
     puts: Arc<AtomicU64>,
     landed: Arc<AtomicU64>,
+    /// The keys written, in order.
+    written: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Crash at this put, or at the first put of a key starting with `crash_key_prefix`.
     crash_at: u64,
+    crash_key_prefix: Option<&'static str>,
     after_landing: bool,
+    /// After the crash every put fails (the process is gone).
+    crashed: AtomicBool,
 }
 
 impl Replica for CrashingReplica {
@@ -117,17 +123,22 @@ impl Replica for CrashingReplica {
             key: key.into(),
             reason: "simulated crash".into(),
         };
-        if number == self.crash_at && !self.after_landing {
+        if self.crashed.load(Ordering::Relaxed) {
             return Err(crash());
         }
-        if number > self.crash_at {
+        let due =
+            number == self.crash_at || self.crash_key_prefix.is_some_and(|prefix| key.starts_with(prefix));
+        if due && !self.after_landing {
+            self.crashed.store(true, Ordering::Relaxed);
             return Err(crash());
         }
         let outcome = self.inner.put(key, bytes, mode)?;
         if outcome == PutOutcome::Written {
             self.landed.fetch_add(1, Ordering::Relaxed);
+            self.written.lock().unwrap().push(key.to_string());
         }
-        if number == self.crash_at {
+        if due {
+            self.crashed.store(true, Ordering::Relaxed);
             return Err(crash());
         }
         Ok(outcome)
@@ -139,7 +150,7 @@ impl Replica for CrashingReplica {
 
 #[test]
 fn a_crash_at_any_put_resumes_without_copying_anything_twice() {
-    let site = site_with_sources();
+    let mut site = site_with_sources();
     let sources = Sources::of(&site.config(ReplicationConfig::directory("x", &site.base)));
     // How many puts a whole pass makes.
     let reference = site.base.join("reference");
@@ -150,53 +161,114 @@ fn a_crash_at_any_put_resumes_without_copying_anything_twice() {
     assert!(puts_total > 20, "{puts_total} puts");
     let expected = files_under(&reference);
 
+    // Every put as the crash point while the sources stand still; while they grow between the
+    // crash and the resume (the cut moves, so a resumed pass would cut other segment boundaries),
+    // the first put of each kind of object, so the growth does not shift the crash points.
+    let mut cases: Vec<(bool, bool, u64, Option<&'static str>)> = Vec::new();
     for after_landing in [false, true] {
-        for crash_at in 1..=puts_total {
-            let replica = site.base.join(format!("replica-{after_landing}-{crash_at}"));
-            std::fs::create_dir_all(&replica).unwrap();
-            let state = site.base.join(format!("state-{after_landing}-{crash_at}"));
-            let config = ReplicationConfig::directory("site-b", &replica);
-            let landed = Arc::new(AtomicU64::new(0));
-            let crashing = CrashingReplica {
-                inner: DirectoryReplica::new(&replica),
-                puts: Arc::new(AtomicU64::new(0)),
-                landed: landed.clone(),
-                crash_at,
-                after_landing,
-            };
-            let mut first = Replicator::with_backends(
-                sources.clone(),
-                config.clone(),
-                &state,
-                vec![("site-b".into(), Box::new(crashing))],
-                Arc::new(AtomicBool::new(false)),
-            )
-            .unwrap();
-            let report = first.pass(false);
-            assert!(report[0].error.as_deref().unwrap_or_default().contains("simulated crash"), "{report:?}");
-            drop(first);
+        cases.extend((1..=puts_total).map(|crash_at| (false, after_landing, crash_at, None)));
+    }
+    for after_landing in [false, true] {
+        for prefix in [
+            "datasets/media/media-",
+            "datasets/sensor/manifest.json",
+            "archive/keys/",
+            "archive/objects/",
+            "archive/log/entries/",
+            "archive/log/index/",
+            "archive/log/checkpoints/",
+        ] {
+            cases.push((true, after_landing, u64::MAX, Some(prefix)));
+        }
+    }
+    for (number, (grow, after_landing, crash_at, crash_key_prefix)) in cases.into_iter().enumerate() {
+        {
+            {
+                let case = format!(
+                    "crash at put {crash_at} or key {crash_key_prefix:?}, after landing: {after_landing}, sources grow: {grow}"
+                );
+                let replica = site.base.join(format!("replica-{number}"));
+                std::fs::create_dir_all(&replica).unwrap();
+                let state = site.base.join(format!("state-{number}"));
+                let config = ReplicationConfig::directory("site-b", &replica);
+                let crashing = |crash_at: u64, crash_key_prefix: Option<&'static str>| CrashingReplica {
+                    inner: DirectoryReplica::new(&replica),
+                    puts: Arc::new(AtomicU64::new(0)),
+                    landed: Arc::new(AtomicU64::new(0)),
+                    written: Arc::default(),
+                    crash_at,
+                    crash_key_prefix,
+                    after_landing,
+                    crashed: AtomicBool::new(false),
+                };
+                let first_replica = crashing(crash_at, crash_key_prefix);
+                let (first_landed, first_written) =
+                    (first_replica.landed.clone(), first_replica.written.clone());
+                let mut first = Replicator::with_backends(
+                    sources.clone(),
+                    config.clone(),
+                    &state,
+                    vec![("site-b".into(), Box::new(first_replica))],
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .unwrap();
+                let report = first.pass(false);
+                assert!(
+                    report[0].error.as_deref().unwrap_or_default().contains("simulated crash"),
+                    "{case}: {report:?}"
+                );
+                drop(first);
+                if grow {
+                    // The sources move on while the replicator is down: the cut moves too.
+                    site.publish_shards(1);
+                    site.archive_decisions(1);
+                }
 
-            let mut second = Replicator::with_backends(
-                sources.clone(),
-                config,
-                &state,
-                vec![("site-b".into(), Box::new(DirectoryReplica::new(&replica)))],
-                Arc::new(AtomicBool::new(false)),
-            )
-            .unwrap();
-            pass_ok(&mut second);
-            let copied_again = counter(&second, |m| &m.objects_copied);
-            assert_eq!(
-                landed.load(Ordering::Relaxed) + copied_again,
-                puts_total,
-                "crash at put {crash_at} (after landing: {after_landing}): every object written exactly once"
-            );
-            assert_eq!(
-                files_under(&replica),
-                expected,
-                "crash at put {crash_at}: the replica equals a clean run's"
-            );
-            assert!(second.verify(0).unwrap().is_empty());
+                let second_replica = crashing(u64::MAX, None);
+                let second_written = second_replica.written.clone();
+                let mut second = Replicator::with_backends(
+                    sources.clone(),
+                    config,
+                    &state,
+                    vec![("site-b".into(), Box::new(second_replica))],
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .unwrap();
+                pass_ok(&mut second);
+                assert!(second.verify(0).unwrap().is_empty(), "{case}");
+                let first_written = first_written.lock().unwrap().clone();
+                let second_written = second_written.lock().unwrap().clone();
+                assert_eq!(first_landed.load(Ordering::Relaxed), first_written.len() as u64);
+                // No immutable object is written twice (a manifest is rewritten when it changed).
+                for key in &second_written {
+                    assert!(
+                        key.ends_with("manifest.json") || !first_written.contains(key),
+                        "{case}: {key} written twice"
+                    );
+                }
+                // No log byte is written twice, under whatever segment boundaries.
+                for file in ["entries", "index", "checkpoints"] {
+                    let written: u64 = first_written
+                        .iter()
+                        .chain(&second_written)
+                        .filter_map(|key| key.strip_prefix(&format!("archive/log/{file}/")))
+                        .map(|range| {
+                            let (start, end) = range.split_once('-').unwrap();
+                            end.parse::<u64>().unwrap() - start.parse::<u64>().unwrap()
+                        })
+                        .sum();
+                    let source = std::fs::metadata(site.archive_root().join("log").join(file)).unwrap().len();
+                    assert_eq!(written, source, "{case}: log/{file} bytes written once");
+                }
+                if !grow {
+                    assert_eq!(
+                        first_written.len() + second_written.len(),
+                        puts_total as usize,
+                        "{case}: every object written exactly once"
+                    );
+                    assert_eq!(files_under(&replica), expected, "{case}: the replica equals a clean run's");
+                }
+            }
         }
     }
 }

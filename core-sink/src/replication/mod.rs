@@ -390,6 +390,8 @@ struct ReplicaState {
     watermark_path: PathBuf,
     metrics: Arc<ReplicaMetrics>,
     last_error_logged: Option<Instant>,
+    /// Whether this process compared the watermark with the replica's log segments yet.
+    reconciled: bool,
 }
 
 /// Copies the sources to every replica, pass after pass.
@@ -687,6 +689,52 @@ impl Pass<'_> {
         Ok(())
     }
 
+    /// Once per process and replica, before the first archive pass: adopts the log segments the
+    /// replica holds beyond the watermark (written before a crash took the watermark write, or
+    /// with the watermark lost), so that they are not copied again under other boundaries. Only
+    /// boundaries the source confirms are adopted: an entry's end, a whole index record, a
+    /// checkpoint whose entries and index are adopted too. Segments are put after the objects of
+    /// their entries, so adopted entries' objects are on the replica.
+    fn reconcile(&mut self, root: &Path) -> Result<(), ReplicationError> {
+        let backend = self.state.backend.as_ref();
+        let chain_end = |file: &str| -> Result<u64, ReplicationError> {
+            Ok(segment_chain(&list_segments(backend, file)?).1)
+        };
+        let (entries_end, index_end, checkpoints_end) =
+            (chain_end("entries")?, chain_end("index")?, chain_end("checkpoints")?);
+        let before = self.state.watermark.archive.clone();
+        let mut mark = before.clone();
+        let checkpoints = read_checkpoints_after(root, mark.checkpoints_bytes)?;
+        let cut = checkpoints.last().map_or(mark.checkpoint_tree_size, |&(_, tree_size)| tree_size);
+        if entries_end > mark.entries_bytes {
+            let records = read_index_records(root, mark.entries_copied, cut)?;
+            if let Some(position) = records.iter().position(|record| record.end() == entries_end) {
+                mark.entries_copied += position as u64 + 1;
+                mark.entries_bytes = entries_end;
+            }
+        }
+        if index_end > index_bytes(mark.index_copied) && index_end >= MAGIC_BYTES as u64 {
+            let body = index_end - MAGIC_BYTES as u64;
+            let records = body / INDEX_RECORD_BYTES as u64;
+            if body % INDEX_RECORD_BYTES as u64 == 0 && records <= cut {
+                mark.index_copied = records;
+            }
+        }
+        if checkpoints_end > mark.checkpoints_bytes
+            && let Some(&(end, tree_size)) = checkpoints.iter().find(|(end, _)| *end == checkpoints_end)
+            && tree_size <= mark.entries_copied.min(mark.index_copied)
+        {
+            mark.checkpoints_bytes = end;
+            mark.checkpoint_tree_size = tree_size;
+        }
+        if mark != before {
+            tracing::info!(replica = %self.state.name, entries = mark.entries_copied, index = mark.index_copied, checkpoint_tree_size = mark.checkpoint_tree_size, "adopted archive log segments the replica holds beyond its watermark");
+            self.state.watermark.archive = mark;
+            self.persist()?;
+        }
+        Ok(())
+    }
+
     fn archive(&mut self, root: &Path, copy_signing_key: bool) -> Result<(), ReplicationError> {
         if !self.state.watermark.archive.keys_copied {
             let mut keys = vec![("checkpoint.vkey", archive::checkpoint::verifier_key_path(root))];
@@ -704,6 +752,10 @@ impl Pass<'_> {
             }
             self.state.watermark.archive.keys_copied = true;
             self.persist()?;
+        }
+        if !self.state.reconciled {
+            self.reconcile(root)?;
+            self.state.reconciled = true;
         }
         let mark = self.state.watermark.archive.clone();
         let checkpoints = read_checkpoints_after(root, mark.checkpoints_bytes)?;
@@ -893,6 +945,7 @@ impl Replicator {
                 watermark_path,
                 metrics: replica_metrics,
                 last_error_logged: None,
+                reconciled: false,
             });
         }
         let clock = Instant::now();
