@@ -418,3 +418,61 @@ fn config_errors_name_the_file_and_key() {
         "{stderr}"
     );
 }
+
+/// `GET /metrics` from `address`, or `None` while nothing listens.
+fn scrape(address: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sink\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.take(1 << 20).read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[test]
+fn serve_runs_the_replicator_and_exports_its_metrics() {
+    let site = site_with_sources();
+    let (ok, _, stderr) =
+        core_sink(&["init", "--dir", site.base.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(ok, "{stderr}");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = site.config_file(
+        "pass_interval_ms = 50\n[[replication.replicas]]\nname = \"site-b\"\ndirectory = \"replica\"\n",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n{text}")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_core-sink"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let caught_up = "tributary_replication_lag_bytes{replica=\"site-b\"} 0";
+    let mut last = String::new();
+    // A bound for a failing run only; the assertions are about what the endpoint says.
+    for _ in 0..600 {
+        if let Some(response) = scrape(address) {
+            last = response;
+            let copied = last
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix("tributary_replication_objects_copied_total{replica=\"site-b\"} ")
+                })
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0);
+            if copied > 0 && last.lines().any(|line| line == caught_up) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(last.lines().any(|line| line == caught_up), "{last}");
+    assert!(last.contains("tributary_replication_lag_seconds{replica=\"site-b\"} 0"), "{last}");
+    assert!(last.contains("tributary_replication_errors_total{replica=\"site-b\"} 0"), "{last}");
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    let (ok, stdout, stderr) = core_sink(&["replicate", "verify", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+}

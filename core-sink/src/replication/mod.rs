@@ -868,6 +868,19 @@ fn lag_bytes(sources: &Sources, watermark: &Watermark) -> u64 {
     lag
 }
 
+/// Measures the replica's lag and publishes it (bytes, and since when it is behind).
+fn record_lag(sources: &Sources, state: &ReplicaState) -> u64 {
+    let lag = lag_bytes(sources, &state.watermark);
+    let metrics = &state.metrics;
+    metrics.lag_bytes.store(lag, Ordering::Relaxed);
+    if lag == 0 {
+        metrics.behind_since_unix_ms.store(0, Ordering::Relaxed);
+    } else if metrics.behind_since_unix_ms.load(Ordering::Relaxed) == 0 {
+        metrics.behind_since_unix_ms.store(unix_ms().max(1), Ordering::Relaxed);
+    }
+    lag
+}
+
 /// What one pass over one replica did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassReport {
@@ -948,6 +961,9 @@ impl Replicator {
                 reconciled: false,
             });
         }
+        for state in &replicas {
+            record_lag(&sources, state);
+        }
         let clock = Instant::now();
         Ok(Replicator {
             throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max, 0),
@@ -966,6 +982,8 @@ impl Replicator {
     pub fn pass(&mut self, repair: bool) -> Vec<PassReport> {
         let mut reports = Vec::new();
         for index in 0..self.replicas.len() {
+            // Measured before the work too: a scrape during a long first pass must not read 0.
+            record_lag(&self.sources, &self.replicas[index]);
             let mut repaired = 0;
             let result = (|| {
                 if repair {
@@ -988,13 +1006,7 @@ impl Replicator {
             })();
             let state = &mut self.replicas[index];
             state.metrics.passes.fetch_add(1, Ordering::Relaxed);
-            let lag = lag_bytes(&self.sources, &state.watermark);
-            state.metrics.lag_bytes.store(lag, Ordering::Relaxed);
-            if lag == 0 {
-                state.metrics.behind_since_unix_ms.store(0, Ordering::Relaxed);
-            } else if state.metrics.behind_since_unix_ms.load(Ordering::Relaxed) == 0 {
-                state.metrics.behind_since_unix_ms.store(unix_ms().max(1), Ordering::Relaxed);
-            }
+            let lag = record_lag(&self.sources, state);
             let error = match result {
                 Ok(()) | Err(ReplicationError::Stopped) => None,
                 Err(error) => {
