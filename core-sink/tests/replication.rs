@@ -17,6 +17,8 @@ use core_sink::replication::{ReplicationConfig, Replicator, Sources};
 mod replication_support;
 #[path = "support/archive.rs"]
 mod support;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 use replication_support::{Site, files_under};
 use support::core_sink;
 
@@ -475,4 +477,34 @@ fn serve_runs_the_replicator_and_exports_its_metrics() {
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
     let (ok, stdout, stderr) = core_sink(&["replicate", "verify", "--config", config.to_str().unwrap()]);
     assert!(ok, "{stdout}{stderr}");
+}
+
+#[test]
+fn a_full_replica_fails_its_passes_without_partial_objects_and_drains_when_space_returns() {
+    let mut site = Site::new();
+    site.shard_bytes = 200_000;
+    site.publish_shards(4);
+    site.archive_decisions(4);
+    let replica = site.base.join("replica-full");
+    // 1.6 MB of shards on a 1 MiB file system.
+    let Some(tmpfs) = tmpfs::Tmpfs::mount(&replica, "1m") else { return };
+    let mut replicator = replicator(&site, &replica);
+    for _ in 0..2 {
+        let reports = replicator.pass(false);
+        let error = reports[0].error.clone().unwrap_or_default();
+        assert!(error.contains("No space left on device") && error.contains("datasets/"), "{reports:?}");
+    }
+    assert_eq!(counter(&replicator, |m| &m.errors), 2);
+    assert!(counter(&replicator, |m| &m.lag_bytes) > 0);
+    let expected = site.expected_dataset_files();
+    for (key, bytes) in files_under(&replica) {
+        assert!(!key.rsplit('/').next().unwrap().starts_with('.'), "no temporary file left: {key}");
+        assert!(expected.get(&key) == Some(&bytes), "{key} is whole");
+    }
+
+    // Space returns: the next pass copies the rest.
+    tmpfs.resize("16m");
+    pass_ok(&mut replicator);
+    assert!(replicator.verify(0).unwrap().is_empty());
+    assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
 }

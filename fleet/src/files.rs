@@ -1,4 +1,5 @@
-//! Small, careful file operations shared by the CA, issued certificates and the revocation list.
+//! Small, careful file operations shared by the CA, issued certificates, the revocation list and
+//! the core sink's replication (its watermarks and directory replicas).
 //!
 //! Every write goes to a hidden temporary file in the same directory, is fsynced, then renamed
 //! (or hard-linked, when an existing file must not be replaced) into place, and the directory is
