@@ -67,11 +67,18 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Rebuild the datasets and the archive from a directory replica into a new directory.
+    /// Rebuild the datasets and the archive from a replica into a new directory: a directory
+    /// replica (`--from DIR`) or any replica of a config (`--config FILE --replica NAME`).
     Restore {
         /// The replica's directory.
-        #[arg(long)]
-        from: PathBuf,
+        #[arg(long, conflicts_with_all = ["config", "replica"])]
+        from: Option<PathBuf>,
+        /// The sink's config naming the replica in [replication] (S3 credentials from the
+        /// environment).
+        #[arg(long, requires = "replica")]
+        config: Option<PathBuf>,
+        #[arg(long, requires = "config")]
+        replica: Option<String>,
         /// Where to restore (missing or empty).
         #[arg(long)]
         to: PathBuf,
@@ -184,11 +191,10 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 .context("--config FILE is required (the sink's config with a [replication] section)")?;
             replicate(&config, once, repair)
         }
-        Command::Restore { from, to } => {
-            let replica = core_sink::replication::replica::DirectoryReplica::new(&from);
-            anyhow::ensure!(from.is_dir(), "restore: --from {} is not a directory", from.display());
-            let report = core_sink::replication::restore::restore(&replica, &to, 4 << 30)
-                .with_context(|| format!("restore from {} into {}", from.display(), to.display()))?;
+        Command::Restore { from, config, replica, to } => {
+            let replica = restore_source(from.as_deref(), config.as_deref(), replica.as_deref())?;
+            let report = core_sink::replication::restore::restore(replica.as_ref(), &to, 4 << 30)
+                .with_context(|| format!("restore from {} into {}", replica.describe(), to.display()))?;
             println!(
                 "restored {} log bytes, {} objects, {} datasets ({} shards, {} bytes) into {}\n\
                  archive: {}/archive (check it with `core-sink audit verify --archive {}/archive`)\n\
@@ -221,6 +227,37 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio runtime")?;
     runtime.block_on(core_sink::run_until_signal(config))
+}
+
+/// The replica `restore` reads: `--from DIR`, or `--replica NAME` of `--config FILE`.
+fn restore_source(
+    from: Option<&Path>,
+    config: Option<&Path>,
+    name: Option<&str>,
+) -> anyhow::Result<Box<dyn core_sink::replication::replica::Replica>> {
+    use core_sink::replication::replica::{DirectoryReplica, S3Replica};
+    if let Some(from) = from {
+        anyhow::ensure!(from.is_dir(), "restore: --from {} is not a directory", from.display());
+        return Ok(Box::new(DirectoryReplica::new(from)));
+    }
+    let (Some(config_path), Some(name)) = (config, name) else {
+        anyhow::bail!("restore needs --from DIR, or --config FILE --replica NAME");
+    };
+    let config = SinkConfig::load(config_path)?;
+    let replica = config
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.replicas.iter().find(|replica| replica.name == name))
+        .with_context(|| {
+            format!("config {}: no replica named {name:?} in [replication]", config_path.display())
+        })?;
+    match (&replica.directory, &replica.s3) {
+        (Some(directory), _) => Ok(Box::new(DirectoryReplica::new(directory))),
+        (None, Some(s3)) => {
+            Ok(Box::new(S3Replica::connect(s3).map_err(|error| anyhow::anyhow!("replica {name}: {error}"))?))
+        }
+        (None, None) => anyhow::bail!("replica {name} names neither a directory nor s3"),
+    }
 }
 
 fn replicate(config_path: &Path, once: bool, repair: bool) -> anyhow::Result<()> {

@@ -146,6 +146,32 @@ fn s3_and_directory_replicas_verify_equal_through_an_outage_damage_and_a_lost_wa
     assert_eq!(load(&metrics(&replicator, 1).objects_present), 2 * (6 + 1) + 1);
     assert!(replicator.verify(1).unwrap().is_empty());
 
+    // Restore from the bucket: the archive verifies, the logs equal the source's.
+    let config_file = site.config_file(&format!(
+        "[[replication.replicas]]\nname = \"site-c\"\n[replication.replicas.s3]\nbucket = \"{BUCKET}\"\n\
+         endpoint = \"{}\"\nallow_http = true\nprefix = \"{PREFIX}\"\n",
+        moto.endpoint()
+    ));
+    let restored = site.base.join("restored");
+    let (ok, stdout, stderr) = support::core_sink(&[
+        "restore",
+        "--config",
+        config_file.to_str().unwrap(),
+        "--replica",
+        "site-c",
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let report = archive::verify(&restored.join("archive")).unwrap();
+    assert_eq!((report.entries, report.decisions), (14, 13));
+    for file in ["entries", "index", "checkpoints"] {
+        assert_eq!(
+            std::fs::read(restored.join("archive/log").join(file)).unwrap(),
+            std::fs::read(site.archive_root().join("log").join(file)).unwrap()
+        );
+    }
+
     // Create-only: an existing key is never replaced.
     let replica = S3Replica::connect(&s3_config(&moto)).unwrap();
     assert_eq!(replica.put(&shard_key, b"other bytes", WriteMode::Create).unwrap(), PutOutcome::AlreadyThere);

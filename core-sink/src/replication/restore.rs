@@ -1,5 +1,5 @@
-//! `core-sink restore --from REPLICA --to DIR`: rebuilds the datasets and the archive from a
-//! replica into a new directory:
+//! `core-sink restore --from DIR --to DIR` (or `--config FILE --replica NAME`): rebuilds the
+//! datasets and the archive from a replica (directory or bucket) into a new directory:
 //!
 //! ```text
 //! <to>/archive/log/{entries,index,checkpoints}   each the chain of its segments from byte 0
