@@ -38,6 +38,9 @@ pub enum Target {
     /// The inference API: requests/s and p50/p99 latency with and without the durable audit
     /// record, measured in the same run.
     Inference(crate::bench_inference::InferenceArgs),
+    /// The sink's durable landing alone, while a replicator copies published shards to a
+    /// directory replica within its budget, and with the budget lifted: ratios in the same run.
+    Replicate(crate::bench_replicate::ReplicateArgs),
 }
 
 #[derive(Args)]
@@ -60,6 +63,7 @@ pub fn run(target: Target) -> Result<()> {
         Target::Sink(args) => crate::bench_sink::bench_sink(&args),
         Target::Inference(args) => crate::bench_inference::run(args),
         Target::Pipeline(args) => crate::bench_pipeline::run(args),
+        Target::Replicate(args) => crate::bench_replicate::run(args),
     }
 }
 

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_inference;
 mod bench_pipeline;
+mod bench_replicate;
 mod bench_sink;
 mod bench_uplink;
 mod demo;

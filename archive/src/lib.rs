@@ -53,3 +53,4 @@ pub use audit::{
 };
 pub use objects::{ObjectError, Objects};
 pub use objects_config::{ObjectsConfig, ObjectsKind, ObjectsRecord};
+pub use store::s3_client;

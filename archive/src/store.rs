@@ -137,64 +137,9 @@ fn ms(milliseconds: u64) -> Duration {
 impl StoreObjects {
     /// Connects to the S3-compatible store `config` names, credentials from the environment.
     pub(crate) fn connect_s3(config: &ObjectsConfig) -> Result<StoreObjects, ObjectError> {
-        assert_eq!(config.kind, ObjectsKind::S3);
-        config.validate().map_err(ObjectError::Config)?;
-        let variable = |name: &str| match std::env::var(name) {
-            Ok(value) if !value.is_empty() => Ok(Some(value)),
-            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(ObjectError::Config(format!("{name} is not UTF-8")))
-            }
-        };
-        let missing = |name: &str| {
-            ObjectError::Config(format!(
-                "the s3 object store takes its credentials from {ACCESS_KEY_ID_VARIABLE} and \
-                 {SECRET_ACCESS_KEY_VARIABLE} (and {SESSION_TOKEN_VARIABLE} when temporary); {name} is not set"
-            ))
-        };
-        let access_key_id =
-            variable(ACCESS_KEY_ID_VARIABLE)?.ok_or_else(|| missing(ACCESS_KEY_ID_VARIABLE))?;
-        let secret_access_key =
-            variable(SECRET_ACCESS_KEY_VARIABLE)?.ok_or_else(|| missing(SECRET_ACCESS_KEY_VARIABLE))?;
+        let store = s3_client(config)?;
         let bucket = config.bucket.clone().expect("validated: s3 has a bucket");
-        let client_options = object_store::ClientOptions::new()
-            .with_allow_http(config.allow_http)
-            .with_connect_timeout(ms(config.connect_timeout_ms))
-            .with_timeout(ms(config.request_timeout_ms));
-        let retry = object_store::RetryConfig {
-            backoff: object_store::BackoffConfig {
-                init_backoff: ms(config.backoff_initial_ms),
-                max_backoff: ms(config.backoff_max_ms),
-                base: 2.0,
-            },
-            max_retries: config.retries_max as usize,
-            retry_timeout: ms(config.retry_timeout_ms),
-        };
-        // `AmazonS3Builder::new`, not `from_env`: only the credential variables are read, so no
-        // other AWS_* variable changes behaviour behind the config's back.
-        let mut builder = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(&bucket)
-            .with_region(config.region.as_deref().unwrap_or(DEFAULT_REGION))
-            .with_access_key_id(access_key_id)
-            .with_secret_access_key(secret_access_key)
-            .with_client_options(client_options)
-            .with_retry(retry)
-            .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
-            .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
-        if let Some(token) = variable(SESSION_TOKEN_VARIABLE)? {
-            builder = builder.with_token(token);
-        }
-        if let Some(endpoint) = &config.endpoint {
-            // Path-style requests (`endpoint/bucket/key`), which every S3-compatible server takes.
-            builder = builder.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
-        }
-        // reqwest is built without a crypto provider of its own (see Cargo.toml): make ring the
-        // process default unless one is installed already (then that one stays).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = builder.build().map_err(|error| {
-            ObjectError::Config(format!("s3 object store for bucket {bucket:?}: {error}"))
-        })?;
-        StoreObjects::new(Arc::new(store), &format!("s3://{bucket}"), &config.prefix, config)
+        StoreObjects::new(store, &format!("s3://{bucket}"), &config.prefix, config)
     }
 
     /// Objects in `store` under `prefix`, with `config`'s upload limits.
@@ -392,6 +337,68 @@ async fn read_checked(
         return Err(ObjectError::Mismatch { sha256: hex, actual: sha256_hex(&actual) });
     }
     Ok(Bytes::from(bytes))
+}
+
+/// The S3 client `config` names (kind `s3`), with its timeouts, retries, conditional puts
+/// (`PutMode::Create` as `If-None-Match: *`) and SHA-256 checksums on uploads; credentials from
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` only. Makes no request.
+/// The archive's objects and the sink's replicas (core-sink `replication`) share it.
+pub fn s3_client(config: &ObjectsConfig) -> Result<Arc<dyn ObjectStore>, ObjectError> {
+    assert_eq!(config.kind, ObjectsKind::S3);
+    config.validate().map_err(ObjectError::Config)?;
+    let variable = |name: &str| match std::env::var(name) {
+        Ok(value) if !value.is_empty() => Ok(Some(value)),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(ObjectError::Config(format!("{name} is not UTF-8"))),
+    };
+    let missing = |name: &str| {
+        ObjectError::Config(format!(
+            "the s3 object store takes its credentials from {ACCESS_KEY_ID_VARIABLE} and \
+             {SECRET_ACCESS_KEY_VARIABLE} (and {SESSION_TOKEN_VARIABLE} when temporary); {name} is not set"
+        ))
+    };
+    let access_key_id = variable(ACCESS_KEY_ID_VARIABLE)?.ok_or_else(|| missing(ACCESS_KEY_ID_VARIABLE))?;
+    let secret_access_key =
+        variable(SECRET_ACCESS_KEY_VARIABLE)?.ok_or_else(|| missing(SECRET_ACCESS_KEY_VARIABLE))?;
+    let bucket = config.bucket.clone().expect("validated: s3 has a bucket");
+    let client_options = object_store::ClientOptions::new()
+        .with_allow_http(config.allow_http)
+        .with_connect_timeout(ms(config.connect_timeout_ms))
+        .with_timeout(ms(config.request_timeout_ms));
+    let retry = object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: ms(config.backoff_initial_ms),
+            max_backoff: ms(config.backoff_max_ms),
+            base: 2.0,
+        },
+        max_retries: config.retries_max as usize,
+        retry_timeout: ms(config.retry_timeout_ms),
+    };
+    // `AmazonS3Builder::new`, not `from_env`: only the credential variables are read, so no
+    // other AWS_* variable changes behaviour behind the config's back.
+    let mut builder = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&bucket)
+        .with_region(config.region.as_deref().unwrap_or(DEFAULT_REGION))
+        .with_access_key_id(access_key_id)
+        .with_secret_access_key(secret_access_key)
+        .with_client_options(client_options)
+        .with_retry(retry)
+        .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+        .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+    if let Some(token) = variable(SESSION_TOKEN_VARIABLE)? {
+        builder = builder.with_token(token);
+    }
+    if let Some(endpoint) = &config.endpoint {
+        // Path-style requests (`endpoint/bucket/key`), which every S3-compatible server takes.
+        builder = builder.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
+    }
+    // reqwest is built without a crypto provider of its own (see Cargo.toml): make ring the
+    // process default unless one is installed already (then that one stays).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let store = builder
+        .build()
+        .map_err(|error| ObjectError::Config(format!("s3 object store for bucket {bucket:?}: {error}")))?;
+    Ok(Arc::new(store))
 }
 
 #[cfg(test)]

@@ -61,6 +61,10 @@ pub struct SinkConfig {
     /// Device onboarding over MQTT (claim tokens, CSR signing, heartbeats, remote config); absent = none.
     #[serde(default)]
     pub onboarding: Option<onboarding::AuthorityConfig>,
+    /// Continuous copies of the datasets and the archive to replicas (`core-sink replicate`, and a
+    /// thread of `serve`); absent = none.
+    #[serde(default)]
+    pub replication: Option<crate::replication::ReplicationConfig>,
 }
 
 fn default_revocation_file() -> PathBuf {
@@ -123,6 +127,7 @@ impl SinkConfig {
             archive: None,
             metrics_listen: None,
             onboarding: None,
+            replication: None,
         }
     }
 
@@ -149,6 +154,9 @@ impl SinkConfig {
         }
         if let Some(onboarding) = &mut config.onboarding {
             onboarding.resolve_relative(base);
+        }
+        if let Some(replication) = &mut config.replication {
+            replication.resolve_relative(base);
         }
         for field in [
             &mut config.state_dir,
@@ -226,6 +234,9 @@ impl SinkConfig {
         }
         if let Some(onboarding) = &self.onboarding {
             onboarding.validate()?;
+        }
+        if let Some(replication) = &self.replication {
+            replication.validate()?;
         }
         self.transport.validate()
     }

@@ -14,6 +14,7 @@ pub mod datasets;
 pub mod dictionaries;
 pub mod lander;
 pub mod metrics;
+pub mod replication;
 pub mod server;
 
 /// The landing core (crate `landing`), re-exported where it used to live.

@@ -52,6 +52,37 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Copy the published datasets and the archive to the replicas of the config's [replication]
+    /// section, pass after pass until SIGINT/SIGTERM (`--once`: one pass); `verify` compares.
+    Replicate {
+        #[command(subcommand)]
+        command: Option<ReplicateCommand>,
+        /// TOML config of the sink (its [replication], [datasets] and [archive] sections).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One pass, then exit (1 if a replica failed).
+        #[arg(long)]
+        once: bool,
+        /// Verify each replica first and re-copy every difference from the source (implies --once).
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Rebuild the datasets and the archive from a replica into a new directory: a directory
+    /// replica (`--from DIR`) or any replica of a config (`--config FILE --replica NAME`).
+    Restore {
+        /// The replica's directory.
+        #[arg(long, conflicts_with_all = ["config", "replica"])]
+        from: Option<PathBuf>,
+        /// The sink's config naming the replica in [replication] (S3 credentials from the
+        /// environment).
+        #[arg(long, requires = "replica")]
+        config: Option<PathBuf>,
+        #[arg(long, requires = "config")]
+        replica: Option<String>,
+        /// Where to restore (missing or empty).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Device fleet over MQTT: claim tokens, approvals, remote config, revocation, fleet view.
     Fleet {
         /// TOML config of the sink (its [onboarding] section, ca_dir and revocation_file).
@@ -59,6 +90,18 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         command: onboarding::cli::FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicateCommand {
+    /// Compare every replica with the sources and name every difference; exit 1 if any.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this replica.
+        #[arg(long)]
+        replica: Option<String>,
     },
 }
 
@@ -140,6 +183,35 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Ca { command } => ca(command),
         Command::Datasets { command } => datasets(command),
         Command::Audit { command } => audit(command),
+        Command::Replicate { command: Some(ReplicateCommand::Verify { config, replica }), .. } => {
+            replicate_verify(&config, replica.as_deref())
+        }
+        Command::Replicate { command: None, config, once, repair } => {
+            let config = config
+                .context("--config FILE is required (the sink's config with a [replication] section)")?;
+            replicate(&config, once, repair)
+        }
+        Command::Restore { from, config, replica, to } => {
+            let replica = restore_source(from.as_deref(), config.as_deref(), replica.as_deref())?;
+            let report = core_sink::replication::restore::restore(replica.as_ref(), &to, 4 << 30)
+                .with_context(|| format!("restore from {} into {}", replica.describe(), to.display()))?;
+            println!(
+                "restored {} log bytes, {} objects, {} datasets ({} shards, {} bytes) into {}\n\
+                 archive: {}/archive (check it with `core-sink audit verify --archive {}/archive`)\n\
+                 datasets: targets under {}/datasets/targets/<target>, manifest_dir = {}/datasets/manifests",
+                report.log_bytes,
+                report.objects,
+                report.datasets,
+                report.shards,
+                report.shard_bytes,
+                to.display(),
+                to.display(),
+                to.display(),
+                to.display(),
+                to.display()
+            );
+            Ok(())
+        }
         Command::Fleet { config, command } => {
             let config = SinkConfig::load(&config)?;
             let onboarding = config.onboarding.as_ref().context("the config has no [onboarding] section")?;
@@ -155,6 +227,116 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio runtime")?;
     runtime.block_on(core_sink::run_until_signal(config))
+}
+
+/// The replica `restore` reads: `--from DIR`, or `--replica NAME` of `--config FILE`.
+fn restore_source(
+    from: Option<&Path>,
+    config: Option<&Path>,
+    name: Option<&str>,
+) -> anyhow::Result<Box<dyn core_sink::replication::replica::Replica>> {
+    use core_sink::replication::replica::{DirectoryReplica, S3Replica};
+    if let Some(from) = from {
+        anyhow::ensure!(from.is_dir(), "restore: --from {} is not a directory", from.display());
+        return Ok(Box::new(DirectoryReplica::new(from)));
+    }
+    let (Some(config_path), Some(name)) = (config, name) else {
+        anyhow::bail!("restore needs --from DIR, or --config FILE --replica NAME");
+    };
+    let config = SinkConfig::load(config_path)?;
+    let replica = config
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.replicas.iter().find(|replica| replica.name == name))
+        .with_context(|| {
+            format!("config {}: no replica named {name:?} in [replication]", config_path.display())
+        })?;
+    match (&replica.directory, &replica.s3) {
+        (Some(directory), _) => Ok(Box::new(DirectoryReplica::new(directory))),
+        (None, Some(s3)) => {
+            Ok(Box::new(S3Replica::connect(s3).map_err(|error| anyhow::anyhow!("replica {name}: {error}"))?))
+        }
+        (None, None) => anyhow::bail!("replica {name} names neither a directory nor s3"),
+    }
+}
+
+fn replicate(config_path: &Path, once: bool, repair: bool) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let config = SinkConfig::load(config_path)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut replicator = core_sink::replication::Replicator::open(&config, stop.clone())
+        .with_context(|| format!("config {}", config_path.display()))?;
+    if once || repair {
+        let reports = replicator.pass(repair);
+        let mut failed = 0;
+        for report in &reports {
+            match &report.error {
+                None => println!("{}: up to date (repaired {})", report.replica, report.repaired),
+                Some(error) => {
+                    failed += 1;
+                    println!("{}: failed: {error}", report.replica);
+                }
+            }
+        }
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} of {} replicas failed (the next pass resumes where this one stopped)",
+            reports.len()
+        );
+        return Ok(());
+    }
+    // The replicator on its own thread; this one waits for SIGINT or SIGTERM, then stops it
+    // between two objects (what it copied is durable and in its watermark).
+    let thread = std::thread::Builder::new().name("replication".into()).spawn(move || replicator.run())?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("start tokio runtime")?;
+    runtime.block_on(async {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = thread.join();
+    Ok(())
+}
+
+fn replicate_verify(config_path: &Path, only: Option<&str>) -> anyhow::Result<()> {
+    let config = SinkConfig::load(config_path)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replicator = core_sink::replication::Replicator::open(&config, stop)
+        .with_context(|| format!("config {}", config_path.display()))?;
+    let names = replicator.replica_names();
+    if let Some(only) = only {
+        anyhow::ensure!(
+            names.iter().any(|name| name == only),
+            "no replica named {only:?} in {}",
+            config_path.display()
+        );
+    }
+    let mut differences_total = 0;
+    for (index, name) in names.iter().enumerate() {
+        if only.is_some_and(|only| only != name) {
+            continue;
+        }
+        let differences = replicator.verify(index).with_context(|| format!("verify replica {name}"))?;
+        if differences.is_empty() {
+            println!("{name}: equal to the sources");
+        }
+        for difference in &differences {
+            println!("{name}: {difference}");
+        }
+        differences_total += differences.len();
+    }
+    anyhow::ensure!(
+        differences_total == 0,
+        "{differences_total} differences (`core-sink replicate --repair --config {}` re-copies them)",
+        config_path.display()
+    );
+    Ok(())
 }
 
 fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> anyhow::Result<()> {

@@ -26,6 +26,8 @@ pub struct MetricsSources {
     pub in_flight_bytes_max: u64,
     /// The onboarding authority's counters, when `[onboarding]` is configured.
     pub onboarding: Option<Arc<onboarding::authority::AuthorityMetrics>>,
+    /// The replicator's counters per replica, when `[replication]` is configured.
+    pub replication: Option<Arc<crate::replication::ReplicationMetrics>>,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
@@ -166,6 +168,9 @@ pub fn render(sources: &MetricsSources) -> String {
         "Raw landing files closed (least recently used first) to stay within open_files_max.",
         &sink.landing_files_closed_at_limit,
     );
+    if let Some(replication) = &sources.replication {
+        render_replication(&mut out, replication, crate::replication::unix_ms());
+    }
     if let Some(authority) = &sources.onboarding {
         render_onboarding(&mut out, authority);
     }
@@ -260,6 +265,66 @@ pub async fn serve(listener: TcpListener, sources: MetricsSources) {
     }
 }
 
+/// The replicator's series, one per replica with the label `replica="<name>"` (names are
+/// `[A-Za-z0-9_-]`, so they need no escaping).
+pub fn render_replication(
+    out: &mut String,
+    replication: &crate::replication::ReplicationMetrics,
+    now_unix_ms: u64,
+) {
+    type Value = fn(&crate::replication::ReplicaMetrics, u64) -> u64;
+    let series: [(&str, &str, &str, Value); 7] = [
+        (
+            "tributary_replication_lag_bytes",
+            "gauge",
+            "Bytes of published shards, manifests and archive log not on the replica yet (measured after each pass).",
+            |metrics, _| metrics.lag_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_replication_lag_seconds",
+            "gauge",
+            "Seconds since the replica was last caught up with the sources (0 when it is).",
+            |metrics, now| metrics.lag_seconds(now),
+        ),
+        (
+            "tributary_replication_objects_copied_total",
+            "counter",
+            "Objects written to the replica (shards, manifests, archive objects, log segments, keys).",
+            |metrics, _| metrics.objects_copied.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_replication_bytes_copied_total",
+            "counter",
+            "Bytes written to the replica.",
+            |metrics, _| metrics.bytes_copied.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_replication_objects_present_total",
+            "counter",
+            "Objects found already on the replica and not copied again.",
+            |metrics, _| metrics.objects_present.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_replication_repairs_total",
+            "counter",
+            "Replica objects replaced from the source (wrong size, or named by verify with --repair).",
+            |metrics, _| metrics.repairs.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_replication_errors_total",
+            "counter",
+            "Passes that failed (replica unreachable or full, a source unreadable); retried every pass.",
+            |metrics, _| metrics.errors.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (replica, metrics) in &replication.replicas {
+            let _ = writeln!(out, "{name}{{replica=\"{replica}\"}} {}", value(metrics, now_unix_ms));
+        }
+    }
+}
+
 /// The onboarding authority's counters; refusals per `RejectionCode` (the codes a claim holder
 /// or device provokes: `docs/operations.md`, "Threat model").
 fn render_onboarding(out: &mut String, authority: &onboarding::authority::AuthorityMetrics) {
@@ -307,6 +372,7 @@ mod onboarding_tests {
             in_flight_available: Arc::new(tokio::sync::Semaphore::new(8)),
             in_flight_bytes_max: 8,
             onboarding: Some(authority),
+            replication: None,
         };
         let text = render(&sources);
         assert!(text.contains("tributary_onboarding_rejected_total{code=\"token_used\"} 2"), "{text}");
@@ -326,5 +392,40 @@ mod onboarding_tests {
             checked += 1;
         }
         assert!(checked >= 10, "the dashboard shows the sink ({checked} families)");
+    }
+
+    #[test]
+    fn replication_series_are_exported_per_replica() {
+        let site_b = Arc::new(crate::replication::ReplicaMetrics::default());
+        site_b.objects_copied.store(3, Ordering::Relaxed);
+        site_b.bytes_copied.store(300, Ordering::Relaxed);
+        site_b.lag_bytes.store(42, Ordering::Relaxed);
+        site_b.behind_since_unix_ms.store(10_000, Ordering::Relaxed);
+        let replication = Arc::new(crate::replication::ReplicationMetrics {
+            replicas: vec![("site-b".into(), site_b), ("s3-b".into(), Arc::default())],
+        });
+        let sources = MetricsSources {
+            sink: Arc::new(SinkMetrics::default()),
+            datasets: None,
+            in_flight_available: Arc::new(tokio::sync::Semaphore::new(8)),
+            in_flight_bytes_max: 8,
+            onboarding: None,
+            replication: Some(replication.clone()),
+        };
+        assert!(
+            render(&sources).contains("tributary_replication_objects_copied_total{replica=\"site-b\"} 3")
+        );
+        let mut text = String::new();
+        render_replication(&mut text, &replication, 75_000);
+        for line in [
+            "tributary_replication_lag_bytes{replica=\"site-b\"} 42",
+            "tributary_replication_lag_seconds{replica=\"site-b\"} 65",
+            "tributary_replication_lag_seconds{replica=\"s3-b\"} 0",
+            "tributary_replication_bytes_copied_total{replica=\"site-b\"} 300",
+            "tributary_replication_errors_total{replica=\"s3-b\"} 0",
+            "# TYPE tributary_replication_lag_bytes gauge",
+        ] {
+            assert!(text.lines().any(|found| found == line), "{line} in\n{text}");
+        }
     }
 }

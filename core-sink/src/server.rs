@@ -45,8 +45,16 @@ pub struct Sink {
     context: Option<Arc<Context>>,
     datasets: Option<DatasetsRunner>,
     archive_feed: Option<crate::archive_feed::FeedRunner>,
+    replication: Option<ReplicationRunner>,
     onboarding: Option<onboarding::Authority>,
     metrics_address: Option<SocketAddr>,
+}
+
+/// The replicator's thread (`[replication]`): passes over the published datasets and the archive.
+struct ReplicationRunner {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    metrics: Arc<crate::replication::ReplicationMetrics>,
 }
 
 struct DatasetsRunner {
@@ -154,6 +162,20 @@ impl Sink {
             )?),
             None => None,
         };
+        // Replication of what the datasets pipeline and the archive published, on its own thread
+        // and within its own budgets: it only reads published files, never the landing path.
+        let replication = match &config.replication {
+            Some(_) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let replicator = crate::replication::Replicator::open(&config, stop.clone())?;
+                let metrics = replicator.metrics.clone();
+                let thread = std::thread::Builder::new()
+                    .name("sink-replication".into())
+                    .spawn(move || replicator.run())?;
+                Some(ReplicationRunner { stop, thread, metrics })
+            }
+            None => None,
+        };
         // Onboarding over MQTT: signs device certificates with the fleet CA in ca_dir.
         let onboarding = match &config.onboarding {
             Some(onboarding_config) => {
@@ -197,6 +219,7 @@ impl Sink {
                 in_flight_available: context.in_flight.clone(),
                 in_flight_bytes_max: config.in_flight_bytes_max,
                 onboarding: onboarding.as_ref().map(|authority| authority.shared_metrics()),
+                replication: replication.as_ref().map(|replication| replication.metrics.clone()),
             };
             tasks.push(tokio::spawn(crate::metrics::serve(listener, sources)));
         }
@@ -215,6 +238,7 @@ impl Sink {
             context: Some(context),
             datasets,
             archive_feed,
+            replication,
             onboarding,
         })
     }
@@ -273,6 +297,10 @@ impl Sink {
         if let Some(archive_feed) = self.archive_feed.take() {
             let _ = tokio::task::spawn_blocking(move || archive_feed.stop_and_join()).await;
         }
+        if let Some(replication) = self.replication.take() {
+            replication.stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || replication.thread.join()).await;
+        }
     }
 
     /// The onboarding authority, when `[onboarding]` is configured (its registry mints claim
@@ -294,6 +322,9 @@ impl Drop for Sink {
         }
         if let Some(archive_feed) = &self.archive_feed {
             archive_feed.request_stop();
+        }
+        if let Some(replication) = &self.replication {
+            replication.stop.store(true, Ordering::Relaxed);
         }
         for task in &self.tasks {
             task.abort();

@@ -7,13 +7,10 @@
 //! archive (in process) and the `core-sink` children read.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use archive::{ObjectsConfig, ObjectsKind, ObjectsRecord};
 use core_sink::archive_feed::{ArchiveConfig, ArchiveFeed, ArchiveFeedMetrics};
@@ -22,84 +19,15 @@ use core_sink::landing::{Committer as _, RawLanding};
 use object_store::ObjectStoreExt as _;
 use protocol::evidence::{sha256, sha256_hex};
 
+#[path = "support/moto.rs"]
+mod moto;
 #[path = "support/archive.rs"]
 mod support;
+use moto::Moto;
 use support::{MIB, core_sink, drain, evidence, land, model};
 
 const BUCKET: &str = "tributary-test";
 const PREFIX: &str = "core-archive";
-const MOTO_START_TIMEOUT: Duration = Duration::from_secs(30);
-const HTTP_RESPONSE_BYTES_MAX: u64 = 1024 * 1024;
-
-/// A moto server on a free loopback port, killed when dropped.
-struct Moto {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let probe = Command::new("python3").args(["-c", "import moto.server, flask"]).output();
-        match probe {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => panic!(
-                "this test needs moto's S3 server: install it with `python3 -m pip install 'moto[server]'` \
-                 (CI does, in .ci/run); importing it failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            ),
-            Err(error) => panic!(
-                "this test needs python3 with moto's S3 server (`python3 -m pip install 'moto[server]'`): {error}"
-            ),
-        }
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start python3 -m moto.server");
-        let mut moto = Moto { child, address };
-        let started = Instant::now();
-        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
-            if let Some(status) = moto.child.try_wait().unwrap() {
-                panic!("moto server exited with {status} before listening on {address}");
-            }
-            assert!(
-                started.elapsed() < MOTO_START_TIMEOUT,
-                "moto server not listening on {address} after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// One plain, unsigned HTTP/1.1 request (moto takes them for bucket creation); returns the
-    /// status and body.
-    fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let mut stream = TcpStream::connect(self.address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.address,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
-        let mut response = Vec::new();
-        stream.take(HTTP_RESPONSE_BYTES_MAX).read_to_end(&mut response).unwrap();
-        let text = String::from_utf8_lossy(&response);
-        let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).expect("an HTTP status line");
-        let body_start =
-            response.windows(4).position(|window| window == b"\r\n\r\n").map_or(response.len(), |at| at + 4);
-        (status, response[body_start..].to_vec())
-    }
-}
 
 /// The bucket, around the archive's code: signed requests through `object_store` (moto refuses
 /// anonymous access to objects).
@@ -145,13 +73,6 @@ impl Bucket {
 
     fn delete(&self, digest: &protocol::evidence::Sha256Digest) {
         self.runtime.block_on(self.store.delete(&Bucket::key(digest))).unwrap();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -11,6 +11,10 @@ use core_sink::dictionaries::DictionaryStore;
 use core_sink::landing::{Committer, RawLanding};
 use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
 
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
+use tmpfs::Tmpfs;
+
 const MIB: u64 = 1024 * 1024;
 
 /// Lands `count` sensor records and `count / 10` media records for `device`, starting at `first`,
@@ -245,31 +249,6 @@ fn records_that_would_break_a_dataset_are_rejected_and_counted_never_written() {
     assert_eq!(manifest.quarantined_total, bad_keys.len() as u64);
     let listed: Vec<u64> = manifest.quarantined.iter().map(|chunk| chunk.seq).collect();
     assert_eq!(listed, (1..=bad_keys.len() as u64).collect::<Vec<u64>>());
-}
-
-/// A size-limited tmpfs mounted for the test (root only), unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(path).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status();
-        if status.is_ok_and(|status| status.success()) {
-            return Some(Tmpfs(path.to_path_buf()));
-        }
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs");
-        eprintln!("SKIPPING the full-target test: mounting a tmpfs needs root");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

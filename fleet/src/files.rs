@@ -1,4 +1,5 @@
-//! Small, careful file operations shared by the CA, issued certificates and the revocation list.
+//! Small, careful file operations shared by the CA, issued certificates, the revocation list and
+//! the core sink's replication (its watermarks and directory replicas).
 //!
 //! Every write goes to a hidden temporary file in the same directory, is fsynced, then renamed
 //! (or hard-linked, when an existing file must not be replaced) into place, and the directory is
@@ -14,13 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::FleetError;
 
 /// Mode of private key files: readable and writable by the owner only.
-pub(crate) const PRIVATE_MODE: u32 = 0o600;
+pub const PRIVATE_MODE: u32 = 0o600;
 /// Mode of certificates and the revocation list (before the umask): world-readable.
-pub(crate) const PUBLIC_MODE: u32 = 0o644;
+pub const PUBLIC_MODE: u32 = 0o644;
 
 /// What to do when the destination already exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Existing {
+pub enum Existing {
     Replace,
     /// Fail with `ErrorKind::AlreadyExists`, atomically (a hard link never replaces its target).
     Keep,
@@ -46,12 +47,7 @@ pub(crate) fn parent_directory(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically with `mode` (the process umask may clear bits further).
-pub(crate) fn write_atomically(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    existing: Existing,
-) -> Result<(), FleetError> {
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32, existing: Existing) -> Result<(), FleetError> {
     let directory = parent_directory(path);
     let file_name = path.file_name().ok_or_else(|| {
         io_error("write", path, std::io::Error::new(ErrorKind::InvalidInput, "path has no file name"))
@@ -96,14 +92,14 @@ fn write_then_install(
     }
 }
 
-pub(crate) fn sync_directory(directory: &Path) -> Result<(), FleetError> {
+pub fn sync_directory(directory: &Path) -> Result<(), FleetError> {
     File::open(directory)
         .and_then(|handle| handle.sync_all())
         .map_err(|source| io_error("fsync directory", directory, source))
 }
 
 /// Reads a whole file of at most `bytes_max` bytes; `Ok(None)` if it does not exist.
-pub(crate) fn read_bounded(path: &Path, bytes_max: u64) -> Result<Option<Vec<u8>>, FleetError> {
+pub fn read_bounded(path: &Path, bytes_max: u64) -> Result<Option<Vec<u8>>, FleetError> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),

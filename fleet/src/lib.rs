@@ -21,7 +21,7 @@ mod authority;
 pub mod csr;
 mod device_id;
 mod error;
-mod files;
+pub mod files;
 mod pem;
 mod revocation;
 mod tls;

@@ -1,0 +1,380 @@
+//! Where replicas live: a directory tree (a second file system) or an S3-compatible bucket, behind
+//! one synchronous [`Replica`] interface of keys (`/`-separated, relative to the replica's root).
+//!
+//! Directory: a key is a file under the root; every write goes to a hidden temporary file, is
+//! fsynced and then renamed (overwrite) or hard-linked (create-only) into place, and the directory
+//! is fsynced (`fleet::files::write_atomically`), so no partial object is ever visible under its
+//! name, even after a SIGKILL or a power cut; names starting with '.' are never keys, so the
+//! temporary files of a killed run are not listed. S3: `PutMode::Create` (`If-None-Match: *`) for
+//! create-only writes, uploads carry `x-amz-checksum-sha256` (the server checks what landed) and a
+//! HEAD after each PUT confirms the size. Both check what landed: a directory write is read back
+//! and hashed.
+//!
+//! Limits: one object is at most the caller's `bytes_max` in memory; a listing at most
+//! `LIST_KEYS_MAX` keys.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPayload};
+use sha2::{Digest as _, Sha256};
+
+/// Most keys one listing returns (the archive's log segments and objects of one replica).
+pub const LIST_KEYS_MAX: usize = 1 << 22;
+/// Longest key.
+pub const KEY_BYTES_MAX: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Never replaces an existing key (immutable objects: shards, archive objects, log segments).
+    Create,
+    /// Replaces atomically (manifests, and repairs of damaged objects).
+    Overwrite,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Written,
+    /// `Create` found the key taken; nothing was written.
+    AlreadyThere,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("replica {replica}: {operation} {key}: {reason}")]
+pub struct ReplicaError {
+    pub replica: String,
+    pub operation: &'static str,
+    pub key: String,
+    pub reason: String,
+}
+
+/// A key is `/`-separated components of printable ASCII without spaces, none empty, none
+/// starting with '.' (so no `..`, and temporary files are never keys).
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        return Err(format!("key of {} bytes: expected 1..={KEY_BYTES_MAX}", key.len()));
+    }
+    for component in key.split('/') {
+        if component.is_empty() || component.starts_with('.') {
+            return Err(format!("key {key:?}: empty component or one starting with '.'"));
+        }
+        if !component.bytes().all(|byte| byte.is_ascii_graphic() && byte != b'\\') {
+            return Err(format!("key {key:?}: only printable ASCII without spaces"));
+        }
+    }
+    Ok(())
+}
+
+/// One replica. Every method is synchronous and bounded by the backend's timeouts.
+pub trait Replica: Send {
+    /// `dir:/path` or `s3://bucket/prefix`, for logs and errors.
+    fn describe(&self) -> &str;
+    /// The size of the object at `key`, `None` when there is none.
+    fn head(&self, key: &str) -> Result<Option<u64>, ReplicaError>;
+    /// The object at `key` (at most `bytes_max` bytes, else an error), `None` when there is none.
+    fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, ReplicaError>;
+    /// Writes `bytes` at `key`; returns after what landed was checked.
+    fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError>;
+    /// Every key under `prefix` (which ends with '/') with its size, in key order.
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError>;
+}
+
+/// A replica in a directory tree.
+pub struct DirectoryReplica {
+    root: PathBuf,
+    description: String,
+}
+
+impl DirectoryReplica {
+    pub fn new(root: &Path) -> DirectoryReplica {
+        DirectoryReplica { root: root.to_path_buf(), description: format!("dir:{}", root.display()) }
+    }
+
+    fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError {
+        ReplicaError {
+            replica: self.description.clone(),
+            operation,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn path(&self, operation: &'static str, key: &str) -> Result<PathBuf, ReplicaError> {
+        validate_key(key).map_err(|reason| self.error(operation, key, reason))?;
+        Ok(self.root.join(key))
+    }
+
+    /// Creates the directories above `path` and fsyncs the parent of each one created, so a new
+    /// directory survives a power cut with the object written into it.
+    fn create_parents(&self, key: &str, path: &Path) -> Result<(), ReplicaError> {
+        let directory = path.parent().expect("keys have a file name");
+        let mut missing = Vec::new();
+        let mut probe = directory;
+        while !probe.exists() {
+            missing.push(probe.to_path_buf());
+            match probe.parent() {
+                Some(parent) => probe = parent,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(directory).map_err(|error| self.error("create directory", key, error))?;
+        for created in missing.iter().rev() {
+            let parent = created.parent().unwrap_or(Path::new("/"));
+            fleet::files::sync_directory(parent)
+                .map_err(|error| self.error("fsync directory", key, error))?;
+        }
+        Ok(())
+    }
+}
+
+impl Replica for DirectoryReplica {
+    fn describe(&self) -> &str {
+        &self.description
+    }
+
+    fn head(&self, key: &str) -> Result<Option<u64>, ReplicaError> {
+        let path = self.path("stat", key)?;
+        match std::fs::metadata(&path) {
+            Ok(metadata) if metadata.is_file() => Ok(Some(metadata.len())),
+            Ok(_) => Err(self.error("stat", key, "not a regular file")),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(self.error("stat", key, error)),
+        }
+    }
+
+    fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, ReplicaError> {
+        let path = self.path("read", key)?;
+        fleet::files::read_bounded(&path, bytes_max).map_err(|error| self.error("read", key, error))
+    }
+
+    fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError> {
+        let path = self.path("write", key)?;
+        if mode == WriteMode::Create && self.head(key)?.is_some() {
+            return Ok(PutOutcome::AlreadyThere);
+        }
+        self.create_parents(key, &path)?;
+        let existing = match mode {
+            WriteMode::Create => fleet::files::Existing::Keep,
+            WriteMode::Overwrite => fleet::files::Existing::Replace,
+        };
+        match fleet::files::write_atomically(&path, bytes, fleet::files::PUBLIC_MODE, existing) {
+            Ok(()) => {}
+            Err(fleet::FleetError::Io { source, .. })
+                if mode == WriteMode::Create && source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                return Ok(PutOutcome::AlreadyThere);
+            }
+            Err(error) => return Err(self.error("write", key, error)),
+        }
+        // Check what landed: read back and hash.
+        let landed =
+            self.get(key, bytes.len() as u64)?.ok_or_else(|| self.error("check", key, "gone after write"))?;
+        if Sha256::digest(&landed) != Sha256::digest(bytes) {
+            return Err(self.error("check", key, "the bytes read back do not hash to what was written"));
+        }
+        Ok(PutOutcome::Written)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError> {
+        let mut keys = Vec::new();
+        let start = self.root.join(prefix.trim_end_matches('/'));
+        let mut pending = vec![start];
+        while let Some(directory) = pending.pop() {
+            let entries = match std::fs::read_dir(&directory) {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(self.error("list", prefix, error)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|error| self.error("list", prefix, error))?;
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let metadata = entry.metadata().map_err(|error| self.error("list", prefix, error))?;
+                let path = entry.path();
+                if metadata.is_dir() {
+                    pending.push(path);
+                } else if metadata.is_file() {
+                    let relative = path.strip_prefix(&self.root).expect("under the root");
+                    keys.push((relative.to_string_lossy().into_owned(), metadata.len()));
+                    if keys.len() > LIST_KEYS_MAX {
+                        return Err(self.error("list", prefix, format!("more than {LIST_KEYS_MAX} keys")));
+                    }
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// A replica in an S3-compatible bucket, under `prefix`. Runs its requests on a current-thread
+/// runtime of its own: the replicator is a plain thread.
+pub struct S3Replica {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    description: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl S3Replica {
+    /// The bucket `config` names (`kind` is taken to be `s3`).
+    pub fn connect(config: &archive::ObjectsConfig) -> Result<S3Replica, String> {
+        let config = archive::ObjectsConfig { kind: archive::ObjectsKind::S3, ..config.clone() };
+        let store = archive::s3_client(&config).map_err(|error| error.to_string())?;
+        let bucket = config.bucket.clone().unwrap_or_default();
+        S3Replica::new(store, &format!("s3://{bucket}"), &config.prefix)
+    }
+
+    /// Any `object_store` store (tests).
+    pub fn new(store: Arc<dyn ObjectStore>, base_url: &str, prefix: &str) -> Result<S3Replica, String> {
+        let prefix = prefix.trim_matches('/').to_string();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| format!("start the replica's I/O runtime: {error}"))?;
+        let description =
+            if prefix.is_empty() { base_url.to_string() } else { format!("{base_url}/{prefix}") };
+        Ok(S3Replica { store, prefix, description, runtime })
+    }
+
+    fn location(&self, key: &str) -> object_store::path::Path {
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(key)
+        } else {
+            object_store::path::Path::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError {
+        ReplicaError {
+            replica: self.description.clone(),
+            operation,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl Replica for S3Replica {
+    fn describe(&self) -> &str {
+        &self.description
+    }
+
+    fn head(&self, key: &str) -> Result<Option<u64>, ReplicaError> {
+        validate_key(key).map_err(|reason| self.error("HEAD", key, reason))?;
+        match self.runtime.block_on(self.store.head(&self.location(key))) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(error) => Err(self.error("HEAD", key, error)),
+        }
+    }
+
+    fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, ReplicaError> {
+        validate_key(key).map_err(|reason| self.error("GET", key, reason))?;
+        self.runtime.block_on(async {
+            let result = match self.store.get(&self.location(key)).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(error) => return Err(self.error("GET", key, error)),
+            };
+            if result.meta.size > bytes_max {
+                return Err(self.error(
+                    "GET",
+                    key,
+                    format!("{} bytes, more than {bytes_max}", result.meta.size),
+                ));
+            }
+            let bytes = result.bytes().await.map_err(|error| self.error("GET", key, error))?;
+            Ok(Some(bytes.to_vec()))
+        })
+    }
+
+    fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError> {
+        validate_key(key).map_err(|reason| self.error("PUT", key, reason))?;
+        let location = self.location(key);
+        let options = PutOptions {
+            mode: match mode {
+                WriteMode::Create => PutMode::Create,
+                WriteMode::Overwrite => PutMode::Overwrite,
+            },
+            ..PutOptions::default()
+        };
+        self.runtime.block_on(async {
+            let payload = PutPayload::from(bytes.to_vec());
+            match self.store.put_opts(&location, payload, options).await {
+                Ok(_) => {}
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. })
+                    if mode == WriteMode::Create =>
+                {
+                    return Ok(PutOutcome::AlreadyThere);
+                }
+                Err(error) => return Err(self.error("PUT", key, error)),
+            }
+            let meta =
+                self.store.head(&location).await.map_err(|error| self.error("HEAD after PUT", key, error))?;
+            if meta.size != bytes.len() as u64 {
+                return Err(self.error(
+                    "HEAD after PUT",
+                    key,
+                    format!("{} bytes landed, {} were sent", meta.size, bytes.len()),
+                ));
+            }
+            Ok(PutOutcome::Written)
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError> {
+        use futures::StreamExt as _;
+        let base = self.location(prefix.trim_end_matches('/'));
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        self.runtime.block_on(async {
+            let mut stream = self.store.list(Some(&base));
+            let mut keys = Vec::new();
+            while let Some(meta) = stream.next().await {
+                let meta = meta.map_err(|error| self.error("LIST", prefix, error))?;
+                let key =
+                    meta.location.as_ref().strip_prefix(&strip).unwrap_or(meta.location.as_ref()).to_string();
+                keys.push((key, meta.size));
+                if keys.len() > LIST_KEYS_MAX {
+                    return Err(self.error("LIST", prefix, format!("more than {LIST_KEYS_MAX} keys")));
+                }
+            }
+            keys.sort();
+            Ok(keys)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(key: &str, valid: bool) {
+        assert_eq!(validate_key(key).is_ok(), valid, "{key:?}: {:?}", validate_key(key));
+    }
+
+    #[test]
+    fn keys_stay_inside_the_replica() {
+        check("datasets/media/media-n-t0-00000001.tar", true);
+        check("archive/log/entries/00000000000000000000-00000000000000000100", true);
+        for bad in ["", "/etc/passwd", "a//b", "../x", "a/../b", "a/.hidden", "a b", "a\\b", "a/"] {
+            check(bad, false);
+        }
+    }
+
+    #[test]
+    fn a_directory_replica_writes_create_only_and_lists_no_temporary_files() {
+        let directory = tempfile::tempdir().unwrap();
+        let replica = DirectoryReplica::new(directory.path());
+        assert_eq!(replica.put("a/b/c", b"one", WriteMode::Create).unwrap(), PutOutcome::Written);
+        assert_eq!(replica.put("a/b/c", b"two", WriteMode::Create).unwrap(), PutOutcome::AlreadyThere);
+        assert_eq!(replica.get("a/b/c", 16).unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(replica.put("a/b/c", b"three", WriteMode::Overwrite).unwrap(), PutOutcome::Written);
+        assert_eq!(replica.head("a/b/c").unwrap(), Some(5));
+        std::fs::write(directory.path().join("a/b/.c.tmp-1-1"), b"torn").unwrap();
+        assert_eq!(replica.list("a/").unwrap(), vec![("a/b/c".to_string(), 5)]);
+        assert!(replica.get("a/b/c", 4).is_err(), "bounded reads");
+        assert_eq!(replica.head("a/b/missing").unwrap(), None);
+    }
+}
