@@ -167,7 +167,9 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     let appliance_side: Vec<String> = telemetry::metric_families_named_in(&dashboard)
         .into_iter()
         .filter(|family| {
-            !family.starts_with("tributary_sink_") && !family.starts_with("tributary_onboarding_")
+            !["tributary_sink_", "tributary_onboarding_", "tributary_replication_"]
+                .iter()
+                .any(|prefix| family.starts_with(prefix))
         })
         .collect();
     assert!(appliance_side.len() >= 10, "{appliance_side:?}");

@@ -372,7 +372,9 @@ mod onboarding_tests {
             in_flight_available: Arc::new(tokio::sync::Semaphore::new(8)),
             in_flight_bytes_max: 8,
             onboarding: Some(authority),
-            replication: None,
+            replication: Some(Arc::new(crate::replication::ReplicationMetrics {
+                replicas: vec![("site-b".to_owned(), Arc::default())],
+            })),
         };
         let text = render(&sources);
         assert!(text.contains("tributary_onboarding_rejected_total{code=\"token_used\"} 2"), "{text}");
@@ -381,7 +383,9 @@ mod onboarding_tests {
         // Every sink-side family the Grafana dashboard queries is one this endpoint exports.
         let dashboard = include_str!("../../deploy/grafana/tributary.json");
         let sink_side = telemetry::metric_families_named_in(dashboard).into_iter().filter(|family| {
-            family.starts_with("tributary_sink_") || family.starts_with("tributary_onboarding_")
+            ["tributary_sink_", "tributary_onboarding_", "tributary_replication_"]
+                .iter()
+                .any(|prefix| family.starts_with(prefix))
         });
         let mut checked = 0;
         for family in sink_side {
