@@ -306,8 +306,6 @@ impl Drop for Sink {
 /// tell appliances at once that their old connection is gone (a valid stateless reset), instead
 /// of leaving them to wait out the idle timeout.
 fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let path = state_dir.join("stateless-reset.key");
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -322,19 +320,7 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("no system randomness for the stateless reset key"))?;
-    let temporary = state_dir.join("stateless-reset.key.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(&key)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", temporary.display()))?;
-    std::fs::rename(&temporary, &path).with_context(|| format!("rename to {}", path.display()))?;
-    std::fs::File::open(state_dir).and_then(|directory| directory.sync_all())?;
+    durable::Options::default().mode(0o600).write(&path, &key)?;
     Ok(key)
 }
 

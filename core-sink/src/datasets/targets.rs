@@ -218,16 +218,11 @@ fn seal(mut open: OpenShard) -> Result<Published, String> {
             }
         }
         .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
-        file.sync_all().map_err(|error| format!("fsync {}: {error}", open.hidden.display()))?;
+        durable::sync_file(&file, &open.hidden).map_err(|error| error.to_string())?;
         drop(file);
         let (bytes, sha256) =
             digest(&open.hidden).map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
-        std::fs::rename(&open.hidden, &open.published)
-            .map_err(|error| format!("publish {}: {error}", open.published.display()))?;
-        let directory = open.published.parent().expect("shards live in a directory");
-        File::open(directory)
-            .and_then(|directory| directory.sync_all())
-            .map_err(|error| format!("fsync {}: {error}", directory.display()))?;
+        durable::rename_into_place(&open.hidden, &open.published).map_err(|error| error.to_string())?;
         Ok(Published { bytes, sha256 })
     })();
     if result.is_err() {
