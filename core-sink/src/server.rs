@@ -585,7 +585,7 @@ impl SessionDriver {
     async fn drive_events(&mut self) {
         loop {
             while let Some(transmit) = self.session.poll_transmit() {
-                debug_assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
+                assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
                 let sent = match &self.control {
                     Some((writer, _)) => writer.send(transmit.bytes).await.is_ok(),
                     None => false,
