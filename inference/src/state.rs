@@ -106,7 +106,7 @@ impl RecordedModels {
             fs::read_dir(&directory).map_err(state_error(&directory, "list"))?.take(RECORDED_MODELS_MAX)
         {
             let entry = entry.map_err(state_error(&directory, "list"))?;
-            match parse_hex_digest(&entry.file_name().to_string_lossy()) {
+            match protocol::evidence::parse_sha256_hex(&entry.file_name().to_string_lossy()) {
                 Some(digest) => {
                     recorded.insert(digest);
                 }
@@ -133,17 +133,6 @@ impl RecordedModels {
             tracing::warn!(%error, "model record marker not written; the record will be sent again after a restart");
         }
     }
-}
-
-fn parse_hex_digest(text: &str) -> Option<Sha256Digest> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (index, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * index..2 * index + 2)?, 16).ok()?;
-    }
-    Some(digest)
 }
 
 #[cfg(test)]
