@@ -37,7 +37,7 @@ pub enum Target {
     Pipeline(crate::bench_pipeline::PipelineArgs),
     /// The inference API: requests/s and p50/p99 latency with and without the durable audit
     /// record, measured in the same run.
-    Inference(crate::bench_inference::InferenceArgs),
+    Inference(inference::bench::InferenceArgs),
     /// The sink's durable landing alone, while a replicator copies published shards to a
     /// directory replica within its budget, and with the budget lifted: ratios in the same run.
     Replicate(crate::bench_replicate::ReplicateArgs),
@@ -61,7 +61,7 @@ pub fn run(target: Target) -> Result<()> {
         Target::Buffer(args) => bench_buffer(&args),
         Target::Uplink(args) => crate::bench_uplink::bench_uplink(&args),
         Target::Sink(args) => crate::bench_sink::bench_sink(&args),
-        Target::Inference(args) => crate::bench_inference::run(args),
+        Target::Inference(args) => inference::bench::run(args),
         Target::Pipeline(args) => crate::bench_pipeline::run(args),
         Target::Replicate(args) => crate::bench_replicate::run(args),
     }

@@ -4,7 +4,6 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad command line (clap).
 
 mod bench;
-mod bench_inference;
 mod bench_pipeline;
 mod bench_replicate;
 mod bench_sink;

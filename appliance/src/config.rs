@@ -17,6 +17,15 @@
 //! server_name = "core.example"
 //! identity_dir = "identity"             # device certificate + key (relative to data_dir)
 //! ca_file = "/etc/tributary/fleet-ca.pem"
+//! # Tuning, defaults shown (`uplink::*_DEFAULT`); with [onboarding] the defaults apply.
+//! reconnect_min_ms = 50                 # backoff floor, doubling up to reconnect_max_ms
+//! reconnect_max_ms = 5000
+//! connect_timeout_ms = 5000
+//! read_chunks_max = 64                  # one ring read: at most this many chunks
+//! read_bytes_max = 4194304              # and bytes (a larger chunk is read alone)
+//! idle_poll_ms = 5                      # an idle lane looks for new chunks this often
+//! in_flight_bytes_max = 67108864        # unacked bytes; the sink's own bound applies too
+//! welcome_timeout_ms = 10000
 //!
 //! [sources.env]
 //! input = { kind = "board", profile = "/etc/tributary/board.toml" }
@@ -228,10 +237,87 @@ pub struct UplinkSettings {
     #[serde(default = "default_identity_dir")]
     pub identity_dir: PathBuf,
     pub ca_file: PathBuf,
+    /// Tuning; the defaults are `uplink::*_DEFAULT`.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_read_chunks_max")]
+    pub read_chunks_max: usize,
+    #[serde(default = "default_read_bytes_max")]
+    pub read_bytes_max: usize,
+    #[serde(default = "default_idle_poll_ms")]
+    pub idle_poll_ms: u64,
+    #[serde(default = "default_in_flight_bytes_max")]
+    pub in_flight_bytes_max: u64,
+    #[serde(default = "default_welcome_timeout_ms")]
+    pub welcome_timeout_ms: u64,
+}
+
+impl UplinkSettings {
+    /// Copies the tuning keys onto a configuration built with the defaults.
+    pub fn tune(&self, config: &mut crate::uplink::UplinkConfig) {
+        config.reconnect_min_ms = self.reconnect_min_ms;
+        config.reconnect_max_ms = self.reconnect_max_ms;
+        config.connect_timeout_ms = self.connect_timeout_ms;
+        config.read_chunks_max = self.read_chunks_max;
+        config.read_bytes_max = self.read_bytes_max;
+        config.idle_poll_ms = self.idle_poll_ms;
+        config.in_flight_bytes_max = self.in_flight_bytes_max;
+        config.welcome_timeout_ms = self.welcome_timeout_ms;
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("reconnect_min_ms", self.reconnect_min_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("read_chunks_max", self.read_chunks_max as u64),
+            ("read_bytes_max", self.read_bytes_max as u64),
+            ("idle_poll_ms", self.idle_poll_ms),
+            ("in_flight_bytes_max", self.in_flight_bytes_max),
+            ("welcome_timeout_ms", self.welcome_timeout_ms),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("uplink.{key}: expected more than 0"));
+        }
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(format!(
+                "uplink.reconnect_max_ms: expected at least reconnect_min_ms ({}), got {}",
+                self.reconnect_min_ms, self.reconnect_max_ms
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_identity_dir() -> PathBuf {
     PathBuf::from("identity")
+}
+fn default_reconnect_min_ms() -> u64 {
+    crate::uplink::RECONNECT_MIN_MS_DEFAULT
+}
+fn default_reconnect_max_ms() -> u64 {
+    crate::uplink::RECONNECT_MAX_MS_DEFAULT
+}
+fn default_connect_timeout_ms() -> u64 {
+    crate::uplink::CONNECT_TIMEOUT_MS_DEFAULT
+}
+fn default_read_chunks_max() -> usize {
+    crate::uplink::READ_CHUNKS_MAX_DEFAULT
+}
+fn default_read_bytes_max() -> usize {
+    crate::uplink::READ_BYTES_MAX_DEFAULT
+}
+fn default_idle_poll_ms() -> u64 {
+    crate::uplink::IDLE_POLL_MS_DEFAULT
+}
+fn default_in_flight_bytes_max() -> u64 {
+    crate::uplink::IN_FLIGHT_BYTES_MAX_DEFAULT
+}
+fn default_welcome_timeout_ms() -> u64 {
+    crate::uplink::WELCOME_TIMEOUT_MS_DEFAULT
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -318,6 +404,7 @@ impl ApplianceConfig {
                     "uplink.server_name: expected the name on the sink's certificate, got \"\"".into()
                 );
             }
+            uplink.validate()?;
         }
         if let Some(inference) = &self.inference {
             if inference.models.is_empty() {
@@ -418,6 +505,17 @@ keep_every = 2
             &format!("{VALID}\n[uplink]\nsink = \"nowhere\"\nserver_name = \"x\"\nca_file = \"ca.pem\"\n"),
             Err("uplink.sink: expected host:port"),
         );
+        let uplink = "[uplink]\nsink = \"core:7000\"\nserver_name = \"core\"\nca_file = \"ca.pem\"\n";
+        check(&format!("{VALID}\n{uplink}read_chunks_max = 8\nwelcome_timeout_ms = 2000\n"), Ok(()));
+        check(
+            &format!("{VALID}\n{uplink}read_chunks_max = 0\n"),
+            Err("uplink.read_chunks_max: expected more than 0"),
+        );
+        check(
+            &format!("{VALID}\n{uplink}reconnect_min_ms = 100\nreconnect_max_ms = 50\n"),
+            Err("uplink.reconnect_max_ms: expected at least reconnect_min_ms (100), got 50"),
+        );
+        check(&format!("{VALID}\n{uplink}reconnect_ms = 5\n"), Err("unknown field `reconnect_ms`"));
         let inference =
             "\n[inference]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"m\"\nmodels = [\"shapes\"]\n";
         check(&format!("{VALID}{inference}"), Ok(()));

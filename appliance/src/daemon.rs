@@ -126,6 +126,7 @@ impl Daemon {
                         .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
                     let mut uplink_config =
                         UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
+                    settings.tune(&mut uplink_config);
                     uplink_config.dictionaries = Some(dictionaries.clone());
                     Some(Uplink::spawn(ring.clone(), uplink_config)?)
                 }

@@ -9,7 +9,6 @@
 //! Invariant: a chunk in the ring that names a dictionary has that dictionary in this store.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -44,14 +43,12 @@ fn io<'path>(
 }
 
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DictionaryStoreError> {
-    let path = dir.join(name);
-    let partial = dir.join(format!("{name}.partial"));
-    let mut file = std::fs::File::create(&partial).map_err(io("create", &partial))?;
-    file.write_all(bytes).map_err(io("write", &partial))?;
-    file.sync_all().map_err(io("fsync", &partial))?;
-    drop(file);
-    std::fs::rename(&partial, &path).map_err(io("rename", &path))?;
-    std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(io("fsync", dir))
+    // A temporary left by an interrupted write ends in `.partial` and is removed at `open`.
+    durable::write(&dir.join(name), bytes).map_err(|error| DictionaryStoreError::Io {
+        operation: error.operation,
+        path: error.path,
+        source: error.source,
+    })
 }
 
 impl DictionaryStore {

@@ -33,6 +33,23 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Bytes read from the control stream per call.
 const CONTROL_READ_BYTES: usize = 4096;
 
+/// Defaults of the uplink's tuning, which `[uplink]` can override (`config::UplinkSettings`).
+/// Reconnect backoff floor and ceiling (`session::Backoff`, jitter 0.5–1.5 on top).
+pub const RECONNECT_MIN_MS_DEFAULT: u64 = 50;
+pub const RECONNECT_MAX_MS_DEFAULT: u64 = 5_000;
+/// How long a QUIC handshake may take before the attempt counts as failed.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// One `Ring::read_from` for the session: at most this many chunks and bytes (a larger single
+/// chunk is still read alone).
+pub const READ_CHUNKS_MAX_DEFAULT: usize = 64;
+pub const READ_BYTES_MAX_DEFAULT: usize = 4 * 1024 * 1024;
+/// How often an idle lane looks for new chunks.
+pub const IDLE_POLL_MS_DEFAULT: u64 = 5;
+/// This appliance's bound on unacked bytes in flight (the sink's, from its Welcome, applies too).
+pub const IN_FLIGHT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
+/// How long to wait for the sink's Welcome after the Hello.
+pub const WELCOME_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
 #[derive(Clone, Debug)]
 pub struct UplinkConfig {
     pub sink_address: SocketAddr,
@@ -78,14 +95,14 @@ impl UplinkConfig {
             ca_pem: ca_pem.to_string(),
             transport: TransportSettings::default(),
             boot_id: rand::random(),
-            reconnect_min_ms: 50,
-            reconnect_max_ms: 5_000,
-            connect_timeout_ms: 5_000,
-            read_chunks_max: 64,
-            read_bytes_max: 4 * 1024 * 1024,
-            idle_poll_ms: 5,
-            in_flight_bytes_max: 64 * 1024 * 1024,
-            welcome_timeout_ms: 10_000,
+            reconnect_min_ms: RECONNECT_MIN_MS_DEFAULT,
+            reconnect_max_ms: RECONNECT_MAX_MS_DEFAULT,
+            connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            read_chunks_max: READ_CHUNKS_MAX_DEFAULT,
+            read_bytes_max: READ_BYTES_MAX_DEFAULT,
+            idle_poll_ms: IDLE_POLL_MS_DEFAULT,
+            in_flight_bytes_max: IN_FLIGHT_BYTES_MAX_DEFAULT,
+            welcome_timeout_ms: WELCOME_TIMEOUT_MS_DEFAULT,
             dictionaries: None,
         }
     }

@@ -24,11 +24,11 @@ use std::path::{Path, PathBuf};
 use protocol::evidence::{Sha256Digest, sha256, sha256_hex};
 use serde::{Deserialize, Serialize};
 
+use protocol::evidence::{BlobSummary, DecisionSummary, parse_sha256_hex};
+
 use crate::checkpoint::{CHECKPOINT_BYTES_MAX, Checkpoint, KEY_FILE_BYTES_MAX, Verifier, verifier_key_path};
 use crate::frame::{FrameError, FrameRead, MAGIC_BYTES, read_frame};
-use crate::leaf::{
-    DecisionFields, EntryKind, LEAF_BYTES_MAX, LeafBody, LeafEntry, ObjectRef, parse_hex_digest,
-};
+use crate::leaf::{EntryKind, LEAF_BYTES_MAX, LeafBody, LeafEntry};
 use crate::log::{
     ENTRIES_MAGIC, IndexRecord, LogError, entries_path, id_hash, open_checked, read_checkpoint_notes,
     read_entry, read_index,
@@ -279,7 +279,7 @@ pub struct DecisionView {
     pub device: String,
     pub lane_seq: u64,
     pub record_index: u32,
-    pub decision: DecisionFields,
+    pub decision: DecisionSummary,
     pub leaf_hash: String,
     pub objects: Vec<ObjectView>,
     /// The latest checkpoint, when it covers this entry.
@@ -339,7 +339,7 @@ pub fn show(root: &Path, id: &str, device: Option<&str>) -> Result<DecisionView,
         unreachable!("filtered above")
     };
     let hash = leaf_hash(&bytes);
-    let view_of = |role: &'static str, object: &ObjectRef| ObjectView {
+    let view_of = |role: &'static str, object: &BlobSummary| ObjectView {
         role,
         content_type: Some(object.content_type.clone()),
         sha256: object.sha256.clone(),
@@ -452,7 +452,7 @@ pub fn export(
         fs::write(&path, bytes).map_err(|error| io(&path, error))?;
     }
     for object in &view.objects {
-        let digest = parse_hex_digest(&object.sha256).expect("validated leaf");
+        let digest = parse_sha256_hex(&object.sha256).expect("validated leaf");
         // Copied out of the store, so the bundle verifies offline.
         let bytes = objects.read(&digest).map_err(|error| AuditError::Other(error.to_string()))?;
         let path = objects_dir.join(&object.sha256);
@@ -507,7 +507,7 @@ pub fn verify_bundle(dir: &Path) -> Result<BundleReport, BundleError> {
     let path: Vec<Hash> = proof
         .audit_path
         .iter()
-        .map(|hex| parse_hex_digest(hex).ok_or_else(|| fail(BUNDLE_PROOF, format!("{hex:?} is not a hash"))))
+        .map(|hex| parse_sha256_hex(hex).ok_or_else(|| fail(BUNDLE_PROOF, format!("{hex:?} is not a hash"))))
         .collect::<Result<_, _>>()?;
     let hash = leaf_hash(&leaf_bytes);
     if proof.leaf_hash != sha256_hex(&hash) {

@@ -18,9 +18,7 @@
 //! three body lines (no extension lines: this build writes none), a canonical decimal size, a
 //! 32-byte root, exactly one signature line from the expected key.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -238,15 +236,11 @@ impl Signer {
                 fs::create_dir_all(directory).map_err(|error| format!("{}: {error}", directory.display()))?;
                 let document = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                     .map_err(|_| "generating the signing key failed".to_string())?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
+                durable::Options::default()
                     .mode(0o600)
-                    .open(&path)
-                    .map_err(|error| format!("{}: {error}", path.display()))?;
-                file.write_all(document.as_ref())
-                    .and_then(|()| file.sync_all())
-                    .map_err(|error| format!("{}: {error}", path.display()))?;
+                    .keep_existing()
+                    .write(&path, document.as_ref())
+                    .map_err(|error| error.to_string())?;
                 tracing::info!(path = %path.display(), "generated the archive's checkpoint signing key");
                 document.as_ref().to_vec()
             }
@@ -296,17 +290,7 @@ impl Signer {
 
 /// Writes `bytes` to `path` through a temporary file, fsyncing file and directory.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let directory = path.parent().expect("a file has a directory");
-    let temporary =
-        directory.join(format!(".{}.tmp", path.file_name().and_then(|name| name.to_str()).unwrap_or("file")));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)?;
-        fs::File::open(directory)?.sync_all()
-    })();
-    result.map_err(|error| format!("{}: {error}", path.display()))
+    durable::write(path, bytes).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

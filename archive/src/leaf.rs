@@ -15,8 +15,8 @@
 //! unknown fields and unknown versions are refused.
 
 use protocol::evidence::{
-    Blob, EVIDENCE_FIELD_BYTES_MAX, EVIDENCE_NAME_BYTES_MAX, EVIDENCE_SCORES_MAX, Evidence, ModelRecord,
-    Sha256Digest, sha256_hex,
+    BlobSummary, DecisionSummary, EVIDENCE_FIELD_BYTES_MAX, EVIDENCE_NAME_BYTES_MAX, EVIDENCE_SCORES_MAX,
+    Evidence, ModelRecord, Sha256Digest, parse_sha256_hex,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,54 +32,13 @@ const _: () = assert!(
     EVIDENCE_SCORES_MAX * 20 + 8 * EVIDENCE_NAME_BYTES_MAX + 4 * EVIDENCE_FIELD_BYTES_MAX < LEAF_BYTES_MAX
 );
 
-/// A stored object a leaf names.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ObjectRef {
-    pub content_type: String,
-    /// Lower-case hex.
-    pub sha256: String,
-    pub bytes: u64,
-}
-
-impl ObjectRef {
-    pub fn of(blob: &Blob) -> ObjectRef {
-        ObjectRef {
-            content_type: blob.content_type.clone(),
-            sha256: sha256_hex(&blob.sha256),
-            bytes: blob.bytes.len() as u64,
-        }
-    }
-
-    pub fn digest(&self) -> Option<Sha256Digest> {
-        parse_hex_digest(&self.sha256)
-    }
-}
-
-/// The decision as logged (`protocol::evidence::Decision` with hex digests).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecisionFields {
-    pub decision_id: String,
-    pub decided_at_us: u64,
-    pub model_name: String,
-    pub model_sha256: String,
-    pub label: String,
-    pub label_index: u32,
-    pub score: f32,
-    pub scores: Vec<f32>,
-    pub latency_us: u64,
-    pub client: String,
-    pub request_id: Option<String>,
-}
-
 // Leaves are built one at a time and never stored in bulk: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LeafBody {
-    Decision { decision: DecisionFields, original: ObjectRef, modified: Option<ObjectRef> },
-    Model { name: String, model: ObjectRef },
+    Decision { decision: DecisionSummary, original: BlobSummary, modified: Option<BlobSummary> },
+    Model { name: String, model: BlobSummary },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,18 +89,6 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> LeafError {
     LeafError::Invalid { field, problem: problem.into() }
 }
 
-/// The digest in 64 lower-case hex digits, or `None`.
-pub fn parse_hex_digest(text: &str) -> Option<Sha256Digest> {
-    if text.len() != 64 || !text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (index, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
-    }
-    Some(digest)
-}
-
 /// A device id the archive accepts: it becomes part of file names in review datasets.
 pub fn validate_device(device: &str) -> Result<(), LeafError> {
     if device.is_empty() || device.len() > DEVICE_BYTES_MAX {
@@ -162,21 +109,9 @@ impl LeafEntry {
             lane_seq,
             record_index,
             body: LeafBody::Decision {
-                decision: DecisionFields {
-                    decision_id: decision.decision_id.clone(),
-                    decided_at_us: decision.decided_at_us,
-                    model_name: decision.model_name.clone(),
-                    model_sha256: sha256_hex(&decision.model_sha256),
-                    label: decision.label.clone(),
-                    label_index: decision.label_index,
-                    score: decision.score,
-                    scores: decision.scores.clone(),
-                    latency_us: decision.latency_us,
-                    client: decision.request.client.clone(),
-                    request_id: decision.request.request_id.clone(),
-                },
-                original: ObjectRef::of(&evidence.original),
-                modified: evidence.modified.as_ref().map(ObjectRef::of),
+                decision: DecisionSummary::of(decision),
+                original: BlobSummary::of(&evidence.original),
+                modified: evidence.modified.as_ref().map(BlobSummary::of),
             },
         }
     }
@@ -187,7 +122,7 @@ impl LeafEntry {
             device: device.to_string(),
             lane_seq,
             record_index,
-            body: LeafBody::Model { name: record.name.clone(), model: ObjectRef::of(&record.model) },
+            body: LeafBody::Model { name: record.name.clone(), model: BlobSummary::of(&record.model) },
         }
     }
 
@@ -208,7 +143,7 @@ impl LeafEntry {
 
     /// Every object the entry names, with its role.
     pub fn objects(&self) -> Vec<(&'static str, Sha256Digest)> {
-        let digest = |text: &str| parse_hex_digest(text).expect("validated leaves hold valid digests");
+        let digest = |text: &str| parse_sha256_hex(text).expect("validated leaves hold valid digests");
         match &self.body {
             LeafBody::Decision { decision, original, modified } => {
                 let mut objects = vec![("original", digest(&original.sha256))];
@@ -236,7 +171,7 @@ impl LeafEntry {
             }
             Ok(())
         };
-        let check_object = |field: &'static str, object: &ObjectRef| {
+        let check_object = |field: &'static str, object: &BlobSummary| {
             if object.digest().is_none() {
                 return Err(invalid(field, "sha256 is not 64 lower-case hex digits"));
             }
@@ -250,7 +185,7 @@ impl LeafEntry {
                     .map_err(|error| invalid("decision.decision_id", error.to_string()))?;
                 check_name("decision.model_name", &decision.model_name)?;
                 check_name("decision.label", &decision.label)?;
-                if parse_hex_digest(&decision.model_sha256).is_none() {
+                if parse_sha256_hex(&decision.model_sha256).is_none() {
                     return Err(invalid("decision.model_sha256", "not 64 lower-case hex digits"));
                 }
                 if decision.scores.len() > EVIDENCE_SCORES_MAX {
@@ -312,7 +247,7 @@ impl LeafEntry {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use protocol::evidence::{Decision, RequestMeta, sha256};
+    use protocol::evidence::{Blob, Decision, RequestMeta, sha256};
 
     pub(crate) fn evidence(id: &str, score: f32) -> Evidence {
         Evidence {

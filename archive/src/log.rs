@@ -15,8 +15,8 @@
 //! appended and fsynced, checkpoint appended and fsynced. Readers therefore read in the reverse
 //! order (checkpoints, index, entries) to see a consistent prefix while a writer appends.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
@@ -146,13 +146,7 @@ pub fn create_if_missing(path: &Path, magic: &[u8; MAGIC_BYTES]) -> Result<(), L
     if path.exists() {
         return Ok(());
     }
-    let directory = path.parent().expect("log files live in a directory");
-    let temporary =
-        directory.join(format!(".{}.new", path.file_name().and_then(|name| name.to_str()).unwrap_or("log")));
-    let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(magic).and_then(|()| file.sync_all()).map_err(io_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(io_error(path))?;
-    File::open(directory).and_then(|handle| handle.sync_all()).map_err(io_error(directory))
+    durable::write(path, magic).map_err(|error| io_error(&error.path)(error.source))
 }
 
 /// Opens an existing log file for appending.

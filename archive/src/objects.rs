@@ -200,7 +200,7 @@ impl LocalObjects {
             // Deepest first, so a new directory is durable before the entry naming it in its
             // parent.
             for directory in self.unsynced_directories.iter().rev() {
-                File::open(directory).and_then(|handle| handle.sync_all()).map_err(io_error(directory))?;
+                durable::sync_directory(directory).map_err(|error| io_error(directory)(error.source))?;
             }
         }
         self.unsynced_files.clear();

@@ -23,8 +23,7 @@
 //! Timeouts, retries and upload batching are not part of the record: they may change between
 //! runs, and the audit commands use the defaults.
 
-use std::fs::{self, File};
-use std::io::Write as _;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -409,22 +408,15 @@ impl ObjectsRecord {
         Ok(ObjectsRecord::read(root)?.unwrap_or_else(ObjectsRecord::local))
     }
 
-    /// Writes `<root>/objects.toml`: temporary file, fsync, rename, fsync of the root.
+    /// Writes `<root>/objects.toml` durably (`durable`).
     pub fn write(&self, root: &Path) -> Result<(), String> {
         let path = objects_record_path(root);
-        let temporary = root.join(format!(".{OBJECTS_RECORD_FILE}.partial"));
         let text = format!(
             "# The store holding this archive's objects; written when the archive was created.\n\
              # Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never from here.\n{}",
             toml::to_string(self).expect("plain struct")
         );
-        let io = |path: &Path, error: std::io::Error| format!("{}: {error}", path.display());
-        let mut file = File::create(&temporary).map_err(|error| io(&temporary, error))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|error| io(&temporary, error))?;
-        fs::rename(&temporary, &path).map_err(|error| io(&path, error))?;
-        File::open(root).and_then(|handle| handle.sync_all()).map_err(|error| io(root, error))
+        durable::write(&path, text.as_bytes()).map_err(|error| error.to_string())
     }
 }
 

@@ -131,14 +131,14 @@ pub fn temperature_millicelsius_from_raw(raw: u16) -> i32 {
     let scaled = (TEMPERATURE_SPAN_MILLICELSIUS * i64::from(raw) + (RAW_FULL_SCALE as i64) / 2)
         / RAW_FULL_SCALE as i64;
     let result = TEMPERATURE_OFFSET_MILLICELSIUS + scaled as i32;
-    debug_assert!((-45_000..=130_000).contains(&result));
+    assert!((-45_000..=130_000).contains(&result));
     result
 }
 
 /// Converts a raw humidity word to thousandths of a percent, rounding to nearest.
 pub fn humidity_millipercent_from_raw(raw: u16) -> u32 {
     let result = (HUMIDITY_SPAN_MILLIPERCENT * u64::from(raw) + RAW_FULL_SCALE / 2) / RAW_FULL_SCALE;
-    debug_assert!(result <= HUMIDITY_SPAN_MILLIPERCENT);
+    assert!(result <= HUMIDITY_SPAN_MILLIPERCENT);
     result as u32
 }
 

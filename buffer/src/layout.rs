@@ -55,6 +55,9 @@ const INLINE_VALUE_BYTES_MAX: u64 =
 // Segment 0 holds the whole header, and a maximal chunk's segments are numbered by a u16.
 const _: () = assert!(SEGMENT_BYTES_MAX > protocol::CHUNK_HEADER_LEN);
 const _: () = assert!(protocol::CHUNK_ENCODED_BYTES_MAX / SEGMENT_BYTES_MAX < u16::MAX as usize);
+// A full segment lives on overflow pages, never inline, so every segment but a chunk's last costs
+// the same and freed full segments are interchangeable.
+const _: () = assert!(INLINE_VALUE_BYTES_MAX < SEGMENT_BYTES_MAX as u64);
 
 pub const FORMAT_KEY: &[u8] = b"format";
 pub const FORMAT_VALUE: &str = "tributary-ring/1";
@@ -105,7 +108,10 @@ pub fn stored_bytes(encoded_len: usize) -> u64 {
     let full_segments = (encoded_len / SEGMENT_BYTES_MAX) as u64;
     let last = encoded_len % SEGMENT_BYTES_MAX;
     let last_cost = if last > 0 || full_segments == 0 { segment_stored_bytes(last) } else { 0 };
-    full_segments * segment_stored_bytes(SEGMENT_BYTES_MAX) + last_cost
+    let stored = full_segments * segment_stored_bytes(SEGMENT_BYTES_MAX) + last_cost;
+    // Charging less than the bytes themselves would let the file outgrow the capacity.
+    assert!(stored >= encoded_len as u64, "stored_bytes({encoded_len}) = {stored} undercounts");
+    stored
 }
 
 /// Bytes one segment value of `value_len` occupies.

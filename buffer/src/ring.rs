@@ -361,6 +361,13 @@ impl Ring {
             chunks.truncate(contiguous);
         }
         assert!(chunks.iter().all(|chunk| chunk.seq >= from_seq && chunk.seq < synced_next_seq));
+        // Postconditions of the read: seq order, the lane asked for, within the read limits (a
+        // single chunk may exceed `bytes_max`, so that a large chunk is never stuck).
+        assert!(chunks.windows(2).all(|pair| pair[0].seq < pair[1].seq), "chunks come in seq order");
+        assert!(chunks.iter().all(|chunk| chunk.header.lane == lane && chunk.header.seq == chunk.seq));
+        assert!(chunks.len() <= limits.chunks_max.max(1));
+        let bytes: usize = chunks.iter().map(|chunk| chunk.encoded.len()).sum();
+        assert!(chunks.len() <= 1 || bytes <= limits.bytes_max, "a read stays within bytes_max");
         if let Some(requests) = &self.core.requests {
             for (seq, reason) in damaged {
                 // Best effort: if the writer is busy the next read finds the chunk again.
@@ -497,7 +504,7 @@ fn try_open(path: &Path, config: &RingConfig) -> std::result::Result<Opened, Ope
         Durability::Sync => EnvFlags::empty(),
         Durability::Periodic { .. } => EnvFlags::NO_SYNC,
     };
-    debug_assert!(!flags.contains(EnvFlags::WRITE_MAP));
+    assert!(!flags.contains(EnvFlags::WRITE_MAP), "the ring never opens LMDB with WRITEMAP");
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
     options.map_size(map_size as usize).max_dbs(DATABASES_MAX).max_readers(config.readers_max);
     // SAFETY: flags are checked above; the env is opened once per path per process (heed refuses a

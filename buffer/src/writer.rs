@@ -286,6 +286,7 @@ impl Writer {
     /// module doc). Raising it before the commit means a reader whose snapshot shows the gap
     /// always sees the hold too; a transaction that then fails leaves a harmless, stale hold.
     fn hold_reads_past_deletion(&self, lane: Lane, seq: u64) {
+        assert!(seq >= 1, "seqs start at 1: 0 means no hold");
         let mut shared = self.shared.lock().expect("ring state lock");
         let held = &mut shared.unsynced_deleted_through[lane.index()];
         *held = (*held).max(seq);
@@ -336,6 +337,8 @@ impl Writer {
             deadline,
             reply,
         });
+        let waiting: usize = self.queues.iter().map(VecDeque::len).sum();
+        assert!(waiting <= self.config.queue_depth_max, "the writer queue stays within queue_depth_max");
     }
 
     fn backpressure(&self, lane: Lane, needed_bytes: u64, waited: Duration) -> RingError {
@@ -531,6 +534,7 @@ impl Writer {
                             pending.stored_bytes,
                         )?;
                         group_bytes += pending.stored_bytes;
+                        self.assert_within_budgets(&attempt.lanes, lane);
                         attempt.outcomes[lane.index()].push(Outcome::Appended(seq));
                     }
                     Room::Refused(error) => {
@@ -545,6 +549,25 @@ impl Writer {
         self.write_all_lane_meta(&mut txn, &attempt.lanes)?;
         txn.commit()?;
         Ok((attempt, cut_by_bound))
+    }
+
+    /// Postcondition of `make_room` answering `Fits` and the append that followed: the lane and
+    /// its pool are within their budgets (the audit pool holds only the audit lane).
+    fn assert_within_budgets(&self, lanes: &[LaneMeta; Lane::COUNT], lane: Lane) {
+        let lane_used = lanes[lane.index()].bytes_used;
+        assert!(
+            lane_used <= self.config.lane_budget_bytes(lane),
+            "{lane}: {lane_used} bytes over its budget"
+        );
+        let pool_used: u64 = Lane::ALL
+            .iter()
+            .filter(|other| (**other == Lane::Audit) == (lane == Lane::Audit))
+            .map(|other| lanes[other.index()].bytes_used)
+            .sum();
+        assert!(
+            pool_used <= self.config.pool_budget_bytes(lane),
+            "{lane}: pool of {pool_used} bytes over budget"
+        );
     }
 
     fn write_all_lane_meta(
@@ -573,6 +596,7 @@ impl Writer {
         }
         acks.clear();
         for (lane_index, outcomes) in attempt.outcomes.into_iter().enumerate() {
+            assert!(outcomes.len() <= self.queues[lane_index].len(), "an outcome answers a queued append");
             for outcome in outcomes {
                 let pending = self.queues[lane_index].pop_front().expect("an outcome for every head");
                 match outcome {
@@ -600,8 +624,11 @@ impl Writer {
         if through_seq <= meta.acked_through {
             return Ok(Ok(())); // Acks are idempotent: a repeated or older watermark changes nothing.
         }
+        assert!(meta.acked_through < through_seq && through_seq < meta.next_seq);
         let freed =
             store::delete_seqs(self.databases.chunks, txn, lane, meta.acked_through + 1, through_seq)?;
+        // One chunk per seq at most: an ack never frees more chunks than seqs it covers.
+        assert!(freed.chunks <= through_seq - meta.acked_through, "{lane}: ack freed more chunks than seqs");
         meta.bytes_used -= freed.bytes;
         meta.chunk_count -= freed.chunks;
         meta.acked_through = through_seq;
@@ -628,6 +655,7 @@ impl Writer {
         self.databases.quarantine.put(txn, &chunk_key(lane, seq, 0), &sample)?;
         self.hold_reads_past_deletion(lane, seq);
         let freed = store::delete_seqs(self.databases.chunks, txn, lane, seq, seq)?;
+        assert!(freed.chunks <= 1, "{lane}: one seq holds at most one chunk");
         let meta = &mut lanes[lane.index()];
         meta.bytes_used -= freed.bytes;
         meta.chunk_count -= freed.chunks;
@@ -700,6 +728,14 @@ impl Writer {
         evictions: &mut Evictions,
         lane: Lane,
     ) -> std::result::Result<(), heed::Error> {
+        // The audit lane is never evicted, and only `drop_oldest` lanes are (`make_room`,
+        // `relieve_map_pressure` choose their victims by these rules).
+        assert!(lane != Lane::Audit, "the audit lane is never evicted");
+        assert_eq!(
+            self.config.lane(lane).policy,
+            LanePolicy::DropOldest,
+            "{lane}: only drop_oldest lanes evict"
+        );
         let seq = store::oldest_seq(self.databases.chunks, txn, lane)?
             .expect("chunk_count > 0 means the lane holds a chunk");
         // The header is in the first segment; a damaged one counts no records (reads quarantine it).
@@ -711,6 +747,7 @@ impl Writer {
             .map_or(0, |header| u64::from(header.record_count));
         self.hold_reads_past_deletion(lane, seq);
         let freed = store::delete_seqs(self.databases.chunks, txn, lane, seq, seq)?;
+        assert!(freed.chunks <= 1, "{lane}: one seq holds at most one chunk");
         let meta = &mut lanes[lane.index()];
         meta.evicted_records += records;
         meta.bytes_used -= freed.bytes;
@@ -738,6 +775,12 @@ impl Writer {
     ) -> std::result::Result<u64, heed::Error> {
         let meta = &mut lanes[chunk.lane.index()];
         let seq = meta.next_seq;
+        assert!(
+            seq >= 1 && meta.acked_through < seq,
+            "{}: seqs start at 1, above the acked ones",
+            chunk.lane
+        );
+        assert_eq!(stored, stored_bytes(chunk.encoded_len()), "the accounted size is the stored size");
         // Segments of the virtual concatenation header ‖ body, written straight into LMDB's pages
         // (no intermediate copy of the chunk: this thread is the ring's one serial stage).
         let header = chunk.header(seq).encode();
@@ -758,6 +801,7 @@ impl Writer {
         meta.next_seq += 1;
         meta.bytes_used += stored;
         meta.chunk_count += 1;
+        assert!(meta.next_seq > seq, "next_seq only moves forward");
         Ok(seq)
     }
 
@@ -817,6 +861,11 @@ impl Writer {
     }
 
     fn publish(&self) {
+        for lane in Lane::ALL {
+            // Reads stop below the synced seq, which was a `next_seq` once: never beyond the head.
+            assert!(self.synced_next_seq[lane.index()] <= self.lanes[lane.index()].next_seq);
+            assert!(self.lanes[lane.index()].acked_through < self.lanes[lane.index()].next_seq);
+        }
         let mut shared = self.shared.lock().expect("ring state lock");
         shared.lanes = self.lanes;
         shared.synced_next_seq = self.synced_next_seq;

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write as _};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -210,23 +210,7 @@ fn read_state(root: &Path) -> anyhow::Result<FeedState> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let directory = path.parent().expect("a file has a directory");
-    fs::create_dir_all(directory).with_context(|| format!("create {}", directory.display()))?;
-    let temporary = path.with_extension("json.partial");
-    let mut file = File::create(&temporary).with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", temporary.display()))?;
-    fs::rename(&temporary, path).with_context(|| format!("rename to {}", path.display()))?;
-    File::open(directory)
-        .and_then(|handle| handle.sync_all())
-        .with_context(|| format!("fsync {}", directory.display()))
-}
-
-fn sync_directory(directory: &Path) -> anyhow::Result<()> {
-    File::open(directory)
-        .and_then(|handle| handle.sync_all())
-        .with_context(|| format!("fsync {}", directory.display()))
+    Ok(durable::Options::default().create_directory().write(path, bytes)?)
 }
 
 fn review_shard_seq(name: &str) -> Option<u64> {
@@ -515,12 +499,11 @@ impl ArchiveFeed {
             let file = review.writer.finish()?.into_inner().map_err(|error| {
                 anyhow::anyhow!("flush {}: {}", review.partial_path.display(), error.error())
             })?;
-            file.sync_all().with_context(|| format!("fsync {}", review.partial_path.display()))?;
+            durable::sync_file(&file, &review.partial_path)?;
+            drop(file);
             let published =
                 self.config.review_dir.join(format!("{REVIEW_PREFIX}{next_review_shard_seq:08}.tar"));
-            fs::rename(&review.partial_path, &published)
-                .with_context(|| format!("publish {}", published.display()))?;
-            sync_directory(&self.config.review_dir)?;
+            durable::rename_into_place(&review.partial_path, &published)?;
             tracing::info!(shard = %published.display(), samples = review.samples, "review shard published");
             self.metrics.review_shards_published.fetch_add(1, Ordering::Relaxed);
             next_review_shard_seq += 1;

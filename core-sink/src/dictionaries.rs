@@ -17,7 +17,6 @@
 //! naming it count as undecodable; nothing panics on bytes a device sent.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -134,16 +133,15 @@ impl DictionaryStore {
         if count >= DEVICE_DICTIONARIES_MAX {
             return Err(DictionaryStoreError::TooMany { device: device.to_string(), dict_id });
         }
-        let device_dir = self.dir.join(device);
-        std::fs::create_dir_all(&device_dir).map_err(io("create", &device_dir))?;
-        let path = self.path(device, dict_id);
-        let partial = path.with_extension("partial");
-        let mut file = std::fs::File::create(&partial).map_err(io("create", &partial))?;
-        file.write_all(dictionary).map_err(io("write", &partial))?;
-        file.sync_all().map_err(io("fsync", &partial))?;
-        drop(file);
-        std::fs::rename(&partial, &path).map_err(io("rename", &path))?;
-        std::fs::File::open(&device_dir).and_then(|dir| dir.sync_all()).map_err(io("fsync", &device_dir))?;
+        // A temporary left by an interrupted write ends in `.partial` and is removed at `open`.
+        durable::Options::default()
+            .create_directory()
+            .write(&self.path(device, dict_id), dictionary)
+            .map_err(|error| DictionaryStoreError::Io {
+                operation: error.operation,
+                path: error.path,
+                source: error.source,
+            })?;
         self.known
             .lock()
             .expect("dictionary index lock")

@@ -110,7 +110,12 @@ impl SharedWatermarks {
         let mut lanes = self.lanes.lock().expect("watermarks lock");
         let entry = lanes.entry(device.to_string()).or_insert([(0, 0); Lane::COUNT]);
         let current = (core.durable(device, lane), core.generation(device, lane));
-        std::mem::replace(&mut entry[lane.index()], current) != current
+        let previous = std::mem::replace(&mut entry[lane.index()], current);
+        // Sessions ack what they read here: a watermark going back would ack less than before
+        // (harmless) but means the core lost track of what is durable (not harmless).
+        assert!(current.0 >= previous.0, "{device}/{lane}: published durable watermark went back");
+        assert!(current.1 >= previous.1, "{device}/{lane}: published generation went back");
+        previous != current
     }
 }
 

@@ -9,6 +9,7 @@
 //! - Chunks in flight between sessions and the lander are bounded by `in_flight_bytes_max`.
 
 pub mod archive_feed;
+mod components;
 pub mod config;
 pub mod datasets;
 pub mod dictionaries;

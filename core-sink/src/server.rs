@@ -22,6 +22,12 @@ use protocol::{ErrorCode, Lane};
 use session::{Close, DictionaryRefusal, LandingRefusal, SinkEvent, SinkSession, SinkSessionConfig, Stream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use lifecycle::Components;
+
+use crate::components::{
+    ArchiveFeedComponent, LanderComponent, OnboardingComponent, SessionsComponent, TaskComponent,
+    ThreadComponent,
+};
 use crate::config::SinkConfig;
 use crate::dictionaries::DictionaryStore;
 use crate::lander::{InFlightPermits, LandRequest, Lander, LanderRequest, SharedWatermarks, SinkMetrics};
@@ -35,36 +41,23 @@ const STREAM_READS_QUEUED_MAX: usize = 16;
 /// connection needs at most one per lane per commit).
 const CONTROL_QUEUE_MAX: usize = 64;
 
-/// A running sink. Dropping it without `shutdown` stops accepting but skips the final commit.
+/// A running sink: its parts are `lifecycle::Components` (`components.rs`), started in order
+/// by `start` and stopped in reverse by `shutdown`. Dropping it without `shutdown` asks each part
+/// to stop (stops accepting) but skips the final commit.
 pub struct Sink {
     endpoint: quinn::Endpoint,
     metrics: Arc<SinkMetrics>,
     shared: Arc<SharedWatermarks>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    lander: Option<std::thread::JoinHandle<()>>,
-    context: Option<Arc<Context>>,
-    datasets: Option<DatasetsRunner>,
-    archive_feed: Option<crate::archive_feed::FeedRunner>,
-    replication: Option<ReplicationRunner>,
-    onboarding: Option<onboarding::Authority>,
+    dataset_metrics: Option<Arc<crate::datasets::pipeline::DatasetMetrics>>,
     metrics_address: Option<SocketAddr>,
+    components: Components,
 }
 
-/// The replicator's thread (`[replication]`): passes over the published datasets and the archive.
-struct ReplicationRunner {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-    metrics: Arc<crate::replication::ReplicationMetrics>,
-}
+/// The lander's request channel: the sessions send on it, and stopping the lander closes it.
+pub(crate) type LandSender = Arc<Mutex<Option<std::sync::mpsc::Sender<LanderRequest>>>>;
 
-struct DatasetsRunner {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-    metrics: Arc<crate::datasets::pipeline::DatasetMetrics>,
-}
-
-struct Context {
-    land: Mutex<Option<std::sync::mpsc::Sender<LanderRequest>>>,
+pub(crate) struct Context {
+    land: LandSender,
     in_flight: Arc<Semaphore>,
     /// Each connection's share of `in_flight` (`SinkConfig::device_in_flight_bytes`).
     device_in_flight_bytes: u64,
@@ -72,7 +65,7 @@ struct Context {
     metrics: Arc<SinkMetrics>,
     durable_generation: watch::Receiver<u64>,
     /// The live session of each device, and how to tell it to end.
-    sessions: Mutex<HashMap<String, (u64, mpsc::Sender<Command>)>>,
+    pub(crate) sessions: Mutex<HashMap<String, (u64, mpsc::Sender<Command>)>>,
     next_connection: AtomicU64,
     session_config: SinkSessionConfig,
     revocations: RevocationList,
@@ -81,7 +74,7 @@ struct Context {
 
 /// What the rest of the sink tells a session task.
 #[derive(Clone, Copy, Debug)]
-enum Command {
+pub(crate) enum Command {
     Superseded,
     Revoked,
     ShuttingDown,
@@ -93,7 +86,7 @@ impl Context {
     }
 }
 
-fn close_code(code: ErrorCode) -> quinn::VarInt {
+pub(crate) fn close_code(code: ErrorCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(u32::from(code.id()))
 }
 
@@ -132,64 +125,60 @@ impl Sink {
         };
         let core = LandingCore::open(landing_config, committer, state)?;
         let (lander, shared, durable_generation) = Lander::new(core, metrics.clone());
-        let datasets = match &config.datasets {
-            Some(datasets_config) => {
-                let pipeline = crate::datasets::pipeline::Pipeline::open(
-                    datasets_config.clone(),
-                    &config.landing_dir,
-                    dictionaries.clone(),
-                )?;
-                let metrics = pipeline.metrics.clone();
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let checkpoint = shared.checkpoint.clone();
-                let poll = Duration::from_millis(config.commit_interval_ms.max(20));
-                let thread = std::thread::Builder::new().name("sink-datasets".into()).spawn({
-                    let stop = stop.clone();
-                    move || pipeline.run(checkpoint, stop, poll)
-                })?;
-                Some(DatasetsRunner { stop, thread, metrics })
-            }
-            None => None,
-        };
+        // Start order (stopped in reverse by `shutdown`): the readers of committed data, the
+        // lander, the onboarding authority, then what takes input (sessions, metrics, reloads).
+        let mut components = Components::new();
+        // Replication of what the datasets pipeline and the archive published, on its own thread
+        // and within its own budgets: it only reads published files, never the landing path.
+        // First started, so last stopped: it can copy what the final commit published.
+        let mut replication_metrics = None;
+        if config.replication.is_some() {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let replicator = crate::replication::Replicator::open(&config, stop.clone())?;
+            replication_metrics = Some(replicator.metrics.clone());
+            components.push(ThreadComponent::start("replication", stop, move || replicator.run())?);
+        }
         // The core archive of AI decisions, fed from the committed audit lane.
-        let archive_feed = match &config.archive {
-            Some(archive_config) => Some(crate::archive_feed::FeedRunner::start(
+        if let Some(archive_config) = &config.archive {
+            components.push(ArchiveFeedComponent(Some(crate::archive_feed::FeedRunner::start(
                 archive_config.clone(),
                 &config.landing_dir,
                 dictionaries.clone(),
                 shared.checkpoint.clone(),
                 Duration::from_millis(config.commit_interval_ms.max(20)),
-            )?),
-            None => None,
-        };
-        // Replication of what the datasets pipeline and the archive published, on its own thread
-        // and within its own budgets: it only reads published files, never the landing path.
-        let replication = match &config.replication {
-            Some(_) => {
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let replicator = crate::replication::Replicator::open(&config, stop.clone())?;
-                let metrics = replicator.metrics.clone();
-                let thread = std::thread::Builder::new()
-                    .name("sink-replication".into())
-                    .spawn(move || replicator.run())?;
-                Some(ReplicationRunner { stop, thread, metrics })
-            }
-            None => None,
-        };
-        // Onboarding over MQTT: signs device certificates with the fleet CA in ca_dir.
-        let onboarding = match &config.onboarding {
-            Some(onboarding_config) => {
-                let ca = fleet::FleetCa::load(&config.ca_dir)?;
-                Some(onboarding::Authority::start(onboarding_config.clone(), &ca, &config.revocation_file)?)
-            }
-            None => None,
-        };
+            )?)));
+        }
+        let mut dataset_metrics = None;
+        if let Some(datasets_config) = &config.datasets {
+            let pipeline = crate::datasets::pipeline::Pipeline::open(
+                datasets_config.clone(),
+                &config.landing_dir,
+                dictionaries.clone(),
+            )?;
+            dataset_metrics = Some(pipeline.metrics.clone());
+            let checkpoint = shared.checkpoint.clone();
+            let poll = Duration::from_millis(config.commit_interval_ms.max(20));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            components.push(ThreadComponent::start("datasets", stop, move || {
+                pipeline.run(checkpoint, stopped, poll)
+            })?);
+        }
         let (land, requests) = std::sync::mpsc::channel();
-        let lander =
-            std::thread::Builder::new().name("sink-lander".into()).spawn(move || lander.run(requests))?;
+        let land: LandSender = Arc::new(Mutex::new(Some(land)));
+        components.push(LanderComponent::start(land.clone(), move || lander.run(requests))?);
+        // Onboarding over MQTT: signs device certificates with the fleet CA in ca_dir.
+        let mut onboarding_metrics = None;
+        if let Some(onboarding_config) = &config.onboarding {
+            let ca = fleet::FleetCa::load(&config.ca_dir)?;
+            let authority =
+                onboarding::Authority::start(onboarding_config.clone(), &ca, &config.revocation_file)?;
+            onboarding_metrics = Some(authority.shared_metrics());
+            components.push(OnboardingComponent(Some(authority)));
+        }
 
         let context = Arc::new(Context {
-            land: Mutex::new(Some(land)),
+            land,
             in_flight: Arc::new(Semaphore::new(config.in_flight_bytes_max as usize)),
             shared: shared.clone(),
             metrics: metrics.clone(),
@@ -206,7 +195,7 @@ impl Sink {
             dictionaries,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), context.clone(), config.connections_max));
-        let mut tasks = vec![accept];
+        components.push(SessionsComponent { endpoint: endpoint.clone(), context: context.clone(), accept });
         let mut metrics_address = None;
         if let Some(listen) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(listen)
@@ -215,32 +204,24 @@ impl Sink {
             metrics_address = Some(listener.local_addr()?);
             let sources = crate::metrics::MetricsSources {
                 sink: metrics.clone(),
-                datasets: datasets.as_ref().map(|datasets| datasets.metrics.clone()),
+                datasets: dataset_metrics.clone(),
                 in_flight_available: context.in_flight.clone(),
                 in_flight_bytes_max: config.in_flight_bytes_max,
-                onboarding: onboarding.as_ref().map(|authority| authority.shared_metrics()),
-                replication: replication.as_ref().map(|replication| replication.metrics.clone()),
+                onboarding: onboarding_metrics,
+                replication: replication_metrics,
             };
-            tasks.push(tokio::spawn(crate::metrics::serve(listener, sources)));
+            components
+                .push(TaskComponent::new("metrics", tokio::spawn(crate::metrics::serve(listener, sources))));
         }
-        tasks.push(tokio::spawn(reload_revocations(
-            context.clone(),
-            Duration::from_millis(config.revocation_reload_ms),
-        )));
-        tracing::info!(listen = %endpoint.local_addr()?, "core sink listening");
-        Ok(Sink {
-            endpoint,
-            metrics,
-            shared,
-            tasks,
-            metrics_address,
-            lander: Some(lander),
-            context: Some(context),
-            datasets,
-            archive_feed,
-            replication,
-            onboarding,
-        })
+        components.push(TaskComponent::new(
+            "revocation-reload",
+            tokio::spawn(reload_revocations(
+                context.clone(),
+                Duration::from_millis(config.revocation_reload_ms),
+            )),
+        ));
+        tracing::info!(listen = %endpoint.local_addr()?, components = ?components.names(), "core sink listening");
+        Ok(Sink { endpoint, metrics, shared, dataset_metrics, metrics_address, components })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -261,75 +242,28 @@ impl Sink {
         self.shared.durable(device, lane)
     }
 
-    /// Stops accepting, closes connections, commits what is pending, and waits for the lander.
+    /// Stops every part, the last started first: reloads and metrics, then accepting and the
+    /// connections, the onboarding authority, the lander (which commits what is pending), then
+    /// the dataset pipeline (it consumes that last commit and publishes its open shards) and the
+    /// archive feed.
     pub async fn shutdown(mut self) {
-        if let Some(onboarding) = self.onboarding.take() {
-            onboarding.shutdown().await;
-        }
-        if let Some(context) = &self.context {
-            let sessions: Vec<_> = context
-                .sessions
-                .lock()
-                .expect("sessions lock")
-                .values()
-                .map(|(_, commands)| commands.clone())
-                .collect();
-            for commands in sessions {
-                let _ = commands.try_send(Command::ShuttingDown);
-            }
-        }
-        self.endpoint.close(close_code(ErrorCode::ShuttingDown), b"sink shutting down");
-        for task in &self.tasks {
-            task.abort();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
-        if let Some(context) = self.context.take() {
-            context.land.lock().expect("land sender lock").take();
-        }
-        if let Some(lander) = self.lander.take() {
-            let _ = tokio::task::spawn_blocking(move || lander.join()).await;
-        }
-        // After the last commit: the pipeline consumes it and publishes its open shards.
-        if let Some(datasets) = self.datasets.take() {
-            datasets.stop.store(true, Ordering::Relaxed);
-            let _ = tokio::task::spawn_blocking(move || datasets.thread.join()).await;
-        }
-        if let Some(archive_feed) = self.archive_feed.take() {
-            let _ = tokio::task::spawn_blocking(move || archive_feed.stop_and_join()).await;
-        }
-        if let Some(replication) = self.replication.take() {
-            replication.stop.store(true, Ordering::Relaxed);
-            let _ = tokio::task::spawn_blocking(move || replication.thread.join()).await;
-        }
+        self.components.stop().await;
+    }
+
+    /// Each part's health, in start order.
+    pub fn health(&self) -> Vec<(&'static str, lifecycle::Health)> {
+        self.components.health()
     }
 
     /// The onboarding authority, when `[onboarding]` is configured (its registry mints claim
     /// tokens; `wait_ready` waits until it listens at the broker).
     pub fn onboarding(&mut self) -> Option<&mut onboarding::Authority> {
-        self.onboarding.as_mut()
+        self.components.get_mut::<OnboardingComponent>().and_then(|component| component.0.as_mut())
     }
 
     /// Dataset counters, when datasets are configured.
     pub fn dataset_metrics(&self) -> Option<Arc<crate::datasets::pipeline::DatasetMetrics>> {
-        self.datasets.as_ref().map(|datasets| datasets.metrics.clone())
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        if let Some(datasets) = &self.datasets {
-            datasets.stop.store(true, Ordering::Relaxed);
-        }
-        if let Some(archive_feed) = &self.archive_feed {
-            archive_feed.request_stop();
-        }
-        if let Some(replication) = &self.replication {
-            replication.stop.store(true, Ordering::Relaxed);
-        }
-        for task in &self.tasks {
-            task.abort();
-        }
-        self.endpoint.close(close_code(ErrorCode::ShuttingDown), b"sink stopped");
+        self.dataset_metrics.clone()
     }
 }
 
@@ -337,8 +271,6 @@ impl Drop for Sink {
 /// tell appliances at once that their old connection is gone (a valid stateless reset), instead
 /// of leaving them to wait out the idle timeout.
 fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let path = state_dir.join("stateless-reset.key");
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -353,19 +285,7 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("no system randomness for the stateless reset key"))?;
-    let temporary = state_dir.join("stateless-reset.key.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(&key)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", temporary.display()))?;
-    std::fs::rename(&temporary, &path).with_context(|| format!("rename to {}", path.display()))?;
-    std::fs::File::open(state_dir).and_then(|directory| directory.sync_all())?;
+    durable::Options::default().mode(0o600).write(&path, &key)?;
     Ok(key)
 }
 
@@ -630,7 +550,7 @@ impl SessionDriver {
     async fn drive_events(&mut self) {
         loop {
             while let Some(transmit) = self.session.poll_transmit() {
-                debug_assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
+                assert_eq!(transmit.stream, Stream::Control, "the sink only writes its control stream");
                 let sent = match &self.control {
                     Some((writer, _)) => writer.send(transmit.bytes).await.is_ok(),
                     None => false,

@@ -23,7 +23,7 @@ use rcgen::{
 use rustls_pki_types::ServerName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::files::{self, Existing, PRIVATE_MODE, PUBLIC_MODE};
+use crate::files::{self, PRIVATE_MODE, PUBLIC_MODE};
 use crate::pem::{self, PEM_FILE_BYTES_MAX};
 use crate::{FleetError, device_id_from_certificate, validate_device_id};
 
@@ -136,19 +136,15 @@ impl FleetCa {
 
         // The key is the commit point: once it exists, init refuses. The certificate follows; if
         // the process dies between the two, load names the missing ca.pem.
-        match files::write_atomically(&key_path, key.serialize_pem().as_bytes(), PRIVATE_MODE, Existing::Keep)
+        match durable::Options::default()
+            .mode(PRIVATE_MODE)
+            .keep_existing()
+            .write(&key_path, key.serialize_pem().as_bytes())
         {
-            Err(FleetError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(refuse());
-            }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Err(refuse()),
             result => result?,
         }
-        files::write_atomically(
-            &certificate_path,
-            certificate_pem.as_bytes(),
-            PUBLIC_MODE,
-            Existing::Replace,
-        )?;
+        files::write_replacing(&certificate_path, certificate_pem.as_bytes(), PUBLIC_MODE)?;
         tracing::info!(directory = %dir.display(), fleet_name, "created fleet CA");
         Ok(FleetCa { directory: dir.to_path_buf(), certificate_pem, issuer: Issuer::new(params, key) })
     }
@@ -334,24 +330,9 @@ impl IssuedCertificate {
         pem::certificates(ca_pem, "CA certificate to write")?;
 
         files::create_directory(dir)?;
-        files::write_atomically(
-            &dir.join(KEY_FILE),
-            self.private_key_pem.as_bytes(),
-            PRIVATE_MODE,
-            Existing::Replace,
-        )?;
-        files::write_atomically(
-            &dir.join(CERTIFICATE_FILE),
-            self.certificate_pem.as_bytes(),
-            PUBLIC_MODE,
-            Existing::Replace,
-        )?;
-        files::write_atomically(
-            &dir.join(CA_CERTIFICATE_FILE),
-            ca_pem.as_bytes(),
-            PUBLIC_MODE,
-            Existing::Replace,
-        )
+        files::write_replacing(&dir.join(KEY_FILE), self.private_key_pem.as_bytes(), PRIVATE_MODE)?;
+        files::write_replacing(&dir.join(CERTIFICATE_FILE), self.certificate_pem.as_bytes(), PUBLIC_MODE)?;
+        files::write_replacing(&dir.join(CA_CERTIFICATE_FILE), ca_pem.as_bytes(), PUBLIC_MODE)
     }
 
     /// Reads `cert.pem` and `key.pem` from `dir`, checking that the key belongs to the

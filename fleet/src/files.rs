@@ -1,16 +1,14 @@
-//! Small, careful file operations shared by the CA, issued certificates, the revocation list and
-//! the core sink's replication (its watermarks and directory replicas).
+//! Small, careful file operations shared by the CA, issued certificates and the revocation list.
 //!
-//! Every write goes to a hidden temporary file in the same directory, is fsynced, then renamed
-//! (or hard-linked, when an existing file must not be replaced) into place, and the directory is
-//! fsynced: a reader sees the old file or the new one, never a torn one, even across a power
-//! loss. Every read is bounded by a named maximum before anything is allocated.
+//! Every write goes through `durable` (hidden temporary file, fsync, rename or no-clobber hard
+//! link, fsync of the directory): a reader sees the old file or the new one, never a torn one,
+//! even across a power loss. Every read is bounded by a named maximum before anything is
+//! allocated.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use crate::FleetError;
 
@@ -18,17 +16,6 @@ use crate::FleetError;
 pub const PRIVATE_MODE: u32 = 0o600;
 /// Mode of certificates and the revocation list (before the umask): world-readable.
 pub const PUBLIC_MODE: u32 = 0o644;
-
-/// What to do when the destination already exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Existing {
-    Replace,
-    /// Fail with `ErrorKind::AlreadyExists`, atomically (a hard link never replaces its target).
-    Keep,
-}
-
-/// Distinguishes temporary files of concurrent writers within one process.
-static TEMPORARY_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) fn io_error(operation: &'static str, path: &Path, source: std::io::Error) -> FleetError {
     FleetError::Io { operation, path: path.to_path_buf(), source }
@@ -38,64 +25,16 @@ pub(crate) fn create_directory(directory: &Path) -> Result<(), FleetError> {
     fs::create_dir_all(directory).map_err(|source| io_error("create directory", directory, source))
 }
 
-/// The directory holding `path`; "." for a bare file name.
-pub(crate) fn parent_directory(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
+impl From<durable::Error> for FleetError {
+    fn from(error: durable::Error) -> FleetError {
+        FleetError::Io { operation: error.operation, path: error.path, source: error.source }
     }
 }
 
-/// Writes `bytes` to `path` atomically with `mode` (the process umask may clear bits further).
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32, existing: Existing) -> Result<(), FleetError> {
-    let directory = parent_directory(path);
-    let file_name = path.file_name().ok_or_else(|| {
-        io_error("write", path, std::io::Error::new(ErrorKind::InvalidInput, "path has no file name"))
-    })?;
-    let temporary = directory.join(format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = write_then_install(&temporary, path, bytes, mode, existing);
-    if result.is_err() || existing == Existing::Keep {
-        // After a rename the temporary name is gone; after a hard link (or a failure) it is
-        // still there and only clutter now. Failing to remove it loses nothing.
-        let _ = fs::remove_file(&temporary);
-    }
-    result?;
-    sync_directory(&directory)
-}
-
-fn write_then_install(
-    temporary: &Path,
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    existing: Existing,
-) -> Result<(), FleetError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(temporary)
-        .map_err(|source| io_error("create", temporary, source))?;
-    file.write_all(bytes).map_err(|source| io_error("write", temporary, source))?;
-    file.sync_all().map_err(|source| io_error("fsync", temporary, source))?;
-    drop(file);
-    match existing {
-        Existing::Replace => {
-            fs::rename(temporary, path).map_err(|source| io_error("rename into place", path, source))
-        }
-        Existing::Keep => fs::hard_link(temporary, path).map_err(|source| io_error("create", path, source)),
-    }
-}
-
-pub fn sync_directory(directory: &Path) -> Result<(), FleetError> {
-    File::open(directory)
-        .and_then(|handle| handle.sync_all())
-        .map_err(|source| io_error("fsync directory", directory, source))
+/// Writes `bytes` to `path` durably (`durable`: temporary file with `mode`, fsync, rename,
+/// fsync of the directory), replacing what is there.
+pub(crate) fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FleetError> {
+    Ok(durable::Options::default().mode(mode).write(path, bytes)?)
 }
 
 /// Reads a whole file of at most `bytes_max` bytes; `Ok(None)` if it does not exist.

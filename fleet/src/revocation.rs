@@ -23,7 +23,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use crate::device_id::device_id_problem;
-use crate::files::{self, Existing, PUBLIC_MODE};
+use crate::files::{self, PUBLIC_MODE};
 use crate::{FleetError, validate_device_id};
 
 /// Longest revocation file this crate reads.
@@ -109,8 +109,8 @@ impl RevocationList {
             Ok(metadata) => metadata.permissions().mode() & 0o777,
             Err(_) => PUBLIC_MODE,
         };
-        files::create_directory(&files::parent_directory(path))?;
-        files::write_atomically(path, updated.as_bytes(), mode, Existing::Replace)?;
+        files::create_directory(&durable::parent_directory(path))?;
+        files::write_replacing(path, updated.as_bytes(), mode)?;
         tracing::info!(path = %path.display(), device_id, "revoked device");
         Ok(())
     }

@@ -38,7 +38,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use protocol::evidence::{Blob, Decision, EVIDENCE_FIELD_BYTES_MAX, Evidence, RequestMeta, sha256_hex};
+use protocol::evidence::{
+    Blob, BlobSummary, Decision, DecisionSummary, EVIDENCE_FIELD_BYTES_MAX, Evidence, RequestMeta,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::input::{InputError, InputKind, TENSOR_CONTENT_TYPE, body_bytes_max_for_model, prepare_within};
@@ -95,38 +97,13 @@ pub struct InferResponse {
     pub latency_us: u64,
 }
 
-/// A blob of recorded evidence, described (the bytes themselves stay in the ring).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BlobSummary {
-    pub content_type: String,
-    pub sha256: String,
-    pub bytes: u64,
-}
-
-impl From<&Blob> for BlobSummary {
-    fn from(blob: &Blob) -> BlobSummary {
-        BlobSummary {
-            content_type: blob.content_type.clone(),
-            sha256: sha256_hex(&blob.sha256),
-            bytes: blob.bytes.len() as u64,
-        }
-    }
-}
-
 /// `GET /v1/decisions/{id}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecordedDecision {
-    pub decision_id: String,
-    pub decided_at_us: u64,
-    pub model_name: String,
-    pub model_sha256: String,
-    pub label: String,
-    pub label_index: u32,
-    pub score: f32,
-    pub scores: Vec<f32>,
-    pub latency_us: u64,
-    pub client: String,
-    pub request_id: Option<String>,
+    /// The decision's fields inline (the schema the archive's leaves use too).
+    #[serde(flatten)]
+    pub decision: DecisionSummary,
+    /// The evidence blobs, described (the bytes themselves stay in the ring).
     pub original: BlobSummary,
     pub modified: Option<BlobSummary>,
     /// The audit-lane chunk holding the evidence.
@@ -439,19 +416,9 @@ async fn decision(State(service): State<Arc<InferenceService>>, Path(decision_id
         Ok(Ok(Some((audit_seq, evidence)))) => {
             let Evidence { decision, original, modified } = evidence;
             Json(RecordedDecision {
-                decision_id: decision.decision_id,
-                decided_at_us: decision.decided_at_us,
-                model_name: decision.model_name,
-                model_sha256: sha256_hex(&decision.model_sha256),
-                label: decision.label,
-                label_index: decision.label_index,
-                score: decision.score,
-                scores: decision.scores,
-                latency_us: decision.latency_us,
-                client: decision.request.client,
-                request_id: decision.request.request_id,
-                original: BlobSummary::from(&original),
-                modified: modified.as_ref().map(BlobSummary::from),
+                decision: DecisionSummary::of(&decision),
+                original: BlobSummary::of(&original),
+                modified: modified.as_ref().map(BlobSummary::of),
                 audit_seq,
             })
             .into_response()

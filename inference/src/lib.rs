@@ -30,6 +30,8 @@ pub mod service;
 pub mod state;
 pub mod synthetic;
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub use api::{InferResponse, RecordedDecision, router, serve};
 pub use input::{InputError, InputKind, InputTensor, Normalisation, TENSOR_CONTENT_TYPE};
 pub use metrics::{InferenceMetrics, MetricsSnapshot};

@@ -17,7 +17,6 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,12 +72,7 @@ impl DecisionIds {
             Some(previous) => now_us().max(previous.saturating_add(1)),
             None => now_us(),
         };
-        let temporary = state_dir.join(format!("{EPOCH_FILE}.tmp"));
-        let mut file = fs::File::create(&temporary).map_err(state_error(&temporary, "create"))?;
-        file.write_all(epoch_us.to_string().as_bytes()).map_err(state_error(&temporary, "write"))?;
-        file.sync_all().map_err(state_error(&temporary, "fsync"))?;
-        fs::rename(&temporary, &path).map_err(state_error(&path, "rename"))?;
-        sync_directory(state_dir)?;
+        durable::write(&path, epoch_us.to_string().as_bytes()).map_err(durable_error)?;
         Ok(DecisionIds { epoch_us, counter: AtomicU64::new(0) })
     }
 
@@ -92,10 +86,8 @@ impl DecisionIds {
     }
 }
 
-fn sync_directory(directory: &Path) -> Result<(), StateError> {
-    fs::File::open(directory)
-        .and_then(|handle| handle.sync_all())
-        .map_err(state_error(directory, "fsync directory"))
+fn durable_error(error: durable::Error) -> StateError {
+    state_error(&error.path, error.operation)(error.source)
 }
 
 /// The model versions whose record is durably in the audit lane.
@@ -114,7 +106,7 @@ impl RecordedModels {
             fs::read_dir(&directory).map_err(state_error(&directory, "list"))?.take(RECORDED_MODELS_MAX)
         {
             let entry = entry.map_err(state_error(&directory, "list"))?;
-            match parse_hex_digest(&entry.file_name().to_string_lossy()) {
+            match protocol::evidence::parse_sha256_hex(&entry.file_name().to_string_lossy()) {
                 Some(digest) => {
                     recorded.insert(digest);
                 }
@@ -137,25 +129,10 @@ impl RecordedModels {
             return;
         }
         let path = self.directory.join(sha256_hex(&digest));
-        let written = fs::File::create(&path).and_then(|file| file.sync_all());
-        if let Err(error) = written
-            .map_err(state_error(&path, "create marker"))
-            .and_then(|()| sync_directory(&self.directory))
-        {
+        if let Err(error) = durable::write(&path, b"").map_err(durable_error) {
             tracing::warn!(%error, "model record marker not written; the record will be sent again after a restart");
         }
     }
-}
-
-fn parse_hex_digest(text: &str) -> Option<Sha256Digest> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (index, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * index..2 * index + 2)?, 16).ok()?;
-    }
-    Some(digest)
 }
 
 #[cfg(test)]

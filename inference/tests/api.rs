@@ -397,10 +397,10 @@ async fn decisions_can_be_read_back_and_restarts_keep_ids_and_model_records_uniq
             client.send("GET", &format!("/v1/decisions/{}", answer.decision_id), &[], vec![]).await.unwrap();
         assert_eq!(response.status, 200, "start {start}: {}", String::from_utf8_lossy(&response.body));
         let recorded: RecordedDecision = response.json().unwrap();
-        assert_eq!(recorded.label, answer.label);
-        assert_eq!(recorded.scores, answer.scores);
-        assert_eq!(recorded.model_sha256, answer.model_sha256);
-        assert_eq!(recorded.request_id.as_deref(), Some("caller-7"));
+        assert_eq!(recorded.decision.label, answer.label);
+        assert_eq!(recorded.decision.scores, answer.scores);
+        assert_eq!(recorded.decision.model_sha256, answer.model_sha256);
+        assert_eq!(recorded.decision.request_id.as_deref(), Some("caller-7"));
         assert_eq!(recorded.original.content_type, *content_type);
         assert_eq!(recorded.original.sha256, protocol::evidence::sha256_hex(&sha256(body)));
         assert_eq!(recorded.modified.as_ref().unwrap().content_type, inference::TENSOR_CONTENT_TYPE);

@@ -165,7 +165,7 @@ fn parse_first_seq(path: &Path) -> Option<u64> {
 }
 
 fn sync_directory(path: &Path) -> Result<(), LandingError> {
-    File::open(path).and_then(|directory| directory.sync_all()).map_err(io_error(path))
+    durable::sync_directory(path).map_err(|error| io_error(path)(error.source))
 }
 
 impl RawLanding {

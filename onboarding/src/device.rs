@@ -133,7 +133,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
         }
         None => {
             let (csr_pem, key_pem) = generate_device_key_and_csr(&config.device_id)?;
-            files::write_atomically(&key_path, key_pem.as_bytes(), PRIVATE_MODE)?;
+            files::write_durably(&key_path, key_pem.as_bytes(), PRIVATE_MODE)?;
             (csr_pem, key_pem)
         }
     };

@@ -1,9 +1,9 @@
-//! Device-side files: atomic writes (temporary file with its final mode, fsync, rename, fsync of
-//! the directory) and bounded reads, so a power cut leaves the old file or the new one.
+//! Device-side files: durable writes through `durable` (temporary file with its final mode,
+//! fsync, rename, fsync of the directory), so a power cut leaves the old file or the new one, and
+//! bounded reads.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read as _, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs::File;
+use std::io::{ErrorKind, Read as _};
 use std::path::Path;
 
 use crate::OnboardingError;
@@ -15,32 +15,14 @@ pub(crate) const PUBLIC_MODE: u32 = 0o644;
 /// Longest device-side JSON file read (config, sink address).
 pub(crate) const STATE_FILE_BYTES_MAX: u64 = 64 * 1024;
 
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), OnboardingError> {
-    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(directory)
-        .map_err(|source| OnboardingError::io("create directory", directory, source))?;
-    let file_name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-    let temporary = directory.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let _ = fs::remove_file(&temporary);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temporary)
-            .map_err(|source| OnboardingError::io("create", &temporary, source))?;
-        file.write_all(bytes).map_err(|source| OnboardingError::io("write", &temporary, source))?;
-        file.sync_all().map_err(|source| OnboardingError::io("fsync", &temporary, source))?;
-        fs::rename(&temporary, path)
-            .map_err(|source| OnboardingError::io("rename into place", path, source))?;
-        File::open(directory)
-            .and_then(|handle| handle.sync_all())
-            .map_err(|source| OnboardingError::io("fsync directory", directory, source))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temporary);
-    }
-    result
+/// Writes `bytes` to `path` durably with `mode` (`durable`: temporary file, fsync, rename, fsync
+/// of the directory), creating the directory if needed.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), OnboardingError> {
+    durable::Options::default()
+        .mode(mode)
+        .create_directory()
+        .write(path, bytes)
+        .map_err(|error| OnboardingError::io(error.operation, &error.path, error.source))
 }
 
 /// Reads a file of at most `bytes_max` bytes; `Ok(None)` if it does not exist.
@@ -76,5 +58,5 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<O
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), OnboardingError> {
     let bytes = serde_json::to_vec_pretty(value).expect("device state serializes");
-    write_atomically(path, &bytes, PUBLIC_MODE)
+    write_durably(path, &bytes, PUBLIC_MODE)
 }

@@ -24,7 +24,7 @@ pub const KEY_FINGERPRINT_HEX_BYTES: usize = 64;
 pub fn key_fingerprint(subject_public_key_info_der: &[u8]) -> String {
     let fingerprint: String =
         Sha256::digest(subject_public_key_info_der).iter().map(|byte| format!("{byte:02x}")).collect();
-    debug_assert!(is_key_fingerprint(&fingerprint));
+    assert!(is_key_fingerprint(&fingerprint));
     fingerprint
 }
 

@@ -345,7 +345,7 @@ pub fn restamp_seq(encoded: &mut [u8], seq: u64) {
     encoded[OFFSET_SEQ..OFFSET_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
     let crc = crc32c::crc32c(&encoded[..OFFSET_HEADER_CRC]);
     encoded[OFFSET_HEADER_CRC..OFFSET_HEADER_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(ChunkHeader::decode(encoded).map(|decoded| decoded.seq), Ok(seq));
+    assert_eq!(ChunkHeader::decode(encoded).map(|decoded| decoded.seq), Ok(seq));
 }
 
 /// Validates a whole encoded chunk (header checks + body_len matches remaining bytes exactly +

@@ -118,6 +118,83 @@ pub struct ModelRecord {
     pub model: Blob,
 }
 
+/// The digest in 64 lower-case hex digits (what `sha256_hex` writes), or `None`.
+pub fn parse_sha256_hex(text: &str) -> Option<Sha256Digest> {
+    if text.len() != 64 || !text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// A blob as JSON documents name it (archive leaves, the appliance's `GET /v1/decisions/{id}`):
+/// what it is, its sha256 in hex and its length; the bytes stay where they are stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobSummary {
+    pub content_type: String,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+impl BlobSummary {
+    pub fn of(blob: &Blob) -> BlobSummary {
+        BlobSummary {
+            content_type: blob.content_type.clone(),
+            sha256: sha256_hex(&blob.sha256),
+            bytes: blob.bytes.len() as u64,
+        }
+    }
+
+    pub fn digest(&self) -> Option<Sha256Digest> {
+        parse_sha256_hex(&self.sha256)
+    }
+}
+
+/// A `Decision` as JSON documents show it: the one definition of the decision schema that the
+/// archive's leaves (`archive::leaf`, canonical JSON hashed into the log) and the appliance's
+/// `GET /v1/decisions/{id}` (`inference::RecordedDecision`, flattened) both use. Digests are in
+/// lower-case hex and the request fields are inlined. The field order is part of the leaf's
+/// canonical encoding: do not reorder or rename fields (a new leaf format version would be
+/// needed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionSummary {
+    pub decision_id: String,
+    pub decided_at_us: u64,
+    pub model_name: String,
+    pub model_sha256: String,
+    pub label: String,
+    pub label_index: u32,
+    pub score: f32,
+    pub scores: Vec<f32>,
+    pub latency_us: u64,
+    pub client: String,
+    pub request_id: Option<String>,
+}
+
+impl DecisionSummary {
+    pub fn of(decision: &Decision) -> DecisionSummary {
+        DecisionSummary {
+            decision_id: decision.decision_id.clone(),
+            decided_at_us: decision.decided_at_us,
+            model_name: decision.model_name.clone(),
+            model_sha256: sha256_hex(&decision.model_sha256),
+            label: decision.label.clone(),
+            label_index: decision.label_index,
+            score: decision.score,
+            scores: decision.scores.clone(),
+            latency_us: decision.latency_us,
+            client: decision.request.client.clone(),
+            request_id: decision.request.request_id.clone(),
+        }
+    }
+}
+
 /// Why evidence bytes were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EvidenceError {

@@ -103,7 +103,7 @@ impl<E> Queue<E> {
     /// The next event, advancing the clock to it.
     pub fn pop(&mut self) -> Option<E> {
         let scheduled = self.heap.pop()?;
-        debug_assert!(scheduled.at >= self.now, "time never goes backwards");
+        assert!(scheduled.at >= self.now, "time never goes backwards");
         self.now = scheduled.at;
         self.processed += 1;
         Some(scheduled.event)

@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use appliance::UplinkConfig;
 use buffer::{Ring, RingConfig};
 use core_sink::SinkConfig;
 use fleet::{FleetCa, IssuedCertificate, Validity};
-use protocol::{ChunkBuilder, ChunkCompressor, ChunkDecompressor, Lane, RecordRef};
+use protocol::{ChunkBuilder, ChunkDecompressor, Lane, RecordRef};
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -77,11 +76,9 @@ impl Fleet {
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound and released; the sink binds it right after).
-pub fn free_udp_port() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    socket.local_addr().expect("addr")
-}
+// Not every test file uses both.
+#[allow(unused_imports)]
+pub use testkit::{free_udp_port, wait_until};
 
 /// Record key for (device, lane, n): unique, dot-free, sortable.
 pub fn record_key(device: &str, lane: Lane, index: u64) -> String {
@@ -104,27 +101,9 @@ pub fn sensor_payload(index: u64) -> Vec<u8> {
 /// Appends `count` records (keys `record_key(device, lane, first..first+count)`) to the ring in
 /// zstd chunks of about 64 KiB raw. Returns the seqs appended.
 pub fn produce(ring: &Ring, device: &str, lane: Lane, first: u64, count: u64) -> Vec<u64> {
-    let mut compressor = ChunkCompressor::new(1);
-    let mut builder = ChunkBuilder::new(lane, 64 * 1024);
-    let mut seqs = Vec::new();
-    for index in first..first + count {
-        let key = record_key(device, lane, index);
-        let payload = sensor_payload(index);
-        let record = RecordRef {
-            key: &key,
-            timestamp_us: 1_700_000_000_000_000 + index,
-            content_type: "application/json",
-            payload: &payload,
-        };
-        builder.push(record).expect("valid record");
-        if builder.is_full() {
-            seqs.push(ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append"));
-        }
-    }
-    if !builder.is_empty() {
-        seqs.push(ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append"));
-    }
-    seqs
+    let records = (first..first + count)
+        .map(|index| (record_key(device, lane, index), 1_700_000_000_000_000 + index, sensor_payload(index)));
+    testkit::append_json_records(ring, lane, records)
 }
 
 /// Every record the sink landed for `device`, per lane, in file order: (seq, key).
@@ -198,18 +177,6 @@ pub fn assert_landed_exactly_once(
         let missing = expected.iter().filter(|key| !keys.contains(key)).count();
         panic!("{lane}: landed {} records, expected {} ({missing} missing)", keys.len(), expected.len());
     }
-}
-
-/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
-pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    condition()
 }
 
 /// Writes a TOML config for a sink child process on `listen`, with datasets on two targets

@@ -95,7 +95,7 @@ impl FilterConfig {
                 return Err(invalid("kind", format!("unknown kind \"{unknown}\"; expected one of {kinds}")));
             }
         }?;
-        debug_assert_eq!(parsed.kind(), kind);
+        assert_eq!(parsed.kind(), kind);
         Ok(parsed)
     }
 }

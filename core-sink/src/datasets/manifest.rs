@@ -130,18 +130,10 @@ impl Manifest {
 
     /// Replaces the manifest at `path` atomically and durably.
     pub fn write(&self, path: &Path) -> Result<(), ManifestError> {
-        let io = |source| ManifestError::Io { path: path.to_path_buf(), source };
-        let directory = path.parent().expect("manifest has a directory");
-        std::fs::create_dir_all(directory).map_err(io)?;
-        let temporary = directory.join(".manifest.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("manifests serialize");
-        {
-            use std::io::Write as _;
-            let mut file = std::fs::File::create(&temporary).map_err(io)?;
-            file.write_all(&bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&temporary, path).map_err(io)?;
-        std::fs::File::open(directory).and_then(|directory| directory.sync_all()).map_err(io)
+        durable::Options::default()
+            .create_directory()
+            .write(path, &bytes)
+            .map_err(|error| ManifestError::Io { path: path.to_path_buf(), source: error.source })
     }
 }

@@ -1,6 +1,7 @@
 //! Training datasets derived from the raw landing: WebDataset tar shards for media, Parquet for
 //! sensor series, striped across storage targets, each with a manifest. See `pipeline.rs`.
 
+pub mod format;
 pub mod manifest;
 pub mod parquet;
 pub mod pipeline;

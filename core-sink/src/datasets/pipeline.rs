@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use protocol::{ChunkHeader, Lane, decode_records};
 
 use super::manifest::{Consumed, Manifest, QUARANTINE_LISTED_MAX, QuarantinedChunk, SeqRange, ShardEntry};
-use super::targets::{OwnedSeriesRow, Sample, ShardFormat, Target, hex};
+use super::targets::{ShardFormat, Target};
 use super::{DatasetsConfig, Placement};
 use crate::dictionaries::{DECOMPRESSOR_CACHE_BYTES_MAX, DecompressorCache, DictionaryStore};
 use crate::landing::{CommittedLanding, ReadPosition};
@@ -79,10 +79,7 @@ struct Dataset {
 
 impl Dataset {
     fn extension(&self) -> &'static str {
-        match self.format {
-            ShardFormat::WebDataset => "tar",
-            ShardFormat::Parquet { .. } => "parquet",
-        }
+        self.format.extension()
     }
 
     fn published_positions(&self) -> BTreeMap<(String, Lane), ReadPosition> {
@@ -148,7 +145,7 @@ impl Pipeline {
         let mut datasets = Vec::new();
         for (name, format, lanes) in definitions {
             let manifest_path = config.manifest_dir.join(name).join("manifest.json");
-            let kind = if format == ShardFormat::WebDataset { "webdataset" } else { "parquet" };
+            let kind = format.manifest_kind();
             let manifest = Manifest::read(&manifest_path)?.unwrap_or_else(|| Manifest::empty(name, kind));
             let mut dataset = Dataset {
                 name,
@@ -299,43 +296,7 @@ impl Pipeline {
             }
         };
         for (index, record) in decoded.into_iter().enumerate() {
-            let mtime_seconds = record.timestamp_us / 1_000_000;
-            let sample = match self.datasets[dataset].format {
-                ShardFormat::WebDataset => {
-                    let extension = match record.content_type {
-                        "image/jpeg" => "jpg",
-                        "image/png" => "png",
-                        _ => "bin",
-                    };
-                    let metadata = serde_json::json!({
-                        "device": device,
-                        "lane": lane.name(),
-                        "seq": header.seq,
-                        "index": index,
-                        "key": record.key,
-                        "timestamp_us": record.timestamp_us,
-                        "content_type": record.content_type,
-                        "sha256": hex(&<sha2::Sha256 as sha2::Digest>::digest(record.payload)),
-                    });
-                    Sample::Media {
-                        base: format!("{device}/{}", record.key),
-                        extension,
-                        payload: record.payload.to_vec(),
-                        metadata: serde_json::to_vec(&metadata).expect("json"),
-                        mtime_seconds,
-                    }
-                }
-                ShardFormat::Parquet { .. } => Sample::Series(OwnedSeriesRow {
-                    device: device.to_string(),
-                    lane: lane.name().to_string(),
-                    seq: header.seq,
-                    index: index as u32,
-                    key: record.key.to_string(),
-                    timestamp_us: record.timestamp_us as i64,
-                    content_type: record.content_type.to_string(),
-                    payload: record.payload.to_vec(),
-                }),
-            };
+            let sample = self.datasets[dataset].format.sample(device, lane, header.seq, index, &record);
             if let Some(problem) = sample.problem() {
                 self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
                 self.quarantine(dataset, device, lane, header.seq, format!("record {index}: {problem}"));

@@ -5,56 +5,17 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use sha2::{Digest as _, Sha256};
 
-pub use super::parquet::OwnedSeriesRow;
-use super::parquet::ParquetShardWriter;
-use super::tar::TarShardWriter;
+pub use super::format::{OwnedSeriesRow, Sample, ShardFormat};
+use super::format::{ShardWriter, WRITE_BUFFER_BYTES};
 
 /// Commands queued per target; the coordinator waits when a target falls behind.
 const TARGET_QUEUE_MAX: usize = 1024;
-const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ShardFormat {
-    WebDataset,
-    Parquet { row_group_rows: usize },
-}
-
-/// One sample, owned, on its way to a target.
-pub enum Sample {
-    /// WebDataset members `<base>.<extension>` and `<base>.json`.
-    Media {
-        base: String,
-        extension: &'static str,
-        payload: Vec<u8>,
-        metadata: Vec<u8>,
-        mtime_seconds: u64,
-    },
-    Series(OwnedSeriesRow),
-}
-
-impl Sample {
-    /// Why the shard writer would refuse this sample, checked before it is handed over: a refusal
-    /// inside the writer fails the whole shard and the target, so one bad record must be caught
-    /// here. `protocol::validate_key` already keeps keys within what a tar member name holds;
-    /// this is the writer's own rule, checked again because the bytes came from a device.
-    pub fn problem(&self) -> Option<String> {
-        match self {
-            Sample::Media { base, extension, .. } => [format!("{base}.{extension}"), format!("{base}.json")]
-                .iter()
-                .find_map(|name| super::tar::split_member_name(name).err())
-                .map(|error| error.to_string()),
-            // Every series column is bounded by the protocol's own limits at compile time
-            // (`parquet.rs`), so a decoded record always makes a valid row.
-            Sample::Series(_) => None,
-        }
-    }
-}
 
 pub struct Published {
     pub bytes: u64,
@@ -68,15 +29,10 @@ enum Command {
     Abort { shard: u64 },
 }
 
-enum Writer {
-    Tar(TarShardWriter<BufWriter<File>>),
-    Parquet(Box<ParquetShardWriter>),
-}
-
 struct OpenShard {
     hidden: PathBuf,
     published: PathBuf,
-    writer: Option<Writer>,
+    writer: Option<Box<dyn ShardWriter>>,
     /// The first error; the shard is then failed and sealing reports it.
     error: Option<String>,
 }
@@ -148,7 +104,7 @@ fn run(commands: Receiver<Command>) {
             Command::Append { shard, sample } => {
                 if let Some(open) = shards.get_mut(&shard)
                     && open.error.is_none()
-                    && let Err(error) = append(open.writer.as_mut().expect("no error means a writer"), sample)
+                    && let Err(error) = open.writer.as_mut().expect("no error means a writer").append(sample)
                 {
                     open.error = Some(format!("write {}: {error}", open.hidden.display()));
                 }
@@ -174,34 +130,12 @@ fn run(commands: Receiver<Command>) {
     }
 }
 
-fn open_writer(hidden: &Path, format: ShardFormat) -> Result<Writer, String> {
+fn open_writer(hidden: &Path, format: ShardFormat) -> Result<Box<dyn ShardWriter>, String> {
     if let Some(directory) = hidden.parent() {
         std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
     }
     let file = File::create(hidden).map_err(|error| error.to_string())?;
-    Ok(match format {
-        ShardFormat::WebDataset => {
-            Writer::Tar(TarShardWriter::new(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)))
-        }
-        ShardFormat::Parquet { row_group_rows } => Writer::Parquet(Box::new(
-            ParquetShardWriter::new(file, row_group_rows).map_err(|error| error.to_string())?,
-        )),
-    })
-}
-
-fn append(writer: &mut Writer, sample: Sample) -> Result<(), String> {
-    match (writer, sample) {
-        (Writer::Tar(tar), Sample::Media { base, extension, payload, metadata, mtime_seconds }) => {
-            tar.append_file(&format!("{base}.{extension}"), mtime_seconds, &payload)
-                .map_err(|error| error.to_string())?;
-            tar.append_file(&format!("{base}.json"), mtime_seconds, &metadata)
-                .map_err(|error| error.to_string())
-        }
-        (Writer::Parquet(parquet), Sample::Series(row)) => {
-            parquet.append(&row.as_row()).map_err(|error| error.to_string())
-        }
-        _ => Err("sample kind does not match the shard format".into()),
-    }
+    format.create(file)
 }
 
 fn seal(mut open: OpenShard) -> Result<Published, String> {
@@ -209,25 +143,17 @@ fn seal(mut open: OpenShard) -> Result<Published, String> {
         if let Some(error) = open.error.take() {
             return Err(error);
         }
-        let file = match open.writer.take().expect("no error means a writer") {
-            Writer::Tar(tar) => {
-                tar.finish().and_then(|buffer| buffer.into_inner().map_err(|error| error.into_error()))
-            }
-            Writer::Parquet(parquet) => {
-                parquet.finish().map_err(|error| std::io::Error::other(error.to_string()))
-            }
-        }
-        .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
-        file.sync_all().map_err(|error| format!("fsync {}: {error}", open.hidden.display()))?;
+        let file = open
+            .writer
+            .take()
+            .expect("no error means a writer")
+            .finish()
+            .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
+        durable::sync_file(&file, &open.hidden).map_err(|error| error.to_string())?;
         drop(file);
         let (bytes, sha256) =
             digest(&open.hidden).map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
-        std::fs::rename(&open.hidden, &open.published)
-            .map_err(|error| format!("publish {}: {error}", open.published.display()))?;
-        let directory = open.published.parent().expect("shards live in a directory");
-        File::open(directory)
-            .and_then(|directory| directory.sync_all())
-            .map_err(|error| format!("fsync {}: {error}", directory.display()))?;
+        durable::rename_into_place(&open.hidden, &open.published).map_err(|error| error.to_string())?;
         Ok(Published { bytes, sha256 })
     })();
     if result.is_err() {

@@ -23,7 +23,7 @@
 //!
 //! The watermark (`<state_dir>/<replica>.json`, `Watermark`) records, per replica, how far each
 //! source was copied; it is written atomically with fsync after each shard, manifest and log
-//! segment (`fleet::files::write_atomically`). After a crash the pass resumes there; what landed
+//! segment (`durable`). After a crash the pass resumes there; what landed
 //! after the last watermark write is found by a HEAD and not copied again. A key already present
 //! with the expected size is taken as copied (puts are atomic, so it is whole); a key present with
 //! another size is replaced from the source (counted as a repair). `verify` reads the whole replica
@@ -293,13 +293,9 @@ impl Watermark {
 
     fn write(&self, path: &Path) -> Result<(), ReplicationError> {
         let bytes = serde_json::to_vec_pretty(self).expect("watermarks serialize");
-        fleet::files::write_atomically(
-            path,
-            &bytes,
-            fleet::files::PUBLIC_MODE,
-            fleet::files::Existing::Replace,
-        )
-        .map_err(|error| ReplicationError::Watermark { path: path.to_path_buf(), reason: error.to_string() })
+        durable::Options::default().mode(fleet::files::PUBLIC_MODE).write(path, &bytes).map_err(|error| {
+            ReplicationError::Watermark { path: path.to_path_buf(), reason: error.to_string() }
+        })
     }
 }
 

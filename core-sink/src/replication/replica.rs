@@ -3,7 +3,7 @@
 //!
 //! Directory: a key is a file under the root; every write goes to a hidden temporary file, is
 //! fsynced and then renamed (overwrite) or hard-linked (create-only) into place, and the directory
-//! is fsynced (`fleet::files::write_atomically`), so no partial object is ever visible under its
+//! is fsynced (`durable`), so no partial object is ever visible under its
 //! name, even after a SIGKILL or a power cut; names starting with '.' are never keys, so the
 //! temporary files of a killed run are not listed. S3: `PutMode::Create` (`If-None-Match: *`) for
 //! create-only writes, uploads carry `x-amz-checksum-sha256` (the server checks what landed) and a
@@ -120,8 +120,7 @@ impl DirectoryReplica {
         std::fs::create_dir_all(directory).map_err(|error| self.error("create directory", key, error))?;
         for created in missing.iter().rev() {
             let parent = created.parent().unwrap_or(Path::new("/"));
-            fleet::files::sync_directory(parent)
-                .map_err(|error| self.error("fsync directory", key, error))?;
+            durable::sync_directory(parent).map_err(|error| self.error("fsync directory", key, error))?;
         }
         Ok(())
     }
@@ -153,15 +152,14 @@ impl Replica for DirectoryReplica {
             return Ok(PutOutcome::AlreadyThere);
         }
         self.create_parents(key, &path)?;
-        let existing = match mode {
-            WriteMode::Create => fleet::files::Existing::Keep,
-            WriteMode::Overwrite => fleet::files::Existing::Replace,
+        let options = durable::Options::default().mode(fleet::files::PUBLIC_MODE);
+        let options = match mode {
+            WriteMode::Create => options.keep_existing(),
+            WriteMode::Overwrite => options,
         };
-        match fleet::files::write_atomically(&path, bytes, fleet::files::PUBLIC_MODE, existing) {
+        match options.write(&path, bytes) {
             Ok(()) => {}
-            Err(fleet::FleetError::Io { source, .. })
-                if mode == WriteMode::Create && source.kind() == std::io::ErrorKind::AlreadyExists =>
-            {
+            Err(error) if mode == WriteMode::Create && error.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Ok(PutOutcome::AlreadyThere);
             }
             Err(error) => return Err(self.error("write", key, error)),

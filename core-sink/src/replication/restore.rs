@@ -44,7 +44,10 @@ fn failed(path: &Path, reason: impl std::fmt::Display) -> ReplicationError {
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReplicationError> {
     let directory = path.parent().expect("restored files live in a directory");
     fs::create_dir_all(directory).map_err(|error| failed(directory, error))?;
-    fleet::files::write_atomically(path, bytes, mode, fleet::files::Existing::Keep)
+    durable::Options::default()
+        .mode(mode)
+        .keep_existing()
+        .write(path, bytes)
         .map_err(|error| failed(path, error))
 }
 
@@ -96,7 +99,7 @@ pub fn restore(
             }
             output.sync_all().map_err(|error| failed(&path, error))?;
         }
-        fleet::files::sync_directory(&log).map_err(|error| failed(&log, error))?;
+        durable::sync_directory(&log).map_err(|error| failed(&log, error))?;
         for (name, mode) in [
             ("checkpoint.vkey", fleet::files::PUBLIC_MODE),
             ("checkpoint-signing.pk8", fleet::files::PRIVATE_MODE),
@@ -107,7 +110,7 @@ pub fn restore(
         }
         for (key, _) in replica.list("archive/objects/")? {
             let hex = key.rsplit('/').next().unwrap_or_default().to_string();
-            let digest = archive::leaf::parse_hex_digest(&hex)
+            let digest = protocol::evidence::parse_sha256_hex(&hex)
                 .ok_or_else(|| failed(Path::new(&key), "not an object address"))?;
             let bytes = replica
                 .get(&key, object_bytes_max)?

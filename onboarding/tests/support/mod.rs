@@ -13,7 +13,7 @@ use buffer::{Ring, RingConfig};
 use fleet::{FleetCa, IssuedCertificate, Validity};
 use onboarding::mqtt::{Session, TlsIdentity};
 use onboarding::{AuthorityConfig, BrokerEndpoint, CLAIM_IDENTITY, DeviceOnboardingConfig};
-use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
+use protocol::Lane;
 
 /// The observer identity: reads every topic (test-only ACL line).
 pub const OBSERVER: &str = "observer";
@@ -252,17 +252,9 @@ impl Capture {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
-pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    condition()
-}
+// Not every test file uses both.
+#[allow(unused_imports)]
+pub use testkit::{free_udp_port, wait_until};
 
 pub fn open_ring(fleet: &TestFleet, device_id: &str) -> Ring {
     Ring::open(fleet.path().join("rings").join(device_id), RingConfig::with_capacity(16 * 1024 * 1024))
@@ -271,20 +263,13 @@ pub fn open_ring(fleet: &TestFleet, device_id: &str) -> Ring {
 
 /// Appends one sensor chunk of `count` small JSON records; returns its seq.
 pub fn produce(ring: &Ring, device_id: &str, first: u64, count: u64) -> u64 {
-    let mut compressor = ChunkCompressor::new(1);
-    let mut builder = ChunkBuilder::new(Lane::Sensor, 64 * 1024);
-    for index in first..first + count {
-        let key = format!("{device_id}-{index:06}");
+    let records = (first..first + count).map(|index| {
         let payload = format!("{{\"device\":\"{device_id}\",\"index\":{index}}}");
-        let record = RecordRef {
-            key: &key,
-            timestamp_us: 1_700_000_000_000_000 + index,
-            content_type: "application/json",
-            payload: payload.as_bytes(),
-        };
-        builder.push(record).expect("record");
-    }
-    ring.append(builder.seal(&mut compressor, 0).expect("seal")).expect("append")
+        (format!("{device_id}-{index:06}"), 1_700_000_000_000_000 + index, payload.into_bytes())
+    });
+    let seqs = testkit::append_json_records(ring, Lane::Sensor, records);
+    assert_eq!(seqs.len(), 1, "one chunk");
+    seqs[0]
 }
 
 /// The uplink config for an onboarded identity, with short timeouts for tests.
@@ -302,11 +287,6 @@ pub fn uplink_config(identity: &onboarding::DeviceIdentity) -> appliance::Uplink
     config.reconnect_max_ms = 300;
     config.connect_timeout_ms = 2_000;
     config
-}
-
-/// A free UDP port on loopback (bound and released; the sink binds it right after).
-pub fn free_udp_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
 }
 
 /// Standard base64 (with padding), for building hostile PEM in tests.

@@ -1,4 +1,5 @@
-//! `tributary bench inference`: the inference API on loopback, `clients` concurrent keep-alive
+//! `tributary bench inference` (feature `bench`; also `cargo run --release -p tributary-inference
+//! --features bench --example bench_inference -- --models-dir models`): the inference API on loopback, `clients` concurrent keep-alive
 //! connections each sending 32×32 PNGs, with and without the durable evidence record, the two
 //! modes alternating in the same run on the same ring and disk. Reports requests/s, p50 and p99
 //! latency (client side: request sent to answer read) and what the record adds at p99 (target:
@@ -11,12 +12,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::client::LoopbackClient;
+use crate::synthetic::{dataset, encode_png};
+use crate::{EvidenceMode, InferenceConfig, InferenceService, ModelSource};
 use anyhow::{Context, Result, bail};
 use buffer::{Durability, Ring, RingConfig};
 use clap::Args;
-use inference::client::LoopbackClient;
-use inference::synthetic::{dataset, encode_png};
-use inference::{EvidenceMode, InferenceConfig, InferenceService, ModelSource};
 use protocol::{ChunkBuilder, Lane, RecordRef};
 
 const MIB: u64 = 1024 * 1024;
@@ -153,10 +154,10 @@ pub fn run(args: InferenceArgs) -> Result<()> {
     if args.requests == 0 || args.clients == 0 {
         bail!("--requests and --clients must be at least 1");
     }
-    if args.clients > inference::http_server::CONNECTIONS_LIMIT {
+    if args.clients > crate::http_server::CONNECTIONS_LIMIT {
         bail!(
             "--clients must be at most {} (the API's connection limit)",
-            inference::http_server::CONNECTIONS_LIMIT
+            crate::http_server::CONNECTIONS_LIMIT
         );
     }
     let work = tempfile::Builder::new()
@@ -189,7 +190,7 @@ pub fn run(args: InferenceArgs) -> Result<()> {
         for service in [&unrecorded, &recorded] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             addresses.push(listener.local_addr()?);
-            tokio::spawn(inference::serve(listener, service.clone(), std::future::pending()));
+            tokio::spawn(crate::serve(listener, service.clone(), std::future::pending()));
         }
         // Warm-up: connections, allocator, page cache, the model record.
         for &address in &addresses {
