@@ -16,7 +16,6 @@ use core_sink::landing::{Committer, RawLanding};
 use core_sink::replication::replica::DirectoryReplica;
 use core_sink::replication::{ReplicationConfig, Replicator, Sources};
 use protocol::evidence::{sha256, sha256_hex};
-use protocol::{ChunkBuilder, Lane, RecordRef};
 
 const MIB: u64 = 1024 * 1024;
 const CHUNK_PAYLOAD_BYTES: usize = 200 * 1024;
@@ -86,17 +85,7 @@ fn land(landing_dir: &Path, total: u64) -> Result<f64> {
     let started = Instant::now();
     for index in 0..chunks {
         pseudo_random(&mut state, &mut payload[..64]);
-        let key = format!("frame-{index:08}");
-        let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
-        builder.push(RecordRef {
-            key: &key,
-            timestamp_us: index,
-            content_type: "image/jpeg",
-            payload: &payload,
-        })?;
-        let encoded = builder.seal_raw().encode(index + 1);
-        let (header, _) = protocol::decode_chunk(&encoded)?;
-        landing.land("bench-cam", &header, &encoded)?;
+        crate::bench_sink::land_media_chunk(&mut landing, index, &payload)?;
         if (index + 1) % CHUNKS_PER_COMMIT == 0 {
             landing.commit()?;
         }

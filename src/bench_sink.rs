@@ -45,20 +45,22 @@ fn land_media(landing_dir: &Path, samples: u64) -> Result<Vec<u8>> {
             state ^= state << 17;
             *byte = state as u8;
         }
-        let key = format!("frame-{index:08}");
-        let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
-        builder.push(RecordRef {
-            key: &key,
-            timestamp_us: index,
-            content_type: "image/jpeg",
-            payload: &payload,
-        })?;
-        let encoded = builder.seal_raw().encode(index + 1);
-        let (header, _) = protocol::decode_chunk(&encoded)?;
-        landing.land("bench-cam", &header, &encoded)?;
+        land_media_chunk(&mut landing, index, &payload)?;
     }
     landing.commit()?;
     Ok(landing.checkpoint())
+}
+
+/// Lands one media record (`frame-<index>`, a JPEG by its content type) as chunk seq
+/// `index + 1` of device `bench-cam`; the caller commits.
+pub(crate) fn land_media_chunk(landing: &mut RawLanding, index: u64, payload: &[u8]) -> Result<()> {
+    let key = format!("frame-{index:08}");
+    let mut builder = ChunkBuilder::new(Lane::Media, 256 * 1024);
+    builder.push(RecordRef { key: &key, timestamp_us: index, content_type: "image/jpeg", payload })?;
+    let encoded = builder.seal_raw().encode(index + 1);
+    let (header, _) = protocol::decode_chunk(&encoded)?;
+    landing.land("bench-cam", &header, &encoded)?;
+    Ok(())
 }
 
 /// Plain parallel sequential write + fsync of `total` bytes spread over `targets`.

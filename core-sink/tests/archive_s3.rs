@@ -103,16 +103,7 @@ fn entries_in_index(root: &Path) -> usize {
 
 #[test]
 fn archive_objects_in_an_s3_compatible_store_verify_and_damage_is_named() {
-    // SAFETY: set before this binary's only test starts any thread of its own; nothing else in
-    // the process reads the environment concurrently.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "tributary-test-key");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "tributary-test-secret");
-        std::env::remove_var("AWS_SESSION_TOKEN");
-    }
-    let moto = Moto::start();
-    let (status, body) = moto.http("PUT", &format!("/{BUCKET}"), b"");
-    assert_eq!(status, 200, "create bucket: {}", String::from_utf8_lossy(&body));
+    let moto = Moto::start_with_bucket(BUCKET);
 
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();

@@ -55,15 +55,7 @@ fn signal(moto: &Moto, signal: libc::c_int) {
 
 #[test]
 fn s3_and_directory_replicas_verify_equal_through_an_outage_damage_and_a_lost_watermark() {
-    // SAFETY: set before this binary's only test starts any thread of its own.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "tributary-test-key");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "tributary-test-secret");
-        std::env::remove_var("AWS_SESSION_TOKEN");
-    }
-    let moto = Moto::start();
-    let (status, body) = moto.http("PUT", &format!("/{BUCKET}"), b"");
-    assert_eq!(status, 200, "create bucket: {}", String::from_utf8_lossy(&body));
+    let moto = Moto::start_with_bucket(BUCKET);
     let bucket = archive::s3_client(&s3_config(&moto)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let object = |key: &str| object_store::path::Path::from(format!("{PREFIX}/{key}"));

@@ -55,6 +55,23 @@ impl Moto {
         moto
     }
 
+    /// Sets the test credentials object_store reads from the environment, starts the server and
+    /// creates `bucket`. Call it before the test starts any thread of its own: it writes the
+    /// process environment.
+    pub fn start_with_bucket(bucket: &str) -> Moto {
+        // SAFETY: called first in a test binary's only test, before any thread of its own
+        // exists; nothing else in the process reads the environment concurrently.
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", "tributary-test-key");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "tributary-test-secret");
+            std::env::remove_var("AWS_SESSION_TOKEN");
+        }
+        let moto = Moto::start();
+        let (status, body) = moto.http("PUT", &format!("/{bucket}"), b"");
+        assert_eq!(status, 200, "create bucket: {}", String::from_utf8_lossy(&body));
+        moto
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
     }
