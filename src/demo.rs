@@ -331,10 +331,35 @@ async fn start_sink_on(config: &SinkConfig) -> Result<Sink> {
     Err(last_error.expect("tried at least once"))
 }
 
+/// The demo, step by step: set up the directory and the fleet's certificates, start the core
+/// (`Demo::start`: broker, fault proxy, sink, appliances, inference feeders), produce for
+/// `--duration` seconds under the chosen faults, drain, show the fleet, shut down (appliances
+/// first, then the sink) and report what the sink published.
 pub fn run(args: &DemoArgs) -> Result<()> {
     anyhow::ensure!((1..=64).contains(&args.appliances), "--appliances must be within 1..=64");
     anyhow::ensure!((1..=30).contains(&args.frames_per_second), "--frames-per-second must be within 1..=30");
-    let dir = &args.dir;
+    let dir = prepare_dir(&args.dir)?;
+    println!(
+        "tributary demo: {} appliances for {} s, everything under {}",
+        args.appliances,
+        args.seconds,
+        dir.display()
+    );
+    issue_certificates(&dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut demo = Demo::start(args, &dir, &runtime)?;
+    let view = LiveView::new(demo.appliances.len(), args.seconds);
+    demo.produce(args, &runtime, &view)?;
+    demo.drain(&runtime, &view)?;
+    summarize(&demo.appliances);
+    demo.print_fleet_view()?;
+    runtime.block_on(demo.shutdown())?;
+    report_published(&dir)
+}
+
+/// Replaces `dir` with a fresh one holding the board profile and the model; returns it
+/// canonical.
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .with_context(|| format!("remove the previous demo at {}", dir.display()))?;
@@ -344,285 +369,434 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     std::fs::write(dir.join("board.toml"), BOARD_PROFILE)?;
     std::fs::write(dir.join("models/shapes.onnx"), MODEL_ONNX)?;
     std::fs::write(dir.join("models/shapes.json"), MODEL_SIDECAR)?;
-    println!(
-        "tributary demo: {} appliances for {} s, everything under {}",
-        args.appliances,
-        args.seconds,
-        dir.display()
-    );
+    Ok(dir)
+}
 
+/// The fleet CA, the sink's and the broker's server certificates, and the claim identity a
+/// device image ships with (good only for asking to be onboarded).
+fn issue_certificates(dir: &Path) -> Result<()> {
     let ca = FleetCa::init(&dir.join("ca"), "tributary demo fleet")?;
     ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))?
         .write_to(&dir.join("sink").join("server"), ca.certificate_pem())?;
     ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))?
         .write_to(&dir.join("broker"), ca.certificate_pem())?;
-    // The claim identity a device image ships with: good only for asking to be onboarded.
     ca.issue_device(onboarding::CLAIM_IDENTITY, Validity::days(30))?
         .write_to(&dir.join("claim"), ca.certificate_pem())?;
-    let broker_address = free_tcp_port()?;
-    onboarding::broker::EmbeddedBroker::start(broker_address, &dir.join("broker"))?;
-    println!("embedded MQTT broker (rumqttd, TLS) on {broker_address}");
-    let sink_address = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let has = |fault: Fault| args.fault.contains(&fault);
-    // Network faults need a place to cut: a fault proxy between every appliance and the sink.
-    let proxy = if has(Fault::DropNetwork) || has(Fault::FillRing) {
-        let proxy = runtime.block_on(chaos::ChaosProxy::start(sink_address, chaos::ChaosConfig::clean(1)))?;
+    Ok(())
+}
+
+/// What the demo runs, in start order: the embedded MQTT broker (until the process ends), the
+/// fault proxy, the core sink, the appliances and the inference feeders. `shutdown` stops them
+/// in the reverse order.
+struct Demo {
+    faults: Vec<Fault>,
+    broker_address: SocketAddr,
+    proxy: Option<chaos::ChaosProxy>,
+    sink_config: SinkConfig,
+    /// `None` while `--fault sink-outage` keeps it down.
+    sink: Option<Sink>,
+    /// What earlier sinks (before an outage) landed and dropped, for the live view.
+    sink_totals: (u64, u64),
+    appliances: Vec<Appliance>,
+    feeders: Feeders,
+}
+
+impl Demo {
+    fn start(args: &DemoArgs, dir: &Path, runtime: &tokio::runtime::Runtime) -> Result<Demo> {
+        let broker_address = free_tcp_port()?;
+        onboarding::broker::EmbeddedBroker::start(broker_address, &dir.join("broker"))?;
+        println!("embedded MQTT broker (rumqttd, TLS) on {broker_address}");
+        let sink_address = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let faults = args.fault.clone();
+        // Network faults need a place to cut: a fault proxy between every appliance and the sink.
+        let proxy = if faults.contains(&Fault::DropNetwork) || faults.contains(&Fault::FillRing) {
+            let proxy =
+                runtime.block_on(chaos::ChaosProxy::start(sink_address, chaos::ChaosConfig::clean(1)))?;
+            println!(
+                "fault proxy on {} in front of the sink (for --fault drop-network/fill-ring)",
+                proxy.local_addr()
+            );
+            Some(proxy)
+        } else {
+            None
+        };
+        let advertised = proxy.as_ref().map_or(sink_address, chaos::ChaosProxy::local_addr);
+        let config_path = write_sink_config(dir, sink_address, advertised, broker_address.port())?;
+        let sink_config = SinkConfig::load(&config_path)?;
+        let mut sink = runtime.block_on(Sink::start(sink_config.clone()))?;
+        println!("core sink listening on {sink_address} (config {})", config_path.display());
+        let tokens = runtime.block_on(claim_tokens(&mut sink, args.appliances))?;
+        let mut demo = Demo {
+            faults,
+            broker_address,
+            proxy,
+            sink_config,
+            sink: Some(sink),
+            sink_totals: (0, 0),
+            appliances: Vec::new(),
+            feeders: Feeders::default(),
+        };
+        let onboarding_started = Instant::now();
+        for (index, token) in tokens.into_iter().enumerate() {
+            let appliance = demo.start_appliance(args, dir, index, &token, runtime)?;
+            demo.appliances.push(appliance);
+        }
         println!(
-            "fault proxy on {} in front of the sink (for --fault drop-network/fill-ring)",
-            proxy.local_addr()
+            "{} appliances onboarded over MQTT (claim token → key made on the device → CSR → certificate) in {:.1} s",
+            demo.appliances.len(),
+            onboarding_started.elapsed().as_secs_f64()
         );
-        Some(proxy)
-    } else {
-        None
-    };
-    let advertised = proxy.as_ref().map_or(sink_address, chaos::ChaosProxy::local_addr);
-    let config_path = write_sink_config(&dir, sink_address, advertised, broker_address.port())?;
-    let sink_config = SinkConfig::load(&config_path)?;
+        demo.feeders = Feeders::start(runtime, &demo.appliances, args.inferences_per_second);
+        Ok(demo)
+    }
 
-    let mut started_sink = runtime.block_on(Sink::start(sink_config.clone()))?;
-    println!("core sink listening on {sink_address} (config {})", config_path.display());
-    let tokens = {
-        let authority = started_sink.onboarding().context("the demo sink has an onboarding authority")?;
-        anyhow::ensure!(
-            runtime.block_on(authority.wait_ready(Duration::from_secs(30))),
-            "the onboarding authority did not reach the embedded broker"
-        );
-        let now_unix_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-        authority.registry().create_tokens(args.appliances as u32, Duration::from_secs(3600), now_unix_ms)?
-    };
-    let mut sink = Some(started_sink);
+    fn has(&self, fault: Fault) -> bool {
+        self.faults.contains(&fault)
+    }
 
-    let mut appliances = Vec::new();
-    let onboarding_started = Instant::now();
-    for (index, token) in tokens.into_iter().enumerate() {
+    /// Appliance `index`: its directory, claim token and config, then its daemon, which onboards
+    /// over MQTT on first start.
+    fn start_appliance(
+        &self,
+        args: &DemoArgs,
+        dir: &Path,
+        index: usize,
+        token: &str,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<Appliance> {
         let device = format!("demo-appliance-{index:02}");
         let appliance_dir = dir.join("appliances").join(&device);
         std::fs::create_dir_all(&appliance_dir)?;
         std::fs::write(appliance_dir.join("claim-token"), format!("{token}\n"))?;
         let api = free_tcp_port()?;
-        let fill_ring = index == 0 && has(Fault::FillRing);
-        let path =
-            write_appliance_config(&appliance_dir, &device, broker_address.port(), api, args, fill_ring)?;
+        let fill_ring = index == 0 && self.has(Fault::FillRing);
+        let path = write_appliance_config(
+            &appliance_dir,
+            &device,
+            self.broker_address.port(),
+            api,
+            args,
+            fill_ring,
+        )?;
         let config = ApplianceConfig::load(&path)?;
         let daemon = runtime.block_on(Daemon::start(config))?;
-        appliances.push(Appliance {
+        Ok(Appliance {
             device,
             daemon,
             api,
             decisions: Arc::new(AtomicU64::new(0)),
             backlog: fill_ring.then(|| appliance_dir.join("backlog")),
             ring_peak_bytes: AtomicU64::new(0),
-        });
-    }
-    println!(
-        "{} appliances onboarded over MQTT (claim token → key made on the device → CSR → certificate) in {:.1} s",
-        appliances.len(),
-        onboarding_started.elapsed().as_secs_f64()
-    );
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let feeders: Vec<_> = appliances
-        .iter()
-        .map(|appliance| {
-            runtime.spawn(feed_inference(
-                appliance.api,
-                args.inferences_per_second,
-                stop.clone(),
-                appliance.decisions.clone(),
-            ))
         })
-        .collect();
+    }
 
-    // The live view: one line per appliance, one for the sink.
-    let view = MultiProgress::new();
-    let style = ProgressStyle::with_template("{msg}").expect("template");
-    let lines: Vec<ProgressBar> =
-        appliances.iter().map(|_| view.add(ProgressBar::new_spinner().with_style(style.clone()))).collect();
-    let sink_line = view.add(ProgressBar::new_spinner().with_style(style.clone()));
-    let clock = view.add(ProgressBar::new(args.seconds));
-    clock.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    let started = Instant::now();
-    let at = |fraction: f64| Duration::from_secs_f64(args.seconds as f64 * fraction);
-    let outage_at = has(Fault::SinkOutage).then(|| at(1.0 / 3.0));
-    let mut outage_until: Option<Instant> = None;
-    let mut network_drop = has(Fault::DropNetwork).then(|| (at(0.5), at(0.5) + NETWORK_DROP));
-    // The fill-ring appliance's uplink as the proxy sees it, and when its link is cut.
-    let mut fill = appliances
-        .first()
-        .filter(|appliance| appliance.backlog.is_some())
-        .and_then(|appliance| appliance.daemon.uplink.as_ref())
-        .map(|uplink| (SocketAddr::from(([127, 0, 0, 1], uplink.local_addr().port())), at(0.25), at(0.75)));
-    let mut filling = false;
-    let mut network_dropping = false;
-    let mut sink_metrics_total = (0u64, 0u64);
-    let render = |sink: Option<&Sink>, totals: (u64, u64)| -> String {
-        match sink {
+    /// Lets the appliances produce for `--duration` seconds, injecting the chosen faults and
+    /// updating the live view; every fault is over when it returns.
+    fn produce(&mut self, args: &DemoArgs, runtime: &tokio::runtime::Runtime, view: &LiveView) -> Result<()> {
+        let mut faults = FaultSchedule::new(self, args.seconds);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(args.seconds) {
+            std::thread::sleep(Duration::from_millis(250));
+            faults.tick(self, started, runtime, view)?;
+            view.show(&self.appliances, self.sink_line());
+            view.clock.set_position(started.elapsed().as_secs());
+        }
+        if self.sink.is_none() {
+            self.sink = Some(runtime.block_on(start_sink_on(&self.sink_config))?);
+        }
+        // Faults still on when producing stops end now, so everything can drain.
+        faults.end(self);
+        Ok(())
+    }
+
+    /// Stops the feeders and the sources, then waits until the sink has acked every chunk.
+    fn drain(&mut self, runtime: &tokio::runtime::Runtime, view: &LiveView) -> Result<()> {
+        runtime.block_on(async {
+            std::mem::take(&mut self.feeders).stop().await;
+            for appliance in &mut self.appliances {
+                appliance.daemon.stop_sources().await?;
+            }
+            anyhow::Ok(())
+        })?;
+        view.clock.finish_with_message("producing stopped; waiting for the last acks");
+        let drain_started = Instant::now();
+        let drained = |appliances: &[Appliance]| {
+            appliances.iter().all(|appliance| {
+                let stats = appliance.daemon.ring.stats();
+                Lane::ALL.iter().all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
+            })
+        };
+        while !drained(&self.appliances) {
+            anyhow::ensure!(
+                drain_started.elapsed() < DRAIN_LIMIT,
+                "the sink did not ack everything within {DRAIN_LIMIT:?}"
+            );
+            view.show(&self.appliances, self.sink_line());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        view.finish(&self.appliances, self.sink_line());
+        Ok(())
+    }
+
+    /// The live view's sink line.
+    fn sink_line(&self) -> String {
+        match &self.sink {
             Some(sink) => format!(
                 "core sink        chunks landed {:>6}  resends dropped {:>4}  dictionaries {}",
-                totals.0 + SinkMetrics::get(&sink.metrics().chunks_landed),
-                totals.1 + SinkMetrics::get(&sink.metrics().duplicates_dropped),
+                self.sink_totals.0 + SinkMetrics::get(&sink.metrics().chunks_landed),
+                self.sink_totals.1 + SinkMetrics::get(&sink.metrics().duplicates_dropped),
                 SinkMetrics::get(&sink.metrics().dictionaries_stored)
             ),
             None => {
                 "core sink        DOWN (fault injected): appliances keep producing into their rings".into()
             }
         }
-    };
-    while started.elapsed() < Duration::from_secs(args.seconds) {
-        std::thread::sleep(Duration::from_millis(250));
-        if let (Some(at), None) = (outage_at, outage_until)
-            && started.elapsed() >= at
-            && let Some(running) = sink.take()
-        {
-            sink_metrics_total.0 += SinkMetrics::get(&running.metrics().chunks_landed);
-            sink_metrics_total.1 += SinkMetrics::get(&running.metrics().duplicates_dropped);
+    }
+
+    /// `--fault sink-outage`: stops the sink, keeping what it counted for the live view.
+    fn stop_sink(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(running) = self.sink.take() {
+            self.sink_totals.0 += SinkMetrics::get(&running.metrics().chunks_landed);
+            self.sink_totals.1 += SinkMetrics::get(&running.metrics().duplicates_dropped);
             runtime.block_on(running.shutdown());
-            outage_until = Some(Instant::now() + OUTAGE);
-            view.suspend(|| println!("fault: core sink stopped for {} s", OUTAGE.as_secs()));
-        }
-        if let Some(until) = outage_until
-            && sink.is_none()
-            && Instant::now() >= until
-        {
-            sink = Some(runtime.block_on(start_sink_on(&sink_config))?);
-            view.suspend(|| {
-                println!("fault over: core sink restarted; appliances resume from its watermarks")
-            });
-        }
-        let elapsed = started.elapsed();
-        if let (Some((from, until)), Some(proxy)) = (network_drop, &proxy) {
-            if elapsed >= from && !network_dropping {
-                network_dropping = true;
-                proxy.set_blackhole(true);
-                view.suspend(|| {
-                    println!(
-                        "fault: network between appliances and sink drops every datagram for {} s",
-                        NETWORK_DROP.as_secs()
-                    )
-                });
-            }
-            if elapsed >= until && network_dropping {
-                proxy.set_blackhole(false);
-                network_drop = None;
-                view.suspend(|| {
-                    println!(
-                        "fault over: network restored; unacked chunks are resent, the sink drops duplicates"
-                    )
-                });
-            }
-        }
-        if let (Some((client, from, until)), Some(proxy)) = (fill, &proxy) {
-            let appliance = &appliances[0];
-            if elapsed >= from && !filling {
-                filling = true;
-                proxy.set_client_blackhole(client, true);
-                write_burst(appliance.backlog.as_ref().expect("the fill-ring appliance has a backlog"))?;
-                view.suspend(|| {
-                    println!(
-                        "fault: {} cut off from the sink; {} files ({} MiB) dropped into its backlog \
-                         directory; its ring holds {} MiB",
-                        appliance.device,
-                        FILL_BURST_FILES,
-                        (FILL_BURST_FILES * FILL_BURST_FILE_BYTES) >> 20,
-                        FILL_RING_CAPACITY_BYTES >> 20
-                    )
-                });
-            }
-            if elapsed >= until && filling {
-                proxy.set_client_blackhole(client, false);
-                fill = None;
-                view.suspend(|| {
-                    println!(
-                        "fault over: {} reconnected; its ring drains from the sink's watermark",
-                        appliance.device
-                    )
-                });
-            }
-        }
-        for (bar, appliance) in lines.iter().zip(&appliances) {
-            bar.set_message(line(appliance));
-        }
-        sink_line.set_message(render(sink.as_ref(), sink_metrics_total));
-        clock.set_position(started.elapsed().as_secs());
-    }
-    if sink.is_none() {
-        sink = Some(runtime.block_on(start_sink_on(&sink_config))?);
-    }
-    // Faults still on when producing stops end now, so everything can drain.
-    if let Some(proxy) = &proxy {
-        if network_drop.is_some() && network_dropping {
-            proxy.set_blackhole(false);
-            println!("fault over: network restored; unacked chunks are resent, the sink drops duplicates");
-        }
-        if let Some((client, _, _)) = fill
-            && filling
-        {
-            proxy.set_client_blackhole(client, false);
-            println!(
-                "fault over: {} reconnected; its ring drains from the sink's watermark",
-                appliances[0].device
-            );
         }
     }
-    let mut sink = sink.expect("running");
-    stop.store(true, Ordering::Relaxed);
-    runtime.block_on(async {
-        for feeder in feeders {
-            let _ = feeder.await;
-        }
-        for appliance in &mut appliances {
-            appliance.daemon.stop_sources().await?;
-        }
-        anyhow::Ok(())
-    })?;
-    clock.finish_with_message("producing stopped; waiting for the last acks");
-    let drain_started = Instant::now();
-    let drained = |appliances: &[Appliance]| {
-        appliances.iter().all(|appliance| {
-            let stats = appliance.daemon.ring.stats();
-            Lane::ALL.iter().all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
-        })
-    };
-    while !drained(&appliances) {
-        anyhow::ensure!(
-            drain_started.elapsed() < DRAIN_LIMIT,
-            "the sink did not ack everything within {DRAIN_LIMIT:?}"
-        );
-        for (bar, appliance) in lines.iter().zip(&appliances) {
-            bar.set_message(line(appliance));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for (bar, appliance) in lines.iter().zip(&appliances) {
-        bar.finish_with_message(line(appliance));
-    }
-    sink_line.finish_with_message(render(Some(&sink), sink_metrics_total));
-    summarize(&appliances);
-    if let Some(authority) = sink.onboarding() {
+
+    /// The fleet view the sink's onboarding authority built from the appliances' heartbeats.
+    fn print_fleet_view(&mut self) -> Result<()> {
+        let Some(authority) = self.sink.as_mut().and_then(Sink::onboarding) else {
+            return Ok(());
+        };
         let devices = authority.registry().devices()?;
         let now_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-        let view = onboarding::cli::top(&devices, now_unix_ms, 10)?;
+        let view = onboarding_authority::cli::top(&devices, now_unix_ms, 10)?;
         println!("fleet view from the appliances' heartbeats (live: `core-sink fleet top`):");
         for line in view.lines() {
             println!("  {line}");
         }
+        Ok(())
     }
-    // Appliances first, then the sink, which publishes open shards and flushes the archive.
-    runtime.block_on(async {
-        for appliance in appliances {
+
+    /// Stops what `start` started, last first: the feeders, the appliances, then the sink, which
+    /// publishes open shards and flushes the archive.
+    async fn shutdown(self) -> Result<()> {
+        self.feeders.stop().await;
+        for appliance in self.appliances {
             appliance.daemon.shutdown().await?;
         }
-        sink.shutdown().await;
-        anyhow::Ok(())
-    })?;
-    report_published(&dir)
+        if let Some(sink) = self.sink {
+            sink.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// `count` single-use claim tokens from the sink's onboarding authority, once it has reached the
+/// broker.
+async fn claim_tokens(sink: &mut Sink, count: usize) -> Result<Vec<String>> {
+    let authority = sink.onboarding().context("the demo sink has an onboarding authority")?;
+    anyhow::ensure!(
+        authority.wait_ready(Duration::from_secs(30)).await,
+        "the onboarding authority did not reach the embedded broker"
+    );
+    let now_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    Ok(authority.registry().create_tokens(count as u32, Duration::from_secs(3600), now_unix_ms)?)
+}
+
+/// One inference feeder per appliance, stopped together.
+#[derive(Default)]
+struct Feeders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Feeders {
+    fn start(runtime: &tokio::runtime::Runtime, appliances: &[Appliance], per_second: u32) -> Feeders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = appliances
+            .iter()
+            .map(|appliance| {
+                runtime.spawn(feed_inference(
+                    appliance.api,
+                    per_second,
+                    stop.clone(),
+                    appliance.decisions.clone(),
+                ))
+            })
+            .collect();
+        Feeders { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The live view: one line per appliance, one for the sink, and the clock.
+struct LiveView {
+    view: MultiProgress,
+    lines: Vec<ProgressBar>,
+    sink_line: ProgressBar,
+    clock: ProgressBar,
+}
+
+impl LiveView {
+    fn new(appliances: usize, seconds: u64) -> LiveView {
+        let view = MultiProgress::new();
+        let style = ProgressStyle::with_template("{msg}").expect("template");
+        let lines =
+            (0..appliances).map(|_| view.add(ProgressBar::new_spinner().with_style(style.clone()))).collect();
+        let sink_line = view.add(ProgressBar::new_spinner().with_style(style.clone()));
+        let clock = view.add(ProgressBar::new(seconds));
+        clock.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        LiveView { view, lines, sink_line, clock }
+    }
+
+    fn show(&self, appliances: &[Appliance], sink_line: String) {
+        for (bar, appliance) in self.lines.iter().zip(appliances) {
+            bar.set_message(line(appliance));
+        }
+        self.sink_line.set_message(sink_line);
+    }
+
+    fn finish(&self, appliances: &[Appliance], sink_line: String) {
+        for (bar, appliance) in self.lines.iter().zip(appliances) {
+            bar.finish_with_message(line(appliance));
+        }
+        self.sink_line.finish_with_message(sink_line);
+    }
+
+    /// Prints `message` above the live lines.
+    fn say(&self, message: &str) {
+        self.view.suspend(|| println!("{message}"));
+    }
+}
+
+/// When each `--fault` starts and ends, and which are on.
+struct FaultSchedule {
+    outage_at: Option<Duration>,
+    outage_until: Option<Instant>,
+    network_drop: Option<(Duration, Duration)>,
+    network_dropping: bool,
+    /// The fill-ring appliance's uplink as the proxy sees it, and when its link is cut.
+    fill: Option<(SocketAddr, Duration, Duration)>,
+    filling: bool,
+}
+
+impl FaultSchedule {
+    fn new(demo: &Demo, seconds: u64) -> FaultSchedule {
+        let at = |fraction: f64| Duration::from_secs_f64(seconds as f64 * fraction);
+        let fill = demo
+            .appliances
+            .first()
+            .filter(|appliance| appliance.backlog.is_some())
+            .and_then(|appliance| appliance.daemon.uplink_local_addr())
+            .map(|local| (SocketAddr::from(([127, 0, 0, 1], local.port())), at(0.25), at(0.75)));
+        FaultSchedule {
+            outage_at: demo.has(Fault::SinkOutage).then(|| at(1.0 / 3.0)),
+            outage_until: None,
+            network_drop: demo.has(Fault::DropNetwork).then(|| (at(0.5), at(0.5) + NETWORK_DROP)),
+            network_dropping: false,
+            fill,
+            filling: false,
+        }
+    }
+
+    /// Starts and ends faults as the time since `started` (producing) passes their times.
+    fn tick(
+        &mut self,
+        demo: &mut Demo,
+        started: Instant,
+        runtime: &tokio::runtime::Runtime,
+        view: &LiveView,
+    ) -> Result<()> {
+        if let (Some(at), None) = (self.outage_at, self.outage_until)
+            && started.elapsed() >= at
+            && demo.sink.is_some()
+        {
+            demo.stop_sink(runtime);
+            self.outage_until = Some(Instant::now() + OUTAGE);
+            view.say(&format!("fault: core sink stopped for {} s", OUTAGE.as_secs()));
+        }
+        if let Some(until) = self.outage_until
+            && demo.sink.is_none()
+            && Instant::now() >= until
+        {
+            demo.sink = Some(runtime.block_on(start_sink_on(&demo.sink_config))?);
+            view.say("fault over: core sink restarted; appliances resume from its watermarks");
+        }
+        let elapsed = started.elapsed();
+        if let (Some((from, until)), Some(proxy)) = (self.network_drop, &demo.proxy) {
+            if elapsed >= from && !self.network_dropping {
+                self.network_dropping = true;
+                proxy.set_blackhole(true);
+                view.say(&format!(
+                    "fault: network between appliances and sink drops every datagram for {} s",
+                    NETWORK_DROP.as_secs()
+                ));
+            }
+            if elapsed >= until && self.network_dropping {
+                proxy.set_blackhole(false);
+                self.network_drop = None;
+                view.say(
+                    "fault over: network restored; unacked chunks are resent, the sink drops duplicates",
+                );
+            }
+        }
+        if let (Some((client, from, until)), Some(proxy)) = (self.fill, &demo.proxy) {
+            let appliance = &demo.appliances[0];
+            if elapsed >= from && !self.filling {
+                self.filling = true;
+                proxy.set_client_blackhole(client, true);
+                write_burst(appliance.backlog.as_ref().expect("the fill-ring appliance has a backlog"))?;
+                view.say(&format!(
+                    "fault: {} cut off from the sink; {} files ({} MiB) dropped into its backlog \
+                     directory; its ring holds {} MiB",
+                    appliance.device,
+                    FILL_BURST_FILES,
+                    (FILL_BURST_FILES * FILL_BURST_FILE_BYTES) >> 20,
+                    FILL_RING_CAPACITY_BYTES >> 20
+                ));
+            }
+            if elapsed >= until && self.filling {
+                proxy.set_client_blackhole(client, false);
+                self.fill = None;
+                view.say(&format!(
+                    "fault over: {} reconnected; its ring drains from the sink's watermark",
+                    appliance.device
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the network faults still on.
+    fn end(&self, demo: &Demo) {
+        let Some(proxy) = &demo.proxy else {
+            return;
+        };
+        if self.network_drop.is_some() && self.network_dropping {
+            proxy.set_blackhole(false);
+            println!("fault over: network restored; unacked chunks are resent, the sink drops duplicates");
+        }
+        if let Some((client, _, _)) = self.fill
+            && self.filling
+        {
+            proxy.set_client_blackhole(client, false);
+            println!(
+                "fault over: {} reconnected; its ring drains from the sink's watermark",
+                demo.appliances[0].device
+            );
+        }
+    }
 }
 
 fn summarize(appliances: &[Appliance]) {
@@ -679,8 +853,7 @@ fn summarize(appliances: &[Appliance]) {
             *evicted_chunks.entry(lane).or_insert(0u64) += stats.lane(lane).evicted_chunks;
             *evicted_records.entry(lane).or_insert(0u64) += stats.lane(lane).evicted_records;
         }
-        let ack = appliance.daemon.uplink.as_ref().map(|uplink| {
-            let metrics = uplink.metrics();
+        let ack = appliance.daemon.uplink_metrics().map(|metrics| {
             let mut merged = telemetry::LatencyHistogram::default().snapshot();
             for lane in Lane::ALL {
                 let snapshot = metrics.ack_latency[lane.index()].snapshot();

@@ -133,7 +133,13 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     let new_config = ApplianceConfig::load(&config_path).unwrap();
     daemon.apply_reload(&config, &new_config);
     let reloaded = wait_until(LIMIT, || {
-        daemon.pipelines["ingest"].metrics.filter_reloads.load(std::sync::atomic::Ordering::Relaxed) == 1
+        daemon
+            .pipeline("ingest")
+            .expect("the ingest source runs")
+            .metrics
+            .filter_reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
     })
     .await;
     assert!(reloaded, "the filter update was not applied");
@@ -147,7 +153,13 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
     let settled = wait_until(LIMIT, || {
-        daemon.pipelines["ingest"].filter_metrics.records_in.load(std::sync::atomic::Ordering::Relaxed) == 400
+        daemon
+            .pipeline("ingest")
+            .expect("the ingest source runs")
+            .filter_metrics
+            .records_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 400
     })
     .await;
     assert!(settled, "the pipeline did not take all 400 records");

@@ -11,240 +11,168 @@
 use std::collections::BTreeMap;
 use std::net::ToSocketAddrs as _;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use buffer::Ring;
 use fleet::IssuedCertificate;
+use lifecycle::{Components, Health, TaskComponent};
 
-use crate::config::{ApplianceConfig, SourceSettings};
+use crate::components::{AgentComponent, InferenceComponent, SourcesComponent, UplinkComponent};
+use crate::config::ApplianceConfig;
 use crate::dictionaries::DictionaryStore;
-use crate::metrics::{MetricsView, PipelineView};
-use crate::pipeline::{PipelineSettings, SourcePipeline, unix_ms};
+use crate::metrics::MetricsView;
+use crate::pipeline::{SourcePipeline, unix_ms};
 use crate::source::StopSignal;
-use crate::uplink::{Uplink, UplinkConfig};
+use crate::uplink::{Uplink, UplinkConfig, UplinkMetrics};
 
-/// A running appliance.
+/// A running appliance: its parts are `lifecycle::Components` (`components.rs`), started in
+/// order by `start` and stopped last-first by `shutdown` (or asked to stop, last-first, when the
+/// daemon is dropped).
 pub struct Daemon {
     pub ring: Ring,
     pub dictionaries: Arc<DictionaryStore>,
-    pub pipelines: BTreeMap<String, SourcePipeline>,
-    pub uplink: Option<Uplink>,
     pub metrics_address: Option<std::net::SocketAddr>,
     pub metrics_view: Arc<MetricsView>,
     pub device_id: Option<String>,
     /// The inference service and the address its API listens on.
     pub inference: Option<(Arc<inference::InferenceService>, std::net::SocketAddr)>,
-    agent: Option<onboarding::DeviceAgent>,
-    stop: StopSignal,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    components: Components,
+    /// A failed flush of the sources while stopping, for `shutdown` to return.
+    stop_failure: Arc<Mutex<Option<anyhow::Error>>>,
 }
 
 impl Daemon {
-    /// Starts everything `config` asks for. Watching the config file is `run`'s job
-    /// (`apply_reload`).
+    /// Starts everything `config` asks for, in start order: the ring and dictionaries, the
+    /// device identity (onboarding), then the components `uplink`, `onboarding-agent`, `sources`,
+    /// `metrics`, `inference`, `remote-config`, `status-report` and `watchdog`. Watching the
+    /// config file is `run`'s job (`apply_reload`).
     pub async fn start(config: ApplianceConfig) -> anyhow::Result<Daemon> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
-        let ring_config = config.ring.ring_config().map_err(|message| anyhow::anyhow!(message))?;
-        let ring_path = config.data_dir.join("ring");
-        let ring = tokio::task::spawn_blocking(move || Ring::open(&ring_path, ring_config))
-            .await?
-            .context("open the ring")?;
-        let dictionaries = Arc::new(DictionaryStore::open(&config.data_dir.join("dictionaries"))?);
-
+        let (ring, dictionaries) = open_storage(&config).await?;
+        let onboarded = onboard(&config).await?;
         let mut device_id = config.device_id.clone();
-        let mut onboarded = None;
-        if let Some(settings) = &config.onboarding {
-            let id = device_id.clone().expect("validated: onboarding needs device_id");
-            let token = match &settings.claim_token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("onboarding.claim_token_file {}", path.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
-            let broker =
-                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
-            let onboarding_config = onboarding::DeviceOnboardingConfig::new(
-                &id,
-                &config.data_dir.join("identity"),
-                broker,
-                &settings.claim_identity_dir,
-                token,
-            );
-            let identity = onboarding::ensure_identity(&onboarding_config).await.context("onboarding")?;
-            onboarded = Some(identity);
-        }
-        let uplink = match &onboarded {
-            Some(identity) => {
-                let sink = identity
-                    .sink
-                    .sink_address
-                    .to_socket_addrs()
-                    .with_context(|| format!("onboarded sink address {}", identity.sink.sink_address))?
-                    .next()
-                    .context("onboarded sink address resolves to nothing")?;
-                let mut uplink_config = UplinkConfig::new(
-                    sink,
-                    &identity.sink.sink_server_name,
-                    &identity.device_id,
-                    identity.certificate.clone(),
-                    &identity.ca_pem,
-                );
-                uplink_config.dictionaries = Some(dictionaries.clone());
-                Some(Uplink::spawn(ring.clone(), uplink_config)?)
-            }
-            None => match &config.uplink {
-                Some(settings) => {
-                    let identity =
-                        IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
-                            format!(
-                                "uplink.identity_dir {}: read the device certificate",
-                                settings.identity_dir.display()
-                            )
-                        })?;
-                    let certified = identity.device_id()?;
-                    if let Some(configured) = &device_id {
-                        anyhow::ensure!(
-                            *configured == certified,
-                            "device_id {configured:?} differs from the certificate's {certified:?}"
-                        );
-                    }
-                    device_id = Some(certified.clone());
-                    let ca_pem = std::fs::read_to_string(&settings.ca_file)
-                        .with_context(|| format!("uplink.ca_file {}", settings.ca_file.display()))?;
-                    let sink = settings
-                        .sink
-                        .to_socket_addrs()
-                        .with_context(|| format!("uplink.sink {}: resolve", settings.sink))?
-                        .next()
-                        .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
-                    let mut uplink_config =
-                        UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
-                    settings.tune(&mut uplink_config);
-                    uplink_config.dictionaries = Some(dictionaries.clone());
-                    Some(Uplink::spawn(ring.clone(), uplink_config)?)
-                }
-                None => None,
-            },
+        let uplink_config = match &onboarded {
+            Some(identity) => Some(onboarded_uplink(identity)?),
+            None => configured_uplink(&config, &mut device_id)?,
         };
 
-        let stop = StopSignal::new();
-        let mut pipelines = BTreeMap::new();
-        let mut views = Vec::new();
-        for (name, settings) in &config.sources {
-            let (pipeline, view) = start_pipeline(name, settings, &ring, &dictionaries, &stop)?;
-            views.push(view);
-            pipelines.insert(name.clone(), pipeline);
+        let mut components = Components::new();
+        if let Some(mut uplink_config) = uplink_config {
+            uplink_config.dictionaries = Some(dictionaries.clone());
+            components.push(UplinkComponent(Some(Uplink::spawn(ring.clone(), uplink_config)?)));
         }
+        if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
+            let broker =
+                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+            let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
+            agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
+            let agent = onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
+            components.push(AgentComponent(Some(agent)));
+        }
+        let stop = StopSignal::new();
+        let stop_failure = Arc::new(Mutex::new(None));
+        let (sources, views) =
+            SourcesComponent::start(&config.sources, &ring, &dictionaries, &stop, stop_failure.clone())?;
+        components.push(sources);
         let metrics_view = Arc::new(MetricsView {
             ring: ring.clone(),
             pipelines: views,
-            uplink: uplink.as_ref().map(Uplink::metrics),
+            uplink: components
+                .get::<UplinkComponent>()
+                .and_then(|uplink| uplink.0.as_ref())
+                .map(Uplink::metrics),
             lag: crate::lag::LagProbe::new(ring.clone(), dictionaries.clone()),
         });
-        let mut tasks = Vec::new();
         let mut metrics_address = None;
         if let Some(listen) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("metrics_listen: bind tcp {listen}"))?;
             metrics_address = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(crate::metrics::serve(listener, metrics_view.clone())));
+            components.push(TaskComponent::new(
+                "metrics",
+                tokio::spawn(crate::metrics::serve(listener, metrics_view.clone())),
+            ));
         }
-        let mut inference = None;
-        if let Some(settings) = &config.inference {
-            let models = settings
-                .models
+        let inference = match &config.inference {
+            Some(settings) => Some(start_inference(settings, &config, &ring, &stop, &mut components).await?),
+            None => None,
+        };
+        if let (Some(settings), Some(agent)) =
+            (&config.onboarding, components.get::<AgentComponent>().and_then(|agent| agent.0.as_ref()))
+        {
+            let (remote_config, reporter) = (agent.config(), agent.status_reporter());
+            let updaters = sources_of(&components)
                 .iter()
-                .map(|name| inference::ModelSource::in_directory(&settings.models_dir, name))
+                .map(|(name, pipeline)| (name.clone(), pipeline.filter_updater()))
                 .collect();
-            let mut inference_config =
-                inference::InferenceConfig::new(config.data_dir.join("inference"), models);
-            inference_config.default_model = settings.default_model.clone();
-            inference_config.body_bytes_max = settings.body_bytes_max;
-            inference_config.image_scale_max = settings.image_scale_max;
-            inference_config.decodes_max = settings.decodes_max;
-            // Checked when the config was parsed; this only converts.
-            inference_config.http = settings.http_limits().map_err(|message| anyhow::anyhow!("{message}"))?;
-            let service = inference::InferenceService::start(inference_config, ring.clone())
-                .context("inference: start the service")?;
-            let listener = tokio::net::TcpListener::bind(settings.listen)
-                .await
-                .with_context(|| format!("inference.listen: bind tcp {}", settings.listen))?;
-            let address = listener.local_addr()?;
-            let stopped = stop.clone();
-            let shutdown = async move {
-                while !stopped.is_stopped() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            };
-            tasks.push(tokio::spawn({
-                let service = service.clone();
-                async move {
-                    if let Err(error) = inference::serve(listener, service, shutdown).await {
-                        tracing::error!(%error, "inference API stopped");
-                    }
-                }
-            }));
-            tracing::info!(%address, "inference API listening");
-            inference = Some((service, address));
+            components.push(TaskComponent::new(
+                "remote-config",
+                tokio::spawn(apply_remote_config(remote_config, updaters)),
+            ));
+            components.push(TaskComponent::new(
+                "status-report",
+                tokio::spawn(report_status(
+                    reporter,
+                    metrics_view.clone(),
+                    Duration::from_millis(settings.heartbeat_interval_ms),
+                )),
+            ));
         }
-        let mut agent = None;
-        if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
-            let broker =
-                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
-            let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
-            agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
-            let started =
-                onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
-            let updaters =
-                pipelines.iter().map(|(name, pipeline)| (name.clone(), pipeline.filter_updater())).collect();
-            tasks.push(tokio::spawn(apply_remote_config(started.config(), updaters)));
-            tasks.push(tokio::spawn(report_status(
-                started.status_reporter(),
-                metrics_view.clone(),
-                Duration::from_millis(settings.heartbeat_interval_ms),
-            )));
-            agent = Some(started);
-        }
-        let heartbeats: Vec<_> = pipelines.values().map(|pipeline| pipeline.metrics.clone()).collect();
         if let Some(watchdog) = systemd::watchdog_interval() {
-            tasks.push(tokio::spawn(systemd::watchdog(watchdog, heartbeats)));
+            let heartbeats =
+                sources_of(&components).values().map(|pipeline| pipeline.metrics.clone()).collect();
+            components
+                .push(TaskComponent::new("watchdog", tokio::spawn(systemd::watchdog(watchdog, heartbeats))));
         }
-        let daemon = Daemon {
+        systemd::notify("READY=1");
+        tracing::info!(
+            sources = sources_of(&components).len(),
+            uplink = components.get::<UplinkComponent>().is_some(),
+            metrics = ?metrics_address,
+            components = ?components.names(),
+            "appliance running"
+        );
+        Ok(Daemon {
             ring,
             dictionaries,
-            pipelines,
-            uplink,
             metrics_address,
             metrics_view,
             device_id,
             inference,
-            agent,
-            stop,
-            tasks,
-        };
-        systemd::notify("READY=1");
-        tracing::info!(
-            sources = daemon.pipelines.len(),
-            uplink = daemon.uplink.is_some(),
-            metrics = ?daemon.metrics_address,
-            "appliance running"
-        );
-        Ok(daemon)
+            components,
+            stop_failure,
+        })
+    }
+
+    /// The running pipeline of source `name` (until `stop_sources`).
+    pub fn pipeline(&self, name: &str) -> Option<&SourcePipeline> {
+        sources_of(&self.components).get(name)
+    }
+
+    /// The UDP address the uplink's connections leave from (what a proxy in front of the sink
+    /// sees as this appliance), if the daemon has an uplink.
+    pub fn uplink_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.components.get::<UplinkComponent>().and_then(|uplink| uplink.0.as_ref()).map(Uplink::local_addr)
+    }
+
+    /// The uplink's metrics (acks, ack latency per lane), if the daemon has an uplink.
+    pub fn uplink_metrics(&self) -> Option<Arc<UplinkMetrics>> {
+        self.metrics_view.uplink.clone()
+    }
+
+    /// Each component's health, in start order.
+    pub fn health(&self) -> Vec<(&'static str, Health)> {
+        self.components.health()
     }
 
     /// Applies a changed config file: filter changes take effect between records, a changed
     /// inference model list is hot-swapped; other changes are reported as needing a restart.
     pub fn apply_reload(&self, old: &ApplianceConfig, new: &ApplianceConfig) {
         for (name, settings) in &new.sources {
-            let Some(pipeline) = self.pipelines.get(name) else {
+            let Some(pipeline) = self.pipeline(name) else {
                 tracing::warn!(source = %name, "new source in the config: restart the appliance to start it");
                 continue;
             };
@@ -290,54 +218,165 @@ impl Daemon {
     /// Stops the sources and flushes every pipeline's open chunks into the ring (synced), leaving
     /// the uplink running so the ring drains. Idempotent.
     pub async fn stop_sources(&mut self) -> anyhow::Result<()> {
-        self.stop.stop();
-        let pipelines = std::mem::take(&mut self.pipelines);
-        tokio::task::spawn_blocking(move || pipelines.into_values().for_each(SourcePipeline::join)).await?;
-        let ring = self.ring.clone();
-        tokio::task::spawn_blocking(move || ring.sync()).await??;
-        Ok(())
+        match self.components.get_mut::<SourcesComponent>() {
+            Some(sources) => sources.stop_and_flush().await,
+            None => Ok(()),
+        }
     }
 
-    /// Stops sources, flushes pipelines into the ring, syncs it, then stops the uplink.
+    /// Stops every component, the last started first: the sources stop and the pipelines flush
+    /// into the ring, which is synced, before the onboarding agent and then the uplink stop.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         systemd::notify("STOPPING=1");
-        self.stop_sources().await?;
-        for task in self.tasks {
-            task.abort();
+        self.components.stop().await;
+        match self.stop_failure.lock().expect("failure lock").take() {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
-        if let Some(agent) = self.agent {
-            agent.shutdown().await;
-        }
-        if let Some(uplink) = self.uplink {
-            uplink.stop().await;
-        }
-        Ok(())
     }
 }
 
-fn start_pipeline(
-    name: &str,
-    settings: &SourceSettings,
+/// The `sources` component's pipelines by name (none before it starts or after `stop_sources`).
+fn sources_of(components: &Components) -> &BTreeMap<String, SourcePipeline> {
+    static NONE: BTreeMap<String, SourcePipeline> = BTreeMap::new();
+    components.get::<SourcesComponent>().map_or(&NONE, |sources| &sources.pipelines)
+}
+
+/// Creates `data_dir`, opens the ring and the dictionary store in it.
+async fn open_storage(config: &ApplianceConfig) -> anyhow::Result<(Ring, Arc<DictionaryStore>)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    let ring_config = config.ring.ring_config().map_err(|message| anyhow::anyhow!(message))?;
+    let ring_path = config.data_dir.join("ring");
+    let ring = tokio::task::spawn_blocking(move || Ring::open(&ring_path, ring_config))
+        .await?
+        .context("open the ring")?;
+    let dictionaries = Arc::new(DictionaryStore::open(&config.data_dir.join("dictionaries"))?);
+    Ok((ring, dictionaries))
+}
+
+/// With `[onboarding]`: the device identity, onboarded over MQTT on first boot.
+async fn onboard(config: &ApplianceConfig) -> anyhow::Result<Option<onboarding::DeviceIdentity>> {
+    let Some(settings) = &config.onboarding else {
+        return Ok(None);
+    };
+    let id = config.device_id.clone().expect("validated: onboarding needs device_id");
+    let token = match &settings.claim_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("onboarding.claim_token_file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let broker =
+        onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
+    let onboarding_config = onboarding::DeviceOnboardingConfig::new(
+        &id,
+        &config.data_dir.join("identity"),
+        broker,
+        &settings.claim_identity_dir,
+        token,
+    );
+    Ok(Some(onboarding::ensure_identity(&onboarding_config).await.context("onboarding")?))
+}
+
+/// The uplink to the sink an onboarded identity names.
+fn onboarded_uplink(identity: &onboarding::DeviceIdentity) -> anyhow::Result<UplinkConfig> {
+    let sink = identity
+        .sink
+        .sink_address
+        .to_socket_addrs()
+        .with_context(|| format!("onboarded sink address {}", identity.sink.sink_address))?
+        .next()
+        .context("onboarded sink address resolves to nothing")?;
+    Ok(UplinkConfig::new(
+        sink,
+        &identity.sink.sink_server_name,
+        &identity.device_id,
+        identity.certificate.clone(),
+        &identity.ca_pem,
+    ))
+}
+
+/// The uplink `[uplink]` configures, with the certificate in its `identity_dir`, which names the
+/// device (`device_id`, if set, must agree).
+fn configured_uplink(
+    config: &ApplianceConfig,
+    device_id: &mut Option<String>,
+) -> anyhow::Result<Option<UplinkConfig>> {
+    let Some(settings) = &config.uplink else {
+        return Ok(None);
+    };
+    let identity = IssuedCertificate::read_from(&settings.identity_dir).with_context(|| {
+        format!("uplink.identity_dir {}: read the device certificate", settings.identity_dir.display())
+    })?;
+    let certified = identity.device_id()?;
+    if let Some(configured) = device_id.as_ref() {
+        anyhow::ensure!(
+            *configured == certified,
+            "device_id {configured:?} differs from the certificate's {certified:?}"
+        );
+    }
+    *device_id = Some(certified.clone());
+    let ca_pem = std::fs::read_to_string(&settings.ca_file)
+        .with_context(|| format!("uplink.ca_file {}", settings.ca_file.display()))?;
+    let sink = settings
+        .sink
+        .to_socket_addrs()
+        .with_context(|| format!("uplink.sink {}: resolve", settings.sink))?
+        .next()
+        .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
+    let mut uplink_config = UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
+    settings.tune(&mut uplink_config);
+    Ok(Some(uplink_config))
+}
+
+/// Starts the inference service and its API (the `inference` component), which ends when
+/// `stop` is raised.
+async fn start_inference(
+    settings: &crate::config::InferenceSettings,
+    config: &ApplianceConfig,
     ring: &Ring,
-    dictionaries: &Arc<DictionaryStore>,
     stop: &StopSignal,
-) -> anyhow::Result<(SourcePipeline, PipelineView)> {
-    let (source, source_metrics) = crate::sources::build_source(name, &settings.input)
-        .with_context(|| format!("sources.{name}.input"))?;
-    let pipeline = SourcePipeline::spawn(
-        PipelineSettings {
-            name: name.to_string(),
-            filters: settings.filters.clone(),
-            chunker: settings.chunker.clone(),
-            channel_records_max: settings.channel_records_max,
-        },
-        source,
-        ring.clone(),
-        Some(dictionaries.clone()),
-        stop.clone(),
-    )?;
-    let view = PipelineView::new(&pipeline, source_metrics);
-    Ok((pipeline, view))
+    components: &mut Components,
+) -> anyhow::Result<(Arc<inference::InferenceService>, std::net::SocketAddr)> {
+    let models = settings
+        .models
+        .iter()
+        .map(|name| inference::ModelSource::in_directory(&settings.models_dir, name))
+        .collect();
+    let mut inference_config = inference::InferenceConfig::new(config.data_dir.join("inference"), models);
+    inference_config.default_model = settings.default_model.clone();
+    inference_config.body_bytes_max = settings.body_bytes_max;
+    inference_config.image_scale_max = settings.image_scale_max;
+    inference_config.decodes_max = settings.decodes_max;
+    // Checked when the config was parsed; this only converts.
+    inference_config.http = settings.http_limits().map_err(|message| anyhow::anyhow!("{message}"))?;
+    let service = inference::InferenceService::start(inference_config, ring.clone())
+        .context("inference: start the service")?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("inference.listen: bind tcp {}", settings.listen))?;
+    let address = listener.local_addr()?;
+    let stopped = stop.clone();
+    let shutdown = async move {
+        while !stopped.is_stopped() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let task = tokio::spawn({
+        let service = service.clone();
+        async move {
+            if let Err(error) = inference::serve(listener, service, shutdown).await {
+                tracing::error!(%error, "inference API stopped");
+            }
+        }
+    });
+    components.push(InferenceComponent { stop: stop.clone(), task });
+    tracing::info!(%address, "inference API listening");
+    Ok((service, address))
 }
 
 /// What heartbeats report: ring fill per lane, uplink lag in chunks and in seconds per lane,

@@ -6,6 +6,7 @@
 //! Invariant: a chunk leaves the ring only through `Ring::ack` with a sink's durable watermark.
 
 pub mod chunker;
+mod components;
 pub mod config;
 pub mod daemon;
 pub mod dictionaries;

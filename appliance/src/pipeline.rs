@@ -140,6 +140,11 @@ impl SourcePipeline {
     }
 
     /// Waits for both threads (after the stop signal was set).
+    /// Whether all its threads still run.
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|thread| !thread.is_finished())
+    }
+
     pub fn join(self) {
         for thread in self.threads {
             let _ = thread.join();

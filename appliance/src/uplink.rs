@@ -169,6 +169,16 @@ impl Uplink {
         self.local_addr
     }
 
+    /// Whether its task still runs (it ends only when stopped).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Asks the uplink to stop without waiting for it.
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
     /// Closes the connection and waits for the task to end.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -142,7 +142,7 @@ impl Component for LanderComponent {
     }
 }
 
-pub(crate) struct OnboardingComponent(pub Option<onboarding::Authority>);
+pub(crate) struct OnboardingComponent(pub Option<onboarding_authority::Authority>);
 
 impl Component for OnboardingComponent {
     fn name(&self) -> &'static str {
@@ -196,36 +196,5 @@ impl Component for SessionsComponent {
         Box::pin(async move {
             let _ = tokio::time::timeout(SESSIONS_CLOSE_WAIT, self.endpoint.wait_idle()).await;
         })
-    }
-}
-
-/// A background task that only needs aborting.
-pub(crate) struct TaskComponent {
-    name: &'static str,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TaskComponent {
-    pub fn new(name: &'static str, task: tokio::task::JoinHandle<()>) -> TaskComponent {
-        TaskComponent { name, task }
-    }
-}
-
-impl Component for TaskComponent {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn health(&self) -> Health {
-        if self.task.is_finished() { Health::Stopped } else { Health::Running }
-    }
-
-    fn request_stop(&mut self) {
-        self.task.abort();
-    }
-
-    fn stop(self: Box<Self>) -> StopFuture {
-        self.task.abort();
-        Box::pin(async {})
     }
 }

@@ -60,7 +60,7 @@ pub struct SinkConfig {
     pub archive: Option<crate::archive_feed::ArchiveConfig>,
     /// Device onboarding over MQTT (claim tokens, CSR signing, heartbeats, remote config); absent = none.
     #[serde(default)]
-    pub onboarding: Option<onboarding::AuthorityConfig>,
+    pub onboarding: Option<onboarding_authority::AuthorityConfig>,
     /// Continuous copies of the datasets and the archive to replicas (`core-sink replicate`, and a
     /// thread of `serve`); absent = none.
     #[serde(default)]

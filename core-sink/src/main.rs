@@ -89,7 +89,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         #[command(subcommand)]
-        command: onboarding::cli::FleetCommand,
+        command: onboarding_authority::cli::FleetCommand,
     },
 }
 
@@ -215,7 +215,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet { config, command } => {
             let config = SinkConfig::load(&config)?;
             let onboarding = config.onboarding.as_ref().context("the config has no [onboarding] section")?;
-            let printed = onboarding::cli::run(command, onboarding, &config.ca_dir, &config.revocation_file)?;
+            let printed =
+                onboarding_authority::cli::run(command, onboarding, &config.ca_dir, &config.revocation_file)?;
             println!("{printed}");
             Ok(())
         }

@@ -25,7 +25,7 @@ pub struct MetricsSources {
     pub in_flight_available: Arc<tokio::sync::Semaphore>,
     pub in_flight_bytes_max: u64,
     /// The onboarding authority's counters, when `[onboarding]` is configured.
-    pub onboarding: Option<Arc<onboarding::authority::AuthorityMetrics>>,
+    pub onboarding: Option<Arc<onboarding_authority::authority::AuthorityMetrics>>,
     /// The replicator's counters per replica, when `[replication]` is configured.
     pub replication: Option<Arc<crate::replication::ReplicationMetrics>>,
 }
@@ -327,7 +327,7 @@ pub fn render_replication(
 
 /// The onboarding authority's counters; refusals per `RejectionCode` (the codes a claim holder
 /// or device provokes: `docs/operations.md`, "Threat model").
-fn render_onboarding(out: &mut String, authority: &onboarding::authority::AuthorityMetrics) {
+fn render_onboarding(out: &mut String, authority: &onboarding_authority::authority::AuthorityMetrics) {
     for (name, help, value) in [
         ("accepted", "Onboarding requests answered with a new certificate.", &authority.accepted),
         (
@@ -363,7 +363,7 @@ mod onboarding_tests {
 
     #[test]
     fn onboarding_refusals_are_exported_per_code() {
-        let authority = Arc::new(onboarding::authority::AuthorityMetrics::default());
+        let authority = Arc::new(onboarding_authority::authority::AuthorityMetrics::default());
         authority.count_rejection(onboarding::RejectionCode::TokenUsed);
         authority.count_rejection(onboarding::RejectionCode::TokenUsed);
         let sources = MetricsSources {

@@ -22,11 +22,10 @@ use protocol::{ErrorCode, Lane};
 use session::{Close, DictionaryRefusal, LandingRefusal, SinkEvent, SinkSession, SinkSessionConfig, Stream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use lifecycle::Components;
+use lifecycle::{Components, TaskComponent};
 
 use crate::components::{
-    ArchiveFeedComponent, LanderComponent, OnboardingComponent, SessionsComponent, TaskComponent,
-    ThreadComponent,
+    ArchiveFeedComponent, LanderComponent, OnboardingComponent, SessionsComponent, ThreadComponent,
 };
 use crate::config::SinkConfig;
 use crate::dictionaries::DictionaryStore;
@@ -171,8 +170,11 @@ impl Sink {
         let mut onboarding_metrics = None;
         if let Some(onboarding_config) = &config.onboarding {
             let ca = fleet::FleetCa::load(&config.ca_dir)?;
-            let authority =
-                onboarding::Authority::start(onboarding_config.clone(), &ca, &config.revocation_file)?;
+            let authority = onboarding_authority::Authority::start(
+                onboarding_config.clone(),
+                &ca,
+                &config.revocation_file,
+            )?;
             onboarding_metrics = Some(authority.shared_metrics());
             components.push(OnboardingComponent(Some(authority)));
         }
@@ -257,7 +259,7 @@ impl Sink {
 
     /// The onboarding authority, when `[onboarding]` is configured (its registry mints claim
     /// tokens; `wait_ready` waits until it listens at the broker).
-    pub fn onboarding(&mut self) -> Option<&mut onboarding::Authority> {
+    pub fn onboarding(&mut self) -> Option<&mut onboarding_authority::Authority> {
         self.components.get_mut::<OnboardingComponent>().and_then(|component| component.0.as_mut())
     }
 

@@ -9,8 +9,9 @@
 //! stop, last-first, without waiting. Adding a part to a service is one `push`.
 //!
 //! No runtime is assumed: `Component::stop` returns a boxed future, so async services (core-sink,
-//! appliance) stop tokio tasks and join threads on blocking tasks in their own implementations.
-//! This crate depends on nothing but std.
+//! the appliance daemon, the demo) stop tokio tasks and join threads on blocking tasks in their
+//! own implementations. This crate depends on nothing but std; the `tokio` feature adds
+//! `TaskComponent`, the part every tokio service has (a background task that only needs aborting).
 
 use std::any::Any;
 use std::future::Future;
@@ -80,6 +81,11 @@ impl Components {
     }
 
     /// The component of type `T`, if the service has one.
+    pub fn get<T: Component>(&self) -> Option<&T> {
+        self.started.iter().find_map(|component| (component.as_ref() as &dyn Any).downcast_ref::<T>())
+    }
+
+    /// The component of type `T`, if the service has one.
     pub fn get_mut<T: Component>(&mut self) -> Option<&mut T> {
         self.started.iter_mut().find_map(|component| (component.as_mut() as &mut dyn Any).downcast_mut::<T>())
     }
@@ -97,6 +103,40 @@ impl Drop for Components {
         for component in self.started.iter_mut().rev() {
             component.request_stop();
         }
+    }
+}
+
+/// A background tokio task that only needs aborting (a metrics server, a reload loop).
+#[cfg(feature = "tokio")]
+pub struct TaskComponent {
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[cfg(feature = "tokio")]
+impl TaskComponent {
+    pub fn new(name: &'static str, task: tokio::task::JoinHandle<()>) -> TaskComponent {
+        TaskComponent { name, task }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Component for TaskComponent {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn health(&self) -> Health {
+        if self.task.is_finished() { Health::Stopped } else { Health::Running }
+    }
+
+    fn request_stop(&mut self) {
+        self.task.abort();
+    }
+
+    fn stop(self: Box<Self>) -> StopFuture {
+        self.task.abort();
+        Box::pin(async {})
     }
 }
 
@@ -147,6 +187,7 @@ mod tests {
         let mut components = service(&log);
         assert_eq!(components.names(), ["lander", "datasets", "sessions"]);
         assert_eq!(components.health()[1], ("datasets", Health::Running));
+        assert_eq!(components.get::<Part>().map(|part| part.name), Some("lander"));
         assert_eq!(components.get_mut::<Part>().map(|part| part.name), Some("lander"));
         block_on(components.stop());
         drop(components);

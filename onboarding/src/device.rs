@@ -242,7 +242,7 @@ fn check_ca_is_pinned(pinned_ca_pem: &str, offered_ca_pem: &str) -> Result<(), O
     let pinned = certificates_der(pinned_ca_pem, "the pinned fleet CA (claim bundle ca.pem)")?;
     let offered = certificates_der(offered_ca_pem, "the CA in the answer")?;
     if pinned != offered {
-        let fingerprint = |certificates: &[Vec<u8>]| crate::registry::sha256_hex(&certificates.concat());
+        let fingerprint = |certificates: &[Vec<u8>]| crate::messages::sha256_hex(&certificates.concat());
         return Err(OnboardingError::CaMismatch {
             pinned_sha256: fingerprint(&pinned),
             offered_sha256: fingerprint(&offered),

@@ -9,12 +9,13 @@ pub enum OnboardingError {
     #[error(transparent)]
     Fleet(#[from] fleet::FleetError),
 
+    /// The authority's device registry (`onboarding-authority`, LMDB through heed) failed.
     #[error("registry at {path}: {operation}: {source}")]
     Registry {
         path: PathBuf,
         operation: &'static str,
         #[source]
-        source: heed::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 
     #[error("failed to {operation} {path}: {source}")]
@@ -64,7 +65,7 @@ pub enum OnboardingError {
 }
 
 impl OnboardingError {
-    pub(crate) fn io(operation: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+    pub fn io(operation: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         OnboardingError::Io { operation, path: path.to_path_buf(), source }
     }
 }

@@ -1,6 +1,11 @@
 //! Onboarding over MQTT: a device with no certificate obtains one from the fleet CA with a claim
 //! token (or an operator's approval), then reports heartbeats and receives remote config.
 //!
+//! This crate is the edge side and the wire: the device's first boot, its agent, the messages,
+//! topics and MQTT session both sides use. The core side (the authority that signs CSRs, its heed
+//! registry, the fleet CLI) is the `onboarding-authority` crate, so an appliance does not link
+//! it.
+//!
 //! Topic layout (prefix `tributary`; `{id}` is a device id, 1..=128 bytes of `[A-Za-z0-9_-]`;
 //! `{key}` is the fingerprint of the requesting key: SHA-256 of its SubjectPublicKeyInfo, 64
 //! lowercase hex digits, [`topics::key_fingerprint`]):
@@ -35,9 +40,9 @@
 //! queues of at most `INCOMING_QUEUE_MAX` (1024) messages (more are dropped and counted: every
 //! sender retries).
 //!
-//! - `authority.rs`: [`Authority`] (core side): answers requests, records heartbeats and config
-//!   acks, publishes config changes and approvals the CLI writes into the registry.
-//! - `registry.rs`: [`Registry`] (heed): claim tokens (hashed), devices, heartbeats, config.
+//! - `onboarding-authority` (another crate, core side): the `Authority` answers requests, records
+//!   heartbeats and config acks, publishes config changes and approvals the CLI writes into its
+//!   `Registry` (heed: claim tokens (hashed), devices, heartbeats, config).
 //! - `device.rs`: [`device::ensure_identity`] (appliance first boot).
 //! - `agent.rs`: [`DeviceAgent`] (appliance: heartbeats out, config in, persisted).
 //! - `broker.rs` (feature `embedded-broker`): [`broker::EmbeddedBroker`], rumqttd for the
@@ -55,20 +60,16 @@
 //! by other tasks through the `AsyncClient`.
 
 pub mod agent;
-pub mod authority;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
-pub mod cli;
 pub mod device;
 mod error;
 mod files;
 pub mod messages;
 pub mod mqtt;
-pub mod registry;
 pub mod topics;
 
 pub use agent::{ConfigUpdate, DeviceAgent, DeviceAgentConfig, DeviceStatus};
-pub use authority::{Authority, AuthorityConfig};
 pub use device::{DeviceIdentity, DeviceOnboardingConfig, SinkLocation, ensure_identity, load_identity};
 pub use error::OnboardingError;
 pub use messages::{
@@ -76,7 +77,6 @@ pub use messages::{
     OnboardingRequest, OnboardingResponse, PAYLOAD_BYTES_MAX, RejectionCode,
 };
 pub use mqtt::{BrokerEndpoint, INCOMING_QUEUE_MAX};
-pub use registry::{DeviceRecord, DeviceState, Registry};
 
 /// The subject CN of the shared bootstrap identity devices use before they have a certificate.
 pub const CLAIM_IDENTITY: &str = "claim";

@@ -290,7 +290,7 @@ pub fn parse_bounded<T: DeserializeOwned>(payload: &[u8]) -> Result<T, (Rejectio
 }
 
 /// Cuts `text` to at most `MESSAGE_BYTES_MAX` bytes at a character boundary.
-pub(crate) fn shorten(text: &str) -> String {
+pub fn shorten(text: &str) -> String {
     if text.len() <= MESSAGE_BYTES_MAX {
         return text.to_owned();
     }
@@ -301,7 +301,7 @@ pub(crate) fn shorten(text: &str) -> String {
     format!("{}...", &text[..end])
 }
 
-pub(crate) fn unix_ms_now() -> u64 {
+pub fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
@@ -318,4 +318,11 @@ mod tests {
             assert_eq!(serde_json::to_string(code).expect("json"), format!("\"{}\"", code.as_str()));
         }
     }
+}
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits (claim tokens are stored so; certificate
+/// fingerprints in errors).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
 }

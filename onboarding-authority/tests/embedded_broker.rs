@@ -1,15 +1,14 @@
 //! The embedded broker (rumqttd) carries a whole onboarding and heartbeats: what `tributary demo`
-//! relies on. Built only with `--features embedded-broker`.
-#![cfg(feature = "embedded-broker")]
+//! relies on. (This crate's dev-dependency on `onboarding` turns on its `embedded-broker`.)
 
 use std::time::Duration;
 
 use fleet::{FleetCa, Validity};
 use onboarding::broker::EmbeddedBroker;
 use onboarding::{
-    Authority, AuthorityConfig, BrokerEndpoint, CLAIM_IDENTITY, DeviceAgent, DeviceAgentConfig,
-    DeviceOnboardingConfig, DeviceStatus,
+    BrokerEndpoint, CLAIM_IDENTITY, DeviceAgent, DeviceAgentConfig, DeviceOnboardingConfig, DeviceStatus,
 };
+use onboarding_authority::{Authority, AuthorityConfig};
 
 const WAIT: Duration = Duration::from_secs(20);
 

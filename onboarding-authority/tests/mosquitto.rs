@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use fleet::Validity;
 
-use onboarding::cli::{ConfigCommand, FleetCommand};
 use onboarding::messages::OnboardingRequest;
 use onboarding::{
-    Authority, DeviceAgent, DeviceAgentConfig, DeviceState, DeviceStatus, OnboardingError,
-    OnboardingResponse, Registry, RejectionCode, topics,
+    DeviceAgent, DeviceAgentConfig, DeviceStatus, OnboardingError, OnboardingResponse, RejectionCode, topics,
 };
+use onboarding_authority::cli::{ConfigCommand, FleetCommand};
+use onboarding_authority::{Authority, DeviceState, Registry};
 use protocol::Lane;
 use support::{Capture, TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
 
@@ -290,7 +290,7 @@ async fn bad_requests_are_refused_with_their_reason_and_no_certificate() {
     let owner = registry.device("owner").expect("read").expect("owner");
     assert_eq!(
         owner.token_hash,
-        Some(onboarding::registry::sha256_hex(tokens[0].as_bytes())),
+        Some(onboarding_authority::registry::sha256_hex(tokens[0].as_bytes())),
         "owner unchanged"
     );
     // The token offered with every refused CSR was not consumed by the refusals.
@@ -417,7 +417,7 @@ async fn revoked_device_is_cut_off_and_cannot_onboard_again() {
     let uplink = appliance::Uplink::spawn(ring.clone(), uplink_config(&identity)).expect("uplink");
     assert!(stream_once(&uplink, &ring, "doomed", 0).await, "streams before the revocation");
 
-    let printed = onboarding::cli::run(
+    let printed = onboarding_authority::cli::run(
         FleetCommand::Revoke { device: "doomed".to_owned() },
         &fleet.authority_config(sink.local_addr()),
         &fleet.path().join("ca"),
@@ -486,7 +486,7 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
         boot_slot: Some("B".to_owned()),
     });
     let mut applied = agent.config();
-    onboarding::cli::run(
+    onboarding_authority::cli::run(
         FleetCommand::Config {
             command: ConfigCommand::Set {
                 device: "cfg".to_owned(),
@@ -521,10 +521,11 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
             == version)
         .await
     );
-    let listing = onboarding::cli::list(&registry).expect("list");
+    let listing = onboarding_authority::cli::list(&registry).expect("list");
     let line = listing.lines().find(|line| line.starts_with("cfg ")).expect("cfg listed");
     assert!(line.contains("active") && line.contains("1.2.3") && line.contains("sensor=12"), "{line}");
-    let view = onboarding::cli::top(&registry.devices().expect("devices"), now_unix_ms(), 10).expect("top");
+    let view = onboarding_authority::cli::top(&registry.devices().expect("devices"), now_unix_ms(), 10)
+        .expect("top");
     let line = view.lines().find(|line| line.starts_with("cfg ")).expect("cfg in the fleet view");
     assert!(line.contains(" 4.5 media ") && line.contains(" 250 ") && line.ends_with(" B"), "{view}");
 
@@ -561,7 +562,7 @@ async fn operator_approval_onboards_a_device_without_token() {
         "the request did not become pending"
     );
     let key_pem = std::fs::read_to_string(fleet.identity_dir("approved").join(fleet::KEY_FILE)).expect("key");
-    let printed = onboarding::cli::run(
+    let printed = onboarding_authority::cli::run(
         FleetCommand::Approve { device: "approved".to_owned(), key_sha256: None },
         &config,
         &fleet.path().join("ca"),
@@ -781,14 +782,14 @@ async fn approval_binds_a_device_id_to_one_key_and_the_operator_chooses_it() {
         }
         other => panic!("a second key for a pending id was not refused: {other:?}"),
     }
-    let listing = onboarding::cli::list(&registry).expect("list");
+    let listing = onboarding_authority::cli::list(&registry).expect("list");
     assert!(listing.contains(&squatter.sha256), "the operator sees the bound key: {listing}");
 
     let device_key_pem =
         std::fs::read_to_string(fleet.identity_dir("victim").join(fleet::KEY_FILE)).expect("device key");
     let device_key = fingerprint_of_key_pem(&device_key_pem);
     let approve = |key_sha256: Option<String>| {
-        onboarding::cli::run(
+        onboarding_authority::cli::run(
             FleetCommand::Approve { device: "victim".to_owned(), key_sha256 },
             &config,
             &fleet.path().join("ca"),
@@ -841,8 +842,9 @@ async fn unapproved_pending_devices_are_bounded_and_the_operator_frees_places() 
         ask_raw(&fleet, &with_token.sha256, request("tokened", Some(&token[0]), with_token.csr_pem)).await;
     certificate_of(&answer);
 
-    let fleet_command =
-        |command| onboarding::cli::run(command, &config, &fleet.path().join("ca"), &fleet.revocation_file());
+    let fleet_command = |command| {
+        onboarding_authority::cli::run(command, &config, &fleet.path().join("ca"), &fleet.revocation_file())
+    };
     fleet_command(FleetCommand::Forget { device: "squat-1".to_owned() }).expect("forget");
     assert!(registry.device("squat-1").expect("read").is_none());
     assert!(fleet_command(FleetCommand::Forget { device: "tokened".to_owned() }).is_err(), "active is kept");

@@ -22,10 +22,9 @@ use std::time::Duration;
 use heed::types::{Bytes, Str};
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-use crate::messages::{ConfigDocument, Heartbeat, validate_config_entry};
-use crate::{OnboardingError, RESERVED_DEVICE_IDS};
+use onboarding::messages::{ConfigDocument, Heartbeat, validate_config_entry};
+use onboarding::{OnboardingError, RESERVED_DEVICE_IDS};
 
 /// Bounds the registry file.
 const REGISTRY_MAP_BYTES: usize = 256 * 1024 * 1024;
@@ -145,9 +144,7 @@ impl std::fmt::Debug for Registry {
 static OPENED: Mutex<BTreeMap<PathBuf, Registry>> = Mutex::new(BTreeMap::new());
 
 /// SHA-256 hex of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
-}
+pub use onboarding::messages::sha256_hex;
 
 /// Parses `7d`, `12h`, `30m` or `45s`.
 pub fn parse_duration(text: &str) -> Result<Duration, OnboardingError> {
@@ -179,7 +176,7 @@ impl Registry {
         }
         let error = |operation| {
             let path = key.clone();
-            move |source| OnboardingError::Registry { path, operation, source }
+            move |source: heed::Error| OnboardingError::Registry { path, operation, source: source.into() }
         };
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options.map_size(REGISTRY_MAP_BYTES).max_dbs(3);
@@ -257,7 +254,7 @@ impl Registry {
     }
 
     fn error(&self, operation: &'static str) -> impl FnOnce(heed::Error) -> OnboardingError + '_ {
-        move |source| OnboardingError::Registry { path: self.path.clone(), operation, source }
+        move |source| OnboardingError::Registry { path: self.path.clone(), operation, source: source.into() }
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, what: &str, bytes: &[u8]) -> Result<T, OnboardingError> {
@@ -388,11 +385,11 @@ impl Registry {
             return Err(OnboardingError::Config(format!("{device_id} is a reserved id")));
         }
         if let Some(key) = key_sha256
-            && !crate::topics::is_key_fingerprint(key)
+            && !onboarding::topics::is_key_fingerprint(key)
         {
             return Err(OnboardingError::Config(format!(
                 "key fingerprint {:?}: expected 64 lowercase hex digits (SHA-256 of the public key)",
-                crate::messages::shorten(key)
+                onboarding::messages::shorten(key)
             )));
         }
         self.write(|transaction| {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::Subcommand;
 use fleet::{FleetCa, RevocationList, Validity};
 
-use crate::messages::{Heartbeat, unix_ms_now};
+use crate::AuthorityConfig;
 use crate::registry::{DeviceRecord, DeviceState, Registry, parse_duration};
-use crate::{AuthorityConfig, CLAIM_IDENTITY, OnboardingError};
+use onboarding::messages::{Heartbeat, unix_ms_now};
+use onboarding::{CLAIM_IDENTITY, OnboardingError};
 
 #[derive(Clone, Debug, Subcommand)]
 pub enum FleetCommand {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use buffer::{Ring, RingConfig};
 use fleet::{FleetCa, IssuedCertificate, Validity};
 use onboarding::mqtt::{Session, TlsIdentity};
-use onboarding::{AuthorityConfig, BrokerEndpoint, CLAIM_IDENTITY, DeviceOnboardingConfig};
+use onboarding::{BrokerEndpoint, CLAIM_IDENTITY, DeviceOnboardingConfig};
+use onboarding_authority::AuthorityConfig;
 use protocol::Lane;
 
 /// The observer identity: reads every topic (test-only ACL line).
@@ -35,7 +36,7 @@ impl Broker {
             .expect("broker certificate")
             .write_to(&broker_dir, ca.certificate_pem())
             .expect("write broker certificate");
-        let shipped = include_str!("../../mosquitto/acl");
+        let shipped = include_str!("../../../onboarding/mosquitto/acl");
         let acl = format!(
             "{shipped}\n# Test only: a subscriber that sees everything.\nuser {OBSERVER}\ntopic read #\n"
         );

@@ -38,14 +38,14 @@ use fleet::{CsrProblem, CsrSigner, FleetCa, RevocationList, Validity};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::messages::{
+use crate::registry::{DeviceState, Registry, sha256_hex};
+use onboarding::messages::{
     ConfigAck, ConfigDocument, Heartbeat, OnboardingRequest, OnboardingResponse, RejectionCode,
     parse_bounded, shorten, unix_ms_now,
 };
-use crate::mqtt::{self, Session, TlsIdentity};
-use crate::registry::{DeviceState, Registry, sha256_hex};
-use crate::topics::{self, Topic};
-use crate::{AUTHORITY_IDENTITY, BrokerEndpoint, OnboardingError, RESERVED_DEVICE_IDS};
+use onboarding::mqtt::{self, Session, TlsIdentity};
+use onboarding::topics::{self, Topic};
+use onboarding::{AUTHORITY_IDENTITY, BrokerEndpoint, OnboardingError, RESERVED_DEVICE_IDS};
 
 /// How long the authority's own MQTT certificate is valid; it is re-issued at every start.
 const AUTHORITY_CERTIFICATE_DAYS: u32 = 30;
@@ -432,7 +432,7 @@ impl Handler {
             );
         }
         if let Some(token) = &request.claim_token
-            && token.len() > crate::messages::CLAIM_TOKEN_BYTES_MAX
+            && token.len() > onboarding::messages::CLAIM_TOKEN_BYTES_MAX
         {
             return reject(
                 RejectionCode::UnknownToken,
