@@ -223,16 +223,23 @@ pub(crate) struct KeySequence {
 
 impl KeySequence {
     /// Starts at the current time in microseconds so keys continue after a restart.
+    ///
+    /// Every key it will generate is valid: the name passed `validate_source_name` when the
+    /// config was read, and the sequence is always `KEY_SEQUENCE_DIGITS` decimal digits, so the
+    /// longest key (checked here, in release builds too) stands for all of them.
     pub(crate) fn starting_now(source_name: &str) -> KeySequence {
         assert!(source_name.len() <= SOURCE_NAME_BYTES_MAX, "source name checked before");
+        let longest = format!("{source_name}-{:0width$}", u64::MAX, width = KEY_SEQUENCE_DIGITS);
+        assert!(
+            protocol::validate_key(&longest).is_ok(),
+            "source name {source_name:?} makes invalid keys: it is checked when the config is read"
+        );
         KeySequence { source_name: source_name.to_string(), next: AtomicU64::new(now_us()) }
     }
 
     pub(crate) fn next_key(&self) -> String {
         let sequence = self.next.fetch_add(1, Ordering::Relaxed);
-        let key = format!("{}-{sequence:0width$}", self.source_name, width = KEY_SEQUENCE_DIGITS);
-        debug_assert!(protocol::validate_key(&key).is_ok(), "generated key {key:?} is invalid");
-        key
+        format!("{}-{sequence:0width$}", self.source_name, width = KEY_SEQUENCE_DIGITS)
     }
 }
 
