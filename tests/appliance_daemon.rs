@@ -132,16 +132,10 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     write_config(&fleet, sink.local_addr(), http_listen, metrics_listen, 2);
     let new_config = ApplianceConfig::load(&config_path).unwrap();
     daemon.apply_reload(&config, &new_config);
-    let reloaded = wait_until(LIMIT, || {
-        daemon
-            .pipeline("ingest")
-            .expect("the ingest source runs")
-            .metrics
-            .filter_reloads
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1
-    })
-    .await;
+    let ingest = daemon.pipeline("ingest").expect("the ingest source runs");
+    let reloaded =
+        wait_until(LIMIT, || ingest.metrics.filter_reloads.load(std::sync::atomic::Ordering::Relaxed) == 1)
+            .await;
     assert!(reloaded, "the filter update was not applied");
     let body: String = (300..400)
         .map(|index| {
@@ -153,13 +147,7 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
     assert!(response.starts_with("HTTP/1.1 202"), "{response}");
 
     let settled = wait_until(LIMIT, || {
-        daemon
-            .pipeline("ingest")
-            .expect("the ingest source runs")
-            .filter_metrics
-            .records_in
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 400
+        ingest.filter_metrics.records_in.load(std::sync::atomic::Ordering::Relaxed) == 400
     })
     .await;
     assert!(settled, "the pipeline did not take all 400 records");

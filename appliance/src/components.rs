@@ -6,7 +6,7 @@
 //! | component          | what it is                                          | stop                                   |
 //! |--------------------|-----------------------------------------------------|----------------------------------------|
 //! | `uplink`           | QUIC uplink task: ring → core sink                  | `Uplink::stop` (close, await)          |
-//! | `onboarding-agent` | MQTT device agent: heartbeats, remote config        | `DeviceAgent::shutdown`                |
+//! | `onboarding-agent` | MQTT device agent: heartbeats, remote config        | `DeviceAgent::shutdown` (`Stoppable`)  |
 //! | `sources`          | one pipeline per source (source, filters, chunker)  | raise stop, join, flush, sync the ring |
 //! | `metrics`          | `GET /metrics` server task                          | abort                                  |
 //! | `inference`        | the inference API                                   | raise stop, await ≤ grace, abort       |
@@ -58,23 +58,6 @@ impl Component for UplinkComponent {
         Box::pin(async move {
             if let Some(uplink) = uplink {
                 uplink.stop().await;
-            }
-        })
-    }
-}
-
-pub(crate) struct AgentComponent(pub Option<onboarding::DeviceAgent>);
-
-impl Component for AgentComponent {
-    fn name(&self) -> &'static str {
-        "onboarding-agent"
-    }
-
-    fn stop(mut self: Box<Self>) -> StopFuture {
-        let agent = self.0.take();
-        Box::pin(async move {
-            if let Some(agent) = agent {
-                agent.shutdown().await;
             }
         })
     }

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use buffer::Ring;
 use fleet::IssuedCertificate;
-use lifecycle::{Components, Health, TaskComponent};
+use lifecycle::{Components, Health, Stoppable, TaskComponent};
 
-use crate::components::{AgentComponent, InferenceComponent, SourcesComponent, UplinkComponent};
+use crate::components::{InferenceComponent, SourcesComponent, UplinkComponent};
 use crate::config::ApplianceConfig;
 use crate::dictionaries::DictionaryStore;
 use crate::metrics::MetricsView;
@@ -69,7 +69,7 @@ impl Daemon {
             let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
             agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
             let agent = onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
-            components.push(AgentComponent(Some(agent)));
+            components.push(Stoppable::new("onboarding-agent", agent, |agent| Box::pin(agent.shutdown())));
         }
         let stop = StopSignal::new();
         let stop_failure = Arc::new(Mutex::new(None));
@@ -100,9 +100,10 @@ impl Daemon {
             Some(settings) => Some(start_inference(settings, &config, &ring, &stop, &mut components).await?),
             None => None,
         };
-        if let (Some(settings), Some(agent)) =
-            (&config.onboarding, components.get::<AgentComponent>().and_then(|agent| agent.0.as_ref()))
-        {
+        if let (Some(settings), Some(agent)) = (
+            &config.onboarding,
+            components.get::<Stoppable<onboarding::DeviceAgent>>().and_then(Stoppable::get),
+        ) {
             let (remote_config, reporter) = (agent.config(), agent.status_reporter());
             let updaters = sources_of(&components)
                 .iter()

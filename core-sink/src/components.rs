@@ -7,7 +7,7 @@
 //! | `archive-feed`      | thread feeding the decision archive          | flag, join (last persist)              |
 //! | `datasets`          | thread deriving dataset shards               | flag, join (publishes open shards)     |
 //! | `lander`            | thread driving `landing::LandingCore`        | close its channel, join (final commit) |
-//! | `onboarding`        | the MQTT onboarding authority                | `Authority::shutdown`                  |
+//! | `onboarding`        | the MQTT onboarding authority (`Stoppable`)  | `Authority::shutdown`                  |
 //! | `sessions`          | QUIC endpoint, accept loop, connection tasks | tell sessions, close, wait idle ≤ 5 s  |
 //! | `metrics`           | `GET /metrics` server task                   | abort                                  |
 //! | `revocation-reload` | revocation list reload task                  | abort                                  |
@@ -137,23 +137,6 @@ impl Component for LanderComponent {
         Box::pin(async move {
             if let Some(thread) = thread {
                 join(thread, "lander").await;
-            }
-        })
-    }
-}
-
-pub(crate) struct OnboardingComponent(pub Option<onboarding_authority::Authority>);
-
-impl Component for OnboardingComponent {
-    fn name(&self) -> &'static str {
-        "onboarding"
-    }
-
-    fn stop(mut self: Box<Self>) -> StopFuture {
-        let authority = self.0.take();
-        Box::pin(async move {
-            if let Some(authority) = authority {
-                authority.shutdown().await;
             }
         })
     }

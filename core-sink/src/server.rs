@@ -22,11 +22,9 @@ use protocol::{ErrorCode, Lane};
 use session::{Close, DictionaryRefusal, LandingRefusal, SinkEvent, SinkSession, SinkSessionConfig, Stream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use lifecycle::{Components, TaskComponent};
+use lifecycle::{Components, Stoppable, TaskComponent};
 
-use crate::components::{
-    ArchiveFeedComponent, LanderComponent, OnboardingComponent, SessionsComponent, ThreadComponent,
-};
+use crate::components::{ArchiveFeedComponent, LanderComponent, SessionsComponent, ThreadComponent};
 use crate::config::SinkConfig;
 use crate::dictionaries::DictionaryStore;
 use crate::lander::{InFlightPermits, LandRequest, Lander, LanderRequest, SharedWatermarks, SinkMetrics};
@@ -176,7 +174,8 @@ impl Sink {
                 &config.revocation_file,
             )?;
             onboarding_metrics = Some(authority.shared_metrics());
-            components.push(OnboardingComponent(Some(authority)));
+            components
+                .push(Stoppable::new("onboarding", authority, |authority| Box::pin(authority.shutdown())));
         }
 
         let context = Arc::new(Context {
@@ -260,7 +259,7 @@ impl Sink {
     /// The onboarding authority, when `[onboarding]` is configured (its registry mints claim
     /// tokens; `wait_ready` waits until it listens at the broker).
     pub fn onboarding(&mut self) -> Option<&mut onboarding_authority::Authority> {
-        self.components.get_mut::<OnboardingComponent>().and_then(|component| component.0.as_mut())
+        self.components.get_mut::<Stoppable<onboarding_authority::Authority>>().and_then(Stoppable::get_mut)
     }
 
     /// Dataset counters, when datasets are configured.

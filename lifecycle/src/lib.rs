@@ -106,6 +106,42 @@ impl Drop for Components {
     }
 }
 
+/// A part that is one value stopping with an async method of its own (an MQTT authority, a
+/// device agent): `stop` takes the value and runs `stop_with` on it.
+pub struct Stoppable<T: Send + 'static> {
+    name: &'static str,
+    value: Option<T>,
+    stop_with: fn(T) -> StopFuture,
+}
+
+impl<T: Send + 'static> Stoppable<T> {
+    pub fn new(name: &'static str, value: T, stop_with: fn(T) -> StopFuture) -> Stoppable<T> {
+        Stoppable { name, value: Some(value), stop_with }
+    }
+
+    /// The value, until the part is stopped.
+    pub fn get(&self) -> Option<&T> {
+        self.value.as_ref()
+    }
+
+    pub fn get_mut(&mut self) -> Option<&mut T> {
+        self.value.as_mut()
+    }
+}
+
+impl<T: Send + 'static> Component for Stoppable<T> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn stop(mut self: Box<Self>) -> StopFuture {
+        match self.value.take() {
+            Some(value) => (self.stop_with)(value),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
+}
+
 /// A background tokio task that only needs aborting (a metrics server, a reload loop).
 #[cfg(feature = "tokio")]
 pub struct TaskComponent {
