@@ -97,6 +97,7 @@ impl Daemon {
                     &identity.ca_pem,
                 );
                 uplink_config.dictionaries = Some(dictionaries.clone());
+                uplink_config.identity_dir = Some(identity.identity_dir.clone());
                 Some(Uplink::spawn(ring.clone(), uplink_config)?)
             }
             None => match &config.uplink {
@@ -128,6 +129,8 @@ impl Daemon {
                         UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
                     settings.tune(&mut uplink_config);
                     uplink_config.dictionaries = Some(dictionaries.clone());
+                    // A certificate replaced in place (renewed by other means) is taken up.
+                    uplink_config.identity_dir = Some(settings.identity_dir.clone());
                     Some(Uplink::spawn(ring.clone(), uplink_config)?)
                 }
                 None => None,
@@ -197,12 +200,8 @@ impl Daemon {
         }
         let mut agent = None;
         if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
-            let broker =
-                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
-            let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
-            agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
-            let started =
-                onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
+            let started = onboarding::DeviceAgent::start(settings.agent_config(), identity)
+                .context("heartbeat agent")?;
             let updaters =
                 pipelines.iter().map(|(name, pipeline)| (name.clone(), pipeline.filter_updater())).collect();
             tasks.push(tokio::spawn(apply_remote_config(started.config(), updaters)));
