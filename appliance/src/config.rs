@@ -179,10 +179,36 @@ pub struct OnboardingSettings {
     pub claim_token_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// Ask for a new certificate once this percentage of the current one's lifetime has passed.
+    #[serde(default = "default_renew_after_percent")]
+    pub renew_after_percent: u8,
+    /// Wait before asking again when a renewal got no answer or was refused.
+    #[serde(default = "default_renewal_retry_ms")]
+    pub renewal_retry_ms: u64,
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
     10_000
+}
+
+fn default_renew_after_percent() -> u8 {
+    66
+}
+
+fn default_renewal_retry_ms() -> u64 {
+    60_000
+}
+
+impl OnboardingSettings {
+    /// The agent's settings: heartbeats and renewal.
+    pub fn agent_config(&self) -> onboarding::DeviceAgentConfig {
+        let broker = onboarding::BrokerEndpoint { host: self.broker_host.clone(), port: self.broker_port };
+        let mut agent = onboarding::DeviceAgentConfig::new(broker);
+        agent.heartbeat_interval_ms = self.heartbeat_interval_ms;
+        agent.renew_after_percent = self.renew_after_percent;
+        agent.renewal_retry_ms = self.renewal_retry_ms;
+        agent
+    }
 }
 
 fn default_config_reload_ms() -> u64 {
@@ -440,6 +466,9 @@ impl ApplianceConfig {
             if self.device_id.is_none() {
                 return Err("device_id: expected the device id this appliance onboards as".into());
             }
+        }
+        if let Some(onboarding) = &self.onboarding {
+            onboarding.agent_config().validate().map_err(|problem| format!("onboarding.{problem}"))?;
         }
         for (name, source) in &self.sources {
             source.chunker.validate().map_err(|message| format!("sources.{name}.chunker.{message}"))?;

@@ -64,11 +64,8 @@ impl Daemon {
             components.push(UplinkComponent(Some(Uplink::spawn(ring.clone(), uplink_config)?)));
         }
         if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
-            let broker =
-                onboarding::BrokerEndpoint { host: settings.broker_host.clone(), port: settings.broker_port };
-            let mut agent_config = onboarding::DeviceAgentConfig::new(broker);
-            agent_config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
-            let agent = onboarding::DeviceAgent::start(agent_config, identity).context("heartbeat agent")?;
+            let agent = onboarding::DeviceAgent::start(settings.agent_config(), identity)
+                .context("heartbeat agent")?;
             components.push(Stoppable::new("onboarding-agent", agent, |agent| Box::pin(agent.shutdown())));
         }
         let stop = StopSignal::new();
@@ -292,13 +289,16 @@ fn onboarded_uplink(identity: &onboarding::DeviceIdentity) -> anyhow::Result<Upl
         .with_context(|| format!("onboarded sink address {}", identity.sink.sink_address))?
         .next()
         .context("onboarded sink address resolves to nothing")?;
-    Ok(UplinkConfig::new(
+    let mut uplink_config = UplinkConfig::new(
         sink,
         &identity.sink.sink_server_name,
         &identity.device_id,
         identity.certificate.clone(),
         &identity.ca_pem,
-    ))
+    );
+    // The agent renews the certificate there; the uplink takes it up at its next connection.
+    uplink_config.identity_dir = Some(identity.identity_dir.clone());
+    Ok(uplink_config)
 }
 
 /// The uplink `[uplink]` configures, with the certificate in its `identity_dir`, which names the
@@ -331,6 +331,8 @@ fn configured_uplink(
         .with_context(|| format!("uplink.sink {}: no address", settings.sink))?;
     let mut uplink_config = UplinkConfig::new(sink, &settings.server_name, &certified, identity, &ca_pem);
     settings.tune(&mut uplink_config);
+    // A certificate replaced in place (renewed by other means) is taken up.
+    uplink_config.identity_dir = Some(settings.identity_dir.clone());
     Ok(Some(uplink_config))
 }
 

@@ -10,6 +10,12 @@
 //! blocking threads. QUIC flow control is the backpressure: a lane reads its next batch only when
 //! less than one batch is waiting for its writer, so a slow link fills the ring and the ring's
 //! per-lane policy applies; the uplink never blocks ingest.
+//!
+//! Certificate renewal: with `identity_dir` set, the certificate and key are read again from
+//! there before each connection, and a pair that changed (the agent renewed it,
+//! `fleet::install_renewal`) becomes the endpoint's client config; a pair that does not read back
+//! whole keeps the previous one. A live connection is not broken for a renewal: the sink checks a
+//! certificate at the handshake, so the old one serves until the next reconnect.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +83,9 @@ pub struct UplinkConfig {
     /// Where the chunkers keep their zstd dictionaries; each is sent ahead of the first chunk
     /// of a session that names it. Without a store, a chunk naming a dictionary ends the session.
     pub dictionaries: Option<Arc<DictionaryStore>>,
+    /// Where the device's `cert.pem` and `key.pem` live; read again before each connection so a
+    /// renewed certificate is used. `None`: `identity` for the uplink's whole life.
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 impl UplinkConfig {
@@ -104,6 +113,7 @@ impl UplinkConfig {
             in_flight_bytes_max: IN_FLIGHT_BYTES_MAX_DEFAULT,
             welcome_timeout_ms: WELCOME_TIMEOUT_MS_DEFAULT,
             dictionaries: None,
+            identity_dir: None,
         }
     }
 }
@@ -121,6 +131,8 @@ pub struct UplinkMetrics {
     pub undeliverable_chunks: AtomicU64,
     /// Times the ring took a new identity because the sink held seqs it had not written.
     pub ring_identity_renewals: AtomicU64,
+    /// Times a renewed device certificate was taken up for the next connections.
+    pub certificate_reloads: AtomicU64,
     /// Durable watermark per lane as last acked by the sink.
     pub acked_through: [AtomicU64; Lane::COUNT],
     /// Per lane: from a chunk handed to QUIC to the sink's Ack covering it (network both ways,
@@ -187,7 +199,7 @@ impl Uplink {
 }
 
 async fn run(
-    endpoint: quinn::Endpoint,
+    mut endpoint: quinn::Endpoint,
     ring: Ring,
     config: UplinkConfig,
     metrics: Arc<UplinkMetrics>,
@@ -198,7 +210,11 @@ async fn run(
         Duration::from_millis(config.reconnect_max_ms.max(config.reconnect_min_ms.max(1))),
         HEALTHY_SESSION,
     );
+    let mut certificate_pem = config.identity.certificate_pem.clone();
     loop {
+        if let Some(identity_dir) = &config.identity_dir {
+            reload_certificate(&mut endpoint, &mut certificate_pem, identity_dir, &config, &metrics);
+        }
         let started = Instant::now();
         let outcome = tokio::select! {
             outcome = connect_and_run(&endpoint, &ring, &config, &metrics) => outcome,
@@ -226,6 +242,35 @@ async fn run(
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"appliance stopping");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Takes up a renewed certificate in `identity_dir` for the next connections.
+fn reload_certificate(
+    endpoint: &mut quinn::Endpoint,
+    certificate_pem: &mut String,
+    identity_dir: &std::path::Path,
+    config: &UplinkConfig,
+    metrics: &UplinkMetrics,
+) {
+    let client = IssuedCertificate::read_from(identity_dir).and_then(|identity| {
+        if identity.certificate_pem == *certificate_pem {
+            return Ok(None);
+        }
+        let client = fleet::client_config(&config.ca_pem, &identity, config.transport.to_quinn())?;
+        Ok(Some((client, identity.certificate_pem)))
+    });
+    match client {
+        Ok(None) => {}
+        Ok(Some((client, renewed))) => {
+            endpoint.set_default_client_config(client);
+            *certificate_pem = renewed;
+            metrics.certificate_reloads.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(device = %config.device_id, "renewed device certificate taken up for new connections");
+        }
+        Err(error) => {
+            tracing::warn!(device = %config.device_id, %error, "device certificate not reloaded; keeping the one in use")
+        }
+    }
 }
 
 /// How a session ended.

@@ -335,6 +335,7 @@ fn render_onboarding(out: &mut String, authority: &onboarding_authority::authori
             "Requests answered again with the certificate already issued to their key.",
             &authority.reanswered,
         ),
+        ("renewed", "Device certificates issued by renewal.", &authority.renewed),
         ("pending", "Requests waiting for an operator's approval.", &authority.pending),
         ("ignored", "Messages ignored (invalid topic, unparsable, revoked sender).", &authority.ignored),
         ("heartbeats", "Device heartbeats recorded.", &authority.heartbeats),

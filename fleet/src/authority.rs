@@ -61,11 +61,41 @@ impl Validity {
     /// From an hour ago (`VALIDITY_BACKDATE_SECONDS`, for peers with slow clocks) to `days` from
     /// now.
     pub fn days(days: u32) -> Validity {
+        Validity::seconds(u64::from(days) * 86_400)
+    }
+
+    /// From an hour ago to `seconds` from now: short-lived certificates (and tests of renewal).
+    pub fn seconds(seconds: u64) -> Validity {
         let now = SystemTime::now();
         Validity {
             not_before: now - Duration::from_secs(VALIDITY_BACKDATE_SECONDS),
-            not_after: now + Duration::from_secs(u64::from(days) * 86_400),
+            not_after: now + Duration::from_secs(seconds),
         }
+    }
+
+    /// The validity period a certificate carries.
+    pub fn of_certificate(certificate_pem: &str) -> Result<Validity, FleetError> {
+        let der = pem::first_certificate(certificate_pem, "certificate")?;
+        let (_, certificate) = X509Certificate::from_der(&der).map_err(|error| FleetError::Certificate {
+            what: "certificate".to_owned(),
+            problem: format!("not an X.509 certificate: {error}"),
+        })?;
+        let at = |seconds: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
+        Ok(Validity {
+            not_before: at(certificate.validity().not_before.timestamp()),
+            not_after: at(certificate.validity().not_after.timestamp()),
+        })
+    }
+
+    /// When a holder should renew: once `renew_after_percent` of the lifetime has passed. The
+    /// lifetime counts from the issue time (`not_before` plus the backdate, or `not_before` when
+    /// that is later than `not_after` allows), not from the backdated start, so a certificate of
+    /// a few seconds is not renewed at once.
+    pub fn renewal_time(&self, renew_after_percent: u8) -> SystemTime {
+        assert!((1..=99).contains(&renew_after_percent), "renew_after_percent in 1..=99");
+        let issued = (self.not_before + Duration::from_secs(VALIDITY_BACKDATE_SECONDS)).min(self.not_after);
+        let lifetime = self.not_after.duration_since(issued).unwrap_or_default();
+        issued + lifetime * u32::from(renew_after_percent) / 100
     }
 
     fn check(&self, subject: &str) -> Result<(), FleetError> {
@@ -356,6 +386,88 @@ impl IssuedCertificate {
     pub fn device_id(&self) -> Result<String, FleetError> {
         device_id_from_certificate(&pem::first_certificate(&self.certificate_pem, "device certificate")?)
     }
+}
+
+/// A renewal's new key in an identity directory, written before the request that names it, so a
+/// restart during a renewal asks again for the same key.
+pub const NEXT_KEY_FILE: &str = "key.next.pem";
+/// A renewal's new certificate, written once received; [`finish_renewal`] moves the pair into
+/// place.
+pub const NEXT_CERTIFICATE_FILE: &str = "cert.next.pem";
+
+/// Writes a renewal's new key (`key.next.pem`, mode 0600, durably).
+pub fn stage_renewal_key(dir: &Path, private_key_pem: &str) -> Result<(), FleetError> {
+    pem::key_pair(private_key_pem, "renewal key to write")?;
+    files::write_replacing(&dir.join(NEXT_KEY_FILE), private_key_pem.as_bytes(), PRIVATE_MODE)
+}
+
+/// The staged renewal key, if a renewal is under way.
+pub fn staged_renewal_key(dir: &Path) -> Result<Option<String>, FleetError> {
+    let path = dir.join(NEXT_KEY_FILE);
+    let Some(bytes) = files::read_bounded(&path, PEM_FILE_BYTES_MAX)? else { return Ok(None) };
+    let key_pem = String::from_utf8(bytes).map_err(|_| FleetError::Certificate {
+        what: path.display().to_string(),
+        problem: "not UTF-8".to_owned(),
+    })?;
+    pem::key_pair(&key_pem, &path.display().to_string())?;
+    Ok(Some(key_pem))
+}
+
+/// Installs a renewed certificate for the staged key: `cert.next.pem` is written durably, then
+/// [`finish_renewal`] renames the key and the certificate into place.
+pub fn install_renewal(dir: &Path, certificate_pem: &str) -> Result<(), FleetError> {
+    let key_pem = staged_renewal_key(dir)?.ok_or_else(|| FleetError::Certificate {
+        what: dir.join(NEXT_KEY_FILE).display().to_string(),
+        problem: "no renewal key is staged".to_owned(),
+    })?;
+    let certificate = pem::first_certificate(certificate_pem, "renewed certificate")?;
+    if !pem::key_matches(&certificate, &pem::key_pair(&key_pem, "renewal key")?) {
+        return Err(FleetError::KeyMismatch {
+            key_path: dir.join(NEXT_KEY_FILE),
+            certificate_path: dir.join(NEXT_CERTIFICATE_FILE),
+        });
+    }
+    files::write_replacing(&dir.join(NEXT_CERTIFICATE_FILE), certificate_pem.as_bytes(), PUBLIC_MODE)?;
+    let installed = finish_renewal(dir)?;
+    assert!(installed, "a staged pair that matches is installed");
+    Ok(())
+}
+
+/// Completes a renewal a crash interrupted, so `cert.pem` and `key.pem` are always a pair once
+/// this returns: with `cert.next.pem` present, its key is `key.next.pem` (not moved yet) or
+/// `key.pem` (moved, the crash came before the certificate); the key is renamed first, then the
+/// certificate, then the directory is fsynced. A `cert.next.pem` that matches neither is removed.
+/// Returns whether a renewed pair was moved into place.
+pub fn finish_renewal(dir: &Path) -> Result<bool, FleetError> {
+    let certificate_path = dir.join(NEXT_CERTIFICATE_FILE);
+    let Some(bytes) = files::read_bounded(&certificate_path, PEM_FILE_BYTES_MAX)? else {
+        return Ok(false);
+    };
+    let next_certificate =
+        String::from_utf8(bytes).ok().and_then(|text| pem::first_certificate(&text, "").ok());
+    let staged_key = staged_renewal_key(dir).ok().flatten();
+    let matches = |key_pem: &str| {
+        next_certificate.as_ref().is_some_and(|certificate| {
+            pem::key_pair(key_pem, "").is_ok_and(|key| pem::key_matches(certificate, &key))
+        })
+    };
+    if let Some(key_pem) = &staged_key
+        && matches(key_pem)
+    {
+        durable::rename_into_place(&dir.join(NEXT_KEY_FILE), &dir.join(KEY_FILE))?;
+    } else {
+        let current_key = files::read_bounded(&dir.join(KEY_FILE), PEM_FILE_BYTES_MAX)?
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        if !current_key.as_deref().is_some_and(matches) {
+            tracing::warn!(path = %certificate_path.display(), "a renewed certificate for no key we hold: removed");
+            std::fs::remove_file(&certificate_path)
+                .map_err(|source| files::io_error("remove", &certificate_path, source))?;
+            durable::sync_directory(dir)?;
+            return Ok(false);
+        }
+    }
+    durable::rename_into_place(&certificate_path, &dir.join(CERTIFICATE_FILE))?;
+    Ok(true)
 }
 
 /// Reads and checks `ca.pem` from an identity directory written by

@@ -29,7 +29,9 @@ pub mod transport;
 
 pub use authority::{
     CA_CERTIFICATE_FILE, CA_KEY_FILE, CA_VALIDITY_DAYS, CERTIFICATE_FILE, FLEET_NAME_BYTES_MAX, FleetCa,
-    IssuedCertificate, KEY_FILE, SERVER_NAMES_MAX, VALIDITY_BACKDATE_SECONDS, Validity, read_ca_pem,
+    IssuedCertificate, KEY_FILE, NEXT_CERTIFICATE_FILE, NEXT_KEY_FILE, SERVER_NAMES_MAX,
+    VALIDITY_BACKDATE_SECONDS, Validity, finish_renewal, install_renewal, read_ca_pem, stage_renewal_key,
+    staged_renewal_key,
 };
 pub use csr::{CSR_PEM_BYTES_MAX, CsrProblem, CsrSigner};
 pub use device_id::{DEVICE_ID_BYTES_MAX, device_id_from_certificate, validate_device_id};

@@ -1,11 +1,12 @@
-//! Onboarding payloads as they arrive over MQTT (requests, answers, heartbeats, config and its
-//! acks: JSON from anyone holding the claim identity or a device certificate), and the topics
+//! Onboarding payloads as they arrive over MQTT (requests, answers, renewals, heartbeats, config
+//! and its acks: JSON from anyone holding the claim identity or a device certificate), and the topics
 //! they arrive on. Whatever parses is within the bounds its `validate` checks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use onboarding::messages::{
-    ConfigAck, ConfigDocument, Heartbeat, OnboardingRequest, OnboardingResponse, parse_bounded,
+    ConfigAck, ConfigDocument, Heartbeat, OnboardingRequest, OnboardingResponse, RenewalRequest,
+    RenewalResponse, parse_bounded,
 };
 
 fuzz_target!(|bytes: &[u8]| {
@@ -18,6 +19,8 @@ fuzz_target!(|bytes: &[u8]| {
         let _ = config.validate();
     }
     let _ = parse_bounded::<ConfigAck>(bytes);
+    let _ = parse_bounded::<RenewalRequest>(bytes);
+    let _ = parse_bounded::<RenewalResponse>(bytes);
     if let Ok(topic) = std::str::from_utf8(bytes) {
         let _ = onboarding::topics::parse(topic);
         let _ = onboarding::topics::is_key_fingerprint(topic);

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use crate::registry::{DeviceState, Registry, sha256_hex};
 use onboarding::messages::{
     ConfigAck, ConfigDocument, Heartbeat, OnboardingRequest, OnboardingResponse, RejectionCode,
-    parse_bounded, shorten, unix_ms_now,
+    RenewalRequest, RenewalResponse, parse_bounded, shorten, unix_ms_now,
 };
 use onboarding::mqtt::{self, Session, TlsIdentity};
 use onboarding::topics::{self, Topic};
@@ -66,6 +66,10 @@ pub struct AuthorityConfig {
     pub allow_operator_approval: bool,
     #[serde(default = "default_certificate_validity_days")]
     pub certificate_validity_days: u32,
+    /// Overrides `certificate_validity_days` with a lifetime in seconds (short-lived certificates;
+    /// the renewal tests use seconds).
+    #[serde(default)]
+    pub certificate_validity_seconds: Option<u64>,
     /// The config a new device starts with.
     #[serde(default)]
     pub default_config: BTreeMap<String, String>,
@@ -96,6 +100,14 @@ fn default_pending_devices_max() -> u32 {
 }
 
 impl AuthorityConfig {
+    /// The validity of a certificate issued now (onboarding or renewal).
+    pub fn certificate_validity(&self) -> Validity {
+        match self.certificate_validity_seconds {
+            Some(seconds) => Validity::seconds(seconds),
+            None => Validity::days(self.certificate_validity_days),
+        }
+    }
+
     /// Resolves a relative `registry_dir` against `base` (the config file's directory).
     pub fn resolve_relative(&mut self, base: &Path) {
         if self.registry_dir.is_relative() {
@@ -108,6 +120,13 @@ impl AuthorityConfig {
             return Err(format!(
                 "onboarding.certificate_validity_days = {}: expected 1..=3650",
                 self.certificate_validity_days
+            ));
+        }
+        if let Some(seconds) = self.certificate_validity_seconds
+            && !(5..=3650 * 86_400).contains(&seconds)
+        {
+            return Err(format!(
+                "onboarding.certificate_validity_seconds = {seconds}: expected 5..=315360000 (ten years)"
             ));
         }
         if !(10..=60_000).contains(&self.poll_interval_ms) {
@@ -149,6 +168,8 @@ pub struct AuthorityMetrics {
     pub ignored: AtomicU64,
     /// Requests answered with the certificate already issued to their key (retries).
     pub reanswered: AtomicU64,
+    /// Certificates issued by renewal (refused renewals count in the rejections per code).
+    pub renewed: AtomicU64,
     /// Rejections per code, indexed by [`RejectionCode::index`].
     rejected_by_code: [AtomicU64; RejectionCode::ALL.len()],
 }
@@ -232,6 +253,7 @@ impl Authority {
                 topics::REQUEST_FILTER.to_owned(),
                 topics::HEARTBEAT_FILTER.to_owned(),
                 topics::CONFIG_ACK_FILTER.to_owned(),
+                topics::RENEW_REQUEST_FILTER.to_owned(),
             ],
         )?;
         let metrics = Arc::new(AuthorityMetrics::default());
@@ -302,12 +324,22 @@ impl Drop for Authority {
     }
 }
 
+fn csr_rejection_code(problem: &CsrProblem) -> RejectionCode {
+    match problem {
+        CsrProblem::TooLarge { .. } | CsrProblem::Malformed => RejectionCode::CsrMalformed,
+        CsrProblem::BadSignature => RejectionCode::CsrBadSignature,
+        CsrProblem::UnsupportedKeyType => RejectionCode::CsrUnsupportedKey,
+        CsrProblem::SubjectMismatch { .. } => RejectionCode::CsrSubjectMismatch,
+    }
+}
+
 impl Handler {
     async fn handle(&self, session: &Session, topic: &str, payload: &[u8]) {
         match topics::parse(topic) {
             Some(Topic::Request(key)) => self.answer(session, key, payload).await,
             Some(Topic::Heartbeat(device_id)) => self.heartbeat(device_id, payload),
             Some(Topic::ConfigAck(device_id)) => self.config_ack(device_id, payload),
+            Some(Topic::RenewRequest(device_id)) => self.renew(session, device_id, payload).await,
             _ => {
                 self.metrics.ignored.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(topic, "ignoring a message on an unexpected topic");
@@ -409,15 +441,7 @@ impl Handler {
         }
         let csr = match CsrSigner::check(&request.csr_pem, device_id) {
             Ok(csr) => csr,
-            Err(problem) => {
-                let code = match problem {
-                    CsrProblem::TooLarge { .. } | CsrProblem::Malformed => RejectionCode::CsrMalformed,
-                    CsrProblem::BadSignature => RejectionCode::CsrBadSignature,
-                    CsrProblem::UnsupportedKeyType => RejectionCode::CsrUnsupportedKey,
-                    CsrProblem::SubjectMismatch { .. } => RejectionCode::CsrSubjectMismatch,
-                };
-                return reject(code, problem.to_string());
-            }
+            Err(problem) => return reject(csr_rejection_code(&problem), problem.to_string()),
         };
         // The CSR's signature verified: the requester holds this key. The topic must be named
         // after it, so the answer goes only to a client whose id is this key's fingerprint.
@@ -440,7 +464,7 @@ impl Handler {
             );
         }
         let now = unix_ms_now();
-        let validity = Validity::days(self.config.certificate_validity_days);
+        let validity = self.config.certificate_validity();
         let refuse = |code, message: String| Ok(Err(Decision::Rejected(code, message)));
         let outcome = self.registry.write(|transaction| {
             let existing = transaction.device(device_id)?;
@@ -558,6 +582,114 @@ impl Handler {
             Ok(Ok(Decision::Accepted { certificate_pem, config: record.config.clone() }))
         })?;
         Ok((named, outcome.unwrap_or_else(|decision| decision)))
+    }
+
+    /// Answers a renewal. The request came through the broker on the device's own topic, which
+    /// only a client holding a certificate for `device_id` may publish to (ACL on the CN): that is
+    /// the proof of the old identity, as EST's re-enrollment takes it from the TLS session. The
+    /// CSR's signature proves the new key. Checked: size and shape, device id, reserved ids, the
+    /// rate, the CSR (subject CN = the id), then in one registry transaction the device must be
+    /// active (`device_revoked`, `not_onboarded`); a request for the key the current certificate
+    /// already names gets that certificate again (a retry after a lost answer).
+    async fn renew(&self, session: &Session, device_id: &str, payload: &[u8]) {
+        if fleet::validate_device_id(device_id).is_err() {
+            self.metrics.ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(device_id = %shorten(device_id), "renewal on an invalid topic ignored");
+            return;
+        }
+        let within_rate = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_take(std::time::Instant::now(), 1);
+        let decided = if within_rate {
+            self.decide_renewal(device_id, payload).unwrap_or_else(|error| {
+                tracing::error!(device_id, %error, "renewal failed");
+                Err((RejectionCode::InternalError, "the authority failed; try again later".to_owned()))
+            })
+        } else {
+            Err((RejectionCode::RateLimited, "the authority is busy; ask again later".to_owned()))
+        };
+        let response = match decided {
+            Ok((certificate_pem, key_sha256, reanswer)) => {
+                if reanswer {
+                    self.metrics.reanswered.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(device_id, key_sha256, "renewed certificate sent again to its key");
+                } else {
+                    self.metrics.renewed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(device_id, key_sha256, "certificate renewed");
+                }
+                RenewalResponse::Renewed { certificate_pem, key_sha256 }
+            }
+            Err((code, message)) => {
+                self.metrics.count_rejection(code);
+                let message = shorten(&message);
+                tracing::warn!(device_id, %code, message, "renewal refused");
+                RenewalResponse::Rejected { code, message }
+            }
+        };
+        let bytes = serde_json::to_vec(&response).expect("a response serializes");
+        if let Err(error) =
+            mqtt::publish(&session.client, topics::renew_response(device_id), false, bytes).await
+        {
+            tracing::error!(device_id, %error, "could not send the renewal response");
+        }
+    }
+
+    /// The certificate, its key's fingerprint and whether it was issued before (a retry), or the
+    /// refusal.
+    #[allow(clippy::type_complexity)]
+    fn decide_renewal(
+        &self,
+        device_id: &str,
+        payload: &[u8],
+    ) -> Result<Result<(String, String, bool), (RejectionCode, String)>, OnboardingError> {
+        let request: RenewalRequest = match parse_bounded(payload) {
+            Ok(request) => request,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        if RESERVED_DEVICE_IDS.contains(&device_id) {
+            return Ok(Err((RejectionCode::ReservedDeviceId, format!("{device_id} is reserved"))));
+        }
+        let csr = match CsrSigner::check(&request.csr_pem, device_id) {
+            Ok(csr) => csr,
+            Err(problem) => return Ok(Err((csr_rejection_code(&problem), problem.to_string()))),
+        };
+        let key_sha256 = topics::key_fingerprint(&csr.subject_public_key_info());
+        let now = unix_ms_now();
+        let validity = self.config.certificate_validity();
+        self.registry.write(|transaction| {
+            let Some(mut record) = transaction.device(device_id)? else {
+                return Ok(Err((
+                    RejectionCode::NotOnboarded,
+                    format!("device {device_id} is not onboarded"),
+                )));
+            };
+            match record.state {
+                DeviceState::Revoked => {
+                    return Ok(Err((RejectionCode::DeviceRevoked, format!("device {device_id} is revoked"))));
+                }
+                DeviceState::Pending => {
+                    return Ok(Err((
+                        RejectionCode::NotOnboarded,
+                        format!("device {device_id} is not onboarded"),
+                    )));
+                }
+                DeviceState::Active => {}
+            }
+            if record.key_sha256.as_deref() == Some(key_sha256.as_str())
+                && let Some(certificate_pem) = &record.certificate_pem
+            {
+                return Ok(Ok((certificate_pem.clone(), key_sha256.clone(), true)));
+            }
+            let certificate_pem = self.signer.sign(&csr, validity)?;
+            record.certificate_pem = Some(certificate_pem.clone());
+            record.key_sha256 = Some(key_sha256.clone());
+            record.renewals += 1;
+            record.renewed_unix_ms = Some(now);
+            transaction.put_device(&record)?;
+            Ok(Ok((certificate_pem, key_sha256.clone(), false)))
+        })
     }
 
     fn heartbeat(&self, device_id: &str, payload: &[u8]) {

@@ -238,8 +238,17 @@ fn top_row(record: &DeviceRecord, now_unix_ms: u64) -> TopRow {
 pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
     let now = unix_ms_now();
     let mut lines = vec![format!(
-        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12} {}",
-        "DEVICE", "STATE", "HEARTBEAT_AGO", "LAG", "RING_FILL_%", "CONFIG", "VERSION", "KEY_SHA256"
+        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12} {:<64} {:>8} {}",
+        "DEVICE",
+        "STATE",
+        "HEARTBEAT_AGO",
+        "LAG",
+        "RING_FILL_%",
+        "CONFIG",
+        "VERSION",
+        "KEY_SHA256",
+        "RENEWALS",
+        "CERT_EXPIRES_IN"
     )];
     for record in registry.devices()? {
         let ago = record
@@ -260,8 +269,19 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
         };
         // The certified key, or the key a pending id is bound to.
         let key = record.key_sha256.as_deref().or(record.pending_key_sha256.as_deref()).unwrap_or("-");
+        let expires_in = record
+            .certificate_pem
+            .as_deref()
+            .and_then(|pem| fleet::Validity::of_certificate(pem).ok())
+            .map_or("-".to_owned(), |validity| {
+                let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now);
+                match validity.not_after.duration_since(now) {
+                    Ok(left) => format!("{} s", left.as_secs()),
+                    Err(_) => "expired".to_owned(),
+                }
+            });
         lines.push(format!(
-            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12} {}",
+            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12} {:<64} {:>8} {}",
             record.device_id,
             record.state.as_str(),
             ago,
@@ -270,7 +290,9 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
             record.config_acked_version,
             record.config.version,
             version,
-            key
+            key,
+            record.renewals,
+            expires_in
         ));
     }
     Ok(lines.join("\n"))

@@ -96,6 +96,11 @@ pub struct DeviceRecord {
     pub config_published_version: u64,
     pub config_acked_version: u64,
     pub config_ack_message: Option<String>,
+    /// Certificates issued to this device by renewal (the onboarding one not counted).
+    #[serde(default)]
+    pub renewals: u64,
+    #[serde(default)]
+    pub renewed_unix_ms: Option<u64>,
 }
 
 impl DeviceRecord {
@@ -115,6 +120,8 @@ impl DeviceRecord {
             config_published_version: 0,
             config_acked_version: 0,
             config_ack_message: None,
+            renewals: 0,
+            renewed_unix_ms: None,
         }
     }
 

@@ -38,6 +38,7 @@ async fn a_device_onboards_and_reports_through_the_embedded_broker() {
         sink_server_name: "localhost".to_owned(),
         allow_operator_approval: false,
         certificate_validity_days: 1,
+        certificate_validity_seconds: None,
         default_config: Default::default(),
         poll_interval_ms: 50,
         requests_per_second_max: 1_000,

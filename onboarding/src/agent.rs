@@ -10,15 +10,31 @@
 //!
 //! Config keys the agent applies itself: `heartbeat_interval_ms` (100..=3600000). Every other key
 //! is passed to the daemon as is.
+//!
+//! Renewal (EST-style re-enrollment over the same channel): once `renew_after_percent` of the
+//! certificate's lifetime has passed (counted from its issue, `fleet::Validity::renewal_time`),
+//! the agent stages a new key (`key.next.pem`, before the request, so a restart asks again for
+//! the same key), publishes a CSR for it on `tributary/device/{id}/renew/request` with the
+//! current certificate, and waits for `renew/response`. A certificate for the staged key that
+//! chains to the pinned CA and names this device is installed as a pair (`fleet::install_renewal`)
+//! and the MQTT session is restarted with it; the uplink picks it up at its next connection
+//! (`UplinkConfig::identity_dir`). Without an answer, or refused, it asks again every
+//! `renewal_retry_ms` until the certificate expires (and after: a certificate past its expiry
+//! no longer connects to the broker, so renewal must happen inside the window).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::device::{CONFIG_FILE, DeviceIdentity};
-use crate::messages::{ConfigAck, ConfigDocument, Heartbeat, parse_bounded, shorten, unix_ms_now};
+use crate::messages::{
+    ConfigAck, ConfigDocument, Heartbeat, RenewalRequest, RenewalResponse, parse_bounded, shorten,
+    unix_ms_now,
+};
 use crate::mqtt::{self, Session, TlsIdentity};
 use crate::{BrokerEndpoint, OnboardingError, files, topics};
 
@@ -32,13 +48,48 @@ pub struct DeviceAgentConfig {
     pub broker: BrokerEndpoint,
     /// Used until the config sets `heartbeat_interval_ms`.
     pub heartbeat_interval_ms: u64,
+    /// Renew once this percentage of the certificate's lifetime has passed (1..=99).
+    pub renew_after_percent: u8,
+    /// Wait before asking again when a renewal got no answer or was refused.
+    pub renewal_retry_ms: u64,
 }
 
 impl DeviceAgentConfig {
-    /// A heartbeat every 10 s by default.
+    /// A heartbeat every 10 s; renewal after two thirds of the lifetime, retried every minute.
     pub fn new(broker: BrokerEndpoint) -> DeviceAgentConfig {
-        DeviceAgentConfig { broker, heartbeat_interval_ms: 10_000 }
+        DeviceAgentConfig {
+            broker,
+            heartbeat_interval_ms: 10_000,
+            renew_after_percent: 66,
+            renewal_retry_ms: 60_000,
+        }
     }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=99).contains(&self.renew_after_percent) {
+            return Err(format!("renew_after_percent = {}: expected 1..=99", self.renew_after_percent));
+        }
+        if !(100..=86_400_000).contains(&self.renewal_retry_ms) {
+            return Err(format!("renewal_retry_ms = {}: expected 100..=86400000", self.renewal_retry_ms));
+        }
+        Ok(())
+    }
+}
+
+/// What the agent's renewals did (read by the daemon's `/metrics` and tests).
+#[derive(Debug, Default)]
+pub struct RenewalMetrics {
+    /// Certificates renewed and installed.
+    pub renewed: AtomicU64,
+    /// Renewal requests sent (first attempts and retries).
+    pub requests: AtomicU64,
+    /// Answers refusing a renewal; the last code is in `last_refusal`.
+    pub refused: AtomicU64,
+    /// Answers that could not be used (wrong key, not chaining to the pinned CA, unparsable).
+    pub bad_answers: AtomicU64,
+    pub last_refusal: std::sync::Mutex<Option<crate::RejectionCode>>,
+    /// The installed certificate's expiry (Unix seconds).
+    pub certificate_expires_unix_seconds: AtomicU64,
 }
 
 /// What the daemon reports; the agent adds the config version and the send time.
@@ -64,7 +115,16 @@ pub struct DeviceAgent {
     config: watch::Receiver<ConfigDocument>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Session>,
-    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    connections: Arc<Connections>,
+    renewal: Arc<RenewalMetrics>,
+}
+
+/// Broker connections over every session the agent had (it restarts its session after a
+/// renewal, with the new certificate).
+#[derive(Default)]
+struct Connections {
+    earlier_sessions: AtomicU64,
+    current: std::sync::Mutex<Arc<AtomicU64>>,
 }
 
 struct State {
@@ -73,6 +133,24 @@ struct State {
     config: watch::Sender<ConfigDocument>,
     status: watch::Receiver<DeviceStatus>,
     heartbeat_interval: Duration,
+    renewal: Renewal,
+}
+
+/// The renewal side of the agent's state.
+struct Renewal {
+    identity_dir: PathBuf,
+    pinned_ca_pem: String,
+    certificate_pem: String,
+    private_key_pem: String,
+    broker: BrokerEndpoint,
+    renew_after_percent: u8,
+    retry: Duration,
+    /// When to ask next; pushed back by `retry` after each request.
+    next_attempt: tokio::time::Instant,
+    /// The fingerprint of the staged key the last request asked for.
+    asked_for: Option<String>,
+    metrics: Arc<RenewalMetrics>,
+    connections: Arc<Connections>,
 }
 
 fn heartbeat_interval(config: &ConfigDocument, default_ms: u64) -> Result<Duration, String> {
@@ -102,19 +180,26 @@ impl DeviceAgent {
         let interval = heartbeat_interval(&persisted, config.heartbeat_interval_ms)
             .or_else(|_| heartbeat_interval(&ConfigDocument::default(), config.heartbeat_interval_ms))
             .map_err(OnboardingError::Config)?;
+        config.validate().map_err(OnboardingError::Config)?;
         let config_topic = topics::config(&identity.device_id);
-        let client_id = mqtt::unguessable_client_id(&identity.device_id)?;
-        let mut session = Session::start(
-            &config.broker,
-            &client_id,
-            &TlsIdentity {
-                ca_pem: &identity.ca_pem,
-                certificate_pem: &identity.certificate.certificate_pem,
-                private_key_pem: &identity.certificate.private_key_pem,
-            },
-            std::slice::from_ref(&config_topic),
-        )?;
-        let connections = session.connections.clone();
+        let renew_topic = topics::renew_response(&identity.device_id);
+        let connections = Arc::new(Connections::default());
+        let renewal_metrics = Arc::new(RenewalMetrics::default());
+        let mut renewal = Renewal {
+            identity_dir: identity.identity_dir.clone(),
+            pinned_ca_pem: identity.ca_pem.clone(),
+            certificate_pem: identity.certificate.certificate_pem.clone(),
+            private_key_pem: identity.certificate.private_key_pem.clone(),
+            broker: config.broker.clone(),
+            renew_after_percent: config.renew_after_percent,
+            retry: Duration::from_millis(config.renewal_retry_ms),
+            next_attempt: tokio::time::Instant::now(),
+            asked_for: None,
+            metrics: renewal_metrics.clone(),
+            connections: connections.clone(),
+        };
+        renewal.schedule_from_certificate()?;
+        let mut session = renewal.start_session(&identity.device_id)?;
         let (status_sender, status) = watch::channel(DeviceStatus::default());
         let (config_sender, config_receiver) = watch::channel(persisted);
         let (stop, mut stopped) = watch::channel(false);
@@ -124,6 +209,7 @@ impl DeviceAgent {
             config: config_sender,
             status,
             heartbeat_interval: interval,
+            renewal,
         };
         let default_interval_ms = config.heartbeat_interval_ms;
         let task = tokio::spawn(async move {
@@ -138,6 +224,28 @@ impl DeviceAgent {
                             if ticker.period() != state.heartbeat_interval {
                                 ticker = tokio::time::interval(state.heartbeat_interval);
                             }
+                        } else if message.topic == renew_topic
+                            && state.renewal.on_answer(&state.device_id, &message.payload)
+                        {
+                            // The broker sees the new certificate from now on.
+                            let previous = std::mem::replace(
+                                &mut session,
+                                match state.renewal.start_session(&state.device_id) {
+                                    Ok(session) => session,
+                                    Err(error) => {
+                                        tracing::error!(device_id = state.device_id, %error, "agent session with the renewed certificate failed; the agent stops");
+                                        break;
+                                    }
+                                },
+                            );
+                            previous.close().await;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(state.renewal.next_attempt) => {
+                        if session.is_ready() {
+                            state.renewal.ask(&session, &state.device_id).await;
+                        } else {
+                            state.renewal.next_attempt = tokio::time::Instant::now() + state.renewal.retry;
                         }
                     }
                     _ = ticker.tick() => {
@@ -149,7 +257,14 @@ impl DeviceAgent {
             }
             session
         });
-        Ok(DeviceAgent { status: status_sender, config: config_receiver, stop, task, connections })
+        Ok(DeviceAgent {
+            status: status_sender,
+            config: config_receiver,
+            stop,
+            task,
+            connections,
+            renewal: renewal_metrics,
+        })
     }
 
     /// Replaces the status the next heartbeats report.
@@ -169,7 +284,14 @@ impl DeviceAgent {
 
     /// How many times the broker accepted the agent's connection: 1 while it never reconnected.
     pub fn mqtt_connections(&self) -> u64 {
-        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+        let current =
+            self.connections.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        self.connections.earlier_sessions.load(Ordering::Relaxed) + current.load(Ordering::Relaxed)
+    }
+
+    /// What renewals did so far.
+    pub fn renewal_metrics(&self) -> Arc<RenewalMetrics> {
+        self.renewal.clone()
     }
 
     pub async fn shutdown(self) {
@@ -177,6 +299,136 @@ impl DeviceAgent {
         if let Ok(session) = self.task.await {
             session.close().await;
         }
+    }
+}
+
+impl Renewal {
+    /// Starts an MQTT session with the installed certificate, subscribed to the config and the
+    /// renewal answers.
+    fn start_session(&self, device_id: &str) -> Result<Session, OnboardingError> {
+        let session = Session::start(
+            &self.broker,
+            &mqtt::unguessable_client_id(device_id)?,
+            &TlsIdentity {
+                ca_pem: &self.pinned_ca_pem,
+                certificate_pem: &self.certificate_pem,
+                private_key_pem: &self.private_key_pem,
+            },
+            &[topics::config(device_id), topics::renew_response(device_id)],
+        )?;
+        let mut current = self.connections.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let earlier = current.load(Ordering::Relaxed);
+        self.connections.earlier_sessions.fetch_add(earlier, Ordering::Relaxed);
+        *current = session.connections.clone();
+        Ok(session)
+    }
+
+    /// Sets the next attempt at the installed certificate's renewal time.
+    fn schedule_from_certificate(&mut self) -> Result<(), OnboardingError> {
+        let validity = fleet::Validity::of_certificate(&self.certificate_pem)?;
+        let expires = validity.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.metrics.certificate_expires_unix_seconds.store(expires.as_secs(), Ordering::Relaxed);
+        let wait = validity
+            .renewal_time(self.renew_after_percent)
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        self.next_attempt = tokio::time::Instant::now() + wait;
+        Ok(())
+    }
+
+    /// Sends a renewal request for the staged key (staging a new one first if none is).
+    async fn ask(&mut self, session: &Session, device_id: &str) {
+        self.next_attempt = tokio::time::Instant::now() + self.retry;
+        let csr = match self.staged_csr(device_id) {
+            Ok(csr) => csr,
+            Err(error) => {
+                tracing::error!(device_id, %error, "cannot prepare a renewal; retrying later");
+                return;
+            }
+        };
+        let (csr_pem, key_sha256) = csr;
+        let bytes = serde_json::to_vec(&RenewalRequest { csr_pem }).expect("a request serializes");
+        match mqtt::publish(&session.client, topics::renew_request(device_id), false, bytes).await {
+            Ok(()) => {
+                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device_id, key_sha256, "asked for a renewed certificate");
+                self.asked_for = Some(key_sha256);
+            }
+            Err(error) => tracing::warn!(device_id, %error, "renewal request not sent; retrying later"),
+        }
+    }
+
+    /// The CSR for the staged renewal key and that key's fingerprint.
+    fn staged_csr(&self, device_id: &str) -> Result<(String, String), OnboardingError> {
+        let key_pem = match fleet::staged_renewal_key(&self.identity_dir)? {
+            Some(key_pem) => key_pem,
+            None => {
+                let (_, key_pem) = fleet::csr::generate_device_key_and_csr(device_id)?;
+                fleet::stage_renewal_key(&self.identity_dir, &key_pem)?;
+                key_pem
+            }
+        };
+        let key_sha256 = topics::key_fingerprint(&fleet::csr::subject_public_key_info_of_key_pem(&key_pem)?);
+        Ok((fleet::csr::csr_for_key_pem(device_id, &key_pem)?, key_sha256))
+    }
+
+    /// Handles an answer; true when a renewed certificate was installed.
+    fn on_answer(&mut self, device_id: &str, payload: &[u8]) -> bool {
+        let answer = match parse_bounded::<RenewalResponse>(payload) {
+            Ok(answer) => answer,
+            Err((code, problem)) => {
+                self.metrics.bad_answers.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device_id, %code, problem, "unusable renewal answer ignored");
+                return false;
+            }
+        };
+        match answer {
+            RenewalResponse::Rejected { code, message } => {
+                self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                *self.metrics.last_refusal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(code);
+                tracing::error!(device_id, %code, message, "renewal refused; asking again later");
+                false
+            }
+            RenewalResponse::Renewed { certificate_pem, key_sha256 } => {
+                if self.asked_for.as_deref() != Some(key_sha256.as_str()) {
+                    // An answer to an older request (its key is no longer staged).
+                    tracing::debug!(device_id, key_sha256, "renewal answer for another key ignored");
+                    return false;
+                }
+                match self.install(device_id, &certificate_pem) {
+                    Ok(()) => {
+                        self.asked_for = None;
+                        self.metrics.renewed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(device_id, key_sha256, "device certificate renewed and installed");
+                        true
+                    }
+                    Err(error) => {
+                        self.metrics.bad_answers.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(device_id, %error, "renewed certificate refused; asking again later");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    fn install(&mut self, device_id: &str, certificate_pem: &str) -> Result<(), OnboardingError> {
+        let certificate = fleet::IssuedCertificate {
+            certificate_pem: certificate_pem.to_owned(),
+            private_key_pem: String::new(),
+        };
+        if certificate.device_id()? != device_id {
+            return Err(OnboardingError::BadAnswer(
+                "the renewed certificate names another device".to_owned(),
+            ));
+        }
+        crate::device::check_issued_by(&self.pinned_ca_pem, certificate_pem)?;
+        fleet::install_renewal(&self.identity_dir, certificate_pem)?;
+        let installed = fleet::IssuedCertificate::read_from(&self.identity_dir)?;
+        self.certificate_pem = installed.certificate_pem;
+        self.private_key_pem = installed.private_key_pem;
+        self.schedule_from_certificate()
     }
 }
 

@@ -192,6 +192,10 @@ pub fn load_identity(
     if !identity_dir.join(fleet::CERTIFICATE_FILE).exists() {
         return Ok(None);
     }
+    // A renewal a power cut interrupted is completed (or dropped) before the pair is read.
+    if fleet::finish_renewal(identity_dir)? {
+        tracing::info!(device_id, "a renewed certificate interrupted by a restart was installed");
+    }
     let certificate = IssuedCertificate::read_from(identity_dir)?;
     if certificate.device_id()? != device_id {
         return Err(OnboardingError::File {
@@ -253,7 +257,7 @@ fn check_ca_is_pinned(pinned_ca_pem: &str, offered_ca_pem: &str) -> Result<(), O
 
 /// Checks that `certificate_pem` is a client certificate issued by the pinned CA, as the sink
 /// will check it (webpki, clientAuth).
-fn check_issued_by(pinned_ca_pem: &str, certificate_pem: &str) -> Result<(), OnboardingError> {
+pub(crate) fn check_issued_by(pinned_ca_pem: &str, certificate_pem: &str) -> Result<(), OnboardingError> {
     let bad = |problem: String| OnboardingError::BadAnswer(format!("the certificate: {problem}"));
     let mut roots = rustls::RootCertStore::empty();
     for certificate in certificates_der(pinned_ca_pem, "the pinned fleet CA (claim bundle ca.pem)")? {

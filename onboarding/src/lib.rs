@@ -17,6 +17,8 @@
 //! | `tributary/device/{id}/heartbeat`       | device    | authority | [`Heartbeat`]          |
 //! | `tributary/device/{id}/config`          | authority | device    | [`ConfigDocument`], retained |
 //! | `tributary/device/{id}/config/ack`      | device    | authority | [`ConfigAck`]          |
+//! | `tributary/device/{id}/renew/request`   | device    | authority | [`RenewalRequest`]     |
+//! | `tributary/device/{id}/renew/response`  | authority | device    | [`RenewalResponse`]    |
 //!
 //! Identities at the broker (TLS client certificates signed by the fleet CA, CN = MQTT user
 //! name): a device (CN = its id), the shared claim identity (CN `claim`, shipped in every image,
@@ -69,12 +71,12 @@ pub mod messages;
 pub mod mqtt;
 pub mod topics;
 
-pub use agent::{ConfigUpdate, DeviceAgent, DeviceAgentConfig, DeviceStatus};
+pub use agent::{ConfigUpdate, DeviceAgent, DeviceAgentConfig, DeviceStatus, RenewalMetrics};
 pub use device::{DeviceIdentity, DeviceOnboardingConfig, SinkLocation, ensure_identity, load_identity};
 pub use error::OnboardingError;
 pub use messages::{
     CONFIG_KEY_BYTES_MAX, CONFIG_KEYS_MAX, CONFIG_VALUE_BYTES_MAX, ConfigAck, ConfigDocument, Heartbeat,
-    OnboardingRequest, OnboardingResponse, PAYLOAD_BYTES_MAX, RejectionCode,
+    OnboardingRequest, OnboardingResponse, PAYLOAD_BYTES_MAX, RejectionCode, RenewalRequest, RenewalResponse,
 };
 pub use mqtt::{BrokerEndpoint, INCOMING_QUEUE_MAX};
 

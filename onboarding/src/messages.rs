@@ -67,6 +67,32 @@ pub enum OnboardingResponse {
     },
 }
 
+/// An onboarded device asks for a new certificate before its own expires:
+/// `tributary/device/{id}/renew/request`, published with the current certificate (the broker's
+/// ACL ties the topic to that certificate's CN). `csr_pem` is for a new key, subject CN = the id.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalRequest {
+    pub csr_pem: String,
+}
+
+/// The authority's answer on `tributary/device/{id}/renew/response`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RenewalResponse {
+    /// For the CSR's key; the device checks it chains to its pinned CA before installing it.
+    Renewed {
+        certificate_pem: String,
+        /// The fingerprint of the key it is for, so a device can tell answers to an older
+        /// request (a retry) from the answer to its current one.
+        key_sha256: String,
+    },
+    Rejected {
+        code: RejectionCode,
+        message: String,
+    },
+}
+
 /// Why a request was refused; sent to the device and logged.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -92,12 +118,14 @@ pub enum RejectionCode {
     RateLimited,
     /// `pending_devices_max` unapproved devices are waiting already; ask again later.
     TooManyPending,
+    /// A renewal for a device that is not onboarded (unknown or pending).
+    NotOnboarded,
     InternalError,
 }
 
 impl RejectionCode {
     /// Every code, in declaration order (`index` is the position here).
-    pub const ALL: [RejectionCode; 19] = [
+    pub const ALL: [RejectionCode; 20] = [
         RejectionCode::PayloadTooLarge,
         RejectionCode::MalformedPayload,
         RejectionCode::TopicMismatch,
@@ -116,6 +144,7 @@ impl RejectionCode {
         RejectionCode::DeviceRevoked,
         RejectionCode::RateLimited,
         RejectionCode::TooManyPending,
+        RejectionCode::NotOnboarded,
         RejectionCode::InternalError,
     ];
 
@@ -144,6 +173,7 @@ impl RejectionCode {
             RejectionCode::DeviceRevoked => "device_revoked",
             RejectionCode::RateLimited => "rate_limited",
             RejectionCode::TooManyPending => "too_many_pending",
+            RejectionCode::NotOnboarded => "not_onboarded",
             RejectionCode::InternalError => "internal_error",
         }
     }

@@ -15,6 +15,7 @@ pub const PREFIX: &str = "tributary";
 pub const REQUEST_FILTER: &str = "tributary/onboarding/request/+";
 pub const HEARTBEAT_FILTER: &str = "tributary/device/+/heartbeat";
 pub const CONFIG_ACK_FILTER: &str = "tributary/device/+/config/ack";
+pub const RENEW_REQUEST_FILTER: &str = "tributary/device/+/renew/request";
 
 /// Length of a key fingerprint: SHA-256 in hex.
 pub const KEY_FINGERPRINT_HEX_BYTES: usize = 64;
@@ -56,6 +57,17 @@ pub fn config_ack(device_id: &str) -> String {
     format!("{PREFIX}/device/{device_id}/config/ack")
 }
 
+/// Where an onboarded device asks for a new certificate (with its current one: the broker's
+/// ACL lets only the holder of a certificate for `device_id` publish here).
+pub fn renew_request(device_id: &str) -> String {
+    format!("{PREFIX}/device/{device_id}/renew/request")
+}
+
+/// Where the authority answers a renewal (only the device's own certificate may read it).
+pub fn renew_response(device_id: &str) -> String {
+    format!("{PREFIX}/device/{device_id}/renew/response")
+}
+
 /// What a received topic is, with the key fingerprint or device id it names (not yet validated).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Topic<'a> {
@@ -64,6 +76,8 @@ pub enum Topic<'a> {
     Heartbeat(&'a str),
     Config(&'a str),
     ConfigAck(&'a str),
+    RenewRequest(&'a str),
+    RenewResponse(&'a str),
 }
 
 /// Classifies `topic`; `None` for anything outside the layout.
@@ -76,6 +90,8 @@ pub fn parse(topic: &str) -> Option<Topic<'_>> {
         ["device", id, "heartbeat"] => Some(Topic::Heartbeat(id)),
         ["device", id, "config"] => Some(Topic::Config(id)),
         ["device", id, "config", "ack"] => Some(Topic::ConfigAck(id)),
+        ["device", id, "renew", "request"] => Some(Topic::RenewRequest(id)),
+        ["device", id, "renew", "response"] => Some(Topic::RenewResponse(id)),
         _ => None,
     }
 }
@@ -95,6 +111,9 @@ mod tests {
         check(&heartbeat("a-1"), Some(Topic::Heartbeat("a-1")));
         check(&config("a-1"), Some(Topic::Config("a-1")));
         check(&config_ack("a-1"), Some(Topic::ConfigAck("a-1")));
+        check(&renew_request("a-1"), Some(Topic::RenewRequest("a-1")));
+        check(&renew_response("a-1"), Some(Topic::RenewResponse("a-1")));
+        check("tributary/device/a-1/renew", None);
         check("tributary/device/a/b/heartbeat", None);
         check("other/onboarding/request/a", None);
         check("tributary/onboarding/request/a/b", None);

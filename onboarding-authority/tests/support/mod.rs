@@ -144,6 +144,7 @@ impl TestFleet {
             sink_server_name: "localhost".to_owned(),
             allow_operator_approval: false,
             certificate_validity_days: 1,
+            certificate_validity_seconds: None,
             default_config: [("log_level".to_owned(), "info".to_owned())].into(),
             poll_interval_ms: 50,
             requests_per_second_max: 1_000,

@@ -1,0 +1,215 @@
+//! Certificate renewal end to end against a real Mosquitto, with certificates that live seconds:
+//! the device agent renews before expiry over MQTT, the uplink takes each new certificate up at
+//! its next connection, the sink accepts the old certificate until it expires and refuses it
+//! after, and a revoked device cannot renew.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use onboarding::{DeviceAgent, DeviceAgentConfig, RejectionCode};
+use onboarding_authority::cli::FleetCommand;
+use onboarding_authority::{Authority, AuthorityConfig, Registry};
+use protocol::Lane;
+use support::{TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
+
+/// Device certificates live this long; the agent renews at half of it.
+const VALIDITY_SECONDS: u64 = 12;
+const RENEW_AFTER_PERCENT: u8 = 50;
+/// Long enough for three renewals.
+const RENEWALS_WAIT: Duration = Duration::from_secs(60);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+fn short_lived(fleet: &TestFleet, sink: std::net::SocketAddr) -> AuthorityConfig {
+    let mut config = fleet.authority_config(sink);
+    config.certificate_validity_seconds = Some(VALIDITY_SECONDS);
+    config
+}
+
+async fn start_authority(config: AuthorityConfig, fleet: &TestFleet) -> Authority {
+    let mut authority = Authority::start(config, &fleet.ca, &fleet.revocation_file()).expect("authority");
+    assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", fleet.broker.log_text());
+    authority
+}
+
+fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
+    let mut config = DeviceAgentConfig::new(fleet.broker.endpoint());
+    config.heartbeat_interval_ms = 500;
+    config.renew_after_percent = RENEW_AFTER_PERCENT;
+    config.renewal_retry_ms = 500;
+    config
+}
+
+async fn onboard(fleet: &TestFleet, registry: &Registry, device_id: &str) -> onboarding::DeviceIdentity {
+    let token = registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("token").remove(0);
+    onboarding::ensure_identity(&fleet.onboarding_config(device_id, Some(token))).await.expect("onboard")
+}
+
+/// Streams one chunk through `uplink` and waits for its Ack.
+async fn stream_once(uplink: &appliance::Uplink, ring: &buffer::Ring, device_id: &str, first: u64) -> bool {
+    let seq = produce(ring, device_id, first, 10);
+    let metrics = uplink.metrics();
+    wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
+}
+
+/// Three renewals while the device streams: every chunk is acked; the first certificate still
+/// connects after the first renewal (the overlap) and is refused once expired; the uplink's next
+/// connection uses the newest certificate; the registry counts the renewals and binds the newest
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_streams_across_three_renewals_and_the_old_certificate_serves_until_it_expires() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
+    let authority = start_authority(short_lived(&fleet, sink.local_addr()), &fleet).await;
+    let registry = authority.registry().clone();
+    let identity = onboard(&fleet, &registry, "renewing").await;
+    let first_certificate = identity.certificate.clone();
+    let first_expiry = fleet::Validity::of_certificate(&first_certificate.certificate_pem).expect("validity");
+    let agent = DeviceAgent::start(agent_config(&fleet), &identity).expect("agent");
+    let renewals = agent.renewal_metrics();
+
+    let ring = open_ring(&fleet, "renewing");
+    let renewing_uplink = || {
+        let mut config = uplink_config(&identity);
+        config.identity_dir = Some(identity.identity_dir.clone());
+        appliance::Uplink::spawn(ring.clone(), config).expect("uplink")
+    };
+    let mut uplink = renewing_uplink();
+    let mut next_record = 0;
+    assert!(stream_once(&uplink, &ring, "renewing", next_record).await, "streams with the first certificate");
+    next_record += 10;
+
+    // The overlap: after the first renewal, the first certificate still connects.
+    let mut chunks_while_renewing = 0;
+    while renewals.renewed.load(Ordering::Relaxed) < 1 {
+        assert!(stream_once(&uplink, &ring, "renewing", next_record).await, "a chunk was not acked");
+        next_record += 10;
+        chunks_while_renewing += 1;
+        assert!(chunks_while_renewing < 200, "no renewal: {:?}", renewals);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(SystemTime::now() < first_expiry.not_after, "the first renewal came after the first expiry");
+    uplink.stop().await;
+    let old = appliance::Uplink::spawn(ring.clone(), uplink_config(&identity)).expect("old uplink");
+    assert!(
+        stream_once(&old, &ring, "renewing", next_record).await,
+        "the old certificate inside its validity"
+    );
+    next_record += 10;
+    old.stop().await;
+
+    // Streaming goes on across the next renewals, reconnecting with the newest certificate.
+    uplink = renewing_uplink();
+    while renewals.renewed.load(Ordering::Relaxed) < 3 {
+        assert!(stream_once(&uplink, &ring, "renewing", next_record).await, "a chunk was not acked");
+        next_record += 10;
+        chunks_while_renewing += 1;
+        assert!(chunks_while_renewing < 2_000, "fewer than three renewals: {renewals:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        uplink.metrics().certificate_reloads.load(Ordering::Relaxed) >= 1,
+        "the uplink took a new certificate"
+    );
+    uplink.stop().await;
+
+    // The first certificate has expired by now: the sink refuses it.
+    assert!(
+        wait_until(RENEWALS_WAIT, || SystemTime::now() > first_expiry.not_after).await,
+        "the first certificate never expired"
+    );
+    let expired = appliance::Uplink::spawn(ring.clone(), uplink_config(&identity)).expect("expired uplink");
+    let expired_metrics = expired.metrics();
+    let unsent = produce(&ring, "renewing", next_record, 10);
+    next_record += 10;
+    assert!(
+        wait_until(WAIT, || expired_metrics.connect_failures.load(Ordering::Relaxed)
+            + expired_metrics.sessions_ended.load(Ordering::Relaxed)
+            >= 2)
+        .await,
+        "an expired certificate kept its session"
+    );
+    assert!(
+        expired_metrics.acked_through(Lane::Sensor) < unsent,
+        "the sink took chunks from an expired certificate"
+    );
+    expired.stop().await;
+
+    // The newest certificate carries everything that was left.
+    let uplink = renewing_uplink();
+    let last = produce(&ring, "renewing", next_record, 10);
+    let metrics = uplink.metrics();
+    assert!(
+        wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= last).await,
+        "the renewed certificate did not carry the rest"
+    );
+    assert_eq!(sink.durable_through("renewing", Lane::Sensor), last, "every chunk landed");
+
+    let installed = fleet::IssuedCertificate::read_from(&identity.identity_dir).expect("installed pair");
+    assert_ne!(installed.certificate_pem, first_certificate.certificate_pem);
+    let record = registry.device("renewing").expect("read").expect("record");
+    assert!(record.renewals >= 3, "registry counted {} renewals", record.renewals);
+    assert_eq!(
+        record.certificate_pem.as_deref(),
+        Some(installed.certificate_pem.as_str()),
+        "registry holds the newest"
+    );
+    assert!(authority.metrics().renewed.load(Ordering::Relaxed) >= 3);
+    let listed = onboarding_authority::cli::list(&registry).expect("list");
+    assert!(listed.contains("RENEWALS"), "{listed}");
+
+    uplink.stop().await;
+    agent.shutdown().await;
+    authority.shutdown().await;
+    sink.shutdown().await;
+}
+
+/// A revoked device asks for renewal and is refused `device_revoked`; its files stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_cannot_renew() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
+    let config = short_lived(&fleet, sink.local_addr());
+    let authority = start_authority(config.clone(), &fleet).await;
+    let registry = authority.registry().clone();
+    let identity = onboard(&fleet, &registry, "doomed").await;
+    onboarding_authority::cli::run(
+        FleetCommand::Revoke { device: "doomed".to_owned() },
+        &config,
+        &fleet.path().join("ca"),
+        &fleet.revocation_file(),
+    )
+    .expect("revoke");
+    let agent = DeviceAgent::start(agent_config(&fleet), &identity).expect("agent");
+    let renewals = agent.renewal_metrics();
+    assert!(
+        wait_until(WAIT, || renewals.refused.load(Ordering::Relaxed) >= 1).await,
+        "no answer to the renewal: {renewals:?}"
+    );
+    assert_eq!(*renewals.last_refusal.lock().expect("lock"), Some(RejectionCode::DeviceRevoked));
+    assert_eq!(renewals.renewed.load(Ordering::Relaxed), 0);
+    assert!(authority.metrics().rejections(RejectionCode::DeviceRevoked) >= 1);
+    assert_eq!(authority.metrics().renewed.load(Ordering::Relaxed), 0);
+    let kept = fleet::IssuedCertificate::read_from(&identity.identity_dir).expect("pair");
+    assert_eq!(kept.certificate_pem, identity.certificate.certificate_pem);
+    let record = registry.device("doomed").expect("read").expect("record");
+    assert_eq!(record.renewals, 0);
+    agent.shutdown().await;
+    authority.shutdown().await;
+    sink.shutdown().await;
+}
