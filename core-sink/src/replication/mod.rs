@@ -396,7 +396,6 @@ pub struct Replicator {
     config: ReplicationConfig,
     replicas: Vec<ReplicaState>,
     throttle: Throttle,
-    clock: Instant,
     pub metrics: Arc<ReplicationMetrics>,
     stop: Arc<AtomicBool>,
 }
@@ -508,6 +507,28 @@ fn read_checkpoints_after(root: &Path, offset: u64) -> Result<Vec<(u64, u64)>, R
     Ok(found)
 }
 
+/// Calls `each` once per object the entries of `records` name (an object named twice, once), with
+/// the entry naming it and its role there.
+fn for_each_entry_object(
+    entries_file: &File,
+    entries_file_path: &Path,
+    records: &[IndexRecord],
+    mut each: impl FnMut(&LeafEntry, &'static str, Sha256Digest) -> Result<(), ReplicationError>,
+) -> Result<(), ReplicationError> {
+    let mut seen = HashSet::new();
+    for record in records {
+        let leaf =
+            read_entry(entries_file, record).map_err(|reason| source_error(entries_file_path, reason))?;
+        let leaf = LeafEntry::decode(&leaf).map_err(|error| source_error(entries_file_path, error))?;
+        for (role, digest) in leaf.objects() {
+            if seen.insert(digest) {
+                each(&leaf, role, digest)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The dataset names under `manifest_dir` that have a manifest, sorted.
 fn dataset_names(manifest_dir: &Path) -> Result<Vec<String>, ReplicationError> {
     let entries = match std::fs::read_dir(manifest_dir) {
@@ -547,7 +568,6 @@ fn read_manifest(path: &Path) -> Result<(Vec<u8>, Manifest), ReplicationError> {
 struct Pass<'a> {
     state: &'a mut ReplicaState,
     throttle: &'a mut Throttle,
-    clock: Instant,
     stop: &'a AtomicBool,
     object_bytes_max: u64,
 }
@@ -557,8 +577,8 @@ impl Pass<'_> {
         self.state.watermark.write(&self.state.watermark_path)
     }
 
-    fn wait(&self, microseconds: u64) -> Result<(), ReplicationError> {
-        let deadline = Instant::now() + Duration::from_micros(microseconds);
+    fn wait(&self, duration: Duration) -> Result<(), ReplicationError> {
+        let deadline = Instant::now() + duration;
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(ReplicationError::Stopped);
@@ -574,9 +594,8 @@ impl Pass<'_> {
     /// Writes `bytes` at `key` within the budgets; counts what was written.
     fn put(&mut self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicationError> {
         assert!(bytes.len() as u64 <= self.object_bytes_max);
-        let now_us = self.clock.elapsed().as_micros() as u64;
-        let wait_us = self.throttle.reserve(now_us, bytes.len() as u64);
-        self.wait(wait_us)?;
+        let wait = self.throttle.reserve(Instant::now(), bytes.len() as u64);
+        self.wait(wait)?;
         let outcome = self.state.backend.put(key, bytes, mode)?;
         let metrics = &self.state.metrics;
         match outcome {
@@ -785,20 +804,11 @@ impl Pass<'_> {
                 end = record.end();
                 records.push(record);
             }
-            let mut seen = HashSet::new();
-            for record in &records {
-                let leaf = read_entry(&entries_file, record)
-                    .map_err(|reason| source_error(&entries_file_path, reason))?;
-                let leaf =
-                    LeafEntry::decode(&leaf).map_err(|error| source_error(&entries_file_path, error))?;
-                for (_role, digest) in leaf.objects() {
-                    if seen.insert(digest) {
-                        self.copy(&object_key(&digest), None, || {
-                            objects.read(&digest).map_err(|error| source_error(root, error))
-                        })?;
-                    }
-                }
-            }
+            for_each_entry_object(&entries_file, &entries_file_path, &records, |_, _, digest| {
+                self.copy(&object_key(&digest), None, || {
+                    objects.read(&digest).map_err(|error| source_error(root, error))
+                })
+            })?;
             let bytes = read_range(&entries_file_path, start, end - start)?;
             self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(bytes))?;
             let archive = &mut self.state.watermark.archive;
@@ -960,13 +970,11 @@ impl Replicator {
         for state in &replicas {
             record_lag(&sources, state);
         }
-        let clock = Instant::now();
         Ok(Replicator {
-            throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max, 0),
+            throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max),
             sources,
             config,
             replicas,
-            clock,
             metrics: Arc::new(metrics),
             stop,
         })
@@ -988,7 +996,6 @@ impl Replicator {
                 let mut pass = Pass {
                     state: &mut self.replicas[index],
                     throttle: &mut self.throttle,
-                    clock: self.clock,
                     stop: &self.stop,
                     object_bytes_max: self.config.object_bytes_max,
                 };
@@ -1142,37 +1149,28 @@ impl Replicator {
             if let Some(entries_file) = open_checked(&entries_file_path, ENTRIES_MAGIC)
                 .map_err(|error| source_error(&entries_file_path, error))?
             {
-                let mut seen = HashSet::new();
-                for record in &records {
-                    let leaf = read_entry(&entries_file, record)
-                        .map_err(|reason| source_error(&entries_file_path, reason))?;
-                    let leaf =
-                        LeafEntry::decode(&leaf).map_err(|error| source_error(&entries_file_path, error))?;
-                    for (role, digest) in leaf.objects() {
-                        if !seen.insert(digest) {
-                            continue;
-                        }
-                        let key = object_key(&digest);
-                        match replica.get(&key, bytes_max)? {
-                            None => differ(
-                                key,
-                                format!("missing ({role} of entry {}/{})", leaf.device, leaf.id()),
-                                Repair::ArchiveObject(digest),
+                for_each_entry_object(&entries_file, &entries_file_path, &records, |leaf, role, digest| {
+                    let key = object_key(&digest);
+                    match replica.get(&key, bytes_max)? {
+                        None => differ(
+                            key,
+                            format!("missing ({role} of entry {}/{})", leaf.device, leaf.id()),
+                            Repair::ArchiveObject(digest),
+                        ),
+                        Some(found) if sha256(&found) != digest => differ(
+                            key,
+                            format!(
+                                "sha256 {} does not match its address ({role} of entry {}/{})",
+                                sha256_hex(&sha256(&found)),
+                                leaf.device,
+                                leaf.id()
                             ),
-                            Some(found) if sha256(&found) != digest => differ(
-                                key,
-                                format!(
-                                    "sha256 {} does not match its address ({role} of entry {}/{})",
-                                    sha256_hex(&sha256(&found)),
-                                    leaf.device,
-                                    leaf.id()
-                                ),
-                                Repair::ArchiveObject(digest),
-                            ),
-                            Some(_) => {}
-                        }
+                            Repair::ArchiveObject(digest),
+                        ),
+                        Some(_) => {}
                     }
-                }
+                    Ok(())
+                })?;
             }
             let path = archive::checkpoint::verifier_key_path(root);
             if let Some(source) =
@@ -1202,7 +1200,6 @@ impl Replicator {
         let mut pass = Pass {
             state: &mut self.replicas[index],
             throttle: &mut self.throttle,
-            clock: self.clock,
             stop: &self.stop,
             object_bytes_max: self.config.object_bytes_max,
         };
