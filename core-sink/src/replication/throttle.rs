@@ -38,6 +38,11 @@ impl Throttle {
         self.bytes.reserve(now, bytes).max(self.objects.reserve(now, 1))
     }
 
+    /// How long until what was reserved may be used, at the rates in force at `now`.
+    pub fn debt(&mut self, now: Instant) -> Duration {
+        self.bytes.reserve(now, 0).max(self.objects.reserve(now, 0))
+    }
+
     /// The bandwidth budget from `now` on (burst: one second of it).
     pub fn set_bytes_per_second(&mut self, now: Instant, bytes_per_second: u64) {
         assert!(bytes_per_second > 0, "a budget of zero would stop replication forever");
@@ -75,5 +80,11 @@ mod tests {
         assert_eq!(throttle.bytes_per_second(), 100);
         // The bucket is empty; 100 bytes at 100 bytes/s take a second.
         assert_eq!(throttle.reserve(start, 100), Duration::from_secs(1));
+        // Half of that debt is paid after half a second; raising the budget tenfold pays the rest
+        // in a twentieth of a second.
+        let half = start + Duration::from_millis(500);
+        assert_eq!(throttle.debt(half), Duration::from_millis(500));
+        throttle.set_bytes_per_second(half, 1_000);
+        assert_eq!(throttle.debt(half), Duration::from_millis(50));
     }
 }
