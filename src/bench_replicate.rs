@@ -46,6 +46,10 @@ pub struct ReplicateArgs {
     /// Time between two decisions of the adaptive budget, ms (`adaptive_interval_ms`).
     #[arg(long, default_value_t = 100)]
     adaptive_interval_ms: u64,
+    /// The adaptive budget is cut while the mean commit latency exceeds the lowest seen × this
+    /// (`ingest_latency_factor`).
+    #[arg(long, default_value_t = 1.5)]
+    latency_factor: f64,
 }
 
 /// How the replicator runs during a case.
@@ -58,6 +62,7 @@ enum Mode {
         floor: u64,
         max: u64,
         interval_ms: u64,
+        factor: f64,
     },
     Unthrottled,
 }
@@ -147,7 +152,8 @@ fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> 
         }
         Mode::Fixed(budget) => config.bytes_per_second_max = budget,
         Mode::Unthrottled => config.bytes_per_second_max = 64 * 1024 * MIB,
-        Mode::Adaptive { floor, max, interval_ms } => {
+        Mode::Adaptive { floor, max, interval_ms, factor } => {
+            config.ingest_latency_factor = factor;
             config.adaptive = true;
             config.bytes_per_second_max = max;
             config.bytes_per_second_min = Some(floor);
@@ -208,6 +214,7 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         floor: args.floor_mib_per_second * MIB,
         max: budget,
         interval_ms: args.adaptive_interval_ms,
+        factor: args.latency_factor,
     };
     let cases: [(&str, Mode); 4] = [
         ("alone", Mode::Alone),
