@@ -48,7 +48,7 @@ pub struct ReplicateArgs {
     adaptive_interval_ms: u64,
     /// The adaptive budget is cut while the mean commit latency exceeds the lowest seen × this
     /// (`ingest_latency_factor`).
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(long, default_value_t = 2.0)]
     latency_factor: f64,
 }
 
