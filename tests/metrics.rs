@@ -19,8 +19,13 @@ fn get(address: std::net::SocketAddr, path: &str) -> String {
     response
 }
 
+/// The value of the series `name` (a whole line's name, labels included) as a counter.
+fn value(exposition: &str, name: &str) -> u64 {
+    sample(exposition, name)
+}
+
 /// The value of the series `name` (a whole line's name, labels included) as a `T`.
-fn value<T: std::str::FromStr<Err: std::fmt::Debug>>(exposition: &str, name: &str) -> T {
+fn sample<T: std::str::FromStr<Err: std::fmt::Debug>>(exposition: &str, name: &str) -> T {
     exposition
         .lines()
         .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
@@ -132,28 +137,25 @@ async fn adaptive_replication_under_ingest(target_ms: u64, done: fn(&str) -> boo
 async fn adaptive_replication_backs_off_while_ingest_latency_is_above_its_target() {
     // Every ack waits for a commit point (20 ms apart), so a 1 ms target is always exceeded.
     let body = adaptive_replication_under_ingest(1, |body| {
-        value::<u64>(body, "tributary_replication_budget_cuts_total") >= 2
-            && value::<u64>(body, "tributary_replication_budget_bytes_per_second") < 64 * MIB
+        value(body, "tributary_replication_budget_cuts_total") >= 2
+            && value(body, "tributary_replication_budget_bytes_per_second") < 64 * MIB
     })
     .await;
-    assert!(value::<u64>(&body, "tributary_replication_budget_cuts_total") >= 2, "{body}");
-    assert!(value::<u64>(&body, "tributary_replication_budget_bytes_per_second") < 64 * MIB, "{body}");
-    assert!(
-        value::<u64>(&body, "tributary_replication_budget_bytes_per_second") >= MIB,
-        "never below the floor"
-    );
-    assert_eq!(value::<f64>(&body, "tributary_replication_ingest_latency_threshold_seconds"), 0.001);
-    assert!(value::<f64>(&body, "tributary_replication_ingest_latency_seconds") > 0.001, "{body}");
+    assert!(value(&body, "tributary_replication_budget_cuts_total") >= 2, "{body}");
+    assert!(value(&body, "tributary_replication_budget_bytes_per_second") < 64 * MIB, "{body}");
+    assert!(value(&body, "tributary_replication_budget_bytes_per_second") >= MIB, "never below the floor");
+    assert_eq!(sample::<f64>(&body, "tributary_replication_ingest_latency_threshold_seconds"), 0.001);
+    assert!(sample::<f64>(&body, "tributary_replication_ingest_latency_seconds") > 0.001, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_replication_keeps_its_budget_while_ingest_latency_is_under_its_target() {
     // The same load against a 60 s target: never exceeded, so never cut.
     let body = adaptive_replication_under_ingest(60_000, |body| {
-        value::<f64>(body, "tributary_replication_ingest_latency_seconds") > 0.0
+        sample::<f64>(body, "tributary_replication_ingest_latency_seconds") > 0.0
     })
     .await;
-    assert!(value::<f64>(&body, "tributary_replication_ingest_latency_seconds") > 0.0, "{body}");
-    assert_eq!(value::<u64>(&body, "tributary_replication_budget_cuts_total"), 0, "{body}");
-    assert_eq!(value::<u64>(&body, "tributary_replication_budget_bytes_per_second"), 64 * MIB, "{body}");
+    assert!(sample::<f64>(&body, "tributary_replication_ingest_latency_seconds") > 0.0, "{body}");
+    assert_eq!(value(&body, "tributary_replication_budget_cuts_total"), 0, "{body}");
+    assert_eq!(value(&body, "tributary_replication_budget_bytes_per_second"), 64 * MIB, "{body}");
 }
