@@ -1,8 +1,11 @@
 //! `tributary bench replicate`: the sink's durable landing (`RawLanding`: 200 KiB chunks, a commit
 //! with fsync every 32) alone, then while a replicator copies published dataset shards to a
-//! directory replica on the same disk within its bandwidth budget, then with the budget lifted.
-//! The landing rate of each case against the first is the ratio the 90 % target is about;
-//! all cases run in the same process run on the same disk.
+//! directory replica on the same disk within a fixed bandwidth budget, then in adaptive mode
+//! (the budget between the floor and the same maximum, following the landing's commit latency as
+//! `serve` follows the lander's ack latency), then with the budget lifted. The landing rate of
+//! each case against the first is the ratio the 90 % target is about; the replication
+//! rate and the bytes left to copy at the end of the case are the price (backing off trades lag
+//! for ingest). All cases run in the same process run on the same disk.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use core_sink::landing::{Committer, RawLanding};
 use core_sink::replication::replica::DirectoryReplica;
 use core_sink::replication::{ReplicationConfig, Replicator, Sources};
 use protocol::evidence::{sha256, sha256_hex};
+use telemetry::LatencyHistogram;
 
 const MIB: u64 = 1024 * 1024;
 const CHUNK_PAYLOAD_BYTES: usize = 200 * 1024;
@@ -33,9 +37,34 @@ pub struct ReplicateArgs {
     /// MiB of published shards for the replicator (more than it copies during a case).
     #[arg(long, default_value_t = 1024)]
     dataset_mib: u64,
-    /// The replicator's bandwidth budget in the throttled case, MiB/s.
+    /// The replicator's bandwidth budget in the fixed case, and the adaptive budget's maximum, MiB/s.
     #[arg(long, default_value_t = 64)]
     budget_mib_per_second: u64,
+    /// The adaptive budget's floor, MiB/s (`bytes_per_second_min`).
+    #[arg(long, default_value_t = 4)]
+    floor_mib_per_second: u64,
+    /// Time between two decisions of the adaptive budget, ms (`adaptive_interval_ms`).
+    #[arg(long, default_value_t = 100)]
+    adaptive_interval_ms: u64,
+    /// The adaptive budget is cut while the mean commit latency exceeds the lowest seen × this
+    /// (`ingest_latency_factor`).
+    #[arg(long, default_value_t = 2.0)]
+    latency_factor: f64,
+}
+
+/// How the replicator runs during a case.
+#[derive(Clone, Copy)]
+enum Mode {
+    Alone,
+    Fixed(u64),
+    /// Between the floor and the maximum, bytes per second.
+    Adaptive {
+        floor: u64,
+        max: u64,
+        interval_ms: u64,
+        factor: f64,
+    },
+    Unthrottled,
 }
 
 fn pseudo_random(state: &mut u64, bytes: &mut [u8]) {
@@ -75,8 +104,9 @@ fn publish_dataset(base: &Path, shards: u64) -> Result<()> {
     Ok(())
 }
 
-/// Lands `total` bytes of 200 KiB media chunks durably; returns bytes per second.
-fn land(landing_dir: &Path, total: u64) -> Result<f64> {
+/// Lands `total` bytes of 200 KiB media chunks durably, timing each commit into `commits`;
+/// returns bytes per second.
+fn land(landing_dir: &Path, total: u64, commits: &LatencyHistogram) -> Result<f64> {
     let mut landing = RawLanding::new(landing_dir, 256 * MIB);
     landing.recover(None)?;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -87,42 +117,82 @@ fn land(landing_dir: &Path, total: u64) -> Result<f64> {
         pseudo_random(&mut state, &mut payload[..64]);
         crate::bench_sink::land_media_chunk(&mut landing, index, &payload)?;
         if (index + 1) % CHUNKS_PER_COMMIT == 0 {
+            let commit_started = Instant::now();
             landing.commit()?;
+            commits.observe(commit_started.elapsed());
         }
     }
     landing.commit()?;
     Ok((chunks * CHUNK_PAYLOAD_BYTES as u64) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// One case: landing while a replicator with `budget` bytes/s (none: no replicator) copies the
-/// dataset; returns the landing rate and the replication rate, bytes per second.
-fn case(base: &Path, name: &str, total: u64, budget: Option<u64>) -> Result<(f64, f64)> {
-    let Some(bytes_per_second_max) = budget else {
-        return Ok((land(&base.join(format!("landing-{name}")), total)?, 0.0));
-    };
+/// What one case measured, bytes per second and bytes.
+struct Measured {
+    landing: f64,
+    replication: f64,
+    /// Bytes of the dataset not on the replica when the landing finished.
+    lag: u64,
+    /// The adaptive budget's cuts and its budget at the end.
+    cuts: u64,
+    budget_at_end: u64,
+}
+
+/// One case: landing while a replicator in `mode` copies the dataset.
+fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> Result<Measured> {
+    let commits = Arc::new(LatencyHistogram::default());
+    let landing_dir = base.join(format!("landing-{name}"));
+    let mut config = ReplicationConfig::directory("bench", &base.join(format!("replica-{name}")));
+    config.pass_interval_ms = 10;
+    config.objects_per_second_max = 100_000;
+    match mode {
+        Mode::Alone => {
+            let landing = land(&landing_dir, total, &commits)?;
+            let _ = std::fs::remove_dir_all(&landing_dir);
+            return Ok(Measured { landing, replication: 0.0, lag: 0, cuts: 0, budget_at_end: 0 });
+        }
+        Mode::Fixed(budget) => config.bytes_per_second_max = budget,
+        Mode::Unthrottled => config.bytes_per_second_max = 64 * 1024 * MIB,
+        Mode::Adaptive { floor, max, interval_ms, factor } => {
+            config.ingest_latency_factor = factor;
+            config.adaptive = true;
+            config.bytes_per_second_max = max;
+            config.bytes_per_second_min = Some(floor);
+            config.adaptive_interval_ms = interval_ms;
+        }
+    }
     let replica = base.join(format!("replica-{name}"));
     std::fs::create_dir_all(&replica)?;
-    let mut config = ReplicationConfig::directory("bench", &replica);
-    config.pass_interval_ms = 10;
-    config.bytes_per_second_max = bytes_per_second_max;
-    config.objects_per_second_max = 100_000;
     let stop = Arc::new(AtomicBool::new(false));
+    let signal = commits.clone();
     let replicator = Replicator::with_backends(
         Sources { manifest_dir: Some(base.join("manifests")), archive_root: None },
         config,
         &base.join(format!("state-{name}")),
         vec![("bench".into(), Box::new(DirectoryReplica::new(&replica)))],
         stop.clone(),
-    )?;
-    let metrics = replicator.metrics.replicas[0].1.clone();
+    )?
+    .with_latency_signal(Arc::new(move || {
+        let snapshot = signal.snapshot();
+        (snapshot.sum_us, snapshot.count)
+    }));
+    let metrics = replicator.metrics.clone();
     let thread = std::thread::spawn(move || replicator.run());
     let started = Instant::now();
-    let landing_rate = land(&base.join(format!("landing-{name}")), total)?;
-    let copied = metrics.bytes_copied.load(Ordering::Relaxed);
-    let replication_rate = copied as f64 / started.elapsed().as_secs_f64();
+    let landing = land(&landing_dir, total, &commits)?;
+    let copied = metrics.replicas[0].1.bytes_copied.load(Ordering::Relaxed);
+    let replication = copied as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     thread.join().expect("replicator thread");
-    Ok((landing_rate, replication_rate))
+    // Each case's files go when it ends: the disk holds one case at a time.
+    let _ = std::fs::remove_dir_all(&landing_dir);
+    let _ = std::fs::remove_dir_all(&replica);
+    Ok(Measured {
+        landing,
+        replication,
+        lag: dataset_bytes.saturating_sub(copied),
+        cuts: metrics.budget_cuts.load(Ordering::Relaxed),
+        budget_at_end: metrics.budget_bytes_per_second.load(Ordering::Relaxed),
+    })
 }
 
 pub fn run(args: ReplicateArgs) -> Result<()> {
@@ -140,24 +210,45 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         base.display()
     );
     let budget = args.budget_mib_per_second * MIB;
-    let cases: [(&str, Option<u64>); 3] =
-        [("alone", None), ("replicating", Some(budget)), ("unthrottled", Some(64 * 1024 * MIB))];
+    let adaptive = Mode::Adaptive {
+        floor: args.floor_mib_per_second * MIB,
+        max: budget,
+        interval_ms: args.adaptive_interval_ms,
+        factor: args.latency_factor,
+    };
+    let cases: [(&str, Mode); 4] = [
+        ("alone", Mode::Alone),
+        ("fixed", Mode::Fixed(budget)),
+        ("adaptive", adaptive),
+        ("unthrottled", Mode::Unthrottled),
+    ];
     let mut baseline = None;
-    println!("{:<34} {:>14} {:>8} {:>18}", "case", "landing MiB/s", "ratio", "replication MiB/s");
-    for (name, case_budget) in cases {
-        let (landing, replication) = case(&base, name, total, case_budget)?;
-        let baseline = *baseline.get_or_insert(landing);
-        let label = match case_budget {
-            None => "landing alone".to_string(),
-            Some(bytes) if bytes >= 64 * 1024 * MIB => "with replication, no budget".to_string(),
-            Some(bytes) => format!("with replication, {} MiB/s budget", bytes / MIB),
+    println!(
+        "{:<44} {:>14} {:>8} {:>18} {:>12}",
+        "case", "landing MiB/s", "ratio", "replication MiB/s", "lag MiB"
+    );
+    for (name, mode) in cases {
+        let measured = case(&base, name, total, shards * SHARD_BYTES, mode)?;
+        let baseline = *baseline.get_or_insert(measured.landing);
+        let label = match mode {
+            Mode::Alone => "landing alone".to_string(),
+            Mode::Fixed(bytes) => format!("with replication, fixed {} MiB/s", bytes / MIB),
+            Mode::Adaptive { floor, max, .. } => {
+                format!("with replication, adaptive {}..{} MiB/s", floor / MIB, max / MIB)
+            }
+            Mode::Unthrottled => "with replication, no budget".to_string(),
         };
-        println!(
-            "{label:<34} {:>14.0} {:>7.0}% {:>18.0}",
-            landing / MIB as f64,
-            100.0 * landing / baseline,
-            replication / MIB as f64
+        print!(
+            "{label:<44} {:>14.0} {:>7.0}% {:>18.0} {:>12}",
+            measured.landing / MIB as f64,
+            100.0 * measured.landing / baseline,
+            measured.replication / MIB as f64,
+            if matches!(mode, Mode::Alone) { "-".to_string() } else { (measured.lag / MIB).to_string() }
         );
+        if matches!(mode, Mode::Adaptive { .. }) {
+            print!("  ({} cuts, {} MiB/s at the end)", measured.cuts, measured.budget_at_end / MIB);
+        }
+        println!();
     }
     let _ = std::fs::remove_dir_all(&base);
     Ok(())

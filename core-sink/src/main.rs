@@ -268,6 +268,12 @@ fn replicate(config_path: &Path, once: bool, repair: bool) -> anyhow::Result<()>
     let stop = Arc::new(AtomicBool::new(false));
     let mut replicator = core_sink::replication::Replicator::open(&config, stop.clone())
         .with_context(|| format!("config {}", config_path.display()))?;
+    if config.replication.as_ref().is_some_and(|replication| replication.adaptive) {
+        tracing::warn!(
+            "replication.adaptive = true needs the ingest latency of a lander in the same process \
+             (core-sink serve); standalone, the budget stays at bytes_per_second_max"
+        );
+    }
     if once || repair {
         let reports = replicator.pass(repair);
         let mut failed = 0;

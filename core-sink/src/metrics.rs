@@ -323,6 +323,35 @@ pub fn render_replication(
             let _ = writeln!(out, "{name}{{replica=\"{replica}\"}} {}", value(metrics, now_unix_ms));
         }
     }
+    let shared: [(&str, &str, &str, f64); 4] = [
+        (
+            "tributary_replication_budget_bytes_per_second",
+            "gauge",
+            "The replication bandwidth budget in force (bytes_per_second_max, or the adaptive budget).",
+            replication.budget_bytes_per_second.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "tributary_replication_ingest_latency_seconds",
+            "gauge",
+            "The adaptive mode's signal: mean ingest (ack) latency of its last interval with acked chunks (0 without the adaptive mode).",
+            replication.ingest_latency_us.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+        (
+            "tributary_replication_ingest_latency_threshold_seconds",
+            "gauge",
+            "The latency above which the adaptive mode cuts the budget (0 without the adaptive mode).",
+            replication.ingest_latency_threshold_us.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+        (
+            "tributary_replication_budget_cuts_total",
+            "counter",
+            "Times the adaptive mode halved the budget because ingest latency rose.",
+            replication.budget_cuts.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, kind, help, value) in shared {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
 }
 
 /// The onboarding authority's counters; refusals per `RejectionCode` (the codes a claim holder
@@ -375,6 +404,7 @@ mod onboarding_tests {
             onboarding: Some(authority),
             replication: Some(Arc::new(crate::replication::ReplicationMetrics {
                 replicas: vec![("site-b".to_owned(), Arc::default())],
+                ..Default::default()
             })),
         };
         let text = render(&sources);
@@ -408,7 +438,11 @@ mod onboarding_tests {
         site_b.behind_since_unix_ms.store(10_000, Ordering::Relaxed);
         let replication = Arc::new(crate::replication::ReplicationMetrics {
             replicas: vec![("site-b".into(), site_b), ("s3-b".into(), Arc::default())],
+            ..Default::default()
         });
+        replication.budget_bytes_per_second.store(8 << 20, Ordering::Relaxed);
+        replication.ingest_latency_us.store(25_000, Ordering::Relaxed);
+        replication.budget_cuts.store(3, Ordering::Relaxed);
         let sources = MetricsSources {
             sink: Arc::new(SinkMetrics::default()),
             datasets: None,
@@ -429,6 +463,10 @@ mod onboarding_tests {
             "tributary_replication_bytes_copied_total{replica=\"site-b\"} 300",
             "tributary_replication_errors_total{replica=\"s3-b\"} 0",
             "# TYPE tributary_replication_lag_bytes gauge",
+            "tributary_replication_budget_bytes_per_second 8388608",
+            "tributary_replication_ingest_latency_seconds 0.025",
+            "tributary_replication_ingest_latency_threshold_seconds 0",
+            "tributary_replication_budget_cuts_total 3",
         ] {
             assert!(text.lines().any(|found| found == line), "{line} in\n{text}");
         }

@@ -131,7 +131,13 @@ impl Sink {
         let mut replication_metrics = None;
         if config.replication.is_some() {
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let replicator = crate::replication::Replicator::open(&config, stop.clone())?;
+            // The adaptive budget (when `adaptive = true`) follows the lander's ack latency.
+            let lander_metrics = metrics.clone();
+            let replicator = crate::replication::Replicator::open(&config, stop.clone())?
+                .with_latency_signal(Arc::new(move || {
+                    let snapshot = lander_metrics.ack_latency.snapshot();
+                    (snapshot.sum_us, snapshot.count)
+                }));
             replication_metrics = Some(replicator.metrics.clone());
             components.push(ThreadComponent::start("replication", stop, move || replicator.run())?);
         }

@@ -40,14 +40,23 @@ impl LogRateLimit {
 
 /// At most `rate` units per second on average, at most `burst` at once. The caller passes the
 /// time (an `Instant`), so a virtual clock can drive it.
-#[derive(Debug)]
+///
+/// Two ways to take: `try_take` refuses what is not there (a request rate: the caller answers
+/// "busy"); `reserve` always grants and leaves the bucket in debt, answering how long the caller
+/// must wait before using what it took (a bandwidth budget: an object larger than the burst still
+/// goes through, at the rate on average). Tokens are counted in millionths so that a refill of
+/// `rate` tokens per second is exact per microsecond, without floating point.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenBucket {
     rate_per_second: u64,
     burst: u64,
-    /// Tokens held, in millionths, so slow rates refill smoothly without floating point.
-    micro_tokens: u64,
+    /// Tokens held, in millionths; negative while in debt.
+    micro_tokens: i128,
     refilled_at: Option<Instant>,
 }
+
+/// Millionths of a token per token.
+const MICROS_PER_TOKEN: i128 = 1_000_000;
 
 impl TokenBucket {
     /// A bucket that starts full. `rate_per_second` and `burst` are at least 1.
@@ -56,16 +65,29 @@ impl TokenBucket {
         TokenBucket {
             rate_per_second: rate_per_second.max(1),
             burst,
-            micro_tokens: burst.saturating_mul(1_000_000),
+            micro_tokens: i128::from(burst) * MICROS_PER_TOKEN,
             refilled_at: None,
         }
+    }
+
+    pub fn rate_per_second(&self) -> u64 {
+        self.rate_per_second
+    }
+
+    /// Changes the rate and the burst from `now` on (what was saved up beyond the new burst is
+    /// dropped; a debt stays and is paid at the new rate).
+    pub fn set_rate(&mut self, now: Instant, rate_per_second: u64, burst: u64) {
+        self.refill(now);
+        self.rate_per_second = rate_per_second.max(1);
+        self.burst = burst.max(1);
+        self.micro_tokens = self.micro_tokens.min(i128::from(self.burst) * MICROS_PER_TOKEN);
     }
 
     /// Takes `amount` tokens if they are there at `now`; returns whether it did. An amount larger
     /// than the burst never fits.
     pub fn try_take(&mut self, now: Instant, amount: u64) -> bool {
         self.refill(now);
-        let wanted = amount.saturating_mul(1_000_000);
+        let wanted = i128::from(amount) * MICROS_PER_TOKEN;
         if wanted > self.micro_tokens {
             return false;
         }
@@ -73,13 +95,26 @@ impl TokenBucket {
         true
     }
 
+    /// Takes `amount` tokens at `now` whether or not they are there; returns how long the caller
+    /// must wait before using them (zero when they were there).
+    pub fn reserve(&mut self, now: Instant, amount: u64) -> Duration {
+        self.refill(now);
+        self.micro_tokens -= i128::from(amount) * MICROS_PER_TOKEN;
+        if self.micro_tokens >= 0 {
+            return Duration::ZERO;
+        }
+        let rate = i128::from(self.rate_per_second);
+        // Ceiling: after this many microseconds the debt is paid.
+        let wait_us = (-self.micro_tokens + rate - 1) / rate;
+        Duration::from_micros(u64::try_from(wait_us).unwrap_or(u64::MAX))
+    }
+
     fn refill(&mut self, now: Instant) {
-        let capacity = self.burst.saturating_mul(1_000_000);
+        let capacity = i128::from(self.burst) * MICROS_PER_TOKEN;
         if let Some(last) = self.refilled_at {
-            let elapsed_us =
-                u64::try_from(now.saturating_duration_since(last).as_micros()).unwrap_or(u64::MAX);
+            let elapsed_us = now.saturating_duration_since(last).as_micros() as i128;
             // micro-tokens per microsecond = rate
-            let added = elapsed_us.saturating_mul(self.rate_per_second);
+            let added = elapsed_us.saturating_mul(i128::from(self.rate_per_second));
             self.micro_tokens = self.micro_tokens.saturating_add(added).min(capacity);
         }
         // A clock that went backwards (a virtual clock reset) neither refills nor stalls.
@@ -232,6 +267,72 @@ mod tests {
         // A clock that goes backwards takes nothing that was not there.
         assert!(bucket.try_take(later + Duration::from_secs(10), 5));
         assert!(!bucket.try_take(later, 1));
+    }
+
+    /// Runs `(now_us, amount, expected_wait_us)` reservations against a bucket of `rate` and
+    /// `burst` whose first use is at 0 us of a virtual clock.
+    fn check_reserve(rate: u64, burst: u64, steps: &[(u64, u64, u64)]) {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(rate, burst);
+        for (number, &(now_us, amount, expected_wait_us)) in steps.iter().enumerate() {
+            assert_eq!(
+                bucket.reserve(start + Duration::from_micros(now_us), amount),
+                Duration::from_micros(expected_wait_us),
+                "step {number}: reserve {amount} at {now_us} us"
+            );
+        }
+    }
+
+    #[test]
+    fn reserve_grants_the_burst_at_once() {
+        check_reserve(1_000, 1_000, &[(0, 400, 0), (0, 600, 0)]);
+    }
+
+    #[test]
+    fn beyond_the_burst_reserve_waits_for_the_debt() {
+        // 1 000 bytes/s: 500 bytes of debt take half a second.
+        check_reserve(1_000, 1_000, &[(0, 1_500, 500_000)]);
+        // The debt is paid by the refill: at 0.5 s the bucket is empty again, not full.
+        check_reserve(1_000, 1_000, &[(0, 1_500, 500_000), (500_000, 1, 1_000)]);
+        // 10 MB at 1 MB/s with a 1 MB burst: 9 s of debt, then nothing owed.
+        check_reserve(1_000_000, 1_000_000, &[(0, 10_000_000, 9_000_000), (9_000_000, 0, 0)]);
+    }
+
+    #[test]
+    fn reserve_refills_up_to_the_burst_only() {
+        // Ten idle seconds save one second's worth, not ten.
+        check_reserve(1_000, 1_000, &[(0, 1_000, 0), (10_000_000, 1_000, 0), (10_000_000, 1_000, 1_000_000)]);
+        // A clock that goes backwards adds nothing.
+        check_reserve(1_000, 1_000, &[(5_000_000, 1_000, 0), (1_000_000, 1, 1_000)]);
+    }
+
+    #[test]
+    fn the_sustained_rate_of_reservations_equals_the_rate() {
+        // 100 objects of 100 bytes at 1 000 bytes/s with a 100-byte burst: the last one may go
+        // at 9.9 s, whatever the callers' timing.
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1_000, 100);
+        let mut now = start;
+        for _ in 0..100 {
+            now += bucket.reserve(now, 100);
+        }
+        assert_eq!(now - start, Duration::from_micros(9_900_000));
+    }
+
+    #[test]
+    fn a_new_rate_applies_from_then_on_and_caps_the_savings() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1_000, 1_000);
+        // In debt by 1 000 at 1 000/s; the rate drops to 100/s: the debt takes 10 s now.
+        assert_eq!(bucket.reserve(start, 2_000), Duration::from_secs(1));
+        bucket.set_rate(start, 100, 100);
+        assert_eq!(bucket.reserve(start, 0), Duration::from_secs(10));
+        // Savings beyond a smaller burst are dropped.
+        let mut bucket = TokenBucket::new(1_000, 1_000);
+        bucket.set_rate(start, 1_000, 10);
+        assert!(bucket.try_take(start, 10));
+        assert!(!bucket.try_take(start, 1));
+        assert_eq!(bucket.rate_per_second(), 1_000);
     }
 
     fn check(observations_ms: &[u64], expected_buckets: &[(usize, u64)], expected_count: u64) {

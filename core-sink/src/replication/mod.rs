@@ -33,6 +33,7 @@
 //! at a time), `CHECKPOINTS_PER_PASS_MAX` checkpoints read per pass, `DATASETS_MAX` datasets,
 //! `WATERMARK_BYTES_MAX` per watermark file.
 
+pub mod adaptive;
 pub mod replica;
 pub mod restore;
 pub mod throttle;
@@ -100,6 +101,25 @@ pub struct ReplicationConfig {
     /// restored from wherever the operator keeps it.
     #[serde(default)]
     pub copy_signing_key: bool,
+    /// Adaptive mode (`adaptive.rs`): the bandwidth budget moves between `bytes_per_second_min`
+    /// and `bytes_per_second_max`, halved while the sink's ingest latency (the lander's ack
+    /// latency) is above its threshold, raised step by step while it is healthy. Needs the
+    /// latency of an in-process lander: `serve` has it; standalone `core-sink replicate` has none
+    /// and runs at `bytes_per_second_max` (it says so in its log).
+    #[serde(default)]
+    pub adaptive: bool,
+    /// The adaptive budget's floor; absent = `bytes_per_second_max` / 16 (at least 1024).
+    #[serde(default)]
+    pub bytes_per_second_min: Option<u64>,
+    /// An absolute ingest latency threshold (mean ack latency over an interval); absent = the
+    /// lowest latency of the last 10 minutes × `ingest_latency_factor`.
+    #[serde(default)]
+    pub ingest_latency_target_ms: Option<u64>,
+    #[serde(default = "default_ingest_latency_factor")]
+    pub ingest_latency_factor: f64,
+    /// Time between two decisions of the adaptive budget.
+    #[serde(default = "default_adaptive_interval_ms")]
+    pub adaptive_interval_ms: u64,
     pub replicas: Vec<ReplicaConfig>,
 }
 
@@ -130,6 +150,12 @@ fn default_objects_per_second_max() -> u64 {
 fn default_object_bytes_max() -> u64 {
     512 * 1024 * 1024
 }
+fn default_ingest_latency_factor() -> f64 {
+    2.0
+}
+fn default_adaptive_interval_ms() -> u64 {
+    500
+}
 
 impl ReplicationConfig {
     /// A config with one directory replica and the defaults.
@@ -141,6 +167,11 @@ impl ReplicationConfig {
             objects_per_second_max: default_objects_per_second_max(),
             object_bytes_max: default_object_bytes_max(),
             copy_signing_key: false,
+            adaptive: false,
+            bytes_per_second_min: None,
+            ingest_latency_target_ms: None,
+            ingest_latency_factor: default_ingest_latency_factor(),
+            adaptive_interval_ms: default_adaptive_interval_ms(),
             replicas: vec![ReplicaConfig { name: name.into(), directory: Some(directory.into()), s3: None }],
         }
     }
@@ -165,6 +196,31 @@ impl ReplicationConfig {
                 "replication.objects_per_second_max = {}: expected at least 1",
                 self.objects_per_second_max
             ),
+        )?;
+        check(
+            (1024..=self.bytes_per_second_max).contains(&self.bytes_per_second_min()),
+            format!(
+                "replication.bytes_per_second_min = {}: expected 1024..=bytes_per_second_max ({})",
+                self.bytes_per_second_min(),
+                self.bytes_per_second_max
+            ),
+        )?;
+        if let Some(target) = self.ingest_latency_target_ms {
+            check(
+                (1..=60_000).contains(&target),
+                format!("replication.ingest_latency_target_ms = {target}: expected 1..=60000"),
+            )?;
+        }
+        check(
+            (1.1..=100.0).contains(&self.ingest_latency_factor),
+            format!(
+                "replication.ingest_latency_factor = {}: expected 1.1..=100 (a multiple of the baseline latency)",
+                self.ingest_latency_factor
+            ),
+        )?;
+        check(
+            (50..=60_000).contains(&self.adaptive_interval_ms),
+            format!("replication.adaptive_interval_ms = {}: expected 50..=60000", self.adaptive_interval_ms),
         )?;
         check(
             (SEGMENT_BYTES_MAX..=(4 << 30)).contains(&self.object_bytes_max),
@@ -201,6 +257,22 @@ impl ReplicationConfig {
             }
         }
         Ok(())
+    }
+
+    /// The adaptive budget's floor (`bytes_per_second_min`, or its default).
+    pub fn bytes_per_second_min(&self) -> u64 {
+        self.bytes_per_second_min.unwrap_or((self.bytes_per_second_max / 16).max(1024))
+    }
+
+    /// The controller's config, when `adaptive` is on.
+    pub fn adaptive_config(&self) -> Option<adaptive::AdaptiveConfig> {
+        self.adaptive.then(|| adaptive::AdaptiveConfig {
+            bytes_per_second_min: self.bytes_per_second_min(),
+            bytes_per_second_max: self.bytes_per_second_max,
+            latency_target_us: self.ingest_latency_target_ms.map(|ms| ms * 1_000),
+            latency_factor: self.ingest_latency_factor,
+            interval: Duration::from_millis(self.adaptive_interval_ms),
+        })
     }
 
     /// Relative paths are relative to `base` (the config file's directory).
@@ -325,10 +397,53 @@ impl ReplicaMetrics {
     }
 }
 
-/// Every replica's counters.
+/// Every replica's counters, and the budget they share.
 #[derive(Debug, Default)]
 pub struct ReplicationMetrics {
     pub replicas: Vec<(String, Arc<ReplicaMetrics>)>,
+    /// The bandwidth budget in force: `bytes_per_second_max`, or the adaptive budget.
+    pub budget_bytes_per_second: AtomicU64,
+    /// The adaptive mode's signal: the mean ingest latency of its last interval with acked
+    /// chunks, and the threshold it was compared with (0 without the adaptive mode).
+    pub ingest_latency_us: AtomicU64,
+    pub ingest_latency_threshold_us: AtomicU64,
+    /// Times the adaptive mode cut the budget.
+    pub budget_cuts: AtomicU64,
+}
+
+/// The ingest latency the adaptive mode follows: the cumulative (sum in microseconds, count) of
+/// a latency measure, read at each decision (in `serve`: the lander's ack latency histogram).
+pub type LatencySignal = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+
+/// The adaptive budget and the signal it follows.
+struct Adaptation {
+    budget: adaptive::AdaptiveBudget,
+    signal: LatencySignal,
+}
+
+/// Feeds the signal to the adaptive budget (when there is one) and applies its decision to the
+/// throttle; publishes the budget in force.
+fn adapt(adaptation: Option<&mut Adaptation>, throttle: &mut Throttle, metrics: &ReplicationMetrics) {
+    let Some(adaptation) = adaptation else { return };
+    let now = Instant::now();
+    let (sum_us, count) = (adaptation.signal)();
+    let Some(decision) = adaptation.budget.tick(now, sum_us, count) else { return };
+    let budget = adaptation.budget.bytes_per_second();
+    if budget != throttle.bytes_per_second() {
+        throttle.set_bytes_per_second(now, budget);
+    }
+    if decision == adaptive::Decision::Cut {
+        metrics.budget_cuts.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            budget,
+            latency_us = adaptation.budget.latency_us,
+            threshold_us = adaptation.budget.threshold_us,
+            "ingest latency above its threshold: replication budget cut"
+        );
+    }
+    metrics.budget_bytes_per_second.store(budget, Ordering::Relaxed);
+    metrics.ingest_latency_us.store(adaptation.budget.latency_us, Ordering::Relaxed);
+    metrics.ingest_latency_threshold_us.store(adaptation.budget.threshold_us, Ordering::Relaxed);
 }
 
 pub fn unix_ms() -> u64 {
@@ -396,7 +511,7 @@ pub struct Replicator {
     config: ReplicationConfig,
     replicas: Vec<ReplicaState>,
     throttle: Throttle,
-    clock: Instant,
+    adaptation: Option<Adaptation>,
     pub metrics: Arc<ReplicationMetrics>,
     stop: Arc<AtomicBool>,
 }
@@ -508,6 +623,28 @@ fn read_checkpoints_after(root: &Path, offset: u64) -> Result<Vec<(u64, u64)>, R
     Ok(found)
 }
 
+/// Calls `each` once per object the entries of `records` name (an object named twice, once), with
+/// the entry naming it and its role there.
+fn for_each_entry_object(
+    entries_file: &File,
+    entries_file_path: &Path,
+    records: &[IndexRecord],
+    mut each: impl FnMut(&LeafEntry, &'static str, Sha256Digest) -> Result<(), ReplicationError>,
+) -> Result<(), ReplicationError> {
+    let mut seen = HashSet::new();
+    for record in records {
+        let leaf =
+            read_entry(entries_file, record).map_err(|reason| source_error(entries_file_path, reason))?;
+        let leaf = LeafEntry::decode(&leaf).map_err(|error| source_error(entries_file_path, error))?;
+        for (role, digest) in leaf.objects() {
+            if seen.insert(digest) {
+                each(&leaf, role, digest)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The dataset names under `manifest_dir` that have a manifest, sorted.
 fn dataset_names(manifest_dir: &Path) -> Result<Vec<String>, ReplicationError> {
     let entries = match std::fs::read_dir(manifest_dir) {
@@ -547,7 +684,8 @@ fn read_manifest(path: &Path) -> Result<(Vec<u8>, Manifest), ReplicationError> {
 struct Pass<'a> {
     state: &'a mut ReplicaState,
     throttle: &'a mut Throttle,
-    clock: Instant,
+    adaptation: Option<&'a mut Adaptation>,
+    metrics: &'a ReplicationMetrics,
     stop: &'a AtomicBool,
     object_bytes_max: u64,
 }
@@ -557,26 +695,28 @@ impl Pass<'_> {
         self.state.watermark.write(&self.state.watermark_path)
     }
 
-    fn wait(&self, microseconds: u64) -> Result<(), ReplicationError> {
-        let deadline = Instant::now() + Duration::from_micros(microseconds);
+    /// Waits until the budgets' debt is paid. The adaptive budget keeps deciding meanwhile, so
+    /// a budget raised (or cut) during the wait for a large object applies to the rest of it.
+    fn wait(&mut self) -> Result<(), ReplicationError> {
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(ReplicationError::Stopped);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
+            let remaining = self.throttle.debt(Instant::now());
+            if remaining.is_zero() {
                 return Ok(());
             }
-            std::thread::sleep((deadline - now).min(STOP_POLL));
+            std::thread::sleep(remaining.min(STOP_POLL));
         }
     }
 
     /// Writes `bytes` at `key` within the budgets; counts what was written.
     fn put(&mut self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicationError> {
         assert!(bytes.len() as u64 <= self.object_bytes_max);
-        let now_us = self.clock.elapsed().as_micros() as u64;
-        let wait_us = self.throttle.reserve(now_us, bytes.len() as u64);
-        self.wait(wait_us)?;
+        adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
+        self.throttle.reserve(Instant::now(), bytes.len() as u64);
+        self.wait()?;
         let outcome = self.state.backend.put(key, bytes, mode)?;
         let metrics = &self.state.metrics;
         match outcome {
@@ -785,20 +925,11 @@ impl Pass<'_> {
                 end = record.end();
                 records.push(record);
             }
-            let mut seen = HashSet::new();
-            for record in &records {
-                let leaf = read_entry(&entries_file, record)
-                    .map_err(|reason| source_error(&entries_file_path, reason))?;
-                let leaf =
-                    LeafEntry::decode(&leaf).map_err(|error| source_error(&entries_file_path, error))?;
-                for (_role, digest) in leaf.objects() {
-                    if seen.insert(digest) {
-                        self.copy(&object_key(&digest), None, || {
-                            objects.read(&digest).map_err(|error| source_error(root, error))
-                        })?;
-                    }
-                }
-            }
+            for_each_entry_object(&entries_file, &entries_file_path, &records, |_, _, digest| {
+                self.copy(&object_key(&digest), None, || {
+                    objects.read(&digest).map_err(|error| source_error(root, error))
+                })
+            })?;
             let bytes = read_range(&entries_file_path, start, end - start)?;
             self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(bytes))?;
             let archive = &mut self.state.watermark.archive;
@@ -960,13 +1091,13 @@ impl Replicator {
         for state in &replicas {
             record_lag(&sources, state);
         }
-        let clock = Instant::now();
+        metrics.budget_bytes_per_second.store(config.bytes_per_second_max, Ordering::Relaxed);
         Ok(Replicator {
-            throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max, 0),
+            throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max),
+            adaptation: None,
             sources,
             config,
             replicas,
-            clock,
             metrics: Arc::new(metrics),
             stop,
         })
@@ -988,7 +1119,8 @@ impl Replicator {
                 let mut pass = Pass {
                     state: &mut self.replicas[index],
                     throttle: &mut self.throttle,
-                    clock: self.clock,
+                    adaptation: self.adaptation.as_mut(),
+                    metrics: &self.metrics,
                     stop: &self.stop,
                     object_bytes_max: self.config.object_bytes_max,
                 };
@@ -1019,12 +1151,32 @@ impl Replicator {
         reports
     }
 
+    /// With `adaptive = true`, the bandwidth budget follows `signal` from now on (starting at
+    /// the floor); without it the signal is not read and the budget stays fixed.
+    pub fn with_latency_signal(mut self, signal: LatencySignal) -> Replicator {
+        if let Some(config) = self.config.adaptive_config() {
+            let budget = adaptive::AdaptiveBudget::new(config);
+            self.throttle.set_bytes_per_second(Instant::now(), budget.bytes_per_second());
+            self.metrics.budget_bytes_per_second.store(budget.bytes_per_second(), Ordering::Relaxed);
+            self.adaptation = Some(Adaptation { budget, signal });
+            adapt(self.adaptation.as_mut(), &mut self.throttle, &self.metrics);
+        }
+        self
+    }
+
+    /// Whether the bandwidth budget follows an ingest latency signal.
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptation.is_some()
+    }
+
     /// Passes every `pass_interval_ms` until `stop`.
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
             self.pass(false);
             let deadline = Instant::now() + Duration::from_millis(self.config.pass_interval_ms);
             while !self.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                // Between passes too, so that the budget and its metrics follow ingest.
+                adapt(self.adaptation.as_mut(), &mut self.throttle, &self.metrics);
                 std::thread::sleep(STOP_POLL);
             }
         }
@@ -1142,37 +1294,28 @@ impl Replicator {
             if let Some(entries_file) = open_checked(&entries_file_path, ENTRIES_MAGIC)
                 .map_err(|error| source_error(&entries_file_path, error))?
             {
-                let mut seen = HashSet::new();
-                for record in &records {
-                    let leaf = read_entry(&entries_file, record)
-                        .map_err(|reason| source_error(&entries_file_path, reason))?;
-                    let leaf =
-                        LeafEntry::decode(&leaf).map_err(|error| source_error(&entries_file_path, error))?;
-                    for (role, digest) in leaf.objects() {
-                        if !seen.insert(digest) {
-                            continue;
-                        }
-                        let key = object_key(&digest);
-                        match replica.get(&key, bytes_max)? {
-                            None => differ(
-                                key,
-                                format!("missing ({role} of entry {}/{})", leaf.device, leaf.id()),
-                                Repair::ArchiveObject(digest),
+                for_each_entry_object(&entries_file, &entries_file_path, &records, |leaf, role, digest| {
+                    let key = object_key(&digest);
+                    match replica.get(&key, bytes_max)? {
+                        None => differ(
+                            key,
+                            format!("missing ({role} of entry {}/{})", leaf.device, leaf.id()),
+                            Repair::ArchiveObject(digest),
+                        ),
+                        Some(found) if sha256(&found) != digest => differ(
+                            key,
+                            format!(
+                                "sha256 {} does not match its address ({role} of entry {}/{})",
+                                sha256_hex(&sha256(&found)),
+                                leaf.device,
+                                leaf.id()
                             ),
-                            Some(found) if sha256(&found) != digest => differ(
-                                key,
-                                format!(
-                                    "sha256 {} does not match its address ({role} of entry {}/{})",
-                                    sha256_hex(&sha256(&found)),
-                                    leaf.device,
-                                    leaf.id()
-                                ),
-                                Repair::ArchiveObject(digest),
-                            ),
-                            Some(_) => {}
-                        }
+                            Repair::ArchiveObject(digest),
+                        ),
+                        Some(_) => {}
                     }
-                }
+                    Ok(())
+                })?;
             }
             let path = archive::checkpoint::verifier_key_path(root);
             if let Some(source) =
@@ -1202,7 +1345,8 @@ impl Replicator {
         let mut pass = Pass {
             state: &mut self.replicas[index],
             throttle: &mut self.throttle,
-            clock: self.clock,
+            adaptation: self.adaptation.as_mut(),
+            metrics: &self.metrics,
             stop: &self.stop,
             object_bytes_max: self.config.object_bytes_max,
         };
@@ -1267,5 +1411,25 @@ mod tests {
         config.replicas[0].name = "b".into();
         config.bytes_per_second_max = 0;
         assert!(config.validate().unwrap_err().contains("replication.bytes_per_second_max = 0"));
+        config.bytes_per_second_max = 1 << 20;
+        config.bytes_per_second_min = Some(2 << 20);
+        let error = config.validate().unwrap_err();
+        assert!(
+            error
+                .contains("replication.bytes_per_second_min = 2097152: expected 1024..=bytes_per_second_max"),
+            "{error}"
+        );
+        config.bytes_per_second_min = None;
+        assert_eq!(config.bytes_per_second_min(), 65_536);
+        config.ingest_latency_target_ms = Some(0);
+        assert!(config.validate().unwrap_err().contains("replication.ingest_latency_target_ms = 0"));
+        config.ingest_latency_target_ms = None;
+        config.ingest_latency_factor = 0.5;
+        assert!(config.validate().unwrap_err().contains("replication.ingest_latency_factor = 0.5"));
+        config.ingest_latency_factor = 2.0;
+        config.adaptive_interval_ms = 1;
+        assert!(config.validate().unwrap_err().contains("replication.adaptive_interval_ms = 1"));
+        config.adaptive_interval_ms = 500;
+        assert_eq!(config.validate(), Ok(()));
     }
 }

@@ -77,6 +77,19 @@ pub trait Replica: Send {
     fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError>;
     /// Every key under `prefix` (which ends with '/') with its size, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError>;
+
+    /// An error of this replica, naming the operation and the key.
+    fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError
+    where
+        Self: Sized,
+    {
+        ReplicaError {
+            replica: self.describe().to_string(),
+            operation,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// A replica in a directory tree.
@@ -88,15 +101,6 @@ pub struct DirectoryReplica {
 impl DirectoryReplica {
     pub fn new(root: &Path) -> DirectoryReplica {
         DirectoryReplica { root: root.to_path_buf(), description: format!("dir:{}", root.display()) }
-    }
-
-    fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError {
-        ReplicaError {
-            replica: self.description.clone(),
-            operation,
-            key: key.to_string(),
-            reason: reason.to_string(),
-        }
     }
 
     fn path(&self, operation: &'static str, key: &str) -> Result<PathBuf, ReplicaError> {
@@ -241,15 +245,6 @@ impl S3Replica {
             object_store::path::Path::from(key)
         } else {
             object_store::path::Path::from(format!("{}/{key}", self.prefix))
-        }
-    }
-
-    fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError {
-        ReplicaError {
-            replica: self.description.clone(),
-            operation,
-            key: key.to_string(),
-            reason: reason.to_string(),
         }
     }
 }
