@@ -32,9 +32,9 @@ Exit status: 0 on success, 1 when a file cannot be read, 2 on a usage error. Mes
 stderr as `read_datasets: <what failed>: <why>`.
 
 Needs `pip install pyarrow webdataset duckdb wids` (webdataset 1.x runs without torch: it falls
-back to stand-in classes when torch is missing; wids imports `torch.distributed` at the top for
-its distributed sampler only, so without torch this script gives it an empty stand-in module
-rather than make CI install torch).
+back to stand-in classes when torch is missing; wids imports `torch.distributed` and
+`torch.utils.data.Dataset` at the top, for its distributed sampler and base class only, so without
+torch this script gives it empty generic stand-ins rather than make CI install torch).
 """
 
 import hashlib
@@ -180,13 +180,32 @@ def read_wids(index):
     try:
         import torch  # noqa: F401
     except ImportError:
-        # wids needs `torch.distributed` only for its distributed sampler, unused here.
+        # wids imports `torch.distributed` (for its distributed sampler, unused here) and
+        # subclasses `torch.utils.data.Dataset[T]`: generic stand-ins are all it needs.
         import types
+        import typing
 
+        T = typing.TypeVar("T")
         torch = types.ModuleType("torch")
         torch.distributed = types.ModuleType("torch.distributed")
-        sys.modules["torch"] = torch
-        sys.modules["torch.distributed"] = torch.distributed
+        torch.utils = types.ModuleType("torch.utils")
+        torch.utils.data = types.ModuleType("torch.utils.data")
+
+        class Dataset(typing.Generic[T]):
+            pass
+
+        class Sampler(typing.Generic[T]):
+            pass
+
+        torch.utils.data.Dataset = Dataset
+        torch.utils.data.Sampler = Sampler
+        for name, module in [
+            ("torch", torch),
+            ("torch.distributed", torch.distributed),
+            ("torch.utils", torch.utils),
+            ("torch.utils.data", torch.utils.data),
+        ]:
+            sys.modules[name] = module
     try:
         import wids
     except ImportError as error:
