@@ -468,3 +468,74 @@ fn typed_columns_evolve_between_shards_keep_conflicts_and_rederive_the_same_afte
     let (again, _) = derive(crashed.path(), &landing_dir, &checkpoints, true);
     assert_eq!(again, shards);
 }
+
+/// What a training reader checks on one pass over the published datasets, as it would read them:
+/// media through the wids index, sensor through the manifest. Returns (media shards, sensor
+/// shards) read; panics on a shard that is partial, missing, or named by the index but not by
+/// the manifest.
+fn read_published_once(base: &Path) -> (usize, usize) {
+    use sha2::Digest as _;
+    let index_path = base.join("manifests/media").join(core_sink::datasets::pipeline::SHARD_INDEX_FILE);
+    let Ok(index) = std::fs::read(&index_path) else { return (0, 0) };
+    let index: serde_json::Value = serde_json::from_slice(&index).expect("the index is whole JSON");
+    // Read after the index: the manifest is replaced before the index, so it lists at least as much.
+    let media = Manifest::read(&base.join("manifests/media/manifest.json")).unwrap().unwrap_or_default();
+    let shardlist = index["shardlist"].as_array().unwrap();
+    for entry in shardlist {
+        let path = index_path.parent().unwrap().join(entry["url"].as_str().unwrap());
+        let bytes = std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        let listed = media
+            .shards
+            .iter()
+            .find(|shard| shard.path == path.canonicalize().unwrap() || shard.path == path)
+            .unwrap_or_else(|| panic!("{} is in the index, not in the manifest", path.display()));
+        assert_eq!(entry["nsamples"].as_u64(), Some(listed.samples));
+        assert_eq!(bytes.len() as u64, listed.bytes, "{} is whole", path.display());
+        let digest: String = sha2::Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(digest, listed.sha256, "{} is the published shard", path.display());
+    }
+    let sensor = Manifest::read(&base.join("manifests/sensor/manifest.json")).unwrap().unwrap_or_default();
+    for shard in &sensor.shards {
+        let rows = core_sink::datasets::parquet::read_parquet_rows(&shard.path).unwrap();
+        assert_eq!(rows.len() as u64, shard.samples, "{}", shard.path.display());
+    }
+    (shardlist.len(), sensor.shards.len())
+}
+
+#[test]
+fn a_reader_looping_over_published_shards_while_ingest_runs_never_sees_a_partial_or_unlisted_one() {
+    let directory = tempfile::tempdir().unwrap();
+    let base = directory.path().canonicalize().unwrap();
+    let (landing_dir, mut landing) = new_landing(&base);
+    let mut pipeline = Pipeline::open(config(&base), &landing_dir, dictionaries(&base)).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (base, done) = (base.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut passes = 0u64;
+            let mut most = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let seen = read_published_once(&base);
+                most = (most.0.max(seen.0), most.1.max(seen.1));
+                passes += 1;
+            }
+            (passes, most)
+        })
+    };
+    let mut seqs = BTreeMap::new();
+    let batches = 30;
+    for batch in 0..batches {
+        let checkpoint = land(&mut landing, "dev-live", batch * 1_000, 1_000, &mut seqs);
+        while pipeline.step(&checkpoint).unwrap() {}
+    }
+    pipeline.publish_open_shards();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (passes, most) = reader.join().expect("the reader saw only whole, listed shards");
+    assert!(passes >= 1 && most.0 >= 1, "the reader read while ingest ran: {passes} passes, {most:?} shards");
+    // And after ingest: everything once.
+    let firsts: Vec<u64> = (0..batches).map(|batch| batch * 1_000).collect();
+    assert_exactly_once(&published_keys(&base), &expected_keys(&firsts, 1_000));
+    let (media_shards, _) = read_published_once(&base);
+    let manifest = Manifest::read(&base.join("manifests/media/manifest.json")).unwrap().unwrap();
+    assert_eq!(media_shards, manifest.shards.len(), "the index lists every published media shard");
+}
