@@ -564,39 +564,34 @@ fn write_typed_column(
         cells.push(cell);
     }
     let levels: Vec<i16> = cells.iter().map(|cell| i16::from(cell.is_some())).collect();
+    // The present values, in row order, of the one kind the column holds.
+    fn present<T>(cells: &[Option<Cell>], pick: impl Fn(&Cell) -> Option<T>) -> Vec<T> {
+        cells.iter().flatten().filter_map(pick).collect()
+    }
     match (column.column_type, writer) {
         (ColumnType::Double, ColumnWriter::DoubleColumnWriter(writer)) => {
-            let values: Vec<f64> = cells
-                .iter()
-                .filter_map(|cell| if let Some(Cell::Double(value)) = cell { Some(*value) } else { None })
-                .collect();
+            let values =
+                present(&cells, |cell| if let Cell::Double(value) = cell { Some(*value) } else { None });
             write_values(writer, &values, Some(&levels))
         }
         (ColumnType::Int64, ColumnWriter::Int64ColumnWriter(writer)) => {
-            let values: Vec<i64> = cells
-                .iter()
-                .filter_map(|cell| if let Some(Cell::Int64(value)) = cell { Some(*value) } else { None })
-                .collect();
+            let values =
+                present(&cells, |cell| if let Cell::Int64(value) = cell { Some(*value) } else { None });
             write_values(writer, &values, Some(&levels))
         }
         (ColumnType::Bool, ColumnWriter::BoolColumnWriter(writer)) => {
-            let values: Vec<bool> = cells
-                .iter()
-                .filter_map(|cell| if let Some(Cell::Bool(value)) = cell { Some(*value) } else { None })
-                .collect();
+            let values =
+                present(&cells, |cell| if let Cell::Bool(value) = cell { Some(*value) } else { None });
             write_values(writer, &values, Some(&levels))
         }
         (ColumnType::String, ColumnWriter::ByteArrayColumnWriter(writer)) => {
-            let values: Vec<ByteArray> = cells
-                .into_iter()
-                .filter_map(|cell| {
-                    if let Some(Cell::Text(value)) = cell {
-                        Some(ByteArray::from(value.into_bytes()))
-                    } else {
-                        None
-                    }
-                })
-                .collect();
+            let values = present(&cells, |cell| {
+                if let Cell::Text(value) = cell {
+                    Some(ByteArray::from(value.as_bytes().to_vec()))
+                } else {
+                    None
+                }
+            });
             write_byte_arrays(writer, &values, Some(&levels))
         }
         (column_type, _) => Err(ParquetError::General(format!(
