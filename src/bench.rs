@@ -41,6 +41,10 @@ pub enum Target {
     /// The sink's durable landing alone, while a replicator copies published shards to a
     /// directory replica within its budget, and with the budget lifted: ratios in the same run.
     Replicate(crate::bench_replicate::ReplicateArgs),
+    /// Training while ingest runs: ingest (landing + dataset pipeline) alone and while a stock
+    /// reader loops over the published shards (webdataset via the wids index, a pyarrow scan),
+    /// in the same run; the reader's throughput next to a plain read of the same files.
+    Train(crate::bench_train::TrainArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +68,7 @@ pub fn run(target: Target) -> Result<()> {
         Target::Inference(args) => inference::bench::run(args),
         Target::Pipeline(args) => crate::bench_pipeline::run(args),
         Target::Replicate(args) => crate::bench_replicate::run(args),
+        Target::Train(args) => crate::bench_train::run(args),
     }
 }
 

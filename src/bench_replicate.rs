@@ -88,6 +88,8 @@ fn publish_dataset(base: &Path, shards: u64) -> Result<()> {
         std::fs::create_dir_all(path.parent().expect("a directory"))?;
         std::fs::write(&path, &bytes)?;
         manifest.shards.push(ShardEntry {
+            relative_path: format!("media/{name}"),
+            columns: Vec::new(),
             name,
             path,
             target: 0,

@@ -95,7 +95,7 @@ fn parallel_write_peer(targets: &[PathBuf], total: u64) -> Result<f64> {
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-fn python(script: &str, files: &[PathBuf]) -> Result<f64> {
+pub(crate) fn python(script: &str, files: &[PathBuf]) -> Result<f64> {
     let output = std::process::Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -107,7 +107,7 @@ fn python(script: &str, files: &[PathBuf]) -> Result<f64> {
     text.trim().parse::<f64>().with_context(|| format!("python printed {text:?}"))
 }
 
-const WEBDATASET_READ: &str = r#"
+pub(crate) const WEBDATASET_READ: &str = r#"
 import sys, time, webdataset
 urls = ["file://" + path for path in sys.argv[1:]]
 started = time.perf_counter()
@@ -117,7 +117,7 @@ for sample in webdataset.WebDataset(urls, shardshuffle=False, nodesplitter=None,
 print(total / (time.perf_counter() - started))
 "#;
 
-const PLAIN_READ: &str = r#"
+pub(crate) const PLAIN_READ: &str = r#"
 import sys, time
 started = time.perf_counter()
 total = 0

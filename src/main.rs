@@ -7,6 +7,7 @@ mod bench;
 mod bench_pipeline;
 mod bench_replicate;
 mod bench_sink;
+mod bench_train;
 mod bench_uplink;
 mod demo;
 

@@ -1,15 +1,20 @@
 //! Appliance → sink → training datasets, read back by the stock Python readers (webdataset,
-//! pyarrow) and by Rust: every sample exactly once, keys and payloads byte-identical, shards
+//! wids through the shard index, pyarrow over the date partitions, DuckDB's grouped aggregate)
+//! and by Rust: every sample exactly once, keys and payloads byte-identical, shards
 //! striped over two targets, manifests matching the files.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use appliance::Uplink;
 use core_sink::Sink;
 use core_sink::datasets::manifest::Manifest;
+use core_sink::datasets::parquet::read_parquet_typed;
+use core_sink::datasets::pipeline::SHARD_INDEX_FILE;
+use core_sink::datasets::typed::{Cell, ColumnType};
 use core_sink::datasets::{DatasetsConfig, Placement};
 use protocol::Lane;
 use sha2::Digest as _;
@@ -138,5 +143,107 @@ async fn datasets_hold_every_sample_once_and_stock_readers_agree() {
             .collect();
         python.sort();
         assert_eq!(python, expected_rows, "pyarrow reads the same rows");
+    }
+
+    // Typed columns in date partitions, as Rust, pyarrow and DuckDB see them.
+    let sent: BTreeMap<String, serde_json::Value> = devices
+        .iter()
+        .flat_map(|device| {
+            (0..5_000).map(move |index| {
+                let payload: serde_json::Value = serde_json::from_slice(&sensor_payload(index)).unwrap();
+                (record_key(device, Lane::Sensor, index), payload)
+            })
+        })
+        .collect();
+    for shard in &sensor_manifest.shards {
+        assert_eq!(shard.relative_path, format!("sensor/date=2023-11-14/{}", shard.name));
+        let columns: Vec<(&str, ColumnType)> =
+            shard.columns.iter().map(|column| (column.name.as_str(), column.column_type)).collect();
+        // Inferred: objects and arrays stay in the payload, `seq` is a fixed column's name.
+        assert_eq!(
+            columns,
+            [
+                ("celsius", ColumnType::Double),
+                ("firmware", ColumnType::String),
+                ("humidity", ColumnType::Double),
+                ("note", ColumnType::String),
+                ("sensor", ColumnType::String),
+                ("site", ColumnType::String),
+                ("status", ColumnType::String),
+            ]
+        );
+        for (row, cells) in read_parquet_typed(&shard.path).unwrap().1 {
+            let payload = &sent[&row.key];
+            assert_eq!(cells["celsius"], Cell::Double(payload["celsius"].as_f64().unwrap()), "{}", row.key);
+            assert_eq!(cells["sensor"], Cell::Text(payload["sensor"].as_str().unwrap().to_string()));
+        }
+    }
+    let sensor_directories: Vec<PathBuf> = targets.iter().map(|target| target.join("sensor")).collect();
+    if let Some(rows) = python_read("partitions", &sensor_directories) {
+        let mut seen = BTreeMap::new();
+        for row in rows {
+            let key = row["key"].as_str().unwrap().to_string();
+            assert_eq!(row["date"], "2023-11-14");
+            let payload = &sent[&key];
+            for field in ["celsius", "humidity", "sensor", "status"] {
+                assert_eq!(row["typed"][field], payload[field], "{key}: {field}");
+            }
+            assert!(row["typed"].get("calibration").is_none(), "nested values get no column");
+            assert!(seen.insert(key, row["device"].clone()).is_none(), "pyarrow saw a row twice");
+        }
+        assert_eq!(seen.len(), sent.len(), "pyarrow reads every row through the partitions");
+    }
+    let mut query_arguments = vec![PathBuf::from("celsius")];
+    query_arguments.extend(sensor_directories.iter().cloned());
+    if let Some(rows) = python_read("duckdb-average", &query_arguments) {
+        let expected: Vec<(String, f64, u64)> = devices
+            .iter()
+            .map(|device| {
+                let celsius: Vec<f64> = (0..5_000)
+                    .map(|index| sent[&record_key(device, Lane::Sensor, index)]["celsius"].as_f64().unwrap())
+                    .collect();
+                (device.to_string(), celsius.iter().sum::<f64>() / celsius.len() as f64, 5_000)
+            })
+            .collect();
+        assert_eq!(rows.len(), expected.len(), "{rows:?}");
+        for (row, (device, average, count)) in rows.iter().zip(&expected) {
+            assert_eq!(row["device"], *device);
+            assert_eq!(row["rows"], *count);
+            let seen = row["average"].as_f64().unwrap();
+            assert!((seen - average).abs() < 1e-9, "{device}: DuckDB {seen}, sent {average}");
+        }
+    }
+
+    // The wids shard index lists exactly the manifest's shards, and wids reads them through it.
+    let index_path = fleet.path().join("manifests/media").join(SHARD_INDEX_FILE);
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    assert_eq!(index["__kind__"], "wids-shard-index-v1");
+    assert_eq!(index["wids_version"], 1);
+    let listed: Vec<(PathBuf, u64)> = index["shardlist"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|shard| {
+            (
+                index_path.parent().unwrap().join(shard["url"].as_str().unwrap()),
+                shard["nsamples"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let manifested: Vec<(PathBuf, u64)> =
+        media_manifest.shards.iter().map(|shard| (shard.path.clone(), shard.samples)).collect();
+    assert_eq!(listed.len(), manifested.len());
+    for ((listed, listed_samples), (path, samples)) in listed.iter().zip(&manifested) {
+        assert_eq!(listed.canonicalize().unwrap(), path.canonicalize().unwrap());
+        assert_eq!(listed_samples, samples);
+    }
+    if let Some(samples) = python_read("wids", &[index_path]) {
+        let mut seen = BTreeMap::new();
+        for sample in samples {
+            let key = sample["key"].as_str().unwrap().to_string();
+            let jpg = sample["files"]["jpg"].as_str().unwrap().to_string();
+            assert!(seen.insert(key.clone(), jpg).is_none(), "wids saw {key} twice");
+        }
+        assert_eq!(seen, media, "wids keys and payload sha256 equal what was sent");
     }
 }

@@ -4,18 +4,37 @@
 Usage:
     python3 tests/read_datasets.py webdataset SHARD.tar [SHARD.tar ...]
     python3 tests/read_datasets.py parquet FILE.parquet [FILE.parquet ...]
+    python3 tests/read_datasets.py partitions DATASET_DIR [DATASET_DIR ...]
+    python3 tests/read_datasets.py duckdb-average COLUMN DATASET_DIR [DATASET_DIR ...]
+    python3 tests/read_datasets.py wids INDEX.json
 
 webdataset: iterates the shards in order with `webdataset.WebDataset` (no decoding, raw bytes)
 and prints one JSON object per sample: {"key": ..., "files": {extension: sha256 hex}}.
 
 parquet: reads each file with `pyarrow.parquet.read_table` and prints one JSON object per row:
-{"device", "lane", "seq", "index", "key", "timestamp_us", "content_type", "payload_sha256"}.
+{"device", "lane", "seq", "index", "key", "timestamp_us", "content_type", "payload_sha256",
+"typed"}, where "typed" maps each typed column (the columns after the fixed ones) to its value,
+null cells left out.
+
+partitions: opens each DATASET_DIR (a target's `sensor/` directory) as one `pyarrow.dataset`
+with Hive partitioning, the schemas of all files unified (a later shard may have more typed
+columns), and prints one JSON object per row: {"device", "key", "date", "timestamp_us",
+"typed"}; fails if a row's `date` partition is not its timestamp's UTC date.
+
+duckdb-average: runs `SELECT device, avg(COLUMN), count(*) ... GROUP BY device` in DuckDB over
+every `*.parquet` below the DATASET_DIRs (`hive_partitioning`, `union_by_name`) and prints one
+JSON object per device: {"device", "average", "rows"}.
+
+wids: opens the shard index with `wids.ShardListDataset`, reads every sample by index (no
+decoding) and prints {"key", "files": {extension: sha256 hex}, "shard"} per sample.
 
 Exit status: 0 on success, 1 when a file cannot be read, 2 on a usage error. Messages go to
 stderr as `read_datasets: <what failed>: <why>`.
 
-Needs `pip install pyarrow webdataset` (webdataset 1.x runs without torch: it falls back to
-stand-in classes when torch is missing).
+Needs `pip install pyarrow webdataset duckdb wids` (webdataset 1.x runs without torch: it falls
+back to stand-in classes when torch is missing; wids imports `torch.distributed` and
+`torch.utils.data.Dataset` at the top, for its distributed sampler and base class only, so without
+torch this script gives it empty generic stand-ins rather than make CI install torch).
 """
 
 import hashlib
@@ -83,8 +102,9 @@ def read_parquet(paths):
         if not Path(path).is_file():
             fail(f"parquet file {path}: not a file")
         table = pq.read_table(path)
-        if table.column_names != SERIES_COLUMNS:
-            fail(f"parquet file {path}: columns {table.column_names}, expected {SERIES_COLUMNS}")
+        if table.column_names[: len(SERIES_COLUMNS)] != SERIES_COLUMNS:
+            fail(f"parquet file {path}: columns {table.column_names}, expected {SERIES_COLUMNS} first")
+        typed_columns = table.column_names[len(SERIES_COLUMNS) :]
         timestamp_type = table.schema.field("timestamp_us").type
         if not (pa.types.is_timestamp(timestamp_type) and timestamp_type.unit == "us" and timestamp_type.tz == "UTC"):
             fail(f"parquet file {path}: timestamp_us is {timestamp_type}, expected timestamp[us, tz=UTC]")
@@ -100,18 +120,135 @@ def read_parquet(paths):
                 if not isinstance(payload, bytes):
                     fail(f"parquet file {path}: payload is {type(payload).__name__}, expected bytes")
                 row["payload_sha256"] = sha256_hex(payload)
+                typed = {name: row.pop(name) for name in typed_columns}
+                row["typed"] = {name: value for name, value in typed.items() if value is not None}
                 emit(row)
 
 
+def read_partitions(directories):
+    try:
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+    except ImportError as error:
+        fail(f"cannot import pyarrow: {error} (pip install pyarrow)")
+    import datetime
+
+    for directory in directories:
+        if not Path(directory).is_dir():
+            fail(f"dataset directory {directory}: not a directory")
+        files = ds.dataset(directory, format="parquet", partitioning="hive")
+        schema = pa.unify_schemas([fragment.physical_schema for fragment in files.get_fragments()] or [files.schema])
+        partition = pa.schema([pa.field("date", pa.string())])
+        dataset = ds.dataset(
+            directory,
+            format="parquet",
+            partitioning=ds.partitioning(partition, flavor="hive"),
+            schema=pa.unify_schemas([schema, partition]),
+        )
+        typed_columns = [name for name in dataset.schema.names if name not in SERIES_COLUMNS and name != "date"]
+        columns = ["device", "key", "date", "timestamp_us"] + typed_columns
+        for batch in dataset.to_batches(columns=columns, batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                timestamp = row.pop("timestamp_us")
+                if timestamp.date().isoformat() != row["date"]:
+                    fail(f"dataset {directory}: row {row['key']!r} at {timestamp} is in partition date={row['date']}")
+                row["timestamp_us"] = (timestamp - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(microseconds=1)
+                typed = {name: row.pop(name) for name in typed_columns}
+                row["typed"] = {name: value for name, value in typed.items() if value is not None}
+                emit(row)
+
+
+def duckdb_average(column, directories):
+    try:
+        import duckdb
+    except ImportError as error:
+        fail(f"cannot import duckdb: {error} (pip install duckdb)")
+    if not column.isidentifier():
+        fail(f"column {column!r}: expected an identifier", status=2)
+    globs = [str(Path(directory) / "**" / "*.parquet") for directory in directories]
+    connection = duckdb.connect()
+    rows = connection.execute(
+        f"SELECT device, avg({column}), count(*) FROM read_parquet(?, hive_partitioning = true, union_by_name = true) "
+        "GROUP BY device ORDER BY device",
+        [globs],
+    ).fetchall()
+    for device, average, count in rows:
+        emit({"device": device, "average": average, "rows": count})
+
+
+def read_wids(index):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        # wids imports `torch.distributed` (for its distributed sampler, unused here) and
+        # subclasses `torch.utils.data.Dataset[T]`: generic stand-ins are all it needs.
+        import types
+        import typing
+
+        T = typing.TypeVar("T")
+        torch = types.ModuleType("torch")
+        torch.distributed = types.ModuleType("torch.distributed")
+        torch.utils = types.ModuleType("torch.utils")
+        torch.utils.data = types.ModuleType("torch.utils.data")
+
+        class Dataset(typing.Generic[T]):
+            pass
+
+        class Sampler(typing.Generic[T]):
+            pass
+
+        torch.utils.data.Dataset = Dataset
+        torch.utils.data.Sampler = Sampler
+        for name, module in [
+            ("torch", torch),
+            ("torch.distributed", torch.distributed),
+            ("torch.utils", torch.utils),
+            ("torch.utils.data", torch.utils.data),
+        ]:
+            sys.modules[name] = module
+    try:
+        import wids
+    except ImportError as error:
+        fail(f"cannot import wids: {error} (pip install wids)")
+    import tempfile
+
+    if not Path(index).is_file():
+        fail(f"wids index {index}: not a file")
+    with tempfile.TemporaryDirectory() as cache:
+        # A cache directory of our own: wids links local shards into it and leaves lock files.
+        dataset = wids.ShardListDataset(str(Path(index).resolve()), cache_dir=cache, transformations=[])
+        for position in range(len(dataset)):
+            sample = dataset[position]
+            files = {}
+            for name, value in sample.items():
+                if name.startswith("__"):
+                    continue
+                data = value.read() if hasattr(value, "read") else value
+                files[name.lstrip(".")] = sha256_hex(data)
+            emit({"key": sample["__key__"], "files": files, "shard": sample["__shard__"]})
+        dataset.close()
+
+
 def main(argv):
-    if len(argv) < 3 or argv[1] not in ("webdataset", "parquet"):
-        fail("usage: read_datasets.py webdataset SHARD.tar [...] | parquet FILE.parquet [...]", status=2)
+    kinds = ("webdataset", "parquet", "partitions", "duckdb-average", "wids")
+    if len(argv) < 3 or argv[1] not in kinds or (argv[1] == "duckdb-average" and len(argv) < 4):
+        fail(
+            "usage: read_datasets.py webdataset SHARD.tar [...] | parquet FILE.parquet [...] | "
+            "partitions DIR [...] | duckdb-average COLUMN DIR [...] | wids INDEX.json",
+            status=2,
+        )
     kind, paths = argv[1], argv[2:]
     try:
         if kind == "webdataset":
             read_webdataset(paths)
-        else:
+        elif kind == "parquet":
             read_parquet(paths)
+        elif kind == "partitions":
+            read_partitions(paths)
+        elif kind == "duckdb-average":
+            duckdb_average(paths[0], paths[1:])
+        else:
+            read_wids(paths[0])
         sys.stdout.flush()
     except SystemExit:
         raise

@@ -201,6 +201,12 @@ pub fn render(sources: &MetricsSources) -> String {
         );
         counter(
             &mut out,
+            "tributary_datasets_type_conflicts_total",
+            "Values in published sensor shards that did not fit their typed column (cell null, raw JSON kept in payload, listed in the manifest).",
+            &datasets.type_conflicts,
+        );
+        counter(
+            &mut out,
             "tributary_datasets_step_failures_total",
             "Dataset pipeline steps that failed and will be retried (logged at most every 10 s).",
             &datasets.step_failures,

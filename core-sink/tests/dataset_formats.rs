@@ -14,6 +14,7 @@ use core_sink::datasets::parquet::{
     SeriesRow, read_parquet_rows,
 };
 use core_sink::datasets::tar::{MEMBER_BYTES_MAX, MEMBER_MTIME_SECONDS_MAX, TAR_BLOCK_BYTES, TarShardWriter};
+use core_sink::datasets::typed::{Cell, ColumnType};
 
 // ustar header fields, re-declared from POSIX.1 (pax, "ustar Interchange Format") rather than
 // taken from the writer under test.
@@ -402,8 +403,15 @@ fn parquet_rows_round_trip_across_row_groups_with_zstd_columns() {
     let metadata = reader.metadata();
     let groups: Vec<i64> = metadata.row_groups().iter().map(|group| group.num_rows()).collect();
     assert_eq!(groups, [3_000, 3_000, 3_000, 1_000]);
+    // The fixed columns, then one per JSON field, inferred from the first row group.
+    let (columns, typed_rows) = core_sink::datasets::parquet::read_parquet_typed(&path).expect("typed rows");
+    let names: Vec<(&str, ColumnType)> =
+        columns.iter().map(|column| (column.name.as_str(), column.column_type)).collect();
+    assert_eq!(names, [("row", ColumnType::Int64), ("temperature_c", ColumnType::Int64)]);
+    assert_eq!(typed_rows[9_999].1["row"], Cell::Int64(9_999));
+    assert!(typed_rows[3].1.is_empty(), "a payload that is not JSON has only nulls");
     for group in metadata.row_groups() {
-        assert_eq!(group.num_columns(), 8);
+        assert_eq!(group.num_columns(), 10);
         for column in group.columns() {
             assert!(
                 matches!(column.compression(), parquet::basic::Compression::ZSTD(_)),
@@ -582,6 +590,12 @@ fn pyarrow_reads_parquet_series() {
                 "timestamp_us": row.timestamp_us,
                 "content_type": row.content_type,
                 "payload_sha256": sha256_hex(&row.payload),
+                // Inferred from the first row group: both fields are integers.
+                "typed": if row.payload.starts_with(b"{") {
+                    serde_json::from_slice::<serde_json::Value>(&row.payload).expect("json payload")
+                } else {
+                    serde_json::json!({})
+                },
             })
         })
         .collect();

@@ -236,13 +236,18 @@ pub fn produce_media(ring: &Ring, device: &str, first: u64, count: u64) -> Vec<(
 /// Runs `tests/read_datasets.py` (the stock Python readers) and returns its JSON lines.
 /// Fails when the readers are missing and `CI` is set; otherwise returns `None` with a message.
 pub fn python_read(kind: &str, files: &[PathBuf]) -> Option<Vec<serde_json::Value>> {
-    let probe = std::process::Command::new("python3").args(["-c", "import pyarrow, webdataset"]).output();
+    let probe = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import pyarrow, webdataset, duckdb, importlib.util; assert importlib.util.find_spec('wids')",
+        ])
+        .output();
     if !probe.as_ref().is_ok_and(|output| output.status.success()) {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI must have pyarrow and webdataset installed (.ci/run does)"
+            "CI must have pyarrow, webdataset, duckdb and wids installed (.ci/run does)"
         );
-        eprintln!("SKIPPING the Python reader check: `pip install pyarrow webdataset` to run it");
+        eprintln!("SKIPPING the Python reader check: `pip install pyarrow webdataset duckdb wids` to run it");
         return None;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("read_datasets.py");

@@ -10,9 +10,10 @@ use std::io::BufWriter;
 
 use protocol::{Lane, RecordRef};
 
-pub use super::parquet::OwnedSeriesRow;
 use super::parquet::ParquetShardWriter;
+pub use super::parquet::{OwnedSeriesRow, SeriesReport};
 use super::tar::TarShardWriter;
+use super::typed::TypedColumn;
 
 /// The buffer between a shard writer and its file.
 pub const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
@@ -40,8 +41,9 @@ pub enum Sample {
 pub trait ShardWriter: Send {
     /// Appends one sample; a sample of another format's kind is an error.
     fn append(&mut self, sample: Sample) -> Result<(), String>;
-    /// Writes what is buffered and the format's trailer, and hands back the file to fsync.
-    fn finish(self: Box<Self>) -> Result<File, String>;
+    /// Writes what is buffered and the format's trailer, and hands back the file to fsync with
+    /// what the shard learned about its typed columns (nothing for formats without them).
+    fn finish(self: Box<Self>) -> Result<(File, SeriesReport), String>;
 }
 
 impl ShardFormat {
@@ -61,15 +63,17 @@ impl ShardFormat {
         }
     }
 
-    /// A writer for a new shard in `file`.
-    pub fn create(self, file: File) -> Result<Box<dyn ShardWriter>, String> {
+    /// A writer for a new shard in `file`; `known_columns` are the typed columns a series shard
+    /// has whatever its records hold (other formats ignore them).
+    pub fn create(self, file: File, known_columns: &[TypedColumn]) -> Result<Box<dyn ShardWriter>, String> {
         Ok(match self {
             ShardFormat::WebDataset => {
                 Box::new(TarShardWriter::new(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)))
             }
-            ShardFormat::Parquet { row_group_rows } => {
-                Box::new(ParquetShardWriter::new(file, row_group_rows).map_err(|error| error.to_string())?)
-            }
+            ShardFormat::Parquet { row_group_rows } => Box::new(
+                ParquetShardWriter::with_columns(file, row_group_rows, known_columns)
+                    .map_err(|error| error.to_string())?,
+            ),
         })
     }
 
@@ -143,9 +147,10 @@ impl ShardWriter for TarShardWriter<BufWriter<File>> {
         self.append_file(&format!("{base}.json"), mtime_seconds, &metadata).map_err(|error| error.to_string())
     }
 
-    fn finish(self: Box<Self>) -> Result<File, String> {
+    fn finish(self: Box<Self>) -> Result<(File, SeriesReport), String> {
         TarShardWriter::finish(*self)
             .and_then(|buffer| buffer.into_inner().map_err(|error| error.into_error()))
+            .map(|file| (file, SeriesReport::default()))
             .map_err(|error| error.to_string())
     }
 }
@@ -158,7 +163,7 @@ impl ShardWriter for ParquetShardWriter {
         ParquetShardWriter::append(self, &row.as_row()).map_err(|error| error.to_string())
     }
 
-    fn finish(self: Box<Self>) -> Result<File, String> {
-        ParquetShardWriter::finish(*self).map_err(|error| error.to_string())
+    fn finish(self: Box<Self>) -> Result<(File, SeriesReport), String> {
+        ParquetShardWriter::finish_with_report(*self).map_err(|error| error.to_string())
     }
 }

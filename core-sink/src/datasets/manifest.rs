@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::typed::{TypeConflict, TypedColumn};
+
 pub const MANIFEST_FORMAT: &str = "tributary-manifest/1";
 /// Manifests larger than this are refused when read (a damaged or foreign file).
 pub const MANIFEST_BYTES_MAX: u64 = 256 * 1024 * 1024;
@@ -32,6 +34,17 @@ pub struct Manifest {
     /// Every chunk ever quarantined, listed or not.
     #[serde(default)]
     pub quarantined_total: u64,
+    /// Typed columns of the dataset so far (Parquet datasets): every column a shard had or a
+    /// shard saw late, with its type. Every later shard has at least these columns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<TypedColumn>,
+    /// Values that did not fit their typed column (the cell is null, the raw JSON stays in
+    /// `payload`), every one ever counted.
+    #[serde(default)]
+    pub type_conflicts_total: u64,
+    /// The newest of them, at most `typed::CONFLICTS_LISTED_MAX`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub type_conflicts: Vec<TypeConflict>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,8 +60,15 @@ pub struct QuarantinedChunk {
 #[serde(deny_unknown_fields)]
 pub struct ShardEntry {
     pub name: String,
-    /// Absolute path of the published file.
+    /// Path of the published file (absolute when the target directory is).
     pub path: PathBuf,
+    /// Path of the published file below its target directory, partitions included
+    /// (`sensor/date=2026-12-03/sensor-node0-t00-00000001.parquet`).
+    #[serde(default)]
+    pub relative_path: String,
+    /// The shard's typed columns, in file order (Parquet shards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<TypedColumn>,
     pub target: usize,
     pub shard_seq: u64,
     pub bytes: u64,

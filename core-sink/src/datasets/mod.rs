@@ -7,10 +7,14 @@ pub mod parquet;
 pub mod pipeline;
 pub mod tar;
 pub mod targets;
+pub mod typed;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+use typed::{ColumnType, TYPED_COLUMNS_MAX, TypedColumn};
 
 /// How a new shard picks its target.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -43,6 +47,29 @@ pub struct DatasetsConfig {
     /// A target whose shard failed (full, unwritable) gets no new shard for this long.
     #[serde(default = "default_target_retry_after_ms")]
     pub target_retry_after_ms: u64,
+    /// The sensor dataset's settings (`[datasets.sensor]`).
+    #[serde(default)]
+    pub sensor: SensorDatasetConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SensorDatasetConfig {
+    /// Typed columns every sensor shard has, by JSON field name (`[datasets.sensor.schema]`,
+    /// `temperature_c = "double"`; types `double`, `int64`, `bool`, `string`). Fields not
+    /// declared are inferred per shard (`typed.rs`).
+    #[serde(default)]
+    pub schema: BTreeMap<String, ColumnType>,
+}
+
+impl SensorDatasetConfig {
+    /// The declared columns, in name order.
+    pub fn declared_columns(&self) -> Vec<TypedColumn> {
+        self.schema
+            .iter()
+            .map(|(name, column_type)| TypedColumn { name: name.clone(), column_type: *column_type })
+            .collect()
+    }
 }
 
 fn default_target_retry_after_ms() -> u64 {
@@ -58,8 +85,10 @@ fn default_shard_bytes_max() -> u64 {
 fn default_shard_age_max_ms() -> u64 {
     60_000
 }
+/// About 10–30 MiB of compressed sensor rows per row group: large enough for scans to read long
+/// runs of each column, small enough to buffer (the writer also cuts a group at 128 MiB buffered).
 fn default_parquet_row_group_rows() -> usize {
-    65_536
+    262_144
 }
 
 impl DatasetsConfig {
@@ -73,6 +102,7 @@ impl DatasetsConfig {
             shard_age_max_ms: default_shard_age_max_ms(),
             parquet_row_group_rows: default_parquet_row_group_rows(),
             target_retry_after_ms: default_target_retry_after_ms(),
+            sensor: SensorDatasetConfig::default(),
         }
     }
 
@@ -99,6 +129,18 @@ impl DatasetsConfig {
             return Err(format!(
                 "datasets.parquet_row_group_rows = {}: expected 1..=1048576",
                 self.parquet_row_group_rows
+            ));
+        }
+        if self.sensor.schema.len() > TYPED_COLUMNS_MAX {
+            return Err(format!(
+                "datasets.sensor.schema: {} columns, at most {TYPED_COLUMNS_MAX}",
+                self.sensor.schema.len()
+            ));
+        }
+        if let Some(name) = self.sensor.schema.keys().find(|name| !typed::valid_column_name(name)) {
+            return Err(format!(
+                "datasets.sensor.schema.{name}: expected [A-Za-z_][A-Za-z0-9_]*, at most {} bytes, not a fixed column or `date`",
+                typed::COLUMN_NAME_BYTES_MAX
             ));
         }
         if !(10..=3_600_000).contains(&self.target_retry_after_ms) {

@@ -1,6 +1,8 @@
 //! Parquet files of series rows, written with the parquet crate's low-level file writer (no arrow).
 //!
-//! One file holds records of series lanes, one row per record, in this schema (`SERIES_SCHEMA`):
+//! One file holds records of series lanes, one row per record. The fixed columns come first
+//! (`SERIES_FIXED_FIELDS`), then the shard's typed columns (`typed.rs`: one optional column per
+//! JSON field, fixed when the first row group is written):
 //!
 //! | column         | physical   | logical type                          | notes                        |
 //! | ---            | ---        | ---                                   | ---                          |
@@ -13,7 +15,9 @@
 //! | `content_type` | BYTE_ARRAY | STRING                                | dictionary encoded           |
 //! | `payload`      | BYTE_ARRAY | none (binary)                         | no statistics                |
 //!
-//! All columns are required. Every column is ZSTD level `ZSTD_LEVEL` (pyarrow and the crate
+//! The fixed columns are required, typed ones optional. `device`, `lane`, `key`,
+//! `content_type` and typed `string` columns are dictionary encoded; statistics are kept per
+//! page and column chunk for every column but `payload`. Every column is ZSTD level `ZSTD_LEVEL` (pyarrow and the crate
 //! default to other codecs, so it is set per column, not left to a default). Data pages are
 //! format v1 (`WriterVersion::PARQUET_1_0`), the page version every stock reader has read for
 //! years, at most `DATA_PAGE_BYTES` (1 MiB) and `DATA_PAGE_ROWS_MAX` (20 000) rows.
@@ -41,9 +45,12 @@ use parquet::record::{Field, Row};
 use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::{ColumnPath, Type};
 
-/// The message type every series file is written with and checked against on reading.
-pub const SERIES_SCHEMA: &str = "
-message tributary_series {
+use super::typed::{
+    self, CONFLICTS_LISTED_MAX, Cell, ColumnType, FieldValue, Inference, TypeConflict, TypedColumn,
+};
+
+/// The fixed columns every series file starts with, checked on reading.
+pub const SERIES_FIXED_FIELDS: &str = "
   required binary device (STRING);
   required binary lane (STRING);
   required int64 seq (INTEGER(64, false));
@@ -52,7 +59,6 @@ message tributary_series {
   required int64 timestamp_us (TIMESTAMP(MICROS, true));
   required binary content_type (STRING);
   required binary payload;
-}
 ";
 
 /// Column names in schema order.
@@ -199,6 +205,8 @@ struct ColumnBuffers {
     timestamp_us: Vec<i64>,
     content_type: Vec<ByteArray>,
     payload: Vec<ByteArray>,
+    /// The payload's JSON fields that may become typed columns, in name order.
+    fields: Vec<Vec<(String, FieldValue)>>,
     /// Rough memory held by the rows above.
     bytes: u64,
 }
@@ -219,12 +227,21 @@ impl ColumnBuffers {
         self.timestamp_us.push(row.timestamp_us);
         self.content_type.push(ByteArray::from(row.content_type));
         self.payload.push(ByteArray::from(row.payload));
-        self.bytes += row_bytes(row);
-        assert!(self.rows() == self.device.len() && self.rows() == self.payload.len());
+        let fields = typed::payload_fields(row.payload);
+        self.bytes += row_bytes(row)
+            + fields.iter().map(|(name, value)| name.len() as u64 + value.bytes()).sum::<u64>();
+        self.fields.push(fields);
+        assert!(self.rows() == self.device.len() && self.rows() == self.fields.len());
     }
 
     fn clear(&mut self) {
         *self = ColumnBuffers::default();
+    }
+
+    /// The value of field `name` in buffered row `row`, if the row has it.
+    fn field(&self, row: usize, name: &str) -> Option<&FieldValue> {
+        let fields = &self.fields[row];
+        fields.binary_search_by(|(field, _)| field.as_str().cmp(name)).ok().map(|at| &fields[at].1)
     }
 }
 
@@ -234,11 +251,31 @@ fn row_bytes(row: &SeriesRow<'_>) -> u64 {
             as u64
 }
 
+/// What a series shard learned about its typed columns, for the manifest.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesReport {
+    /// The shard's typed columns, in file order.
+    pub columns: Vec<TypedColumn>,
+    /// Fields first seen after the columns were fixed: columns from the next shard on.
+    pub late_columns: Vec<TypedColumn>,
+    /// Values that did not fit their column (typed cell null, raw JSON kept in `payload`).
+    pub conflicts_total: u64,
+    /// The first `CONFLICTS_LISTED_MAX` of them.
+    pub conflicts: Vec<TypeConflict>,
+}
+
 /// Writes series rows into one Parquet file, a row group at a time.
 pub struct ParquetShardWriter {
-    writer: SerializedFileWriter<File>,
+    /// The file until the first row group fixes the schema and starts the Parquet writer.
+    file: Option<File>,
+    writer: Option<SerializedFileWriter<File>>,
     buffered: ColumnBuffers,
     row_group_rows: usize,
+    /// Columns the shard has whatever its records hold (declared, then the dataset's so far).
+    known_columns: Vec<TypedColumn>,
+    /// Fields seen after the columns were fixed.
+    late: Inference,
+    report: SeriesReport,
     rows: u64,
     row_groups: u64,
     /// Set when a write failed: the file is torn and must not be continued.
@@ -246,25 +283,42 @@ pub struct ParquetShardWriter {
 }
 
 impl ParquetShardWriter {
-    /// Columns as in `SERIES_SCHEMA`, all required, ZSTD level `ZSTD_LEVEL` on every column, writer
-    /// properties named explicitly (row group size, data page size, statistics). `row_group_rows`
-    /// must be 1 ..= `ROW_GROUP_ROWS_MAX`.
+    /// A writer whose typed columns are inferred from the first row group alone.
     pub fn new(file: File, row_group_rows: usize) -> Result<ParquetShardWriter, DatasetFormatError> {
+        ParquetShardWriter::with_columns(file, row_group_rows, &[])
+    }
+
+    /// Fixed columns as in `SERIES_FIXED_FIELDS`, then `known_columns`, then the fields the first
+    /// row group infers (`typed.rs`); ZSTD level `ZSTD_LEVEL` on every column, writer properties
+    /// named explicitly (row group size, data page size, statistics). `row_group_rows` must be
+    /// 1 ..= `ROW_GROUP_ROWS_MAX`.
+    pub fn with_columns(
+        file: File,
+        row_group_rows: usize,
+        known_columns: &[TypedColumn],
+    ) -> Result<ParquetShardWriter, DatasetFormatError> {
         if !(1..=ROW_GROUP_ROWS_MAX).contains(&row_group_rows) {
             return Err(DatasetFormatError::Setting {
                 setting: "row_group_rows",
                 problem: format!("{row_group_rows} is outside 1..={ROW_GROUP_ROWS_MAX}"),
             });
         }
-        let schema = Arc::new(series_schema());
-        let properties = Arc::new(writer_properties(row_group_rows)?);
-        let writer = SerializedFileWriter::new(file, schema, properties).map_err(|source| {
-            DatasetFormatError::Write { operation: "failed to start the file".to_owned(), source }
-        })?;
+        if let Some(column) = known_columns.iter().find(|column| !typed::valid_column_name(&column.name)) {
+            return Err(DatasetFormatError::Setting {
+                setting: "typed columns",
+                problem: format!("{:?} is not a valid column name", column.name),
+            });
+        }
+        // Checked before any byte is written.
+        writer_properties(row_group_rows, known_columns)?;
         Ok(ParquetShardWriter {
-            writer,
+            file: Some(file),
+            writer: None,
             buffered: ColumnBuffers::default(),
             row_group_rows,
+            known_columns: typed::merge_columns(known_columns, &[]),
+            late: Inference::default(),
+            report: SeriesReport::default(),
             rows: 0,
             row_groups: 0,
             failed: false,
@@ -332,12 +386,17 @@ impl ParquetShardWriter {
     /// Bytes written to the file so far plus a rough size of buffered rows (for rotation by
     /// size). Buffered rows count uncompressed, so this overestimates until the footer is written.
     pub fn approximate_bytes(&self) -> u64 {
-        self.writer.bytes_written() as u64 + self.buffered.bytes
+        self.writer.as_ref().map_or(0, |writer| writer.bytes_written() as u64) + self.buffered.bytes
     }
 
     /// Writes remaining rows and the footer; returns the file (not fsynced: the caller fsyncs and
     /// renames).
-    pub fn finish(mut self) -> Result<File, DatasetFormatError> {
+    pub fn finish(self) -> Result<File, DatasetFormatError> {
+        self.finish_with_report().map(|(file, _)| file)
+    }
+
+    /// `finish`, and what the shard learned about its typed columns.
+    pub fn finish_with_report(mut self) -> Result<(File, SeriesReport), DatasetFormatError> {
         if self.failed {
             return Err(DatasetFormatError::Torn { operation: "finish" });
         }
@@ -345,21 +404,58 @@ impl ParquetShardWriter {
             self.write_row_group()?;
         }
         assert_eq!(self.buffered.rows(), 0);
+        self.start_file()?;
         let rows = self.rows;
-        let written_rows: i64 = self.writer.flushed_row_groups().iter().map(|group| group.num_rows()).sum();
+        let writer = self.writer.take().expect("started above");
+        let written_rows: i64 = writer.flushed_row_groups().iter().map(|group| group.num_rows()).sum();
         assert_eq!(u64::try_from(written_rows).ok(), Some(rows), "row groups must hold every appended row");
         // `into_inner` writes the footer and flushes the writer's buffer into the file.
-        self.writer.into_inner().map_err(|source| DatasetFormatError::Write {
+        let file = writer.into_inner().map_err(|source| DatasetFormatError::Write {
             operation: format!("failed to write the footer after {rows} rows"),
             source,
-        })
+        })?;
+        let mut report = self.report;
+        report.late_columns = self.late.columns();
+        Ok((file, report))
+    }
+
+    /// Fixes the columns (known ones, then those the buffered rows infer) and starts the Parquet
+    /// writer, once.
+    fn start_file(&mut self) -> Result<(), DatasetFormatError> {
+        let Some(file) = self.file.take() else { return Ok(()) };
+        let mut inference = Inference::default();
+        for fields in &self.buffered.fields {
+            for (name, value) in fields {
+                inference.observe(name, value);
+            }
+        }
+        let columns = typed::merge_columns(&self.known_columns, &inference.columns());
+        let schema = Arc::new(series_schema(&columns)?);
+        let properties = Arc::new(writer_properties(self.row_group_rows, &columns)?);
+        let writer = SerializedFileWriter::new(file, schema, properties).map_err(|source| {
+            self.failed = true;
+            DatasetFormatError::Write { operation: "failed to start the file".to_owned(), source }
+        })?;
+        self.writer = Some(writer);
+        self.report.columns = columns;
+        Ok(())
     }
 
     fn write_row_group(&mut self) -> Result<(), DatasetFormatError> {
         let group = self.row_groups;
         let rows = self.buffered.rows();
         assert!(rows > 0);
-        let result = write_row_group(&mut self.writer, &self.buffered);
+        self.start_file()?;
+        // Fields the columns lack are late: columns from the next shard on.
+        for fields in &self.buffered.fields {
+            for (name, value) in fields {
+                if !self.report.columns.iter().any(|column| &column.name == name) {
+                    self.late.observe(name, value);
+                }
+            }
+        }
+        let writer = self.writer.as_mut().expect("started above");
+        let result = write_row_group(writer, &self.buffered, &mut self.report);
         self.buffered.clear();
         match result {
             Ok(()) => {
@@ -380,37 +476,41 @@ impl ParquetShardWriter {
 fn write_row_group(
     writer: &mut SerializedFileWriter<File>,
     rows: &ColumnBuffers,
+    report: &mut SeriesReport,
 ) -> Result<(), ParquetError> {
     let mut group = writer.next_row_group()?;
-    let mut column_index = 0;
+    let mut column_index: usize = 0;
+    let typed_columns = report.columns.clone();
     while let Some(mut column) = group.next_column()? {
+        if let Some(typed) =
+            column_index.checked_sub(SERIES_COLUMNS.len()).and_then(|at| typed_columns.get(at))
+        {
+            write_typed_column(column.untyped(), typed, rows, report)?;
+            column.close()?;
+            column_index += 1;
+            continue;
+        }
         let name = SERIES_COLUMNS.get(column_index).copied().unwrap_or("(extra)");
         match (name, column.untyped()) {
             ("device", ColumnWriter::ByteArrayColumnWriter(writer)) => {
-                write_byte_arrays(writer, &rows.device)?
+                write_byte_arrays(writer, &rows.device, None)?
             }
-            ("lane", ColumnWriter::ByteArrayColumnWriter(writer)) => write_byte_arrays(writer, &rows.lane)?,
-            ("seq", ColumnWriter::Int64ColumnWriter(writer)) => {
-                for values in rows.seq.chunks(WRITE_BATCH_VALUES_MAX) {
-                    writer.write_batch(values, None, None)?;
-                }
+            ("lane", ColumnWriter::ByteArrayColumnWriter(writer)) => {
+                write_byte_arrays(writer, &rows.lane, None)?
             }
-            ("index", ColumnWriter::Int32ColumnWriter(writer)) => {
-                for values in rows.index.chunks(WRITE_BATCH_VALUES_MAX) {
-                    writer.write_batch(values, None, None)?;
-                }
+            ("seq", ColumnWriter::Int64ColumnWriter(writer)) => write_values(writer, &rows.seq, None)?,
+            ("index", ColumnWriter::Int32ColumnWriter(writer)) => write_values(writer, &rows.index, None)?,
+            ("key", ColumnWriter::ByteArrayColumnWriter(writer)) => {
+                write_byte_arrays(writer, &rows.key, None)?
             }
-            ("key", ColumnWriter::ByteArrayColumnWriter(writer)) => write_byte_arrays(writer, &rows.key)?,
             ("timestamp_us", ColumnWriter::Int64ColumnWriter(writer)) => {
-                for values in rows.timestamp_us.chunks(WRITE_BATCH_VALUES_MAX) {
-                    writer.write_batch(values, None, None)?;
-                }
+                write_values(writer, &rows.timestamp_us, None)?
             }
             ("content_type", ColumnWriter::ByteArrayColumnWriter(writer)) => {
-                write_byte_arrays(writer, &rows.content_type)?
+                write_byte_arrays(writer, &rows.content_type, None)?
             }
             ("payload", ColumnWriter::ByteArrayColumnWriter(writer)) => {
-                write_byte_arrays(writer, &rows.payload)?
+                write_byte_arrays(writer, &rows.payload, None)?
             }
             (name, _) => {
                 return Err(ParquetError::General(format!(
@@ -421,10 +521,10 @@ fn write_row_group(
         column.close()?;
         column_index += 1;
     }
-    if column_index != SERIES_COLUMNS.len() {
+    if column_index != SERIES_COLUMNS.len() + typed_columns.len() {
         return Err(ParquetError::General(format!(
-            "row group has {column_index} columns, the series schema {}",
-            SERIES_COLUMNS.len()
+            "row group has {column_index} columns, the shard's schema {}",
+            SERIES_COLUMNS.len() + typed_columns.len()
         )));
     }
     let metadata = group.close()?;
@@ -432,36 +532,147 @@ fn write_row_group(
     Ok(())
 }
 
-/// Hands byte arrays to the column writer in calls of about `WRITE_BATCH_BYTES_MAX` bytes, so the
-/// writer checks its page limits at least that often whatever the value sizes.
-fn write_byte_arrays(
-    writer: &mut parquet::column::writer::ColumnWriterImpl<'_, parquet::data_type::ByteArrayType>,
-    values: &[ByteArray],
+/// Writes one typed column of the buffered rows: a value where the row's field fits the column's
+/// type, a null where the row lacks it or it is JSON null, and a null plus a recorded conflict
+/// where it does not fit.
+fn write_typed_column(
+    writer: &mut ColumnWriter<'_>,
+    column: &TypedColumn,
+    rows: &ColumnBuffers,
+    report: &mut SeriesReport,
 ) -> Result<(), ParquetError> {
-    let mut start = 0;
-    while start < values.len() {
-        let mut end = start;
-        let mut bytes = 0u64;
-        while end < values.len()
-            && (end == start || bytes < WRITE_BATCH_BYTES_MAX)
-            && end - start < WRITE_BATCH_VALUES_MAX
-        {
-            bytes += values[end].len() as u64;
-            end += 1;
-        }
-        assert!(end > start);
-        let written = writer.write_batch(&values[start..end], None, None)?;
-        assert_eq!(written, end - start);
-        start = end;
+    let mut cells = Vec::with_capacity(rows.rows());
+    for row in 0..rows.rows() {
+        let cell = match rows.field(row, &column.name).map(|value| (value, value.cell(column.column_type))) {
+            None => None,
+            Some((_, Ok(cell))) => cell,
+            Some((value, Err(()))) => {
+                report.conflicts_total += 1;
+                if report.conflicts.len() < CONFLICTS_LISTED_MAX {
+                    report.conflicts.push(TypeConflict {
+                        device: rows.device[row].as_utf8().unwrap_or("?").to_owned(),
+                        seq: rows.seq[row].cast_unsigned(),
+                        index: rows.index[row].cast_unsigned(),
+                        column: column.name.clone(),
+                        expected: column.column_type,
+                        found: value.kind().to_owned(),
+                    });
+                }
+                None
+            }
+        };
+        cells.push(cell);
     }
+    let levels: Vec<i16> = cells.iter().map(|cell| i16::from(cell.is_some())).collect();
+    // The present values, in row order, of the one kind the column holds.
+    fn present<T>(cells: &[Option<Cell>], pick: impl Fn(&Cell) -> Option<T>) -> Vec<T> {
+        cells.iter().flatten().filter_map(pick).collect()
+    }
+    match (column.column_type, writer) {
+        (ColumnType::Double, ColumnWriter::DoubleColumnWriter(writer)) => {
+            let values =
+                present(&cells, |cell| if let Cell::Double(value) = cell { Some(*value) } else { None });
+            write_values(writer, &values, Some(&levels))
+        }
+        (ColumnType::Int64, ColumnWriter::Int64ColumnWriter(writer)) => {
+            let values =
+                present(&cells, |cell| if let Cell::Int64(value) = cell { Some(*value) } else { None });
+            write_values(writer, &values, Some(&levels))
+        }
+        (ColumnType::Bool, ColumnWriter::BoolColumnWriter(writer)) => {
+            let values =
+                present(&cells, |cell| if let Cell::Bool(value) = cell { Some(*value) } else { None });
+            write_values(writer, &values, Some(&levels))
+        }
+        (ColumnType::String, ColumnWriter::ByteArrayColumnWriter(writer)) => {
+            let values = present(&cells, |cell| {
+                if let Cell::Text(value) = cell {
+                    Some(ByteArray::from(value.as_bytes().to_vec()))
+                } else {
+                    None
+                }
+            });
+            write_byte_arrays(writer, &values, Some(&levels))
+        }
+        (column_type, _) => Err(ParquetError::General(format!(
+            "typed column {} ({}) does not match its writer",
+            column.name,
+            column_type.name()
+        ))),
+    }
+}
+
+/// Hands fixed-width values to the column writer `WRITE_BATCH_VALUES_MAX` rows at a time;
+/// `levels` are definition levels of an optional column (1 for a value, 0 for a null).
+fn write_values<T: parquet::data_type::DataType>(
+    writer: &mut parquet::column::writer::ColumnWriterImpl<'_, T>,
+    values: &[T::T],
+    levels: Option<&[i16]>,
+) -> Result<(), ParquetError> {
+    let rows = levels.map_or(values.len(), <[i16]>::len);
+    let mut value_start = 0;
+    let mut row_start = 0;
+    while row_start < rows {
+        let row_end = (row_start + WRITE_BATCH_VALUES_MAX).min(rows);
+        let batch_levels = levels.map(|levels| &levels[row_start..row_end]);
+        let value_count = batch_levels
+            .map_or(row_end - row_start, |levels| levels.iter().filter(|level| **level == 1).count());
+        let written =
+            writer.write_batch(&values[value_start..value_start + value_count], batch_levels, None)?;
+        assert_eq!(written, value_count);
+        value_start += value_count;
+        row_start = row_end;
+    }
+    assert_eq!(value_start, values.len());
     Ok(())
 }
 
-fn series_schema() -> Type {
-    parse_message_type(SERIES_SCHEMA).expect("SERIES_SCHEMA is a valid message type")
+/// Hands byte arrays to the column writer in calls of about `WRITE_BATCH_BYTES_MAX` bytes, so the
+/// writer checks its page limits at least that often whatever the value sizes. `levels` as in
+/// `write_values`.
+fn write_byte_arrays(
+    writer: &mut parquet::column::writer::ColumnWriterImpl<'_, parquet::data_type::ByteArrayType>,
+    values: &[ByteArray],
+    levels: Option<&[i16]>,
+) -> Result<(), ParquetError> {
+    let rows = levels.map_or(values.len(), <[i16]>::len);
+    let present = |row: usize| levels.is_none_or(|levels| levels[row] == 1);
+    let (mut row_start, mut value_start) = (0, 0);
+    while row_start < rows {
+        let (mut row_end, mut value_end) = (row_start, value_start);
+        let mut bytes = 0u64;
+        while row_end < rows
+            && (row_end == row_start || bytes < WRITE_BATCH_BYTES_MAX)
+            && row_end - row_start < WRITE_BATCH_VALUES_MAX
+        {
+            if present(row_end) {
+                bytes += values[value_end].len() as u64;
+                value_end += 1;
+            }
+            row_end += 1;
+        }
+        assert!(row_end > row_start);
+        let batch_levels = levels.map(|levels| &levels[row_start..row_end]);
+        let written = writer.write_batch(&values[value_start..value_end], batch_levels, None)?;
+        assert_eq!(written, value_end - value_start);
+        (row_start, value_start) = (row_end, value_end);
+    }
+    assert_eq!(value_start, values.len());
+    Ok(())
 }
 
-fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, DatasetFormatError> {
+/// The message type of a series file with these typed columns.
+fn series_schema(columns: &[TypedColumn]) -> Result<Type, DatasetFormatError> {
+    let typed: String =
+        columns.iter().map(|column| column.column_type.parquet_declaration(&column.name)).collect();
+    parse_message_type(&format!("message tributary_series {{{SERIES_FIXED_FIELDS}{typed}}}"))
+        .map_err(|error| DatasetFormatError::Setting { setting: "typed columns", problem: error.to_string() })
+}
+
+fn writer_properties(
+    row_group_rows: usize,
+    columns: &[TypedColumn],
+) -> Result<WriterProperties, DatasetFormatError> {
     let zstd = ZstdLevel::try_new(ZSTD_LEVEL)
         .map_err(|error| DatasetFormatError::Setting { setting: "zstd level", problem: error.to_string() })?;
     let mut builder = WriterProperties::builder()
@@ -480,8 +691,9 @@ fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, DatasetF
         .set_dictionary_enabled(false);
     for column in SERIES_COLUMNS {
         let path = ColumnPath::from(column);
-        // Device, lane and content type repeat across rows: a dictionary makes them nearly free.
-        let dictionary = matches!(column, "device" | "lane" | "content_type");
+        // Device, lane, key and content type repeat across rows: a dictionary makes them nearly
+        // free, and lets engines filter on the dictionary.
+        let dictionary = matches!(column, "device" | "lane" | "key" | "content_type");
         // Min/max of opaque payload bytes helps no query and would only grow the footer.
         let statistics = if column == "payload" { EnabledStatistics::None } else { EnabledStatistics::Page };
         builder = builder
@@ -489,15 +701,30 @@ fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, DatasetF
             .set_column_dictionary_enabled(path.clone(), dictionary)
             .set_column_statistics_enabled(path, statistics);
     }
+    for column in columns {
+        // Sensor text fields (states, units, labels) repeat; numbers rarely do.
+        let dictionary = column.column_type == ColumnType::String;
+        builder = builder.set_column_dictionary_enabled(ColumnPath::from(column.name.as_str()), dictionary);
+    }
     // Plain encoding for everything not dictionary encoded: the most widely read encoding.
     builder = builder.set_encoding(Encoding::PLAIN);
     Ok(builder.build())
 }
 
-/// Reads every row of a series file, checking its schema against `SERIES_SCHEMA` and its row
-/// count against the footer. Holds the whole file's rows in memory: meant for verification and
-/// tests, not for training-time reading.
+/// Reads every row of a series file (fixed columns only), checking its schema and its row count
+/// against the footer. Holds the whole file's rows in memory: meant for verification and tests,
+/// not for training-time reading.
 pub fn read_parquet_rows(path: impl AsRef<Path>) -> Result<Vec<OwnedSeriesRow>, DatasetFormatError> {
+    Ok(read_parquet_typed(path)?.1.into_iter().map(|(row, _)| row).collect())
+}
+
+/// A row's typed cells by column name; a null cell is absent.
+pub type TypedCells = std::collections::BTreeMap<String, Cell>;
+
+/// Reads every row of a series file with its typed cells, and the file's typed columns.
+pub fn read_parquet_typed(
+    path: impl AsRef<Path>,
+) -> Result<(Vec<TypedColumn>, Vec<(OwnedSeriesRow, TypedCells)>), DatasetFormatError> {
     let path = path.as_ref();
     let file =
         File::open(path).map_err(|source| DatasetFormatError::Open { path: path.to_owned(), source })?;
@@ -507,37 +734,45 @@ pub fn read_parquet_rows(path: impl AsRef<Path>) -> Result<Vec<OwnedSeriesRow>, 
     };
     let reader = SerializedFileReader::new(file).map_err(read_error("failed to read the footer"))?;
     let file_schema = reader.metadata().file_metadata().schema();
-    let expected_schema = series_schema();
-    if *file_schema != expected_schema {
-        return Err(DatasetFormatError::Malformed {
-            path: path.to_owned(),
-            problem: format!("schema {file_schema:?} is not the series schema"),
-        });
+    let malformed = |problem: String| DatasetFormatError::Malformed { path: path.to_owned(), problem };
+    let fields = file_schema.get_fields();
+    let fixed = series_schema(&[]).expect("the fixed schema parses");
+    if fields.len() < SERIES_COLUMNS.len() || fields[..SERIES_COLUMNS.len()] != *fixed.get_fields() {
+        return Err(malformed(format!("schema {file_schema:?} does not start with the series columns")));
+    }
+    let mut columns = Vec::new();
+    for field in &fields[SERIES_COLUMNS.len()..] {
+        let name = field.name().to_owned();
+        let column_type = [ColumnType::Double, ColumnType::Int64, ColumnType::Bool, ColumnType::String]
+            .into_iter()
+            .find(|column_type| {
+                series_schema(&[TypedColumn { name: name.clone(), column_type: *column_type }])
+                    .is_ok_and(|schema| schema.get_fields().last() == Some(field))
+            })
+            .ok_or_else(|| malformed(format!("column {name:?} is not a typed series column")))?;
+        columns.push(TypedColumn { name, column_type });
     }
     let row_count = reader.metadata().file_metadata().num_rows();
     let mut rows = Vec::with_capacity(usize::try_from(row_count).unwrap_or(0));
     for row in reader.get_row_iter(None).map_err(read_error("failed to start reading rows"))? {
         let row = row.map_err(read_error(&format!("failed to read row {}", rows.len())))?;
-        let owned = series_row(&row).map_err(|problem| DatasetFormatError::Malformed {
-            path: path.to_owned(),
-            problem: format!("row {}: {problem}", rows.len()),
-        })?;
+        let owned = series_row(&row, &columns)
+            .map_err(|problem| malformed(format!("row {}: {problem}", rows.len())))?;
         rows.push(owned);
     }
     if i64::try_from(rows.len()).ok() != Some(row_count) {
-        return Err(DatasetFormatError::Malformed {
-            path: path.to_owned(),
-            problem: format!("footer counts {row_count} rows, {} read", rows.len()),
-        });
+        return Err(malformed(format!("footer counts {row_count} rows, {} read", rows.len())));
     }
-    Ok(rows)
+    Ok((columns, rows))
 }
 
-fn series_row(row: &Row) -> Result<OwnedSeriesRow, String> {
+fn series_row(row: &Row, columns: &[TypedColumn]) -> Result<(OwnedSeriesRow, TypedCells), String> {
     let fields: Vec<&Field> = row.get_column_iter().map(|(_, field)| field).collect();
     let names: Vec<&str> = row.get_column_iter().map(|(name, _)| name.as_str()).collect();
-    if names != SERIES_COLUMNS {
-        return Err(format!("columns {names:?}, expected {SERIES_COLUMNS:?}"));
+    let expected: Vec<&str> =
+        SERIES_COLUMNS.iter().copied().chain(columns.iter().map(|column| column.name.as_str())).collect();
+    if names != expected {
+        return Err(format!("columns {names:?}, expected {expected:?}"));
     }
     let text = |column: usize| match fields[column] {
         Field::Str(text) => Ok(text.clone()),
@@ -559,7 +794,21 @@ fn series_row(row: &Row) -> Result<OwnedSeriesRow, String> {
         Field::Bytes(bytes) => bytes.data().to_vec(),
         other => return Err(format!("payload is {other:?}, expected bytes")),
     };
-    Ok(OwnedSeriesRow {
+    let mut cells = TypedCells::new();
+    for (column, field) in columns.iter().zip(&fields[SERIES_COLUMNS.len()..]) {
+        let cell = match (column.column_type, field) {
+            (_, Field::Null) => continue,
+            (ColumnType::Double, Field::Double(value)) => Cell::Double(*value),
+            (ColumnType::Int64, Field::Long(value)) => Cell::Int64(*value),
+            (ColumnType::Bool, Field::Bool(value)) => Cell::Bool(*value),
+            (ColumnType::String, Field::Str(value)) => Cell::Text(value.clone()),
+            (column_type, other) => {
+                return Err(format!("{} is {other:?}, expected {}", column.name, column_type.name()));
+            }
+        };
+        cells.insert(column.name.clone(), cell);
+    }
+    let row = OwnedSeriesRow {
         device: text(0)?,
         lane: text(1)?,
         seq,
@@ -568,7 +817,8 @@ fn series_row(row: &Row) -> Result<OwnedSeriesRow, String> {
         timestamp_us,
         content_type: text(6)?,
         payload,
-    })
+    };
+    Ok((row, cells))
 }
 
 /// At most 64 bytes of a text for an error message, cut at a character boundary.

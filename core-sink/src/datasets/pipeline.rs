@@ -22,6 +22,7 @@ use protocol::{ChunkHeader, Lane, decode_records};
 
 use super::manifest::{Consumed, Manifest, QUARANTINE_LISTED_MAX, QuarantinedChunk, SeqRange, ShardEntry};
 use super::targets::{ShardFormat, Target};
+use super::typed::{self, CONFLICTS_LISTED_MAX, TypedColumn};
 use super::{DatasetsConfig, Placement};
 use crate::dictionaries::{DECOMPRESSOR_CACHE_BYTES_MAX, DecompressorCache, DictionaryStore};
 use crate::landing::{CommittedLanding, ReadPosition};
@@ -47,6 +48,8 @@ pub struct DatasetMetrics {
     /// `DECOMPRESSOR_CACHE_BYTES_MAX`), and devices dropped from them to stay within it.
     pub dictionary_cache_bytes: AtomicU64,
     pub dictionary_cache_evictions: AtomicU64,
+    /// Values in published shards that did not fit their typed column (cell null, raw JSON kept).
+    pub type_conflicts: AtomicU64,
 }
 
 struct OpenShard {
@@ -55,6 +58,10 @@ struct OpenShard {
     shard_seq: u64,
     name: String,
     published_path: PathBuf,
+    /// The published path below the target directory.
+    relative_path: String,
+    /// The `date=` partition (UTC date of the shard's first record), for partitioned datasets.
+    date: Option<String>,
     opened_at: Instant,
     bytes: u64,
     samples: u64,
@@ -66,6 +73,10 @@ struct Dataset {
     name: &'static str,
     format: ShardFormat,
     lanes: &'static [Lane],
+    /// Shards go under `date=YYYY-MM-DD/` by their first record's UTC date.
+    partition_by_date: bool,
+    /// Typed columns every shard has (`[datasets.sensor.schema]`).
+    declared_columns: Vec<TypedColumn>,
     manifest: Manifest,
     manifest_path: PathBuf,
     /// Read positions, ahead of the manifest while a shard is open.
@@ -134,16 +145,21 @@ impl Pipeline {
             })?;
             targets.push(Target::start(index, directory.clone())?);
         }
-        let definitions: [(&'static str, ShardFormat, &'static [Lane]); 2] = [
-            ("media", ShardFormat::WebDataset, &[Lane::Media]),
+        // The sensor dataset is partitioned by date only: a shard holds every device of its time
+        // window (per-device shards would multiply small files by the fleet size), and Parquet
+        // statistics on the dictionary-encoded `device` column let engines skip row groups.
+        let definitions: [(&'static str, ShardFormat, &'static [Lane], bool, Vec<TypedColumn>); 2] = [
+            ("media", ShardFormat::WebDataset, &[Lane::Media], false, Vec::new()),
             (
                 "sensor",
                 ShardFormat::Parquet { row_group_rows: config.parquet_row_group_rows },
                 &[Lane::Sensor],
+                true,
+                config.sensor.declared_columns(),
             ),
         ];
         let mut datasets = Vec::new();
-        for (name, format, lanes) in definitions {
+        for (name, format, lanes, partition_by_date, declared_columns) in definitions {
             let manifest_path = config.manifest_dir.join(name).join("manifest.json");
             let kind = format.manifest_kind();
             let manifest = Manifest::read(&manifest_path)?.unwrap_or_else(|| Manifest::empty(name, kind));
@@ -151,6 +167,8 @@ impl Pipeline {
                 name,
                 format,
                 lanes,
+                partition_by_date,
+                declared_columns,
                 manifest,
                 manifest_path,
                 positions: BTreeMap::new(),
@@ -160,6 +178,8 @@ impl Pipeline {
             };
             dataset.positions = dataset.published_positions();
             remove_unlisted_files(&config, &dataset)?;
+            // A crash between the manifest and the index leaves the index a shard behind.
+            write_shard_index(&dataset)?;
             datasets.push(dataset);
         }
         let unhealthy_until = vec![None; targets.len()];
@@ -245,7 +265,10 @@ impl Pipeline {
         let mut reader = committed.read(device, lane, from)?;
         while reader.bytes_read() < READ_STEP_BYTES {
             let Some(chunk) = reader.next_chunk()? else { break };
-            self.consume_chunk(dataset, device, lane, &chunk.header, chunk.body())?;
+            if !self.consume_chunk(dataset, device, lane, &chunk.header, chunk.body())? {
+                // Sealing the shard of the previous date failed: read again from the manifest.
+                return Ok(reader.bytes_read());
+            }
             // Rotate at chunk boundaries: the manifest records this position as consumed.
             self.datasets[dataset].positions.insert(key.clone(), chunk.position);
             if !self.rotate_if_full(dataset) {
@@ -261,7 +284,9 @@ impl Pipeline {
         Ok(reader.bytes_read())
     }
 
-    /// Adds a committed chunk's records to the dataset's open shard.
+    /// Adds a committed chunk's records to the dataset's open shard (sealing the open shard first
+    /// when the chunk starts another date partition). Returns false if that seal failed and the
+    /// dataset rolled back to its manifest.
     fn consume_chunk(
         &mut self,
         dataset: usize,
@@ -269,7 +294,7 @@ impl Pipeline {
         lane: Lane,
         header: &ChunkHeader,
         body: &[u8],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let decompressed = self.decompressors.decompress(&self.dictionaries, device, header, body)?;
         self.metrics.dictionary_cache_bytes.store(self.decompressors.bytes(), Ordering::Relaxed);
         self.metrics.dictionary_cache_evictions.store(self.decompressors.evictions(), Ordering::Relaxed);
@@ -280,7 +305,7 @@ impl Pipeline {
                 // a dictionary zstd will not load; the raw landing keeps the chunk as received.
                 self.metrics.undecodable_chunks.fetch_add(1, Ordering::Relaxed);
                 self.quarantine(dataset, device, lane, header.seq, format!("cannot be decoded: {error}"));
-                return Ok(());
+                return Ok(true);
             }
         };
         let mut samples = Vec::new();
@@ -292,7 +317,7 @@ impl Pipeline {
             Err(error) => {
                 self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
                 self.quarantine(dataset, device, lane, header.seq, format!("records refused: {error}"));
-                return Ok(());
+                return Ok(true);
             }
         };
         for (index, record) in decoded.into_iter().enumerate() {
@@ -300,11 +325,20 @@ impl Pipeline {
             if let Some(problem) = sample.problem() {
                 self.metrics.rejected_chunks.fetch_add(1, Ordering::Relaxed);
                 self.quarantine(dataset, device, lane, header.seq, format!("record {index}: {problem}"));
-                return Ok(());
+                return Ok(true);
             }
             samples.push((record.timestamp_us, record.payload.len() as u64 + 1024, sample));
         }
-        let open = self.ensure_open(dataset)?;
+        let Some(first_timestamp_us) = samples.first().map(|(timestamp_us, _, _)| *timestamp_us) else {
+            return Ok(true);
+        };
+        // A chunk goes whole into the partition of its first record's date (a chunk spans
+        // seconds, so at most one chunk per device and lane straddles midnight).
+        let date = self.datasets[dataset].partition_by_date.then(|| utc_date(first_timestamp_us));
+        if self.datasets[dataset].open.as_ref().is_some_and(|open| open.date != date) && !self.seal(dataset) {
+            return Ok(false);
+        }
+        let open = self.ensure_open(dataset, date)?;
         let (target, shard) = (open.target, open.id);
         for (timestamp_us, bytes, _) in &samples {
             open.samples += 1;
@@ -318,7 +352,7 @@ impl Pipeline {
         let open = self.datasets[dataset].open.as_mut().expect("opened above");
         let range = open.ranges.entry((device.to_string(), lane)).or_insert((header.seq, header.seq));
         range.1 = header.seq;
-        Ok(())
+        Ok(true)
     }
 
     /// The target for `dataset`'s next shard. Round robin is per dataset (its shard seq, offset
@@ -342,7 +376,7 @@ impl Pipeline {
         })
     }
 
-    fn ensure_open(&mut self, dataset: usize) -> anyhow::Result<&mut OpenShard> {
+    fn ensure_open(&mut self, dataset: usize, date: Option<String>) -> anyhow::Result<&mut OpenShard> {
         if self.datasets[dataset].open.is_none() {
             let target = self.choose_target(dataset)?;
             let id = self.next_shard_id;
@@ -355,16 +389,24 @@ impl Pipeline {
                 self.config.node,
                 data.extension()
             );
-            let directory = self.targets[target].directory.join(data.name);
+            let partition = date.as_ref().map(|date| format!("date={date}/")).unwrap_or_default();
+            let relative_directory = format!("{}/{partition}", data.name);
+            let relative_path = format!("{relative_directory}{name}");
+            let directory = self.targets[target].directory.join(&relative_directory);
             let hidden = directory.join(format!(".{name}.partial"));
             let published_path = directory.join(&name);
-            self.targets[target].open(id, hidden, published_path.clone(), data.format);
+            // Declared columns first, then every column the dataset had so far, so a column
+            // never disappears from later shards.
+            let known_columns = typed::merge_columns(&data.declared_columns, &data.manifest.columns);
+            self.targets[target].open(id, hidden, published_path.clone(), data.format, known_columns);
             self.datasets[dataset].open = Some(OpenShard {
                 id,
                 target,
                 shard_seq,
                 name,
                 published_path,
+                relative_path,
+                date,
                 opened_at: Instant::now(),
                 bytes: 0,
                 samples: 0,
@@ -415,9 +457,18 @@ impl Pipeline {
             let data = &mut self.datasets[dataset];
             let mut manifest = data.manifest.clone();
             manifest.next_shard_seq = open.shard_seq + 1;
+            let report = &published.report;
+            let learned = typed::merge_columns(&report.columns, &report.late_columns);
+            manifest.columns = typed::merge_columns(&manifest.columns, &learned);
+            manifest.type_conflicts_total += report.conflicts_total;
+            manifest.type_conflicts.extend(report.conflicts.iter().cloned());
+            let excess = manifest.type_conflicts.len().saturating_sub(CONFLICTS_LISTED_MAX);
+            manifest.type_conflicts.drain(..excess);
             manifest.shards.push(ShardEntry {
                 name: open.name.clone(),
                 path: open.published_path.clone(),
+                relative_path: open.relative_path.clone(),
+                columns: report.columns.clone(),
                 target: open.target,
                 shard_seq: open.shard_seq,
                 bytes: published.bytes,
@@ -451,13 +502,21 @@ impl Pipeline {
             let excess = manifest.quarantined.len().saturating_sub(QUARANTINE_LISTED_MAX);
             manifest.quarantined.drain(..excess);
             manifest.write(&data.manifest_path).map_err(|error| error.to_string())?;
+            let conflicts = report.conflicts_total;
             data.manifest = manifest;
             data.quarantined.clear();
             data.quarantined_count = 0;
-            Ok(())
+            // After the manifest, so the index never names a shard the manifest does not list.
+            // A failure here is logged, not a shard failure: the shard is published, and the
+            // index is written again with the next shard and on start.
+            if let Err(error) = write_shard_index(data) {
+                tracing::error!(dataset = data.name, error = %format!("{error:#}"), "shard index not updated");
+            }
+            Ok(conflicts)
         });
         match result {
-            Ok(()) => {
+            Ok(conflicts) => {
+                self.metrics.type_conflicts.fetch_add(conflicts, Ordering::Relaxed);
                 self.metrics.shards_published.fetch_add(1, Ordering::Relaxed);
                 self.metrics.samples_published.fetch_add(open.samples, Ordering::Relaxed);
                 tracing::info!(dataset = self.datasets[dataset].name, shard = %open.name, samples = open.samples, "shard published");
@@ -486,8 +545,21 @@ fn remove_unlisted_files(config: &DatasetsConfig, dataset: &Dataset) -> anyhow::
     for target in &config.targets {
         let directory = target.join(dataset.name);
         let Ok(entries) = std::fs::read_dir(&directory) else { continue };
+        let mut paths = Vec::new();
         for entry in entries {
             let path = entry?.path();
+            // Partition directories (`date=…`) hold shards one level down.
+            let partition =
+                path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with("date="));
+            if partition && path.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    paths.push(entry?.path());
+                }
+            } else {
+                paths.push(path);
+            }
+        }
+        for path in paths {
             let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
             let in_progress = name.starts_with('.') && name.ends_with(".partial");
             let orphan = !name.starts_with('.') && !listed.contains(name) && name.starts_with(dataset.name);
@@ -511,5 +583,104 @@ fn free_bytes(directory: &Path) -> u64 {
         } else {
             0
         }
+    }
+}
+
+/// The UTC calendar date (`YYYY-MM-DD`) of a timestamp in microseconds since the Unix epoch
+/// (Howard Hinnant's `civil_from_days`).
+pub fn utc_date(timestamp_us: u64) -> String {
+    let days = (timestamp_us / 86_400_000_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The `wids` shard index of a WebDataset dataset, beside its manifest: every shard the manifest
+/// lists, in manifest order, with its sample count and its path relative to the index (so the
+/// tree can move as a whole). Replaced atomically; written after the manifest, so it never names
+/// a shard the manifest does not list. Other formats have none.
+pub const SHARD_INDEX_FILE: &str = "wids-index.json";
+
+fn write_shard_index(dataset: &Dataset) -> anyhow::Result<()> {
+    if dataset.format != ShardFormat::WebDataset {
+        return Ok(());
+    }
+    let directory = dataset.manifest_path.parent().expect("a manifest path has a directory");
+    let shardlist: Vec<serde_json::Value> = dataset
+        .manifest
+        .shards
+        .iter()
+        .map(|shard| {
+            serde_json::json!({
+                "url": relative_url(directory, &shard.path),
+                "nsamples": shard.samples,
+                "filesize": shard.bytes,
+            })
+        })
+        .collect();
+    let index = serde_json::json!({
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": dataset.name,
+        "shardlist": shardlist,
+    });
+    let bytes = serde_json::to_vec_pretty(&index).expect("json");
+    let path = directory.join(SHARD_INDEX_FILE);
+    durable::Options::default()
+        .create_directory()
+        .write(&path, &bytes)
+        .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.source))
+}
+
+/// `to` as seen from `directory`: `../../targets/0/media/x.tar` when both are absolute or both
+/// relative to the same place, `to` unchanged otherwise.
+fn relative_url(directory: &Path, to: &Path) -> String {
+    use std::path::Component;
+    if directory.is_absolute() != to.is_absolute()
+        || directory.components().chain(to.components()).any(|part| part == Component::ParentDir)
+    {
+        return to.display().to_string();
+    }
+    let from: Vec<Component> = directory.components().filter(|part| *part != Component::CurDir).collect();
+    let target: Vec<Component> = to.components().filter(|part| *part != Component::CurDir).collect();
+    let common = from.iter().zip(&target).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_string(); from.len() - common];
+    parts.extend(target[common..].iter().map(|part| part.as_os_str().to_string_lossy().into_owned()));
+    parts.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_of_timestamps() {
+        for (timestamp_us, date) in [
+            (0, "1970-01-01"),
+            (86_399_999_999, "1970-01-01"),
+            (86_400_000_000, "1970-01-02"),
+            (951_782_400_000_000, "2000-02-29"),
+            (1_796_342_399_999_999, "2026-12-03"),
+            (1_796_342_400_000_000, "2026-12-04"),
+        ] {
+            assert_eq!(utc_date(timestamp_us), date, "{timestamp_us}");
+        }
+    }
+
+    #[test]
+    fn relative_urls_from_the_index_directory() {
+        assert_eq!(
+            relative_url(Path::new("/d/manifests/media"), Path::new("/d/t0/media/x.tar")),
+            "../../t0/media/x.tar"
+        );
+        assert_eq!(relative_url(Path::new("/d/m"), Path::new("/d/m/x.tar")), "x.tar");
+        assert_eq!(relative_url(Path::new("m"), Path::new("/d/x.tar")), "/d/x.tar");
     }
 }

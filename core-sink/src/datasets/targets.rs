@@ -11,8 +11,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use sha2::{Digest as _, Sha256};
 
-pub use super::format::{OwnedSeriesRow, Sample, ShardFormat};
+pub use super::format::{OwnedSeriesRow, Sample, SeriesReport, ShardFormat};
 use super::format::{ShardWriter, WRITE_BUFFER_BYTES};
+use super::typed::TypedColumn;
 
 /// Commands queued per target; the coordinator waits when a target falls behind.
 const TARGET_QUEUE_MAX: usize = 1024;
@@ -20,13 +21,28 @@ const TARGET_QUEUE_MAX: usize = 1024;
 pub struct Published {
     pub bytes: u64,
     pub sha256: String,
+    pub report: SeriesReport,
 }
 
 enum Command {
-    Open { shard: u64, hidden: PathBuf, published: PathBuf, format: ShardFormat },
-    Append { shard: u64, sample: Sample },
-    Seal { shard: u64, reply: SyncSender<Result<Published, String>> },
-    Abort { shard: u64 },
+    Open {
+        shard: u64,
+        hidden: PathBuf,
+        published: PathBuf,
+        format: ShardFormat,
+        known_columns: Vec<TypedColumn>,
+    },
+    Append {
+        shard: u64,
+        sample: Sample,
+    },
+    Seal {
+        shard: u64,
+        reply: SyncSender<Result<Published, String>>,
+    },
+    Abort {
+        shard: u64,
+    },
 }
 
 struct OpenShard {
@@ -58,8 +74,15 @@ impl Target {
         let _ = self.commands.send(command);
     }
 
-    pub fn open(&self, shard: u64, hidden: PathBuf, published: PathBuf, format: ShardFormat) {
-        self.send(Command::Open { shard, hidden, published, format });
+    pub fn open(
+        &self,
+        shard: u64,
+        hidden: PathBuf,
+        published: PathBuf,
+        format: ShardFormat,
+        known_columns: Vec<TypedColumn>,
+    ) {
+        self.send(Command::Open { shard, hidden, published, format, known_columns });
     }
 
     pub fn append(&self, shard: u64, sample: Sample) {
@@ -93,8 +116,8 @@ fn run(commands: Receiver<Command>) {
     let mut shards: HashMap<u64, OpenShard> = HashMap::new();
     while let Ok(command) = commands.recv() {
         match command {
-            Command::Open { shard, hidden, published, format } => {
-                let opened = open_writer(&hidden, format);
+            Command::Open { shard, hidden, published, format, known_columns } => {
+                let opened = open_writer(&hidden, format, &known_columns);
                 let (writer, error) = match opened {
                     Ok(writer) => (Some(writer), None),
                     Err(error) => (None, Some(format!("create {}: {error}", hidden.display()))),
@@ -130,12 +153,16 @@ fn run(commands: Receiver<Command>) {
     }
 }
 
-fn open_writer(hidden: &Path, format: ShardFormat) -> Result<Box<dyn ShardWriter>, String> {
+fn open_writer(
+    hidden: &Path,
+    format: ShardFormat,
+    known_columns: &[TypedColumn],
+) -> Result<Box<dyn ShardWriter>, String> {
     if let Some(directory) = hidden.parent() {
         std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
     }
     let file = File::create(hidden).map_err(|error| error.to_string())?;
-    format.create(file)
+    format.create(file, known_columns)
 }
 
 fn seal(mut open: OpenShard) -> Result<Published, String> {
@@ -143,7 +170,7 @@ fn seal(mut open: OpenShard) -> Result<Published, String> {
         if let Some(error) = open.error.take() {
             return Err(error);
         }
-        let file = open
+        let (file, report) = open
             .writer
             .take()
             .expect("no error means a writer")
@@ -154,7 +181,7 @@ fn seal(mut open: OpenShard) -> Result<Published, String> {
         let (bytes, sha256) =
             digest(&open.hidden).map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
         durable::rename_into_place(&open.hidden, &open.published).map_err(|error| error.to_string())?;
-        Ok(Published { bytes, sha256 })
+        Ok(Published { bytes, sha256, report })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&open.hidden);

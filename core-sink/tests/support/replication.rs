@@ -83,6 +83,8 @@ impl Site {
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
                 std::fs::write(&path, &bytes).unwrap();
                 manifest.shards.push(ShardEntry {
+                    relative_path: format!("{dataset}/{name}"),
+                    columns: Vec::new(),
                     name,
                     path,
                     target,
