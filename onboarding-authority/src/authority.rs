@@ -347,6 +347,14 @@ impl Handler {
         }
     }
 
+    /// One request's share of `requests_per_second_max` (onboarding and renewal alike).
+    fn take_request_token(&self) -> bool {
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_take(std::time::Instant::now(), 1)
+    }
+
     async fn answer(&self, session: &Session, topic_key: &str, payload: &[u8]) {
         if fleet::validate_device_id(topic_key).is_err() {
             // Not a word an answer topic can be named after; the ACL keeps such topics
@@ -356,11 +364,7 @@ impl Handler {
             tracing::warn!(topic_key = shown, "onboarding request on an invalid topic ignored");
             return;
         }
-        let within_rate = self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .try_take(std::time::Instant::now(), 1);
+        let within_rate = self.take_request_token();
         let decided = if within_rate {
             self.decide(topic_key, payload)
         } else {
@@ -597,11 +601,7 @@ impl Handler {
             tracing::warn!(device_id = %shorten(device_id), "renewal on an invalid topic ignored");
             return;
         }
-        let within_rate = self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .try_take(std::time::Instant::now(), 1);
+        let within_rate = self.take_request_token();
         let decided = if within_rate {
             self.decide_renewal(device_id, payload).unwrap_or_else(|error| {
                 tracing::error!(device_id, %error, "renewal failed");
