@@ -934,7 +934,7 @@ fn report_published(dir: &Path) -> Result<()> {
         dir.display()
     );
     println!(
-        "  readings = pq.ParquetDataset(sorted(glob.glob(\"{0}/targets/ost*/sensor/*.parquet\"))).read()",
+        "  readings = pq.ParquetDataset(sorted(glob.glob(\"{0}/targets/ost*/sensor/date=*/*.parquet\"))).read()",
         dir.display()
     );
     Ok(())
