@@ -7,6 +7,9 @@ Usage:
     python3 tests/read_datasets.py partitions DATASET_DIR [DATASET_DIR ...]
     python3 tests/read_datasets.py duckdb-average COLUMN DATASET_DIR [DATASET_DIR ...]
     python3 tests/read_datasets.py wids INDEX.json
+    python3 tests/read_datasets.py s3-partitions ENDPOINT BUCKET/PREFIX/sensor [...]
+    python3 tests/read_datasets.py s3-webdataset ENDPOINT BUCKET/PREFIX/media/wids-index.json
+    python3 tests/read_datasets.py s3-cat ENDPOINT BUCKET/KEY
 
 webdataset: iterates the shards in order with `webdataset.WebDataset` (no decoding, raw bytes)
 and prints one JSON object per sample: {"key": ..., "files": {extension: sha256 hex}}.
@@ -27,6 +30,16 @@ JSON object per device: {"device", "average", "rows"}.
 
 wids: opens the shard index with `wids.ShardListDataset`, reads every sample by index (no
 decoding) and prints {"key", "files": {extension: sha256 hex}, "shard"} per sample.
+
+s3-partitions: as partitions, each dataset directory read straight from an S3-compatible bucket
+through `pyarrow.fs.S3FileSystem` (ENDPOINT like `http://127.0.0.1:9000`, credentials from
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region AWS_REGION or us-east-1).
+
+s3-webdataset: reads the wids index from the bucket with boto3 and iterates its shards (in
+index order) with `webdataset.WebDataset` over `pipe:` URLs that run `s3-cat`, printing what
+webdataset prints.
+
+s3-cat: writes one object of the bucket to stdout (boto3; what the `pipe:` URLs run).
 
 Exit status: 0 on success, 1 when a file cannot be read, 2 on a usage error. Messages go to
 stderr as `read_datasets: <what failed>: <why>`.
@@ -60,17 +73,18 @@ def emit(record):
     sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def read_webdataset(paths):
+def read_webdataset(paths, urls=None):
     try:
         import webdataset as wds
     except ImportError as error:
         fail(f"cannot import webdataset: {error} (pip install webdataset)")
-    # Local files as file:// URLs so that no path is taken for another scheme (webdataset opens
-    # "pipe:..." through a shell). A list is not brace-expanded.
-    urls = [Path(path).resolve().as_uri() for path in paths]
-    for path in paths:
-        if not Path(path).is_file():
-            fail(f"webdataset shard {path}: not a file")
+    if urls is None:
+        # Local files as file:// URLs so that no path is taken for another scheme (webdataset
+        # opens "pipe:..." through a shell). A list is not brace-expanded.
+        urls = [Path(path).resolve().as_uri() for path in paths]
+        for path in paths:
+            if not Path(path).is_file():
+                fail(f"webdataset shard {path}: not a file")
     # shardshuffle=False keeps shard order; no node or worker splitting (those read the RANK and
     # WORLD_SIZE environment of distributed training); empty_check=False lets an empty shard
     # print nothing instead of raising; the default handler re-raises every error.
@@ -125,7 +139,7 @@ def read_parquet(paths):
                 emit(row)
 
 
-def read_partitions(directories):
+def read_partitions(directories, filesystem=None):
     try:
         import pyarrow as pa
         import pyarrow.dataset as ds
@@ -134,9 +148,9 @@ def read_partitions(directories):
     import datetime
 
     for directory in directories:
-        if not Path(directory).is_dir():
+        if filesystem is None and not Path(directory).is_dir():
             fail(f"dataset directory {directory}: not a directory")
-        files = ds.dataset(directory, format="parquet", partitioning="hive")
+        files = ds.dataset(directory, format="parquet", partitioning="hive", filesystem=filesystem)
         schema = pa.unify_schemas([fragment.physical_schema for fragment in files.get_fragments()] or [files.schema])
         partition = pa.schema([pa.field("date", pa.string())])
         dataset = ds.dataset(
@@ -144,6 +158,7 @@ def read_partitions(directories):
             format="parquet",
             partitioning=ds.partitioning(partition, flavor="hive"),
             schema=pa.unify_schemas([schema, partition]),
+            filesystem=filesystem,
         )
         typed_columns = [name for name in dataset.schema.names if name not in SERIES_COLUMNS and name != "date"]
         columns = ["device", "key", "date", "timestamp_us"] + typed_columns
@@ -229,12 +244,74 @@ def read_wids(index):
         dataset.close()
 
 
+def split_bucket_path(path):
+    bucket, _, key = path.partition("/")
+    if not bucket or not key:
+        fail(f"{path!r}: expected BUCKET/KEY", status=2)
+    return bucket, key
+
+
+def s3_credentials():
+    import os
+
+    return os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_REGION", "us-east-1")
+
+
+def s3_client(endpoint):
+    try:
+        import boto3
+    except ImportError as error:
+        fail(f"cannot import boto3: {error} (pip install boto3)")
+    key_id, secret, region = s3_credentials()
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret, region_name=region)
+
+
+def s3_partitions(endpoint, directories):
+    try:
+        import pyarrow.fs
+    except ImportError as error:
+        fail(f"cannot import pyarrow: {error} (pip install pyarrow)")
+    scheme, _, address = endpoint.partition("://")
+    key_id, secret, region = s3_credentials()
+    filesystem = pyarrow.fs.S3FileSystem(
+        access_key=key_id, secret_key=secret, region=region, scheme=scheme, endpoint_override=address
+    )
+    read_partitions(directories, filesystem=filesystem)
+
+
+def s3_cat(endpoint, path):
+    bucket, key = split_bucket_path(path)
+    body = s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+    for piece in iter(lambda: body.read(1 << 20), b""):
+        sys.stdout.buffer.write(piece)
+    sys.stdout.buffer.flush()
+
+
+def s3_webdataset(endpoint, index_path):
+    import posixpath
+    import shlex
+
+    bucket, key = split_bucket_path(index_path)
+    index = json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
+    directory = posixpath.dirname(key)
+    script = shlex.quote(str(Path(__file__).resolve()))
+    urls = []
+    for shard in index["shardlist"]:
+        # URLs in the index are relative to it.
+        shard_key = posixpath.normpath(posixpath.join(directory, shard["url"]))
+        urls.append(f"pipe:{shlex.quote(sys.executable)} {script} s3-cat {shlex.quote(endpoint)} {shlex.quote(bucket + '/' + shard_key)}")
+    read_webdataset([], urls=urls)
+
+
 def main(argv):
-    kinds = ("webdataset", "parquet", "partitions", "duckdb-average", "wids")
-    if len(argv) < 3 or argv[1] not in kinds or (argv[1] == "duckdb-average" and len(argv) < 4):
+    kinds = ("webdataset", "parquet", "partitions", "duckdb-average", "wids", "s3-partitions", "s3-webdataset", "s3-cat")
+    two_arguments = ("duckdb-average", "s3-partitions", "s3-webdataset", "s3-cat")
+    if len(argv) < 3 or argv[1] not in kinds or (argv[1] in two_arguments and len(argv) < 4):
         fail(
             "usage: read_datasets.py webdataset SHARD.tar [...] | parquet FILE.parquet [...] | "
-            "partitions DIR [...] | duckdb-average COLUMN DIR [...] | wids INDEX.json",
+            "partitions DIR [...] | duckdb-average COLUMN DIR [...] | wids INDEX.json | "
+            "s3-partitions ENDPOINT BUCKET/PREFIX/sensor [...] | s3-webdataset ENDPOINT BUCKET/KEY | "
+            "s3-cat ENDPOINT BUCKET/KEY",
             status=2,
         )
     kind, paths = argv[1], argv[2:]
@@ -247,6 +324,12 @@ def main(argv):
             read_partitions(paths)
         elif kind == "duckdb-average":
             duckdb_average(paths[0], paths[1:])
+        elif kind == "s3-partitions":
+            s3_partitions(paths[0], paths[1:])
+        elif kind == "s3-webdataset":
+            s3_webdataset(paths[0], paths[1])
+        elif kind == "s3-cat":
+            s3_cat(paths[0], paths[1])
         else:
             read_wids(paths[0])
         sys.stdout.flush()

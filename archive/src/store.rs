@@ -340,9 +340,10 @@ async fn read_checked(
 }
 
 /// The S3 client `config` names (kind `s3`), with its timeouts, retries, conditional puts
-/// (`PutMode::Create` as `If-None-Match: *`) and SHA-256 checksums on uploads; credentials from
+/// (`PutMode::Create` as `If-None-Match: *`), create-only copies and SHA-256 checksums on uploads; credentials from
 /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` only. Makes no request.
-/// The archive's objects and the sink's replicas (core-sink `replication`) share it.
+/// The archive's objects, the sink's replicas (core-sink `replication`) and dataset bucket
+/// targets share it.
 pub fn s3_client(config: &ObjectsConfig) -> Result<Arc<dyn ObjectStore>, ObjectError> {
     assert_eq!(config.kind, ObjectsKind::S3);
     config.validate().map_err(ObjectError::Config)?;
@@ -384,6 +385,9 @@ pub fn s3_client(config: &ObjectsConfig) -> Result<Arc<dyn ObjectStore>, ObjectE
         .with_client_options(client_options)
         .with_retry(retry)
         .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+        // Create-only copies (`CopyMode::Create`) as a one-part multipart copy completed with
+        // `If-None-Match: *`: how dataset shards uploaded in parts are published create-only.
+        .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
         .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
     if let Some(token) = variable(SESSION_TOKEN_VARIABLE)? {
         builder = builder.with_token(token);

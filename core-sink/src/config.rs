@@ -139,7 +139,8 @@ impl SinkConfig {
         // Relative paths are relative to the config file's directory.
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(datasets) = &mut config.datasets {
-            for field in datasets.targets.iter_mut().chain([&mut datasets.manifest_dir]) {
+            let staging = datasets.buckets.iter_mut().map(|bucket| &mut bucket.staging_dir);
+            for field in datasets.targets.iter_mut().chain([&mut datasets.manifest_dir]).chain(staging) {
                 if field.is_relative() {
                     *field = base.join(&*field);
                 }

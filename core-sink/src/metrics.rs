@@ -229,6 +229,30 @@ pub fn render(sources: &MetricsSources) -> String {
             "Devices whose dictionaries were dropped from the datasets pipeline's decompressors to stay within the bound.",
             &datasets.dictionary_cache_evictions,
         );
+        counter(
+            &mut out,
+            "tributary_datasets_upload_bytes_total",
+            "Shard bytes uploaded to bucket targets (multipart parts; a retried upload counts again).",
+            &datasets.upload_bytes,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_upload_parts_total",
+            "Multipart upload parts sent to bucket targets.",
+            &datasets.upload_parts,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_upload_failures_total",
+            "Shard uploads (and bucket recoveries) that failed; the records go into a shard again later.",
+            &datasets.upload_failures,
+        );
+        counter(
+            &mut out,
+            "tributary_datasets_bucket_manifest_failures_total",
+            "Manifest or wids index puts to bucket targets that failed (retried; the bucket's manifest lags meanwhile).",
+            &datasets.bucket_manifest_failures,
+        );
     }
     out
 }

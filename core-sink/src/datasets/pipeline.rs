@@ -50,6 +50,13 @@ pub struct DatasetMetrics {
     pub dictionary_cache_evictions: AtomicU64,
     /// Values in published shards that did not fit their typed column (cell null, raw JSON kept).
     pub type_conflicts: AtomicU64,
+    /// Bucket targets: shard bytes and parts uploaded (retried uploads count again), shard
+    /// uploads that failed (the records go into a shard again later), and manifest or wids index
+    /// puts that failed (retried every step; the bucket's manifest lags the local one meanwhile).
+    pub upload_bytes: AtomicU64,
+    pub upload_parts: AtomicU64,
+    pub upload_failures: AtomicU64,
+    pub bucket_manifest_failures: AtomicU64,
 }
 
 struct OpenShard {
@@ -86,6 +93,8 @@ struct Dataset {
     quarantined: Vec<QuarantinedChunk>,
     quarantined_count: u64,
     open: Option<OpenShard>,
+    /// The bucket targets' copies of the manifest (and wids index) are behind the local one.
+    bucket_manifest_stale: bool,
 }
 
 impl Dataset {
@@ -117,6 +126,9 @@ pub struct Pipeline {
     landing_dir: PathBuf,
     targets: Vec<Target>,
     unhealthy_until: Vec<Option<Instant>>,
+    /// Per target: whether a bucket target's recovery (deleting keys its manifests do not list)
+    /// is still to do; such a target gets no shard. Directory targets recover in `open`.
+    recovery_pending: Vec<bool>,
     datasets: Vec<Dataset>,
     dictionaries: Arc<DictionaryStore>,
     /// Per device: its decompressor with its dictionaries loaded (bounded, least recently used
@@ -135,9 +147,10 @@ impl Pipeline {
         dictionaries: Arc<DictionaryStore>,
     ) -> anyhow::Result<Pipeline> {
         anyhow::ensure!(
-            !config.targets.is_empty(),
-            "datasets.targets: at least one target directory is needed"
+            !config.targets.is_empty() || !config.buckets.is_empty(),
+            "datasets.targets, datasets.buckets: at least one target is needed"
         );
+        let metrics = Arc::new(DatasetMetrics::default());
         let mut targets = Vec::new();
         for (index, directory) in config.targets.iter().enumerate() {
             std::fs::create_dir_all(directory).map_err(|error| {
@@ -145,6 +158,17 @@ impl Pipeline {
             })?;
             targets.push(Target::start(index, directory.clone())?);
         }
+        for (number, bucket) in config.buckets.iter().enumerate() {
+            std::fs::create_dir_all(&bucket.staging_dir).map_err(|error| {
+                anyhow::anyhow!("datasets.buckets[{number}].staging_dir {}: {error}", bucket.staging_dir.display())
+            })?;
+            let index = targets.len();
+            targets.push(
+                Target::start_bucket(index, bucket, metrics.clone())
+                    .map_err(|error| anyhow::anyhow!("datasets.buckets[{number}]: {error}"))?,
+            );
+        }
+        let recovery_pending: Vec<bool> = targets.iter().map(|target| target.bucket_url.is_some()).collect();
         // The sensor dataset is partitioned by date only: a shard holds every device of its time
         // window (per-device shards would multiply small files by the fleet size), and Parquet
         // statistics on the dictionary-encoded `device` column let engines skip row groups.
@@ -175,6 +199,7 @@ impl Pipeline {
                 quarantined: Vec::new(),
                 quarantined_count: 0,
                 open: None,
+                bucket_manifest_stale: true,
             };
             dataset.positions = dataset.published_positions();
             remove_unlisted_files(&config, &dataset)?;
@@ -188,11 +213,12 @@ impl Pipeline {
             landing_dir: landing_dir.to_path_buf(),
             targets,
             unhealthy_until,
+            recovery_pending,
             datasets,
             dictionaries,
             decompressors: DecompressorCache::new(DECOMPRESSOR_CACHE_BYTES_MAX),
             next_shard_id: 1,
-            metrics: Arc::new(DatasetMetrics::default()),
+            metrics,
             step_failure_log: telemetry::LogRateLimit::new(LOG_INTERVAL),
             quarantine_log: telemetry::LogRateLimit::new(LOG_INTERVAL),
         })
@@ -236,6 +262,10 @@ impl Pipeline {
     /// rotate by age. Returns whether anything was consumed.
     pub fn step(&mut self, checkpoint: &[u8]) -> anyhow::Result<bool> {
         let committed = CommittedLanding::new(&self.landing_dir, checkpoint)?;
+        self.recover_buckets();
+        for index in 0..self.datasets.len() {
+            self.sync_bucket_manifests(index);
+        }
         let mut progressed = false;
         for index in 0..self.datasets.len() {
             let lanes = self.datasets[index].lanes;
@@ -362,6 +392,7 @@ impl Pipeline {
         let now = Instant::now();
         let healthy: Vec<usize> = (0..self.targets.len())
             .filter(|index| self.unhealthy_until[*index].is_none_or(|until| now >= until))
+            .filter(|index| !self.recovery_pending[*index])
             .collect();
         anyhow::ensure!(!healthy.is_empty(), "every dataset target failed recently; retrying later");
         Ok(match self.config.placement {
@@ -392,13 +423,28 @@ impl Pipeline {
             let partition = date.as_ref().map(|date| format!("date={date}/")).unwrap_or_default();
             let relative_directory = format!("{}/{partition}", data.name);
             let relative_path = format!("{relative_directory}{name}");
-            let directory = self.targets[target].directory.join(&relative_directory);
-            let hidden = directory.join(format!(".{name}.partial"));
-            let published_path = directory.join(&name);
+            let (hidden, published_path) = match &self.targets[target].bucket_url {
+                // Staged flat: one shard per dataset at a time.
+                Some(url) => (
+                    self.targets[target].directory.join(format!(".{name}.partial")),
+                    PathBuf::from(format!("{url}/{relative_path}")),
+                ),
+                None => {
+                    let directory = self.targets[target].directory.join(&relative_directory);
+                    (directory.join(format!(".{name}.partial")), directory.join(&name))
+                }
+            };
             // Declared columns first, then every column the dataset had so far, so a column
             // never disappears from later shards.
             let known_columns = typed::merge_columns(&data.declared_columns, &data.manifest.columns);
-            self.targets[target].open(id, hidden, published_path.clone(), data.format, known_columns);
+            self.targets[target].open(
+                id,
+                hidden,
+                published_path.clone(),
+                relative_path.clone(),
+                data.format,
+                known_columns,
+            );
             self.datasets[dataset].open = Some(OpenShard {
                 id,
                 target,
@@ -512,8 +558,10 @@ impl Pipeline {
             if let Err(error) = write_shard_index(data) {
                 tracing::error!(dataset = data.name, error = %format!("{error:#}"), "shard index not updated");
             }
+            data.bucket_manifest_stale = true;
             Ok(conflicts)
         });
+        self.sync_bucket_manifests(dataset);
         match result {
             Ok(conflicts) => {
                 self.metrics.type_conflicts.fetch_add(conflicts, Ordering::Relaxed);
@@ -527,7 +575,13 @@ impl Pipeline {
                 self.metrics.shard_failures.fetch_add(1, Ordering::Relaxed);
                 self.unhealthy_until[open.target] =
                     Some(Instant::now() + Duration::from_millis(self.config.target_retry_after_ms));
-                let _ = std::fs::remove_file(&open.published_path);
+                if self.targets[open.target].bucket_url.is_none() {
+                    let _ = std::fs::remove_file(&open.published_path);
+                } else {
+                    // The key may hold what the failed publish left (or another object, a
+                    // conflict): unlisted, so recovery deletes it before the target's next shard.
+                    self.recovery_pending[open.target] = true;
+                }
                 let data = &mut self.datasets[dataset];
                 data.positions = data.published_positions();
                 // Read again from the manifest's positions, so found again.
@@ -539,9 +593,102 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Recovers bucket targets not recovered yet: deletes what their datasets' manifests do not
+    /// list (a crash between an upload and the manifest, a failed delete). A bucket that cannot
+    /// be reached stays without shards and is tried again next step.
+    fn recover_buckets(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.targets.len() {
+            if !self.recovery_pending[index] || self.unhealthy_until[index].is_some_and(|until| now < until) {
+                continue;
+            }
+            let mut result = Ok(0);
+            for data in &self.datasets {
+                let listed = data.manifest.shards.iter().map(|shard| shard.name.clone()).collect();
+                let name_prefix = format!("{}-{}-", data.name, self.config.node);
+                match self.targets[index].recover(data.name, name_prefix, listed) {
+                    Ok(removed) => result = result.map(|total| total + removed),
+                    Err(error) => {
+                        result = Err(error);
+                        break;
+                    }
+                }
+            }
+            match result {
+                Ok(removed) => {
+                    tracing::info!(target = index, removed, "bucket target recovered");
+                    self.recovery_pending[index] = false;
+                }
+                Err(error) => {
+                    self.metrics.upload_failures.fetch_add(1, Ordering::Relaxed);
+                    self.unhealthy_until[index] = Some(now + Duration::from_millis(self.config.target_retry_after_ms));
+                    if let Some(suppressed) = self.step_failure_log.allow(Instant::now()) {
+                        tracing::error!(target = index, %error, suppressed, "bucket target not reachable; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts the dataset's manifest, then (WebDataset) its wids index, into every bucket target
+    /// after the shards they list (the local manifest, written first, lists only published
+    /// shards). A failure keeps them stale, to be put again next step.
+    fn sync_bucket_manifests(&mut self, dataset: usize) {
+        let data = &self.datasets[dataset];
+        if !data.bucket_manifest_stale {
+            return;
+        }
+        let manifest = serde_json::to_vec_pretty(&data.manifest).expect("manifests serialize");
+        let mut synced = true;
+        let now = Instant::now();
+        for (index, target) in self.targets.iter().enumerate() {
+            let Some(url) = &target.bucket_url else { continue };
+            if self.recovery_pending[index] || self.unhealthy_until[index].is_some_and(|until| now < until) {
+                synced = false;
+                continue;
+            }
+            let mut objects = vec![(format!("{}/manifest.json", data.name), manifest.clone())];
+            if data.format == ShardFormat::WebDataset {
+                let prefix = format!("{url}/{}/", data.name);
+                let shardlist = data
+                    .manifest
+                    .shards
+                    .iter()
+                    .filter(|shard| shard.target == index)
+                    .map(|shard| {
+                        let path = shard.path.to_string_lossy();
+                        (path.strip_prefix(&prefix).unwrap_or(&path).to_string(), shard.samples, shard.bytes)
+                    })
+                    .collect();
+                objects.push((format!("{}/{SHARD_INDEX_FILE}", data.name), shard_index_bytes(data.name, shardlist)));
+            }
+            if let Err(error) = target.publish(objects) {
+                synced = false;
+                self.metrics.bucket_manifest_failures.fetch_add(1, Ordering::Relaxed);
+                self.unhealthy_until[index] = Some(now + Duration::from_millis(self.config.target_retry_after_ms));
+                if let Some(suppressed) = self.step_failure_log.allow(Instant::now()) {
+                    tracing::error!(dataset = data.name, target = index, %error, suppressed, "bucket manifest not updated; retrying");
+                }
+            }
+        }
+        self.datasets[dataset].bucket_manifest_stale = !synced;
+    }
+}
+
 /// Removes in-progress files of `dataset` and published files its manifest does not list.
 fn remove_unlisted_files(config: &DatasetsConfig, dataset: &Dataset) -> anyhow::Result<()> {
     let listed: BTreeSet<&str> = dataset.manifest.shards.iter().map(|shard| shard.name.as_str()).collect();
+    for bucket in &config.buckets {
+        let Ok(entries) = std::fs::read_dir(&bucket.staging_dir) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            if name.starts_with(&format!(".{}-", dataset.name)) && name.ends_with(".partial") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
     for target in &config.targets {
         let directory = target.join(dataset.name);
         let Ok(entries) = std::fs::read_dir(&directory) else { continue };
@@ -613,30 +760,33 @@ fn write_shard_index(dataset: &Dataset) -> anyhow::Result<()> {
         return Ok(());
     }
     let directory = dataset.manifest_path.parent().expect("a manifest path has a directory");
-    let shardlist: Vec<serde_json::Value> = dataset
+    let shardlist = dataset
         .manifest
         .shards
         .iter()
-        .map(|shard| {
-            serde_json::json!({
-                "url": relative_url(directory, &shard.path),
-                "nsamples": shard.samples,
-                "filesize": shard.bytes,
-            })
-        })
+        .map(|shard| (relative_url(directory, &shard.path), shard.samples, shard.bytes))
         .collect();
-    let index = serde_json::json!({
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "name": dataset.name,
-        "shardlist": shardlist,
-    });
-    let bytes = serde_json::to_vec_pretty(&index).expect("json");
+    let bytes = shard_index_bytes(dataset.name, shardlist);
     let path = directory.join(SHARD_INDEX_FILE);
     durable::Options::default()
         .create_directory()
         .write(&path, &bytes)
         .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.source))
+}
+
+/// A wids index of (url, samples, bytes) per shard.
+fn shard_index_bytes(name: &str, shardlist: Vec<(String, u64, u64)>) -> Vec<u8> {
+    let shardlist: Vec<serde_json::Value> = shardlist
+        .into_iter()
+        .map(|(url, samples, bytes)| serde_json::json!({"url": url, "nsamples": samples, "filesize": bytes}))
+        .collect();
+    let index = serde_json::json!({
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": name,
+        "shardlist": shardlist,
+    });
+    serde_json::to_vec_pretty(&index).expect("json")
 }
 
 /// `to` as seen from `directory`: `../../targets/0/media/x.tar` when both are absolute or both

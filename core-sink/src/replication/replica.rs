@@ -249,6 +249,131 @@ impl S3Replica {
     }
 }
 
+/// What [`S3Replica::publish_file`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilePublished {
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the file, computed while it was read for the upload.
+    pub sha256: String,
+    /// Parts uploaded.
+    pub parts: u64,
+    /// The key held these bytes already (a publish repeated after a lost reply); nothing new.
+    pub existing: bool,
+}
+
+/// Where [`S3Replica::publish_file`] uploads before the create-only copy into place; never a
+/// dataset key (readers list below `<dataset>/`).
+pub const STAGING_PREFIX: &str = "_staging";
+
+impl S3Replica {
+    /// Deletes `key` (a missing key is not an error).
+    pub fn delete(&self, key: &str) -> Result<(), ReplicaError> {
+        validate_key(key).map_err(|reason| self.error("DELETE", key, reason))?;
+        match self.runtime.block_on(self.store.delete(&self.location(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(self.error("DELETE", key, error)),
+        }
+    }
+
+    /// Publishes the file at `path` under `key`, create-only: a multipart upload in parts of
+    /// `part_bytes` (one part in memory at a time) to `_staging/<key>`, the SHA-256 computed while
+    /// reading, then a create-only copy into place (`If-None-Match: *` on completion), a HEAD
+    /// that must report the file's size, and the staging object deleted. A key that exists
+    /// already counts as published when its bytes hash the same, and is an error otherwise
+    /// (left alone). `on_part` is called with each part's size once it is uploaded.
+    pub fn publish_file(
+        &self,
+        key: &str,
+        path: &Path,
+        part_bytes: u64,
+        on_part: &dyn Fn(u64),
+    ) -> Result<FilePublished, ReplicaError> {
+        use futures::StreamExt as _;
+        use std::io::Read as _;
+        assert!(part_bytes >= 1, "parts hold at least one byte");
+        validate_key(key).map_err(|reason| self.error("PUT", key, reason))?;
+        let staging_key = format!("{STAGING_PREFIX}/{key}");
+        let (staging, location) = (self.location(&staging_key), self.location(key));
+        let mut file = std::fs::File::open(path)
+            .map_err(|error| self.error("PUT", key, format!("open {}: {error}", path.display())))?;
+        self.runtime.block_on(async {
+            let mut hasher = Sha256::new();
+            let (mut bytes, mut parts) = (0u64, 0u64);
+            let mut upload = self
+                .store
+                .put_multipart_opts(&staging, object_store::PutMultipartOptions::default())
+                .await
+                .map_err(|error| self.error("CreateMultipartUpload", &staging_key, error))?;
+            let uploaded: Result<(), ReplicaError> = async {
+                loop {
+                    let mut part = Vec::with_capacity(part_bytes as usize);
+                    (&mut file)
+                        .take(part_bytes)
+                        .read_to_end(&mut part)
+                        .map_err(|error| self.error("PUT", key, format!("read {}: {error}", path.display())))?;
+                    if part.is_empty() {
+                        break;
+                    }
+                    hasher.update(&part);
+                    let size = part.len() as u64;
+                    upload
+                        .put_part(PutPayload::from(part))
+                        .await
+                        .map_err(|error| self.error("UploadPart", &staging_key, error))?;
+                    bytes += size;
+                    parts += 1;
+                    on_part(size);
+                }
+                upload.complete().await.map_err(|error| self.error("CompleteMultipartUpload", &staging_key, error))?;
+                Ok(())
+            }
+            .await;
+            if let Err(error) = uploaded {
+                let _ = upload.abort().await;
+                return Err(error);
+            }
+            let sha256 = crate::datasets::targets::hex(&hasher.finalize());
+            let copied = self
+                .store
+                .copy_opts(&staging, &location, object_store::CopyOptions::new().with_mode(object_store::CopyMode::Create))
+                .await;
+            let existing = match copied {
+                Ok(()) => false,
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                    let result =
+                        self.store.get(&location).await.map_err(|error| self.error("GET", key, error))?;
+                    let mut stream = result.into_stream();
+                    let mut there = Sha256::new();
+                    while let Some(piece) = stream.next().await {
+                        there.update(piece.map_err(|error| self.error("GET", key, error))?);
+                    }
+                    let found = crate::datasets::targets::hex(&there.finalize());
+                    if found != sha256 {
+                        return Err(self.error(
+                            "PUT",
+                            key,
+                            format!("the key exists with sha256 {found}, this file has {sha256}; published objects are never replaced"),
+                        ));
+                    }
+                    true
+                }
+                Err(error) => return Err(self.error("COPY", key, error)),
+            };
+            // The staging object is garbage either way; one left behind (a failed DELETE) is
+            // removed by the next recovery of the target.
+            match self.store.delete(&staging).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => return Err(self.error("DELETE", &staging_key, error)),
+            }
+            let meta = self.store.head(&location).await.map_err(|error| self.error("HEAD after PUT", key, error))?;
+            if meta.size != bytes {
+                return Err(self.error("HEAD after PUT", key, format!("{} bytes landed, {bytes} were sent", meta.size)));
+            }
+            Ok(FilePublished { bytes, sha256, parts, existing })
+        })
+    }
+}
+
 impl Replica for S3Replica {
     fn describe(&self) -> &str {
         &self.description
