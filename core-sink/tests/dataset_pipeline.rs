@@ -51,7 +51,6 @@ fn published_keys(base: &Path) -> BTreeMap<String, usize> {
     keys
 }
 
-
 #[test]
 fn recovery_after_a_crash_keeps_every_record_in_exactly_one_shard() {
     let directory = tempfile::tempdir().unwrap();

@@ -97,9 +97,13 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
                 format!("s3://{BUCKET}/{PREFIX}/{}", shard.relative_path),
                 "the manifest names the object"
             );
-            let bytes = bucket.get(&shard.relative_path, 64 * MIB).unwrap().expect("listed shard in the bucket");
+            let bytes =
+                bucket.get(&shard.relative_path, 64 * MIB).unwrap().expect("listed shard in the bucket");
             assert_eq!(bytes.len() as u64, shard.bytes);
-            assert_eq!(core_sink::datasets::targets::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)), shard.sha256);
+            assert_eq!(
+                core_sink::datasets::targets::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+                shard.sha256
+            );
             let file = scratch.path().join(&shard.name);
             std::fs::write(&file, &bytes).unwrap();
             if dataset == "sensor" {
@@ -122,8 +126,12 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
         if dataset == "media" {
             let index = bucket.get("media/wids-index.json", MIB).unwrap().expect("wids index in the bucket");
             let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-            let urls: Vec<&str> =
-                index["shardlist"].as_array().unwrap().iter().map(|shard| shard["url"].as_str().unwrap()).collect();
+            let urls: Vec<&str> = index["shardlist"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|shard| shard["url"].as_str().unwrap())
+                .collect();
             let names: Vec<&str> = manifest.shards.iter().map(|shard| shard.name.as_str()).collect();
             assert_eq!(urls, names, "index URLs relative to media/");
         }
@@ -152,7 +160,11 @@ fn read_with_python(moto: &Moto, arguments: &[&str]) -> Vec<serde_json::Value> {
         moto.endpoint(),
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
 }
 
 #[test]
@@ -174,8 +186,11 @@ fn shards_manifests_and_the_wids_index_land_in_the_bucket_once_through_an_outage
     drain(&mut pipeline, &checkpoint);
     assert_exactly_once(&published_keys(base, &bucket), &expected_keys(&[0], BATCH_RECORDS));
     let metrics = pipeline.metrics.clone();
-    let shard_bytes: u64 =
-        ["media", "sensor"].iter().flat_map(|name| manifest(base, name).shards).map(|shard| shard.bytes).sum();
+    let shard_bytes: u64 = ["media", "sensor"]
+        .iter()
+        .flat_map(|name| manifest(base, name).shards)
+        .map(|shard| shard.bytes)
+        .sum();
     assert_eq!(metrics.upload_bytes.load(Ordering::Relaxed), shard_bytes, "every shard byte uploaded once");
     let media = manifest(base, "media");
     assert!(media.shards[0].bytes > 10 * MIB, "a media shard of {} bytes", media.shards[0].bytes);
@@ -210,7 +225,11 @@ fn shards_manifests_and_the_wids_index_land_in_the_bucket_once_through_an_outage
     let failures = metrics.upload_failures.load(Ordering::Relaxed);
     let checkpoint = land(&mut landing, "cam-03", 2 * BATCH_RECORDS, BATCH_RECORDS / 10, &mut seqs);
     drain(&mut pipeline, &checkpoint);
-    assert_eq!(metrics.upload_failures.load(Ordering::Relaxed), failures + 1, "the conflict failed the shard");
+    assert_eq!(
+        metrics.upload_failures.load(Ordering::Relaxed),
+        failures + 1,
+        "the conflict failed the shard"
+    );
     for _ in 0..STEPS_MAX {
         drain(&mut pipeline, &checkpoint);
         if manifest(base, "media").consumed.len() == 3 {
@@ -237,7 +256,10 @@ fn shards_manifests_and_the_wids_index_land_in_the_bucket_once_through_an_outage
         assert_eq!(row["date"], "1970-01-01");
         *sensor_keys.entry(row["key"].as_str().unwrap().to_string()).or_insert(0usize) += 1;
     }
-    let samples = read_with_python(&moto, &["s3-webdataset", &endpoint, &format!("{BUCKET}/{PREFIX}/media/wids-index.json")]);
+    let samples = read_with_python(
+        &moto,
+        &["s3-webdataset", &endpoint, &format!("{BUCKET}/{PREFIX}/media/wids-index.json")],
+    );
     let mut media_keys = BTreeMap::new();
     for sample in &samples {
         assert!(sample["files"]["jpg"].is_string() && sample["files"]["json"].is_string(), "{sample}");

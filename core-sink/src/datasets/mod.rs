@@ -1,5 +1,6 @@
 //! Training datasets derived from the raw landing: WebDataset tar shards for media, Parquet for
-//! sensor series, striped across storage targets, each with a manifest. See `pipeline.rs`.
+//! sensor series, striped across storage targets (directories and S3 buckets), each with a
+//! manifest. See `pipeline.rs` and `targets.rs`.
 
 pub mod format;
 pub mod manifest;

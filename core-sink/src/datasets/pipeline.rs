@@ -11,6 +11,11 @@
 //! consumed `through_seq`; reading resumes from the manifest's raw position; on start, in-progress
 //! files and published files the manifest does not list (a crash between rename and manifest)
 //! are deleted.
+//!
+//! Bucket targets (`targets.rs`): the local manifest stays the checkpoint and is written only
+//! after the shard's create-only publish succeeded; the bucket's copy of the manifest and its
+//! wids index are put after it (stale ones again every step), and unlisted keys of this node are
+//! deleted by the target's recovery before it gets a shard (on start, after a failed publish).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -160,7 +165,10 @@ impl Pipeline {
         }
         for (number, bucket) in config.buckets.iter().enumerate() {
             std::fs::create_dir_all(&bucket.staging_dir).map_err(|error| {
-                anyhow::anyhow!("datasets.buckets[{number}].staging_dir {}: {error}", bucket.staging_dir.display())
+                anyhow::anyhow!(
+                    "datasets.buckets[{number}].staging_dir {}: {error}",
+                    bucket.staging_dir.display()
+                )
             })?;
             let index = targets.len();
             targets.push(
@@ -622,7 +630,8 @@ impl Pipeline {
                 }
                 Err(error) => {
                     self.metrics.upload_failures.fetch_add(1, Ordering::Relaxed);
-                    self.unhealthy_until[index] = Some(now + Duration::from_millis(self.config.target_retry_after_ms));
+                    self.unhealthy_until[index] =
+                        Some(now + Duration::from_millis(self.config.target_retry_after_ms));
                     if let Some(suppressed) = self.step_failure_log.allow(Instant::now()) {
                         tracing::error!(target = index, %error, suppressed, "bucket target not reachable; retrying");
                     }
@@ -661,12 +670,16 @@ impl Pipeline {
                         (path.strip_prefix(&prefix).unwrap_or(&path).to_string(), shard.samples, shard.bytes)
                     })
                     .collect();
-                objects.push((format!("{}/{SHARD_INDEX_FILE}", data.name), shard_index_bytes(data.name, shardlist)));
+                objects.push((
+                    format!("{}/{SHARD_INDEX_FILE}", data.name),
+                    shard_index_bytes(data.name, shardlist),
+                ));
             }
             if let Err(error) = target.publish(objects) {
                 synced = false;
                 self.metrics.bucket_manifest_failures.fetch_add(1, Ordering::Relaxed);
-                self.unhealthy_until[index] = Some(now + Duration::from_millis(self.config.target_retry_after_ms));
+                self.unhealthy_until[index] =
+                    Some(now + Duration::from_millis(self.config.target_retry_after_ms));
                 if let Some(suppressed) = self.step_failure_log.allow(Instant::now()) {
                     tracing::error!(dataset = data.name, target = index, %error, suppressed, "bucket manifest not updated; retrying");
                 }

@@ -26,9 +26,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use sha2::{Digest as _, Sha256};
 
+use super::BucketTargetConfig;
 pub use super::format::{OwnedSeriesRow, Sample, SeriesReport, ShardFormat};
 use super::format::{ShardWriter, WRITE_BUFFER_BYTES};
-use super::BucketTargetConfig;
 use super::pipeline::DatasetMetrics;
 use super::typed::TypedColumn;
 use crate::replication::replica::{Replica as _, S3Replica, STAGING_PREFIX, WriteMode};
@@ -250,7 +250,11 @@ fn run(commands: Receiver<Command>, bucket: Option<Bucket>) {
             Command::Publish { objects, reply } => {
                 let result = match &bucket {
                     Some(bucket) => objects.iter().try_for_each(|(key, bytes)| {
-                        bucket.replica.put(key, bytes, WriteMode::Overwrite).map(drop).map_err(|error| error.to_string())
+                        bucket
+                            .replica
+                            .put(key, bytes, WriteMode::Overwrite)
+                            .map(drop)
+                            .map_err(|error| error.to_string())
                     }),
                     None => Err("publish is for bucket targets".into()),
                 };
@@ -344,9 +348,15 @@ fn seal_to_bucket(mut open: OpenShard, bucket: &Bucket) -> Result<Published, Str
 }
 
 /// See [`Target::recover`].
-fn recover(bucket: &Bucket, dataset: &str, name_prefix: &str, listed: &BTreeSet<String>) -> Result<u64, String> {
+fn recover(
+    bucket: &Bucket,
+    dataset: &str,
+    name_prefix: &str,
+    listed: &BTreeSet<String>,
+) -> Result<u64, String> {
     let mut removed = 0;
-    let staging = bucket.replica.list(&format!("{STAGING_PREFIX}/{dataset}/")).map_err(|error| error.to_string())?;
+    let staging =
+        bucket.replica.list(&format!("{STAGING_PREFIX}/{dataset}/")).map_err(|error| error.to_string())?;
     let shards = bucket.replica.list(&format!("{dataset}/")).map_err(|error| error.to_string())?;
     for (key, _) in staging.into_iter().chain(shards) {
         let name = key.rsplit('/').next().unwrap_or_default();

@@ -228,7 +228,7 @@ impl S3Replica {
         S3Replica::new(store, &format!("s3://{bucket}"), &config.prefix)
     }
 
-    /// Any `object_store` store (tests).
+    /// Any `object_store` store (tests; dataset bucket targets, which build their client first).
     pub fn new(store: Arc<dyn ObjectStore>, base_url: &str, prefix: &str) -> Result<S3Replica, String> {
         let prefix = prefix.trim_matches('/').to_string();
         let runtime = tokio::runtime::Builder::new_current_thread()
