@@ -9,9 +9,8 @@ use core_sink::datasets::parquet::{OwnedSeriesRow, TypedCells, read_parquet_type
 use core_sink::datasets::pipeline::Pipeline;
 use core_sink::datasets::typed::{Cell, ColumnType, TypedColumn};
 use core_sink::datasets::{DatasetsConfig, Placement};
-use core_sink::dictionaries::DictionaryStore;
 use core_sink::landing::{Committer, RawLanding};
-use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
+use protocol::{ChunkBuilder, Lane, RecordRef};
 
 #[path = "support/datasets.rs"]
 mod datasets_support;

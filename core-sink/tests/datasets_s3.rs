@@ -83,10 +83,7 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
     for dataset in ["media", "sensor"] {
         let manifest = manifest(base, dataset);
         let listed: Vec<String> = manifest.shards.iter().map(|shard| shard.relative_path.clone()).collect();
-        let mut stored: Vec<String> = keys_below(bucket, &format!("{dataset}/"))
-            .into_iter()
-            .filter(|key| !key.ends_with(".json"))
-            .collect();
+        let mut stored = keys_below(bucket, &format!("{dataset}/"));
         stored.sort();
         let mut expected = listed.clone();
         expected.sort();
@@ -121,10 +118,10 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
             }
         }
         // The bucket's manifest is the local one; its wids index lists the bucket's shards.
-        let in_bucket = bucket.get(&format!("{dataset}/manifest.json"), 64 * MIB).unwrap().expect("manifest");
+        let in_bucket = bucket.get(&format!("manifests/{dataset}/manifest.json"), 64 * MIB).unwrap().expect("manifest");
         assert_eq!(serde_json::from_slice::<Manifest>(&in_bucket).unwrap(), manifest, "{dataset} manifest");
         if dataset == "media" {
-            let index = bucket.get("media/wids-index.json", MIB).unwrap().expect("wids index in the bucket");
+            let index = bucket.get("manifests/media/wids-index.json", MIB).unwrap().expect("wids index in the bucket");
             let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
             let urls: Vec<&str> = index["shardlist"]
                 .as_array()
@@ -132,8 +129,9 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
                 .iter()
                 .map(|shard| shard["url"].as_str().unwrap())
                 .collect();
-            let names: Vec<&str> = manifest.shards.iter().map(|shard| shard.name.as_str()).collect();
-            assert_eq!(urls, names, "index URLs relative to media/");
+            let paths: Vec<String> =
+                manifest.shards.iter().map(|shard| format!("../../{}", shard.relative_path)).collect();
+            assert_eq!(urls, paths, "index URLs relative to the index");
         }
     }
     assert_eq!(keys_below(bucket, "_staging/"), Vec::<String>::new(), "no staging object left");
@@ -258,7 +256,7 @@ fn shards_manifests_and_the_wids_index_land_in_the_bucket_once_through_an_outage
     }
     let samples = read_with_python(
         &moto,
-        &["s3-webdataset", &endpoint, &format!("{BUCKET}/{PREFIX}/media/wids-index.json")],
+        &["s3-webdataset", &endpoint, &format!("{BUCKET}/{PREFIX}/manifests/media/wids-index.json")],
     );
     let mut media_keys = BTreeMap::new();
     for sample in &samples {

@@ -652,26 +652,27 @@ impl Pipeline {
         let mut synced = true;
         let now = Instant::now();
         for (index, target) in self.targets.iter().enumerate() {
-            let Some(url) = &target.bucket_url else { continue };
+            if target.bucket_url.is_none() {
+                continue;
+            }
             if self.recovery_pending[index] || self.unhealthy_until[index].is_some_and(|until| now < until) {
                 synced = false;
                 continue;
             }
-            let mut objects = vec![(format!("{}/manifest.json", data.name), manifest.clone())];
+            // Beside the datasets, not in them (`<dataset>/` holds only shards, so a reader
+            // listing it finds data files only): the local manifest_dir's layout.
+            let manifest_key = format!("{BUCKET_MANIFEST_PREFIX}/{}/manifest.json", data.name);
+            let mut objects = vec![(manifest_key, manifest.clone())];
             if data.format == ShardFormat::WebDataset {
-                let prefix = format!("{url}/{}/", data.name);
                 let shardlist = data
                     .manifest
                     .shards
                     .iter()
                     .filter(|shard| shard.target == index)
-                    .map(|shard| {
-                        let path = shard.path.to_string_lossy();
-                        (path.strip_prefix(&prefix).unwrap_or(&path).to_string(), shard.samples, shard.bytes)
-                    })
+                    .map(|shard| (format!("../../{}", shard.relative_path), shard.samples, shard.bytes))
                     .collect();
                 objects.push((
-                    format!("{}/{SHARD_INDEX_FILE}", data.name),
+                    format!("{BUCKET_MANIFEST_PREFIX}/{}/{SHARD_INDEX_FILE}", data.name),
                     shard_index_bytes(data.name, shardlist),
                 ));
             }
@@ -767,6 +768,9 @@ pub fn utc_date(timestamp_us: u64) -> String {
 /// tree can move as a whole). Replaced atomically; written after the manifest, so it never names
 /// a shard the manifest does not list. Other formats have none.
 pub const SHARD_INDEX_FILE: &str = "wids-index.json";
+/// Where a bucket target holds the copies of the manifests and wids index, below its prefix:
+/// `manifests/<dataset>/manifest.json`, `manifests/media/wids-index.json` (URLs `../../media/…`).
+pub const BUCKET_MANIFEST_PREFIX: &str = "manifests";
 
 fn write_shard_index(dataset: &Dataset) -> anyhow::Result<()> {
     if dataset.format != ShardFormat::WebDataset {
