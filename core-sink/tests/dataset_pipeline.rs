@@ -451,3 +451,40 @@ fn a_reader_looping_over_published_shards_while_ingest_runs_never_sees_a_partial
     let manifest = Manifest::read(&base.join("manifests/media/manifest.json")).unwrap().unwrap();
     assert_eq!(media_shards, manifest.shards.len(), "the index lists every published media shard");
 }
+
+#[test]
+fn bucket_targets_parse_resolve_and_validate_naming_the_key() {
+    let directory = tempfile::tempdir().unwrap();
+    let base = directory.path();
+    let load = |datasets: &str| {
+        let text = format!(
+            "listen = \"127.0.0.1:4433\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
+             server_certificate_dir = \"server\"\n[datasets]\nmanifest_dir = \"manifests\"\n{datasets}"
+        );
+        let path = base.join("sink.toml");
+        std::fs::write(&path, text).unwrap();
+        core_sink::SinkConfig::load(&path)
+    };
+    let bucket = |extra: &str| {
+        format!(
+            "[[datasets.buckets]]\nstaging_dir = \"staging\"\n{extra}[datasets.buckets.s3]\nbucket = \"training\"\n\
+             endpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nprefix = \"site-a/datasets\"\n"
+        )
+    };
+    // A bucket alone is a valid set of targets; staging_dir resolves against the config file.
+    let config = load(&bucket("")).unwrap().datasets.unwrap();
+    assert!(config.targets.is_empty());
+    assert_eq!(config.buckets[0].staging_dir, base.join("staging"));
+    assert_eq!(config.buckets[0].part_bytes, 8 * MIB);
+    assert_eq!(config.buckets[0].base_url(), "s3://training/site-a/datasets");
+
+    let check = |datasets: &str, expected: &str| {
+        let error = load(datasets).expect_err(datasets).to_string();
+        assert!(error.contains("sink.toml") && error.contains(expected), "{datasets}: {error}");
+    };
+    check("", "datasets.targets and datasets.buckets: 0 targets");
+    check(&bucket("part_bytes = 1048576\n"), "datasets.buckets[0].part_bytes = 1048576");
+    check(&format!("shard_bytes_max = 8589934592\n{}", bucket("")), "datasets.shard_bytes_max = 8589934592");
+    check(&bucket("").replace("endpoint = \"http", "endpoint = \"ftp"), "datasets.buckets[0].s3");
+    check(&bucket("colour = 1\n"), "colour");
+}

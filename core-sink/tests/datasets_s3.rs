@@ -118,10 +118,14 @@ fn published_keys(base: &Path, bucket: &S3Replica) -> BTreeMap<String, usize> {
             }
         }
         // The bucket's manifest is the local one; its wids index lists the bucket's shards.
-        let in_bucket = bucket.get(&format!("manifests/{dataset}/manifest.json"), 64 * MIB).unwrap().expect("manifest");
+        let in_bucket =
+            bucket.get(&format!("manifests/{dataset}/manifest.json"), 64 * MIB).unwrap().expect("manifest");
         assert_eq!(serde_json::from_slice::<Manifest>(&in_bucket).unwrap(), manifest, "{dataset} manifest");
         if dataset == "media" {
-            let index = bucket.get("manifests/media/wids-index.json", MIB).unwrap().expect("wids index in the bucket");
+            let index = bucket
+                .get("manifests/media/wids-index.json", MIB)
+                .unwrap()
+                .expect("wids index in the bucket");
             let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
             let urls: Vec<&str> = index["shardlist"]
                 .as_array()
