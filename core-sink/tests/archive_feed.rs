@@ -10,8 +10,11 @@ use core_sink::archive_feed::{ArchiveConfig, ArchiveFeed, ArchiveFeedMetrics};
 use core_sink::dictionaries::DictionaryStore;
 use core_sink::landing::{Committer as _, RawLanding};
 
+#[path = "support/sink_config.rs"]
+mod sink_config;
 #[path = "support/archive.rs"]
 mod support;
+use sink_config::load_sink_config;
 use support::{MIB, core_sink, drain, evidence, land};
 
 fn open_feed(base: &Path) -> ArchiveFeed {
@@ -126,15 +129,7 @@ fn feeds_every_decision_exactly_once_across_restarts_and_a_crash() {
 fn config_section_parses_resolves_and_validates() {
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();
-    let write = |archive_section: &str| {
-        let text = format!(
-            "listen = \"127.0.0.1:4433\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
-             server_certificate_dir = \"server\"\n{archive_section}"
-        );
-        let path = base.join("sink.toml");
-        std::fs::write(&path, text).unwrap();
-        core_sink::SinkConfig::load(&path)
-    };
+    let write = |archive_section: &str| load_sink_config(base, archive_section);
     let config =
         write("[archive]\nroot = \"archive\"\nreview_dir = \"review\"\nreview_score_max = 0.3\n").unwrap();
     let archive = config.archive.unwrap();

@@ -15,6 +15,9 @@ use protocol::{ChunkBuilder, Lane, RecordRef};
 #[path = "support/datasets.rs"]
 mod datasets_support;
 use datasets_support::{MIB, assert_exactly_once, dictionaries, expected_keys, land, new_landing};
+#[path = "support/sink_config.rs"]
+mod sink_config;
+use sink_config::load_sink_config;
 #[path = "support/tmpfs.rs"]
 mod tmpfs;
 use tmpfs::Tmpfs;
@@ -457,13 +460,7 @@ fn bucket_targets_parse_resolve_and_validate_naming_the_key() {
     let directory = tempfile::tempdir().unwrap();
     let base = directory.path();
     let load = |datasets: &str| {
-        let text = format!(
-            "listen = \"127.0.0.1:4433\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
-             server_certificate_dir = \"server\"\n[datasets]\nmanifest_dir = \"manifests\"\n{datasets}"
-        );
-        let path = base.join("sink.toml");
-        std::fs::write(&path, text).unwrap();
-        core_sink::SinkConfig::load(&path)
+        load_sink_config(base, &format!("[datasets]\nmanifest_dir = \"manifests\"\n{datasets}"))
     };
     let bucket = |extra: &str| {
         format!(

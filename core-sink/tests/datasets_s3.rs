@@ -33,16 +33,8 @@ const BATCH_RECORDS: u64 = 3_000;
 const STEPS_MAX: usize = 200;
 
 fn s3_config(moto: &Moto) -> ObjectsConfig {
-    ObjectsConfig {
-        // Short bounds: an upload to the stopped server must fail in seconds.
-        retries_max: 1,
-        retry_timeout_ms: 2_000,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        connect_timeout_ms: 1_000,
-        request_timeout_ms: 2_000,
-        ..ObjectsConfig::s3(BUCKET, Some(&moto.endpoint()), PREFIX)
-    }
+    // Short bounds: an upload to the stopped server must fail in seconds.
+    moto.s3_config(BUCKET, PREFIX, 2_000)
 }
 
 fn config(base: &Path, moto: &Moto) -> DatasetsConfig {

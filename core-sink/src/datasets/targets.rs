@@ -234,10 +234,9 @@ fn run(commands: Receiver<Command>, bucket: Option<Bucket>) {
                 }
             }
             Command::Seal { shard, reply } => {
-                let result = match (shards.remove(&shard), &bucket) {
-                    (Some(open), None) => seal(open),
-                    (Some(open), Some(bucket)) => seal_to_bucket(open, bucket),
-                    (None, _) => Err(format!("shard {shard} is not open")),
+                let result = match shards.remove(&shard) {
+                    Some(open) => seal(open, bucket.as_ref()),
+                    None => Err(format!("shard {shard} is not open")),
                 };
                 let _ = reply.send(result);
             }
@@ -287,7 +286,9 @@ fn open_writer(
     format.create(file, known_columns)
 }
 
-fn seal(mut open: OpenShard) -> Result<Published, String> {
+/// Publishes a finished shard: into its directory (fsync, read back, rename), or, with `bucket`,
+/// into the bucket from its staging file (see the module doc).
+fn seal(mut open: OpenShard, bucket: Option<&Bucket>) -> Result<Published, String> {
     let result = (|| {
         if let Some(error) = open.error.take() {
             return Err(error);
@@ -298,30 +299,14 @@ fn seal(mut open: OpenShard) -> Result<Published, String> {
             .expect("no error means a writer")
             .finish()
             .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
-        durable::sync_file(&file, &open.hidden).map_err(|error| error.to_string())?;
-        drop(file);
-        let (bytes, sha256) =
-            digest(&open.hidden).map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
-        durable::rename_into_place(&open.hidden, &open.published).map_err(|error| error.to_string())?;
-        Ok(Published { bytes, sha256, report })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&open.hidden);
-    }
-    result
-}
-
-fn seal_to_bucket(mut open: OpenShard, bucket: &Bucket) -> Result<Published, String> {
-    let result = (|| {
-        if let Some(error) = open.error.take() {
-            return Err(error);
-        }
-        let (file, report) = open
-            .writer
-            .take()
-            .expect("no error means a writer")
-            .finish()
-            .map_err(|error| format!("finish {}: {error}", open.hidden.display()))?;
+        let Some(bucket) = bucket else {
+            durable::sync_file(&file, &open.hidden).map_err(|error| error.to_string())?;
+            drop(file);
+            let (bytes, sha256) = digest(&open.hidden)
+                .map_err(|error| format!("read back {}: {error}", open.hidden.display()))?;
+            durable::rename_into_place(&open.hidden, &open.published).map_err(|error| error.to_string())?;
+            return Ok(Published { bytes, sha256, report });
+        };
         // No fsync: a staging file lost in a crash is derived again from the raw landing.
         drop(file);
         let metrics = &bucket.metrics;
@@ -338,8 +323,11 @@ fn seal_to_bucket(mut open: OpenShard, bucket: &Bucket) -> Result<Published, Str
         }
         Ok(Published { bytes: published.bytes, sha256: published.sha256, report })
     })();
-    let _ = std::fs::remove_file(&open.hidden);
-    if result.is_err() {
+    // A directory shard's hidden file was renamed if it succeeded; a staging file goes either way.
+    if result.is_err() || bucket.is_some() {
+        let _ = std::fs::remove_file(&open.hidden);
+    }
+    if let (Err(_), Some(bucket)) = (&result, bucket) {
         // What the publish may have left under the key is unlisted: the pipeline runs the
         // target's recovery before its next shard.
         bucket.metrics.upload_failures.fetch_add(1, Ordering::Relaxed);
