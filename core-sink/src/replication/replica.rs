@@ -482,6 +482,39 @@ mod tests {
     }
 
     #[test]
+    fn publish_file_uploads_in_parts_is_create_only_and_takes_the_same_bytes_as_published() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let bucket = S3Replica::new(memory, "memory://", "site/datasets").unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("shard");
+        let bytes: Vec<u8> = (0..2_500u32).map(|index| (index * 7) as u8).collect();
+        std::fs::write(&file, &bytes).unwrap();
+        let parts = std::cell::Cell::new(0u64);
+        let count = |size: u64| {
+            assert!(size <= 1_000);
+            parts.set(parts.get() + 1);
+        };
+        let key = "media/media-node0-t00-00000000.tar";
+        let published = bucket.publish_file(key, &file, 1_000, &count).unwrap();
+        let sha256 = crate::datasets::targets::hex(&Sha256::digest(&bytes));
+        assert_eq!(
+            published,
+            FilePublished { bytes: 2_500, sha256: sha256.clone(), parts: 3, existing: false }
+        );
+        assert_eq!(parts.get(), 3);
+        assert_eq!(bucket.get(key, 4_096).unwrap(), Some(bytes.clone()));
+        assert_eq!(bucket.list("_staging/").unwrap(), Vec::new(), "the staging object is deleted");
+        // The same bytes again (a publish repeated after a lost reply): already published.
+        let again = bucket.publish_file(key, &file, 1_000, &|_| {}).unwrap();
+        assert_eq!(again, FilePublished { bytes: 2_500, sha256, parts: 3, existing: true });
+        // Other bytes under the key: an error, and what is there stays.
+        std::fs::write(&file, b"other bytes").unwrap();
+        let error = bucket.publish_file(key, &file, 1_000, &|_| {}).unwrap_err();
+        assert!(error.to_string().contains("never replaced"), "{error}");
+        assert_eq!(bucket.get(key, 4_096).unwrap(), Some(bytes));
+    }
+
+    #[test]
     fn a_directory_replica_writes_create_only_and_lists_no_temporary_files() {
         let directory = tempfile::tempdir().unwrap();
         let replica = DirectoryReplica::new(directory.path());
