@@ -77,16 +77,7 @@ impl Bucket {
 }
 
 fn s3_config(moto: &Moto) -> ObjectsConfig {
-    ObjectsConfig {
-        // Short bounds: the test's outage must fail in seconds, not minutes.
-        retries_max: 1,
-        retry_timeout_ms: 2_000,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        connect_timeout_ms: 1_000,
-        request_timeout_ms: 5_000,
-        ..ObjectsConfig::s3(BUCKET, Some(&moto.endpoint()), PREFIX)
-    }
+    moto.objects_config(BUCKET, PREFIX, 5_000)
 }
 
 fn open_feed(base: &Path, objects: ObjectsConfig) -> anyhow::Result<ArchiveFeed> {

@@ -28,16 +28,7 @@ const BUCKET: &str = "tributary-replica";
 const PREFIX: &str = "site-c";
 
 fn s3_config(moto: &Moto) -> ObjectsConfig {
-    ObjectsConfig {
-        // Short bounds: a pass against the stopped server must fail in seconds.
-        retries_max: 1,
-        retry_timeout_ms: 2_000,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        connect_timeout_ms: 1_000,
-        request_timeout_ms: 2_000,
-        ..ObjectsConfig::s3(BUCKET, Some(&moto.endpoint()), PREFIX)
-    }
+    moto.objects_config(BUCKET, PREFIX, 2_000)
 }
 
 fn metrics(replicator: &Replicator, index: usize) -> Arc<ReplicaMetrics> {

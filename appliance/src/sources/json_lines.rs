@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _};
 
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_range, deliver_async, lane_setting, now_us, stopped,
+    Delivery, KeySequence, SourceConfigError, check_range, Handover, lane_setting, now_us, stopped,
 };
 use crate::source::{RecordSender, SourceRecord, StopSignal};
 
@@ -84,7 +84,7 @@ impl Intake {
     /// Hands one record to the pipeline, waiting while it is behind. Anything but `Sent` ends the
     /// whole server too: the source is stopping, or the pipeline hung up.
     pub(crate) async fn deliver(&self, record: SourceRecord) -> Delivery {
-        let delivery = deliver_async(&self.out, record, &self.stop, &self.metrics).await;
+        let delivery = Handover::new(&self.out, record, &self.stop, &self.metrics).deliver_async().await;
         if delivery != Delivery::Sent {
             self.finished.stop();
         }

@@ -76,6 +76,21 @@ impl Moto {
         format!("http://{}", self.address)
     }
 
+    /// An S3 objects config for `bucket` and `prefix` on this server, with short bounds (one
+    /// retry, short backoff and timeouts) so that a request to the stopped server fails in
+    /// seconds, not minutes.
+    pub fn objects_config(&self, bucket: &str, prefix: &str, request_timeout_ms: u64) -> archive::ObjectsConfig {
+        archive::ObjectsConfig {
+            retries_max: 1,
+            retry_timeout_ms: 2_000,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 200,
+            connect_timeout_ms: 1_000,
+            request_timeout_ms,
+            ..archive::ObjectsConfig::s3(bucket, Some(&self.endpoint()), prefix)
+        }
+    }
+
     /// One plain, unsigned HTTP/1.1 request (moto takes them for bucket creation); returns the
     /// status and body.
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
