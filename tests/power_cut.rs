@@ -165,12 +165,7 @@ fn fully_acked(ring: &Ring) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_only_unsynced_appends_and_never_land_a_record_twice() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::init_tracing();
     let fleet = Fleet::new();
     let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
     // The appliance's network: a blackhole cuts it in one instant, as a power cut would. (Stopping

@@ -12,14 +12,20 @@ use std::time::Duration;
 use buffer::{Ring, RingConfig};
 use fleet::{FleetCa, IssuedCertificate, Validity};
 use onboarding::mqtt::{Session, TlsIdentity};
-use onboarding::{BrokerEndpoint, CLAIM_IDENTITY, DeviceOnboardingConfig};
-use onboarding_authority::AuthorityConfig;
+use onboarding::{BrokerEndpoint, CLAIM_IDENTITY, DeviceIdentity, DeviceOnboardingConfig, OnboardingError};
+use onboarding_authority::cli::FleetCommand;
+use onboarding_authority::{Authority, AuthorityConfig};
 use protocol::Lane;
 
 /// The observer identity: reads every topic (test-only ACL line).
 pub const OBSERVER: &str = "observer";
 /// Longest bounded wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Wall-clock time for the registry's token expiries (never asserted on).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
 
 pub struct Broker {
     child: Child,
@@ -152,6 +158,22 @@ impl TestFleet {
         }
     }
 
+    /// Starts an authority with `config` on this fleet's CA and waits until it subscribed.
+    pub async fn start_authority(&self, config: AuthorityConfig) -> Authority {
+        let mut authority = Authority::start(config, &self.ca, &self.revocation_file()).expect("authority");
+        assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", self.broker.log_text());
+        authority
+    }
+
+    /// Runs an operator's `fleet` command against this fleet's CA and revocation file.
+    pub fn fleet_command(
+        &self,
+        command: FleetCommand,
+        config: &AuthorityConfig,
+    ) -> Result<String, OnboardingError> {
+        onboarding_authority::cli::run(command, config, &self.path().join("ca"), &self.revocation_file())
+    }
+
     /// A sink config with fast commits and fast revocation reloads.
     pub fn sink_config(&self, listen: SocketAddr) -> core_sink::SinkConfig {
         let mut config = core_sink::SinkConfig::new(listen, self.path());
@@ -173,6 +195,14 @@ impl TestFleet {
         config.response_timeout_ms = 3_000;
         config.attempts_max = 5;
         config
+    }
+
+    /// Onboards `device_id` with the claim token `token` (the authority must be running).
+    pub async fn onboard(&self, device_id: &str, token: &str) -> DeviceIdentity {
+        let config = self.onboarding_config(device_id, Some(token.to_owned()));
+        onboarding::ensure_identity(&config)
+            .await
+            .unwrap_or_else(|error| panic!("onboard {device_id}: {error}"))
     }
 
     pub fn identity_dir(&self, device_id: &str) -> PathBuf {
@@ -256,7 +286,7 @@ impl Capture {
 
 // Not every test file uses both.
 #[allow(unused_imports)]
-pub use testkit::{free_udp_port, wait_until};
+pub use testkit::{free_udp_port, init_tracing, wait_until};
 
 pub fn open_ring(fleet: &TestFleet, device_id: &str) -> Ring {
     Ring::open(fleet.path().join("rings").join(device_id), RingConfig::with_capacity(16 * 1024 * 1024))
@@ -272,6 +302,14 @@ pub fn produce(ring: &Ring, device_id: &str, first: u64, count: u64) -> u64 {
     let seqs = testkit::append_json_records(ring, Lane::Sensor, records);
     assert_eq!(seqs.len(), 1, "one chunk");
     seqs[0]
+}
+
+/// Streams one chunk of 10 records from `first` and waits until the sink acknowledged it;
+/// returns whether it did.
+pub async fn stream_once(uplink: &appliance::Uplink, ring: &Ring, device_id: &str, first: u64) -> bool {
+    let seq = produce(ring, device_id, first, 10);
+    let metrics = uplink.metrics();
+    wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
 }
 
 /// The uplink config for an onboarded identity, with short timeouts for tests.
