@@ -57,7 +57,7 @@ pub enum ObjectsKind {
 }
 
 /// `[archive.objects]` in sink.toml. Everything but `kind` is for `s3` only. A field left out
-/// takes its value from `ObjectsConfig::local()`, which holds every default.
+/// takes its value from `ObjectsConfig::local()` (the defaults are in `ObjectsConfig::from_record`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectsConfig {
@@ -96,24 +96,9 @@ impl Default for ObjectsConfig {
 }
 
 impl ObjectsConfig {
-    /// Objects under the archive root (the default), with the default limits of every field.
+    /// Objects under the archive root (the default), with the default limits.
     pub fn local() -> ObjectsConfig {
-        ObjectsConfig {
-            kind: ObjectsKind::Local,
-            bucket: None,
-            endpoint: None,
-            region: None,
-            allow_http: false,
-            prefix: String::new(),
-            connect_timeout_ms: 5_000,
-            request_timeout_ms: 30_000,
-            retries_max: 5,
-            retry_timeout_ms: 60_000,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 5_000,
-            uploads_in_flight_max: 8,
-            upload_batch_bytes_max: 64 * 1024 * 1024,
-        }
+        ObjectsConfig::from_record(&ObjectsRecord::local())
     }
 
     /// An S3-compatible store with the default limits.
@@ -129,6 +114,7 @@ impl ObjectsConfig {
     }
 
     /// The store a record names, with the default limits (what the audit commands connect with).
+    /// Every default of `[archive.objects]` is here.
     pub fn from_record(record: &ObjectsRecord) -> ObjectsConfig {
         ObjectsConfig {
             kind: record.kind,
@@ -137,7 +123,14 @@ impl ObjectsConfig {
             region: record.region.clone(),
             allow_http: record.allow_http,
             prefix: record.prefix.clone(),
-            ..ObjectsConfig::local()
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            retries_max: 5,
+            retry_timeout_ms: 60_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            uploads_in_flight_max: 8,
+            upload_batch_bytes_max: 64 * 1024 * 1024,
         }
     }
 
