@@ -478,7 +478,11 @@ pub fn read_ca_pem(dir: &Path) -> Result<String, FleetError> {
 
 /// Reads a certificate and its private key (PEM; both required, `hint` says what to check when
 /// one is missing), warning when the key file is open to others.
-fn read_pem_pair(certificate_path: &Path, key_path: &Path, hint: &str) -> Result<(String, String), FleetError> {
+fn read_pem_pair(
+    certificate_path: &Path,
+    key_path: &Path,
+    hint: &str,
+) -> Result<(String, String), FleetError> {
     let certificate_pem = files::read_required_text(certificate_path, PEM_FILE_BYTES_MAX, hint)?;
     let key_pem = files::read_required_text(key_path, PEM_FILE_BYTES_MAX, hint)?;
     files::warn_if_exposed(key_path);

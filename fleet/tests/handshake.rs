@@ -11,6 +11,13 @@ use rustls::AlertDescription;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// "test fleet" and a sink of it.
+fn fleet_and_sink() -> (Fleet, Sink) {
+    let fleet = Fleet::new("test fleet");
+    let sink = sink_for(&fleet);
+    (fleet, sink)
+}
+
 fn sink_for(fleet: &Fleet) -> Sink {
     let revocations = RevocationList::open(&fleet.revocation_path()).expect("open revocation list");
     Sink::start(fleet.ca.certificate_pem(), &fleet.server, revocations)
@@ -18,8 +25,7 @@ fn sink_for(fleet: &Fleet) -> Sink {
 
 #[tokio::test]
 async fn good_device_is_accepted_and_identified() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let device = fleet.device("camera-01_A");
     check(&mut sink, fleet.client(&device), SERVER_NAME, Expected::Accepted("camera-01_A")).await;
     // The sink certificate also names 127.0.0.1.
@@ -72,8 +78,7 @@ async fn revoked_device_is_refused_after_reload() {
 /// currently valid".
 #[tokio::test]
 async fn certificate_expired_or_not_yet_valid_is_refused() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let now = SystemTime::now();
     for (device_id, validity) in [
         ("expired", Validity { not_before: now - 10 * DAY, not_after: now - DAY }),
@@ -92,8 +97,7 @@ async fn certificate_expired_or_not_yet_valid_is_refused() {
 
 #[tokio::test]
 async fn wrong_alpn_is_refused() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let device = fleet.device("camera-01");
     let client = fleet::client_config_with_alpn(
         fleet.ca.certificate_pem(),
@@ -108,8 +112,7 @@ async fn wrong_alpn_is_refused() {
 
 #[tokio::test]
 async fn sink_certificate_cannot_identify_a_device() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     // Signed by the fleet CA, but for serverAuth only.
     let client = fleet.client(&fleet.server);
     check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::UnsupportedCertificate))
@@ -127,8 +130,7 @@ async fn device_refuses_a_sink_of_another_fleet() {
 
 #[tokio::test]
 async fn device_refuses_a_sink_under_another_name() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let client = fleet.client(&fleet.device("camera-01"));
     check(&mut sink, client, "sink.example.org", Expected::RefusedByDevice(AlertDescription::BadCertificate))
         .await;

@@ -693,7 +693,9 @@ impl Handler {
     }
 
     fn heartbeat(&self, device_id: &str, payload: &[u8]) {
-        let Some(heartbeat) = parse_or_warn::<Heartbeat>(device_id, payload, "heartbeat refused") else { return };
+        let Some(heartbeat) = parse_or_warn::<Heartbeat>(device_id, payload, "heartbeat refused") else {
+            return;
+        };
         if let Err(problem) = heartbeat.validate() {
             tracing::warn!(device_id = %shorten(device_id), problem, "heartbeat refused");
             return;
@@ -781,7 +783,11 @@ impl Handler {
 /// A device's message parsed from `payload`; `None` when it is refused, which is logged as
 /// `refused` (what was refused) and otherwise ignored: devices send these unasked, no answer goes
 /// back.
-fn parse_or_warn<T: serde::de::DeserializeOwned>(device_id: &str, payload: &[u8], refused: &str) -> Option<T> {
+fn parse_or_warn<T: serde::de::DeserializeOwned>(
+    device_id: &str,
+    payload: &[u8],
+    refused: &str,
+) -> Option<T> {
     match parse_bounded(payload) {
         Ok(message) => Some(message),
         Err((code, message)) => {

@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_path, check_range, Handover, lane_setting,
+    Delivery, Handover, KeySequence, SourceConfigError, check_path, check_range, lane_setting,
     micros_since_epoch, now_us, sleep_until_unless_stopped, validate_source_name,
 };
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};

@@ -37,8 +37,8 @@ use tracing::{info, warn};
 use super::json_lines::JSON_CONTENT_TYPE;
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_path, check_range, Handover, lane_setting,
-    now_us, sleep_until_unless_stopped, validate_source_name,
+    Delivery, Handover, KeySequence, SourceConfigError, check_path, check_range, lane_setting, now_us,
+    sleep_until_unless_stopped, validate_source_name,
 };
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
 

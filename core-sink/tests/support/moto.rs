@@ -79,7 +79,12 @@ impl Moto {
     /// An S3 objects config for `bucket` and `prefix` on this server, with short bounds (one
     /// retry, short backoff and timeouts) so that a request to the stopped server fails in
     /// seconds, not minutes.
-    pub fn objects_config(&self, bucket: &str, prefix: &str, request_timeout_ms: u64) -> archive::ObjectsConfig {
+    pub fn objects_config(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        request_timeout_ms: u64,
+    ) -> archive::ObjectsConfig {
         archive::ObjectsConfig {
             retries_max: 1,
             retry_timeout_ms: 2_000,

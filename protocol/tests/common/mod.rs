@@ -119,13 +119,7 @@ pub fn valid_record() -> impl Strategy<Value = Record> {
 
 /// Strings of at most `max` bytes.
 fn bounded_text(max: usize) -> impl Strategy<Value = String> {
-    "\\PC{0,40}".prop_map(move |text| {
-        let mut end = text.len().min(max);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text[..end].to_owned()
-    })
+    "\\PC{0,40}".prop_map(move |text| text[..text.floor_char_boundary(max)].to_owned())
 }
 
 pub fn valid_control_message() -> impl Strategy<Value = ControlMessage> {
