@@ -25,7 +25,7 @@ use core_sink::{Sink, SinkMetrics};
 use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
 use rand::{Rng as _, SeedableRng as _};
 use support::harness::{
-    Fleet, MIB, assert_landed_exactly_once, landed_records, record_key, sensor_payload, wait_until,
+    Fleet, MIB, assert_landed_exactly_once, landed_records, record_key, sensor_payload, wait_drained,
 };
 
 const DEVICE: &str = "power-cut-1";
@@ -155,14 +155,6 @@ async fn wait_until_closed(path: &Path) {
     }
 }
 
-fn fully_acked(ring: &Ring) -> bool {
-    let stats = ring.stats();
-    LANES.iter().all(|lane| {
-        let lane = stats.lane(*lane);
-        lane.acked_through == lane.next_seq - 1
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_only_unsynced_appends_and_never_land_a_record_twice() {
     testkit::init_tracing();
@@ -248,7 +240,7 @@ async fn power_cuts_lose_only_unsynced_appends_and_never_land_a_record_twice() {
     tokio::time::sleep(Duration::from_millis(rng.random_range(EPOCH_MS))).await;
     let (appended, _) = producer.stop().await;
     survived.extend(appended);
-    let drained = wait_until(DRAIN_LIMIT, || fully_acked(&ring)).await;
+    let drained = wait_drained(&ring, &LANES, DRAIN_LIMIT).await;
     let duplicates_dropped = SinkMetrics::get(&sink.metrics().duplicates_dropped);
     uplink.stop().await;
     sink.shutdown().await;

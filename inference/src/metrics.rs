@@ -185,21 +185,15 @@ impl InferenceMetrics {
         MetricsSnapshot {
             requests: load(&self.requests),
             decisions: load(&self.decisions),
-            rejected: named_counts(RejectReason::ALL.iter().map(|reason| reason.name()), &self.rejected),
-            unavailable: named_counts(
-                UnavailableReason::ALL.iter().map(|reason| reason.name()),
-                &self.unavailable,
-            ),
+            rejected: named_counts(RejectReason::ALL.map(RejectReason::name), &self.rejected),
+            unavailable: named_counts(UnavailableReason::ALL.map(UnavailableReason::name), &self.unavailable),
             internal_errors: load(&self.internal_errors),
             evidence_bytes: load(&self.evidence_bytes),
             model_records: load(&self.model_records),
             evidence_batches: load(&self.evidence_batches),
             evidence_batch_records: load(&self.evidence_batch_records),
             batch_size_buckets: self.batch_size_buckets.iter().map(load).collect(),
-            connections: named_counts(
-                ConnectionEvent::ALL.iter().map(|event| event.name()),
-                &self.connections,
-            ),
+            connections: named_counts(ConnectionEvent::ALL.map(ConnectionEvent::name), &self.connections),
             decodes_waited: load(&self.decodes_waited),
             decodes_in_progress: load(&self.decodes_in_progress),
             decodes_in_progress_peak: load(&self.decodes_in_progress_peak),
@@ -301,6 +295,9 @@ impl InferenceMetrics {
 }
 
 /// Each counter's value with its name (`names` in the order of `counts`).
-fn named_counts(names: impl Iterator<Item = &'static str>, counts: &[AtomicU64]) -> Vec<(&'static str, u64)> {
-    names.zip(counts).map(|(name, count)| (name, count.load(Ordering::Relaxed))).collect()
+fn named_counts(
+    names: impl IntoIterator<Item = &'static str>,
+    counts: &[AtomicU64],
+) -> Vec<(&'static str, u64)> {
+    names.into_iter().zip(counts).map(|(name, count)| (name, count.load(Ordering::Relaxed))).collect()
 }
