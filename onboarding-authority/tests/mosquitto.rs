@@ -14,7 +14,7 @@ use onboarding::{
     DeviceAgent, DeviceAgentConfig, DeviceStatus, OnboardingError, OnboardingResponse, RejectionCode, topics,
 };
 use onboarding_authority::cli::{ConfigCommand, FleetCommand};
-use onboarding_authority::{Authority, DeviceState, Registry};
+use onboarding_authority::{DeviceState, Registry};
 use protocol::Lane;
 use support::{
     Capture, TestFleet, WAIT, free_udp_port, init_tracing, now_unix_ms, open_ring, produce, stream_once,

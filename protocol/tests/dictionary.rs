@@ -50,7 +50,7 @@ fn trained_dictionary(seed: u64) -> Vec<u8> {
 /// A sealed chunk of `lines` as records.
 fn seal_lines(lines: &[String], compressor: &mut ChunkCompressor, dict_id: u32) -> SealedChunk {
     let records = lines.iter().enumerate().map(|(index, line)| (format!("env-{index:06}"), line.clone()));
-    let builder = json_builder(64 * 1024, records);
+    let mut builder = json_builder(64 * 1024, records);
     builder.seal(compressor, dict_id).expect("seals")
 }
 

@@ -10,7 +10,7 @@ use protocol::*;
 
 /// A valid encoded chunk with a zstd body of `records` records.
 fn zstd_chunk(records: usize) -> Vec<u8> {
-    let builder = json_builder(
+    let mut builder = json_builder(
         CHUNK_RAW_BYTES_MAX,
         (0..records).map(|index| {
             (format!("reading-{index}"), format!("{{\"sensor\":\"temp-{}\",\"value\":{index}}}", index % 7))

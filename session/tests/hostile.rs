@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use protocol::{
-    Ack, Codec, ControlMessage, ErrorCode, FrameKind, Hello, Lane, LaneResume, PROTOCOL_VERSION, SealedChunk,
-    SessionLimits, Welcome, encode_control, encode_frame,
+    Ack, Codec, ControlMessage, ErrorCode, FrameKind, Lane, LaneResume, PROTOCOL_VERSION, SealedChunk,
+    SessionLimits, Welcome, encode_control,
 };
 use session::{
     DeviceConfig, DeviceEvent, DeviceSession, Grant, LaneGrant, SinkEvent, SinkSession, SinkSessionConfig,

@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use protocol::{
-    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, SealedChunk,
-    decode_chunk, decode_control, dictionary_frame_payload, dictionary_id, encode_control, encode_frame,
+    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Lane, SealedChunk, decode_chunk,
+    decode_control, dictionary_frame_payload, dictionary_id, encode_control,
 };
 use session::{
     Close, DictionaryRefusal, Grant, LandingRefusal, LaneGrant, SinkEvent, SinkSession, SinkSessionConfig,
