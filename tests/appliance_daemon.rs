@@ -15,7 +15,7 @@ use appliance::config::ApplianceConfig;
 use appliance::daemon::Daemon;
 use core_sink::Sink;
 use protocol::Lane;
-use support::harness::{Fleet, wait_until};
+use support::harness::{Fleet, wait_drained, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -199,11 +199,7 @@ async fn daemon_counts_what_it_was_sent_and_lands_every_kept_record() {
         uplink
     })
     .unwrap();
-    let drained = wait_until(LIMIT, || {
-        let stats = ring.stats();
-        Lane::ALL.iter().all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
-    })
-    .await;
+    let drained = wait_drained(&ring, &Lane::ALL, LIMIT).await;
     assert!(drained, "the ring did not drain: {:?}", ring.stats());
     uplink.stop().await;
 

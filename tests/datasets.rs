@@ -19,7 +19,7 @@ use core_sink::datasets::{DatasetsConfig, Placement};
 use protocol::Lane;
 use sha2::Digest as _;
 use support::harness::{
-    Fleet, MIB, produce, produce_media, python_read, record_key, sensor_payload, wait_until,
+    Fleet, MIB, produce, produce_media, python_read, record_key, sensor_payload, wait_drained,
 };
 
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
@@ -57,13 +57,7 @@ async fn datasets_hold_every_sample_once_and_stock_readers_agree() {
         for (key, digest) in produced {
             media.insert(format!("{device}/{key}"), digest);
         }
-        let drained = wait_until(DRAIN_LIMIT, || {
-            let stats = ring.stats();
-            [Lane::Sensor, Lane::Media]
-                .iter()
-                .all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
-        })
-        .await;
+        let drained = wait_drained(&ring, &[Lane::Sensor, Lane::Media], DRAIN_LIMIT).await;
         assert!(drained, "{device} drained");
         uplink.stop().await;
     }

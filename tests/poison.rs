@@ -15,7 +15,7 @@ use core_sink::Sink;
 use core_sink::datasets::DatasetsConfig;
 use core_sink::datasets::manifest::Manifest;
 use protocol::{Codec, Lane, NO_DICTIONARY, SealedChunk};
-use support::harness::{Fleet, MIB, produce, produce_media, wait_until};
+use support::harness::{Fleet, MIB, produce, produce_media, wait_drained};
 
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
@@ -62,13 +62,7 @@ async fn a_poison_chunk_is_quarantined_and_everything_after_it_is_published() {
     };
     assert!(!sensor.is_empty());
     let uplink = Uplink::spawn(ring.clone(), fleet.uplink_config(device, sink.local_addr())).unwrap();
-    let drained = wait_until(DRAIN_LIMIT, || {
-        let stats = ring.stats();
-        [Lane::Sensor, Lane::Media]
-            .iter()
-            .all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
-    })
-    .await;
+    let drained = wait_drained(&ring, &[Lane::Sensor, Lane::Media], DRAIN_LIMIT).await;
     assert!(drained, "the sink acked everything, the poison chunks included (the raw landing keeps them)");
     uplink.stop().await;
     let metrics = sink.dataset_metrics().unwrap();

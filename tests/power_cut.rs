@@ -25,7 +25,7 @@ use core_sink::{Sink, SinkMetrics};
 use protocol::{ChunkBuilder, ChunkCompressor, Lane, RecordRef};
 use rand::{Rng as _, SeedableRng as _};
 use support::harness::{
-    Fleet, MIB, assert_landed_exactly_once, landed_records, record_key, sensor_payload, wait_until,
+    Fleet, MIB, assert_landed_exactly_once, landed_records, record_key, sensor_payload, wait_drained,
 };
 
 const DEVICE: &str = "power-cut-1";
@@ -155,22 +155,9 @@ async fn wait_until_closed(path: &Path) {
     }
 }
 
-fn fully_acked(ring: &Ring) -> bool {
-    let stats = ring.stats();
-    LANES.iter().all(|lane| {
-        let lane = stats.lane(*lane);
-        lane.acked_through == lane.next_seq - 1
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_only_unsynced_appends_and_never_land_a_record_twice() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::init_tracing();
     let fleet = Fleet::new();
     let sink = Sink::start(fleet.sink_config("127.0.0.1:0".parse().unwrap())).await.unwrap();
     // The appliance's network: a blackhole cuts it in one instant, as a power cut would. (Stopping
@@ -253,7 +240,7 @@ async fn power_cuts_lose_only_unsynced_appends_and_never_land_a_record_twice() {
     tokio::time::sleep(Duration::from_millis(rng.random_range(EPOCH_MS))).await;
     let (appended, _) = producer.stop().await;
     survived.extend(appended);
-    let drained = wait_until(DRAIN_LIMIT, || fully_acked(&ring)).await;
+    let drained = wait_drained(&ring, &LANES, DRAIN_LIMIT).await;
     let duplicates_dropped = SinkMetrics::get(&sink.metrics().duplicates_dropped);
     uplink.stop().await;
     sink.shutdown().await;

@@ -10,7 +10,7 @@ use chaos::{ChaosConfig, ChaosProxy};
 use core_sink::{Sink, SinkMetrics};
 use protocol::Lane;
 use support::harness::{
-    Fleet, MIB, assert_landed_exactly_once, landed_records, produce, record_key, wait_until,
+    Fleet, MIB, assert_landed_exactly_once, landed_records, produce, record_key, wait_drained, wait_until,
 };
 
 /// Generous liveness bound for a drain; tests assert what landed, never how fast.
@@ -18,14 +18,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 
 fn keys(device: &str, lane: Lane, count: u64) -> Vec<String> {
     (0..count).map(|index| record_key(device, lane, index)).collect()
-}
-
-fn fully_acked(ring: &buffer::Ring, lanes: &[Lane]) -> bool {
-    let stats = ring.stats();
-    lanes.iter().all(|lane| {
-        let lane = stats.lane(*lane);
-        lane.acked_through == lane.next_seq - 1
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +38,7 @@ async fn lossy_link_delivers_every_record_exactly_once_in_order() {
     };
     producer.await.unwrap();
     let lanes = [Lane::Sensor, Lane::Audit, Lane::Media];
-    assert!(wait_until(DRAIN_LIMIT, || fully_acked(&ring, &lanes)).await, "drained: {:?}", ring.stats());
+    assert!(wait_drained(&ring, &lanes, DRAIN_LIMIT).await, "drained: {:?}", ring.stats());
     uplink.stop().await;
     sink.shutdown().await;
 
@@ -76,7 +68,7 @@ async fn blackhole_longer_than_the_ring_applies_its_policy_then_resumes() {
         let ring = ring.clone();
         tokio::task::spawn_blocking(move || produce(&ring, device, Lane::Sensor, 0, 5_000)).await.unwrap();
     }
-    assert!(wait_until(DRAIN_LIMIT, || fully_acked(&ring, &[Lane::Sensor])).await);
+    assert!(wait_drained(&ring, &[Lane::Sensor], DRAIN_LIMIT).await);
 
     proxy.set_blackhole(true);
     // Incompressible-ish volume: distinct readings compress ~5x, so 400k records are ~25 MiB of
@@ -104,7 +96,7 @@ async fn blackhole_longer_than_the_ring_applies_its_policy_then_resumes() {
             .await
             .unwrap();
     }
-    assert!(wait_until(DRAIN_LIMIT, || fully_acked(&ring, &[Lane::Sensor])).await, "{:?}", ring.stats());
+    assert!(wait_drained(&ring, &[Lane::Sensor], DRAIN_LIMIT).await, "{:?}", ring.stats());
     let duplicates = SinkMetrics::get(&sink.metrics().duplicates_dropped);
     uplink.stop().await;
     sink.shutdown().await;
@@ -150,10 +142,7 @@ async fn fifty_appliances_land_exactly_once() {
         producer.await.unwrap();
     }
     for (device, ring, _) in &running {
-        assert!(
-            wait_until(DRAIN_LIMIT, || fully_acked(ring, &[Lane::Sensor, Lane::Decisions])).await,
-            "{device} drained"
-        );
+        assert!(wait_drained(ring, &[Lane::Sensor, Lane::Decisions], DRAIN_LIMIT).await, "{device} drained");
     }
     for (_, _, uplink) in running {
         uplink.stop().await;

@@ -187,6 +187,27 @@ pub enum ProofError {
     RootMismatch,
 }
 
+/// One step of a proof's walk up the tree, shared by both verifications (RFC 9162 §2.1.3.2 and
+/// §2.1.4.2): `node` is the walk's index on its level and `last` the level's last index. Returns
+/// whether this step's sibling hash sits on the left, and moves both indexes to the level of the
+/// next sibling (past the levels where the node is the last one and has none). A proof longer
+/// than the path to the root is `WrongLength`.
+fn climb(node: &mut u64, last: &mut u64) -> Result<bool, ProofError> {
+    if *last == 0 {
+        return Err(ProofError::WrongLength);
+    }
+    let sibling_on_left = *node & 1 == 1 || *node == *last;
+    if sibling_on_left {
+        while *node & 1 == 0 && *node != 0 {
+            *node >>= 1;
+            *last >>= 1;
+        }
+    }
+    *node >>= 1;
+    *last >>= 1;
+    Ok(sibling_on_left)
+}
+
 /// RFC 9162 §2.1.3.2: whether `proof` shows leaf `index` with `leaf` hash in the tree of `size`
 /// leaves whose root is `root`.
 pub fn verify_inclusion(
@@ -206,22 +227,11 @@ pub fn verify_inclusion(
     let mut last = size - 1;
     let mut hash = *leaf;
     for sibling in proof {
-        if last == 0 {
-            return Err(ProofError::WrongLength);
-        }
-        if node & 1 == 1 || node == last {
+        if climb(&mut node, &mut last)? {
             hash = node_hash(sibling, &hash);
-            if node & 1 == 0 {
-                while node & 1 == 0 && node != 0 {
-                    node >>= 1;
-                    last >>= 1;
-                }
-            }
         } else {
             hash = node_hash(&hash, sibling);
         }
-        node >>= 1;
-        last >>= 1;
     }
     if last != 0 {
         return Err(ProofError::WrongLength);
@@ -277,23 +287,12 @@ pub fn verify_consistency(
     let mut first_hash = path[0];
     let mut second_hash = path[0];
     for sibling in &path[1..] {
-        if last == 0 {
-            return Err(ProofError::WrongLength);
-        }
-        if node & 1 == 1 || node == last {
+        if climb(&mut node, &mut last)? {
             first_hash = node_hash(sibling, &first_hash);
             second_hash = node_hash(sibling, &second_hash);
-            if node & 1 == 0 {
-                while node & 1 == 0 && node != 0 {
-                    node >>= 1;
-                    last >>= 1;
-                }
-            }
         } else {
             second_hash = node_hash(&second_hash, sibling);
         }
-        node >>= 1;
-        last >>= 1;
     }
     if last != 0 {
         return Err(ProofError::WrongLength);

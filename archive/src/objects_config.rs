@@ -56,73 +56,35 @@ pub enum ObjectsKind {
     S3,
 }
 
-/// `[archive.objects]` in sink.toml. Everything but `kind` is for `s3` only.
+/// `[archive.objects]` in sink.toml. Everything but `kind` is for `s3` only. A field left out
+/// takes its value from `ObjectsConfig::local()` (the defaults are in `ObjectsConfig::from_record`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ObjectsConfig {
-    #[serde(default)]
     pub kind: ObjectsKind,
-    #[serde(default)]
     pub bucket: Option<String>,
     /// `http(s)://host[:port]` of an S3-compatible server; absent = AWS S3.
-    #[serde(default)]
     pub endpoint: Option<String>,
     /// Absent = `us-east-1`.
-    #[serde(default)]
     pub region: Option<String>,
     /// Plain HTTP to the endpoint (a store on loopback or a private network only).
-    #[serde(default)]
     pub allow_http: bool,
     /// Keys are `<prefix>/sha256/ab/cd/<64 hex>`; empty = at the bucket's top.
-    #[serde(default)]
     pub prefix: String,
     /// Limit on establishing a connection (object_store's default: none named, reqwest's).
-    #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Limit on one request, body included (object_store's default is 30 s; set explicitly).
-    #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Retries of a failed request (5xx, timeouts, connection errors), with exponential backoff.
-    #[serde(default = "default_retries_max")]
     pub retries_max: u32,
     /// No retry starts later than this after the first attempt.
-    #[serde(default = "default_retry_timeout_ms")]
     pub retry_timeout_ms: u64,
-    #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
-    #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
     /// Uploads run concurrently at a flush, at most this many at once.
-    #[serde(default = "default_uploads_in_flight_max")]
     pub uploads_in_flight_max: u32,
     /// Objects waiting for the next flush are uploaded early once they hold this many bytes.
-    #[serde(default = "default_upload_batch_bytes_max")]
     pub upload_batch_bytes_max: u64,
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    5_000
-}
-fn default_request_timeout_ms() -> u64 {
-    30_000
-}
-fn default_retries_max() -> u32 {
-    5
-}
-fn default_retry_timeout_ms() -> u64 {
-    60_000
-}
-fn default_backoff_initial_ms() -> u64 {
-    100
-}
-fn default_backoff_max_ms() -> u64 {
-    5_000
-}
-fn default_uploads_in_flight_max() -> u32 {
-    8
-}
-fn default_upload_batch_bytes_max() -> u64 {
-    64 * 1024 * 1024
 }
 
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -134,24 +96,9 @@ impl Default for ObjectsConfig {
 }
 
 impl ObjectsConfig {
-    /// Objects under the archive root (the default).
+    /// Objects under the archive root (the default), with the default limits.
     pub fn local() -> ObjectsConfig {
-        ObjectsConfig {
-            kind: ObjectsKind::Local,
-            bucket: None,
-            endpoint: None,
-            region: None,
-            allow_http: false,
-            prefix: String::new(),
-            connect_timeout_ms: default_connect_timeout_ms(),
-            request_timeout_ms: default_request_timeout_ms(),
-            retries_max: default_retries_max(),
-            retry_timeout_ms: default_retry_timeout_ms(),
-            backoff_initial_ms: default_backoff_initial_ms(),
-            backoff_max_ms: default_backoff_max_ms(),
-            uploads_in_flight_max: default_uploads_in_flight_max(),
-            upload_batch_bytes_max: default_upload_batch_bytes_max(),
-        }
+        ObjectsConfig::from_record(&ObjectsRecord::local())
     }
 
     /// An S3-compatible store with the default limits.
@@ -167,6 +114,7 @@ impl ObjectsConfig {
     }
 
     /// The store a record names, with the default limits (what the audit commands connect with).
+    /// Every default of `[archive.objects]` is here.
     pub fn from_record(record: &ObjectsRecord) -> ObjectsConfig {
         ObjectsConfig {
             kind: record.kind,
@@ -175,7 +123,14 @@ impl ObjectsConfig {
             region: record.region.clone(),
             allow_http: record.allow_http,
             prefix: record.prefix.clone(),
-            ..ObjectsConfig::local()
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            retries_max: 5,
+            retry_timeout_ms: 60_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            uploads_in_flight_max: 8,
+            upload_batch_bytes_max: 64 * 1024 * 1024,
         }
     }
 

@@ -75,18 +75,27 @@ fn try_ingest(
     };
     outcomes.push(archive.ingest_record(device, 1, 0, &record).map(|ingested| ingested.outcome));
     for number in first..first + count {
-        let evidence = evidence(number);
-        let bytes = evidence.encode().unwrap();
-        let record = RecordRef {
-            key: &evidence.decision.decision_id,
-            timestamp_us: 2,
-            content_type: EVIDENCE_CONTENT_TYPE,
-            payload: &bytes,
-        };
-        let result = archive.ingest_record(device, u64::from(number) + 2, 0, &record);
-        outcomes.push(result.map(|ingested| ingested.outcome));
+        outcomes.push(try_ingest_evidence(archive, device, u64::from(number) + 2, number));
     }
     outcomes
+}
+
+/// Ingests the evidence of decision `number` as the record at `seq`.
+fn try_ingest_evidence(
+    archive: &mut Archive,
+    device: &str,
+    seq: u64,
+    number: u32,
+) -> Result<IngestOutcome, ArchiveError> {
+    let evidence = evidence(number);
+    let bytes = evidence.encode().unwrap();
+    let record = RecordRef {
+        key: &evidence.decision.decision_id,
+        timestamp_us: 2,
+        content_type: EVIDENCE_CONTENT_TYPE,
+        payload: &bytes,
+    };
+    archive.ingest_record(device, seq, 0, &record).map(|ingested| ingested.outcome)
 }
 
 /// An archive with a model and 12 decisions of one device, checkpoints every 5 entries.
@@ -671,18 +680,6 @@ fn operation() -> impl proptest::strategy::Strategy<Value = Operation> {
     ]
 }
 
-fn ingest_one(archive: &mut Archive, device: &str, number: u32) -> IngestOutcome {
-    let evidence = evidence(number);
-    let bytes = evidence.encode().unwrap();
-    let record = RecordRef {
-        key: &evidence.decision.decision_id,
-        timestamp_us: 2,
-        content_type: EVIDENCE_CONTENT_TYPE,
-        payload: &bytes,
-    };
-    archive.ingest_record(device, u64::from(number), 0, &record).unwrap().outcome
-}
-
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..Default::default() })]
 
@@ -702,7 +699,13 @@ proptest::proptest! {
         for operation in operations {
             match operation {
                 Operation::Ingest { device, number } => {
-                    let outcome = ingest_one(&mut archive, &format!("cam-{device}"), u32::from(number));
+                    let outcome = try_ingest_evidence(
+                        &mut archive,
+                        &format!("cam-{device}"),
+                        u64::from(number),
+                        u32::from(number),
+                    )
+                    .unwrap();
                     let known = durable.contains(&(device, number)) || pending.contains(&(device, number));
                     proptest::prop_assert_eq!(matches!(outcome, IngestOutcome::Duplicate { .. }), known);
                     if !known {

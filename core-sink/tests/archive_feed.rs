@@ -158,6 +158,12 @@ fn config_section_parses_resolves_and_validates() {
         (parsed.kind, parsed.bucket.as_deref(), parsed.retries_max),
         (archive::ObjectsKind::S3, Some("tributary-archive"), 2)
     );
+    let s3 = archive::ObjectsConfig::s3("tributary-archive", Some("http://127.0.0.1:9000"), "core");
+    assert_eq!(
+        parsed,
+        archive::ObjectsConfig { retries_max: 2, ..s3 },
+        "the keys left out keep their defaults"
+    );
     let path = base.join("sink.toml").display().to_string();
     let check = |lines: &str, expected: &[&str]| {
         let message = write(&objects(lines)).expect_err(lines).to_string();

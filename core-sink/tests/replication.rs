@@ -22,6 +22,16 @@ mod tmpfs;
 use replication_support::{Site, files_under};
 use support::core_sink;
 
+/// Four 200 kB shards and `decisions` archived decisions: a copy long enough to be caught in the
+/// middle (by a kill, or by a full file system).
+fn site_with_large_shards(decisions: u32) -> Site {
+    let mut site = Site::new();
+    site.shard_bytes = 200_000;
+    site.publish_shards(4);
+    site.archive_decisions(decisions);
+    site
+}
+
 fn site_with_sources() -> Site {
     let mut site = Site::new();
     site.publish_shards(3);
@@ -277,10 +287,7 @@ fn a_crash_at_any_put_resumes_without_copying_anything_twice() {
 
 #[test]
 fn a_sigkilled_replicator_leaves_no_partial_object_and_the_next_run_completes() {
-    let mut site = Site::new();
-    site.shard_bytes = 200_000;
-    site.publish_shards(4);
-    site.archive_decisions(6);
+    let site = site_with_large_shards(6);
     let replica = site.base.join("replica");
     // 256 KiB/s: the run takes seconds, so the kill lands while it copies.
     let config = site.config_file(
@@ -481,10 +488,7 @@ fn serve_runs_the_replicator_and_exports_its_metrics() {
 
 #[test]
 fn a_full_replica_fails_its_passes_without_partial_objects_and_drains_when_space_returns() {
-    let mut site = Site::new();
-    site.shard_bytes = 200_000;
-    site.publish_shards(4);
-    site.archive_decisions(4);
+    let site = site_with_large_shards(4);
     let replica = site.base.join("replica-full");
     // 1.6 MB of shards on a 1 MiB file system.
     let Some(tmpfs) = tmpfs::Tmpfs::mount(&replica, "1m") else { return };

@@ -185,9 +185,7 @@ impl FleetCa {
         let key_path = dir.join(CA_KEY_FILE);
         let certificate_path = dir.join(CA_CERTIFICATE_FILE);
         let hint = format!("is {} a fleet CA directory? init creates one", dir.display());
-        let certificate_pem = files::read_required_text(&certificate_path, PEM_FILE_BYTES_MAX, &hint)?;
-        let key_pem = files::read_required_text(&key_path, PEM_FILE_BYTES_MAX, &hint)?;
-        files::warn_if_exposed(&key_path);
+        let (certificate_pem, key_pem) = read_pem_pair(&certificate_path, &key_path, &hint)?;
 
         let what = certificate_path.display().to_string();
         let certificate = pem::first_certificate(&certificate_pem, &what)?;
@@ -371,9 +369,7 @@ impl IssuedCertificate {
         let certificate_path = dir.join(CERTIFICATE_FILE);
         let key_path = dir.join(KEY_FILE);
         let hint = format!("is {} an identity directory? write_to creates one", dir.display());
-        let certificate_pem = files::read_required_text(&certificate_path, PEM_FILE_BYTES_MAX, &hint)?;
-        let private_key_pem = files::read_required_text(&key_path, PEM_FILE_BYTES_MAX, &hint)?;
-        files::warn_if_exposed(&key_path);
+        let (certificate_pem, private_key_pem) = read_pem_pair(&certificate_path, &key_path, &hint)?;
         let certificate = pem::first_certificate(&certificate_pem, &certificate_path.display().to_string())?;
         let key = pem::key_pair(&private_key_pem, &key_path.display().to_string())?;
         if !pem::key_matches(&certificate, &key) {
@@ -478,4 +474,17 @@ pub fn read_ca_pem(dir: &Path) -> Result<String, FleetError> {
     let ca_pem = files::read_required_text(&path, PEM_FILE_BYTES_MAX, &hint)?;
     pem::certificates(&ca_pem, &path.display().to_string())?;
     Ok(ca_pem)
+}
+
+/// Reads a certificate and its private key (PEM; both required, `hint` says what to check when
+/// one is missing), warning when the key file is open to others.
+fn read_pem_pair(
+    certificate_path: &Path,
+    key_path: &Path,
+    hint: &str,
+) -> Result<(String, String), FleetError> {
+    let certificate_pem = files::read_required_text(certificate_path, PEM_FILE_BYTES_MAX, hint)?;
+    let key_pem = files::read_required_text(key_path, PEM_FILE_BYTES_MAX, hint)?;
+    files::warn_if_exposed(key_path);
+    Ok((certificate_pem, key_pem))
 }

@@ -38,11 +38,7 @@ pub(crate) fn shown(text: &str) -> String {
     if text.len() <= SHOWN_BYTES_MAX {
         return text.to_owned();
     }
-    let mut end = SHOWN_BYTES_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    format!("{}...", &text[..text.floor_char_boundary(SHOWN_BYTES_MAX)])
 }
 
 /// The device id (subject CN) of a DER certificate. Errors if the certificate does not parse,

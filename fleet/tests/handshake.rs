@@ -11,6 +11,13 @@ use rustls::AlertDescription;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// "test fleet" and a sink of it.
+fn fleet_and_sink() -> (Fleet, Sink) {
+    let fleet = Fleet::new("test fleet");
+    let sink = sink_for(&fleet);
+    (fleet, sink)
+}
+
 fn sink_for(fleet: &Fleet) -> Sink {
     let revocations = RevocationList::open(&fleet.revocation_path()).expect("open revocation list");
     Sink::start(fleet.ca.certificate_pem(), &fleet.server, revocations)
@@ -18,8 +25,7 @@ fn sink_for(fleet: &Fleet) -> Sink {
 
 #[tokio::test]
 async fn good_device_is_accepted_and_identified() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let device = fleet.device("camera-01_A");
     check(&mut sink, fleet.client(&device), SERVER_NAME, Expected::Accepted("camera-01_A")).await;
     // The sink certificate also names 127.0.0.1.
@@ -68,43 +74,30 @@ async fn revoked_device_is_refused_after_reload() {
         .await;
 }
 
+/// A certificate outside its validity, late or early, is refused: TLS has one alert for "not
+/// currently valid".
 #[tokio::test]
-async fn expired_certificate_is_refused() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+async fn certificate_expired_or_not_yet_valid_is_refused() {
+    let (fleet, mut sink) = fleet_and_sink();
     let now = SystemTime::now();
-    let validity = Validity { not_before: now - 10 * DAY, not_after: now - DAY };
-    let device = fleet.ca.issue_device("camera-01", validity).expect("issue");
-    check(
-        &mut sink,
-        fleet.client(&device),
-        SERVER_NAME,
-        Expected::RefusedBySink(AlertDescription::CertificateExpired),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn certificate_not_yet_valid_is_refused() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
-    let now = SystemTime::now();
-    let validity = Validity { not_before: now + DAY, not_after: now + 10 * DAY };
-    let device = fleet.ca.issue_device("camera-01", validity).expect("issue");
-    // TLS has one alert for "not currently valid", early or late.
-    check(
-        &mut sink,
-        fleet.client(&device),
-        SERVER_NAME,
-        Expected::RefusedBySink(AlertDescription::CertificateExpired),
-    )
-    .await;
+    for (device_id, validity) in [
+        ("expired", Validity { not_before: now - 10 * DAY, not_after: now - DAY }),
+        ("not-yet-valid", Validity { not_before: now + DAY, not_after: now + 10 * DAY }),
+    ] {
+        let device = fleet.ca.issue_device(device_id, validity).expect("issue");
+        check(
+            &mut sink,
+            fleet.client(&device),
+            SERVER_NAME,
+            Expected::RefusedBySink(AlertDescription::CertificateExpired),
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
 async fn wrong_alpn_is_refused() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let device = fleet.device("camera-01");
     let client = fleet::client_config_with_alpn(
         fleet.ca.certificate_pem(),
@@ -119,8 +112,7 @@ async fn wrong_alpn_is_refused() {
 
 #[tokio::test]
 async fn sink_certificate_cannot_identify_a_device() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     // Signed by the fleet CA, but for serverAuth only.
     let client = fleet.client(&fleet.server);
     check(&mut sink, client, SERVER_NAME, Expected::RefusedBySink(AlertDescription::UnsupportedCertificate))
@@ -138,8 +130,7 @@ async fn device_refuses_a_sink_of_another_fleet() {
 
 #[tokio::test]
 async fn device_refuses_a_sink_under_another_name() {
-    let fleet = Fleet::new("test fleet");
-    let mut sink = sink_for(&fleet);
+    let (fleet, mut sink) = fleet_and_sink();
     let client = fleet.client(&fleet.device("camera-01"));
     check(&mut sink, client, "sink.example.org", Expected::RefusedByDevice(AlertDescription::BadCertificate))
         .await;

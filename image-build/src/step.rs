@@ -47,30 +47,23 @@ impl Steps {
         let started = Instant::now();
         let result = body(&bar);
         let elapsed = started.elapsed();
-        match &result {
+        let outcome = match &result {
             Ok(_) => {
-                bar.finish_with_message(format!("{name}: done in {:.1} s", elapsed.as_secs_f64()));
-                if plain {
-                    eprintln!(
-                        "[{}/{}] {name}: done in {:.1} s",
-                        self.done,
-                        self.total,
-                        elapsed.as_secs_f64()
-                    );
-                }
-                tracing::info!(step = name, seconds = elapsed.as_secs_f64(), "done");
+                let outcome = format!("{name}: done in {:.1} s", elapsed.as_secs_f64());
+                bar.finish_with_message(outcome.clone());
+                outcome
             }
             Err(_) => {
-                bar.abandon_with_message(format!("{name}: FAILED after {:.1} s", elapsed.as_secs_f64()));
-                if plain {
-                    eprintln!(
-                        "[{}/{}] {name}: FAILED after {:.1} s",
-                        self.done,
-                        self.total,
-                        elapsed.as_secs_f64()
-                    );
-                }
+                let outcome = format!("{name}: FAILED after {:.1} s", elapsed.as_secs_f64());
+                bar.abandon_with_message(outcome.clone());
+                outcome
             }
+        };
+        if plain {
+            eprintln!("[{}/{}] {outcome}", self.done, self.total);
+        }
+        if result.is_ok() {
+            tracing::info!(step = name, seconds = elapsed.as_secs_f64(), "done");
         }
         self.timings.push((name.to_string(), elapsed));
         result

@@ -185,27 +185,15 @@ impl InferenceMetrics {
         MetricsSnapshot {
             requests: load(&self.requests),
             decisions: load(&self.decisions),
-            rejected: RejectReason::ALL
-                .iter()
-                .zip(&self.rejected)
-                .map(|(reason, count)| (reason.name(), load(count)))
-                .collect(),
-            unavailable: UnavailableReason::ALL
-                .iter()
-                .zip(&self.unavailable)
-                .map(|(reason, count)| (reason.name(), load(count)))
-                .collect(),
+            rejected: named_counts(RejectReason::ALL.map(RejectReason::name), &self.rejected),
+            unavailable: named_counts(UnavailableReason::ALL.map(UnavailableReason::name), &self.unavailable),
             internal_errors: load(&self.internal_errors),
             evidence_bytes: load(&self.evidence_bytes),
             model_records: load(&self.model_records),
             evidence_batches: load(&self.evidence_batches),
             evidence_batch_records: load(&self.evidence_batch_records),
             batch_size_buckets: self.batch_size_buckets.iter().map(load).collect(),
-            connections: ConnectionEvent::ALL
-                .iter()
-                .zip(&self.connections)
-                .map(|(event, count)| (event.name(), load(count)))
-                .collect(),
+            connections: named_counts(ConnectionEvent::ALL.map(ConnectionEvent::name), &self.connections),
             decodes_waited: load(&self.decodes_waited),
             decodes_in_progress: load(&self.decodes_in_progress),
             decodes_in_progress_peak: load(&self.decodes_in_progress_peak),
@@ -304,4 +292,12 @@ impl InferenceMetrics {
             writeln!(out, "tributary_inference_evidence_batch_records_count {}", snapshot.evidence_batches);
         out
     }
+}
+
+/// Each counter's value with its name (`names` in the order of `counts`).
+fn named_counts(
+    names: impl IntoIterator<Item = &'static str>,
+    counts: &[AtomicU64],
+) -> Vec<(&'static str, u64)> {
+    names.into_iter().zip(counts).map(|(name, count)| (name, count.load(Ordering::Relaxed))).collect()
 }

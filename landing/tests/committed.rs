@@ -310,37 +310,23 @@ fn reports_a_file_shorter_than_committed_a_foreign_lane_and_seqs_out_of_order() 
         },
     );
 
-    // A media chunk in the sensor lane's files.
-    let (landing, checkpoint) = eight_committed();
-    landing.patch(sensor, 4, RECORD_BYTES + 4, &encoded(Lane::Media, 5));
-    check(
-        &landing,
-        &checkpoint,
-        sensor,
-        ReadPosition::default(),
-        &[1, 2, 3, 4],
-        End::Damaged {
-            file_first_seq: 4,
-            offset: RECORD_BYTES,
-            damage: Damage::WrongLane { expected: sensor, found: Lane::Media },
-        },
-    );
-
-    // Seq 2 again where seq 5 belongs.
-    let (landing, checkpoint) = eight_committed();
-    landing.patch(sensor, 4, RECORD_BYTES + 4, &encoded(sensor, 2));
-    check(
-        &landing,
-        &checkpoint,
-        sensor,
-        ReadPosition::default(),
-        &[1, 2, 3, 4],
-        End::Damaged {
-            file_first_seq: 4,
-            offset: RECORD_BYTES,
-            damage: Damage::SeqNotIncreasing { previous: 4, seq: 2 },
-        },
-    );
+    // The record after seq 4 (where seq 5 belongs) replaced: a media chunk in the sensor lane's
+    // files, then seq 2 again.
+    for (replacement, damage) in [
+        (encoded(Lane::Media, 5), Damage::WrongLane { expected: sensor, found: Lane::Media }),
+        (encoded(sensor, 2), Damage::SeqNotIncreasing { previous: 4, seq: 2 }),
+    ] {
+        let (landing, checkpoint) = eight_committed();
+        landing.patch(sensor, 4, RECORD_BYTES + 4, &replacement);
+        check(
+            &landing,
+            &checkpoint,
+            sensor,
+            ReadPosition::default(),
+            &[1, 2, 3, 4],
+            End::Damaged { file_first_seq: 4, offset: RECORD_BYTES, damage },
+        );
+    }
 }
 
 #[test]

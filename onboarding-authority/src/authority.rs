@@ -693,12 +693,8 @@ impl Handler {
     }
 
     fn heartbeat(&self, device_id: &str, payload: &[u8]) {
-        let heartbeat: Heartbeat = match parse_bounded(payload) {
-            Ok(heartbeat) => heartbeat,
-            Err((code, message)) => {
-                tracing::warn!(device_id = %shorten(device_id), %code, message, "heartbeat refused");
-                return;
-            }
+        let Some(heartbeat) = parse_or_warn::<Heartbeat>(device_id, payload, "heartbeat refused") else {
+            return;
         };
         if let Err(problem) = heartbeat.validate() {
             tracing::warn!(device_id = %shorten(device_id), problem, "heartbeat refused");
@@ -728,13 +724,7 @@ impl Handler {
     }
 
     fn config_ack(&self, device_id: &str, payload: &[u8]) {
-        let ack: ConfigAck = match parse_bounded(payload) {
-            Ok(ack) => ack,
-            Err((code, message)) => {
-                tracing::warn!(device_id = %shorten(device_id), %code, message, "config ack refused");
-                return;
-            }
-        };
+        let Some(ack) = parse_or_warn::<ConfigAck>(device_id, payload, "config ack refused") else { return };
         let recorded = self.registry.update_device(device_id, |record| {
             if record.state != DeviceState::Active || ack.version > record.config.version {
                 return false;
@@ -786,6 +776,23 @@ impl Handler {
             }
             self.metrics.configs_published.fetch_add(1, Ordering::Relaxed);
             tracing::info!(device_id, version, "config published");
+        }
+    }
+}
+
+/// A device's message parsed from `payload`; `None` when it is refused, which is logged as
+/// `refused` (what was refused) and otherwise ignored: devices send these unasked, no answer goes
+/// back.
+fn parse_or_warn<T: serde::de::DeserializeOwned>(
+    device_id: &str,
+    payload: &[u8],
+    refused: &str,
+) -> Option<T> {
+    match parse_bounded(payload) {
+        Ok(message) => Some(message),
+        Err((code, message)) => {
+            tracing::warn!(device_id = %shorten(device_id), %code, message, "{refused}");
+            None
         }
     }
 }

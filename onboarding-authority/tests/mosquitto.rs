@@ -14,34 +14,14 @@ use onboarding::{
     DeviceAgent, DeviceAgentConfig, DeviceStatus, OnboardingError, OnboardingResponse, RejectionCode, topics,
 };
 use onboarding_authority::cli::{ConfigCommand, FleetCommand};
-use onboarding_authority::{Authority, DeviceState, Registry};
+use onboarding_authority::{DeviceState, Registry};
 use protocol::Lane;
-use support::{Capture, TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
+use support::{
+    Capture, TestFleet, WAIT, free_udp_port, init_tracing, now_unix_ms, open_ring, produce, stream_once,
+    uplink_config, wait_until,
+};
 
 const DEVICES: usize = 20;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-async fn start_authority(fleet: &TestFleet, sink: std::net::SocketAddr) -> Authority {
-    let mut authority = Authority::start(fleet.authority_config(sink), &fleet.ca, &fleet.revocation_file())
-        .expect("authority");
-    assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", fleet.broker.log_text());
-    authority
-}
-
-/// Streams one chunk and waits until the sink acknowledged it; returns whether it did.
-async fn stream_once(uplink: &appliance::Uplink, ring: &buffer::Ring, device_id: &str, first: u64) -> bool {
-    let seq = produce(ring, device_id, first, 10);
-    let metrics = uplink.metrics();
-    wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
-}
 
 /// Twenty devices onboard at once through the sink's `[onboarding]` hook, each key file is 0600,
 /// no private key crosses the broker, a device with a certificate skips onboarding, and every
@@ -164,10 +144,6 @@ fn csr_with_bad_signature(device_id: &str) -> Key {
     Key { csr_pem: support::pem("CERTIFICATE REQUEST", &der), sha256 }
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
-
 fn certificate_of(response: &OnboardingResponse) -> &str {
     match response {
         OnboardingResponse::Accepted { certificate_pem, .. } => certificate_pem,
@@ -191,16 +167,14 @@ async fn bad_requests_are_refused_with_their_reason_and_no_certificate() {
     init_tracing();
     let fleet = TestFleet::new();
     let (capture, _observer) = Capture::start(&fleet).await;
-    let authority = start_authority(&fleet, free_udp_port()).await;
+    let authority = fleet.start_authority(fleet.authority_config(free_udp_port())).await;
     let registry = authority.registry().clone();
     let tokens = registry.create_tokens(4, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
     let expired = registry.create_tokens(1, Duration::from_secs(1), now_unix_ms() - 60_000).expect("expired")
         [0]
     .clone();
     // The owner of a token and an id: onboarded properly.
-    onboarding::ensure_identity(&fleet.onboarding_config("owner", Some(tokens[0].clone())))
-        .await
-        .expect("owner");
+    fleet.onboard("owner", &tokens[0]).await;
 
     struct Case {
         name: &'static str,
@@ -323,15 +297,11 @@ async fn acl_keeps_a_device_to_its_own_topics() {
     init_tracing();
     let fleet = TestFleet::new();
     let (capture, _observer) = Capture::start(&fleet).await;
-    let authority = start_authority(&fleet, free_udp_port()).await;
+    let authority = fleet.start_authority(fleet.authority_config(free_udp_port())).await;
     let registry = authority.registry().clone();
     let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
-    let alice = onboarding::ensure_identity(&fleet.onboarding_config("alice", Some(tokens[0].clone())))
-        .await
-        .expect("alice");
-    let bob = onboarding::ensure_identity(&fleet.onboarding_config("bob", Some(tokens[1].clone())))
-        .await
-        .expect("bob");
+    let alice = fleet.onboard("alice", &tokens[0]).await;
+    let bob = fleet.onboard("bob", &tokens[1]).await;
 
     // Alice tries Bob's topics (and everything), with her own certificate.
     let mut intruder = fleet.session_with(
@@ -407,23 +377,20 @@ async fn revoked_device_is_cut_off_and_cannot_onboard_again() {
     init_tracing();
     let fleet = TestFleet::new();
     let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
-    let authority = start_authority(&fleet, sink.local_addr()).await;
+    let authority = fleet.start_authority(fleet.authority_config(sink.local_addr())).await;
     let registry = authority.registry().clone();
     let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
-    let identity = onboarding::ensure_identity(&fleet.onboarding_config("doomed", Some(tokens[0].clone())))
-        .await
-        .expect("onboard");
+    let identity = fleet.onboard("doomed", &tokens[0]).await;
     let ring = open_ring(&fleet, "doomed");
     let uplink = appliance::Uplink::spawn(ring.clone(), uplink_config(&identity)).expect("uplink");
     assert!(stream_once(&uplink, &ring, "doomed", 0).await, "streams before the revocation");
 
-    let printed = onboarding_authority::cli::run(
-        FleetCommand::Revoke { device: "doomed".to_owned() },
-        &fleet.authority_config(sink.local_addr()),
-        &fleet.path().join("ca"),
-        &fleet.revocation_file(),
-    )
-    .expect("revoke");
+    let printed = fleet
+        .fleet_command(
+            FleetCommand::Revoke { device: "doomed".to_owned() },
+            &fleet.authority_config(sink.local_addr()),
+        )
+        .expect("revoke");
     assert!(printed.contains("revoked"));
     let metrics = uplink.metrics();
     let ended = metrics.sessions_ended.load(std::sync::atomic::Ordering::Relaxed);
@@ -465,12 +432,11 @@ async fn revoked_device_is_cut_off_and_cannot_onboard_again() {
 async fn remote_config_is_applied_reported_and_survives_restart() {
     init_tracing();
     let fleet = TestFleet::new();
-    let authority = start_authority(&fleet, free_udp_port()).await;
+    let authority = fleet.start_authority(fleet.authority_config(free_udp_port())).await;
     let registry = authority.registry().clone();
     let token =
         registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("tokens").remove(0);
-    let identity =
-        onboarding::ensure_identity(&fleet.onboarding_config("cfg", Some(token))).await.expect("onboard");
+    let identity = fleet.onboard("cfg", &token).await;
     let mut agent_config = DeviceAgentConfig::new(fleet.broker.endpoint());
     agent_config.heartbeat_interval_ms = 100;
     let agent = DeviceAgent::start(agent_config.clone(), &identity).expect("agent");
@@ -486,18 +452,17 @@ async fn remote_config_is_applied_reported_and_survives_restart() {
         boot_slot: Some("B".to_owned()),
     });
     let mut applied = agent.config();
-    onboarding_authority::cli::run(
-        FleetCommand::Config {
-            command: ConfigCommand::Set {
-                device: "cfg".to_owned(),
-                assignments: vec!["sample_rate_hz=50".to_owned(), "heartbeat_interval_ms=150".to_owned()],
+    fleet
+        .fleet_command(
+            FleetCommand::Config {
+                command: ConfigCommand::Set {
+                    device: "cfg".to_owned(),
+                    assignments: vec!["sample_rate_hz=50".to_owned(), "heartbeat_interval_ms=150".to_owned()],
+                },
             },
-        },
-        &fleet.authority_config(free_udp_port()),
-        &fleet.path().join("ca"),
-        &fleet.revocation_file(),
-    )
-    .expect("config set");
+            &fleet.authority_config(free_udp_port()),
+        )
+        .expect("config set");
     let version = registry.device("cfg").expect("read").expect("cfg").config.version;
     assert_eq!(version, 3, "two changes on top of the initial config");
     tokio::time::timeout(WAIT, applied.wait_for(|config| config.version == version))
@@ -547,9 +512,7 @@ async fn operator_approval_onboards_a_device_without_token() {
     let fleet = TestFleet::new();
     let mut config = fleet.authority_config(free_udp_port());
     config.allow_operator_approval = true;
-    let mut authority =
-        Authority::start(config.clone(), &fleet.ca, &fleet.revocation_file()).expect("authority");
-    assert!(authority.wait_ready(WAIT).await);
+    let authority = fleet.start_authority(config.clone()).await;
     let registry = authority.registry().clone();
     let mut device = fleet.onboarding_config("approved", None);
     device.response_timeout_ms = 300;
@@ -562,13 +525,9 @@ async fn operator_approval_onboards_a_device_without_token() {
         "the request did not become pending"
     );
     let key_pem = std::fs::read_to_string(fleet.identity_dir("approved").join(fleet::KEY_FILE)).expect("key");
-    let printed = onboarding_authority::cli::run(
-        FleetCommand::Approve { device: "approved".to_owned(), key_sha256: None },
-        &config,
-        &fleet.path().join("ca"),
-        &fleet.revocation_file(),
-    )
-    .expect("approve");
+    let printed = fleet
+        .fleet_command(FleetCommand::Approve { device: "approved".to_owned(), key_sha256: None }, &config)
+        .expect("approve");
     // The operator sees which key the approval signs, to compare with the device's log.
     assert!(printed.contains(&fingerprint_of_key_pem(&key_pem)), "{printed}");
     let identity =
@@ -588,7 +547,7 @@ async fn a_claim_holder_neither_reads_another_devices_answer_nor_knocks_it_off()
     init_tracing();
     let fleet = TestFleet::new();
     let (capture, _observer) = Capture::start(&fleet).await;
-    let authority = start_authority(&fleet, free_udp_port()).await;
+    let authority = fleet.start_authority(fleet.authority_config(free_udp_port())).await;
     let registry = authority.registry().clone();
     let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
     let claim = fleet::IssuedCertificate::read_from(&fleet.claim_dir).expect("claim identity");
@@ -604,9 +563,7 @@ async fn a_claim_holder_neither_reads_another_devices_answer_nor_knocks_it_off()
     );
     assert!(eavesdropper.wait_ready(WAIT).await, "eavesdropper did not connect");
 
-    let identity = onboarding::ensure_identity(&fleet.onboarding_config("victim", Some(tokens[0].clone())))
-        .await
-        .expect("the victim onboards");
+    let identity = fleet.onboard("victim", &tokens[0]).await;
     let victim_key = fingerprint_of_key_pem(&identity.certificate.private_key_pem);
     assert!(capture.on_topic(&topics::response(&victim_key)) >= 1, "the answer went through the broker");
     // Time for a kicked session to reconnect, had it been kicked.
@@ -636,9 +593,7 @@ async fn a_claim_holder_neither_reads_another_devices_answer_nor_knocks_it_off()
     assert!(wait_until(WAIT, || heartbeat_at() > since).await, "heartbeats stopped");
     assert_eq!(agent.mqtt_connections(), 1, "the agent was knocked off the broker");
     // The authority still answers: another device onboards.
-    onboarding::ensure_identity(&fleet.onboarding_config("next", Some(tokens[1].clone())))
-        .await
-        .expect("the authority still answers");
+    fleet.onboard("next", &tokens[1]).await;
     for intruder in intruders {
         intruder.close().await;
     }
@@ -654,7 +609,7 @@ async fn a_claim_holder_neither_reads_another_devices_answer_nor_knocks_it_off()
 async fn a_claim_token_is_single_use_and_a_retry_with_the_same_key_gets_its_certificate() {
     init_tracing();
     let fleet = TestFleet::new();
-    let authority = start_authority(&fleet, free_udp_port()).await;
+    let authority = fleet.start_authority(fleet.authority_config(free_udp_port())).await;
     let registry = authority.registry().clone();
     let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
     let first_key = key("solo");
@@ -761,9 +716,7 @@ async fn approval_binds_a_device_id_to_one_key_and_the_operator_chooses_it() {
     let fleet = TestFleet::new();
     let mut config = fleet.authority_config(free_udp_port());
     config.allow_operator_approval = true;
-    let mut authority =
-        Authority::start(config.clone(), &fleet.ca, &fleet.revocation_file()).expect("authority");
-    assert!(authority.wait_ready(WAIT).await);
+    let authority = fleet.start_authority(config.clone()).await;
     let registry = authority.registry().clone();
     let squatter = key("victim");
     let squat = request("victim", None, squatter.csr_pem.clone());
@@ -789,12 +742,7 @@ async fn approval_binds_a_device_id_to_one_key_and_the_operator_chooses_it() {
         std::fs::read_to_string(fleet.identity_dir("victim").join(fleet::KEY_FILE)).expect("device key");
     let device_key = fingerprint_of_key_pem(&device_key_pem);
     let approve = |key_sha256: Option<String>| {
-        onboarding_authority::cli::run(
-            FleetCommand::Approve { device: "victim".to_owned(), key_sha256 },
-            &config,
-            &fleet.path().join("ca"),
-            &fleet.revocation_file(),
-        )
+        fleet.fleet_command(FleetCommand::Approve { device: "victim".to_owned(), key_sha256 }, &config)
     };
     assert!(approve(Some("not-a-fingerprint".to_owned())).is_err(), "a malformed fingerprint is refused");
     let printed = approve(Some(device_key.clone())).expect("approve");
@@ -817,9 +765,7 @@ async fn unapproved_pending_devices_are_bounded_and_the_operator_frees_places() 
     let mut config = fleet.authority_config(free_udp_port());
     config.allow_operator_approval = true;
     config.pending_devices_max = 2;
-    let mut authority =
-        Authority::start(config.clone(), &fleet.ca, &fleet.revocation_file()).expect("authority");
-    assert!(authority.wait_ready(WAIT).await);
+    let authority = fleet.start_authority(config.clone()).await;
     let keys: Vec<(String, Key)> = ["squat-1", "squat-2", "squat-3", "squat-4"]
         .into_iter()
         .map(|device_id| (device_id.to_owned(), key(device_id)))
@@ -842,9 +788,7 @@ async fn unapproved_pending_devices_are_bounded_and_the_operator_frees_places() 
         ask_raw(&fleet, &with_token.sha256, request("tokened", Some(&token[0]), with_token.csr_pem)).await;
     certificate_of(&answer);
 
-    let fleet_command = |command| {
-        onboarding_authority::cli::run(command, &config, &fleet.path().join("ca"), &fleet.revocation_file())
-    };
+    let fleet_command = |command| fleet.fleet_command(command, &config);
     fleet_command(FleetCommand::Forget { device: "squat-1".to_owned() }).expect("forget");
     assert!(registry.device("squat-1").expect("read").is_none());
     assert!(fleet_command(FleetCommand::Forget { device: "tokened".to_owned() }).is_err(), "active is kept");
@@ -866,8 +810,7 @@ async fn onboarding_requests_beyond_the_rate_are_refused_rate_limited() {
     let fleet = TestFleet::new();
     let mut config = fleet.authority_config(free_udp_port());
     config.requests_per_second_max = 2;
-    let mut authority = Authority::start(config, &fleet.ca, &fleet.revocation_file()).expect("authority");
-    assert!(authority.wait_ready(WAIT).await);
+    let authority = fleet.start_authority(config).await;
     const REQUESTS: usize = 20;
     let flooder = key("flooder");
     let payload = request("flooder", Some("no-such-token"), flooder.csr_pem.clone());

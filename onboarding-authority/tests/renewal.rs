@@ -10,9 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use onboarding::{DeviceAgent, DeviceAgentConfig, RejectionCode};
 use onboarding_authority::cli::FleetCommand;
-use onboarding_authority::{Authority, AuthorityConfig, Registry};
+use onboarding_authority::{AuthorityConfig, Registry};
 use protocol::Lane;
-use support::{TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
+use support::{
+    TestFleet, WAIT, free_udp_port, init_tracing, now_unix_ms, open_ring, produce, stream_once,
+    uplink_config, wait_until,
+};
 
 /// Device certificates live this long; the agent renews at half of it.
 const VALIDITY_SECONDS: u64 = 12;
@@ -20,29 +23,10 @@ const RENEW_AFTER_PERCENT: u8 = 50;
 /// Long enough for three renewals.
 const RENEWALS_WAIT: Duration = Duration::from_secs(60);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
-
 fn short_lived(fleet: &TestFleet, sink: std::net::SocketAddr) -> AuthorityConfig {
     let mut config = fleet.authority_config(sink);
     config.certificate_validity_seconds = Some(VALIDITY_SECONDS);
     config
-}
-
-async fn start_authority(config: AuthorityConfig, fleet: &TestFleet) -> Authority {
-    let mut authority = Authority::start(config, &fleet.ca, &fleet.revocation_file()).expect("authority");
-    assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", fleet.broker.log_text());
-    authority
 }
 
 fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
@@ -55,14 +39,7 @@ fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
 
 async fn onboard(fleet: &TestFleet, registry: &Registry, device_id: &str) -> onboarding::DeviceIdentity {
     let token = registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("token").remove(0);
-    onboarding::ensure_identity(&fleet.onboarding_config(device_id, Some(token))).await.expect("onboard")
-}
-
-/// Streams one chunk through `uplink` and waits for its Ack.
-async fn stream_once(uplink: &appliance::Uplink, ring: &buffer::Ring, device_id: &str, first: u64) -> bool {
-    let seq = produce(ring, device_id, first, 10);
-    let metrics = uplink.metrics();
-    wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
+    fleet.onboard(device_id, &token).await
 }
 
 /// Three renewals while the device streams: every chunk is acked; the first certificate still
@@ -74,7 +51,7 @@ async fn a_device_streams_across_three_renewals_and_the_old_certificate_serves_u
     init_tracing();
     let fleet = TestFleet::new();
     let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
-    let authority = start_authority(short_lived(&fleet, sink.local_addr()), &fleet).await;
+    let authority = fleet.start_authority(short_lived(&fleet, sink.local_addr())).await;
     let registry = authority.registry().clone();
     let identity = onboard(&fleet, &registry, "renewing").await;
     let first_certificate = identity.certificate.clone();
@@ -185,16 +162,10 @@ async fn a_revoked_device_cannot_renew() {
     let fleet = TestFleet::new();
     let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
     let config = short_lived(&fleet, sink.local_addr());
-    let authority = start_authority(config.clone(), &fleet).await;
+    let authority = fleet.start_authority(config.clone()).await;
     let registry = authority.registry().clone();
     let identity = onboard(&fleet, &registry, "doomed").await;
-    onboarding_authority::cli::run(
-        FleetCommand::Revoke { device: "doomed".to_owned() },
-        &config,
-        &fleet.path().join("ca"),
-        &fleet.revocation_file(),
-    )
-    .expect("revoke");
+    fleet.fleet_command(FleetCommand::Revoke { device: "doomed".to_owned() }, &config).expect("revoke");
     let agent = DeviceAgent::start(agent_config(&fleet), &identity).expect("agent");
     let renewals = agent.renewal_metrics();
     assert!(

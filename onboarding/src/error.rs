@@ -18,14 +18,6 @@ pub enum OnboardingError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    #[error("failed to {operation} {path}: {source}")]
-    Io {
-        operation: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
     #[error("{path}: {problem}")]
     File { path: PathBuf, problem: String },
 
@@ -65,7 +57,9 @@ pub enum OnboardingError {
 }
 
 impl OnboardingError {
+    /// A file operation that failed: `failed to <operation> <path>: <why>`, the same error
+    /// (`FleetError::Io`) as the fleet crate's own files give.
     pub fn io(operation: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        OnboardingError::Io { operation, path: path.to_path_buf(), source }
+        OnboardingError::Fleet(fleet::FleetError::Io { operation, path: path.to_path_buf(), source })
     }
 }

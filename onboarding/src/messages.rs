@@ -324,11 +324,7 @@ pub fn shorten(text: &str) -> String {
     if text.len() <= MESSAGE_BYTES_MAX {
         return text.to_owned();
     }
-    let mut end = MESSAGE_BYTES_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    format!("{}...", &text[..text.floor_char_boundary(MESSAGE_BYTES_MAX)])
 }
 
 pub fn unix_ms_now() -> u64 {

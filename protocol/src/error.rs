@@ -248,9 +248,5 @@ pub const ERROR_ECHO_BYTES_MAX: usize = 160;
 
 /// Copies at most [`ERROR_ECHO_BYTES_MAX`] bytes of `text`, cut at a character boundary.
 pub(crate) fn echo(text: &str) -> String {
-    let mut end = text.len().min(ERROR_ECHO_BYTES_MAX);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    text[..text.floor_char_boundary(ERROR_ECHO_BYTES_MAX)].to_owned()
 }

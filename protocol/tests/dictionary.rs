@@ -1,5 +1,8 @@
 //! zstd dictionaries for small records, and data that does not shrink (JPEG) stored raw.
 
+mod common;
+
+use common::json_builder;
 use protocol::*;
 
 const SENSOR_DICT_ID: u32 = 1;
@@ -46,17 +49,8 @@ fn trained_dictionary(seed: u64) -> Vec<u8> {
 
 /// A sealed chunk of `lines` as records.
 fn seal_lines(lines: &[String], compressor: &mut ChunkCompressor, dict_id: u32) -> SealedChunk {
-    let mut builder = ChunkBuilder::new(Lane::Sensor, 64 * 1024);
-    for (index, line) in lines.iter().enumerate() {
-        builder
-            .push(RecordRef {
-                key: &format!("env-{index:06}"),
-                timestamp_us: 1_700_000_000_000_000 + index as u64,
-                content_type: "application/json",
-                payload: line.as_bytes(),
-            })
-            .expect("valid record");
-    }
+    let records = lines.iter().enumerate().map(|(index, line)| (format!("env-{index:06}"), line.clone()));
+    let mut builder = json_builder(64 * 1024, records);
     builder.seal(compressor, dict_id).expect("seals")
 }
 

@@ -10,18 +10,12 @@ use protocol::*;
 
 /// A valid encoded chunk with a zstd body of `records` records.
 fn zstd_chunk(records: usize) -> Vec<u8> {
-    let mut builder = ChunkBuilder::new(Lane::Sensor, CHUNK_RAW_BYTES_MAX);
-    for index in 0..records {
-        let payload = format!("{{\"sensor\":\"temp-{}\",\"value\":{index}}}", index % 7);
-        builder
-            .push(RecordRef {
-                key: &format!("reading-{index}"),
-                timestamp_us: 1_700_000_000_000_000 + index as u64,
-                content_type: "application/json",
-                payload: payload.as_bytes(),
-            })
-            .expect("valid record");
-    }
+    let mut builder = json_builder(
+        CHUNK_RAW_BYTES_MAX,
+        (0..records).map(|index| {
+            (format!("reading-{index}"), format!("{{\"sensor\":\"temp-{}\",\"value\":{index}}}", index % 7))
+        }),
+    );
     let chunk = builder.seal(&mut ChunkCompressor::new(3), NO_DICTIONARY).expect("seals");
     assert_eq!(chunk.codec, Codec::Zstd);
     chunk.encode(1)

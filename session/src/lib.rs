@@ -69,14 +69,7 @@ impl Close {
 /// Reasons travel in QUIC close frames and Error messages; keep them within the protocol's
 /// bound, cut at a character boundary.
 fn truncate_reason(mut reason: String) -> String {
-    let max = protocol::ERROR_REASON_BYTES_MAX;
-    if reason.len() > max {
-        let mut end = max;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
+    reason.truncate(reason.floor_char_boundary(protocol::ERROR_REASON_BYTES_MAX));
     reason
 }
 

@@ -86,6 +86,13 @@ fn welcomed(next_seqs: [u64; Lane::COUNT], resume: &[(Lane, u64)]) -> (DeviceSes
     (session, now)
 }
 
+/// A welcomed session whose events so far (the `Welcomed`) are taken.
+fn welcomed_and_drained(next_seqs: [u64; Lane::COUNT], resume: &[(Lane, u64)]) -> (DeviceSession, Instant) {
+    let (mut session, now) = welcomed(next_seqs, resume);
+    events(&mut session);
+    (session, now)
+}
+
 #[test]
 fn reads_start_at_the_resume_seq_and_nothing_is_trimmed_before_an_ack() {
     // The resume seq counts what the sink landed, durable or not: only an Ack trims (the
@@ -115,8 +122,7 @@ fn a_ring_behind_the_core_under_its_identity_ends_the_session_for_a_new_identity
 
 #[test]
 fn chunks_are_framed_with_their_dictionary_once_and_acks_trim() {
-    let (mut session, now) = welcomed([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
-    events(&mut session);
+    let (mut session, now) = welcomed_and_drained([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
     let dictionary = vec![3u8; 100];
     let dict_id = dictionary_id(&dictionary);
     let read = session.poll_read(now).unwrap();
@@ -171,8 +177,7 @@ fn an_ack_beyond_anything_sent_closes_without_trimming() {
 
 #[test]
 fn undeliverable_chunks_are_skipped_and_reported() {
-    let (mut session, now) = welcomed([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
-    events(&mut session);
+    let (mut session, now) = welcomed_and_drained([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
     let read = session.poll_read(now).unwrap();
     let summary = session.handle_read(
         now,
@@ -191,8 +196,7 @@ fn undeliverable_chunks_are_skipped_and_reported() {
 
 #[test]
 fn reads_stop_at_the_in_flight_bound_and_while_a_batch_waits_for_its_stream() {
-    let (mut session, now) = welcomed([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
-    events(&mut session);
+    let (mut session, now) = welcomed_and_drained([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
     // The sink's limit (1 MiB) and ours (1 MiB): two 600 KiB chunks exceed it.
     let read = session.poll_read(now).unwrap();
     session.handle_read(
@@ -212,8 +216,7 @@ fn reads_stop_at_the_in_flight_bound_and_while_a_batch_waits_for_its_stream() {
 
 #[test]
 fn an_empty_read_idles_the_lane_until_its_timeout() {
-    let (mut session, now) = welcomed([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
-    events(&mut session);
+    let (mut session, now) = welcomed_and_drained([1, 1, 1, 1], &[(Lane::Sensor, 1)]);
     let read = session.poll_read(now).unwrap();
     session.handle_read(now, read.lane, Vec::new(), &mut |_| None);
     assert_eq!(session.poll_read(now), None);

@@ -5,29 +5,23 @@
 //! landing strictly increasing core seqs per lane and closes with a peer-violation code, never
 //! `internal`; the device never trims past what it sent or the sink held.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use protocol::{
-    Ack, Codec, ControlMessage, ErrorCode, FrameKind, Hello, Lane, LaneResume, PROTOCOL_VERSION, SealedChunk,
-    SessionLimits, Welcome, encode_control, encode_frame,
+    Ack, Codec, ControlMessage, ErrorCode, FrameKind, Lane, LaneResume, PROTOCOL_VERSION, SealedChunk,
+    SessionLimits, Welcome, encode_control,
 };
 use session::{
     DeviceConfig, DeviceEvent, DeviceSession, Grant, LaneGrant, SinkEvent, SinkSession, SinkSessionConfig,
 };
 
+use common::{control, frame, hello};
+
 const DEVICE: &str = "cam-01";
-
-fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_frame(kind, payload, &mut out).expect("test frames fit");
-    out
-}
-
-fn control(message: &ControlMessage) -> Vec<u8> {
-    frame(FrameKind::Control, &encode_control(message).expect("encodes"))
-}
 
 /// What a hostile device sends on a stream.
 #[derive(Clone, Debug)]
@@ -65,16 +59,7 @@ proptest! {
     ) {
         let landed = base.saturating_add(landed_offset);
         let mut session = SinkSession::new(SinkSessionConfig::default(), DEVICE, [], Instant::now());
-        let hello = ControlMessage::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            device_id: DEVICE.into(),
-            boot_id: [1; 16],
-            ring_id: [2; 16],
-            lanes: Lane::ALL.to_vec(),
-            codecs: Codec::ALL.to_vec(),
-            dictionary_ids: Vec::new(),
-        });
-        session.handle_control_bytes(&control(&hello));
+        session.handle_control_bytes(&control(&hello(DEVICE)));
         let said_hello = matches!(session.poll_event(), Some(SinkEvent::Hello { .. }));
         prop_assert!(said_hello, "a valid Hello asks for a grant");
         session.handle_grant(Ok(Grant { lanes: [LaneGrant { base, landed, generation: 1 }; Lane::COUNT] }));

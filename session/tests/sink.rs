@@ -2,36 +2,25 @@
 //! code each one gets; grants, seq translation and Acks. No sockets, no clock: bytes in, events
 //! and transmits out.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use protocol::{
-    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Hello, Lane, PROTOCOL_VERSION, SealedChunk,
-    decode_chunk, decode_control, dictionary_frame_payload, dictionary_id, encode_control, encode_frame,
+    Codec, ControlMessage, ErrorCode, FrameDecoder, FrameKind, Lane, SealedChunk, decode_chunk,
+    decode_control, dictionary_frame_payload, dictionary_id, encode_control,
 };
 use session::{
     Close, DictionaryRefusal, Grant, LandingRefusal, LaneGrant, SinkEvent, SinkSession, SinkSessionConfig,
     Stream,
 };
 
+use common::{control, frame, hello};
+
 const DEVICE: &str = "cam-01";
 
-fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_frame(kind, payload, &mut out).unwrap();
-    out
-}
-
 fn hello_from(device: &str) -> Vec<u8> {
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        device_id: device.into(),
-        boot_id: [1; 16],
-        ring_id: [2; 16],
-        lanes: Lane::ALL.to_vec(),
-        codecs: Codec::ALL.to_vec(),
-        dictionary_ids: Vec::new(),
-    });
-    frame(FrameKind::Control, &encode_control(&hello).unwrap())
+    control(&hello(device))
 }
 
 fn chunk(lane: Lane, seq: u64, dict_id: u32) -> Vec<u8> {

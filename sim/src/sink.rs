@@ -1162,36 +1162,24 @@ impl World {
     }
 }
 
+/// `$a + $b` field by field, for structs of counters; the struct literal names every field, so a
+/// field added to the struct and not here does not compile.
+macro_rules! sum_fields {
+    ($type:ident { $($field:ident),+ $(,)? } of $a:expr, $b:expr) => {
+        $type { $($field: $a.$field + $b.$field),+ }
+    };
+}
+
 fn add_stats(a: LandingStats, b: LandingStats) -> LandingStats {
-    LandingStats {
-        chunks_landed: a.chunks_landed + b.chunks_landed,
-        bytes_landed: a.bytes_landed + b.bytes_landed,
-        duplicates_dropped: a.duplicates_dropped + b.duplicates_dropped,
-        fenced_chunks: a.fenced_chunks + b.fenced_chunks,
-        landing_failures: a.landing_failures + b.landing_failures,
-        commits: a.commits + b.commits,
-        commit_failures: a.commit_failures + b.commit_failures,
-        epochs_started: a.epochs_started + b.epochs_started,
-        sessions_granted: a.sessions_granted + b.sessions_granted,
-    }
+    sum_fields!(LandingStats {
+        chunks_landed, bytes_landed, duplicates_dropped, fenced_chunks, landing_failures, commits,
+        commit_failures, epochs_started, sessions_granted,
+    } of a, b)
 }
 
 fn add_observed(a: Observed, b: Observed) -> Observed {
-    Observed {
-        landed: a.landed + b.landed,
-        bytes_landed: a.bytes_landed + b.bytes_landed,
-        duplicates: a.duplicates + b.duplicates,
-        fenced: a.fenced + b.fenced,
-        land_failures: a.land_failures + b.land_failures,
-        commits: a.commits + b.commits,
-        commit_failures: a.commit_failures + b.commit_failures,
-        epochs: a.epochs + b.epochs,
-        grants: a.grants + b.grants,
-        fired_land: a.fired_land + b.fired_land,
-        fired_commit: a.fired_commit + b.fired_commit,
-        fired_store_commit: a.fired_store_commit + b.fired_store_commit,
-        fired_bind: a.fired_bind + b.fired_bind,
-        fired_recover: a.fired_recover + b.fired_recover,
-        open_failures: a.open_failures + b.open_failures,
-    }
+    sum_fields!(Observed {
+        landed, bytes_landed, duplicates, fenced, land_failures, commits, commit_failures, epochs, grants,
+        fired_land, fired_commit, fired_store_commit, fired_bind, fired_recover, open_failures,
+    } of a, b)
 }

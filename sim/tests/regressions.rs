@@ -13,18 +13,19 @@
 
 use sim::{Options, Report, run_seed};
 
-fn passes(seed: u64) -> Report {
-    match run_seed(seed, &Options::default()) {
-        Ok(report) => report,
-        Err(failure) => panic!("{failure}"),
+/// Runs each of `seeds`, which must pass, and checks that it still reaches `what` (`reached`, on
+/// the run's report).
+fn passes_reaching(seeds: &[u64], what: &str, reached: impl Fn(&Report) -> bool) {
+    for &seed in seeds {
+        let report = match run_seed(seed, &Options::default()) {
+            Ok(report) => report,
+            Err(failure) => panic!("{failure}"),
+        };
+        assert!(
+            reached(&report),
+            "seed {seed} no longer reaches {what}: re-derive this regression seed (see the module doc)"
+        );
     }
-}
-
-fn witness(seed: u64, holds: bool, what: &str) {
-    assert!(
-        holds,
-        "seed {seed} no longer reaches {what}: re-derive this regression seed (see the module doc)"
-    );
 }
 
 /// Bug in `session` (fixed in `DeviceSession::handle_welcome` and `SinkSession::handle_grant`):
@@ -35,8 +36,7 @@ fn witness(seed: u64, holds: bool, what: &str) {
 /// on Acks, and the sink acks what of the resumed range is durable right after the grant.
 #[test]
 fn welcome_trimmed_chunks_the_sink_had_not_committed() {
-    let report = passes(12);
-    witness(12, report.grants_over_pending > 0, "a grant over uncommitted chunks");
+    passes_reaching(&[12], "a grant over uncommitted chunks", |report| report.grants_over_pending > 0);
 }
 
 /// Bug in `session` (fixed in `DeviceSession::handle_read`): a chunk naming a dictionary whose
@@ -45,14 +45,9 @@ fn welcome_trimmed_chunks_the_sink_had_not_committed() {
 /// loop, not the documented "skipped and reported"). Now it is `Undeliverable`.
 #[test]
 fn dictionary_frame_above_the_sink_frame_limit() {
-    for seed in [102, 344] {
-        let report = passes(seed);
-        witness(
-            seed,
-            report.undeliverable_chunks.contains_key("DictionaryTooLarge"),
-            "a dictionary above the frame limit",
-        );
-    }
+    passes_reaching(&[102, 344], "a dictionary above the frame limit", |report| {
+        report.undeliverable_chunks.contains_key("DictionaryTooLarge")
+    });
 }
 
 /// Bug in the ring's design (fixed in `buffer`: `Ring::read_from` holds at a gap whose deletion is
@@ -65,10 +60,7 @@ fn dictionary_frame_above_the_sink_frame_limit() {
 /// `0..4000` that fail with the rule taken out of the model.
 #[test]
 fn an_eviction_undone_by_a_power_cut_is_never_skipped_past() {
-    for seed in [1676, 2843] {
-        let report = passes(seed);
-        witness(seed, report.evictions_undone > 0, "an eviction undone by a power cut");
-    }
+    passes_reaching(&[1676, 2843], "an eviction undone by a power cut", |report| report.evictions_undone > 0);
 }
 
 /// Simulator bug: a chunk restored from a backup may legitimately land once more per restore
@@ -76,8 +68,9 @@ fn an_eviction_undone_by_a_power_cut_is_never_skipped_past() {
 /// chunk restored twice was reported as a duplicate.
 #[test]
 fn a_chunk_restored_twice_may_land_three_times() {
-    let report = passes(1211);
-    witness(1211, report.max_restores_of_a_chunk >= 2, "a chunk restored from a backup twice");
+    passes_reaching(&[1211], "a chunk restored from a backup twice", |report| {
+        report.max_restores_of_a_chunk >= 2
+    });
 }
 
 /// Simulator bug: the replaying device waited for the sink's Hello timeout before hanging up
@@ -85,12 +78,7 @@ fn a_chunk_restored_twice_may_land_three_times() {
 /// time to make its connections and the run was declared stuck.
 #[test]
 fn the_replayer_finishes_before_the_stall_detector() {
-    for seed in [191, 725] {
-        let report = passes(seed);
-        witness(
-            seed,
-            report.hostiles.iter().any(|(id, _, _)| id.ends_with("replayer")),
-            "a replaying device",
-        );
-    }
+    passes_reaching(&[191, 725], "a replaying device", |report| {
+        report.hostiles.iter().any(|(id, _, _)| id.ends_with("replayer"))
+    });
 }

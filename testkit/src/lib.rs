@@ -23,6 +23,17 @@ pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) ->
     condition()
 }
 
+/// Logs of the code under test, at the level `TRIBUTARY_LOG` names (default `warn`), in the
+/// test's output; a second call in the same test binary does nothing.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released; the sink binds it right after).
 pub fn free_udp_port() -> SocketAddr {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");

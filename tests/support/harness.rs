@@ -80,6 +80,16 @@ impl Fleet {
 #[allow(unused_imports)]
 pub use testkit::{free_udp_port, wait_until};
 
+/// Waits (at most `limit`) until the sink acknowledged every chunk of `lanes` in `ring`;
+/// returns whether it did.
+pub async fn wait_drained(ring: &Ring, lanes: &[Lane], limit: std::time::Duration) -> bool {
+    wait_until(limit, || {
+        let stats = ring.stats();
+        lanes.iter().all(|lane| stats.lane(*lane).acked_through + 1 == stats.lane(*lane).next_seq)
+    })
+    .await
+}
+
 /// Record key for (device, lane, n): unique, dot-free, sortable.
 pub fn record_key(device: &str, lane: Lane, index: u64) -> String {
     format!("{device}-{}-{index:010}", lane.name())

@@ -168,6 +168,12 @@ impl<S> Streams<S> {
         Streams { field, states: HashMap::new(), lookups: 0 }
     }
 
+    /// Streams by the optional `stream_field` key of a filter's config, checked.
+    fn configured(check: &Check, stream_field: Option<&str>) -> Result<Streams<S>, FilterConfigError> {
+        let field = stream_field.map(|name| check.field_name("stream_field", name)).transpose()?;
+        Ok(Streams::new(field))
+    }
+
     /// The stream a record belongs to: the value of the stream field, "" when there is none.
     fn name(&self, working: &mut Working) -> String {
         let Some(field) = &self.field else { return String::new() };
@@ -232,9 +238,7 @@ struct RateWindow {
 impl RateLimit {
     fn new(check: &Check, config: &RateLimitConfig) -> Result<RateLimit, FilterConfigError> {
         let max_per_second = check.range("max_per_second", config.max_per_second, 1, RATE_PER_SECOND_MAX)?;
-        let field =
-            config.stream_field.as_deref().map(|name| check.field_name("stream_field", name)).transpose()?;
-        Ok(RateLimit { max_per_second, streams: Streams::new(field) })
+        Ok(RateLimit { max_per_second, streams: Streams::configured(check, config.stream_field.as_deref())? })
     }
 
     fn apply(&mut self, working: &mut Working) -> Result<(), DropReason> {
@@ -263,9 +267,7 @@ pub(super) struct Decimate {
 impl Decimate {
     fn new(check: &Check, config: &DecimateConfig) -> Result<Decimate, FilterConfigError> {
         let keep_every = check.range("keep_every", config.keep_every, 1, DECIMATE_KEEP_EVERY_MAX)?;
-        let field =
-            config.stream_field.as_deref().map(|name| check.field_name("stream_field", name)).transpose()?;
-        Ok(Decimate { keep_every, streams: Streams::new(field) })
+        Ok(Decimate { keep_every, streams: Streams::configured(check, config.stream_field.as_deref())? })
     }
 
     fn apply(&mut self, working: &mut Working) -> Result<(), DropReason> {

@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_path, check_range, deliver_blocking, lane_setting,
+    Delivery, Handover, KeySequence, SourceConfigError, check_path, check_range, lane_setting,
     micros_since_epoch, now_us, sleep_until_unless_stopped, validate_source_name,
 };
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
@@ -348,7 +348,7 @@ impl Watcher {
             payload,
             tags: [("file_name".to_string(), file_name)].into(),
         };
-        match deliver_blocking(out, record, stop, &source.metrics) {
+        match Handover::new(out, record, stop, &source.metrics).deliver_blocking() {
             Delivery::Sent => {
                 self.finish(path, &key);
                 PollEnd::Continue

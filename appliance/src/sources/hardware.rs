@@ -37,8 +37,8 @@ use tracing::{info, warn};
 use super::json_lines::JSON_CONTENT_TYPE;
 use super::metrics::{SourceErrorKind, SourceMetrics};
 use super::{
-    Delivery, KeySequence, SourceConfigError, check_path, check_range, deliver_blocking, lane_setting,
-    now_us, sleep_until_unless_stopped, validate_source_name,
+    Delivery, Handover, KeySequence, SourceConfigError, check_path, check_range, lane_setting, now_us,
+    sleep_until_unless_stopped, validate_source_name,
 };
 use crate::source::{RecordSender, Source, SourceRecord, StopSignal};
 
@@ -231,7 +231,7 @@ impl Source for BoardSource {
                 count_and_log(&self.name, &self.metrics, SourceErrorKind::SensorOutOfRange, &error);
                 continue;
             };
-            match deliver_blocking(&out, record, &stop, &self.metrics) {
+            match Handover::new(&out, record, &stop, &self.metrics).deliver_blocking() {
                 Delivery::Sent => {}
                 Delivery::Stopped | Delivery::Disconnected => return Ok(()),
             }
@@ -333,7 +333,7 @@ impl Source for CameraSource {
                 continue;
             }
             let record = self.record(frame.bytes);
-            match deliver_blocking(&out, record, &stop, &self.metrics) {
+            match Handover::new(&out, record, &stop, &self.metrics).deliver_blocking() {
                 Delivery::Sent => {}
                 Delivery::Stopped | Delivery::Disconnected => return Ok(()),
             }

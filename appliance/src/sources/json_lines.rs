@@ -22,9 +22,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _};
 
 use super::metrics::{SourceErrorKind, SourceMetrics};
-use super::{
-    Delivery, KeySequence, SourceConfigError, check_range, deliver_async, lane_setting, now_us, stopped,
-};
+use super::{Delivery, Handover, KeySequence, SourceConfigError, check_range, lane_setting, now_us, stopped};
 use crate::source::{RecordSender, SourceRecord, StopSignal};
 
 /// Default longest JSON line.
@@ -84,7 +82,7 @@ impl Intake {
     /// Hands one record to the pipeline, waiting while it is behind. Anything but `Sent` ends the
     /// whole server too: the source is stopping, or the pipeline hung up.
     pub(crate) async fn deliver(&self, record: SourceRecord) -> Delivery {
-        let delivery = deliver_async(&self.out, record, &self.stop, &self.metrics).await;
+        let delivery = Handover::new(&self.out, record, &self.stop, &self.metrics).deliver_async().await;
         if delivery != Delivery::Sent {
             self.finished.stop();
         }
@@ -182,11 +180,7 @@ fn echo_value(value: &Value) -> String {
     if text.len() <= ECHO_BYTES_MAX {
         return text;
     }
-    let mut end = ECHO_BYTES_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    format!("{}…", &text[..text.floor_char_boundary(ECHO_BYTES_MAX)])
 }
 
 /// What `read_line_bounded` found.

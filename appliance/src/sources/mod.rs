@@ -270,50 +270,62 @@ fn try_deliver(
     }
 }
 
-fn next_retry_interval(interval: Duration) -> Duration {
-    (interval * 2).min(Duration::from_millis(SEND_RETRY_INTERVAL_MAX_MS))
+/// A record on its way to the pipeline, with the retry state that `deliver_blocking` and
+/// `deliver_async` share: they differ only in how they wait between attempts.
+pub(crate) struct Handover<'a> {
+    out: &'a RecordSender,
+    record: Option<SourceRecord>,
+    stop: &'a StopSignal,
+    metrics: &'a SourceMetrics,
+    /// The wait after the next failed attempt; doubles up to `SEND_RETRY_INTERVAL_MAX_MS`.
+    interval: Duration,
 }
 
-/// Hands `record` to the pipeline, waiting while the channel is full but returning soon after
-/// `stop` is set (a plain blocking `send` would not notice the stop signal).
-pub(crate) fn deliver_blocking(
-    out: &RecordSender,
-    mut record: SourceRecord,
-    stop: &StopSignal,
-    metrics: &SourceMetrics,
-) -> Delivery {
-    let mut interval = Duration::from_millis(1);
-    loop {
-        match try_deliver(out, record, metrics) {
-            Ok(delivery) => return delivery,
-            Err(returned) => record = returned,
-        }
-        if stop.is_stopped() {
-            return Delivery::Stopped;
-        }
-        std::thread::sleep(interval);
-        interval = next_retry_interval(interval);
+impl<'a> Handover<'a> {
+    pub(crate) fn new(
+        out: &'a RecordSender,
+        record: SourceRecord,
+        stop: &'a StopSignal,
+        metrics: &'a SourceMetrics,
+    ) -> Handover<'a> {
+        Handover { out, record: Some(record), stop, metrics, interval: Duration::from_millis(1) }
     }
-}
 
-/// `deliver_blocking` for async tasks: sleeps on the runtime instead of the thread.
-pub(crate) async fn deliver_async(
-    out: &RecordSender,
-    mut record: SourceRecord,
-    stop: &StopSignal,
-    metrics: &SourceMetrics,
-) -> Delivery {
-    let mut interval = Duration::from_millis(1);
-    loop {
-        match try_deliver(out, record, metrics) {
-            Ok(delivery) => return delivery,
-            Err(returned) => record = returned,
+    /// One attempt: the outcome, or how long to wait before the next attempt (the channel was
+    /// full and the stop signal is not set).
+    fn attempt(&mut self) -> Result<Delivery, Duration> {
+        let record = self.record.take().expect("a handover attempts until it has an outcome");
+        match try_deliver(self.out, record, self.metrics) {
+            Ok(delivery) => return Ok(delivery),
+            Err(returned) => self.record = Some(returned),
         }
-        if stop.is_stopped() {
-            return Delivery::Stopped;
+        if self.stop.is_stopped() {
+            return Ok(Delivery::Stopped);
         }
-        tokio::time::sleep(interval).await;
-        interval = next_retry_interval(interval);
+        let wait = self.interval;
+        self.interval = (wait * 2).min(Duration::from_millis(SEND_RETRY_INTERVAL_MAX_MS));
+        Err(wait)
+    }
+
+    /// Hands the record to the pipeline, waiting while the channel is full but returning soon
+    /// after `stop` is set (a plain blocking `send` would not notice the stop signal).
+    pub(crate) fn deliver_blocking(mut self) -> Delivery {
+        loop {
+            match self.attempt() {
+                Ok(delivery) => return delivery,
+                Err(wait) => std::thread::sleep(wait),
+            }
+        }
+    }
+
+    /// `deliver_blocking` for async tasks: sleeps on the runtime instead of the thread.
+    pub(crate) async fn deliver_async(mut self) -> Delivery {
+        loop {
+            match self.attempt() {
+                Ok(delivery) => return delivery,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
     }
 }
 

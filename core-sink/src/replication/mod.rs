@@ -1116,19 +1116,12 @@ impl Replicator {
                 if repair {
                     repaired = self.repair(index)?;
                 }
-                let mut pass = Pass {
-                    state: &mut self.replicas[index],
-                    throttle: &mut self.throttle,
-                    adaptation: self.adaptation.as_mut(),
-                    metrics: &self.metrics,
-                    stop: &self.stop,
-                    object_bytes_max: self.config.object_bytes_max,
-                };
-                if let Some(manifest_dir) = &self.sources.manifest_dir {
+                let (mut pass, sources, config) = self.pass_over(index);
+                if let Some(manifest_dir) = &sources.manifest_dir {
                     pass.datasets(manifest_dir)?;
                 }
-                if let Some(root) = &self.sources.archive_root {
-                    pass.archive(root, self.config.copy_signing_key)?;
+                if let Some(root) = &sources.archive_root {
+                    pass.archive(root, config.copy_signing_key)?;
                 }
                 Ok::<(), ReplicationError>(())
             })();
@@ -1335,14 +1328,9 @@ impl Replicator {
         Ok(differences)
     }
 
-    /// Verifies replica `index` and re-copies every difference from the source; returns how many.
-    fn repair(&mut self, index: usize) -> Result<u64, ReplicationError> {
-        let differences = self.verify(index)?;
-        let objects = match &self.sources.archive_root {
-            Some(root) => Some(archive::Objects::for_audit(root).map_err(|error| source_error(root, error))?),
-            None => None,
-        };
-        let mut pass = Pass {
+    /// A pass over replica `index`, with the sources and config it reads (borrowed alongside it).
+    fn pass_over(&mut self, index: usize) -> (Pass<'_>, &Sources, &ReplicationConfig) {
+        let pass = Pass {
             state: &mut self.replicas[index],
             throttle: &mut self.throttle,
             adaptation: self.adaptation.as_mut(),
@@ -1350,6 +1338,17 @@ impl Replicator {
             stop: &self.stop,
             object_bytes_max: self.config.object_bytes_max,
         };
+        (pass, &self.sources, &self.config)
+    }
+
+    /// Verifies replica `index` and re-copies every difference from the source; returns how many.
+    fn repair(&mut self, index: usize) -> Result<u64, ReplicationError> {
+        let differences = self.verify(index)?;
+        let objects = match &self.sources.archive_root {
+            Some(root) => Some(archive::Objects::for_audit(root).map_err(|error| source_error(root, error))?),
+            None => None,
+        };
+        let (mut pass, _, _) = self.pass_over(index);
         for difference in &differences {
             let bytes = match &difference.repair {
                 Repair::File { path, offset, length } => read_range(path, *offset, *length)?,

@@ -12,14 +12,59 @@ use std::time::Duration;
 use buffer::{Ring, RingConfig};
 use fleet::{FleetCa, IssuedCertificate, Validity};
 use onboarding::mqtt::{Session, TlsIdentity};
-use onboarding::{BrokerEndpoint, CLAIM_IDENTITY, DeviceOnboardingConfig};
-use onboarding_authority::AuthorityConfig;
+use onboarding::{BrokerEndpoint, CLAIM_IDENTITY, DeviceIdentity, DeviceOnboardingConfig, OnboardingError};
+use onboarding_authority::cli::FleetCommand;
+use onboarding_authority::{Authority, AuthorityConfig};
 use protocol::Lane;
 
 /// The observer identity: reads every topic (test-only ACL line).
 pub const OBSERVER: &str = "observer";
 /// Longest bounded wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Wall-clock time for the registry's token expiries (never asserted on).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+/// A fleet CA named `fleet_name` in `<dir>/ca`, and the claim identity (which every device
+/// image ships) in the directory returned, `<dir>/claim`.
+pub fn fleet_with_claim(dir: &Path, fleet_name: &str) -> (FleetCa, PathBuf) {
+    let ca = FleetCa::init(&dir.join("ca"), fleet_name).expect("CA");
+    let claim_dir = dir.join("claim");
+    ca.issue_device(CLAIM_IDENTITY, Validity::days(1))
+        .expect("claim identity")
+        .write_to(&claim_dir, ca.certificate_pem())
+        .expect("write claim identity");
+    (ca, claim_dir)
+}
+
+/// Writes a server certificate of `ca` for `names`, valid one day, to `directory`.
+pub fn write_server_certificate(ca: &FleetCa, names: &[&str], directory: &Path) {
+    let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+    ca.issue_server(&names, Validity::days(1))
+        .expect("server certificate")
+        .write_to(directory, ca.certificate_pem())
+        .expect("write server certificate");
+}
+
+/// An authority on `broker` with its registry in `registry_dir`, answering devices with `sink`:
+/// fast polls, and rate and pending limits no test reaches unless it lowers them.
+pub fn authority_config(broker: BrokerEndpoint, registry_dir: &Path, sink: SocketAddr) -> AuthorityConfig {
+    AuthorityConfig {
+        broker,
+        registry_dir: registry_dir.to_path_buf(),
+        sink_address: sink.to_string(),
+        sink_server_name: "localhost".to_owned(),
+        allow_operator_approval: false,
+        certificate_validity_days: 1,
+        certificate_validity_seconds: None,
+        default_config: [("log_level".to_owned(), "info".to_owned())].into(),
+        poll_interval_ms: 50,
+        requests_per_second_max: 1_000,
+        pending_devices_max: 1_000,
+    }
+}
 
 pub struct Broker {
     child: Child,
@@ -32,10 +77,7 @@ impl Broker {
     /// Mosquitto is not installed.
     pub fn start(dir: &Path, ca: &FleetCa) -> Broker {
         let broker_dir = dir.join("broker");
-        ca.issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()], Validity::days(1))
-            .expect("broker certificate")
-            .write_to(&broker_dir, ca.certificate_pem())
-            .expect("write broker certificate");
+        write_server_certificate(ca, &["localhost", "127.0.0.1"], &broker_dir);
         let shipped = include_str!("../../../onboarding/mosquitto/acl");
         let acl = format!(
             "{shipped}\n# Test only: a subscriber that sees everything.\nuser {OBSERVER}\ntopic read #\n"
@@ -114,16 +156,8 @@ pub struct TestFleet {
 impl TestFleet {
     pub fn new() -> TestFleet {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca = FleetCa::init(&dir.path().join("ca"), "test fleet").expect("CA");
-        ca.issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()], Validity::days(1))
-            .expect("sink certificate")
-            .write_to(&dir.path().join("server"), ca.certificate_pem())
-            .expect("write sink certificate");
-        let claim_dir = dir.path().join("claim");
-        ca.issue_device(CLAIM_IDENTITY, Validity::days(1))
-            .expect("claim identity")
-            .write_to(&claim_dir, ca.certificate_pem())
-            .expect("write claim identity");
+        let (ca, claim_dir) = fleet_with_claim(dir.path(), "test fleet");
+        write_server_certificate(&ca, &["localhost", "127.0.0.1"], &dir.path().join("server"));
         let broker = Broker::start(dir.path(), &ca);
         TestFleet { dir, ca, broker, claim_dir }
     }
@@ -137,19 +171,23 @@ impl TestFleet {
     }
 
     pub fn authority_config(&self, sink: SocketAddr) -> AuthorityConfig {
-        AuthorityConfig {
-            broker: self.broker.endpoint(),
-            registry_dir: self.path().join("registry"),
-            sink_address: sink.to_string(),
-            sink_server_name: "localhost".to_owned(),
-            allow_operator_approval: false,
-            certificate_validity_days: 1,
-            certificate_validity_seconds: None,
-            default_config: [("log_level".to_owned(), "info".to_owned())].into(),
-            poll_interval_ms: 50,
-            requests_per_second_max: 1_000,
-            pending_devices_max: 1_000,
-        }
+        authority_config(self.broker.endpoint(), &self.path().join("registry"), sink)
+    }
+
+    /// Starts an authority with `config` on this fleet's CA and waits until it subscribed.
+    pub async fn start_authority(&self, config: AuthorityConfig) -> Authority {
+        let mut authority = Authority::start(config, &self.ca, &self.revocation_file()).expect("authority");
+        assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", self.broker.log_text());
+        authority
+    }
+
+    /// Runs an operator's `fleet` command against this fleet's CA and revocation file.
+    pub fn fleet_command(
+        &self,
+        command: FleetCommand,
+        config: &AuthorityConfig,
+    ) -> Result<String, OnboardingError> {
+        onboarding_authority::cli::run(command, config, &self.path().join("ca"), &self.revocation_file())
     }
 
     /// A sink config with fast commits and fast revocation reloads.
@@ -173,6 +211,14 @@ impl TestFleet {
         config.response_timeout_ms = 3_000;
         config.attempts_max = 5;
         config
+    }
+
+    /// Onboards `device_id` with the claim token `token` (the authority must be running).
+    pub async fn onboard(&self, device_id: &str, token: &str) -> DeviceIdentity {
+        let config = self.onboarding_config(device_id, Some(token.to_owned()));
+        onboarding::ensure_identity(&config)
+            .await
+            .unwrap_or_else(|error| panic!("onboard {device_id}: {error}"))
     }
 
     pub fn identity_dir(&self, device_id: &str) -> PathBuf {
@@ -256,7 +302,7 @@ impl Capture {
 
 // Not every test file uses both.
 #[allow(unused_imports)]
-pub use testkit::{free_udp_port, wait_until};
+pub use testkit::{free_udp_port, init_tracing, wait_until};
 
 pub fn open_ring(fleet: &TestFleet, device_id: &str) -> Ring {
     Ring::open(fleet.path().join("rings").join(device_id), RingConfig::with_capacity(16 * 1024 * 1024))
@@ -272,6 +318,14 @@ pub fn produce(ring: &Ring, device_id: &str, first: u64, count: u64) -> u64 {
     let seqs = testkit::append_json_records(ring, Lane::Sensor, records);
     assert_eq!(seqs.len(), 1, "one chunk");
     seqs[0]
+}
+
+/// Streams one chunk of 10 records from `first` and waits until the sink acknowledged it;
+/// returns whether it did.
+pub async fn stream_once(uplink: &appliance::Uplink, ring: &Ring, device_id: &str, first: u64) -> bool {
+    let seq = produce(ring, device_id, first, 10);
+    let metrics = uplink.metrics();
+    wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
 }
 
 /// The uplink config for an onboarded identity, with short timeouts for tests.

@@ -6,9 +6,32 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use protocol::{CHUNK_HEADER_LEN, CHUNK_RECORDS_MAX, ChunkHeader, Codec, ControlMessage, Lane, Record};
+use protocol::{
+    CHUNK_HEADER_LEN, CHUNK_RECORDS_MAX, ChunkBuilder, ChunkHeader, Codec, ControlMessage, Lane, Record,
+    RecordRef,
+};
 
 pub const HEADER_CRC_OFFSET: usize = 36;
+
+/// A sensor-lane builder (at most `raw_bytes_max` raw bytes) holding JSON records, each
+/// `(key, payload)`, the record at index `i` stamped `1_700_000_000_000_000 + i` µs.
+pub fn json_builder(
+    raw_bytes_max: usize,
+    records: impl IntoIterator<Item = (String, String)>,
+) -> ChunkBuilder {
+    let mut builder = ChunkBuilder::new(Lane::Sensor, raw_bytes_max);
+    for (index, (key, payload)) in records.into_iter().enumerate() {
+        builder
+            .push(RecordRef {
+                key: &key,
+                timestamp_us: 1_700_000_000_000_000 + index as u64,
+                content_type: "application/json",
+                payload: payload.as_bytes(),
+            })
+            .expect("valid record");
+    }
+    builder
+}
 
 /// A valid header to start hand-made cases from.
 pub fn sample_header() -> ChunkHeader {
@@ -96,13 +119,7 @@ pub fn valid_record() -> impl Strategy<Value = Record> {
 
 /// Strings of at most `max` bytes.
 fn bounded_text(max: usize) -> impl Strategy<Value = String> {
-    "\\PC{0,40}".prop_map(move |text| {
-        let mut end = text.len().min(max);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text[..end].to_owned()
-    })
+    "\\PC{0,40}".prop_map(move |text| text[..text.floor_char_boundary(max)].to_owned())
 }
 
 pub fn valid_control_message() -> impl Strategy<Value = ControlMessage> {
