@@ -200,7 +200,7 @@ pub fn begin(dir: &Path) -> Result<RolloverReport, FleetError> {
         .iter_common_name()
         .next()
         .and_then(|name| name.as_str().ok())
-        .unwrap_or(&common_name)
+        .unwrap_or(common_name.as_str())
         .to_owned();
     let cross_params = ca_params(&fleet_name, &new_common_name, Validity::days(CA_VALIDITY_DAYS));
     let cross = cross_params.signed_by(&key, &old_issuer).map_err(|source| FleetError::Generate {
