@@ -254,7 +254,11 @@ fn reload_certificate(
     metrics: &UplinkMetrics,
 ) {
     let client = IssuedCertificate::read_from(identity_dir).and_then(|identity| {
-        let ca_pem = fleet::read_ca_pem(identity_dir)?;
+        // An identity directory without ca.pem (written by other means) keeps the configured CA.
+        let ca_pem = match identity_dir.join(fleet::CA_CERTIFICATE_FILE).exists() {
+            true => fleet::read_ca_pem(identity_dir)?,
+            false => in_use.1.clone(),
+        };
         if identity.certificate_pem == in_use.0 && ca_pem == in_use.1 {
             return Ok(None);
         }
