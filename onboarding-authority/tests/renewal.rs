@@ -8,15 +8,13 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use onboarding::{DeviceAgent, DeviceAgentConfig, RejectionCode};
+use onboarding::{DeviceAgent, RejectionCode};
 use onboarding_authority::cli::FleetCommand;
-use onboarding_authority::{Authority, AuthorityConfig, Registry};
+use onboarding_authority::{Authority, AuthorityConfig};
 use protocol::Lane;
+use support::renewing::{agent_config, onboard, short_lived};
 use support::{TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
 
-/// Device certificates live this long; the agent renews at half of it.
-const VALIDITY_SECONDS: u64 = 12;
-const RENEW_AFTER_PERCENT: u8 = 50;
 /// Long enough for three renewals.
 const RENEWALS_WAIT: Duration = Duration::from_secs(60);
 
@@ -29,33 +27,10 @@ fn init_tracing() {
         .try_init();
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
-
-fn short_lived(fleet: &TestFleet, sink: std::net::SocketAddr) -> AuthorityConfig {
-    let mut config = fleet.authority_config(sink);
-    config.certificate_validity_seconds = Some(VALIDITY_SECONDS);
-    config
-}
-
 async fn start_authority(config: AuthorityConfig, fleet: &TestFleet) -> Authority {
     let mut authority = Authority::start(config, &fleet.ca, &fleet.revocation_file()).expect("authority");
     assert!(authority.wait_ready(WAIT).await, "authority did not subscribe: {}", fleet.broker.log_text());
     authority
-}
-
-fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
-    let mut config = DeviceAgentConfig::new(fleet.broker.endpoint());
-    config.heartbeat_interval_ms = 500;
-    config.renew_after_percent = RENEW_AFTER_PERCENT;
-    config.renewal_retry_ms = 500;
-    config
-}
-
-async fn onboard(fleet: &TestFleet, registry: &Registry, device_id: &str) -> onboarding::DeviceIdentity {
-    let token = registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("token").remove(0);
-    onboarding::ensure_identity(&fleet.onboarding_config(device_id, Some(token))).await.expect("onboard")
 }
 
 /// Streams one chunk through `uplink` and waits for its Ack.

@@ -7,18 +7,16 @@ mod support;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fleet::{FleetCa, Validity};
 use onboarding::messages::{RenewalRequest, RenewalResponse};
-use onboarding::{DeviceAgent, DeviceAgentConfig, topics};
-use onboarding_authority::{Authority, AuthorityConfig, Registry};
+use onboarding::{DeviceAgent, topics};
+use onboarding_authority::Authority;
 use protocol::Lane;
+use support::renewing::{agent_config, onboard, short_lived};
 use support::{TestFleet, WAIT, free_udp_port, open_ring, produce, uplink_config, wait_until};
 
-/// Device certificates live this long; the agent renews at half of it.
-const VALIDITY_SECONDS: u64 = 12;
-const RENEW_AFTER_PERCENT: u8 = 50;
 /// Chunks streamed while waiting for one phase, at most (one every 100 ms or so).
 const CHUNKS_PER_PHASE_MAX: u64 = 400;
 
@@ -29,29 +27,6 @@ fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_millis() as u64
-}
-
-fn short_lived(fleet: &TestFleet, sink: std::net::SocketAddr) -> AuthorityConfig {
-    let mut config = fleet.authority_config(sink);
-    config.certificate_validity_seconds = Some(VALIDITY_SECONDS);
-    config
-}
-
-fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
-    let mut config = DeviceAgentConfig::new(fleet.broker.endpoint());
-    config.heartbeat_interval_ms = 500;
-    config.renew_after_percent = RENEW_AFTER_PERCENT;
-    config.renewal_retry_ms = 500;
-    config
-}
-
-async fn onboard(fleet: &TestFleet, registry: &Registry, device_id: &str) -> onboarding::DeviceIdentity {
-    let token = registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("token").remove(0);
-    onboarding::ensure_identity(&fleet.onboarding_config(device_id, Some(token))).await.expect("onboard")
 }
 
 fn certificates_in(pem: &str) -> usize {

@@ -3,6 +3,8 @@
 //! claim identity, and helpers to stream a few records over QUIC.
 #![allow(dead_code)]
 
+pub mod renewing;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
