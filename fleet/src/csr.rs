@@ -16,9 +16,8 @@ use rcgen::{
     IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 
-use crate::files;
-use crate::pem::{self, PEM_FILE_BYTES_MAX};
-use crate::{CA_CERTIFICATE_FILE, CA_KEY_FILE, FleetCa, FleetError, Validity, device_id_from_certificate};
+use crate::pem;
+use crate::{CA_CERTIFICATE_FILE, FleetCa, FleetError, Validity, device_id_from_certificate};
 
 /// Longest CSR (PEM text) accepted; checked before parsing.
 pub const CSR_PEM_BYTES_MAX: usize = 8 * 1024;

@@ -90,7 +90,6 @@ fn each_phase_completes_when_run_again_after_a_crash() {
     // begin, crashed after the staged key: the re-run keeps that key.
     fleet::rollover::begin(dir).expect("begin");
     let staged_key = read(dir, NEXT_CA_KEY_FILE);
-    let staged_certificate = read(dir, NEXT_CA_CERTIFICATE_FILE);
     fs::remove_file(dir.join(NEXT_CA_CERTIFICATE_FILE)).expect("undo");
     fs::remove_file(dir.join(CROSS_CERTIFICATE_FILE)).expect("undo");
     fs::write(dir.join(CA_CERTIFICATE_FILE), &old_pem).expect("undo");
@@ -98,6 +97,7 @@ fn each_phase_completes_when_run_again_after_a_crash() {
     FleetCa::load(dir).expect("loads at every step");
     fleet::rollover::begin(dir).expect("begin again");
     assert_eq!(read(dir, NEXT_CA_KEY_FILE), staged_key, "the staged key is kept");
+    let staged_certificate = read(dir, NEXT_CA_CERTIFICATE_FILE);
     // begin, crashed before the bundle: the staged certificate is kept too.
     fs::write(dir.join(CA_CERTIFICATE_FILE), &old_pem).expect("undo");
     fleet::rollover::begin(dir).expect("begin again");
