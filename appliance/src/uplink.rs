@@ -11,10 +11,10 @@
 //! less than one batch is waiting for its writer, so a slow link fills the ring and the ring's
 //! per-lane policy applies; the uplink never blocks ingest.
 //!
-//! Certificate renewal: with `identity_dir` set, the certificate and key are read again from
-//! there before each connection, and a pair that changed (the agent renewed it,
-//! `fleet::install_renewal`) becomes the endpoint's client config; a pair that does not read back
-//! whole keeps the previous one. A live connection is not broken for a renewal: the sink checks a
+//! Certificate renewal: with `identity_dir` set, the certificate, key and pinned CA bundle
+//! (`ca.pem`) are read again from there before each connection, and a pair or bundle that changed
+//! (the agent renewed the pair, `fleet::install_renewal`, or took a CA of a rollover) becomes the
+//! endpoint's client config; files that do not read back whole keep the previous config. A live connection is not broken for a renewal: the sink checks a
 //! certificate at the handshake, so the old one serves until the next reconnect.
 
 use std::net::SocketAddr;
@@ -210,10 +210,10 @@ async fn run(
         Duration::from_millis(config.reconnect_max_ms.max(config.reconnect_min_ms.max(1))),
         HEALTHY_SESSION,
     );
-    let mut certificate_pem = config.identity.certificate_pem.clone();
+    let mut in_use = (config.identity.certificate_pem.clone(), config.ca_pem.clone());
     loop {
         if let Some(identity_dir) = &config.identity_dir {
-            reload_certificate(&mut endpoint, &mut certificate_pem, identity_dir, &config, &metrics);
+            reload_certificate(&mut endpoint, &mut in_use, identity_dir, &config, &metrics);
         }
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -244,28 +244,34 @@ async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-/// Takes up a renewed certificate in `identity_dir` for the next connections.
+/// Takes up a renewed certificate or a changed CA bundle in `identity_dir` for the next
+/// connections; `in_use` is (certificate, CA bundle) of the endpoint's client config.
 fn reload_certificate(
     endpoint: &mut quinn::Endpoint,
-    certificate_pem: &mut String,
+    in_use: &mut (String, String),
     identity_dir: &std::path::Path,
     config: &UplinkConfig,
     metrics: &UplinkMetrics,
 ) {
     let client = IssuedCertificate::read_from(identity_dir).and_then(|identity| {
-        if identity.certificate_pem == *certificate_pem {
+        // An identity directory without ca.pem (written by other means) keeps the configured CA.
+        let ca_pem = match identity_dir.join(fleet::CA_CERTIFICATE_FILE).exists() {
+            true => fleet::read_ca_pem(identity_dir)?,
+            false => in_use.1.clone(),
+        };
+        if identity.certificate_pem == in_use.0 && ca_pem == in_use.1 {
             return Ok(None);
         }
-        let client = fleet::client_config(&config.ca_pem, &identity, config.transport.to_quinn())?;
-        Ok(Some((client, identity.certificate_pem)))
+        let client = fleet::client_config(&ca_pem, &identity, config.transport.to_quinn())?;
+        Ok(Some((client, (identity.certificate_pem, ca_pem))))
     });
     match client {
         Ok(None) => {}
         Ok(Some((client, renewed))) => {
             endpoint.set_default_client_config(client);
-            *certificate_pem = renewed;
+            *in_use = renewed;
             metrics.certificate_reloads.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(device = %config.device_id, "renewed device certificate taken up for new connections");
+            tracing::info!(device = %config.device_id, "renewed device certificate or CA bundle taken up for new connections");
         }
         Err(error) => {
             tracing::warn!(device = %config.device_id, %error, "device certificate not reloaded; keeping the one in use")

@@ -158,6 +158,51 @@ enum CaCommand {
         #[arg(long)]
         revocation_file: PathBuf,
     },
+    /// Replace the fleet CA without a gap, in three phases (docs/operations.md, "CA rollover").
+    #[command(long_about = ROLLOVER_HELP)]
+    Rollover {
+        #[command(subcommand)]
+        phase: RolloverCommand,
+    },
+}
+
+const ROLLOVER_HELP: &str = "Replace the fleet CA without a gap, in three phases.\n\n\
+1. begin: stages a new CA (ca.next.key, ca.next.pem), certifies it with the old one \
+(ca.cross.pem) and trusts both (ca.pem = [old, new]). The old CA still signs. The running sink \
+and authority take it up by themselves; give the broker the new ca.pem (restart it). Devices \
+learn the new CA with their next renewal (the old CA vouches for it): wait one renewal period.\n\
+2. switch: the new CA signs (ca.key replaced, ca.pem = [new, old]). Re-issue the sink's and \
+the broker's server certificates from it (`ca issue-server`) and restart the broker; devices \
+move to new-CA certificates at their next renewal. `fleet list` shows each device's ISSUER.\n\
+3. retire: ca.pem = [new]; refused while active devices hold an old-CA certificate (named), \
+unless --force. Give the broker the new ca.pem and restart it; the sink takes it up by itself.\n\n\
+Each phase is re-runnable: after a crash, run it again.";
+
+#[derive(Subcommand)]
+enum RolloverCommand {
+    /// Phase 1: stage a new CA, trusted alongside the old one, which still signs.
+    Begin {
+        /// The fleet CA directory (the sink's `ca_dir`).
+        #[arg(long = "ca")]
+        ca_dir: PathBuf,
+    },
+    /// Phase 2: the new CA signs; the old one is still trusted.
+    Switch {
+        #[arg(long = "ca")]
+        ca_dir: PathBuf,
+    },
+    /// Phase 3: stop trusting the old CA.
+    Retire {
+        #[arg(long = "ca")]
+        ca_dir: PathBuf,
+        /// The sink's config: its [onboarding] registry tells which devices still hold an
+        /// old-CA certificate. Required unless --force.
+        #[arg(long, required_unless_present = "force")]
+        config: Option<PathBuf>,
+        /// Retire even though devices still hold old-CA certificates (they stop working).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -385,6 +430,32 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::Revoke { device, revocation_file } => {
             RevocationList::revoke(&revocation_file, &device)?;
             println!("device {device} revoked in {}", revocation_file.display());
+        }
+        CaCommand::Rollover { phase } => {
+            let report = match phase {
+                RolloverCommand::Begin { ca_dir } => fleet::rollover::begin(&ca_dir)?,
+                RolloverCommand::Switch { ca_dir } => fleet::rollover::switch(&ca_dir)?,
+                RolloverCommand::Retire { ca_dir, config, force } => {
+                    let still_on_old = match config {
+                        Some(config_path) => {
+                            let config = SinkConfig::load(&config_path)?;
+                            let onboarding = config.onboarding.as_ref().context(
+                                "the config has no [onboarding] section (pass --force without it)",
+                            )?;
+                            let registry = onboarding_authority::Registry::open(&onboarding.registry_dir)?;
+                            onboarding_authority::cli::devices_on_other_cas(&registry, &ca_dir)?
+                        }
+                        None => Vec::new(),
+                    };
+                    fleet::rollover::retire(&ca_dir, &still_on_old, force)?
+                }
+            };
+            println!(
+                "fleet CA: {:?}; signer {}; trusted {}",
+                report.phase,
+                report.signer,
+                report.bundle.join(", ")
+            );
         }
     }
     Ok(())

@@ -220,10 +220,18 @@ impl Sink {
             components
                 .push(TaskComponent::new("metrics", tokio::spawn(crate::metrics::serve(listener, sources))));
         }
+        let trust = TrustFiles {
+            endpoint: endpoint.clone(),
+            ca_path,
+            server_certificate_dir: config.server_certificate_dir.clone(),
+            transport: config.transport.clone(),
+            loaded: (ca_pem, server.certificate_pem, server.private_key_pem),
+        };
         components.push(TaskComponent::new(
             "revocation-reload",
             tokio::spawn(reload_revocations(
                 context.clone(),
+                trust,
                 Duration::from_millis(config.revocation_reload_ms),
             )),
         ));
@@ -324,10 +332,58 @@ async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>, connectio
 }
 
 /// Re-reads the revocation list and ends the sessions of devices revoked since.
-async fn reload_revocations(context: Arc<Context>, interval: Duration) {
+/// The fleet CA bundle and the sink's certificate as the endpoint uses them, and where they are
+/// read again from.
+struct TrustFiles {
+    endpoint: quinn::Endpoint,
+    ca_path: std::path::PathBuf,
+    server_certificate_dir: std::path::PathBuf,
+    transport: fleet::transport::TransportSettings,
+    /// (CA bundle, server certificate, server key) in use.
+    loaded: (String, String, String),
+}
+
+impl TrustFiles {
+    /// Takes up a changed `ca.pem` (a CA rollover phase) or server certificate for new
+    /// handshakes; live connections keep what they were verified with. Files that do not read
+    /// back whole, or do not make a server config, keep the one in use.
+    fn reload_if_changed(&mut self, revocations: &RevocationList) {
+        let read = fleet::files::read_bounded(&self.ca_path, fleet::PEM_FILE_BYTES_MAX)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| {
+                let ca_pem = String::from_utf8(bytes.unwrap_or_default()).context("ca.pem is not UTF-8")?;
+                let server = IssuedCertificate::read_from(&self.server_certificate_dir)?;
+                Ok((ca_pem, server))
+            });
+        let (ca_pem, server) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "fleet CA or sink certificate not readable; keeping the ones in use");
+                return;
+            }
+        };
+        let now = (ca_pem, server.certificate_pem.clone(), server.private_key_pem.clone());
+        if now == self.loaded {
+            return;
+        }
+        match fleet::server_config(&now.0, &server, revocations.clone(), self.transport.to_quinn()) {
+            Ok(server_config) => {
+                self.endpoint.set_server_config(Some(server_config));
+                self.loaded = now;
+                tracing::info!(ca = %self.ca_path.display(), "fleet CA bundle or sink certificate changed: taken up for new connections");
+            }
+            Err(error) => {
+                tracing::error!(%error, "changed fleet CA or sink certificate not usable; keeping the ones in use")
+            }
+        }
+    }
+}
+
+async fn reload_revocations(context: Arc<Context>, mut trust: TrustFiles, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
+        trust.reload_if_changed(&context.revocations);
         match context.revocations.reload_if_changed() {
             Ok(true) => {
                 let sessions = context.sessions.lock().expect("sessions lock");

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::files::{self, PRIVATE_MODE, PUBLIC_MODE};
@@ -112,7 +112,7 @@ impl Validity {
         Ok(())
     }
 
-    fn apply(&self, params: &mut CertificateParams) {
+    pub(crate) fn apply(&self, params: &mut CertificateParams) {
         params.not_before = self.not_before.into();
         params.not_after = self.not_after.into();
     }
@@ -122,7 +122,11 @@ impl Validity {
 /// certificates.
 pub struct FleetCa {
     directory: PathBuf,
+    /// The whole trust bundle (`ca.pem`), the signer among it.
     certificate_pem: String,
+    /// The bundle certificate whose key is `ca.key`.
+    signing_certificate: CertificateDer<'static>,
+    key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -150,14 +154,8 @@ impl FleetCa {
         files::create_directory(dir)?;
 
         let key = generate_key("the fleet CA key")?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, fleet_name);
-        params.distinguished_name.push(DnType::CommonName, "Tributary fleet CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        Validity::days(CA_VALIDITY_DAYS).apply(&mut params);
+        let params =
+            crate::rollover::ca_params(fleet_name, "Tributary fleet CA", Validity::days(CA_VALIDITY_DAYS));
         let certificate = params.self_signed(&key).map_err(|source| FleetError::Generate {
             what: format!("the certificate of fleet CA {fleet_name:?}"),
             source,
@@ -176,7 +174,13 @@ impl FleetCa {
         }
         files::write_replacing(&certificate_path, certificate_pem.as_bytes(), PUBLIC_MODE)?;
         tracing::info!(directory = %dir.display(), fleet_name, "created fleet CA");
-        Ok(FleetCa { directory: dir.to_path_buf(), certificate_pem, issuer: Issuer::new(params, key) })
+        Ok(FleetCa {
+            directory: dir.to_path_buf(),
+            certificate_pem,
+            signing_certificate: certificate.der().clone(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// Loads the CA from `ca.pem` and `ca.key` in `dir`, checking that the certificate is a CA
@@ -188,7 +192,31 @@ impl FleetCa {
         let (certificate_pem, key_pem) = read_pem_pair(&certificate_path, &key_path, &hint)?;
 
         let what = certificate_path.display().to_string();
-        let certificate = pem::first_certificate(&certificate_pem, &what)?;
+        // A trust bundle during a rollover: the signer is the certificate of ca.key (the first,
+        // except inside an interrupted `switch`), the others are trusted alongside it.
+        let key = pem::key_pair(&key_pem, &key_path.display().to_string())?;
+        let bundle = pem::certificates(&certificate_pem, &what)?;
+        if bundle.len() > crate::rollover::CA_BUNDLE_CERTIFICATES_MAX {
+            return Err(FleetError::Certificate {
+                what,
+                problem: format!(
+                    "{} certificates, a bundle holds at most {}",
+                    bundle.len(),
+                    crate::rollover::CA_BUNDLE_CERTIFICATES_MAX
+                ),
+            });
+        }
+        let position = bundle.iter().position(|certificate| pem::key_matches(certificate, &key));
+        let Some(position) = position else {
+            return Err(FleetError::KeyMismatch { key_path, certificate_path });
+        };
+        if position != 0 {
+            tracing::warn!(
+                directory = %dir.display(),
+                "the signing CA is not the first of ca.pem: a rollover switch was interrupted (run `core-sink ca rollover switch` again)"
+            );
+        }
+        let certificate = bundle[position].clone();
         let (_, parsed) = X509Certificate::from_der(&certificate)
             .map_err(|error| FleetError::Certificate { what: what.clone(), problem: error.to_string() })?;
         let is_ca = matches!(parsed.basic_constraints(), Ok(Some(constraints)) if constraints.value.ca);
@@ -204,14 +232,15 @@ impl FleetCa {
                 "fleet CA certificate has expired: every certificate it issues will be refused"
             );
         }
-
-        let key = pem::key_pair(&key_pem, &key_path.display().to_string())?;
-        if !pem::key_matches(&certificate, &key) {
-            return Err(FleetError::KeyMismatch { key_path, certificate_path });
-        }
         let issuer = Issuer::from_ca_cert_der(&certificate, key)
             .map_err(|source| FleetError::Generate { what: format!("an issuer from {what}"), source })?;
-        Ok(FleetCa { directory: dir.to_path_buf(), certificate_pem, issuer })
+        Ok(FleetCa {
+            directory: dir.to_path_buf(),
+            certificate_pem,
+            signing_certificate: certificate,
+            key_pem,
+            issuer,
+        })
     }
 
     /// The directory this CA was created in or loaded from.
@@ -219,9 +248,20 @@ impl FleetCa {
         &self.directory
     }
 
-    /// The CA certificate, PEM: what both sides trust.
+    /// The CA certificate, PEM: what both sides trust (during a rollover, the bundle of the
+    /// CAs trusted, see `rollover.rs`).
     pub fn certificate_pem(&self) -> &str {
         &self.certificate_pem
+    }
+
+    /// The certificate of the CA that signs (the one of `ca.key`), DER.
+    pub fn signing_certificate(&self) -> &CertificateDer<'static> {
+        &self.signing_certificate
+    }
+
+    /// A copy of the signing key, for another issuer (the CSR signer, the cross-certificate).
+    pub(crate) fn signing_key(&self) -> Result<KeyPair, FleetError> {
+        pem::key_pair(&self.key_pem, "the fleet CA key")
     }
 
     /// Client certificate: subject CN = `device_id`, EKU clientAuth, signed by the CA; a fresh
@@ -288,7 +328,7 @@ impl FleetCa {
     }
 }
 
-fn generate_key(what: &str) -> Result<KeyPair, FleetError> {
+pub(crate) fn generate_key(what: &str) -> Result<KeyPair, FleetError> {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|source| FleetError::Generate { what: what.to_owned(), source })
 }

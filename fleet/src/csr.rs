@@ -16,9 +16,8 @@ use rcgen::{
     IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 
-use crate::files;
-use crate::pem::{self, PEM_FILE_BYTES_MAX};
-use crate::{CA_CERTIFICATE_FILE, CA_KEY_FILE, FleetCa, FleetError, Validity, device_id_from_certificate};
+use crate::pem;
+use crate::{CA_CERTIFICATE_FILE, FleetCa, FleetError, Validity, device_id_from_certificate};
 
 /// Longest CSR (PEM text) accepted; checked before parsing.
 pub const CSR_PEM_BYTES_MAX: usize = 8 * 1024;
@@ -77,21 +76,12 @@ impl CheckedCsr {
 impl CsrSigner {
     /// Reads the key of `ca` from its directory (`ca.key`) and checks it belongs to `ca.pem`.
     pub fn from_ca(ca: &FleetCa) -> Result<CsrSigner, FleetError> {
-        let directory = ca.directory();
-        let key_path = directory.join(CA_KEY_FILE);
-        let hint = format!("is {} a fleet CA directory? init creates one", directory.display());
-        let key_pem = files::read_required_text(&key_path, PEM_FILE_BYTES_MAX, &hint)?;
-        let key = pem::key_pair(&key_pem, &key_path.display().to_string())?;
-        let certificate = pem::first_certificate(ca.certificate_pem(), CA_CERTIFICATE_FILE)?;
-        if !pem::key_matches(&certificate, &key) {
-            return Err(FleetError::KeyMismatch {
-                key_path,
-                certificate_path: directory.join(CA_CERTIFICATE_FILE),
-            });
-        }
-        let issuer = Issuer::from_ca_cert_der(&certificate, key).map_err(|source| FleetError::Generate {
-            what: format!("an issuer from {}", Path::new(CA_CERTIFICATE_FILE).display()),
-            source,
+        let certificate = ca.signing_certificate();
+        let issuer = Issuer::from_ca_cert_der(certificate, ca.signing_key()?).map_err(|source| {
+            FleetError::Generate {
+                what: format!("an issuer from {}", Path::new(CA_CERTIFICATE_FILE).display()),
+                source,
+            }
         })?;
         Ok(CsrSigner { issuer, ca_pem: ca.certificate_pem().to_owned() })
     }

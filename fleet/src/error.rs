@@ -91,6 +91,15 @@ pub enum FleetError {
     #[error("revocation list {path}, line {line}: {problem} (fix or remove the line)")]
     RevocationLine { path: PathBuf, line: usize, problem: DeviceIdProblem },
 
+    #[error("CA rollover in {directory}: {problem}")]
+    Rollover { directory: PathBuf, problem: String },
+
+    #[error(
+        "untrusted fleet CA offered (sha256 {sha256}): {problem}; the offer is refused and the \
+         pinned CAs are kept"
+    )]
+    UntrustedAnchor { sha256: String, problem: String },
+
     #[error(
         "connection has no verified peer certificate (was it accepted with fleet::server_config, \
          which requires one?)"

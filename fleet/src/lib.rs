@@ -8,6 +8,8 @@
 //! - `revocation.rs`: [`RevocationList`], a text file of revoked device ids (at most 16 MiB).
 //! - `tls.rs`: [`server_config`] and [`client_config`]: TLS 1.3, ALPN `tributary/1`, mutual
 //!   certificates, no 0-RTT, no resumption; [`peer_device_id`].
+//! - `rollover.rs`: CA rollover (`begin`, `switch`, `retire` on a CA directory) and the
+//!   device's rule for taking a new anchor ([`rollover::accept_trust_bundle`]).
 //! - `files.rs`: atomic writes (temporary file, fsync, rename, fsync directory) and bounded reads.
 //!
 //! Invariant: a device is identified only by the subject CN of a certificate that chains to the
@@ -24,6 +26,7 @@ mod error;
 pub mod files;
 mod pem;
 mod revocation;
+pub mod rollover;
 mod tls;
 pub mod transport;
 

@@ -54,3 +54,31 @@ pub(crate) fn key_matches(certificate: &CertificateDer<'_>, key_pair: &rcgen::Ke
         Err(_) => false,
     }
 }
+
+/// The certificates of a bundle file (`ca.pem`), at least one.
+pub(crate) fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, FleetError> {
+    let text = crate::files::read_required_text(path, PEM_FILE_BYTES_MAX, "a fleet CA bundle")?;
+    certificates(&text, &path.display().to_string())
+}
+
+/// One certificate as a PEM block (base64 in lines of 64, as RFC 7468 writes it).
+pub(crate) fn encode_certificate(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut body = String::with_capacity(der.len() * 4 / 3 + 4);
+    for chunk in der.chunks(3) {
+        let value = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |value, (index, byte)| value | (u32::from(*byte) << (16 - 8 * index)));
+        for index in 0..4 {
+            body.push(if index <= chunk.len() {
+                ALPHABET[(value >> (18 - 6 * index)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    let lines: Vec<&str> =
+        body.as_bytes().chunks(64).map(|line| std::str::from_utf8(line).expect("base64 is ASCII")).collect();
+    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+}

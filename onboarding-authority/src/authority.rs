@@ -208,10 +208,65 @@ enum Decision {
 struct Handler {
     config: AuthorityConfig,
     registry: Registry,
-    signer: CsrSigner,
+    /// The fleet CA as last loaded from its directory; replaced when the directory changes (a CA
+    /// rollover phase), checked at every poll.
+    signing: std::sync::RwLock<Signing>,
     metrics: Arc<AuthorityMetrics>,
     /// `requests_per_second_max`; only the authority's task takes from it.
     requests: std::sync::Mutex<telemetry::TokenBucket>,
+}
+
+/// What the authority signs with and offers devices, from one reading of the CA directory.
+struct Signing {
+    signer: CsrSigner,
+    /// `ca.pem` and, during a rollover, `ca.cross.pem` (`fleet::rollover::offered_trust`).
+    offered_trust: String,
+    /// The CA directory's files as read (bundle, key, cross-certificate), to notice a change.
+    files: Vec<u8>,
+}
+
+impl Signing {
+    fn load(ca: &FleetCa) -> Result<Signing, OnboardingError> {
+        Ok(Signing {
+            signer: CsrSigner::from_ca(ca)?,
+            offered_trust: fleet::rollover::offered_trust(ca.directory())?,
+            files: ca_directory_files(ca.directory())?,
+        })
+    }
+}
+
+/// The bytes of the CA directory's files that a rollover phase changes.
+fn ca_directory_files(directory: &Path) -> Result<Vec<u8>, OnboardingError> {
+    let mut bytes = Vec::new();
+    for name in [fleet::CA_CERTIFICATE_FILE, fleet::CA_KEY_FILE, fleet::rollover::CROSS_CERTIFICATE_FILE] {
+        let content = fleet::files::read_bounded(&directory.join(name), fleet::PEM_FILE_BYTES_MAX)?;
+        bytes.extend_from_slice(&content.unwrap_or_default());
+        bytes.push(0);
+    }
+    Ok(bytes)
+}
+
+/// The authority's MQTT session: a certificate of the signing CA, the whole bundle as trust for
+/// the broker's certificate (which a rollover moves from the old CA to the new).
+fn start_session(config: &AuthorityConfig, ca: &FleetCa) -> Result<Session, OnboardingError> {
+    let identity = ca.issue_device(AUTHORITY_IDENTITY, Validity::days(AUTHORITY_CERTIFICATE_DAYS))?;
+    // Not the bare identity name: a claim holder could connect with it and knock us off.
+    let client_id = mqtt::unguessable_client_id(AUTHORITY_IDENTITY)?;
+    Session::start(
+        &config.broker,
+        &client_id,
+        &TlsIdentity {
+            ca_pem: ca.certificate_pem(),
+            certificate_pem: &identity.certificate_pem,
+            private_key_pem: &identity.private_key_pem,
+        },
+        &[
+            topics::REQUEST_FILTER.to_owned(),
+            topics::HEARTBEAT_FILTER.to_owned(),
+            topics::CONFIG_ACK_FILTER.to_owned(),
+            topics::RENEW_REQUEST_FILTER.to_owned(),
+        ],
+    )
 }
 
 /// A running authority.
@@ -234,35 +289,19 @@ impl Authority {
     ) -> Result<Authority, OnboardingError> {
         config.validate().map_err(OnboardingError::Config)?;
         let registry = Registry::open(&config.registry_dir)?;
-        let signer = CsrSigner::from_ca(ca)?;
+        let signing = std::sync::RwLock::new(Signing::load(ca)?);
         for reserved in RESERVED_DEVICE_IDS {
             RevocationList::revoke(revocation_file, reserved)?;
         }
-        let identity = ca.issue_device(AUTHORITY_IDENTITY, Validity::days(AUTHORITY_CERTIFICATE_DAYS))?;
-        // Not the bare identity name: a claim holder could connect with it and knock us off.
-        let client_id = mqtt::unguessable_client_id(AUTHORITY_IDENTITY)?;
-        let mut session = Session::start(
-            &config.broker,
-            &client_id,
-            &TlsIdentity {
-                ca_pem: ca.certificate_pem(),
-                certificate_pem: &identity.certificate_pem,
-                private_key_pem: &identity.private_key_pem,
-            },
-            &[
-                topics::REQUEST_FILTER.to_owned(),
-                topics::HEARTBEAT_FILTER.to_owned(),
-                topics::CONFIG_ACK_FILTER.to_owned(),
-                topics::RENEW_REQUEST_FILTER.to_owned(),
-            ],
-        )?;
+        let ca_dir = ca.directory().to_path_buf();
+        let mut session = start_session(&config, ca)?;
         let metrics = Arc::new(AuthorityMetrics::default());
         let (stop, mut stopped) = watch::channel(false);
         let (ready_sender, ready) = watch::channel(false);
         let rate = u64::from(config.requests_per_second_max);
         let requests = std::sync::Mutex::new(telemetry::TokenBucket::new(rate, rate));
         let handler =
-            Handler { config, registry: registry.clone(), signer, metrics: metrics.clone(), requests };
+            Handler { config, registry: registry.clone(), signing, metrics: metrics.clone(), requests };
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(handler.config.poll_interval_ms));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -274,6 +313,14 @@ impl Authority {
                         None => break,
                     },
                     _ = ticker.tick() => {
+                        if let Some(ca) = handler.reload_if_changed(&ca_dir) {
+                            // The broker may trust only the new CA now: a new session with a
+                            // certificate of the signing CA and the new bundle as trust.
+                            match start_session(&handler.config, &ca) {
+                                Ok(started) => std::mem::replace(&mut session, started).close().await,
+                                Err(error) => tracing::error!(%error, "authority session with the reloaded CA failed; keeping the old one"),
+                            }
+                        }
                         ready_sender.send_replace(session.is_ready());
                         if session.is_ready() {
                             handler.publish_configs(&session).await;
@@ -334,6 +381,38 @@ fn csr_rejection_code(problem: &CsrProblem) -> RejectionCode {
 }
 
 impl Handler {
+    /// Reloads the fleet CA when its directory's files changed (a rollover phase ran); returns
+    /// it when it did. A directory that does not load (a phase half done) keeps the CA in use.
+    fn reload_if_changed(&self, ca_dir: &Path) -> Option<FleetCa> {
+        let files = match ca_directory_files(ca_dir) {
+            Ok(files) => files,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the fleet CA directory; keeping the CA in use");
+                return None;
+            }
+        };
+        if files == self.signing.read().unwrap_or_else(std::sync::PoisonError::into_inner).files {
+            return None;
+        }
+        let loaded =
+            FleetCa::load(ca_dir).map_err(OnboardingError::from).and_then(|ca| Ok((Signing::load(&ca)?, ca)));
+        match loaded {
+            Ok((signing, ca)) => {
+                tracing::info!(directory = %ca_dir.display(), "fleet CA directory changed: signing and trust reloaded");
+                *self.signing.write().unwrap_or_else(std::sync::PoisonError::into_inner) = signing;
+                Some(ca)
+            }
+            Err(error) => {
+                tracing::error!(%error, "fleet CA directory changed but does not load; keeping the CA in use");
+                None
+            }
+        }
+    }
+
+    fn signing(&self) -> std::sync::RwLockReadGuard<'_, Signing> {
+        self.signing.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn handle(&self, session: &Session, topic: &str, payload: &[u8]) {
         match topics::parse(topic) {
             Some(Topic::Request(key)) => self.answer(session, key, payload).await,
@@ -382,7 +461,7 @@ impl Handler {
         let device_id = device_id.unwrap_or_default();
         let accepted = |certificate_pem, config| OnboardingResponse::Accepted {
             certificate_pem,
-            ca_pem: self.signer.ca_pem().to_owned(),
+            ca_pem: self.signing().offered_trust.clone(),
             sink_address: self.config.sink_address.clone(),
             sink_server_name: self.config.sink_server_name.clone(),
             config,
@@ -576,7 +655,7 @@ impl Handler {
                     }
                 }
             }
-            let certificate_pem = self.signer.sign(&csr, validity)?;
+            let certificate_pem = self.signing().signer.sign(&csr, validity)?;
             record.state = DeviceState::Active;
             record.certificate_pem = Some(certificate_pem.clone());
             record.onboarded_unix_ms = Some(now);
@@ -619,7 +698,11 @@ impl Handler {
                     self.metrics.renewed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(device_id, key_sha256, "certificate renewed");
                 }
-                RenewalResponse::Renewed { certificate_pem, key_sha256 }
+                RenewalResponse::Renewed {
+                    certificate_pem,
+                    key_sha256,
+                    ca_pem: Some(self.signing().offered_trust.clone()),
+                }
             }
             Err((code, message)) => {
                 self.metrics.count_rejection(code);
@@ -682,7 +765,7 @@ impl Handler {
             {
                 return Ok(Ok((certificate_pem.clone(), key_sha256.clone(), true)));
             }
-            let certificate_pem = self.signer.sign(&csr, validity)?;
+            let certificate_pem = self.signing().signer.sign(&csr, validity)?;
             record.certificate_pem = Some(certificate_pem.clone());
             record.key_sha256 = Some(key_sha256.clone());
             record.renewals += 1;

@@ -133,7 +133,10 @@ pub fn run(
             registry()?.revoke(&device)?;
             Ok(format!("device {device} revoked in {}", revocation_file.display()))
         }
-        FleetCommand::List => list(&registry()?),
+        FleetCommand::List => {
+            let bundle = FleetCa::load(ca_dir).map(|ca| ca.certificate_pem().to_owned()).ok();
+            list_with_issuers(&registry()?, bundle.as_deref())
+        }
         FleetCommand::Top { interval, once, rows } => {
             let registry = registry()?;
             if once {
@@ -236,9 +239,36 @@ fn top_row(record: &DeviceRecord, now_unix_ms: u64) -> TopRow {
 
 /// The fleet view, one line per device.
 pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
+    list_with_issuers(registry, None)
+}
+
+/// Active devices whose certificate the signing CA of `ca_dir` did not issue (during a CA
+/// rollover: the devices not moved yet), sorted.
+pub fn devices_on_other_cas(registry: &Registry, ca_dir: &Path) -> Result<Vec<String>, OnboardingError> {
+    let ca = FleetCa::load(ca_dir)?;
+    let mut devices: Vec<String> = registry
+        .devices()?
+        .into_iter()
+        .filter(|record| record.state == DeviceState::Active)
+        .filter(|record| {
+            !record
+                .certificate_pem
+                .as_deref()
+                .is_some_and(|pem| fleet::rollover::is_issued_by(pem, ca.signing_certificate()))
+        })
+        .map(|record| record.device_id)
+        .collect();
+    devices.sort();
+    Ok(devices)
+}
+
+/// `fleet list`; with the CA bundle, the ISSUER column names the CA of each device's certificate
+/// (short fingerprint, `fleet::rollover::short_fingerprint`; `other` for a CA not in the bundle),
+/// so the operator sees when every device has moved to a new CA.
+pub fn list_with_issuers(registry: &Registry, bundle_pem: Option<&str>) -> Result<String, OnboardingError> {
     let now = unix_ms_now();
     let mut lines = vec![format!(
-        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12} {:<64} {:>8} {}",
+        "{:<24} {:<8} {:>14} {:>10} {:<28} {:>7} {:<12} {:<64} {:>8} {:<16} {}",
         "DEVICE",
         "STATE",
         "HEARTBEAT_AGO",
@@ -248,7 +278,8 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
         "VERSION",
         "KEY_SHA256",
         "RENEWALS",
-        "CERT_EXPIRES_IN"
+        "CERT_EXPIRES_IN",
+        "ISSUER"
     )];
     for record in registry.devices()? {
         let ago = record
@@ -280,8 +311,14 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
                     Err(_) => "expired".to_owned(),
                 }
             });
+        let issuer = match (bundle_pem, record.certificate_pem.as_deref()) {
+            (Some(bundle), Some(certificate)) => {
+                fleet::rollover::issuer_in_bundle(bundle, certificate).unwrap_or_else(|| "other".to_owned())
+            }
+            _ => "-".to_owned(),
+        };
         lines.push(format!(
-            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12} {:<64} {:>8} {}",
+            "{:<24} {:<8} {:>14} {:>10} {:<28} {:>3}/{:<3} {:<12} {:<64} {:>8} {:<16} {}",
             record.device_id,
             record.state.as_str(),
             ago,
@@ -292,7 +329,8 @@ pub fn list(registry: &Registry) -> Result<String, OnboardingError> {
             version,
             key,
             record.renewals,
-            expires_in
+            expires_in,
+            issuer
         ));
     }
     Ok(lines.join("\n"))

@@ -8,39 +8,16 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use onboarding::{DeviceAgent, DeviceAgentConfig, RejectionCode};
+use onboarding::{DeviceAgent, RejectionCode};
 use onboarding_authority::cli::FleetCommand;
-use onboarding_authority::{AuthorityConfig, Registry};
 use protocol::Lane;
+use support::renewing::{agent_config, onboard, short_lived};
 use support::{
-    TestFleet, WAIT, free_udp_port, init_tracing, now_unix_ms, open_ring, produce, stream_once,
-    uplink_config, wait_until,
+    TestFleet, WAIT, free_udp_port, init_tracing, open_ring, produce, stream_once, uplink_config, wait_until,
 };
 
-/// Device certificates live this long; the agent renews at half of it.
-const VALIDITY_SECONDS: u64 = 12;
-const RENEW_AFTER_PERCENT: u8 = 50;
 /// Long enough for three renewals.
 const RENEWALS_WAIT: Duration = Duration::from_secs(60);
-
-fn short_lived(fleet: &TestFleet, sink: std::net::SocketAddr) -> AuthorityConfig {
-    let mut config = fleet.authority_config(sink);
-    config.certificate_validity_seconds = Some(VALIDITY_SECONDS);
-    config
-}
-
-fn agent_config(fleet: &TestFleet) -> DeviceAgentConfig {
-    let mut config = DeviceAgentConfig::new(fleet.broker.endpoint());
-    config.heartbeat_interval_ms = 500;
-    config.renew_after_percent = RENEW_AFTER_PERCENT;
-    config.renewal_retry_ms = 500;
-    config
-}
-
-async fn onboard(fleet: &TestFleet, registry: &Registry, device_id: &str) -> onboarding::DeviceIdentity {
-    let token = registry.create_tokens(1, Duration::from_secs(3600), now_unix_ms()).expect("token").remove(0);
-    fleet.onboard(device_id, &token).await
-}
 
 /// Three renewals while the device streams: every chunk is acked; the first certificate still
 /// connects after the first renewal (the overlap) and is refused once expired; the uplink's next

@@ -87,6 +87,12 @@ pub struct RenewalMetrics {
     pub refused: AtomicU64,
     /// Answers that could not be used (wrong key, not chaining to the pinned CA, unparsable).
     pub bad_answers: AtomicU64,
+    /// Answers refused because they offered a fleet CA no pinned CA vouches for (also counted
+    /// in `bad_answers`).
+    pub untrusted_offers: AtomicU64,
+    /// Times the pinned CA bundle (`ca.pem`) changed: a CA of a rollover taken, or a retired one
+    /// dropped.
+    pub trust_changes: AtomicU64,
     pub last_refusal: std::sync::Mutex<Option<crate::RejectionCode>>,
     /// The installed certificate's expiry (Unix seconds).
     pub certificate_expires_unix_seconds: AtomicU64,
@@ -390,13 +396,13 @@ impl Renewal {
                 tracing::error!(device_id, %code, message, "renewal refused; asking again later");
                 false
             }
-            RenewalResponse::Renewed { certificate_pem, key_sha256 } => {
+            RenewalResponse::Renewed { certificate_pem, key_sha256, ca_pem } => {
                 if self.asked_for.as_deref() != Some(key_sha256.as_str()) {
                     // An answer to an older request (its key is no longer staged).
                     tracing::debug!(device_id, key_sha256, "renewal answer for another key ignored");
                     return false;
                 }
-                match self.install(device_id, &certificate_pem) {
+                match self.install(device_id, &certificate_pem, ca_pem.as_deref()) {
                     Ok(()) => {
                         self.asked_for = None;
                         self.metrics.renewed.fetch_add(1, Ordering::Relaxed);
@@ -405,6 +411,9 @@ impl Renewal {
                     }
                     Err(error) => {
                         self.metrics.bad_answers.fetch_add(1, Ordering::Relaxed);
+                        if matches!(error, OnboardingError::CaMismatch { .. }) {
+                            self.metrics.untrusted_offers.fetch_add(1, Ordering::Relaxed);
+                        }
                         tracing::error!(device_id, %error, "renewed certificate refused; asking again later");
                         false
                     }
@@ -413,7 +422,16 @@ impl Renewal {
         }
     }
 
-    fn install(&mut self, device_id: &str, certificate_pem: &str) -> Result<(), OnboardingError> {
+    /// Installs a renewed certificate and the trust its answer offered. The pinned bundle only
+    /// changes to CAs a pinned CA vouches for, and always holds the issuer of the installed
+    /// certificate: the union of the old and new bundles is written first, then the pair, then
+    /// the new bundle, each durably, so a crash between them leaves both issuers trusted.
+    fn install(
+        &mut self,
+        device_id: &str,
+        certificate_pem: &str,
+        offered_ca_pem: Option<&str>,
+    ) -> Result<(), OnboardingError> {
         let certificate = fleet::IssuedCertificate {
             certificate_pem: certificate_pem.to_owned(),
             private_key_pem: String::new(),
@@ -423,8 +441,28 @@ impl Renewal {
                 "the renewed certificate names another device".to_owned(),
             ));
         }
-        crate::device::check_issued_by(&self.pinned_ca_pem, certificate_pem)?;
+        let trusted = match offered_ca_pem {
+            Some(offered) => crate::device::accept_offered_trust(&self.pinned_ca_pem, offered)?,
+            None => self.pinned_ca_pem.clone(),
+        };
+        crate::device::check_issued_by(&trusted, certificate_pem)?;
+        let trust_changes = trusted != self.pinned_ca_pem;
+        let ca_path = self.identity_dir.join(fleet::CA_CERTIFICATE_FILE);
+        if trust_changes {
+            let both = fleet::rollover::union_of_bundles(&self.pinned_ca_pem, &trusted)?;
+            files::write_durably(&ca_path, both.as_bytes(), files::PUBLIC_MODE)?;
+        }
         fleet::install_renewal(&self.identity_dir, certificate_pem)?;
+        if trust_changes {
+            files::write_durably(&ca_path, trusted.as_bytes(), files::PUBLIC_MODE)?;
+            self.metrics.trust_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                device_id,
+                anchors = trusted.matches("BEGIN CERTIFICATE").count(),
+                "pinned fleet CA bundle changed (CA rollover)"
+            );
+        }
+        self.pinned_ca_pem = trusted;
         let installed = fleet::IssuedCertificate::read_from(&self.identity_dir)?;
         self.certificate_pem = installed.certificate_pem;
         self.private_key_pem = installed.private_key_pem;

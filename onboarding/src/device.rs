@@ -14,9 +14,10 @@
 //! asking for up to `approval_wait_ms`.
 //!
 //! Trust anchor: the fleet CA is the one shipped in the image (the claim bundle's `ca.pem`, which
-//! already verifies the broker). An accepted answer naming another CA is refused
-//! ([`OnboardingError::CaMismatch`]), the certificate must chain to the pinned CA, and `ca.pem`
-//! in the identity directory is written from the claim bundle, never from the answer.
+//! already verifies the broker). An answer offering a CA that is not pinned is refused
+//! ([`OnboardingError::CaMismatch`]) unless a pinned CA vouches for it (a cross-certificate in the
+//! offer, during a CA rollover: `fleet::rollover::accept_trust_bundle`); the certificate must
+//! chain to a CA so trusted, and `ca.pem` in the identity directory holds only such CAs.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -161,7 +162,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     else {
         unreachable!("ask returns only an accepted response");
     };
-    check_ca_is_pinned(&pinned_ca_pem, &ca_pem)?;
+    let trusted_ca_pem = accept_offered_trust(&pinned_ca_pem, &ca_pem)?;
     if !certificate_matches_key(&certificate_pem, &private_key_pem) {
         return Err(OnboardingError::BadAnswer("the certificate is not for this device's key".to_owned()));
     }
@@ -169,7 +170,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     if certificate.device_id()? != config.device_id {
         return Err(OnboardingError::BadAnswer("the certificate names another device".to_owned()));
     }
-    check_issued_by(&pinned_ca_pem, &certificate.certificate_pem)?;
+    check_issued_by(&trusted_ca_pem, &certificate.certificate_pem)?;
     device_config.validate().map_err(OnboardingError::BadAnswer)?;
     let sink = SinkLocation { sink_address, sink_server_name };
     // The sink location and config first, the certificate last: its presence means "onboarded".
@@ -178,7 +179,7 @@ pub async fn ensure_identity(config: &DeviceOnboardingConfig) -> Result<DeviceId
     if persisted.is_none_or(|persisted| persisted.version < device_config.version) {
         files::write_json(&config.identity_dir.join(CONFIG_FILE), &device_config)?;
     }
-    certificate.write_to(&config.identity_dir, &pinned_ca_pem)?;
+    certificate.write_to(&config.identity_dir, &trusted_ca_pem)?;
     tracing::info!(device_id = config.device_id, "device onboarded: certificate stored");
     load_identity(&config.identity_dir, &config.device_id)?
         .ok_or_else(|| OnboardingError::BadAnswer("the stored identity does not read back".to_owned()))
@@ -238,21 +239,27 @@ fn certificates_der(pem: &str, what: &str) -> Result<Vec<Vec<u8>>, OnboardingErr
     Ok(certificates)
 }
 
-/// Most certificates a CA PEM may hold (ours holds one).
-const CA_CERTIFICATES_MAX: usize = 4;
+/// Most certificates a CA PEM may hold (one outside a rollover; two anchors and a
+/// cross-certificate during one).
+const CA_CERTIFICATES_MAX: usize = fleet::rollover::CA_BUNDLE_CERTIFICATES_MAX;
 
-/// Refuses an answer naming another fleet CA than the one the image pins.
-fn check_ca_is_pinned(pinned_ca_pem: &str, offered_ca_pem: &str) -> Result<(), OnboardingError> {
-    let pinned = certificates_der(pinned_ca_pem, "the pinned fleet CA (claim bundle ca.pem)")?;
+/// The CAs to pin after an answer offered `offered_ca_pem` (anchors and cross-certificates):
+/// each offered anchor must be pinned or vouched for by a pinned CA, otherwise the answer is
+/// refused whole ([`OnboardingError::CaMismatch`]).
+pub(crate) fn accept_offered_trust(
+    pinned_ca_pem: &str,
+    offered_ca_pem: &str,
+) -> Result<String, OnboardingError> {
+    let pinned = certificates_der(pinned_ca_pem, "the pinned fleet CA")?;
     let offered = certificates_der(offered_ca_pem, "the CA in the answer")?;
-    if pinned != offered {
+    fleet::rollover::accept_trust_bundle(pinned_ca_pem, offered_ca_pem).map_err(|error| {
+        tracing::warn!(%error, "fleet CA offer refused");
         let fingerprint = |certificates: &[Vec<u8>]| crate::messages::sha256_hex(&certificates.concat());
-        return Err(OnboardingError::CaMismatch {
+        OnboardingError::CaMismatch {
             pinned_sha256: fingerprint(&pinned),
             offered_sha256: fingerprint(&offered),
-        });
-    }
-    Ok(())
+        }
+    })
 }
 
 /// Checks that `certificate_pem` is a client certificate issued by the pinned CA, as the sink

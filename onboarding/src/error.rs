@@ -40,8 +40,8 @@ pub enum OnboardingError {
     BadAnswer(String),
 
     #[error(
-        "the authority's answer names fleet CA sha256 {offered_sha256}, but this device pins sha256 \
-         {pinned_sha256} (the claim bundle's ca.pem shipped in the image): answer refused (is the \
+        "the authority's answer offers fleet CAs sha256 {offered_sha256}, but this device pins sha256 \
+         {pinned_sha256} and none of its pinned CAs vouches for the others: answer refused (is the \
          device image built for this fleet?)"
     )]
     CaMismatch { pinned_sha256: String, offered_sha256: String },

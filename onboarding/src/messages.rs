@@ -49,8 +49,10 @@ pub struct OnboardingRequest {
 pub enum OnboardingResponse {
     Accepted {
         certificate_pem: String,
-        /// The fleet CA. The device does not take it from here: it pins the CA shipped in its
-        /// image (the claim bundle's `ca.pem`) and refuses an answer naming another one.
+        /// The fleet CAs trusted (the signer first) and, during a CA rollover, the
+        /// cross-certificate by which the old CA vouches for the new one. The device takes a CA
+        /// from here only if it pins it already (the claim bundle's `ca.pem`) or a pinned CA
+        /// vouches for it; otherwise it refuses the answer.
         ca_pem: String,
         /// Where the QUIC sink listens (`host:port`) and the name its certificate carries.
         sink_address: String,
@@ -86,6 +88,11 @@ pub enum RenewalResponse {
         /// The fingerprint of the key it is for, so a device can tell answers to an older
         /// request (a retry) from the answer to its current one.
         key_sha256: String,
+        /// The fleet's trust offer, as in `OnboardingResponse::Accepted::ca_pem`: how a device
+        /// learns a new CA during a rollover and drops a retired one. Absent from authorities
+        /// older than the rollover; the device then keeps its pinned CAs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_pem: Option<String>,
     },
     Rejected {
         code: RejectionCode,

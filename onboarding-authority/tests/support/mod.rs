@@ -3,6 +3,8 @@
 //! claim identity, and helpers to stream a few records over QUIC.
 #![allow(dead_code)]
 
+pub mod renewing;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -76,6 +78,21 @@ impl Broker {
     /// Starts `mosquitto -c <generated conf>` on a free loopback port; fails clearly when
     /// Mosquitto is not installed.
     pub fn start(dir: &Path, ca: &FleetCa) -> Broker {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        Broker::start_on_port(dir, ca, port)
+    }
+
+    /// Stops the broker and starts it again on the same port, with a server certificate of the
+    /// signing CA of `ca` and its whole bundle as `cafile` (a CA rollover phase). Clients
+    /// reconnect by themselves.
+    pub fn restart(&mut self, dir: &Path, ca: &FleetCa) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Broker::start_on_port(dir, ca, self.port);
+    }
+
+    fn start_on_port(dir: &Path, ca: &FleetCa, port: u16) -> Broker {
         let broker_dir = dir.join("broker");
         write_server_certificate(ca, &["localhost", "127.0.0.1"], &broker_dir);
         let shipped = include_str!("../../../onboarding/mosquitto/acl");
@@ -84,8 +101,6 @@ impl Broker {
         );
         let acl_path = broker_dir.join("acl");
         std::fs::write(&acl_path, acl).expect("write ACL");
-        let port =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let conf = format!(
             "per_listener_settings false\nallow_anonymous false\nuser root\npersistence false\n\
              listener {port} 127.0.0.1\ncertfile {dir}/cert.pem\nkeyfile {dir}/key.pem\ncafile {dir}/ca.pem\n\
