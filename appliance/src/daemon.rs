@@ -63,9 +63,11 @@ impl Daemon {
             uplink_config.dictionaries = Some(dictionaries.clone());
             components.push(UplinkComponent(Some(Uplink::spawn(ring.clone(), uplink_config)?)));
         }
+        let mut renewal_metrics = None;
         if let (Some(settings), Some(identity)) = (&config.onboarding, &onboarded) {
             let agent = onboarding::DeviceAgent::start(settings.agent_config(), identity)
                 .context("heartbeat agent")?;
+            renewal_metrics = Some(agent.renewal_metrics());
             components.push(Stoppable::new("onboarding-agent", agent, |agent| Box::pin(agent.shutdown())));
         }
         let stop = StopSignal::new();
@@ -81,6 +83,7 @@ impl Daemon {
                 .and_then(|uplink| uplink.0.as_ref())
                 .map(Uplink::metrics),
             lag: crate::lag::LagProbe::new(ring.clone(), dictionaries.clone()),
+            renewal: renewal_metrics,
         });
         let mut metrics_address = None;
         if let Some(listen) = config.metrics_listen {

@@ -26,6 +26,8 @@ pub struct MetricsView {
     pub uplink: Option<Arc<UplinkMetrics>>,
     /// Uplink lag in seconds per lane.
     pub lag: LagProbe,
+    /// The onboarding agent's certificate renewals (when `[onboarding]` is configured).
+    pub renewal: Option<Arc<onboarding::RenewalMetrics>>,
 }
 
 pub struct PipelineView {
@@ -277,7 +279,50 @@ pub fn render(view: &MetricsView) -> String {
             &series,
         );
     }
+    if let Some(renewal) = &view.renewal {
+        render_renewal(&mut out, renewal);
+    }
     out
+}
+
+fn render_renewal(out: &mut String, renewal: &onboarding::RenewalMetrics) {
+    type RenewalValue = fn(&onboarding::RenewalMetrics) -> u64;
+    let renewal_families: [(&str, &str, &str, RenewalValue); 7] = [
+        ("tributary_certificate_renewed_total", "counter", "Certificates renewed and installed.", |m| {
+            get(&m.renewed)
+        }),
+        ("tributary_certificate_renewal_requests_total", "counter", "Renewal requests sent.", |m| {
+            get(&m.requests)
+        }),
+        ("tributary_certificate_renewal_refused_total", "counter", "Renewals the authority refused.", |m| {
+            get(&m.refused)
+        }),
+        (
+            "tributary_certificate_renewal_bad_answers_total",
+            "counter",
+            "Renewal answers that could not be used (wrong key, untrusted chain, unparsable).",
+            |m| get(&m.bad_answers),
+        ),
+        (
+            "tributary_certificate_untrusted_ca_offers_total",
+            "counter",
+            "Answers refused for offering a fleet CA no pinned CA vouches for.",
+            |m| get(&m.untrusted_offers),
+        ),
+        ("tributary_certificate_trust_changes_total", "counter", "Changes of the pinned CA bundle.", |m| {
+            get(&m.trust_changes)
+        }),
+        (
+            "tributary_certificate_expires_unix_seconds",
+            "gauge",
+            "When the installed device certificate expires.",
+            |m| get(&m.certificate_expires_unix_seconds),
+        ),
+    ];
+    for (name, kind, help, value) in renewal_families {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {}", value(renewal));
+    }
 }
 
 /// Serves `GET /metrics` until the listener's task is dropped.
@@ -295,5 +340,36 @@ pub async fn serve(listener: tokio::net::TcpListener, view: Arc<MetricsView>) {
     );
     if let Err(error) = axum::serve(listener, app).await {
         tracing::error!(%error, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_counters_are_rendered_with_their_values() {
+        let renewal = onboarding::RenewalMetrics::default();
+        renewal.renewed.store(3, Ordering::Relaxed);
+        renewal.requests.store(4, Ordering::Relaxed);
+        renewal.refused.store(1, Ordering::Relaxed);
+        renewal.untrusted_offers.store(2, Ordering::Relaxed);
+        renewal.trust_changes.store(5, Ordering::Relaxed);
+        renewal.certificate_expires_unix_seconds.store(1_800_000_000, Ordering::Relaxed);
+        let mut page = String::new();
+        render_renewal(&mut page, &renewal);
+        for line in [
+            "# TYPE tributary_certificate_renewed_total counter",
+            "tributary_certificate_renewed_total 3",
+            "tributary_certificate_renewal_requests_total 4",
+            "tributary_certificate_renewal_refused_total 1",
+            "tributary_certificate_renewal_bad_answers_total 0",
+            "tributary_certificate_untrusted_ca_offers_total 2",
+            "tributary_certificate_trust_changes_total 5",
+            "# TYPE tributary_certificate_expires_unix_seconds gauge",
+            "tributary_certificate_expires_unix_seconds 1800000000",
+        ] {
+            assert!(page.lines().any(|candidate| candidate == line), "missing {line:?} in\n{page}");
+        }
     }
 }

@@ -343,6 +343,28 @@ pub async fn stream_once(uplink: &appliance::Uplink, ring: &Ring, device_id: &st
     wait_until(WAIT, || metrics.acked_through(Lane::Sensor) >= seq).await
 }
 
+/// Produces one chunk of 10 records from `first` and asserts that an uplink with `config` cannot
+/// deliver it: its sessions fail or end at least twice and the chunk is never acknowledged.
+/// `why` names the refused certificate in the failure message.
+pub async fn assert_uplink_refused(
+    ring: &Ring,
+    config: appliance::UplinkConfig,
+    device_id: &str,
+    first: u64,
+    why: &str,
+) {
+    let uplink = appliance::Uplink::spawn(ring.clone(), config).expect("refused uplink");
+    let metrics = uplink.metrics();
+    let unsent = produce(ring, device_id, first, 10);
+    let refusals = || {
+        metrics.connect_failures.load(std::sync::atomic::Ordering::Relaxed)
+            + metrics.sessions_ended.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(wait_until(WAIT, || refusals() >= 2).await, "{why} kept a session");
+    assert!(metrics.acked_through(Lane::Sensor) < unsent, "the sink took chunks from {why}");
+    uplink.stop().await;
+}
+
 /// The uplink config for an onboarded identity, with short timeouts for tests.
 pub fn uplink_config(identity: &onboarding::DeviceIdentity) -> appliance::UplinkConfig {
     let address: SocketAddr = identity.sink.sink_address.parse().expect("sink address");
