@@ -13,7 +13,8 @@ use onboarding_authority::cli::FleetCommand;
 use protocol::Lane;
 use support::renewing::{agent_config, onboard, short_lived};
 use support::{
-    TestFleet, WAIT, free_udp_port, init_tracing, open_ring, produce, stream_once, uplink_config, wait_until,
+    TestFleet, WAIT, assert_uplink_refused, free_udp_port, init_tracing, open_ring, produce, stream_once,
+    uplink_config, wait_until,
 };
 
 /// Long enough for three renewals.

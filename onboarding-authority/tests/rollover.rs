@@ -15,7 +15,8 @@ use onboarding::{DeviceAgent, topics};
 use protocol::Lane;
 use support::renewing::{agent_config, onboard, short_lived};
 use support::{
-    TestFleet, WAIT, free_udp_port, init_tracing, open_ring, produce, stream_once, uplink_config, wait_until,
+    TestFleet, WAIT, assert_uplink_refused, free_udp_port, init_tracing, open_ring, stream_once,
+    uplink_config, wait_until,
 };
 
 /// Chunks streamed while waiting for one phase, at most (one every 100 ms or so).
