@@ -21,7 +21,6 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::files::{self, PRIVATE_MODE, PUBLIC_MODE};
 use crate::pem::{self, PEM_FILE_BYTES_MAX};
@@ -76,10 +75,7 @@ impl Validity {
     /// The validity period a certificate carries.
     pub fn of_certificate(certificate_pem: &str) -> Result<Validity, FleetError> {
         let der = pem::first_certificate(certificate_pem, "certificate")?;
-        let (_, certificate) = X509Certificate::from_der(&der).map_err(|error| FleetError::Certificate {
-            what: "certificate".to_owned(),
-            problem: format!("not an X.509 certificate: {error}"),
-        })?;
+        let certificate = pem::parse(&der, "certificate")?;
         let at = |seconds: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
         Ok(Validity {
             not_before: at(certificate.validity().not_before.timestamp()),
@@ -217,8 +213,7 @@ impl FleetCa {
             );
         }
         let certificate = bundle[position].clone();
-        let (_, parsed) = X509Certificate::from_der(&certificate)
-            .map_err(|error| FleetError::Certificate { what: what.clone(), problem: error.to_string() })?;
+        let parsed = pem::parse(&certificate, &what)?;
         let is_ca = matches!(parsed.basic_constraints(), Ok(Some(constraints)) if constraints.value.ca);
         if !is_ca {
             return Err(FleetError::Certificate {

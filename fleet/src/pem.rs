@@ -15,6 +15,13 @@ fn unusable(what: &str, problem: String) -> FleetError {
     FleetError::Certificate { what: what.to_owned(), problem }
 }
 
+/// `der` parsed as X.509; the error names `what`.
+pub(crate) fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, FleetError> {
+    X509Certificate::from_der(der)
+        .map(|(_, certificate)| certificate)
+        .map_err(|error| unusable(what, format!("not an X.509 certificate: {error}")))
+}
+
 /// All certificates in `pem`, at least one, each checked to parse as X.509.
 pub(crate) fn certificates(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, FleetError> {
     let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())

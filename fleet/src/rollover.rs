@@ -136,9 +136,7 @@ pub fn begin(dir: &Path) -> Result<RolloverReport, FleetError> {
     }
     let old = FleetCa::load(dir)?;
     let old_certificate = old.signing_certificate().clone();
-    let (_, parsed) = X509Certificate::from_der(&old_certificate).map_err(|error| {
-        FleetError::Certificate { what: CA_CERTIFICATE_FILE.to_owned(), problem: error.to_string() }
-    })?;
+    let parsed = pem::parse(&old_certificate, CA_CERTIFICATE_FILE)?;
     let fleet_name = parsed
         .subject()
         .iter_organization()
@@ -190,9 +188,7 @@ pub fn begin(dir: &Path) -> Result<RolloverReport, FleetError> {
     let old_issuer = Issuer::from_ca_cert_der(&old_certificate, old.signing_key()?).map_err(|source| {
         FleetError::Generate { what: "an issuer from the old fleet CA".to_owned(), source }
     })?;
-    let (_, new_parsed) = X509Certificate::from_der(&new_certificate).map_err(|error| {
-        FleetError::Certificate { what: NEXT_CA_CERTIFICATE_FILE.to_owned(), problem: error.to_string() }
-    })?;
+    let new_parsed = pem::parse(&new_certificate, NEXT_CA_CERTIFICATE_FILE)?;
     let new_common_name = new_parsed
         .subject()
         .iter_common_name()
