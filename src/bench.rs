@@ -45,6 +45,10 @@ pub enum Target {
     /// reader loops over the published shards (webdataset via the wids index, a pyarrow scan),
     /// in the same run; the reader's throughput next to a plain read of the same files.
     Train(crate::bench_train::TrainArgs),
+    /// Tributary against the peers users would deploy instead (NATS leaf node + JetStream,
+    /// a Mosquitto bridge at QoS 1; Debian's binaries when on PATH), the same store-and-forward
+    /// workloads in the same run: records/s, MB/s, edge CPU per GB and memory, as ratios.
+    Peers(crate::bench_peers::PeersArgs),
 }
 
 #[derive(Args)]
@@ -69,6 +73,7 @@ pub fn run(target: Target) -> Result<()> {
         Target::Pipeline(args) => crate::bench_pipeline::run(args),
         Target::Replicate(args) => crate::bench_replicate::run(args),
         Target::Train(args) => crate::bench_train::run(args),
+        Target::Peers(args) => crate::bench_peers::run(args),
     }
 }
 

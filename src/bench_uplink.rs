@@ -36,7 +36,7 @@ pub struct UplinkArgs {
 }
 
 #[derive(Clone, Copy)]
-enum Workload {
+pub(crate) enum Workload {
     SensorRecords,
     Frames,
 }
@@ -51,7 +51,7 @@ impl Workload {
 }
 
 /// Per-process readings from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name: utime is the 14th field, stime the 15th (1-based).
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
@@ -63,7 +63,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hertz
 }
 
-fn rss_anon_bytes(pid: u32) -> u64 {
+pub(crate) fn rss_anon_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -72,9 +72,9 @@ fn rss_anon_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-struct SinkProcess {
-    child: Child,
-    address: std::net::SocketAddr,
+pub(crate) struct SinkProcess {
+    pub(crate) child: Child,
+    pub(crate) address: std::net::SocketAddr,
 }
 
 impl Drop for SinkProcess {
@@ -87,8 +87,8 @@ impl Drop for SinkProcess {
 }
 
 /// A fresh sink directory under `dir` (the fleet CA's certificate, a server certificate, a
-/// config) and a sink child process serving it.
-fn start_sink(dir: &Path, ca: &FleetCa) -> Result<SinkProcess> {
+/// config ending with `extra_config`) and a sink child process serving it.
+pub(crate) fn start_sink(dir: &Path, ca: &FleetCa, extra_config: &str) -> Result<SinkProcess> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("ca"))?;
     std::fs::copy(ca.directory().join("ca.pem"), dir.join("ca").join("ca.pem"))?;
@@ -100,7 +100,7 @@ fn start_sink(dir: &Path, ca: &FleetCa) -> Result<SinkProcess> {
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\nlanding_dir = \"landing\"\nca_dir = \"ca\"\n\
-             server_certificate_dir = \"server\"\nrevocation_file = \"ca/revoked.txt\"\ncommit_interval_ms = 20\n"
+             server_certificate_dir = \"server\"\nrevocation_file = \"ca/revoked.txt\"\ncommit_interval_ms = 20\n{extra_config}"
         ),
     )?;
     let executable = std::env::current_exe()?;
@@ -132,6 +132,18 @@ fn spawn_uplink(
     Uplink::spawn(ring.clone(), config)
 }
 
+/// The benchmarks' sensor reading: about 335 bytes of JSON, varying with `index`.
+pub(crate) fn sensor_json(index: u64) -> String {
+    format!(
+        "{{\"sensor\":\"temp-{:03}\",\"seq\":{index},\"celsius\":{:.3},\"humidity\":{:.2},\"status\":\"ok\",\
+         \"site\":\"north-yard\",\"firmware\":\"1.4.2\",\"calibration\":{{\"offset\":0.125,\"gain\":1.002}},\
+         \"tags\":[\"edge\",\"outdoor\",\"shaded\"],\"note\":\"periodic reading from the simulated sensor bus\"}}",
+        index % 64,
+        20.0 + (index % 1000) as f64 / 100.0,
+        40.0 + (index % 500) as f64 / 10.0
+    )
+}
+
 fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<u64> {
     let mut compressor = ChunkCompressor::new(1);
     let mut raw_bytes = 0u64;
@@ -140,14 +152,7 @@ fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<
             let mut builder = ChunkBuilder::new(Lane::Sensor, 128 * 1024);
             for index in 0..count {
                 let key = format!("{device}-{index:010}");
-                let payload = format!(
-                    "{{\"sensor\":\"temp-{:03}\",\"seq\":{index},\"celsius\":{:.3},\"humidity\":{:.2},\"status\":\"ok\",\
-                     \"site\":\"north-yard\",\"firmware\":\"1.4.2\",\"calibration\":{{\"offset\":0.125,\"gain\":1.002}},\
-                     \"tags\":[\"edge\",\"outdoor\",\"shaded\"],\"note\":\"periodic reading from the simulated sensor bus\"}}",
-                    index % 64,
-                    20.0 + (index % 1000) as f64 / 100.0,
-                    40.0 + (index % 500) as f64 / 10.0
-                );
+                let payload = sensor_json(index);
                 raw_bytes += payload.len() as u64;
                 let record = RecordRef {
                     key: &key,
@@ -187,16 +192,16 @@ fn produce(ring: &Ring, workload: Workload, device: &str, count: u64) -> Result<
     Ok(raw_bytes)
 }
 
-struct RunResult {
-    items_per_second: f64,
-    megabytes_per_second: f64,
-    bench_cpu_seconds_per_gigabyte: f64,
-    sink_cpu_seconds_per_gigabyte: f64,
-    bench_rss_anon_bytes: u64,
-    sink_rss_anon_bytes: u64,
+pub(crate) struct RunResult {
+    pub(crate) items_per_second: f64,
+    pub(crate) megabytes_per_second: f64,
+    pub(crate) bench_cpu_seconds_per_gigabyte: f64,
+    pub(crate) sink_cpu_seconds_per_gigabyte: f64,
+    pub(crate) bench_rss_anon_bytes: u64,
+    pub(crate) sink_rss_anon_bytes: u64,
 }
 
-fn run_case(
+pub(crate) fn run_case(
     base: &Path,
     ca: &FleetCa,
     workload: Workload,
@@ -204,7 +209,7 @@ fn run_case(
     total: u64,
 ) -> Result<RunResult> {
     let dir = base.join(format!("run-{}-{appliances}", matches!(workload, Workload::Frames) as u8));
-    let sink = start_sink(&dir, ca)?;
+    let sink = start_sink(&dir, ca, "")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let per_appliance = total / appliances as u64;
     let lane = match workload {
@@ -276,7 +281,7 @@ fn run_case(
 /// Sink anonymous memory with `devices` appliances connected and idle.
 fn idle_devices_memory(base: &Path, ca: &FleetCa, devices: usize) -> Result<u64> {
     let dir = base.join("idle");
-    let sink = start_sink(&dir, ca)?;
+    let sink = start_sink(&dir, ca, "")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut uplinks = Vec::new();
     let mut rings = Vec::new();

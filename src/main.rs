@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad command line (clap).
 
 mod bench;
+mod bench_peers;
 mod bench_pipeline;
 mod bench_replicate;
 mod bench_sink;
@@ -38,6 +39,12 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// Run an appliance daemon from a TOML config (the same daemon as the `appliance` binary),
+    /// until SIGTERM or Ctrl-C; the benchmarks run it as a child process.
+    Appliance {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,10 +71,23 @@ fn run_sink(config: &std::path::Path) -> anyhow::Result<()> {
     runtime.block_on(core_sink::run_until_signal(config))
 }
 
+fn run_appliance(config: &std::path::Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(appliance::daemon::run(config, async {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }))
+}
+
 fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench { target } => bench::run(target),
         Command::Sink { config } => run_sink(&config),
+        Command::Appliance { config } => run_appliance(&config),
         Command::Demo(args) => demo::run(&args),
     }
 }
