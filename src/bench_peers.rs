@@ -135,7 +135,9 @@ fn on_path(tool: &str) -> bool {
 
 /// A config template from `deploy/bench/` with `{{NAME}}` fields filled in.
 fn render(template: &str, fields: &[(&str, String)]) -> String {
-    fields.iter().fold(template.to_string(), |text, (name, value)| text.replace(&format!("{{{{{name}}}}}"), value))
+    fields
+        .iter()
+        .fold(template.to_string(), |text, (name, value)| text.replace(&format!("{{{{{name}}}}}"), value))
 }
 
 fn wait_for_port(port: u16, process: &mut Process) -> Result<()> {
@@ -167,7 +169,8 @@ fn in_parallel(
         let handles: Vec<_> = (0..clients)
             .map(|client| {
                 let per_client = count.div_ceil(clients as u64);
-                let range = (client as u64 * per_client).min(count)..((client as u64 + 1) * per_client).min(count);
+                let range =
+                    (client as u64 * per_client).min(count)..((client as u64 + 1) * per_client).min(count);
                 let write_share = &write_share;
                 scope.spawn(move || write_share(client, range))
             })
@@ -192,7 +195,14 @@ impl EdgeMeter {
         self.rss_peak.fetch_max(rss_anon_bytes(self.pid), Ordering::Relaxed);
     }
 
-    fn reading(&self, system: &'static str, workload: String, items: u64, bytes: u64, seconds: f64) -> Reading {
+    fn reading(
+        &self,
+        system: &'static str,
+        workload: String,
+        items: u64,
+        bytes: u64,
+        seconds: f64,
+    ) -> Reading {
         Reading {
             system,
             workload,
@@ -233,7 +243,8 @@ fn tributary_records(base: &Path, ca: &FleetCa, records: u64, clients: usize) ->
     )?;
     let edge = dir.join("edge");
     std::fs::create_dir_all(&edge)?;
-    ca.issue_device("bench-edge", Validity::days(1))?.write_to(&edge.join("identity"), ca.certificate_pem())?;
+    ca.issue_device("bench-edge", Validity::days(1))?
+        .write_to(&edge.join("identity"), ca.certificate_pem())?;
     std::fs::write(edge.join("fleet-ca.pem"), ca.certificate_pem())?;
     let metrics_port = free_port()?;
     let ring_bytes = (records * 160).max(256 << 20);
@@ -247,7 +258,9 @@ fn tributary_records(base: &Path, ca: &FleetCa, records: u64, clients: usize) ->
     );
     std::fs::write(edge.join("appliance.toml"), config)?;
     let mut appliance = Process::spawn(
-        Command::new(std::env::current_exe()?).args(["appliance", "--config"]).arg(edge.join("appliance.toml")),
+        Command::new(std::env::current_exe()?)
+            .args(["appliance", "--config"])
+            .arg(edge.join("appliance.toml")),
         "the appliance daemon",
     )?;
     wait_for_port(metrics_port, &mut appliance)?;
@@ -289,8 +302,13 @@ fn tributary_records(base: &Path, ca: &FleetCa, records: u64, clients: usize) ->
 }
 
 fn tributary_frames(base: &Path, ca: &FleetCa, frames: u64) -> Result<Reading> {
-    let RunResult { items_per_second, megabytes_per_second, bench_cpu_seconds_per_gigabyte, bench_rss_anon_bytes, .. } =
-        run_case(base, ca, Workload::Frames, 1, frames)?;
+    let RunResult {
+        items_per_second,
+        megabytes_per_second,
+        bench_cpu_seconds_per_gigabyte,
+        bench_rss_anon_bytes,
+        ..
+    } = run_case(base, ca, Workload::Frames, 1, frames)?;
     Ok(Reading {
         system: "tributary (ring sync, fsync)",
         workload: "200 KiB frames".into(),
@@ -345,7 +363,8 @@ struct NatsMessage {
 
 impl NatsConnection {
     fn connect(port: u16) -> Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connect to NATS on {port}"))?;
+        let stream =
+            TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connect to NATS on {port}"))?;
         stream.set_nodelay(true)?;
         let mut connection = Self {
             reader: BufReader::new(stream.try_clone()?),
@@ -437,9 +456,15 @@ fn start_nats(dir: &Path) -> Result<NatsPair> {
         };
         std::fs::write(dir.join(format!("{side}.conf")), render(template, &fields))?;
     }
-    let mut core = Process::spawn(Command::new("nats-server").arg("-c").arg(dir.join("core.conf")), "nats-server (core)")?;
+    let mut core = Process::spawn(
+        Command::new("nats-server").arg("-c").arg(dir.join("core.conf")),
+        "nats-server (core)",
+    )?;
     wait_for_port(core_port, &mut core)?;
-    let mut edge = Process::spawn(Command::new("nats-server").arg("-c").arg(dir.join("edge.conf")), "nats-server (edge)")?;
+    let mut edge = Process::spawn(
+        Command::new("nats-server").arg("-c").arg(dir.join("edge.conf")),
+        "nats-server (edge)",
+    )?;
     wait_for_port(edge_port, &mut edge)?;
     let mut edge_client = NatsConnection::connect(edge_port)?;
     edge_client.request(
@@ -455,7 +480,13 @@ fn start_nats(dir: &Path) -> Result<NatsPair> {
     Ok(NatsPair { edge, _core: core, edge_port, core_port })
 }
 
-fn nats_case(base: &Path, workload: &str, messages: u64, payload_of: impl Fn(u64) -> Vec<u8> + Sync, clients: usize) -> Result<Reading> {
+fn nats_case(
+    base: &Path,
+    workload: &str,
+    messages: u64,
+    payload_of: impl Fn(u64) -> Vec<u8> + Sync,
+    clients: usize,
+) -> Result<Reading> {
     let dir = base.join("nats");
     let nats = start_nats(&dir)?;
     let meter = EdgeMeter::start(nats.edge.pid());
@@ -501,7 +532,13 @@ fn nats_case(base: &Path, workload: &str, messages: u64, payload_of: impl Fn(u64
         Ok(info["state"]["messages"].as_u64().unwrap_or(0) >= messages)
     })?;
     let seconds = started.elapsed().as_secs_f64();
-    let reading = meter.reading("nats 2.9 (leaf + JetStream)", workload.into(), messages, bytes.load(Ordering::Relaxed), seconds);
+    let reading = meter.reading(
+        "nats 2.9 (leaf + JetStream)",
+        workload.into(),
+        messages,
+        bytes.load(Ordering::Relaxed),
+        seconds,
+    );
     drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(reading)
@@ -536,8 +573,10 @@ fn mosquitto_case(base: &Path, records: u64) -> Result<Reading> {
     ] {
         std::fs::create_dir_all(dir.join(side))?;
         std::fs::write(dir.join(format!("{side}.conf")), render(template, &fields))?;
-        let mut process =
-            Process::spawn(Command::new("mosquitto").arg("-c").arg(dir.join(format!("{side}.conf"))), &format!("mosquitto ({side})"))?;
+        let mut process = Process::spawn(
+            Command::new("mosquitto").arg("-c").arg(dir.join(format!("{side}.conf"))),
+            &format!("mosquitto ({side})"),
+        )?;
         wait_for_port(port, &mut process)?;
         processes.push(process);
     }
@@ -585,11 +624,15 @@ fn mosquitto_case(base: &Path, records: u64) -> Result<Reading> {
     }
     poll_until("the core subscriber", || {
         meter.sample();
-        ensure!(!subscriber_thread.is_finished() || received.load(Ordering::Acquire) >= records, "core subscriber stopped");
+        ensure!(
+            !subscriber_thread.is_finished() || received.load(Ordering::Acquire) >= records,
+            "core subscriber stopped"
+        );
         Ok(received.load(Ordering::Acquire) >= records)
     })?;
     let seconds = started.elapsed().as_secs_f64();
-    let reading = meter.reading("mosquitto 2.0 (bridge, QoS 1)", "335 B JSON records".into(), records, bytes, seconds);
+    let reading =
+        meter.reading("mosquitto 2.0 (bridge, QoS 1)", "335 B JSON records".into(), records, bytes, seconds);
     let _ = publisher.disconnect();
     let _ = subscriber.disconnect();
     drop(processes);
@@ -623,19 +666,41 @@ pub fn run(args: PeersArgs) -> Result<()> {
         return Ok(());
     }
     if on_path("nats-server") {
-        let nats_records = nats_case(&base, "335 B JSON records", args.records, |index| sensor_json(index).into_bytes(), args.clients)?;
+        let nats_records = nats_case(
+            &base,
+            "335 B JSON records",
+            args.records,
+            |index| sensor_json(index).into_bytes(),
+            args.clients,
+        )?;
         nats_records.print();
-        let nats_frames = nats_case(&base, "64 KiB messages", args.frames * 200 / 64, |index| frame(index, 64 * 1024), 1)?;
+        let nats_frames =
+            nats_case(&base, "64 KiB messages", args.frames * 200 / 64, |index| frame(index, 64 * 1024), 1)?;
         nats_frames.print();
-        ratio_line("records/s, tributary / nats", records.items_per_second, nats_records.items_per_second, 5.0);
-        ratio_line("frame MB/s, tributary 200 KiB / nats 64 KiB", frames.megabytes_per_second, nats_frames.megabytes_per_second, 2.0);
+        ratio_line(
+            "records/s, tributary / nats",
+            records.items_per_second,
+            nats_records.items_per_second,
+            5.0,
+        );
+        ratio_line(
+            "frame MB/s, tributary 200 KiB / nats 64 KiB",
+            frames.megabytes_per_second,
+            nats_frames.megabytes_per_second,
+            2.0,
+        );
     } else {
         println!("nats-server not on PATH: skipped (Debian: apt-get install nats-server)");
     }
     if on_path("mosquitto") {
         let mosquitto = mosquitto_case(&base, args.records)?;
         mosquitto.print();
-        ratio_line("records/s, tributary / mosquitto", records.items_per_second, mosquitto.items_per_second, 1.0);
+        ratio_line(
+            "records/s, tributary / mosquitto",
+            records.items_per_second,
+            mosquitto.items_per_second,
+            1.0,
+        );
     } else {
         println!("mosquitto not on PATH: skipped (Debian: apt-get install mosquitto)");
     }

@@ -138,19 +138,23 @@ impl RecordMaker {
         if line.is_empty() {
             return Ok(None);
         }
-        let value: Value =
-            serde_json::from_slice(line).map_err(|error| LineProblem::InvalidJson(error.to_string()))?;
-        let Value::Object(object) = value else {
-            return Err(LineProblem::NotAnObject(json_type_name(&value)));
+        // Checked whole first: `RecordFields` skips the values it does not keep without
+        // building them, and skipping does not validate UTF-8 inside strings.
+        let text = std::str::from_utf8(line).map_err(|error| LineProblem::InvalidJson(error.to_string()))?;
+        let fields: RecordFields =
+            serde_json::from_str(text).map_err(|error| LineProblem::InvalidJson(error.to_string()))?;
+        let (key, timestamp_us) = match fields {
+            RecordFields::NotAnObject(found) => return Err(LineProblem::NotAnObject(found)),
+            RecordFields::Object { key, timestamp_us } => (key, timestamp_us),
         };
-        let key = match object.get("key") {
+        let key = match key {
             None => self.keys.next_key(),
-            Some(Value::String(key)) if protocol::validate_key(key).is_ok() => key.clone(),
-            Some(other) => return Err(LineProblem::InvalidKey(echo_value(other))),
+            Some(Value::String(key)) if protocol::validate_key(&key).is_ok() => key,
+            Some(other) => return Err(LineProblem::InvalidKey(echo_value(&other))),
         };
-        let timestamp_us = match object.get("timestamp_us") {
+        let timestamp_us = match timestamp_us {
             None => now_us(),
-            Some(value) => value.as_u64().ok_or_else(|| LineProblem::InvalidTimestamp(echo_value(value)))?,
+            Some(value) => value.as_u64().ok_or_else(|| LineProblem::InvalidTimestamp(echo_value(&value)))?,
         };
         Ok(Some(SourceRecord {
             lane: self.lane,
@@ -163,14 +167,103 @@ impl RecordMaker {
     }
 }
 
-fn json_type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// What a line's JSON holds for the record: the two members the record is made of, every other
+/// member parsed (so the line is checked as JSON, nesting bound included) but not kept. Parsing
+/// into a `Value` tree instead cost an allocation per member and per string and was the intake's
+/// top entry in `perf` (docs/benchmarks.md, "Against the peers"). Of a repeated member the last
+/// wins, as in a `Value` map.
+enum RecordFields {
+    Object {
+        key: Option<Value>,
+        timestamp_us: Option<Value>,
+    },
+    /// The JSON type found instead of an object.
+    NotAnObject(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for RecordFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RecordFieldsVisitor)
+    }
+}
+
+/// A member name of the line's object, compared without allocating.
+enum MemberName {
+    Key,
+    TimestampUs,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for MemberName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl serde::de::Visitor<'_> for NameVisitor {
+            type Value = MemberName;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<MemberName, E> {
+                Ok(match name {
+                    "key" => MemberName::Key,
+                    "timestamp_us" => MemberName::TimestampUs,
+                    _ => MemberName::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+struct RecordFieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for RecordFieldsVisitor {
+    type Value = RecordFields;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RecordFields, A::Error> {
+        let (mut key, mut timestamp_us) = (None, None);
+        while let Some(name) = map.next_key::<MemberName>()? {
+            match name {
+                MemberName::Key => key = Some(map.next_value::<Value>()?),
+                MemberName::TimestampUs => timestamp_us = Some(map.next_value::<Value>()?),
+                MemberName::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RecordFields::Object { key, timestamp_us })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RecordFields, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(RecordFields::NotAnObject("an array"))
+    }
+
+    fn visit_unit<E>(self) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("null"))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("a boolean"))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("a number"))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("a number"))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("a number"))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<RecordFields, E> {
+        Ok(RecordFields::NotAnObject("a string"))
     }
 }
 
@@ -309,6 +402,45 @@ mod tests {
         assert_eq!(found, expected.map(|(read, text)| (read, text.to_string())));
     }
 
+    fn json_type_name(value: &Value) -> &'static str {
+        match value {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+
+    /// The line as the intake read it before `RecordFields`: a whole `Value` tree (the oracle
+    /// of `fields_agree_with_a_full_parse`). `Ok(Some((key, timestamp)))`, `None` where the line
+    /// leaves it to be generated.
+    #[allow(clippy::type_complexity)]
+    fn full_parse(line: &[u8]) -> Result<Option<(Option<String>, Option<u64>)>, LineProblem> {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            return Ok(None);
+        }
+        let value: Value =
+            serde_json::from_slice(line).map_err(|error| LineProblem::InvalidJson(error.to_string()))?;
+        let Value::Object(object) = value else {
+            return Err(LineProblem::NotAnObject(json_type_name(&value)));
+        };
+        let key = match object.get("key") {
+            None => None,
+            Some(Value::String(key)) if protocol::validate_key(key).is_ok() => Some(key.clone()),
+            Some(other) => return Err(LineProblem::InvalidKey(echo_value(other))),
+        };
+        let timestamp_us = match object.get("timestamp_us") {
+            None => None,
+            Some(value) => {
+                Some(value.as_u64().ok_or_else(|| LineProblem::InvalidTimestamp(echo_value(value)))?)
+            }
+        };
+        Ok(Some((key, timestamp_us)))
+    }
+
     /// Lines shaped like what a client might send, right or wrong: JSON tokens in any order.
     fn json_ish_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
@@ -353,6 +485,26 @@ mod tests {
                 Err(problem) => {
                     proptest::prop_assert!(problem.to_string().len() <= 320, "{problem}");
                 }
+            }
+        }
+
+        /// The record made without a `Value` tree is the one a full parse into `Value` makes:
+        /// same acceptance, same key and timestamp, same problem kind.
+        #[test]
+        fn fields_agree_with_a_full_parse(line in json_ish_line()) {
+            let full = full_parse(&line);
+            match (maker().record_from_line(&line), full) {
+                (Ok(Some(record)), Ok(Some((key, timestamp_us)))) => {
+                    if let Some(key) = key {
+                        proptest::prop_assert_eq!(record.key, key);
+                    }
+                    if let Some(timestamp_us) = timestamp_us {
+                        proptest::prop_assert_eq!(record.timestamp_us, timestamp_us);
+                    }
+                }
+                (Ok(None), Ok(None)) => {}
+                (Err(found), Err(expected)) => proptest::prop_assert_eq!(found.kind(), expected.kind(), "{} vs {}", found, expected),
+                (found, expected) => proptest::prop_assert!(false, "{:?}: {:?} vs {:?}", String::from_utf8_lossy(&line), found.map(|record| record.map(|record| record.key)), expected),
             }
         }
 
