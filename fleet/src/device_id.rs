@@ -61,3 +61,14 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<String, FleetError> {
     validate_device_id(device_id)?;
     Ok(device_id.to_owned())
 }
+
+/// The fingerprint of the key a DER certificate names: SHA-256 of its SubjectPublicKeyInfo,
+/// lowercase hex (the onboarding topics' `key_fingerprint`, the revocation list's `key:` entries).
+pub fn key_fingerprint_from_certificate(der: &[u8]) -> Result<String, FleetError> {
+    let (_, certificate) = X509Certificate::from_der(der).map_err(|error| FleetError::Certificate {
+        what: "device certificate".to_owned(),
+        problem: format!("not an X.509 certificate: {error}"),
+    })?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, certificate.public_key().raw);
+    Ok(digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect())
+}

@@ -91,6 +91,11 @@ pub enum FleetError {
     #[error("revocation list {path}, line {line}: {problem} (fix or remove the line)")]
     RevocationLine { path: PathBuf, line: usize, problem: DeviceIdProblem },
 
+    #[error(
+        "revocation list {path} line {line}: expected `key:` and 64 lowercase hex digits (SHA-256 of a public key)"
+    )]
+    RevocationKey { path: PathBuf, line: usize },
+
     #[error("CA rollover in {directory}: {problem}")]
     Rollover { directory: PathBuf, problem: String },
 

@@ -37,10 +37,12 @@ pub use authority::{
     staged_renewal_key,
 };
 pub use csr::{CSR_PEM_BYTES_MAX, CsrProblem, CsrSigner};
-pub use device_id::{DEVICE_ID_BYTES_MAX, device_id_from_certificate, validate_device_id};
+pub use device_id::{
+    DEVICE_ID_BYTES_MAX, device_id_from_certificate, key_fingerprint_from_certificate, validate_device_id,
+};
 pub use error::{DeviceIdProblem, FleetError};
 pub use pem::PEM_FILE_BYTES_MAX;
-pub use revocation::{REVOCATION_FILE_BYTES_MAX, RevocationList};
+pub use revocation::{REVOCATION_FILE_BYTES_MAX, RevocationList, is_key_fingerprint};
 pub use tls::{client_config, client_config_with_alpn, peer_device_id, server_config};
 
 /// The application protocol both sides negotiate; a peer that offers anything else is refused.

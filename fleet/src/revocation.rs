@@ -1,6 +1,9 @@
-//! The revocation list: a text file of revoked device ids.
+//! The revocation list: a text file of revoked device ids and revoked keys.
 //!
-//! Format: UTF-8, one device id per line; `#` starts a comment that runs to the end of the line
+//! Format: UTF-8, one entry per line: a device id (every certificate of that id is refused), or
+//! `key:` and the fingerprint of one key (SHA-256 of its SubjectPublicKeyInfo, 64 lowercase hex
+//! digits: every certificate for that key is refused, whatever its id; `fleet rebind` writes these
+//! so a device id can be bound to a new key while the old key's certificates stay refused); `#` starts a comment that runs to the end of the line
 //! (device ids cannot contain `#`); blank lines and surrounding whitespace are ignored; a
 //! repeated id is harmless. Any other line is an error naming the file and line, because a typo
 //! there would otherwise leave a device the operator meant to revoke able to connect. At most
@@ -25,6 +28,14 @@ use std::time::{Duration, SystemTime};
 use crate::device_id::device_id_problem;
 use crate::files::{self, PUBLIC_MODE};
 use crate::{FleetError, validate_device_id};
+
+/// What starts a revoked key's line; device ids cannot contain `:`, so the two never collide.
+const KEY_ENTRY_PREFIX: &str = "key:";
+
+/// Whether `text` is a key fingerprint: 64 lowercase hex digits (the onboarding topics' shape).
+pub fn is_key_fingerprint(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// Longest revocation file this crate reads.
 pub const REVOCATION_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
@@ -85,39 +96,26 @@ impl RevocationList {
     /// it is already there. Comments and other lines are kept as they are.
     pub fn revoke(path: &Path, device_id: &str) -> Result<(), FleetError> {
         validate_device_id(device_id)?;
-        let text = match files::read_bounded(path, REVOCATION_FILE_BYTES_MAX)? {
-            Some(bytes) => to_text(path, bytes)?,
-            None => String::new(),
-        };
-        if parse(path, &text)?.contains(device_id) {
-            return Ok(());
+        add_entry(path, device_id)
+    }
+
+    /// Adds the key with fingerprint `key_sha256` (see the module doc) to the file at `path`,
+    /// atomically; does nothing if it is already there.
+    pub fn revoke_key(path: &Path, key_sha256: &str) -> Result<(), FleetError> {
+        if !is_key_fingerprint(key_sha256) {
+            return Err(FleetError::RevocationKey { path: path.to_path_buf(), line: 0 });
         }
-        let mut updated = text;
-        if !updated.is_empty() && !updated.ends_with('\n') {
-            updated.push('\n');
-        }
-        updated.push_str(device_id);
-        updated.push('\n');
-        if updated.len() as u64 > REVOCATION_FILE_BYTES_MAX {
-            return Err(FleetError::FileTooLarge {
-                path: path.to_path_buf(),
-                length: updated.len() as u64,
-                max: REVOCATION_FILE_BYTES_MAX,
-            });
-        }
-        let mode = match fs::metadata(path) {
-            Ok(metadata) => metadata.permissions().mode() & 0o777,
-            Err(_) => PUBLIC_MODE,
-        };
-        files::create_directory(&durable::parent_directory(path))?;
-        files::write_replacing(path, updated.as_bytes(), mode)?;
-        tracing::info!(path = %path.display(), device_id, "revoked device");
-        Ok(())
+        add_entry(path, &format!("{KEY_ENTRY_PREFIX}{key_sha256}"))
     }
 
     /// The file this list reads.
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// Whether the key with fingerprint `key_sha256` is revoked (a `key:` entry).
+    pub fn is_key_revoked(&self, key_sha256: &str) -> bool {
+        self.is_revoked(&format!("{KEY_ENTRY_PREFIX}{key_sha256}"))
     }
 
     pub fn is_revoked(&self, device_id: &str) -> bool {
@@ -154,6 +152,38 @@ impl RevocationList {
     pub fn revoked(&self) -> BTreeSet<String> {
         self.shared.state.read().unwrap_or_else(PoisonError::into_inner).revoked.clone()
     }
+}
+
+/// Appends `entry` (already checked) to the file at `path` unless it is there; atomic.
+fn add_entry(path: &Path, entry: &str) -> Result<(), FleetError> {
+    let text = match files::read_bounded(path, REVOCATION_FILE_BYTES_MAX)? {
+        Some(bytes) => to_text(path, bytes)?,
+        None => String::new(),
+    };
+    if parse(path, &text)?.contains(entry) {
+        return Ok(());
+    }
+    let mut updated = text;
+    if !updated.is_empty() && !updated.ends_with('\n') {
+        updated.push('\n');
+    }
+    updated.push_str(entry);
+    updated.push('\n');
+    if updated.len() as u64 > REVOCATION_FILE_BYTES_MAX {
+        return Err(FleetError::FileTooLarge {
+            path: path.to_path_buf(),
+            length: updated.len() as u64,
+            max: REVOCATION_FILE_BYTES_MAX,
+        });
+    }
+    let mode = match fs::metadata(path) {
+        Ok(metadata) => metadata.permissions().mode() & 0o777,
+        Err(_) => PUBLIC_MODE,
+    };
+    files::create_directory(&durable::parent_directory(path))?;
+    files::write_replacing(path, updated.as_bytes(), mode)?;
+    tracing::info!(path = %path.display(), entry, "revoked");
+    Ok(())
 }
 
 fn stamp(path: &Path) -> Result<Option<FileStamp>, FleetError> {
@@ -201,6 +231,13 @@ fn parse(path: &Path, text: &str) -> Result<BTreeSet<String>, FleetError> {
     for (index, line) in text.lines().enumerate() {
         let entry = line.split_once('#').map_or(line, |(before, _)| before).trim();
         if entry.is_empty() {
+            continue;
+        }
+        if let Some(key) = entry.strip_prefix(KEY_ENTRY_PREFIX) {
+            if !is_key_fingerprint(key) {
+                return Err(FleetError::RevocationKey { path: path.to_path_buf(), line: index + 1 });
+            }
+            revoked.insert(entry.to_owned());
             continue;
         }
         if let Some(problem) = device_id_problem(entry) {

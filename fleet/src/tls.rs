@@ -23,7 +23,10 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::{ALPN, FleetError, IssuedCertificate, RevocationList, device_id_from_certificate, pem};
+use crate::{
+    ALPN, FleetError, IssuedCertificate, RevocationList, device_id_from_certificate,
+    key_fingerprint_from_certificate, pem,
+};
 
 /// Longest ALPN protocol id TLS can carry.
 const ALPN_BYTES_MAX: usize = 255;
@@ -183,6 +186,14 @@ impl ClientCertVerifier for FleetClientVerifier {
                 path = %self.revocations.path().display(),
                 "refused device: device id is on the revocation list"
             );
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        // A key revoked on its own (`fleet rebind`: the id moved to a new key) is refused under
+        // any id; a certificate that parsed above has a key to fingerprint.
+        if let Ok(key_sha256) = key_fingerprint_from_certificate(end_entity)
+            && self.revocations.is_key_revoked(&key_sha256)
+        {
+            tracing::warn!(device_id, key_sha256, "refused device: its key is on the revocation list");
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)

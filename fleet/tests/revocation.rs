@@ -143,3 +143,26 @@ fn oversized_file_is_refused() {
     let result = RevocationList::open(&path);
     assert!(matches!(result, Err(FleetError::FileTooLarge { .. })), "{result:?}");
 }
+
+/// `key:` entries revoke one key under any id; a malformed one names its line.
+#[test]
+fn key_entries_revoke_one_key() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("revoked.txt");
+    let key = "ab".repeat(32);
+    RevocationList::revoke_key(&path, &key).expect("revoke key");
+    RevocationList::revoke_key(&path, &key).expect("idempotent");
+    RevocationList::revoke(&path, "dev-1").expect("revoke id");
+    let list = RevocationList::open(&path).expect("open");
+    assert!(list.is_key_revoked(&key));
+    assert!(!list.is_key_revoked(&"cd".repeat(32)));
+    assert!(!list.is_revoked(&key), "a key entry does not revoke an id spelled like it");
+    assert!(list.is_revoked("dev-1"));
+    assert_eq!(fs::read_to_string(&path).expect("read").lines().count(), 2);
+    assert!(matches!(RevocationList::revoke_key(&path, "ABC"), Err(FleetError::RevocationKey { .. })));
+    fs::write(&path, format!("dev-1\nkey:{}\n", "AB".repeat(32))).expect("write");
+    match RevocationList::open(&path) {
+        Err(FleetError::RevocationKey { line, .. }) => assert_eq!(line, 2),
+        other => panic!("an upper-case fingerprint was accepted: {other:?}"),
+    }
+}

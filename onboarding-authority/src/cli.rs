@@ -37,6 +37,11 @@ pub enum FleetCommand {
     /// Forget pending DEVICE (one you will not approve): its record goes, its id is free again,
     /// and it no longer counts against `pending_devices_max`.
     Forget { device: String },
+    /// Free active DEVICE for a new key (its certificate expired, its key is lost, or the
+    /// hardware was replaced): the old key goes on the revocation list (its certificates stay
+    /// refused), and the id is claimed again like a new device (a new claim token, or `fleet
+    /// approve`). The registry keeps the retired keys.
+    Rebind { device: String },
     /// Revoke DEVICE: the QUIC sink refuses it within revocation_reload_ms and it cannot onboard again.
     Revoke { device: String },
     /// Devices with state, last heartbeat, uplink lag, ring fill and version.
@@ -127,6 +132,23 @@ pub fn run(
         FleetCommand::Forget { device } => {
             registry()?.forget_pending(&device)?;
             Ok(format!("pending device {device} forgotten"))
+        }
+        FleetCommand::Rebind { device } => {
+            let registry = registry()?;
+            // Revoked first: if the registry write then fails, the old key is refused and the
+            // id still bound, and a re-run finishes (revoking a key twice is harmless).
+            let key = registry.bound_key(&device)?;
+            RevocationList::revoke_key(revocation_file, &key)?;
+            let retired = registry.rebind(&device, unix_ms_now())?;
+            if retired != key {
+                // A renewal landed between the read and the rebind: its key is retired too.
+                RevocationList::revoke_key(revocation_file, &retired)?;
+            }
+            Ok(format!(
+                "device {device}: key sha256 {key} revoked in {}; the id is free for a new key (a new \
+                 claim token, or `core-sink fleet approve {device}`)",
+                revocation_file.display()
+            ))
         }
         FleetCommand::Revoke { device } => {
             RevocationList::revoke(revocation_file, &device)?;

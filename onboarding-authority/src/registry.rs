@@ -101,6 +101,12 @@ pub struct DeviceRecord {
     pub renewals: u64,
     #[serde(default)]
     pub renewed_unix_ms: Option<u64>,
+    /// Keys this id was bound to before `fleet rebind` freed it (oldest first); each is on the
+    /// revocation list as a `key:` entry.
+    #[serde(default)]
+    pub retired_key_sha256s: Vec<String>,
+    #[serde(default)]
+    pub rebound_unix_ms: Option<u64>,
 }
 
 impl DeviceRecord {
@@ -122,6 +128,8 @@ impl DeviceRecord {
             config_ack_message: None,
             renewals: 0,
             renewed_unix_ms: None,
+            retired_key_sha256s: Vec::new(),
+            rebound_unix_ms: None,
         }
     }
 
@@ -415,6 +423,52 @@ impl Registry {
             transaction.put_device(&record)?;
             Ok(Ok(record.pending_key_sha256.clone()))
         })?
+    }
+
+    /// Frees the id of an active device for a new key (expired certificate, lost key, replaced
+    /// hardware): the record goes back to pending, unapproved and bound to no key, so the id is
+    /// claimed again through the normal path (a new token, or `fleet approve`); its config and
+    /// history stay. Returns the fingerprint of the key it was bound to, which the caller
+    /// revokes (`RevocationList::revoke_key`) *before* calling this. Refuses unknown, pending
+    /// and revoked ids (a revoked id stays revoked).
+    pub fn rebind(&self, device_id: &str, now_unix_ms: u64) -> Result<String, OnboardingError> {
+        self.write(|transaction| {
+            let Some(mut record) = transaction.device(device_id)? else {
+                return Ok(Err(OnboardingError::UnknownDevice { device_id: device_id.to_owned() }));
+            };
+            let (DeviceState::Active, Some(key)) = (record.state, record.key_sha256.clone()) else {
+                return Ok(Err(OnboardingError::NotActive {
+                    device_id: device_id.to_owned(),
+                    state: record.state.as_str(),
+                }));
+            };
+            record.state = DeviceState::Pending;
+            record.approved = false;
+            record.pending_key_sha256 = None;
+            record.key_sha256 = None;
+            record.certificate_pem = None;
+            record.token_hash = None;
+            record.retired_key_sha256s.push(key.clone());
+            record.rebound_unix_ms = Some(now_unix_ms);
+            // The next onboarding publishes the config again to the new key's session.
+            record.config_published_version = 0;
+            record.config_acked_version = 0;
+            transaction.put_device(&record)?;
+            Ok(Ok(key))
+        })?
+    }
+
+    /// The fingerprint of the key an active device is bound to (what `rebind` will retire).
+    pub fn bound_key(&self, device_id: &str) -> Result<String, OnboardingError> {
+        let record = self
+            .device(device_id)?
+            .ok_or_else(|| OnboardingError::UnknownDevice { device_id: device_id.to_owned() })?;
+        match (record.state, record.key_sha256) {
+            (DeviceState::Active, Some(key)) => Ok(key),
+            (state, _) => {
+                Err(OnboardingError::NotActive { device_id: device_id.to_owned(), state: state.as_str() })
+            }
+        }
     }
 
     /// Marks `device_id` revoked (known or not, so it can never onboard under that id again).

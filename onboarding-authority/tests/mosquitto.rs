@@ -426,6 +426,63 @@ async fn revoked_device_is_cut_off_and_cannot_onboard_again() {
     sink.shutdown().await;
 }
 
+/// A device whose key is lost (or whose certificate expired, or whose hardware was replaced)
+/// cannot claim its id with a new key (`device_id_taken`) until the operator runs `fleet rebind`;
+/// then it onboards with a new key and a new token and streams on, while the old key's
+/// certificate stays refused by the sink. Fails without the rebind (the new key stays refused)
+/// and without the key revocation (the old certificate streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebind_lets_a_new_key_claim_the_id_and_refuses_the_old_one() {
+    init_tracing();
+    let fleet = TestFleet::new();
+    let sink = core_sink::Sink::start(fleet.sink_config(free_udp_port())).await.expect("sink");
+    let authority_config = fleet.authority_config(sink.local_addr());
+    let authority = fleet.start_authority(authority_config.clone()).await;
+    let registry = authority.registry().clone();
+    let tokens = registry.create_tokens(2, Duration::from_secs(3600), now_unix_ms()).expect("tokens");
+    let old_identity = fleet.onboard("phoenix", &tokens[0]).await;
+    let ring = open_ring(&fleet, "phoenix");
+    let uplink = appliance::Uplink::spawn(ring.clone(), uplink_config(&old_identity)).expect("uplink");
+    assert!(stream_once(&uplink, &ring, "phoenix", 0).await, "streams before the key is lost");
+    uplink.stop().await;
+    let old_key = registry.device("phoenix").expect("read").expect("record").key_sha256.expect("bound key");
+
+    // The key is lost: a new one (a fresh identity directory) asks with a new token.
+    let mut new_config = fleet.onboarding_config("phoenix", Some(tokens[1].clone()));
+    new_config.identity_dir = fleet.path().join("devices").join("phoenix-new-key");
+    match onboarding::ensure_identity(&new_config).await {
+        Err(OnboardingError::Rejected { code, .. }) => assert_eq!(code, RejectionCode::DeviceIdTaken),
+        other => panic!("a second key took an active id: {other:?}"),
+    }
+
+    let printed = fleet
+        .fleet_command(FleetCommand::Rebind { device: "phoenix".to_owned() }, &authority_config)
+        .expect("rebind");
+    assert!(printed.contains(&old_key), "{printed}");
+    let record = registry.device("phoenix").expect("read").expect("record");
+    assert_eq!(record.state, DeviceState::Pending);
+    assert_eq!(record.retired_key_sha256s, vec![old_key.clone()]);
+    assert!(
+        fleet
+            .fleet_command(FleetCommand::Rebind { device: "phoenix".to_owned() }, &authority_config)
+            .is_err(),
+        "a pending id has no key to retire"
+    );
+
+    let new_identity = onboarding::ensure_identity(&new_config).await.expect("onboard with the new key");
+    let record = registry.device("phoenix").expect("read").expect("record");
+    assert_eq!(record.state, DeviceState::Active);
+    assert_ne!(record.key_sha256.as_deref(), Some(old_key.as_str()), "bound to the new key");
+
+    support::assert_uplink_refused(&ring, uplink_config(&old_identity), "phoenix", 10, "the old key").await;
+    let uplink = appliance::Uplink::spawn(ring.clone(), uplink_config(&new_identity)).expect("new uplink");
+    assert!(stream_once(&uplink, &ring, "phoenix", 20).await, "the new key streams, the refused chunk too");
+    assert_eq!(sink.durable_through("phoenix", Lane::Sensor), uplink.metrics().acked_through(Lane::Sensor));
+    uplink.stop().await;
+    authority.shutdown().await;
+    sink.shutdown().await;
+}
+
 /// Remote config: set with the CLI, delivered over MQTT, applied without restart, acknowledged,
 /// reported by heartbeats, and still in force after the agent restarts. `fleet list` shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
