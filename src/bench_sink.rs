@@ -30,6 +30,59 @@ pub struct SinkArgs {
     /// Write an SVG bar chart of the results here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// 335 B JSON rows written into one typed Parquet series shard (0 skips the case).
+    #[arg(long, default_value_t = 400_000)]
+    series_rows: u64,
+    /// Only the Parquet series case (for profiling it alone).
+    #[arg(long)]
+    series_only: bool,
+}
+
+/// The typed Parquet series writer (`ParquetShardWriter`: field extraction, typed columns, row
+/// groups, zstd) on 335 B sensor JSON rows, against the peer every JSON consumer pays: one
+/// `serde_json::Value` parse of the same payloads. Single thread, file written then fsynced.
+fn bench_series(base: &Path, rows: u64) -> Result<()> {
+    use core_sink::datasets::parquet::{OwnedSeriesRow, ParquetShardWriter};
+    std::fs::create_dir_all(base)?;
+    let rows: Vec<OwnedSeriesRow> = (0..rows)
+        .map(|index| OwnedSeriesRow {
+            device: format!("device-{:02}", index % 16),
+            lane: "sensor".to_owned(),
+            seq: 1 + index / 400,
+            index: (index % 400) as u32,
+            key: format!("reading-{index:010}"),
+            timestamp_us: 1_780_000_000_000_000 + index as i64 * 1_000,
+            content_type: "application/json".to_owned(),
+            payload: crate::bench_uplink::sensor_json(index).into_bytes(),
+        })
+        .collect();
+    let payload_bytes: u64 = rows.iter().map(|row| row.payload.len() as u64).sum();
+    let started = Instant::now();
+    let path = base.join("series.parquet");
+    let mut writer = ParquetShardWriter::new(std::fs::File::create(&path)?, 65_536)?;
+    for row in &rows {
+        writer.append(&row.as_row())?;
+    }
+    writer.finish()?.sync_all()?;
+    let write = rows.len() as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut fields = 0usize;
+    for row in &rows {
+        let value: serde_json::Value = serde_json::from_slice(&row.payload)?;
+        fields += value.as_object().map_or(0, serde_json::Map::len);
+    }
+    let parse = rows.len() as f64 / started.elapsed().as_secs_f64();
+    assert!(fields > 0);
+    println!(
+        "parquet series: {} rows of {} B JSON: {:.0} rows/s ({:.1} MB/s of payload); serde_json Value parse alone {:.0} rows/s; ratio {:.2}",
+        rows.len(),
+        payload_bytes / rows.len().max(1) as u64,
+        write,
+        write * payload_bytes as f64 / rows.len().max(1) as f64 / 1e6,
+        parse,
+        write / parse
+    );
+    Ok(())
 }
 
 /// Lands `samples` media records of 200 KiB, one per chunk, and returns the checkpoint.
@@ -134,6 +187,13 @@ print(total / (time.perf_counter() - started))
 pub fn bench_sink(args: &SinkArgs) -> Result<()> {
     let base = args.dir.join("tributary-bench-sink");
     let _ = std::fs::remove_dir_all(&base);
+    if args.series_rows > 0 {
+        bench_series(&base.join("series"), args.series_rows)?;
+    }
+    if args.series_only {
+        let _ = std::fs::remove_dir_all(&base);
+        return Ok(());
+    }
     let landing_dir = base.join("landing");
     let checkpoint = land_media(&landing_dir, args.samples)?;
     let total = args.samples * SAMPLE_BYTES as u64;

@@ -447,9 +447,11 @@ impl ParquetShardWriter {
         assert!(rows > 0);
         self.start_file()?;
         // Fields the columns lack are late: columns from the next shard on.
+        let columns: std::collections::HashSet<&str> =
+            self.report.columns.iter().map(|column| column.name.as_str()).collect();
         for fields in &self.buffered.fields {
             for (name, value) in fields {
-                if !self.report.columns.iter().any(|column| &column.name == name) {
+                if !columns.contains(name.as_str()) {
                     self.late.observe(name, value);
                 }
             }

@@ -115,22 +115,6 @@ pub enum Cell {
 }
 
 impl FieldValue {
-    fn from_json(value: serde_json::Value) -> FieldValue {
-        use serde_json::Value;
-        match value {
-            Value::Null => FieldValue::Null,
-            Value::Bool(value) => FieldValue::Bool(value),
-            Value::Number(number) => match number.as_i64() {
-                Some(integer) => FieldValue::Int(integer),
-                None if number.is_f64() => FieldValue::Float(number.as_f64().expect("f64 number")),
-                None => FieldValue::Other("big integer"),
-            },
-            Value::String(text) => FieldValue::Text(text),
-            Value::Array(_) => FieldValue::Other("array"),
-            Value::Object(_) => FieldValue::Other("object"),
-        }
-    }
-
     /// The JSON kind, named like the column type that would hold it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -192,22 +176,132 @@ pub fn valid_column_name(name: &str) -> bool {
 
 /// The fields of a payload that is a JSON object and may become columns, in name order; nothing
 /// for any other payload (bytes are from a device: anything that does not parse is just not
-/// typed). At most `FIELDS_PER_RECORD_MAX`.
+/// typed). At most `FIELDS_PER_RECORD_MAX`. A name given twice keeps its last value (as a JSON
+/// object map does).
+///
+/// Parsed in one pass without building a `serde_json::Value` tree: nested objects and arrays are
+/// skipped (they only need their kind), and only names that can be columns are copied. This is
+/// the series writer's per-row cost (`tributary bench sink`, "parquet series").
 pub fn payload_fields(payload: &[u8]) -> Vec<(String, FieldValue)> {
     let first = payload.iter().find(|byte| !byte.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Vec::new();
     }
-    let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload) else {
+    // Skipped nested strings are not checked for UTF-8 by the parser; the whole payload is.
+    if std::str::from_utf8(payload).is_err() {
+        return Vec::new();
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let Ok(PayloadFields(mut fields)) = PayloadFields::deserialize(&mut deserializer) else {
         return Vec::new();
     };
-    // serde_json's map is ordered by key (no `preserve_order`), so fields come in name order.
-    object
-        .into_iter()
-        .filter(|(name, _)| valid_column_name(name))
-        .take(FIELDS_PER_RECORD_MAX)
-        .map(|(name, value)| (name, FieldValue::from_json(value)))
-        .collect()
+    if deserializer.end().is_err() {
+        return Vec::new();
+    }
+    // Stable, so among equal names the last one given stays last.
+    fields.sort_by(|(left, _), (right, _)| left.cmp(right));
+    let mut unique: Vec<(String, FieldValue)> = Vec::with_capacity(fields.len().min(FIELDS_PER_RECORD_MAX));
+    for (name, value) in fields {
+        if unique.last().is_some_and(|(last, _)| *last == name) {
+            unique.last_mut().expect("checked above").1 = value;
+        } else if unique.len() == FIELDS_PER_RECORD_MAX {
+            break;
+        } else {
+            unique.push((name, value));
+        }
+    }
+    unique
+}
+
+/// A JSON object's fields whose names can be columns, in document order.
+struct PayloadFields(Vec<(String, FieldValue)>);
+
+impl<'de> Deserialize<'de> for PayloadFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> serde::de::Visitor<'de> for ObjectVisitor {
+            type Value = PayloadFields;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<PayloadFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(FieldName(name)) = map.next_key()? {
+                    let value: FieldValue = map.next_value()?;
+                    if valid_column_name(&name) {
+                        fields.push((name.into_owned(), value));
+                    }
+                }
+                Ok(PayloadFields(fields))
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// An object member's name, borrowed from the payload unless it holds escapes.
+struct FieldName<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> serde::de::Visitor<'de> for NameVisitor {
+            type Value = FieldName<'de>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, name: &'de str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(std::borrow::Cow::Borrowed(name)))
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(std::borrow::Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldValue {
+    /// The value's kind and, for scalars, the value; nested objects and arrays are read past.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+        impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+            type Value = FieldValue;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<FieldValue, E> {
+                Ok(FieldValue::Null)
+            }
+            fn visit_bool<E>(self, value: bool) -> Result<FieldValue, E> {
+                Ok(FieldValue::Bool(value))
+            }
+            fn visit_i64<E>(self, value: i64) -> Result<FieldValue, E> {
+                Ok(FieldValue::Int(value))
+            }
+            fn visit_u64<E>(self, value: u64) -> Result<FieldValue, E> {
+                Ok(i64::try_from(value).map_or(FieldValue::Other("big integer"), FieldValue::Int))
+            }
+            fn visit_f64<E>(self, value: f64) -> Result<FieldValue, E> {
+                Ok(FieldValue::Float(value))
+            }
+            fn visit_str<E>(self, value: &str) -> Result<FieldValue, E> {
+                Ok(FieldValue::Text(value.to_owned()))
+            }
+            fn visit_string<E>(self, value: String) -> Result<FieldValue, E> {
+                Ok(FieldValue::Text(value))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<FieldValue, A::Error> {
+                while items.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FieldValue::Other("array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut members: A) -> Result<FieldValue, A::Error> {
+                while members.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FieldValue::Other("object"))
+            }
+        }
+        deserializer.deserialize_any(ValueVisitor)
+    }
 }
 
 /// Infers column types from fields seen in order: integers only → int64, integers and
@@ -227,14 +321,15 @@ struct InferredKinds {
 impl Inference {
     pub fn observe(&mut self, name: &str, value: &FieldValue) {
         let Some(column_type) = value.inferred_type() else { return };
-        if !self.seen.contains_key(name) && self.seen.len() >= FIELDS_PER_RECORD_MAX {
-            return;
+        if !self.seen.contains_key(name) {
+            if self.seen.len() >= FIELDS_PER_RECORD_MAX {
+                return;
+            }
+            // Copies the name once per new field, not once per row.
+            let first = InferredKinds { first: column_type, integers: false, fractions: false };
+            self.seen.insert(name.to_owned(), first);
         }
-        let kinds = self.seen.entry(name.to_string()).or_insert(InferredKinds {
-            first: column_type,
-            integers: false,
-            fractions: false,
-        });
+        let kinds = self.seen.get_mut(name).expect("inserted above");
         kinds.integers |= column_type == ColumnType::Int64;
         kinds.fractions |= column_type == ColumnType::Double;
     }
@@ -270,6 +365,103 @@ pub fn merge_columns(base: &[TypedColumn], more: &[TypedColumn]) -> Vec<TypedCol
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The straightforward definition `payload_fields` must agree with: a full `Value` parse.
+    fn full_parse(payload: &[u8]) -> Vec<(String, FieldValue)> {
+        fn from_json(value: serde_json::Value) -> FieldValue {
+            use serde_json::Value;
+            match value {
+                Value::Null => FieldValue::Null,
+                Value::Bool(value) => FieldValue::Bool(value),
+                Value::Number(number) => match number.as_i64() {
+                    Some(integer) => FieldValue::Int(integer),
+                    None if number.is_f64() => FieldValue::Float(number.as_f64().expect("f64 number")),
+                    None => FieldValue::Other("big integer"),
+                },
+                Value::String(text) => FieldValue::Text(text),
+                Value::Array(_) => FieldValue::Other("array"),
+                Value::Object(_) => FieldValue::Other("object"),
+            }
+        }
+        if payload.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+            return Vec::new();
+        }
+        let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload) else {
+            return Vec::new();
+        };
+        object
+            .into_iter()
+            .filter(|(name, _)| valid_column_name(name))
+            .take(FIELDS_PER_RECORD_MAX)
+            .map(|(name, value)| (name, from_json(value)))
+            .collect()
+    }
+
+    fn json_value(depth: u32) -> BoxedStrategy<String> {
+        let scalar = prop_oneof![
+            Just("null".to_owned()),
+            any::<bool>().prop_map(|value| value.to_string()),
+            any::<i64>().prop_map(|value| value.to_string()),
+            any::<u64>().prop_map(|value| value.to_string()),
+            (-1e9f64..1e9).prop_map(|value| format!("{value:?}")),
+            "[a-z \\\"\u{e9}\u{1F600}]{0,8}".prop_map(|text| format!("\"{text}\"")),
+            Just("\"\\u00e9\\n\"".to_owned()),
+        ];
+        if depth == 0 {
+            return scalar.boxed();
+        }
+        prop_oneof![
+            4 => scalar,
+            1 => prop::collection::vec(json_value(depth - 1), 0..3).prop_map(|items| format!("[{}]", items.join(","))),
+            1 => json_object(depth - 1),
+        ]
+        .boxed()
+    }
+
+    fn json_object(depth: u32) -> BoxedStrategy<String> {
+        let name = prop_oneof![
+            Just("a".to_owned()),
+            Just("b_2".to_owned()),
+            Just("device".to_owned()),
+            Just("1x".to_owned()),
+            Just("a b".to_owned()),
+            Just("\\u0061".to_owned()),
+            "[A-Za-z_][A-Za-z0-9_]{0,6}",
+        ];
+        prop::collection::vec((name, json_value(depth)), 0..6)
+            .prop_map(|members| {
+                let members: Vec<String> =
+                    members.iter().map(|(name, value)| format!("\"{name}\": {value}")).collect();
+                format!("{{{}}}", members.join(", "))
+            })
+            .boxed()
+    }
+
+    /// A generated object, sometimes cut short, padded or with a byte changed.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        (json_object(2), 0u8..6, any::<prop::sample::Index>(), any::<u8>()).prop_map(
+            |(object, damage, at, byte)| {
+                let mut bytes = object.into_bytes();
+                let at = at.index(bytes.len() + 1);
+                match damage {
+                    0 => bytes.truncate(at),
+                    1 => bytes.insert(at, byte),
+                    2 => bytes.extend_from_slice(b" x"),
+                    3 => bytes.splice(0..0, *b"  \n").for_each(drop),
+                    _ => {}
+                }
+                bytes
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn fields_agree_with_a_full_parse(payload in payload()) {
+            prop_assert_eq!(payload_fields(&payload), full_parse(&payload), "{}", String::from_utf8_lossy(&payload));
+        }
+    }
 
     fn check(payload: &str, column_type: ColumnType, expected: Result<Option<Cell>, ()>) {
         let fields = payload_fields(payload.as_bytes());
