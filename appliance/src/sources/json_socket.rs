@@ -267,8 +267,16 @@ async fn serve_connection(stream: UnixStream, shared: &Shared) {
     let mut line = Vec::new();
     let mut line_number: u64 = 0;
     loop {
+        // A line already whole in the buffer completes without waiting, so it needs no timer
+        // (one per line was a clock read and a timer entry per record).
+        let line_buffered = reader.buffer().contains(&b'\n');
         let read_line = super::json_lines::read_line_bounded(&mut reader, &mut line, shared.line_bytes_max);
-        let read = match tokio::time::timeout(shared.idle_timeout, read_line).await {
+        let read = if line_buffered {
+            Ok(read_line.await)
+        } else {
+            tokio::time::timeout(shared.idle_timeout, read_line).await
+        };
+        let read = match read {
             Ok(Ok(read)) => read,
             Ok(Err(error)) => {
                 shared.intake.metrics.count_error(SourceErrorKind::Io);
