@@ -50,7 +50,7 @@ pub struct PeersArgs {
     /// Directory for every process's data (on the disk you want to measure).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
-    /// 335 B JSON records per run.
+    /// JSON records (about 255 B each, `bench uplink`'s sensor reading) per run.
     #[arg(long, default_value_t = 300_000)]
     records: u64,
     /// 200 KiB frames per run (64 KiB messages for the NATS frame case: the same bytes).
@@ -63,6 +63,9 @@ pub struct PeersArgs {
     #[arg(long)]
     tributary_only: bool,
 }
+
+/// The records workload's label: `sensor_json` lines are 254–256 bytes.
+const RECORDS_WORKLOAD: &str = "~255 B JSON records";
 
 /// One measured case of one system.
 struct Reading {
@@ -290,7 +293,7 @@ fn tributary_records(base: &Path, ca: &FleetCa, records: u64, clients: usize) ->
     let seconds = started.elapsed().as_secs_f64();
     let reading = meter.reading(
         "tributary (daemon, sync, fsync)",
-        "335 B JSON records".into(),
+        RECORDS_WORKLOAD.into(),
         records,
         payload_bytes.load(Ordering::Relaxed),
         seconds,
@@ -632,7 +635,7 @@ fn mosquitto_case(base: &Path, records: u64) -> Result<Reading> {
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let reading =
-        meter.reading("mosquitto 2.0 (bridge, QoS 1)", "335 B JSON records".into(), records, bytes, seconds);
+        meter.reading("mosquitto 2.0 (bridge, QoS 1)", RECORDS_WORKLOAD.into(), records, bytes, seconds);
     let _ = publisher.disconnect();
     let _ = subscriber.disconnect();
     drop(processes);
@@ -668,7 +671,7 @@ pub fn run(args: PeersArgs) -> Result<()> {
     if on_path("nats-server") {
         let nats_records = nats_case(
             &base,
-            "335 B JSON records",
+            RECORDS_WORKLOAD,
             args.records,
             |index| sensor_json(index).into_bytes(),
             args.clients,
