@@ -205,10 +205,59 @@ struct ColumnBuffers {
     timestamp_us: Vec<i64>,
     content_type: Vec<ByteArray>,
     payload: Vec<ByteArray>,
-    /// The payload's JSON fields that may become typed columns, in name order.
-    fields: Vec<Vec<(String, FieldValue)>>,
+    /// The payload's JSON fields that may become typed columns, every row's in name order, one
+    /// row after the other; `field_ends[row]` is where row `row`'s end.
+    fields: Vec<(FieldId, FieldValue)>,
+    field_ends: Vec<usize>,
+    /// The field names of the rows above, each stored once (rows repeat the same few names).
+    names: FieldNames,
+    /// The last device, lane and content type pushed: rows repeat them, and a `ByteArray` clone
+    /// shares the bytes instead of copying them.
+    last_texts: [Option<ByteArray>; 3],
     /// Rough memory held by the rows above.
     bytes: u64,
+}
+
+/// A field name's number among the names of one row group's rows.
+type FieldId = u32;
+
+#[derive(Default)]
+struct FieldNames {
+    ids: std::collections::HashMap<Box<str>, FieldId>,
+    names: Vec<Box<str>>,
+}
+
+impl FieldNames {
+    fn id(&mut self, name: &str) -> FieldId {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        // At most rows × `FIELDS_PER_RECORD_MAX` names, bounded with the rows by `bytes`.
+        let id = FieldId::try_from(self.names.len()).expect("fewer names than 2^32");
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        id
+    }
+
+    fn name(&self, id: FieldId) -> &str {
+        &self.names[id as usize]
+    }
+
+    fn find(&self, name: &str) -> Option<FieldId> {
+        self.ids.get(name).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// `text` as a byte array, sharing the bytes of `last` when it holds the same text.
+fn repeated_text(last: &mut Option<ByteArray>, text: &str) -> ByteArray {
+    match last {
+        Some(previous) if previous.data() == text.as_bytes() => previous.clone(),
+        _ => last.insert(ByteArray::from(text)).clone(),
+    }
 }
 
 impl ColumnBuffers {
@@ -217,31 +266,42 @@ impl ColumnBuffers {
     }
 
     fn push(&mut self, row: &SeriesRow<'_>) {
-        self.device.push(ByteArray::from(row.device));
-        self.lane.push(ByteArray::from(row.lane));
+        let [last_device, last_lane, last_content_type] = &mut self.last_texts;
+        self.device.push(repeated_text(last_device, row.device));
+        self.lane.push(repeated_text(last_lane, row.lane));
         // Parquet stores unsigned integers in the signed physical type with the same bits; the
         // INTEGER(_, false) annotation tells readers to take them back as unsigned.
         self.seq.push(row.seq.cast_signed());
         self.index.push(row.index.cast_signed());
         self.key.push(ByteArray::from(row.key));
         self.timestamp_us.push(row.timestamp_us);
-        self.content_type.push(ByteArray::from(row.content_type));
+        self.content_type.push(repeated_text(last_content_type, row.content_type));
         self.payload.push(ByteArray::from(row.payload));
-        let fields = typed::payload_fields(row.payload);
-        self.bytes += row_bytes(row)
-            + fields.iter().map(|(name, value)| name.len() as u64 + value.bytes()).sum::<u64>();
-        self.fields.push(fields);
-        assert!(self.rows() == self.device.len() && self.rows() == self.fields.len());
+        let mut field_bytes = 0;
+        for (name, value) in typed::payload_fields(row.payload) {
+            field_bytes += name.len() as u64 + value.bytes();
+            let id = self.names.id(&name);
+            self.fields.push((id, value));
+        }
+        self.field_ends.push(self.fields.len());
+        self.bytes += row_bytes(row) + field_bytes;
+        assert!(self.rows() == self.device.len() && self.rows() == self.field_ends.len());
     }
 
     fn clear(&mut self) {
         *self = ColumnBuffers::default();
     }
 
-    /// The value of field `name` in buffered row `row`, if the row has it.
-    fn field(&self, row: usize, name: &str) -> Option<&FieldValue> {
-        let fields = &self.fields[row];
-        fields.binary_search_by(|(field, _)| field.as_str().cmp(name)).ok().map(|at| &fields[at].1)
+    /// Buffered row `row`'s fields.
+    fn row_fields(&self, row: usize) -> &[(FieldId, FieldValue)] {
+        let start = if row == 0 { 0 } else { self.field_ends[row - 1] };
+        &self.fields[start..self.field_ends[row]]
+    }
+
+    /// The value of field `id` in buffered row `row`, if the row has it.
+    fn field(&self, row: usize, id: FieldId) -> Option<&FieldValue> {
+        // A row has a few fields: a scan of their numbers beats a search by name.
+        self.row_fields(row).iter().find(|(field, _)| *field == id).map(|(_, value)| value)
     }
 }
 
@@ -424,10 +484,8 @@ impl ParquetShardWriter {
     fn start_file(&mut self) -> Result<(), DatasetFormatError> {
         let Some(file) = self.file.take() else { return Ok(()) };
         let mut inference = Inference::default();
-        for fields in &self.buffered.fields {
-            for (name, value) in fields {
-                inference.observe(name, value);
-            }
+        for (id, value) in &self.buffered.fields {
+            inference.observe(self.buffered.names.name(*id), value);
         }
         let columns = typed::merge_columns(&self.known_columns, &inference.columns());
         let schema = Arc::new(series_schema(&columns)?);
@@ -447,13 +505,16 @@ impl ParquetShardWriter {
         assert!(rows > 0);
         self.start_file()?;
         // Fields the columns lack are late: columns from the next shard on.
-        let columns: std::collections::HashSet<&str> =
-            self.report.columns.iter().map(|column| column.name.as_str()).collect();
-        for fields in &self.buffered.fields {
-            for (name, value) in fields {
-                if !columns.contains(name.as_str()) {
-                    self.late.observe(name, value);
-                }
+        let names = &self.buffered.names;
+        let mut is_column = vec![false; names.len()];
+        for column in &self.report.columns {
+            if let Some(id) = names.find(&column.name) {
+                is_column[id as usize] = true;
+            }
+        }
+        for (id, value) in &self.buffered.fields {
+            if !is_column[*id as usize] {
+                self.late.observe(names.name(*id), value);
             }
         }
         let writer = self.writer.as_mut().expect("started above");
@@ -544,8 +605,11 @@ fn write_typed_column(
     report: &mut SeriesReport,
 ) -> Result<(), ParquetError> {
     let mut cells = Vec::with_capacity(rows.rows());
+    // A column no buffered row has is all nulls.
+    let id = rows.names.find(&column.name);
     for row in 0..rows.rows() {
-        let cell = match rows.field(row, &column.name).map(|value| (value, value.cell(column.column_type))) {
+        let value = id.and_then(|id| rows.field(row, id));
+        let cell = match value.map(|value| (value, value.cell(column.column_type))) {
             None => None,
             Some((_, Ok(cell))) => cell,
             Some((value, Err(()))) => {
