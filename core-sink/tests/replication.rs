@@ -512,3 +512,95 @@ fn a_full_replica_fails_its_passes_without_partial_objects_and_drains_when_space
     assert!(replicator.verify(0).unwrap().is_empty());
     assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
 }
+
+/// Records each read of every source streamed to the inner replica (key, when, bytes); sets
+/// `stop` once the first shard is written.
+struct RecordingReplica {
+    inner: DirectoryReplica,
+    reads: Arc<std::sync::Mutex<Vec<(String, std::time::Instant, usize)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Replica for RecordingReplica {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>, ReplicaError> {
+        self.inner.head(key)
+    }
+    fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, ReplicaError> {
+        self.inner.get(key, bytes_max)
+    }
+    fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError> {
+        self.put_stream(key, bytes.len() as u64, &mut &bytes[..], mode)
+    }
+    fn put_stream(
+        &self,
+        key: &str,
+        length: u64,
+        source: &mut dyn std::io::Read,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicaError> {
+        struct Recorder<'a> {
+            key: &'a str,
+            inner: &'a mut dyn std::io::Read,
+            reads: &'a std::sync::Mutex<Vec<(String, std::time::Instant, usize)>>,
+        }
+        impl std::io::Read for Recorder<'_> {
+            fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+                let read = self.inner.read(buffer)?;
+                if read > 0 {
+                    self.reads.lock().unwrap().push((self.key.to_string(), std::time::Instant::now(), read));
+                }
+                Ok(read)
+            }
+        }
+        let mut recorder = Recorder { key, inner: source, reads: &self.reads };
+        let outcome = self.inner.put_stream(key, length, &mut recorder, mode)?;
+        if key.ends_with(".tar") || key.ends_with(".parquet") {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError> {
+        self.inner.list(prefix)
+    }
+}
+
+#[test]
+fn a_shard_is_copied_in_chunks_each_waiting_for_its_budget() {
+    // 150 kB shards at 100 kB/s with a one-second (100 kB) burst: the first 100 kB may go at
+    // once, the other 50 kB only chunk by chunk over at least half a second. Paced as a whole
+    // object, the shard would wait and then be read in one go.
+    let mut site = Site::new();
+    site.shard_bytes = 150_000;
+    site.publish_shards(1);
+    let replica = site.base.join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    let mut config = ReplicationConfig::directory("site-b", &replica);
+    config.bytes_per_second_max = 100_000;
+    config.chunk_bytes = 16 * 1024;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend =
+        RecordingReplica { inner: DirectoryReplica::new(&replica), reads: reads.clone(), stop: stop.clone() };
+    let sources = Sources::of(&site.config(config.clone()));
+    let sources = Sources { archive_root: None, ..sources };
+    let mut replicator = Replicator::with_backends(
+        sources,
+        config,
+        &site.base.join("state"),
+        vec![("site-b".to_string(), Box::new(backend))],
+        stop,
+    )
+    .unwrap();
+    replicator.pass(false);
+    let reads = reads.lock().unwrap();
+    let shard = &reads.first().expect("a shard was copied").0;
+    let chunks: Vec<_> = reads.iter().filter(|(key, _, _)| key == shard).collect();
+    assert_eq!(chunks.iter().map(|chunk| chunk.2).sum::<usize>(), 150_000, "{shard}");
+    assert!(chunks.iter().all(|chunk| chunk.2 <= 16 * 1024), "no read beyond a chunk");
+    let spread = chunks.last().unwrap().1 - chunks.first().unwrap().1;
+    assert!(spread >= Duration::from_millis(400), "{shard} went in {spread:?}: not paced chunk by chunk");
+    assert_eq!(std::fs::read(replica.join(shard)).unwrap().len(), 150_000);
+}

@@ -29,8 +29,12 @@
 //! another size is replaced from the source (counted as a repair). `verify` reads the whole replica
 //! back and names every difference; `pass(repair = true)` re-copies what verify names.
 //!
-//! Limits: `SEGMENT_BYTES_MAX` per log segment, `object_bytes_max` per object in memory (one object
-//! at a time), `CHECKPOINTS_PER_PASS_MAX` checkpoints read per pass, `DATASETS_MAX` datasets,
+//! Pacing and memory: every object is copied in chunks of `chunk_bytes`, each waiting for its
+//! share of the bandwidth budget (`Paced`); shards and log segments are streamed from their files
+//! (one chunk in memory), archive objects, manifests and keys are read whole first.
+//!
+//! Limits: `SEGMENT_BYTES_MAX` per log segment, `object_bytes_max` per archive object in memory
+//! (one object at a time), `CHECKPOINTS_PER_PASS_MAX` checkpoints read per pass, `DATASETS_MAX` datasets,
 //! `WATERMARK_BYTES_MAX` per watermark file.
 
 pub mod adaptive;
@@ -69,6 +73,9 @@ pub const CHECKPOINTS_PER_PASS_MAX: usize = 4096;
 pub const DATASETS_MAX: usize = 1024;
 pub const WATERMARK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const REPLICAS_MAX: usize = 16;
+/// Bounds of `chunk_bytes`.
+pub const CHUNK_BYTES_MIN: u64 = 4 * 1024;
+pub const CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 const WATERMARK_FORMAT: &str = "tributary-replication/1";
 /// A failing replica is logged at most this often.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -93,9 +100,16 @@ pub struct ReplicationConfig {
     /// Operations budget of all replicas together (objects written per second).
     #[serde(default = "default_objects_per_second_max")]
     pub objects_per_second_max: u64,
-    /// Largest object copied (held in memory while copied); larger ones fail the pass, named.
+    /// Largest archive object copied (archive objects are read whole from the archive's store;
+    /// shards and log segments are streamed in chunks and have no such limit); larger ones fail
+    /// the pass, named. Also bounds what `verify` and `restore` read of one object.
     #[serde(default = "default_object_bytes_max")]
     pub object_bytes_max: u64,
+    /// Objects are copied in chunks of this size, each waiting for its share of the bandwidth
+    /// budget; one chunk of a shard or segment is in memory at a time (an S3 replica also holds
+    /// one upload part, `replica::S3_PART_BYTES`).
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
     /// Also copy the archive's private checkpoint signing key. Off by default: a replica then
     /// holds no secret; a restored archive verifies, and keeps being written only with the key
     /// restored from wherever the operator keeps it.
@@ -150,6 +164,9 @@ fn default_objects_per_second_max() -> u64 {
 fn default_object_bytes_max() -> u64 {
     512 * 1024 * 1024
 }
+fn default_chunk_bytes() -> u64 {
+    1024 * 1024
+}
 fn default_ingest_latency_factor() -> f64 {
     2.0
 }
@@ -166,6 +183,7 @@ impl ReplicationConfig {
             bytes_per_second_max: default_bytes_per_second_max(),
             objects_per_second_max: default_objects_per_second_max(),
             object_bytes_max: default_object_bytes_max(),
+            chunk_bytes: default_chunk_bytes(),
             copy_signing_key: false,
             adaptive: false,
             bytes_per_second_min: None,
@@ -228,6 +246,13 @@ impl ReplicationConfig {
                 "replication.object_bytes_max = {}: expected {SEGMENT_BYTES_MAX}..={}",
                 self.object_bytes_max,
                 4u64 << 30
+            ),
+        )?;
+        check(
+            (CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&self.chunk_bytes),
+            format!(
+                "replication.chunk_bytes = {}: expected {CHUNK_BYTES_MIN}..={CHUNK_BYTES_MAX}",
+                self.chunk_bytes
             ),
         )?;
         check(
@@ -687,7 +712,104 @@ struct Pass<'a> {
     adaptation: Option<&'a mut Adaptation>,
     metrics: &'a ReplicationMetrics,
     stop: &'a AtomicBool,
-    object_bytes_max: u64,
+    chunk_bytes: u64,
+}
+
+/// What one put copies.
+enum Source<'a> {
+    /// `length` bytes of the file at `path` from `offset`, streamed; with `sha256`, refused
+    /// (nothing lands) unless they hash to it.
+    File { path: &'a Path, offset: u64, length: u64, sha256: Option<&'a str> },
+    /// Bytes in memory (archive objects, manifests, keys).
+    Bytes(Vec<u8>),
+}
+
+/// Waits until the budgets' debt is paid. The adaptive budget keeps deciding meanwhile, so a
+/// budget raised (or cut) during a wait applies to the rest of it.
+fn wait_for_budget(
+    throttle: &mut Throttle,
+    mut adaptation: Option<&mut Adaptation>,
+    metrics: &ReplicationMetrics,
+    stop: &AtomicBool,
+) -> Result<(), ReplicationError> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(ReplicationError::Stopped);
+        }
+        adapt(adaptation.as_deref_mut(), throttle, metrics);
+        let remaining = throttle.debt(Instant::now());
+        if remaining.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(remaining.min(STOP_POLL));
+    }
+}
+
+/// A source read in chunks of at most `chunk_bytes`, each reserved from the bandwidth budget
+/// and waited for before the replica sees it; checks the source's sha256 at its end (refusing
+/// the end, so the replica installs nothing). Why it failed is kept in `failure`.
+struct Paced<'a> {
+    inner: Box<dyn std::io::Read + 'a>,
+    /// Names the source in errors.
+    path: &'a Path,
+    chunk: Vec<u8>,
+    position: usize,
+    chunk_bytes: u64,
+    hasher: sha2::Sha256,
+    sha256: Option<&'a str>,
+    ended: bool,
+    throttle: &'a mut Throttle,
+    adaptation: Option<&'a mut Adaptation>,
+    metrics: &'a ReplicationMetrics,
+    stop: &'a AtomicBool,
+    failure: Option<ReplicationError>,
+}
+
+impl Paced<'_> {
+    fn fail(&mut self, failure: ReplicationError) -> std::io::Error {
+        let error = std::io::Error::other(failure.to_string());
+        self.failure = Some(failure);
+        error
+    }
+}
+
+impl std::io::Read for Paced<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        if self.position == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            self.chunk.clear();
+            self.position = 0;
+            if let Err(error) = (&mut self.inner).take(self.chunk_bytes).read_to_end(&mut self.chunk) {
+                return Err(self.fail(source_error(self.path, error)));
+            }
+            if self.chunk.is_empty() {
+                self.ended = true;
+                if let Some(expected) = self.sha256 {
+                    let found = crate::datasets::targets::hex(&self.hasher.clone().finalize());
+                    if found != expected {
+                        let failure =
+                            source_error(self.path, format!("sha256 {found}, the manifest says {expected}"));
+                        return Err(self.fail(failure));
+                    }
+                }
+                return Ok(0);
+            }
+            self.hasher.update(&self.chunk);
+            self.throttle.reserve_bytes(Instant::now(), self.chunk.len() as u64);
+            if let Err(failure) =
+                wait_for_budget(self.throttle, self.adaptation.as_deref_mut(), self.metrics, self.stop)
+            {
+                return Err(self.fail(failure));
+            }
+        }
+        let count = buffer.len().min(self.chunk.len() - self.position);
+        buffer[..count].copy_from_slice(&self.chunk[self.position..self.position + count]);
+        self.position += count;
+        Ok(count)
+    }
 }
 
 impl Pass<'_> {
@@ -695,34 +817,55 @@ impl Pass<'_> {
         self.state.watermark.write(&self.state.watermark_path)
     }
 
-    /// Waits until the budgets' debt is paid. The adaptive budget keeps deciding meanwhile, so
-    /// a budget raised (or cut) during the wait for a large object applies to the rest of it.
-    fn wait(&mut self) -> Result<(), ReplicationError> {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(ReplicationError::Stopped);
-            }
-            adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
-            let remaining = self.throttle.debt(Instant::now());
-            if remaining.is_zero() {
-                return Ok(());
-            }
-            std::thread::sleep(remaining.min(STOP_POLL));
-        }
-    }
-
-    /// Writes `bytes` at `key` within the budgets; counts what was written.
-    fn put(&mut self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicationError> {
-        assert!(bytes.len() as u64 <= self.object_bytes_max);
+    /// Writes `source` at `key` within the budgets (one object, then its bytes chunk by chunk);
+    /// counts what was written.
+    fn put(
+        &mut self,
+        key: &str,
+        source: Source<'_>,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicationError> {
         adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
-        self.throttle.reserve(Instant::now(), bytes.len() as u64);
-        self.wait()?;
-        let outcome = self.state.backend.put(key, bytes, mode)?;
+        self.throttle.reserve(Instant::now(), 0);
+        wait_for_budget(self.throttle, self.adaptation.as_deref_mut(), self.metrics, self.stop)?;
+        let (inner, path, length, sha256): (Box<dyn std::io::Read>, &Path, u64, Option<&str>) = match source {
+            Source::File { path, offset, length, sha256 } => {
+                let mut file = File::open(path).map_err(|error| source_error(path, error))?;
+                file.seek(SeekFrom::Start(offset)).map_err(|error| source_error(path, error))?;
+                (Box::new(std::io::Read::take(file, length)), path, length, sha256)
+            }
+            Source::Bytes(bytes) => {
+                let length = bytes.len() as u64;
+                (Box::new(std::io::Cursor::new(bytes)), Path::new(key), length, None)
+            }
+        };
+        let mut paced = Paced {
+            inner,
+            path,
+            chunk: Vec::new(),
+            position: 0,
+            chunk_bytes: self.chunk_bytes,
+            hasher: sha2::Digest::new(),
+            sha256,
+            ended: false,
+            throttle: &mut *self.throttle,
+            adaptation: self.adaptation.as_deref_mut(),
+            metrics: self.metrics,
+            stop: self.stop,
+            failure: None,
+        };
+        let result = self.state.backend.put_stream(key, length, &mut paced, mode);
+        let outcome = match (result, paced.failure) {
+            (Ok(outcome), _) => outcome,
+            // The source (or a stop) failed the put: that is the error, not the replica's.
+            (Err(_), Some(failure)) => return Err(failure),
+            (Err(error), None) => return Err(error.into()),
+        };
         let metrics = &self.state.metrics;
         match outcome {
             PutOutcome::Written => {
                 metrics.objects_copied.fetch_add(1, Ordering::Relaxed);
-                metrics.bytes_copied.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                metrics.bytes_copied.fetch_add(length, Ordering::Relaxed);
             }
             PutOutcome::AlreadyThere => {
                 metrics.objects_present.fetch_add(1, Ordering::Relaxed);
@@ -738,16 +881,16 @@ impl Pass<'_> {
             self.state.metrics.objects_present.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.put(key, bytes, WriteMode::Overwrite).map(|_| ())
+        self.put(key, Source::Bytes(bytes.to_vec()), WriteMode::Overwrite).map(|_| ())
     }
 
     /// Copies an immutable object unless the replica has it: a key present with `expected_bytes`
     /// (or any size when unknown) is whole already; one of another size is replaced.
-    fn copy(
+    fn copy<'s>(
         &mut self,
         key: &str,
         expected_bytes: Option<u64>,
-        source: impl FnOnce() -> Result<Vec<u8>, ReplicationError>,
+        source: impl FnOnce() -> Result<Source<'s>, ReplicationError>,
     ) -> Result<(), ReplicationError> {
         if self.stop.load(Ordering::Relaxed) {
             return Err(ReplicationError::Stopped);
@@ -758,15 +901,13 @@ impl Pass<'_> {
                 Ok(())
             }
             Some(size) => {
-                let bytes = source()?;
-                tracing::warn!(replica = %self.state.name, key, size, expected = bytes.len(), "replica object has the wrong size; replacing it from the source");
-                self.put(key, &bytes, WriteMode::Overwrite)?;
+                tracing::warn!(replica = %self.state.name, key, size, expected = ?expected_bytes, "replica object has the wrong size; replacing it from the source");
+                self.put(key, source()?, WriteMode::Overwrite)?;
                 self.state.metrics.repairs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             None => {
-                let bytes = source()?;
-                self.put(key, &bytes, WriteMode::Create)?;
+                self.put(key, source()?, WriteMode::Create)?;
                 Ok(())
             }
         }
@@ -786,29 +927,23 @@ impl Pass<'_> {
                 && (copied == 0 || Some(&manifest.shards[copied - 1].name) == mark.last_shard.as_ref());
             let start = if prefix_holds { copied } else { 0 };
             for (number, shard) in manifest.shards.iter().enumerate().skip(start) {
-                if shard.bytes > self.object_bytes_max {
-                    return Err(source_error(
-                        &shard.path,
-                        format!(
-                            "{} bytes, more than replication.object_bytes_max {}",
-                            shard.bytes, self.object_bytes_max
-                        ),
-                    ));
-                }
                 let key = format!("datasets/{dataset}/{}", shard.name);
-                let object_bytes_max = self.object_bytes_max;
                 self.copy(&key, Some(shard.bytes), || {
-                    let bytes = fleet::files::read_bounded(&shard.path, object_bytes_max)
-                        .map_err(|error| source_error(&shard.path, error))?
-                        .ok_or_else(|| source_error(&shard.path, "listed in the manifest but missing"))?;
-                    let found = sha256_hex(&sha256(&bytes));
-                    if found != shard.sha256 {
+                    let size = std::fs::metadata(&shard.path).map_err(|error| {
+                        source_error(&shard.path, format!("listed in the manifest but unreadable: {error}"))
+                    })?;
+                    if size.len() != shard.bytes {
                         return Err(source_error(
                             &shard.path,
-                            format!("sha256 {found}, the manifest says {}", shard.sha256),
+                            format!("{} bytes, the manifest says {}", size.len(), shard.bytes),
                         ));
                     }
-                    Ok(bytes)
+                    Ok(Source::File {
+                        path: &shard.path,
+                        offset: 0,
+                        length: shard.bytes,
+                        sha256: Some(&shard.sha256),
+                    })
                 })?;
                 let mark = self.state.watermark.datasets.get_mut(&dataset).expect("inserted above");
                 mark.shards_copied = number as u64 + 1;
@@ -927,11 +1062,12 @@ impl Pass<'_> {
             }
             for_each_entry_object(&entries_file, &entries_file_path, &records, |_, _, digest| {
                 self.copy(&object_key(&digest), None, || {
-                    objects.read(&digest).map_err(|error| source_error(root, error))
+                    objects.read(&digest).map(Source::Bytes).map_err(|error| source_error(root, error))
                 })
             })?;
-            let bytes = read_range(&entries_file_path, start, end - start)?;
-            self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(bytes))?;
+            let segment =
+                Source::File { path: &entries_file_path, offset: start, length: end - start, sha256: None };
+            self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(segment))?;
             let archive = &mut self.state.watermark.archive;
             archive.entries_copied = first + records.len() as u64;
             archive.entries_bytes = end;
@@ -944,18 +1080,25 @@ impl Pass<'_> {
             let first = self.state.watermark.archive.index_copied;
             let last = cut.min(first + SEGMENT_BYTES_MAX / INDEX_RECORD_BYTES as u64);
             let (start, end) = (index_bytes(first), index_bytes(last));
-            let bytes = read_range(&index_file_path, start, end - start)?;
-            self.copy(&segment_key("index", start, end), Some(end - start), || Ok(bytes))?;
+            let segment =
+                Source::File { path: &index_file_path, offset: start, length: end - start, sha256: None };
+            self.copy(&segment_key("index", start, end), Some(end - start), || Ok(segment))?;
             self.state.watermark.archive.index_copied = last;
             self.persist()?;
         }
         // Then the checkpoints that cover them.
         let start = mark.checkpoints_bytes;
-        let bytes = read_range(&checkpoints_path(root), start, checkpoints_end - start)?;
+        let checkpoints_file_path = checkpoints_path(root);
+        let segment = Source::File {
+            path: &checkpoints_file_path,
+            offset: start,
+            length: checkpoints_end - start,
+            sha256: None,
+        };
         self.copy(
             &segment_key("checkpoints", start, checkpoints_end),
             Some(checkpoints_end - start),
-            || Ok(bytes),
+            || Ok(segment),
         )?;
         let archive = &mut self.state.watermark.archive;
         archive.checkpoints_bytes = checkpoints_end;
@@ -1336,7 +1479,7 @@ impl Replicator {
             adaptation: self.adaptation.as_mut(),
             metrics: &self.metrics,
             stop: &self.stop,
-            object_bytes_max: self.config.object_bytes_max,
+            chunk_bytes: self.config.chunk_bytes,
         };
         (pass, &self.sources, &self.config)
     }
@@ -1350,16 +1493,20 @@ impl Replicator {
         };
         let (mut pass, _, _) = self.pass_over(index);
         for difference in &differences {
-            let bytes = match &difference.repair {
-                Repair::File { path, offset, length } => read_range(path, *offset, *length)?,
-                Repair::ArchiveObject(digest) => objects
-                    .as_ref()
-                    .expect("archive objects differ only with an archive")
-                    .read(digest)
-                    .map_err(|error| source_error(Path::new(&difference.key), error))?,
+            let source = match &difference.repair {
+                Repair::File { path, offset, length } => {
+                    Source::File { path, offset: *offset, length: *length, sha256: None }
+                }
+                Repair::ArchiveObject(digest) => Source::Bytes(
+                    objects
+                        .as_ref()
+                        .expect("archive objects differ only with an archive")
+                        .read(digest)
+                        .map_err(|error| source_error(Path::new(&difference.key), error))?,
+                ),
             };
             tracing::info!(replica = %pass.state.name, key = %difference.key, problem = %difference.problem, "repairing the replica from the source");
-            pass.put(&difference.key, &bytes, WriteMode::Overwrite)?;
+            pass.put(&difference.key, source, WriteMode::Overwrite)?;
             pass.state.metrics.repairs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(differences.len() as u64)
