@@ -19,7 +19,15 @@ use core_sink::landing::{Committer, RawLanding};
 use core_sink::replication::replica::DirectoryReplica;
 use core_sink::replication::{ReplicationConfig, Replicator, Sources};
 use protocol::evidence::{sha256, sha256_hex};
-use telemetry::LatencyHistogram;
+use telemetry::{LatencyHistogram, OldestPending};
+
+/// The landing's commits as the adaptive budget sees them: their durations, and since when the
+/// one in progress runs (a stuck commit counts before it ends).
+#[derive(Default)]
+struct Commits {
+    times: LatencyHistogram,
+    in_progress: OldestPending,
+}
 
 const MIB: u64 = 1024 * 1024;
 const CHUNK_PAYLOAD_BYTES: usize = 200 * 1024;
@@ -31,6 +39,10 @@ pub struct ReplicateArgs {
     /// Directory for the landing, the dataset and the replica (on the disk you want to measure).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// Directory for the replica, e.g. on another device (a second disk, a tmpfs); absent: under
+    /// `--dir`, on the landing's disk.
+    #[arg(long)]
+    replica_dir: Option<PathBuf>,
     /// MiB landed per case.
     #[arg(long, default_value_t = 512)]
     mib_per_case: u64,
@@ -108,7 +120,7 @@ fn publish_dataset(base: &Path, shards: u64) -> Result<()> {
 
 /// Lands `total` bytes of 200 KiB media chunks durably, timing each commit into `commits`;
 /// returns bytes per second.
-fn land(landing_dir: &Path, total: u64, commits: &LatencyHistogram) -> Result<f64> {
+fn land(landing_dir: &Path, total: u64, commits: &Commits) -> Result<f64> {
     let mut landing = RawLanding::new(landing_dir, 256 * MIB);
     landing.recover(None)?;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -120,8 +132,10 @@ fn land(landing_dir: &Path, total: u64, commits: &LatencyHistogram) -> Result<f6
         crate::bench_sink::land_media_chunk(&mut landing, index, &payload)?;
         if (index + 1) % CHUNKS_PER_COMMIT == 0 {
             let commit_started = Instant::now();
+            commits.in_progress.set(Some(commit_started));
             landing.commit()?;
-            commits.observe(commit_started.elapsed());
+            commits.in_progress.set(None);
+            commits.times.observe(commit_started.elapsed());
         }
     }
     landing.commit()?;
@@ -140,10 +154,18 @@ struct Measured {
 }
 
 /// One case: landing while a replicator in `mode` copies the dataset.
-fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> Result<Measured> {
-    let commits = Arc::new(LatencyHistogram::default());
+fn case(
+    base: &Path,
+    replica_base: &Path,
+    name: &str,
+    total: u64,
+    dataset_bytes: u64,
+    mode: Mode,
+) -> Result<Measured> {
+    let commits = Arc::new(Commits::default());
     let landing_dir = base.join(format!("landing-{name}"));
-    let mut config = ReplicationConfig::directory("bench", &base.join(format!("replica-{name}")));
+    let replica = replica_base.join(format!("replica-{name}"));
+    let mut config = ReplicationConfig::directory("bench", &replica);
     config.pass_interval_ms = 10;
     config.objects_per_second_max = 100_000;
     match mode {
@@ -162,7 +184,6 @@ fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> 
             config.adaptive_interval_ms = interval_ms;
         }
     }
-    let replica = base.join(format!("replica-{name}"));
     std::fs::create_dir_all(&replica)?;
     let stop = Arc::new(AtomicBool::new(false));
     let signal = commits.clone();
@@ -174,8 +195,12 @@ fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> 
         stop.clone(),
     )?
     .with_latency_signal(Arc::new(move || {
-        let snapshot = signal.snapshot();
-        (snapshot.sum_us, snapshot.count)
+        let snapshot = signal.times.snapshot();
+        core_sink::replication::LatencyReading {
+            sum_us: snapshot.sum_us,
+            count: snapshot.count,
+            pending_us: signal.in_progress.age(Instant::now()).as_micros() as u64,
+        }
     }));
     let metrics = replicator.metrics.clone();
     let thread = std::thread::spawn(move || replicator.run());
@@ -201,15 +226,21 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
     let base = args.dir.join("tributary-bench-replicate");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
+    let replica_base = match &args.replica_dir {
+        Some(directory) => directory.join("tributary-bench-replicate-replica"),
+        None => base.clone(),
+    };
+    std::fs::create_dir_all(&replica_base)?;
     let shards = (args.dataset_mib * MIB).div_ceil(SHARD_BYTES).max(1);
     publish_dataset(&base, shards)?;
     let total = args.mib_per_case * MIB;
     println!(
         "tributary bench replicate: {} MiB landed per case (200 KiB chunks, fsync every {CHUNKS_PER_COMMIT}), \
-         replicator copying {} MiB of 16 MiB shards to a directory replica, in {}",
+         replicator copying {} MiB of 16 MiB shards to a directory replica, in {} (replica in {})",
         args.mib_per_case,
         shards * SHARD_BYTES / MIB,
-        base.display()
+        base.display(),
+        replica_base.display()
     );
     let budget = args.budget_mib_per_second * MIB;
     let adaptive = Mode::Adaptive {
@@ -230,7 +261,7 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         "case", "landing MiB/s", "ratio", "replication MiB/s", "lag MiB"
     );
     for (name, mode) in cases {
-        let measured = case(&base, name, total, shards * SHARD_BYTES, mode)?;
+        let measured = case(&base, &replica_base, name, total, shards * SHARD_BYTES, mode)?;
         let baseline = *baseline.get_or_insert(measured.landing);
         let label = match mode {
             Mode::Alone => "landing alone".to_string(),
@@ -253,5 +284,6 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         println!();
     }
     let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&replica_base);
     Ok(())
 }

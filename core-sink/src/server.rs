@@ -136,8 +136,15 @@ impl Sink {
             let replicator = crate::replication::Replicator::open(&config, stop.clone())?
                 .with_latency_signal(Arc::new(move || {
                     let snapshot = lander_metrics.ack_latency.snapshot();
-                    (snapshot.sum_us, snapshot.count)
-                }));
+                    let pending = lander_metrics.oldest_unacked.age(std::time::Instant::now());
+                    crate::replication::LatencyReading {
+                        sum_us: snapshot.sum_us,
+                        count: snapshot.count,
+                        pending_us: pending.as_micros() as u64,
+                    }
+                }))
+                // The committed raw landing too, as the lander's checkpoint says it stands.
+                .with_landing_checkpoint(shared.checkpoint.clone());
             replication_metrics = Some(replicator.metrics.clone());
             components.push(ThreadComponent::start("replication", stop, move || replicator.run())?);
         }

@@ -10,10 +10,18 @@
 //!                                                     byte ranges of the three append-only log
 //!                                                     files, 20-digit offsets (create-only)
 //! archive/keys/checkpoint.vkey                        the verifier key
+//! review/review-<8 digits>.tar                        the archive feed's review shards (create-only)
+//! landing/raw/<device>/<lane>/<first seq, 20 digits>/<start>-<end>
+//!                                                     byte ranges of committed raw landing files
+//!                                                     (create-only)
 //! archive/keys/checkpoint-signing.pk8                 only with copy_signing_key = true
 //! ```
 //!
-//! What drives it (never a scan of the data): per dataset the manifest (its shard list only grows;
+//! What drives it (never a scan of the data): the review shards the archive feed's positions file
+//! counts as published (`archive_feed::published_review_shards`); the raw landing through
+//! `landing::committed` from the lander's checkpoint (only when one is given,
+//! `with_landing_checkpoint`: `serve`), segment by segment per (device, lane) from the watermark's
+//! read position; per dataset the manifest (its shard list only grows;
 //! a manifest whose sha256 equals the one last copied is skipped), and for the archive the
 //! checkpoints file read from the last copied offset: the newest signed checkpoint's tree size is
 //! the cut; entries and index through it are copied in segments of at most `SEGMENT_BYTES_MAX`,
@@ -342,6 +350,21 @@ pub struct Watermark {
     pub format: String,
     pub datasets: BTreeMap<String, DatasetMark>,
     pub archive: ArchiveMark,
+    /// Review shards `0..review_copied` are on the replica.
+    #[serde(default)]
+    pub review_copied: u64,
+    /// Per `<device>/<lane>`: the committed raw landing read position on the replica.
+    #[serde(default)]
+    pub landing: BTreeMap<String, LandingMark>,
+}
+
+/// Where the copy of one (device, lane) of the raw landing stands (a `landing::ReadPosition`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LandingMark {
+    pub file_first_seq: u64,
+    pub offset: u64,
+    pub through_seq: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,9 +459,18 @@ pub struct ReplicationMetrics {
     pub budget_cuts: AtomicU64,
 }
 
-/// The ingest latency the adaptive mode follows: the cumulative (sum in microseconds, count) of
-/// a latency measure, read at each decision (in `serve`: the lander's ack latency histogram).
-pub type LatencySignal = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+/// One reading of the ingest latency signal: the cumulative sum (microseconds) and count of a
+/// latency measure, and the age of what waits for it now (microseconds; 0 when nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyReading {
+    pub sum_us: u64,
+    pub count: u64,
+    pub pending_us: u64,
+}
+
+/// The ingest latency the adaptive mode follows, read at each decision (in `serve`: the lander's
+/// ack latency histogram and its oldest unacked chunk).
+pub type LatencySignal = Arc<dyn Fn() -> LatencyReading + Send + Sync>;
 
 /// The adaptive budget and the signal it follows.
 struct Adaptation {
@@ -451,8 +483,11 @@ struct Adaptation {
 fn adapt(adaptation: Option<&mut Adaptation>, throttle: &mut Throttle, metrics: &ReplicationMetrics) {
     let Some(adaptation) = adaptation else { return };
     let now = Instant::now();
-    let (sum_us, count) = (adaptation.signal)();
-    let Some(decision) = adaptation.budget.tick(now, sum_us, count) else { return };
+    let reading = (adaptation.signal)();
+    let Some(decision) = adaptation.budget.tick(now, reading.sum_us, reading.count, reading.pending_us)
+    else {
+        return;
+    };
     let budget = adaptation.budget.bytes_per_second();
     if budget != throttle.bytes_per_second() {
         throttle.set_bytes_per_second(now, budget);
@@ -482,6 +517,10 @@ pub struct Sources {
     pub manifest_dir: Option<PathBuf>,
     /// `[archive] root`.
     pub archive_root: Option<PathBuf>,
+    /// `[archive] review_dir` (its shards are copied when `archive_root` is set too).
+    pub review_dir: Option<PathBuf>,
+    /// The sink's `landing_dir` (copied only with a checkpoint, `with_landing_checkpoint`).
+    pub landing_dir: Option<PathBuf>,
 }
 
 impl Sources {
@@ -489,6 +528,8 @@ impl Sources {
         Sources {
             manifest_dir: config.datasets.as_ref().map(|datasets| datasets.manifest_dir.clone()),
             archive_root: config.archive.as_ref().map(|archive| archive.root.clone()),
+            review_dir: config.archive.as_ref().map(|archive| archive.review_dir.clone()),
+            landing_dir: Some(config.landing_dir.clone()),
         }
     }
 }
@@ -537,16 +578,26 @@ pub struct Replicator {
     replicas: Vec<ReplicaState>,
     throttle: Throttle,
     adaptation: Option<Adaptation>,
+    /// The lander's newest raw landing checkpoint (what is committed); `None`: the raw landing
+    /// is not replicated.
+    landing_checkpoint: Option<LandingCheckpoint>,
     pub metrics: Arc<ReplicationMetrics>,
     stop: Arc<AtomicBool>,
 }
+
+/// The raw landing checkpoint the lander publishes after each commit.
+pub type LandingCheckpoint = Arc<std::sync::Mutex<Vec<u8>>>;
 
 fn segment_key(file: &str, start: u64, end: u64) -> String {
     format!("archive/log/{file}/{start:020}-{end:020}")
 }
 
 fn parse_segment_key(key: &str, file: &str) -> Option<(u64, u64)> {
-    let name = key.strip_prefix(&format!("archive/log/{file}/"))?;
+    parse_range_name(key.strip_prefix(&format!("archive/log/{file}/"))?)
+}
+
+/// `<start, 20 digits>-<end, 20 digits>`, start below end: a segment's name.
+fn parse_range_name(name: &str) -> Option<(u64, u64)> {
     let (start, end) = name.split_once('-')?;
     if start.len() != 20 || end.len() != 20 {
         return None;
@@ -1107,8 +1158,93 @@ impl Pass<'_> {
     }
 }
 
+impl Pass<'_> {
+    /// The review shards the archive feed published, in seq order, from the watermark on.
+    fn review(&mut self, root: &Path, review_dir: &Path) -> Result<(), ReplicationError> {
+        let published = crate::archive_feed::published_review_shards(root)
+            .map_err(|error| source_error(root, format!("{error:#}")))?;
+        while self.state.watermark.review_copied < published {
+            let name = crate::archive_feed::review_shard_name(self.state.watermark.review_copied);
+            let path = review_dir.join(&name);
+            let length = std::fs::metadata(&path)
+                .map_err(|error| source_error(&path, format!("published but unreadable: {error}")))?
+                .len();
+            self.copy(&format!("review/{name}"), Some(length), || {
+                Ok(Source::File { path: &path, offset: 0, length, sha256: None })
+            })?;
+            self.state.watermark.review_copied += 1;
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// The committed raw landing of every (device, lane) the checkpoint names, from the
+    /// watermark's position, in segments of whole records of one file (at most
+    /// `SEGMENT_BYTES_MAX`, or one record), read and verified by `landing::committed`.
+    fn landing(&mut self, landing_dir: &Path, checkpoint: &[u8]) -> Result<(), ReplicationError> {
+        use crate::landing::{CommittedLanding, ReadPosition, raw_file_path};
+        let committed = CommittedLanding::new(landing_dir, checkpoint)
+            .map_err(|error| source_error(landing_dir, error))?;
+        let lanes: Vec<_> = committed.lanes().map(|(device, lane)| (device.to_string(), lane)).collect();
+        for (device, lane) in lanes {
+            let name = format!("{device}/{}", lane.name());
+            let mark = self.state.watermark.landing.get(&name).copied().unwrap_or_default();
+            let from = ReadPosition {
+                file_first_seq: mark.file_first_seq,
+                offset: mark.offset,
+                through_seq: mark.through_seq,
+            };
+            let mut reader =
+                committed.read(&device, lane, from).map_err(|error| source_error(landing_dir, error))?;
+            // The segment being gathered: its file, its start, the position after its last record.
+            let mut segment: Option<(u64, u64, ReadPosition)> = None;
+            loop {
+                let before = reader.position();
+                let next = reader
+                    .next_chunk()
+                    .map_err(|error| source_error(landing_dir, error))?
+                    .map(|chunk| chunk.position);
+                if let Some((file, start, end)) = segment {
+                    let continues = next.is_some_and(|position| {
+                        position.file_first_seq == file && position.offset - start <= SEGMENT_BYTES_MAX
+                    });
+                    if !continues {
+                        let path = raw_file_path(landing_dir, &device, lane, file);
+                        let length = end.offset - start;
+                        let key = format!("landing/raw/{name}/{file:020}/{start:020}-{:020}", end.offset);
+                        self.copy(&key, Some(length), || {
+                            Ok(Source::File { path: &path, offset: start, length, sha256: None })
+                        })?;
+                        self.state.watermark.landing.insert(
+                            name.clone(),
+                            LandingMark {
+                                file_first_seq: file,
+                                offset: end.offset,
+                                through_seq: end.through_seq,
+                            },
+                        );
+                        self.persist()?;
+                        segment = None;
+                    }
+                }
+                let Some(position) = next else { break };
+                segment = Some(match segment {
+                    Some((file, start, _)) => (file, start, position),
+                    None if before.file_first_seq == position.file_first_seq => {
+                        (position.file_first_seq, before.offset, position)
+                    }
+                    None => (position.file_first_seq, 0, position),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Bytes of the sources beyond `watermark` (shards and manifests not copied, log bytes).
-fn lag_bytes(sources: &Sources, watermark: &Watermark) -> u64 {
+/// The raw landing counts only with a checkpoint: per (device, lane) what its newest committed
+/// file holds beyond the watermark (files between them are not counted).
+fn lag_bytes(sources: &Sources, watermark: &Watermark, landing_checkpoint: Option<&[u8]>) -> u64 {
     let mut lag = 0u64;
     if let Some(manifest_dir) = &sources.manifest_dir {
         for dataset in dataset_names(manifest_dir).unwrap_or_default() {
@@ -1134,13 +1270,38 @@ fn lag_bytes(sources: &Sources, watermark: &Watermark) -> u64 {
         lag += file_length(&entries_path(root)).saturating_sub(archive.entries_bytes);
         lag += file_length(&index_path(root)).saturating_sub(index_bytes(archive.index_copied));
         lag += file_length(&checkpoints_path(root)).saturating_sub(archive.checkpoints_bytes);
+        if let Some(review_dir) = &sources.review_dir {
+            let published = crate::archive_feed::published_review_shards(root).unwrap_or(0);
+            lag += (watermark.review_copied..published)
+                .map(|seq| file_length(&review_dir.join(crate::archive_feed::review_shard_name(seq))))
+                .sum::<u64>();
+        }
+    }
+    if let (Some(landing_dir), Some(checkpoint)) = (&sources.landing_dir, landing_checkpoint)
+        && let Ok(committed) = crate::landing::CommittedLanding::new(landing_dir, checkpoint)
+    {
+        for (device, lane) in committed.lanes() {
+            let end = committed.end(device, lane).expect("a lane it names");
+            let mark =
+                watermark.landing.get(&format!("{device}/{}", lane.name())).copied().unwrap_or_default();
+            lag += if mark.file_first_seq == end.first_seq {
+                end.length.saturating_sub(mark.offset)
+            } else {
+                end.length
+            };
+        }
     }
     lag
 }
 
 /// Measures the replica's lag and publishes it (bytes, and since when it is behind).
-fn record_lag(sources: &Sources, state: &ReplicaState) -> u64 {
-    let lag = lag_bytes(sources, &state.watermark);
+fn record_lag(
+    sources: &Sources,
+    state: &ReplicaState,
+    landing_checkpoint: Option<&LandingCheckpoint>,
+) -> u64 {
+    let checkpoint = landing_checkpoint.map(|checkpoint| checkpoint.lock().expect("checkpoint lock").clone());
+    let lag = lag_bytes(sources, &state.watermark, checkpoint.as_deref());
     let metrics = &state.metrics;
     metrics.lag_bytes.store(lag, Ordering::Relaxed);
     if lag == 0 {
@@ -1232,12 +1393,13 @@ impl Replicator {
             });
         }
         for state in &replicas {
-            record_lag(&sources, state);
+            record_lag(&sources, state, None);
         }
         metrics.budget_bytes_per_second.store(config.bytes_per_second_max, Ordering::Relaxed);
         Ok(Replicator {
             throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max),
             adaptation: None,
+            landing_checkpoint: None,
             sources,
             config,
             replicas,
@@ -1253,24 +1415,34 @@ impl Replicator {
         let mut reports = Vec::new();
         for index in 0..self.replicas.len() {
             // Measured before the work too: a scrape during a long first pass must not read 0.
-            record_lag(&self.sources, &self.replicas[index]);
+            record_lag(&self.sources, &self.replicas[index], self.landing_checkpoint.as_ref());
             let mut repaired = 0;
             let result = (|| {
                 if repair {
                     repaired = self.repair(index)?;
                 }
+                let landing_checkpoint = self
+                    .landing_checkpoint
+                    .as_ref()
+                    .map(|checkpoint| checkpoint.lock().expect("checkpoint lock").clone());
                 let (mut pass, sources, config) = self.pass_over(index);
                 if let Some(manifest_dir) = &sources.manifest_dir {
                     pass.datasets(manifest_dir)?;
                 }
                 if let Some(root) = &sources.archive_root {
                     pass.archive(root, config.copy_signing_key)?;
+                    if let Some(review_dir) = &sources.review_dir {
+                        pass.review(root, review_dir)?;
+                    }
+                }
+                if let (Some(landing_dir), Some(checkpoint)) = (&sources.landing_dir, &landing_checkpoint) {
+                    pass.landing(landing_dir, checkpoint)?;
                 }
                 Ok::<(), ReplicationError>(())
             })();
             let state = &mut self.replicas[index];
             state.metrics.passes.fetch_add(1, Ordering::Relaxed);
-            let lag = record_lag(&self.sources, state);
+            let lag = record_lag(&self.sources, state, self.landing_checkpoint.as_ref());
             let error = match result {
                 Ok(()) | Err(ReplicationError::Stopped) => None,
                 Err(error) => {
@@ -1297,6 +1469,12 @@ impl Replicator {
             self.adaptation = Some(Adaptation { budget, signal });
             adapt(self.adaptation.as_mut(), &mut self.throttle, &self.metrics);
         }
+        self
+    }
+
+    /// Replicates the committed raw landing too, as `checkpoint` (the lander's) says it stands.
+    pub fn with_landing_checkpoint(mut self, checkpoint: LandingCheckpoint) -> Replicator {
+        self.landing_checkpoint = Some(checkpoint);
         self
     }
 
