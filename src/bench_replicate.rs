@@ -188,7 +188,7 @@ fn case(
     let stop = Arc::new(AtomicBool::new(false));
     let signal = commits.clone();
     let replicator = Replicator::with_backends(
-        Sources { manifest_dir: Some(base.join("manifests")), archive_root: None },
+        Sources { manifest_dir: Some(base.join("manifests")), ..Sources::default() },
         config,
         &base.join(format!("state-{name}")),
         vec![("bench".into(), Box::new(DirectoryReplica::new(&replica)))],

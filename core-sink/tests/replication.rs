@@ -93,11 +93,11 @@ fn a_directory_replica_equals_the_sources_and_a_rerun_copies_nothing() {
     assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
 
     // New shards and decisions: only they are copied. Per dataset 2 shards and the manifest; the
-    // archive: 3 new originals and one segment of each log file.
+    // archive: 3 new originals and one segment of each log file; the feed's new review shard.
     site.publish_shards(2);
     site.archive_decisions(3);
     pass_ok(&mut replicator);
-    assert_eq!(counter(&replicator, |m| &m.objects_copied), 2 * 3 + 3 + 3);
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), 2 * 3 + 3 + 3 + 1);
     assert!(replicator.verify(0).unwrap().is_empty());
     assert_datasets_replicated(&site, &replica);
 }
@@ -603,4 +603,83 @@ fn a_shard_is_copied_in_chunks_each_waiting_for_its_budget() {
     let spread = chunks.last().unwrap().1 - chunks.first().unwrap().1;
     assert!(spread >= Duration::from_millis(400), "{shard} went in {spread:?}: not paced chunk by chunk");
     assert_eq!(std::fs::read(replica.join(shard)).unwrap().len(), 150_000);
+}
+
+/// Every file under `directory` (relative path → bytes), hidden ones included.
+fn source_files(directory: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    files_under(directory)
+}
+
+#[test]
+fn review_shards_and_the_committed_raw_landing_are_replicated_and_restored() {
+    let mut site = site_with_sources();
+    let replica = site.base.join("replica");
+    let checkpoint = Arc::new(std::sync::Mutex::new(site.landing_checkpoint()));
+    let mut replicator = replicator(&site, &replica).with_landing_checkpoint(checkpoint.clone());
+    pass_ok(&mut replicator);
+    assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
+
+    // The replica's review shards equal the published ones; its landing segments, joined per
+    // file, equal the landing files (all committed).
+    let check = |site: &Site| {
+        let found = files_under(&replica);
+        let review = source_files(&site.base.join("review"));
+        assert!(!review.is_empty(), "the feed published review shards");
+        for (name, bytes) in &review {
+            assert!(found.get(&format!("review/{name}")) == Some(bytes), "review/{name} on the replica");
+        }
+        let landing = source_files(&site.base.join("landing/raw"));
+        assert!(!landing.is_empty());
+        for (file, bytes) in &landing {
+            let (lane_dir, name) = file.rsplit_once('/').unwrap();
+            let prefix = format!("landing/raw/{lane_dir}/{}/", name.trim_end_matches(".tcr"));
+            let joined: Vec<u8> = found
+                .range(prefix.clone()..)
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .flat_map(|(_, bytes)| bytes.clone())
+                .collect();
+            assert!(&joined == bytes, "{file}: the replica's segments join to the landing file");
+        }
+    };
+    check(&site);
+
+    // More decisions: new landing records and a new review shard; only they are copied, and a
+    // pass with the sources still copies nothing.
+    let copied_before = counter(&replicator, |m| &m.objects_copied);
+    pass_ok(&mut replicator);
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), copied_before, "a rerun copies nothing");
+    site.archive_decisions(3);
+    *checkpoint.lock().unwrap() = site.landing_checkpoint();
+    pass_ok(&mut replicator);
+    // 3 originals, one segment of each log file, one review shard, one landing segment.
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), copied_before + 3 + 3 + 1 + 1);
+    assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
+    check(&site);
+    assert_eq!(replicator.verify(0).unwrap(), Vec::new());
+
+    // Damage in both is named by verify and mended by a repairing pass.
+    let found = files_under(&replica);
+    let review_key = found.keys().find(|key| key.starts_with("review/")).unwrap().clone();
+    let landing_key = found.keys().find(|key| key.starts_with("landing/raw/")).unwrap().clone();
+    let mut damaged = found[&landing_key].clone();
+    damaged[7] ^= 0x10;
+    std::fs::write(replica.join(&landing_key), damaged).unwrap();
+    std::fs::remove_file(replica.join(&review_key)).unwrap();
+    let named: Vec<String> =
+        replicator.verify(0).unwrap().iter().map(|difference| difference.key.clone()).collect();
+    assert_eq!(named, vec![review_key.clone(), landing_key.clone()]);
+    for report in replicator.pass(true) {
+        assert_eq!((report.error, report.repaired), (None, 2));
+    }
+    assert_eq!(replicator.verify(0).unwrap(), Vec::new());
+    check(&site);
+
+    // Restore brings both back, byte for byte.
+    let restored = site.base.join("restored");
+    let (ok, stdout, stderr) =
+        core_sink(&["restore", "--from", replica.to_str().unwrap(), "--to", restored.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(source_files(&restored.join("review")), source_files(&site.base.join("review")));
+    assert_eq!(source_files(&restored.join("landing/raw")), source_files(&site.base.join("landing/raw")));
+    assert!(stdout.contains("raw landing: 1 files"), "{stdout}");
 }

@@ -1645,6 +1645,72 @@ impl Replicator {
                     Some(_) => {}
                 }
             }
+            if let Some(review_dir) = &self.sources.review_dir {
+                let published = crate::archive_feed::published_review_shards(root)
+                    .map_err(|error| source_error(root, format!("{error:#}")))?;
+                for seq in 0..published {
+                    let name = crate::archive_feed::review_shard_name(seq);
+                    let path = review_dir.join(&name);
+                    let source = fleet::files::read_bounded(&path, bytes_max)
+                        .map_err(|error| source_error(&path, error))?
+                        .ok_or_else(|| source_error(&path, "published but missing"))?;
+                    let key = format!("review/{name}");
+                    let repair = Repair::File { path, offset: 0, length: source.len() as u64 };
+                    match replica.get(&key, bytes_max)? {
+                        None => differ(key, "missing".into(), repair),
+                        Some(found) if found != source => {
+                            differ(key, "differs from the source's review shard".into(), repair)
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        // The raw landing segments the replica holds, each against the landing file's bytes, and
+        // gaps in a file's chain of segments (what lies beyond the chain is lag, not a difference).
+        if let (Some(landing_dir), Some(_)) = (&self.sources.landing_dir, &self.landing_checkpoint) {
+            let mut files: BTreeMap<String, Vec<(u64, u64, String, u64)>> = BTreeMap::new();
+            for (key, size) in replica.list("landing/raw/")? {
+                if let Some((file, range)) = key.rsplit_once('/')
+                    && let Some((start, end)) = parse_range_name(range)
+                {
+                    files.entry(file.to_string()).or_default().push((start, end, key.clone(), size));
+                }
+            }
+            for (file, segments) in files {
+                let parts: Vec<&str> = file.split('/').collect();
+                let [_, _, device, lane, first_seq] = parts[..] else { continue };
+                let (Ok(lane), Ok(first_seq)) = (lane.parse::<protocol::Lane>(), first_seq.parse::<u64>())
+                else {
+                    continue;
+                };
+                let path = crate::landing::raw_file_path(landing_dir, device, lane, first_seq);
+                let (chain, chain_end) = segment_chain(&segments);
+                for (start, end, key, _) in &chain {
+                    let repair = Repair::File { path: path.clone(), offset: *start, length: end - start };
+                    let source = read_range(&path, *start, end - start)?;
+                    match replica.get(key, SEGMENT_BYTES_MAX.max(end - start))? {
+                        None => differ(key.clone(), "missing".into(), repair),
+                        Some(found) if found != source => differ(
+                            key.clone(),
+                            format!("the landing file's bytes {start}..{end} differ"),
+                            repair,
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                if let Some(next) =
+                    segments.iter().map(|segment| segment.0).filter(|&start| start > chain_end).min()
+                {
+                    differ(
+                        format!("{file}/{chain_end:020}-{next:020}"),
+                        format!(
+                            "missing: the replica's segments of {file} stop at byte {chain_end}, the next starts at {next}"
+                        ),
+                        Repair::File { path: path.clone(), offset: chain_end, length: next - chain_end },
+                    );
+                }
+            }
         }
         Ok(differences)
     }
