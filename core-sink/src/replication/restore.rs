@@ -58,6 +58,41 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReplicationErro
         .map_err(|error| failed(path, error))
 }
 
+/// Writes the new file `path` from the chain of `segments` from byte 0 (an error when a segment
+/// lies beyond a gap), fsynced; returns its length.
+fn restore_chain(
+    replica: &dyn Replica,
+    segments: &[(u64, u64, String, u64)],
+    path: &Path,
+) -> Result<u64, ReplicationError> {
+    let (chain, end) = segment_chain(segments);
+    if let Some(stray) = segments.iter().find(|segment| segment.0 >= end) {
+        return Err(failed(
+            path,
+            format!(
+                "the replica's segments stop at byte {end} but {} starts later (a segment is missing; run `core-sink replicate --repair`)",
+                stray.2
+            ),
+        ));
+    }
+    let mut output =
+        OpenOptions::new().write(true).create_new(true).open(path).map_err(|error| failed(path, error))?;
+    for (start, segment_end, key, _) in &chain {
+        let bytes = replica
+            .get(key, SEGMENT_BYTES_MAX.max(segment_end - start))?
+            .ok_or_else(|| failed(path, format!("{key} vanished while restoring")))?;
+        if bytes.len() as u64 != segment_end - start {
+            return Err(failed(
+                path,
+                format!("{key} holds {} bytes, its name says {}", bytes.len(), segment_end - start),
+            ));
+        }
+        output.write_all(&bytes).map_err(|error| failed(path, error))?;
+    }
+    output.sync_all().map_err(|error| failed(path, error))?;
+    Ok(end)
+}
+
 /// Restores `replica` into `to`; `object_bytes_max` bounds each object read.
 pub fn restore(
     replica: &dyn Replica,
@@ -74,37 +109,7 @@ pub fn restore(
     if has_archive {
         fs::create_dir_all(&log).map_err(|error| failed(&log, error))?;
         for file in ["entries", "index", "checkpoints"] {
-            let path = log.join(file);
-            let segments = list_segments(replica, file)?;
-            let (chain, end) = segment_chain(&segments);
-            if let Some(stray) = segments.iter().find(|segment| segment.0 >= end) {
-                return Err(failed(
-                    &path,
-                    format!(
-                        "the replica's {file} segments stop at byte {end} but {} starts later (a segment is missing; run `core-sink replicate --repair`)",
-                        stray.2
-                    ),
-                ));
-            }
-            let mut output = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|error| failed(&path, error))?;
-            for (start, segment_end, key, _) in &chain {
-                let bytes = replica
-                    .get(key, SEGMENT_BYTES_MAX.max(segment_end - start))?
-                    .ok_or_else(|| failed(&path, format!("{key} vanished while restoring")))?;
-                if bytes.len() as u64 != segment_end - start {
-                    return Err(failed(
-                        &path,
-                        format!("{key} holds {} bytes, its name says {}", bytes.len(), segment_end - start),
-                    ));
-                }
-                output.write_all(&bytes).map_err(|error| failed(&path, error))?;
-                report.log_bytes += bytes.len() as u64;
-            }
-            output.sync_all().map_err(|error| failed(&path, error))?;
+            report.log_bytes += restore_chain(replica, &list_segments(replica, file)?, &log.join(file))?;
         }
         durable::sync_directory(&log).map_err(|error| failed(&log, error))?;
         for (name, mode) in [
@@ -214,37 +219,9 @@ pub fn restore(
             .parse()
             .map_err(|_| failed(Path::new(&file), "the file's first seq is not a number"))?;
         let path = crate::landing::raw_file_path(&to.join("landing"), device, lane, first_seq);
-        let (chain, end) = segment_chain(&segments);
-        if let Some(stray) = segments.iter().find(|segment| segment.0 >= end) {
-            return Err(failed(
-                &path,
-                format!(
-                    "the replica's segments stop at byte {end} but {} starts later (a segment is missing)",
-                    stray.2
-                ),
-            ));
-        }
         let directory = path.parent().expect("landing files live in a directory");
         fs::create_dir_all(directory).map_err(|error| failed(directory, error))?;
-        let mut output = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|error| failed(&path, error))?;
-        for (start, segment_end, key, _) in &chain {
-            let bytes = replica
-                .get(key, SEGMENT_BYTES_MAX.max(segment_end - start))?
-                .ok_or_else(|| failed(&path, format!("{key} vanished while restoring")))?;
-            if bytes.len() as u64 != segment_end - start {
-                return Err(failed(
-                    &path,
-                    format!("{key} holds {} bytes, its name says {}", bytes.len(), segment_end - start),
-                ));
-            }
-            output.write_all(&bytes).map_err(|error| failed(&path, error))?;
-            report.landing_bytes += bytes.len() as u64;
-        }
-        output.sync_all().map_err(|error| failed(&path, error))?;
+        report.landing_bytes += restore_chain(replica, &segments, &path)?;
         durable::sync_directory(directory).map_err(|error| failed(directory, error))?;
         report.landing_files += 1;
     }
