@@ -6,6 +6,11 @@
 //! each case against the first is the ratio the 90 % target is about; the replication
 //! rate and the bytes left to copy at the end of the case are the price (backing off trades lag
 //! for ingest). All cases run in the same process run on the same disk.
+//!
+//! On a shared machine the landing rate alone drifts between cases, so each case with
+//! replication is compared with the mean of the landing alone measured just before and just
+//! after it (alone, fixed, alone, adaptive, alone, no budget, alone), and `--rounds` repeats the
+//! sequence; the summary gives each case's range of ratios over the rounds.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +48,9 @@ pub struct ReplicateArgs {
     /// `--dir`, on the landing's disk.
     #[arg(long)]
     replica_dir: Option<PathBuf>,
+    /// Times the sequence of cases runs (each with its own bracketing measurements alone).
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// MiB landed per case.
     #[arg(long, default_value_t = 512)]
     mib_per_case: u64,
@@ -249,39 +257,55 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         interval_ms: args.adaptive_interval_ms,
         factor: args.latency_factor,
     };
-    let cases: [(&str, Mode); 4] = [
-        ("alone", Mode::Alone),
-        ("fixed", Mode::Fixed(budget)),
-        ("adaptive", adaptive),
-        ("unthrottled", Mode::Unthrottled),
-    ];
-    let mut baseline = None;
+    let cases: [(&str, Mode); 3] =
+        [("fixed", Mode::Fixed(budget)), ("adaptive", adaptive), ("unthrottled", Mode::Unthrottled)];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     println!(
         "{:<44} {:>14} {:>8} {:>18} {:>12}",
         "case", "landing MiB/s", "ratio", "replication MiB/s", "lag MiB"
     );
-    for (name, mode) in cases {
-        let measured = case(&base, &replica_base, name, total, shards * SHARD_BYTES, mode)?;
-        let baseline = *baseline.get_or_insert(measured.landing);
-        let label = match mode {
-            Mode::Alone => "landing alone".to_string(),
-            Mode::Fixed(bytes) => format!("with replication, fixed {} MiB/s", bytes / MIB),
-            Mode::Adaptive { floor, max, .. } => {
-                format!("with replication, adaptive {}..{} MiB/s", floor / MIB, max / MIB)
+    let dataset_bytes = shards * SHARD_BYTES;
+    let alone = || -> Result<f64> {
+        Ok(case(&base, &replica_base, "alone", total, dataset_bytes, Mode::Alone)?.landing)
+    };
+    let print_alone = |landing: f64| println!("{:<44} {:>14.0}", "landing alone", landing / MIB as f64);
+    for round in 1..=args.rounds.max(1) {
+        println!("round {round}");
+        let mut before = alone()?;
+        print_alone(before);
+        for (index, (name, mode)) in cases.into_iter().enumerate() {
+            let measured = case(&base, &replica_base, name, total, dataset_bytes, mode)?;
+            let after = alone()?;
+            let baseline = (before + after) / 2.0;
+            before = after;
+            ratios[index].push(measured.landing / baseline);
+            let label = match mode {
+                Mode::Alone => "landing alone".to_string(),
+                Mode::Fixed(bytes) => format!("with replication, fixed {} MiB/s", bytes / MIB),
+                Mode::Adaptive { floor, max, .. } => {
+                    format!("with replication, adaptive {}..{} MiB/s", floor / MIB, max / MIB)
+                }
+                Mode::Unthrottled => "with replication, no budget".to_string(),
+            };
+            print!(
+                "{label:<44} {:>14.0} {:>7.0}% {:>18.0} {:>12}",
+                measured.landing / MIB as f64,
+                100.0 * measured.landing / baseline,
+                measured.replication / MIB as f64,
+                if matches!(mode, Mode::Alone) { "-".to_string() } else { (measured.lag / MIB).to_string() }
+            );
+            if matches!(mode, Mode::Adaptive { .. }) {
+                print!("  ({} cuts, {} MiB/s at the end)", measured.cuts, measured.budget_at_end / MIB);
             }
-            Mode::Unthrottled => "with replication, no budget".to_string(),
-        };
-        print!(
-            "{label:<44} {:>14.0} {:>7.0}% {:>18.0} {:>12}",
-            measured.landing / MIB as f64,
-            100.0 * measured.landing / baseline,
-            measured.replication / MIB as f64,
-            if matches!(mode, Mode::Alone) { "-".to_string() } else { (measured.lag / MIB).to_string() }
-        );
-        if matches!(mode, Mode::Adaptive { .. }) {
-            print!("  ({} cuts, {} MiB/s at the end)", measured.cuts, measured.budget_at_end / MIB);
+            println!("  (against the mean of the alone before and after)");
+            print_alone(after);
         }
-        println!();
+    }
+    println!("ratio over {} rounds (min..max):", args.rounds.max(1));
+    for ((name, _), ratios) in cases.iter().zip(&ratios) {
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        println!("  {name:<12} {:>4.0}%..{:>4.0}%", 100.0 * min, 100.0 * max);
     }
     let _ = std::fs::remove_dir_all(&base);
     let _ = std::fs::remove_dir_all(&replica_base);
