@@ -126,7 +126,7 @@ impl Sink {
         // lander, the onboarding authority, then what takes input (sessions, metrics, reloads).
         let mut components = Components::new();
         // Replication of what the datasets pipeline and the archive published, on its own thread
-        // and within its own budgets: it only reads published files, never the landing path.
+        // and within its own budgets: it reads published files and committed raw landing only.
         // First started, so last stopped: it can copy what the final commit published.
         let mut replication_metrics = None;
         if config.replication.is_some() {
