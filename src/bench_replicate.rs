@@ -6,6 +6,11 @@
 //! each case against the first is the ratio the issue's 90 % target is about; the replication
 //! rate and the bytes left to copy at the end of the case are the price (backing off trades lag
 //! for ingest). All cases run in the same process run on the same disk.
+//!
+//! On a shared machine the landing rate alone drifts between cases, so each case with
+//! replication is compared with the mean of the landing alone measured just before and just
+//! after it (alone, fixed, alone, adaptive, alone, no budget, alone), and `--rounds` repeats the
+//! sequence; the summary gives each case's range of ratios over the rounds.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +24,15 @@ use core_sink::landing::{Committer, RawLanding};
 use core_sink::replication::replica::DirectoryReplica;
 use core_sink::replication::{ReplicationConfig, Replicator, Sources};
 use protocol::evidence::{sha256, sha256_hex};
-use telemetry::LatencyHistogram;
+use telemetry::{LatencyHistogram, OldestPending};
+
+/// The landing's commits as the adaptive budget sees them: their durations, and since when the
+/// one in progress runs (a stuck commit counts before it ends).
+#[derive(Default)]
+struct Commits {
+    times: LatencyHistogram,
+    in_progress: OldestPending,
+}
 
 const MIB: u64 = 1024 * 1024;
 const CHUNK_PAYLOAD_BYTES: usize = 200 * 1024;
@@ -31,6 +44,13 @@ pub struct ReplicateArgs {
     /// Directory for the landing, the dataset and the replica (on the disk you want to measure).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// Directory for the replica, e.g. on another device (a second disk, a tmpfs); absent: under
+    /// `--dir`, on the landing's disk.
+    #[arg(long)]
+    replica_dir: Option<PathBuf>,
+    /// Times the sequence of cases runs (each with its own bracketing measurements alone).
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// MiB landed per case.
     #[arg(long, default_value_t = 512)]
     mib_per_case: u64,
@@ -108,7 +128,7 @@ fn publish_dataset(base: &Path, shards: u64) -> Result<()> {
 
 /// Lands `total` bytes of 200 KiB media chunks durably, timing each commit into `commits`;
 /// returns bytes per second.
-fn land(landing_dir: &Path, total: u64, commits: &LatencyHistogram) -> Result<f64> {
+fn land(landing_dir: &Path, total: u64, commits: &Commits) -> Result<f64> {
     let mut landing = RawLanding::new(landing_dir, 256 * MIB);
     landing.recover(None)?;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -120,8 +140,10 @@ fn land(landing_dir: &Path, total: u64, commits: &LatencyHistogram) -> Result<f6
         crate::bench_sink::land_media_chunk(&mut landing, index, &payload)?;
         if (index + 1) % CHUNKS_PER_COMMIT == 0 {
             let commit_started = Instant::now();
+            commits.in_progress.set(Some(commit_started));
             landing.commit()?;
-            commits.observe(commit_started.elapsed());
+            commits.in_progress.set(None);
+            commits.times.observe(commit_started.elapsed());
         }
     }
     landing.commit()?;
@@ -140,10 +162,18 @@ struct Measured {
 }
 
 /// One case: landing while a replicator in `mode` copies the dataset.
-fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> Result<Measured> {
-    let commits = Arc::new(LatencyHistogram::default());
+fn case(
+    base: &Path,
+    replica_base: &Path,
+    name: &str,
+    total: u64,
+    dataset_bytes: u64,
+    mode: Mode,
+) -> Result<Measured> {
+    let commits = Arc::new(Commits::default());
     let landing_dir = base.join(format!("landing-{name}"));
-    let mut config = ReplicationConfig::directory("bench", &base.join(format!("replica-{name}")));
+    let replica = replica_base.join(format!("replica-{name}"));
+    let mut config = ReplicationConfig::directory("bench", &replica);
     config.pass_interval_ms = 10;
     config.objects_per_second_max = 100_000;
     match mode {
@@ -162,20 +192,23 @@ fn case(base: &Path, name: &str, total: u64, dataset_bytes: u64, mode: Mode) -> 
             config.adaptive_interval_ms = interval_ms;
         }
     }
-    let replica = base.join(format!("replica-{name}"));
     std::fs::create_dir_all(&replica)?;
     let stop = Arc::new(AtomicBool::new(false));
     let signal = commits.clone();
     let replicator = Replicator::with_backends(
-        Sources { manifest_dir: Some(base.join("manifests")), archive_root: None },
+        Sources { manifest_dir: Some(base.join("manifests")), ..Sources::default() },
         config,
         &base.join(format!("state-{name}")),
         vec![("bench".into(), Box::new(DirectoryReplica::new(&replica)))],
         stop.clone(),
     )?
     .with_latency_signal(Arc::new(move || {
-        let snapshot = signal.snapshot();
-        (snapshot.sum_us, snapshot.count)
+        let snapshot = signal.times.snapshot();
+        core_sink::replication::LatencyReading {
+            sum_us: snapshot.sum_us,
+            count: snapshot.count,
+            pending_us: signal.in_progress.age(Instant::now()).as_micros() as u64,
+        }
     }));
     let metrics = replicator.metrics.clone();
     let thread = std::thread::spawn(move || replicator.run());
@@ -201,15 +234,21 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
     let base = args.dir.join("tributary-bench-replicate");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
+    let replica_base = match &args.replica_dir {
+        Some(directory) => directory.join("tributary-bench-replicate-replica"),
+        None => base.clone(),
+    };
+    std::fs::create_dir_all(&replica_base)?;
     let shards = (args.dataset_mib * MIB).div_ceil(SHARD_BYTES).max(1);
     publish_dataset(&base, shards)?;
     let total = args.mib_per_case * MIB;
     println!(
         "tributary bench replicate: {} MiB landed per case (200 KiB chunks, fsync every {CHUNKS_PER_COMMIT}), \
-         replicator copying {} MiB of 16 MiB shards to a directory replica, in {}",
+         replicator copying {} MiB of 16 MiB shards to a directory replica, in {} (replica in {})",
         args.mib_per_case,
         shards * SHARD_BYTES / MIB,
-        base.display()
+        base.display(),
+        replica_base.display()
     );
     let budget = args.budget_mib_per_second * MIB;
     let adaptive = Mode::Adaptive {
@@ -218,40 +257,57 @@ pub fn run(args: ReplicateArgs) -> Result<()> {
         interval_ms: args.adaptive_interval_ms,
         factor: args.latency_factor,
     };
-    let cases: [(&str, Mode); 4] = [
-        ("alone", Mode::Alone),
-        ("fixed", Mode::Fixed(budget)),
-        ("adaptive", adaptive),
-        ("unthrottled", Mode::Unthrottled),
-    ];
-    let mut baseline = None;
+    let cases: [(&str, Mode); 3] =
+        [("fixed", Mode::Fixed(budget)), ("adaptive", adaptive), ("unthrottled", Mode::Unthrottled)];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     println!(
         "{:<44} {:>14} {:>8} {:>18} {:>12}",
         "case", "landing MiB/s", "ratio", "replication MiB/s", "lag MiB"
     );
-    for (name, mode) in cases {
-        let measured = case(&base, name, total, shards * SHARD_BYTES, mode)?;
-        let baseline = *baseline.get_or_insert(measured.landing);
-        let label = match mode {
-            Mode::Alone => "landing alone".to_string(),
-            Mode::Fixed(bytes) => format!("with replication, fixed {} MiB/s", bytes / MIB),
-            Mode::Adaptive { floor, max, .. } => {
-                format!("with replication, adaptive {}..{} MiB/s", floor / MIB, max / MIB)
+    let dataset_bytes = shards * SHARD_BYTES;
+    let alone = || -> Result<f64> {
+        Ok(case(&base, &replica_base, "alone", total, dataset_bytes, Mode::Alone)?.landing)
+    };
+    let print_alone = |landing: f64| println!("{:<44} {:>14.0}", "landing alone", landing / MIB as f64);
+    for round in 1..=args.rounds.max(1) {
+        println!("round {round}");
+        let mut before = alone()?;
+        print_alone(before);
+        for (index, (name, mode)) in cases.into_iter().enumerate() {
+            let measured = case(&base, &replica_base, name, total, dataset_bytes, mode)?;
+            let after = alone()?;
+            let baseline = (before + after) / 2.0;
+            before = after;
+            ratios[index].push(measured.landing / baseline);
+            let label = match mode {
+                Mode::Alone => "landing alone".to_string(),
+                Mode::Fixed(bytes) => format!("with replication, fixed {} MiB/s", bytes / MIB),
+                Mode::Adaptive { floor, max, .. } => {
+                    format!("with replication, adaptive {}..{} MiB/s", floor / MIB, max / MIB)
+                }
+                Mode::Unthrottled => "with replication, no budget".to_string(),
+            };
+            print!(
+                "{label:<44} {:>14.0} {:>7.0}% {:>18.0} {:>12}",
+                measured.landing / MIB as f64,
+                100.0 * measured.landing / baseline,
+                measured.replication / MIB as f64,
+                if matches!(mode, Mode::Alone) { "-".to_string() } else { (measured.lag / MIB).to_string() }
+            );
+            if matches!(mode, Mode::Adaptive { .. }) {
+                print!("  ({} cuts, {} MiB/s at the end)", measured.cuts, measured.budget_at_end / MIB);
             }
-            Mode::Unthrottled => "with replication, no budget".to_string(),
-        };
-        print!(
-            "{label:<44} {:>14.0} {:>7.0}% {:>18.0} {:>12}",
-            measured.landing / MIB as f64,
-            100.0 * measured.landing / baseline,
-            measured.replication / MIB as f64,
-            if matches!(mode, Mode::Alone) { "-".to_string() } else { (measured.lag / MIB).to_string() }
-        );
-        if matches!(mode, Mode::Adaptive { .. }) {
-            print!("  ({} cuts, {} MiB/s at the end)", measured.cuts, measured.budget_at_end / MIB);
+            println!("  (against the mean of the alone before and after)");
+            print_alone(after);
         }
-        println!();
+    }
+    println!("ratio over {} rounds (min..max):", args.rounds.max(1));
+    for ((name, _), ratios) in cases.iter().zip(&ratios) {
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        println!("  {name:<12} {:>4.0}%..{:>4.0}%", 100.0 * min, 100.0 * max);
     }
     let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&replica_base);
     Ok(())
 }

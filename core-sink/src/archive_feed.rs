@@ -213,6 +213,18 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(durable::Options::default().create_directory().write(path, bytes)?)
 }
 
+/// The review shards the feed published durably (their positions write is done): seqs
+/// `0..published_review_shards(root)`, named by `review_shard_name`. Replication reads this
+/// instead of listing the review directory.
+pub fn published_review_shards(root: &Path) -> anyhow::Result<u64> {
+    Ok(read_state(root)?.next_review_shard_seq)
+}
+
+/// The file name of review shard `seq` in `review_dir`.
+pub fn review_shard_name(seq: u64) -> String {
+    format!("{REVIEW_PREFIX}{seq:08}.tar")
+}
+
 fn review_shard_seq(name: &str) -> Option<u64> {
     name.strip_prefix(REVIEW_PREFIX)?.strip_suffix(".tar")?.parse().ok()
 }
@@ -501,8 +513,7 @@ impl ArchiveFeed {
             })?;
             durable::sync_file(&file, &review.partial_path)?;
             drop(file);
-            let published =
-                self.config.review_dir.join(format!("{REVIEW_PREFIX}{next_review_shard_seq:08}.tar"));
+            let published = self.config.review_dir.join(review_shard_name(next_review_shard_seq));
             durable::rename_into_place(&review.partial_path, &published)?;
             tracing::info!(shard = %published.display(), samples = review.samples, "review shard published");
             self.metrics.review_shards_published.fetch_add(1, Ordering::Relaxed);

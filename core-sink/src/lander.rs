@@ -54,6 +54,8 @@ pub struct SinkMetrics {
     /// From a chunk read off its stream to the commit that made it durable (its Ack follows at
     /// once): waiting for in-flight room, the landing queue, the write and the fsync.
     pub ack_latency: telemetry::LatencyHistogram,
+    /// The oldest chunk landed and not yet acked (what a stuck commit holds up).
+    pub oldest_unacked: telemetry::OldestPending,
 }
 
 impl SinkMetrics {
@@ -252,6 +254,7 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
         match outcome {
             LandOutcome::Landed => {
                 self.received_at.entry((device, chunk.lane)).or_default().push(received_at);
+                self.metrics.oldest_unacked.add(received_at);
             }
             LandOutcome::Duplicate => {}
             LandOutcome::Fenced => {
@@ -259,6 +262,7 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
             }
             LandOutcome::Failed(error) => {
                 self.received_at.remove(&(device.clone(), chunk.lane));
+                self.refresh_oldest_unacked();
                 self.shared.publish(&self.core, &device, chunk.lane);
                 self.durable_generation.send_modify(|generation| *generation += 1);
                 let _ = refusals.try_send(LandingRefusal::StorageFailed(error.to_string()));
@@ -266,7 +270,18 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
         }
     }
 
+    /// Publishes the oldest chunk still waiting for its ack.
+    fn refresh_oldest_unacked(&self) {
+        let oldest = self.received_at.values().flatten().min().copied();
+        self.metrics.oldest_unacked.set(oldest);
+    }
+
     fn commit(&mut self) {
+        self.commit_landed();
+        self.refresh_oldest_unacked();
+    }
+
+    fn commit_landed(&mut self) {
         match self.core.commit() {
             Ok(advanced) if advanced.is_empty() => {}
             Ok(advanced) => {

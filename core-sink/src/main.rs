@@ -243,7 +243,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "restored {} log bytes, {} objects, {} datasets ({} shards, {} bytes) into {}\n\
                  archive: {}/archive (check it with `core-sink audit verify --archive {}/archive`)\n\
-                 datasets: targets under {}/datasets/targets/<target>, manifest_dir = {}/datasets/manifests",
+                 datasets: targets under {}/datasets/targets/<target>, manifest_dir = {}/datasets/manifests\n\
+                 review: {} shards in {}/review; raw landing: {} files ({} bytes) under {}/landing/raw",
                 report.log_bytes,
                 report.objects,
                 report.datasets,
@@ -253,6 +254,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 to.display(),
                 to.display(),
                 to.display(),
+                to.display(),
+                report.review_shards,
+                to.display(),
+                report.landing_files,
+                report.landing_bytes,
                 to.display()
             );
             Ok(())

@@ -126,7 +126,7 @@ impl Sink {
         // lander, the onboarding authority, then what takes input (sessions, metrics, reloads).
         let mut components = Components::new();
         // Replication of what the datasets pipeline and the archive published, on its own thread
-        // and within its own budgets: it only reads published files, never the landing path.
+        // and within its own budgets: it reads published files and committed raw landing only.
         // First started, so last stopped: it can copy what the final commit published.
         let mut replication_metrics = None;
         if config.replication.is_some() {
@@ -136,8 +136,15 @@ impl Sink {
             let replicator = crate::replication::Replicator::open(&config, stop.clone())?
                 .with_latency_signal(Arc::new(move || {
                     let snapshot = lander_metrics.ack_latency.snapshot();
-                    (snapshot.sum_us, snapshot.count)
-                }));
+                    let pending = lander_metrics.oldest_unacked.age(std::time::Instant::now());
+                    crate::replication::LatencyReading {
+                        sum_us: snapshot.sum_us,
+                        count: snapshot.count,
+                        pending_us: pending.as_micros() as u64,
+                    }
+                }))
+                // The committed raw landing too, as the lander's checkpoint says it stands.
+                .with_landing_checkpoint(shared.checkpoint.clone());
             replication_metrics = Some(replicator.metrics.clone());
             components.push(ThreadComponent::start("replication", stop, move || replicator.run())?);
         }

@@ -93,11 +93,11 @@ fn a_directory_replica_equals_the_sources_and_a_rerun_copies_nothing() {
     assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
 
     // New shards and decisions: only they are copied. Per dataset 2 shards and the manifest; the
-    // archive: 3 new originals and one segment of each log file.
+    // archive: 3 new originals and one segment of each log file; the feed's new review shard.
     site.publish_shards(2);
     site.archive_decisions(3);
     pass_ok(&mut replicator);
-    assert_eq!(counter(&replicator, |m| &m.objects_copied), 2 * 3 + 3 + 3);
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), 2 * 3 + 3 + 3 + 1);
     assert!(replicator.verify(0).unwrap().is_empty());
     assert_datasets_replicated(&site, &replica);
 }
@@ -511,4 +511,175 @@ fn a_full_replica_fails_its_passes_without_partial_objects_and_drains_when_space
     pass_ok(&mut replicator);
     assert!(replicator.verify(0).unwrap().is_empty());
     assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
+}
+
+/// Records each read of every source streamed to the inner replica (key, when, bytes); sets
+/// `stop` once the first shard is written.
+struct RecordingReplica {
+    inner: DirectoryReplica,
+    reads: Arc<std::sync::Mutex<Vec<(String, std::time::Instant, usize)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Replica for RecordingReplica {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>, ReplicaError> {
+        self.inner.head(key)
+    }
+    fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, ReplicaError> {
+        self.inner.get(key, bytes_max)
+    }
+    fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError> {
+        self.put_stream(key, bytes.len() as u64, &mut &bytes[..], mode)
+    }
+    fn put_stream(
+        &self,
+        key: &str,
+        length: u64,
+        source: &mut dyn std::io::Read,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicaError> {
+        struct Recorder<'a> {
+            key: &'a str,
+            inner: &'a mut dyn std::io::Read,
+            reads: &'a std::sync::Mutex<Vec<(String, std::time::Instant, usize)>>,
+        }
+        impl std::io::Read for Recorder<'_> {
+            fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+                let read = self.inner.read(buffer)?;
+                if read > 0 {
+                    self.reads.lock().unwrap().push((self.key.to_string(), std::time::Instant::now(), read));
+                }
+                Ok(read)
+            }
+        }
+        let mut recorder = Recorder { key, inner: source, reads: &self.reads };
+        let outcome = self.inner.put_stream(key, length, &mut recorder, mode)?;
+        if key.ends_with(".tar") || key.ends_with(".parquet") {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError> {
+        self.inner.list(prefix)
+    }
+}
+
+#[test]
+fn a_shard_is_copied_in_chunks_each_waiting_for_its_budget() {
+    // 150 kB shards at 100 kB/s with a one-second (100 kB) burst: the first 100 kB may go at
+    // once, the other 50 kB only chunk by chunk over at least half a second. Paced as a whole
+    // object, the shard would wait and then be read in one go.
+    let mut site = Site::new();
+    site.shard_bytes = 150_000;
+    site.publish_shards(1);
+    let replica = site.base.join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    let mut config = ReplicationConfig::directory("site-b", &replica);
+    config.bytes_per_second_max = 100_000;
+    config.chunk_bytes = 16 * 1024;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend =
+        RecordingReplica { inner: DirectoryReplica::new(&replica), reads: reads.clone(), stop: stop.clone() };
+    let sources = Sources::of(&site.config(config.clone()));
+    let sources = Sources { archive_root: None, ..sources };
+    let mut replicator = Replicator::with_backends(
+        sources,
+        config,
+        &site.base.join("state"),
+        vec![("site-b".to_string(), Box::new(backend))],
+        stop,
+    )
+    .unwrap();
+    replicator.pass(false);
+    let reads = reads.lock().unwrap();
+    let shard = &reads.first().expect("a shard was copied").0;
+    let chunks: Vec<_> = reads.iter().filter(|(key, _, _)| key == shard).collect();
+    assert_eq!(chunks.iter().map(|chunk| chunk.2).sum::<usize>(), 150_000, "{shard}");
+    assert!(chunks.iter().all(|chunk| chunk.2 <= 16 * 1024), "no read beyond a chunk");
+    let spread = chunks.last().unwrap().1 - chunks.first().unwrap().1;
+    assert!(spread >= Duration::from_millis(400), "{shard} went in {spread:?}: not paced chunk by chunk");
+    assert_eq!(std::fs::read(replica.join(shard)).unwrap().len(), 150_000);
+}
+
+/// Every file under `directory` (relative path → bytes), hidden ones included.
+fn source_files(directory: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    files_under(directory)
+}
+
+#[test]
+fn review_shards_and_the_committed_raw_landing_are_replicated_and_restored() {
+    let mut site = site_with_sources();
+    let replica = site.base.join("replica");
+    let checkpoint = Arc::new(std::sync::Mutex::new(site.landing_checkpoint()));
+    let mut replicator = replicator(&site, &replica).with_landing_checkpoint(checkpoint.clone());
+    pass_ok(&mut replicator);
+    assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
+
+    // The replica's review shards equal the published ones; its landing segments, joined per
+    // file, equal the landing files (all committed).
+    let check = |site: &Site| {
+        let found = files_under(&replica);
+        let review = source_files(&site.base.join("review"));
+        assert!(!review.is_empty(), "the feed published review shards");
+        for (name, bytes) in &review {
+            assert!(found.get(&format!("review/{name}")) == Some(bytes), "review/{name} on the replica");
+        }
+        let landing = source_files(&site.base.join("landing/raw"));
+        assert!(!landing.is_empty());
+        for (file, bytes) in &landing {
+            let (lane_dir, name) = file.rsplit_once('/').unwrap();
+            let prefix = format!("landing/raw/{lane_dir}/{}/", name.trim_end_matches(".tcr"));
+            let joined: Vec<u8> = found
+                .range(prefix.clone()..)
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .flat_map(|(_, bytes)| bytes.clone())
+                .collect();
+            assert!(&joined == bytes, "{file}: the replica's segments join to the landing file");
+        }
+    };
+    check(&site);
+
+    // More decisions: new landing records and a new review shard; only they are copied, and a
+    // pass with the sources still copies nothing.
+    let copied_before = counter(&replicator, |m| &m.objects_copied);
+    pass_ok(&mut replicator);
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), copied_before, "a rerun copies nothing");
+    site.archive_decisions(3);
+    *checkpoint.lock().unwrap() = site.landing_checkpoint();
+    pass_ok(&mut replicator);
+    // 3 originals, one segment of each log file, one review shard, one landing segment.
+    assert_eq!(counter(&replicator, |m| &m.objects_copied), copied_before + 3 + 3 + 1 + 1);
+    assert_eq!(counter(&replicator, |m| &m.lag_bytes), 0);
+    check(&site);
+    assert_eq!(replicator.verify(0).unwrap(), Vec::new());
+
+    // Damage in both is named by verify and mended by a repairing pass.
+    let found = files_under(&replica);
+    let review_key = found.keys().find(|key| key.starts_with("review/")).unwrap().clone();
+    let landing_key = found.keys().find(|key| key.starts_with("landing/raw/")).unwrap().clone();
+    let mut damaged = found[&landing_key].clone();
+    damaged[7] ^= 0x10;
+    std::fs::write(replica.join(&landing_key), damaged).unwrap();
+    std::fs::remove_file(replica.join(&review_key)).unwrap();
+    let named: Vec<String> =
+        replicator.verify(0).unwrap().iter().map(|difference| difference.key.clone()).collect();
+    assert_eq!(named, vec![review_key.clone(), landing_key.clone()]);
+    for report in replicator.pass(true) {
+        assert_eq!((report.error, report.repaired), (None, 2));
+    }
+    assert_eq!(replicator.verify(0).unwrap(), Vec::new());
+    check(&site);
+
+    // Restore brings both back, byte for byte.
+    let restored = site.base.join("restored");
+    let (ok, stdout, stderr) =
+        core_sink(&["restore", "--from", replica.to_str().unwrap(), "--to", restored.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(source_files(&restored.join("review")), source_files(&site.base.join("review")));
+    assert_eq!(source_files(&restored.join("landing/raw")), source_files(&site.base.join("landing/raw")));
+    assert!(stdout.contains("raw landing: 1 files"), "{stdout}");
 }

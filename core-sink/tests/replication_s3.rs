@@ -125,9 +125,10 @@ fn s3_and_directory_replicas_verify_equal_through_an_outage_damage_and_a_lost_wa
     let mut replicator = Replicator::open(&config, Arc::new(AtomicBool::new(false))).unwrap();
     assert_eq!(pass(&mut replicator), vec![None, None]);
     assert_eq!(load(&metrics(&replicator, 1).objects_copied), 0);
-    // Found by HEAD: 6 shards and the manifest per dataset, and the verifier key; the log
-    // segments are adopted from a listing (their objects were put before them).
-    assert_eq!(load(&metrics(&replicator, 1).objects_present), 2 * (6 + 1) + 1);
+    // Found by HEAD: 6 shards and the manifest per dataset, the verifier key and the feed's 2
+    // review shards; the log segments are adopted from a listing (their objects were put before
+    // them).
+    assert_eq!(load(&metrics(&replicator, 1).objects_present), 2 * (6 + 1) + 1 + 2);
     assert!(replicator.verify(1).unwrap().is_empty());
 
     // Restore from the bucket: the archive verifies, the logs equal the source's.

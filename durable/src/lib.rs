@@ -112,6 +112,13 @@ impl Options {
 
     /// Writes `bytes` to `path` durably with these options.
     pub fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+        self.write_from(path, &mut &bytes[..]).map(|_| ())
+    }
+
+    /// Writes what `source` yields up to its end to `path` durably with these options, streamed
+    /// (the caller's reader decides how much is in memory); returns the bytes written. An error
+    /// from `source` (operation `read source`, its kind kept) leaves nothing under `path`.
+    pub fn write_from(&self, path: &Path, source: &mut dyn io::Read) -> Result<u64, Error> {
         let directory = parent_directory(path);
         let file_name = path.file_name().ok_or_else(|| {
             Error::new("write", path, io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))
@@ -127,20 +134,25 @@ impl Options {
             TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         assert!(is_temporary(&temporary), "a temporary name must be recognisable: {}", temporary.display());
-        let result = self.write_then_install(&temporary, path, bytes);
+        let result = self.write_then_install(&temporary, path, source);
         if result.is_err() || self.existing == Existing::Keep {
             // After a rename the temporary name is gone; after a hard link (or a failure) it is
             // still there and only clutter now. Failing to remove it loses nothing.
             let _ = fs::remove_file(&temporary);
         }
-        result?;
+        let written = result?;
         step(Step::Installed);
         sync_directory(&directory)?;
         step(Step::DirectorySynced);
-        Ok(())
+        Ok(written)
     }
 
-    fn write_then_install(&self, temporary: &Path, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    fn write_then_install(
+        &self,
+        temporary: &Path,
+        path: &Path,
+        source: &mut dyn io::Read,
+    ) -> Result<u64, Error> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -148,7 +160,7 @@ impl Options {
             .open(temporary)
             .map_err(|source| Error::new("create", temporary, source))?;
         step(Step::TemporaryCreated);
-        file.write_all(bytes).map_err(|source| Error::new("write", temporary, source))?;
+        let written = copy(source, &mut file, temporary)?;
         step(Step::TemporaryWritten);
         sync_file(&file, temporary)?;
         drop(file);
@@ -161,6 +173,26 @@ impl Options {
                 fs::hard_link(temporary, path).map_err(|source| Error::new("create", path, source))
             }
         }
+        .map(|()| written)
+    }
+}
+
+/// Bytes moved from a source to a temporary file at a time.
+const COPY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Copies `source` to its end into `file`; a read error is `read source`, a write error `write`.
+fn copy(source: &mut dyn io::Read, file: &mut File, temporary: &Path) -> Result<u64, Error> {
+    let mut buffer = vec![0u8; COPY_BUFFER_BYTES];
+    let mut written = 0u64;
+    loop {
+        let read = match source.read(&mut buffer) {
+            Ok(0) => return Ok(written),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(Error::new("read source", temporary, error)),
+        };
+        file.write_all(&buffer[..read]).map_err(|source| Error::new("write", temporary, source))?;
+        written += read as u64;
     }
 }
 

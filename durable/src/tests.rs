@@ -187,3 +187,30 @@ fn errors_name_the_operation_and_the_path() {
     let error = write(Path::new("/"), b"").unwrap_err();
     assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
 }
+
+#[test]
+fn a_streamed_write_installs_all_its_source_or_nothing_when_the_source_fails() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("shard.tar");
+    let bytes: Vec<u8> = (0..200_000u32).map(|index| (index % 251) as u8).collect();
+    assert_eq!(Options::default().write_from(&path, &mut &bytes[..]).unwrap(), 200_000);
+    assert_eq!(fs::read(&path).unwrap(), bytes);
+    // A source that fails after some bytes: the old file stays, no temporary is left.
+    struct Failing(usize);
+    impl io::Read for Failing {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("source gone"));
+            }
+            let read = buffer.len().min(self.0);
+            buffer[..read].fill(7);
+            self.0 -= read;
+            Ok(read)
+        }
+    }
+    let error = Options::default().write_from(&path, &mut Failing(100_000)).unwrap_err();
+    assert_eq!(error.operation, "read source");
+    assert!(error.to_string().contains("source gone"), "{error}");
+    assert_eq!(fs::read(&path).unwrap(), bytes);
+    assert_eq!(fs::read_dir(directory.path()).unwrap().count(), 1);
+}

@@ -26,6 +26,6 @@ pub use committed::{
 };
 pub use raw::{
     CommittedPositions, Committer, FilePosition, LandingError, RECORD_LENGTH_BYTES, RawLanding,
-    parse_checkpoint, raw_files,
+    parse_checkpoint, raw_file_path, raw_files,
 };
 pub use state::{LandingStore, RingBinding, SinkState, StateError, StoredState, Watermarks};

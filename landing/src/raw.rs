@@ -352,11 +352,20 @@ pub fn parse_checkpoint(checkpoint: &[u8]) -> Result<CommittedPositions, Landing
     Ok(positions)
 }
 
+/// The raw landing file of (device, lane) whose first seq is `first_seq`, under `landing_dir`.
+pub fn raw_file_path(landing_dir: &Path, device: &str, lane: Lane, first_seq: u64) -> PathBuf {
+    raw_lane_dir(landing_dir, device, lane).join(format!("{first_seq:020}{FILE_SUFFIX}"))
+}
+
+fn raw_lane_dir(landing_dir: &Path, device: &str, lane: Lane) -> PathBuf {
+    landing_dir.join("raw").join(device).join(lane.name())
+}
+
 /// The raw landing files of (device, lane) under `landing_dir`, oldest first, with their first
 /// seq; none if the lane has no directory. Other names in the directory are not landing files
 /// and are left out.
 pub fn raw_files(landing_dir: &Path, device: &str, lane: Lane) -> Result<Vec<(u64, PathBuf)>, LandingError> {
-    let directory = landing_dir.join("raw").join(device).join(lane.name());
+    let directory = raw_lane_dir(landing_dir, device, lane);
     let entries = match fs::read_dir(&directory) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

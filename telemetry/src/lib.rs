@@ -158,6 +158,33 @@ const _: () = {
     }
 };
 
+/// Since when the oldest item still waiting (a chunk for its ack, a commit in progress) has
+/// waited: kept by the thread that queues and completes items, read as an age by another (the
+/// replicator's adaptive budget, which must see a stuck commit that yields no latency sample).
+#[derive(Debug, Default)]
+pub struct OldestPending(std::sync::Mutex<Option<Instant>>);
+
+impl OldestPending {
+    /// The oldest waiting item is from `since` (`None`: nothing waits).
+    pub fn set(&self, since: Option<Instant>) {
+        *self.0.lock().expect("oldest pending lock") = since;
+    }
+
+    /// An item from `since` waits too: kept when older than what is there.
+    pub fn add(&self, since: Instant) {
+        let mut oldest = self.0.lock().expect("oldest pending lock");
+        *oldest = Some(oldest.map_or(since, |oldest| oldest.min(since)));
+    }
+
+    /// How long the oldest item has waited at `now`; zero when nothing waits.
+    pub fn age(&self, now: Instant) -> Duration {
+        self.0
+            .lock()
+            .expect("oldest pending lock")
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
     /// Per bucket (not cumulative); the last is `+Inf`.
@@ -402,6 +429,26 @@ mod tests {
         ] {
             assert!(out.lines().any(|candidate| candidate == line), "missing {line:?} in\n{out}");
         }
+    }
+}
+
+#[cfg(test)]
+mod oldest_pending_tests {
+    use super::*;
+
+    #[test]
+    fn the_age_is_that_of_the_oldest_item_and_zero_when_nothing_waits() {
+        let start = Instant::now();
+        let pending = OldestPending::default();
+        assert_eq!(pending.age(start + Duration::from_secs(5)), Duration::ZERO);
+        pending.add(start + Duration::from_secs(2));
+        pending.add(start + Duration::from_secs(1));
+        pending.add(start + Duration::from_secs(3));
+        assert_eq!(pending.age(start + Duration::from_secs(4)), Duration::from_secs(3));
+        pending.set(Some(start + Duration::from_secs(3)));
+        assert_eq!(pending.age(start + Duration::from_secs(4)), Duration::from_secs(1));
+        pending.set(None);
+        assert_eq!(pending.age(start + Duration::from_secs(4)), Duration::ZERO);
     }
 }
 

@@ -11,8 +11,16 @@
 //! - above the threshold (`latency_target_us`, or else the baseline × `latency_factor`): halves the
 //!   budget, not below `bytes_per_second_min`; after a cut it waits `CUT_HOLD_INTERVALS` intervals
 //!   before cutting again, so that latency caused before the cut does not cut twice;
-//! - at or below it, or with no chunk acked in the interval (nothing to protect): raises the budget
-//!   by `1 / RAISE_STEPS` of the span between floor and max, not above `bytes_per_second_max`.
+//! - at or below it, or with no chunk acked in the interval and nothing waiting for its ack
+//!   (nothing to protect): raises the budget by `1 / RAISE_STEPS` of the span between floor and
+//!   max, not above `bytes_per_second_max`.
+//!
+//! A commit stuck for longer than an interval yields no sample; it would read as idle and the
+//! budget would rise while ingest waits. So the signal also carries `pending_us`, the age of the
+//! oldest chunk landed but not yet acked (in `serve`; the age of the commit in progress in the
+//! benchmark): in an interval without samples, that age is the interval's latency, compared with
+//! the threshold as a mean would be (it does not enter the baseline). Without a baseline yet and
+//! without a target, the threshold for it is one interval.
 //!
 //! The budget starts at the floor: a replicator that starts while ingest is busy does not take the
 //! whole disk before it has seen a sample. Baseline: the minimum of per-interval means over the
@@ -94,10 +102,10 @@ impl AdaptiveBudget {
         self.budget
     }
 
-    /// Feeds the cumulative latency sum (microseconds) and count at `now`; returns the decision
-    /// when one was due (at most once per interval), `None` otherwise. The budget is
-    /// `bytes_per_second()` afterwards.
-    pub fn tick(&mut self, now: Instant, sum_us: u64, count: u64) -> Option<Decision> {
+    /// Feeds the cumulative latency sum (microseconds) and count at `now`, and the age of what
+    /// waits for its ack (`pending_us`, 0 when nothing); returns the decision when one was due (at
+    /// most once per interval), `None` otherwise. The budget is `bytes_per_second()` afterwards.
+    pub fn tick(&mut self, now: Instant, sum_us: u64, count: u64, pending_us: u64) -> Option<Decision> {
         let Some((at, last_sum_us, last_count)) = self.last else {
             self.last = Some((now, sum_us, count));
             return None;
@@ -109,16 +117,25 @@ impl AdaptiveBudget {
         // Counters that went back (a restarted source) give no sample.
         let samples = count.checked_sub(last_count).unwrap_or(0);
         let mean_us = (samples > 0).then(|| sum_us.saturating_sub(last_sum_us) / samples);
-        let decision = match mean_us {
+        // The interval's latency: the mean of its samples, or, without samples, the age of what
+        // still waits for its ack (a stuck commit); neither: idle.
+        let latency_us = match mean_us {
+            Some(mean_us) => Some((mean_us, self.remember(now, mean_us))),
+            None if pending_us > 0 => Some((pending_us, self.baseline(now).unwrap_or(0))),
+            None => None,
+        };
+        let decision = match latency_us {
             None => Decision::Raise,
-            Some(mean_us) => {
-                self.latency_us = mean_us;
-                let baseline_us = self.remember(now, mean_us);
-                self.threshold_us = match self.config.latency_target_us {
-                    Some(target_us) => target_us,
-                    None => ((baseline_us as f64 * self.config.latency_factor) as u64).max(THRESHOLD_US_MIN),
+            Some((latency_us, baseline_us)) => {
+                self.latency_us = latency_us;
+                self.threshold_us = match (self.config.latency_target_us, baseline_us) {
+                    (Some(target_us), _) => target_us,
+                    (None, 0) => self.config.interval.as_micros() as u64,
+                    (None, _) => {
+                        ((baseline_us as f64 * self.config.latency_factor) as u64).max(THRESHOLD_US_MIN)
+                    }
                 };
-                if mean_us <= self.threshold_us {
+                if latency_us <= self.threshold_us {
                     Decision::Raise
                 } else if self.last_cut.is_some_and(|cut| {
                     now.saturating_duration_since(cut) < self.config.interval * CUT_HOLD_INTERVALS
@@ -173,7 +190,19 @@ impl AdaptiveBudget {
                 self.minima[slot] = Some((now, mean_us));
             }
         }
-        self.minima.iter().flatten().map(|&(_, minimum)| minimum).min().expect("just recorded")
+        self.baseline(now).expect("just recorded")
+    }
+
+    /// The lowest interval mean of the windows not older than `BASELINE_WINDOWS` windows; `None`
+    /// before the first sample (or after all aged out).
+    fn baseline(&self, now: Instant) -> Option<u64> {
+        let horizon = BASELINE_WINDOW * BASELINE_WINDOWS as u32;
+        self.minima
+            .iter()
+            .flatten()
+            .filter(|(start, _)| now.saturating_duration_since(*start) < horizon)
+            .map(|&(_, minimum)| minimum)
+            .min()
     }
 }
 
@@ -207,15 +236,21 @@ mod tests {
         fn new(config: AdaptiveConfig) -> Drive {
             let start = Instant::now();
             let mut budget = AdaptiveBudget::new(config);
-            assert_eq!(budget.tick(start, 0, 0), None, "the first tick only takes the counters");
+            assert_eq!(budget.tick(start, 0, 0, 0), None, "the first tick only takes the counters");
             Drive { budget, start, now: Duration::ZERO, sum_us: 0, count: 0 }
         }
 
         fn step(&mut self, acked: u64, latency_ms: u64) -> (Option<Decision>, u64) {
+            self.step_pending(acked, latency_ms, 0)
+        }
+
+        /// A step at whose end the oldest unacked chunk is `pending_ms` old.
+        fn step_pending(&mut self, acked: u64, latency_ms: u64, pending_ms: u64) -> (Option<Decision>, u64) {
             self.now += Duration::from_millis(500);
             self.count += acked;
             self.sum_us += acked * latency_ms * 1_000;
-            let decision = self.budget.tick(self.start + self.now, self.sum_us, self.count);
+            let decision =
+                self.budget.tick(self.start + self.now, self.sum_us, self.count, pending_ms * 1_000);
             (decision, self.budget.bytes_per_second() / MIB)
         }
 
@@ -278,13 +313,41 @@ mod tests {
     fn no_acked_chunk_counts_as_healthy_and_decisions_wait_for_the_interval() {
         let start = Instant::now();
         let mut budget = AdaptiveBudget::new(config(None));
-        budget.tick(start, 0, 0);
-        assert_eq!(budget.tick(start + Duration::from_millis(499), 0, 0), None);
-        assert_eq!(budget.tick(start + Duration::from_millis(500), 0, 0), Some(Decision::Raise));
-        assert_eq!(budget.tick(start + Duration::from_secs(1), 1_000_000, 10), Some(Decision::Raise));
+        budget.tick(start, 0, 0, 0);
+        assert_eq!(budget.tick(start + Duration::from_millis(499), 0, 0, 0), None);
+        assert_eq!(budget.tick(start + Duration::from_millis(500), 0, 0, 0), Some(Decision::Raise));
+        assert_eq!(budget.tick(start + Duration::from_secs(1), 1_000_000, 10, 0), Some(Decision::Raise));
         // Counters that went back (a restarted lander) are no sample: healthy.
-        assert_eq!(budget.tick(start + Duration::from_millis(1_500), 0, 0), Some(Decision::Raise));
+        assert_eq!(budget.tick(start + Duration::from_millis(1_500), 0, 0, 0), Some(Decision::Raise));
         assert_eq!(budget.latency_us, 100_000);
+    }
+
+    #[test]
+    fn a_commit_stuck_for_intervals_without_acks_cuts_the_budget_instead_of_raising_it() {
+        let mut drive = Drive::new(config(None));
+        drive.steps(20, 100, 5); // at the max; baseline 5 ms, threshold 10 ms
+        // A commit stalls: no chunk is acked for three intervals while the oldest unacked chunk
+        // ages. Read as idle, the budget would rise (it stayed at the max); it is cut instead.
+        assert_eq!(drive.step_pending(0, 0, 600), (Some(Decision::Cut), 32));
+        assert_eq!(drive.budget.latency_us, 600_000);
+        assert_eq!(drive.step_pending(0, 0, 1_100), (Some(Decision::Hold), 32));
+        assert_eq!(drive.step_pending(0, 0, 1_600), (Some(Decision::Cut), 16));
+        // The commit lands (its chunks' latency is one sample) and ingest is healthy again: it
+        // rises step by step; the stuck ages did not enter the baseline (threshold still 10 ms).
+        drive.step(100, 5);
+        assert_eq!(drive.budget.threshold_us, 10_000);
+        // An interval without acks and with nothing waiting is idle: raise.
+        assert_eq!(drive.step_pending(0, 0, 0).0, Some(Decision::Raise));
+        // Something waiting, but younger than the threshold: healthy.
+        assert_eq!(drive.step_pending(0, 0, 8).0, Some(Decision::Raise));
+    }
+
+    #[test]
+    fn a_stuck_commit_before_any_sample_is_judged_against_one_interval() {
+        let mut drive = Drive::new(config(None));
+        assert_eq!(drive.step_pending(0, 0, 300).0, Some(Decision::Raise), "younger than an interval");
+        assert_eq!(drive.step_pending(0, 0, 800), (Some(Decision::Cut), 4));
+        assert_eq!(drive.budget.threshold_us, 500_000);
     }
 
     #[test]

@@ -10,10 +10,18 @@
 //!                                                     byte ranges of the three append-only log
 //!                                                     files, 20-digit offsets (create-only)
 //! archive/keys/checkpoint.vkey                        the verifier key
+//! review/review-<8 digits>.tar                        the archive feed's review shards (create-only)
+//! landing/raw/<device>/<lane>/<first seq, 20 digits>/<start>-<end>
+//!                                                     byte ranges of committed raw landing files
+//!                                                     (create-only)
 //! archive/keys/checkpoint-signing.pk8                 only with copy_signing_key = true
 //! ```
 //!
-//! What drives it (never a scan of the data): per dataset the manifest (its shard list only grows;
+//! What drives it (never a scan of the data): the review shards the archive feed's positions file
+//! counts as published (`archive_feed::published_review_shards`); the raw landing through
+//! `landing::committed` from the lander's checkpoint (only when one is given,
+//! `with_landing_checkpoint`: `serve`), segment by segment per (device, lane) from the watermark's
+//! read position; per dataset the manifest (its shard list only grows;
 //! a manifest whose sha256 equals the one last copied is skipped), and for the archive the
 //! checkpoints file read from the last copied offset: the newest signed checkpoint's tree size is
 //! the cut; entries and index through it are copied in segments of at most `SEGMENT_BYTES_MAX`,
@@ -29,8 +37,12 @@
 //! another size is replaced from the source (counted as a repair). `verify` reads the whole replica
 //! back and names every difference; `pass(repair = true)` re-copies what verify names.
 //!
-//! Limits: `SEGMENT_BYTES_MAX` per log segment, `object_bytes_max` per object in memory (one object
-//! at a time), `CHECKPOINTS_PER_PASS_MAX` checkpoints read per pass, `DATASETS_MAX` datasets,
+//! Pacing and memory: every object is copied in chunks of `chunk_bytes`, each waiting for its
+//! share of the bandwidth budget (`Paced`); shards and log segments are streamed from their files
+//! (one chunk in memory), archive objects, manifests and keys are read whole first.
+//!
+//! Limits: `SEGMENT_BYTES_MAX` per log segment, `object_bytes_max` per archive object in memory
+//! (one object at a time), `CHECKPOINTS_PER_PASS_MAX` checkpoints read per pass, `DATASETS_MAX` datasets,
 //! `WATERMARK_BYTES_MAX` per watermark file.
 
 pub mod adaptive;
@@ -69,6 +81,9 @@ pub const CHECKPOINTS_PER_PASS_MAX: usize = 4096;
 pub const DATASETS_MAX: usize = 1024;
 pub const WATERMARK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const REPLICAS_MAX: usize = 16;
+/// Bounds of `chunk_bytes`.
+pub const CHUNK_BYTES_MIN: u64 = 4 * 1024;
+pub const CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 const WATERMARK_FORMAT: &str = "tributary-replication/1";
 /// A failing replica is logged at most this often.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -93,9 +108,16 @@ pub struct ReplicationConfig {
     /// Operations budget of all replicas together (objects written per second).
     #[serde(default = "default_objects_per_second_max")]
     pub objects_per_second_max: u64,
-    /// Largest object copied (held in memory while copied); larger ones fail the pass, named.
+    /// Largest archive object copied (archive objects are read whole from the archive's store;
+    /// shards and log segments are streamed in chunks and have no such limit); larger ones fail
+    /// the pass, named. Also bounds what `verify` and `restore` read of one object.
     #[serde(default = "default_object_bytes_max")]
     pub object_bytes_max: u64,
+    /// Objects are copied in chunks of this size, each waiting for its share of the bandwidth
+    /// budget; one chunk of a shard or segment is in memory at a time (an S3 replica also holds
+    /// one upload part, `replica::S3_PART_BYTES`).
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
     /// Also copy the archive's private checkpoint signing key. Off by default: a replica then
     /// holds no secret; a restored archive verifies, and keeps being written only with the key
     /// restored from wherever the operator keeps it.
@@ -150,6 +172,9 @@ fn default_objects_per_second_max() -> u64 {
 fn default_object_bytes_max() -> u64 {
     512 * 1024 * 1024
 }
+fn default_chunk_bytes() -> u64 {
+    1024 * 1024
+}
 fn default_ingest_latency_factor() -> f64 {
     2.0
 }
@@ -166,6 +191,7 @@ impl ReplicationConfig {
             bytes_per_second_max: default_bytes_per_second_max(),
             objects_per_second_max: default_objects_per_second_max(),
             object_bytes_max: default_object_bytes_max(),
+            chunk_bytes: default_chunk_bytes(),
             copy_signing_key: false,
             adaptive: false,
             bytes_per_second_min: None,
@@ -228,6 +254,13 @@ impl ReplicationConfig {
                 "replication.object_bytes_max = {}: expected {SEGMENT_BYTES_MAX}..={}",
                 self.object_bytes_max,
                 4u64 << 30
+            ),
+        )?;
+        check(
+            (CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&self.chunk_bytes),
+            format!(
+                "replication.chunk_bytes = {}: expected {CHUNK_BYTES_MIN}..={CHUNK_BYTES_MAX}",
+                self.chunk_bytes
             ),
         )?;
         check(
@@ -317,6 +350,21 @@ pub struct Watermark {
     pub format: String,
     pub datasets: BTreeMap<String, DatasetMark>,
     pub archive: ArchiveMark,
+    /// Review shards `0..review_copied` are on the replica.
+    #[serde(default)]
+    pub review_copied: u64,
+    /// Per `<device>/<lane>`: the committed raw landing read position on the replica.
+    #[serde(default)]
+    pub landing: BTreeMap<String, LandingMark>,
+}
+
+/// Where the copy of one (device, lane) of the raw landing stands (a `landing::ReadPosition`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LandingMark {
+    pub file_first_seq: u64,
+    pub offset: u64,
+    pub through_seq: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,9 +459,18 @@ pub struct ReplicationMetrics {
     pub budget_cuts: AtomicU64,
 }
 
-/// The ingest latency the adaptive mode follows: the cumulative (sum in microseconds, count) of
-/// a latency measure, read at each decision (in `serve`: the lander's ack latency histogram).
-pub type LatencySignal = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+/// One reading of the ingest latency signal: the cumulative sum (microseconds) and count of a
+/// latency measure, and the age of what waits for it now (microseconds; 0 when nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyReading {
+    pub sum_us: u64,
+    pub count: u64,
+    pub pending_us: u64,
+}
+
+/// The ingest latency the adaptive mode follows, read at each decision (in `serve`: the lander's
+/// ack latency histogram and its oldest unacked chunk).
+pub type LatencySignal = Arc<dyn Fn() -> LatencyReading + Send + Sync>;
 
 /// The adaptive budget and the signal it follows.
 struct Adaptation {
@@ -426,8 +483,11 @@ struct Adaptation {
 fn adapt(adaptation: Option<&mut Adaptation>, throttle: &mut Throttle, metrics: &ReplicationMetrics) {
     let Some(adaptation) = adaptation else { return };
     let now = Instant::now();
-    let (sum_us, count) = (adaptation.signal)();
-    let Some(decision) = adaptation.budget.tick(now, sum_us, count) else { return };
+    let reading = (adaptation.signal)();
+    let Some(decision) = adaptation.budget.tick(now, reading.sum_us, reading.count, reading.pending_us)
+    else {
+        return;
+    };
     let budget = adaptation.budget.bytes_per_second();
     if budget != throttle.bytes_per_second() {
         throttle.set_bytes_per_second(now, budget);
@@ -457,6 +517,10 @@ pub struct Sources {
     pub manifest_dir: Option<PathBuf>,
     /// `[archive] root`.
     pub archive_root: Option<PathBuf>,
+    /// `[archive] review_dir` (its shards are copied when `archive_root` is set too).
+    pub review_dir: Option<PathBuf>,
+    /// The sink's `landing_dir` (copied only with a checkpoint, `with_landing_checkpoint`).
+    pub landing_dir: Option<PathBuf>,
 }
 
 impl Sources {
@@ -464,6 +528,8 @@ impl Sources {
         Sources {
             manifest_dir: config.datasets.as_ref().map(|datasets| datasets.manifest_dir.clone()),
             archive_root: config.archive.as_ref().map(|archive| archive.root.clone()),
+            review_dir: config.archive.as_ref().map(|archive| archive.review_dir.clone()),
+            landing_dir: Some(config.landing_dir.clone()),
         }
     }
 }
@@ -512,16 +578,26 @@ pub struct Replicator {
     replicas: Vec<ReplicaState>,
     throttle: Throttle,
     adaptation: Option<Adaptation>,
+    /// The lander's newest raw landing checkpoint (what is committed); `None`: the raw landing
+    /// is not replicated.
+    landing_checkpoint: Option<LandingCheckpoint>,
     pub metrics: Arc<ReplicationMetrics>,
     stop: Arc<AtomicBool>,
 }
+
+/// The raw landing checkpoint the lander publishes after each commit.
+pub type LandingCheckpoint = Arc<std::sync::Mutex<Vec<u8>>>;
 
 fn segment_key(file: &str, start: u64, end: u64) -> String {
     format!("archive/log/{file}/{start:020}-{end:020}")
 }
 
 fn parse_segment_key(key: &str, file: &str) -> Option<(u64, u64)> {
-    let name = key.strip_prefix(&format!("archive/log/{file}/"))?;
+    parse_range_name(key.strip_prefix(&format!("archive/log/{file}/"))?)
+}
+
+/// `<start, 20 digits>-<end, 20 digits>`, start below end: a segment's name.
+fn parse_range_name(name: &str) -> Option<(u64, u64)> {
     let (start, end) = name.split_once('-')?;
     if start.len() != 20 || end.len() != 20 {
         return None;
@@ -687,7 +763,104 @@ struct Pass<'a> {
     adaptation: Option<&'a mut Adaptation>,
     metrics: &'a ReplicationMetrics,
     stop: &'a AtomicBool,
-    object_bytes_max: u64,
+    chunk_bytes: u64,
+}
+
+/// What one put copies.
+enum Source<'a> {
+    /// `length` bytes of the file at `path` from `offset`, streamed; with `sha256`, refused
+    /// (nothing lands) unless they hash to it.
+    File { path: &'a Path, offset: u64, length: u64, sha256: Option<&'a str> },
+    /// Bytes in memory (archive objects, manifests, keys).
+    Bytes(Vec<u8>),
+}
+
+/// Waits until the budgets' debt is paid. The adaptive budget keeps deciding meanwhile, so a
+/// budget raised (or cut) during a wait applies to the rest of it.
+fn wait_for_budget(
+    throttle: &mut Throttle,
+    mut adaptation: Option<&mut Adaptation>,
+    metrics: &ReplicationMetrics,
+    stop: &AtomicBool,
+) -> Result<(), ReplicationError> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(ReplicationError::Stopped);
+        }
+        adapt(adaptation.as_deref_mut(), throttle, metrics);
+        let remaining = throttle.debt(Instant::now());
+        if remaining.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(remaining.min(STOP_POLL));
+    }
+}
+
+/// A source read in chunks of at most `chunk_bytes`, each reserved from the bandwidth budget
+/// and waited for before the replica sees it; checks the source's sha256 at its end (refusing
+/// the end, so the replica installs nothing). Why it failed is kept in `failure`.
+struct Paced<'a> {
+    inner: Box<dyn std::io::Read + 'a>,
+    /// Names the source in errors.
+    path: &'a Path,
+    chunk: Vec<u8>,
+    position: usize,
+    chunk_bytes: u64,
+    hasher: sha2::Sha256,
+    sha256: Option<&'a str>,
+    ended: bool,
+    throttle: &'a mut Throttle,
+    adaptation: Option<&'a mut Adaptation>,
+    metrics: &'a ReplicationMetrics,
+    stop: &'a AtomicBool,
+    failure: Option<ReplicationError>,
+}
+
+impl Paced<'_> {
+    fn fail(&mut self, failure: ReplicationError) -> std::io::Error {
+        let error = std::io::Error::other(failure.to_string());
+        self.failure = Some(failure);
+        error
+    }
+}
+
+impl std::io::Read for Paced<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        if self.position == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            self.chunk.clear();
+            self.position = 0;
+            if let Err(error) = (&mut self.inner).take(self.chunk_bytes).read_to_end(&mut self.chunk) {
+                return Err(self.fail(source_error(self.path, error)));
+            }
+            if self.chunk.is_empty() {
+                self.ended = true;
+                if let Some(expected) = self.sha256 {
+                    let found = crate::datasets::targets::hex(&self.hasher.clone().finalize());
+                    if found != expected {
+                        let failure =
+                            source_error(self.path, format!("sha256 {found}, the manifest says {expected}"));
+                        return Err(self.fail(failure));
+                    }
+                }
+                return Ok(0);
+            }
+            self.hasher.update(&self.chunk);
+            self.throttle.reserve_bytes(Instant::now(), self.chunk.len() as u64);
+            if let Err(failure) =
+                wait_for_budget(self.throttle, self.adaptation.as_deref_mut(), self.metrics, self.stop)
+            {
+                return Err(self.fail(failure));
+            }
+        }
+        let count = buffer.len().min(self.chunk.len() - self.position);
+        buffer[..count].copy_from_slice(&self.chunk[self.position..self.position + count]);
+        self.position += count;
+        Ok(count)
+    }
 }
 
 impl Pass<'_> {
@@ -695,34 +868,55 @@ impl Pass<'_> {
         self.state.watermark.write(&self.state.watermark_path)
     }
 
-    /// Waits until the budgets' debt is paid. The adaptive budget keeps deciding meanwhile, so
-    /// a budget raised (or cut) during the wait for a large object applies to the rest of it.
-    fn wait(&mut self) -> Result<(), ReplicationError> {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(ReplicationError::Stopped);
-            }
-            adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
-            let remaining = self.throttle.debt(Instant::now());
-            if remaining.is_zero() {
-                return Ok(());
-            }
-            std::thread::sleep(remaining.min(STOP_POLL));
-        }
-    }
-
-    /// Writes `bytes` at `key` within the budgets; counts what was written.
-    fn put(&mut self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicationError> {
-        assert!(bytes.len() as u64 <= self.object_bytes_max);
+    /// Writes `source` at `key` within the budgets (one object, then its bytes chunk by chunk);
+    /// counts what was written.
+    fn put(
+        &mut self,
+        key: &str,
+        source: Source<'_>,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicationError> {
         adapt(self.adaptation.as_deref_mut(), self.throttle, self.metrics);
-        self.throttle.reserve(Instant::now(), bytes.len() as u64);
-        self.wait()?;
-        let outcome = self.state.backend.put(key, bytes, mode)?;
+        self.throttle.reserve(Instant::now(), 0);
+        wait_for_budget(self.throttle, self.adaptation.as_deref_mut(), self.metrics, self.stop)?;
+        let (inner, path, length, sha256): (Box<dyn std::io::Read>, &Path, u64, Option<&str>) = match source {
+            Source::File { path, offset, length, sha256 } => {
+                let mut file = File::open(path).map_err(|error| source_error(path, error))?;
+                file.seek(SeekFrom::Start(offset)).map_err(|error| source_error(path, error))?;
+                (Box::new(std::io::Read::take(file, length)), path, length, sha256)
+            }
+            Source::Bytes(bytes) => {
+                let length = bytes.len() as u64;
+                (Box::new(std::io::Cursor::new(bytes)), Path::new(key), length, None)
+            }
+        };
+        let mut paced = Paced {
+            inner,
+            path,
+            chunk: Vec::new(),
+            position: 0,
+            chunk_bytes: self.chunk_bytes,
+            hasher: sha2::Digest::new(),
+            sha256,
+            ended: false,
+            throttle: &mut *self.throttle,
+            adaptation: self.adaptation.as_deref_mut(),
+            metrics: self.metrics,
+            stop: self.stop,
+            failure: None,
+        };
+        let result = self.state.backend.put_stream(key, length, &mut paced, mode);
+        let outcome = match (result, paced.failure) {
+            (Ok(outcome), _) => outcome,
+            // The source (or a stop) failed the put: that is the error, not the replica's.
+            (Err(_), Some(failure)) => return Err(failure),
+            (Err(error), None) => return Err(error.into()),
+        };
         let metrics = &self.state.metrics;
         match outcome {
             PutOutcome::Written => {
                 metrics.objects_copied.fetch_add(1, Ordering::Relaxed);
-                metrics.bytes_copied.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                metrics.bytes_copied.fetch_add(length, Ordering::Relaxed);
             }
             PutOutcome::AlreadyThere => {
                 metrics.objects_present.fetch_add(1, Ordering::Relaxed);
@@ -738,16 +932,16 @@ impl Pass<'_> {
             self.state.metrics.objects_present.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.put(key, bytes, WriteMode::Overwrite).map(|_| ())
+        self.put(key, Source::Bytes(bytes.to_vec()), WriteMode::Overwrite).map(|_| ())
     }
 
     /// Copies an immutable object unless the replica has it: a key present with `expected_bytes`
     /// (or any size when unknown) is whole already; one of another size is replaced.
-    fn copy(
+    fn copy<'s>(
         &mut self,
         key: &str,
         expected_bytes: Option<u64>,
-        source: impl FnOnce() -> Result<Vec<u8>, ReplicationError>,
+        source: impl FnOnce() -> Result<Source<'s>, ReplicationError>,
     ) -> Result<(), ReplicationError> {
         if self.stop.load(Ordering::Relaxed) {
             return Err(ReplicationError::Stopped);
@@ -758,15 +952,13 @@ impl Pass<'_> {
                 Ok(())
             }
             Some(size) => {
-                let bytes = source()?;
-                tracing::warn!(replica = %self.state.name, key, size, expected = bytes.len(), "replica object has the wrong size; replacing it from the source");
-                self.put(key, &bytes, WriteMode::Overwrite)?;
+                tracing::warn!(replica = %self.state.name, key, size, expected = ?expected_bytes, "replica object has the wrong size; replacing it from the source");
+                self.put(key, source()?, WriteMode::Overwrite)?;
                 self.state.metrics.repairs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             None => {
-                let bytes = source()?;
-                self.put(key, &bytes, WriteMode::Create)?;
+                self.put(key, source()?, WriteMode::Create)?;
                 Ok(())
             }
         }
@@ -786,29 +978,23 @@ impl Pass<'_> {
                 && (copied == 0 || Some(&manifest.shards[copied - 1].name) == mark.last_shard.as_ref());
             let start = if prefix_holds { copied } else { 0 };
             for (number, shard) in manifest.shards.iter().enumerate().skip(start) {
-                if shard.bytes > self.object_bytes_max {
-                    return Err(source_error(
-                        &shard.path,
-                        format!(
-                            "{} bytes, more than replication.object_bytes_max {}",
-                            shard.bytes, self.object_bytes_max
-                        ),
-                    ));
-                }
                 let key = format!("datasets/{dataset}/{}", shard.name);
-                let object_bytes_max = self.object_bytes_max;
                 self.copy(&key, Some(shard.bytes), || {
-                    let bytes = fleet::files::read_bounded(&shard.path, object_bytes_max)
-                        .map_err(|error| source_error(&shard.path, error))?
-                        .ok_or_else(|| source_error(&shard.path, "listed in the manifest but missing"))?;
-                    let found = sha256_hex(&sha256(&bytes));
-                    if found != shard.sha256 {
+                    let size = std::fs::metadata(&shard.path).map_err(|error| {
+                        source_error(&shard.path, format!("listed in the manifest but unreadable: {error}"))
+                    })?;
+                    if size.len() != shard.bytes {
                         return Err(source_error(
                             &shard.path,
-                            format!("sha256 {found}, the manifest says {}", shard.sha256),
+                            format!("{} bytes, the manifest says {}", size.len(), shard.bytes),
                         ));
                     }
-                    Ok(bytes)
+                    Ok(Source::File {
+                        path: &shard.path,
+                        offset: 0,
+                        length: shard.bytes,
+                        sha256: Some(&shard.sha256),
+                    })
                 })?;
                 let mark = self.state.watermark.datasets.get_mut(&dataset).expect("inserted above");
                 mark.shards_copied = number as u64 + 1;
@@ -927,11 +1113,12 @@ impl Pass<'_> {
             }
             for_each_entry_object(&entries_file, &entries_file_path, &records, |_, _, digest| {
                 self.copy(&object_key(&digest), None, || {
-                    objects.read(&digest).map_err(|error| source_error(root, error))
+                    objects.read(&digest).map(Source::Bytes).map_err(|error| source_error(root, error))
                 })
             })?;
-            let bytes = read_range(&entries_file_path, start, end - start)?;
-            self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(bytes))?;
+            let segment =
+                Source::File { path: &entries_file_path, offset: start, length: end - start, sha256: None };
+            self.copy(&segment_key("entries", start, end), Some(end - start), || Ok(segment))?;
             let archive = &mut self.state.watermark.archive;
             archive.entries_copied = first + records.len() as u64;
             archive.entries_bytes = end;
@@ -944,18 +1131,25 @@ impl Pass<'_> {
             let first = self.state.watermark.archive.index_copied;
             let last = cut.min(first + SEGMENT_BYTES_MAX / INDEX_RECORD_BYTES as u64);
             let (start, end) = (index_bytes(first), index_bytes(last));
-            let bytes = read_range(&index_file_path, start, end - start)?;
-            self.copy(&segment_key("index", start, end), Some(end - start), || Ok(bytes))?;
+            let segment =
+                Source::File { path: &index_file_path, offset: start, length: end - start, sha256: None };
+            self.copy(&segment_key("index", start, end), Some(end - start), || Ok(segment))?;
             self.state.watermark.archive.index_copied = last;
             self.persist()?;
         }
         // Then the checkpoints that cover them.
         let start = mark.checkpoints_bytes;
-        let bytes = read_range(&checkpoints_path(root), start, checkpoints_end - start)?;
+        let checkpoints_file_path = checkpoints_path(root);
+        let segment = Source::File {
+            path: &checkpoints_file_path,
+            offset: start,
+            length: checkpoints_end - start,
+            sha256: None,
+        };
         self.copy(
             &segment_key("checkpoints", start, checkpoints_end),
             Some(checkpoints_end - start),
-            || Ok(bytes),
+            || Ok(segment),
         )?;
         let archive = &mut self.state.watermark.archive;
         archive.checkpoints_bytes = checkpoints_end;
@@ -964,8 +1158,93 @@ impl Pass<'_> {
     }
 }
 
+impl Pass<'_> {
+    /// The review shards the archive feed published, in seq order, from the watermark on.
+    fn review(&mut self, root: &Path, review_dir: &Path) -> Result<(), ReplicationError> {
+        let published = crate::archive_feed::published_review_shards(root)
+            .map_err(|error| source_error(root, format!("{error:#}")))?;
+        while self.state.watermark.review_copied < published {
+            let name = crate::archive_feed::review_shard_name(self.state.watermark.review_copied);
+            let path = review_dir.join(&name);
+            let length = std::fs::metadata(&path)
+                .map_err(|error| source_error(&path, format!("published but unreadable: {error}")))?
+                .len();
+            self.copy(&format!("review/{name}"), Some(length), || {
+                Ok(Source::File { path: &path, offset: 0, length, sha256: None })
+            })?;
+            self.state.watermark.review_copied += 1;
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// The committed raw landing of every (device, lane) the checkpoint names, from the
+    /// watermark's position, in segments of whole records of one file (at most
+    /// `SEGMENT_BYTES_MAX`, or one record), read and verified by `landing::committed`.
+    fn landing(&mut self, landing_dir: &Path, checkpoint: &[u8]) -> Result<(), ReplicationError> {
+        use crate::landing::{CommittedLanding, ReadPosition, raw_file_path};
+        let committed = CommittedLanding::new(landing_dir, checkpoint)
+            .map_err(|error| source_error(landing_dir, error))?;
+        let lanes: Vec<_> = committed.lanes().map(|(device, lane)| (device.to_string(), lane)).collect();
+        for (device, lane) in lanes {
+            let name = format!("{device}/{}", lane.name());
+            let mark = self.state.watermark.landing.get(&name).copied().unwrap_or_default();
+            let from = ReadPosition {
+                file_first_seq: mark.file_first_seq,
+                offset: mark.offset,
+                through_seq: mark.through_seq,
+            };
+            let mut reader =
+                committed.read(&device, lane, from).map_err(|error| source_error(landing_dir, error))?;
+            // The segment being gathered: its file, its start, the position after its last record.
+            let mut segment: Option<(u64, u64, ReadPosition)> = None;
+            loop {
+                let before = reader.position();
+                let next = reader
+                    .next_chunk()
+                    .map_err(|error| source_error(landing_dir, error))?
+                    .map(|chunk| chunk.position);
+                if let Some((file, start, end)) = segment {
+                    let continues = next.is_some_and(|position| {
+                        position.file_first_seq == file && position.offset - start <= SEGMENT_BYTES_MAX
+                    });
+                    if !continues {
+                        let path = raw_file_path(landing_dir, &device, lane, file);
+                        let length = end.offset - start;
+                        let key = format!("landing/raw/{name}/{file:020}/{start:020}-{:020}", end.offset);
+                        self.copy(&key, Some(length), || {
+                            Ok(Source::File { path: &path, offset: start, length, sha256: None })
+                        })?;
+                        self.state.watermark.landing.insert(
+                            name.clone(),
+                            LandingMark {
+                                file_first_seq: file,
+                                offset: end.offset,
+                                through_seq: end.through_seq,
+                            },
+                        );
+                        self.persist()?;
+                        segment = None;
+                    }
+                }
+                let Some(position) = next else { break };
+                segment = Some(match segment {
+                    Some((file, start, _)) => (file, start, position),
+                    None if before.file_first_seq == position.file_first_seq => {
+                        (position.file_first_seq, before.offset, position)
+                    }
+                    None => (position.file_first_seq, 0, position),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Bytes of the sources beyond `watermark` (shards and manifests not copied, log bytes).
-fn lag_bytes(sources: &Sources, watermark: &Watermark) -> u64 {
+/// The raw landing counts only with a checkpoint: per (device, lane) what its newest committed
+/// file holds beyond the watermark (files between them are not counted).
+fn lag_bytes(sources: &Sources, watermark: &Watermark, landing_checkpoint: Option<&[u8]>) -> u64 {
     let mut lag = 0u64;
     if let Some(manifest_dir) = &sources.manifest_dir {
         for dataset in dataset_names(manifest_dir).unwrap_or_default() {
@@ -991,13 +1270,38 @@ fn lag_bytes(sources: &Sources, watermark: &Watermark) -> u64 {
         lag += file_length(&entries_path(root)).saturating_sub(archive.entries_bytes);
         lag += file_length(&index_path(root)).saturating_sub(index_bytes(archive.index_copied));
         lag += file_length(&checkpoints_path(root)).saturating_sub(archive.checkpoints_bytes);
+        if let Some(review_dir) = &sources.review_dir {
+            let published = crate::archive_feed::published_review_shards(root).unwrap_or(0);
+            lag += (watermark.review_copied..published)
+                .map(|seq| file_length(&review_dir.join(crate::archive_feed::review_shard_name(seq))))
+                .sum::<u64>();
+        }
+    }
+    if let (Some(landing_dir), Some(checkpoint)) = (&sources.landing_dir, landing_checkpoint)
+        && let Ok(committed) = crate::landing::CommittedLanding::new(landing_dir, checkpoint)
+    {
+        for (device, lane) in committed.lanes() {
+            let end = committed.end(device, lane).expect("a lane it names");
+            let mark =
+                watermark.landing.get(&format!("{device}/{}", lane.name())).copied().unwrap_or_default();
+            lag += if mark.file_first_seq == end.first_seq {
+                end.length.saturating_sub(mark.offset)
+            } else {
+                end.length
+            };
+        }
     }
     lag
 }
 
 /// Measures the replica's lag and publishes it (bytes, and since when it is behind).
-fn record_lag(sources: &Sources, state: &ReplicaState) -> u64 {
-    let lag = lag_bytes(sources, &state.watermark);
+fn record_lag(
+    sources: &Sources,
+    state: &ReplicaState,
+    landing_checkpoint: Option<&LandingCheckpoint>,
+) -> u64 {
+    let checkpoint = landing_checkpoint.map(|checkpoint| checkpoint.lock().expect("checkpoint lock").clone());
+    let lag = lag_bytes(sources, &state.watermark, checkpoint.as_deref());
     let metrics = &state.metrics;
     metrics.lag_bytes.store(lag, Ordering::Relaxed);
     if lag == 0 {
@@ -1089,12 +1393,13 @@ impl Replicator {
             });
         }
         for state in &replicas {
-            record_lag(&sources, state);
+            record_lag(&sources, state, None);
         }
         metrics.budget_bytes_per_second.store(config.bytes_per_second_max, Ordering::Relaxed);
         Ok(Replicator {
             throttle: Throttle::new(config.bytes_per_second_max, config.objects_per_second_max),
             adaptation: None,
+            landing_checkpoint: None,
             sources,
             config,
             replicas,
@@ -1110,24 +1415,34 @@ impl Replicator {
         let mut reports = Vec::new();
         for index in 0..self.replicas.len() {
             // Measured before the work too: a scrape during a long first pass must not read 0.
-            record_lag(&self.sources, &self.replicas[index]);
+            record_lag(&self.sources, &self.replicas[index], self.landing_checkpoint.as_ref());
             let mut repaired = 0;
             let result = (|| {
                 if repair {
                     repaired = self.repair(index)?;
                 }
+                let landing_checkpoint = self
+                    .landing_checkpoint
+                    .as_ref()
+                    .map(|checkpoint| checkpoint.lock().expect("checkpoint lock").clone());
                 let (mut pass, sources, config) = self.pass_over(index);
                 if let Some(manifest_dir) = &sources.manifest_dir {
                     pass.datasets(manifest_dir)?;
                 }
                 if let Some(root) = &sources.archive_root {
                     pass.archive(root, config.copy_signing_key)?;
+                    if let Some(review_dir) = &sources.review_dir {
+                        pass.review(root, review_dir)?;
+                    }
+                }
+                if let (Some(landing_dir), Some(checkpoint)) = (&sources.landing_dir, &landing_checkpoint) {
+                    pass.landing(landing_dir, checkpoint)?;
                 }
                 Ok::<(), ReplicationError>(())
             })();
             let state = &mut self.replicas[index];
             state.metrics.passes.fetch_add(1, Ordering::Relaxed);
-            let lag = record_lag(&self.sources, state);
+            let lag = record_lag(&self.sources, state, self.landing_checkpoint.as_ref());
             let error = match result {
                 Ok(()) | Err(ReplicationError::Stopped) => None,
                 Err(error) => {
@@ -1154,6 +1469,12 @@ impl Replicator {
             self.adaptation = Some(Adaptation { budget, signal });
             adapt(self.adaptation.as_mut(), &mut self.throttle, &self.metrics);
         }
+        self
+    }
+
+    /// Replicates the committed raw landing too, as `checkpoint` (the lander's) says it stands.
+    pub fn with_landing_checkpoint(mut self, checkpoint: LandingCheckpoint) -> Replicator {
+        self.landing_checkpoint = Some(checkpoint);
         self
     }
 
@@ -1324,6 +1645,72 @@ impl Replicator {
                     Some(_) => {}
                 }
             }
+            if let Some(review_dir) = &self.sources.review_dir {
+                let published = crate::archive_feed::published_review_shards(root)
+                    .map_err(|error| source_error(root, format!("{error:#}")))?;
+                for seq in 0..published {
+                    let name = crate::archive_feed::review_shard_name(seq);
+                    let path = review_dir.join(&name);
+                    let source = fleet::files::read_bounded(&path, bytes_max)
+                        .map_err(|error| source_error(&path, error))?
+                        .ok_or_else(|| source_error(&path, "published but missing"))?;
+                    let key = format!("review/{name}");
+                    let repair = Repair::File { path, offset: 0, length: source.len() as u64 };
+                    match replica.get(&key, bytes_max)? {
+                        None => differ(key, "missing".into(), repair),
+                        Some(found) if found != source => {
+                            differ(key, "differs from the source's review shard".into(), repair)
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        // The raw landing segments the replica holds, each against the landing file's bytes, and
+        // gaps in a file's chain of segments (what lies beyond the chain is lag, not a difference).
+        if let (Some(landing_dir), Some(_)) = (&self.sources.landing_dir, &self.landing_checkpoint) {
+            let mut files: BTreeMap<String, Vec<(u64, u64, String, u64)>> = BTreeMap::new();
+            for (key, size) in replica.list("landing/raw/")? {
+                if let Some((file, range)) = key.rsplit_once('/')
+                    && let Some((start, end)) = parse_range_name(range)
+                {
+                    files.entry(file.to_string()).or_default().push((start, end, key.clone(), size));
+                }
+            }
+            for (file, segments) in files {
+                let parts: Vec<&str> = file.split('/').collect();
+                let [_, _, device, lane, first_seq] = parts[..] else { continue };
+                let (Ok(lane), Ok(first_seq)) = (lane.parse::<protocol::Lane>(), first_seq.parse::<u64>())
+                else {
+                    continue;
+                };
+                let path = crate::landing::raw_file_path(landing_dir, device, lane, first_seq);
+                let (chain, chain_end) = segment_chain(&segments);
+                for (start, end, key, _) in &chain {
+                    let repair = Repair::File { path: path.clone(), offset: *start, length: end - start };
+                    let source = read_range(&path, *start, end - start)?;
+                    match replica.get(key, SEGMENT_BYTES_MAX.max(end - start))? {
+                        None => differ(key.clone(), "missing".into(), repair),
+                        Some(found) if found != source => differ(
+                            key.clone(),
+                            format!("the landing file's bytes {start}..{end} differ"),
+                            repair,
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                if let Some(next) =
+                    segments.iter().map(|segment| segment.0).filter(|&start| start > chain_end).min()
+                {
+                    differ(
+                        format!("{file}/{chain_end:020}-{next:020}"),
+                        format!(
+                            "missing: the replica's segments of {file} stop at byte {chain_end}, the next starts at {next}"
+                        ),
+                        Repair::File { path: path.clone(), offset: chain_end, length: next - chain_end },
+                    );
+                }
+            }
         }
         Ok(differences)
     }
@@ -1336,7 +1723,7 @@ impl Replicator {
             adaptation: self.adaptation.as_mut(),
             metrics: &self.metrics,
             stop: &self.stop,
-            object_bytes_max: self.config.object_bytes_max,
+            chunk_bytes: self.config.chunk_bytes,
         };
         (pass, &self.sources, &self.config)
     }
@@ -1350,16 +1737,20 @@ impl Replicator {
         };
         let (mut pass, _, _) = self.pass_over(index);
         for difference in &differences {
-            let bytes = match &difference.repair {
-                Repair::File { path, offset, length } => read_range(path, *offset, *length)?,
-                Repair::ArchiveObject(digest) => objects
-                    .as_ref()
-                    .expect("archive objects differ only with an archive")
-                    .read(digest)
-                    .map_err(|error| source_error(Path::new(&difference.key), error))?,
+            let source = match &difference.repair {
+                Repair::File { path, offset, length } => {
+                    Source::File { path, offset: *offset, length: *length, sha256: None }
+                }
+                Repair::ArchiveObject(digest) => Source::Bytes(
+                    objects
+                        .as_ref()
+                        .expect("archive objects differ only with an archive")
+                        .read(digest)
+                        .map_err(|error| source_error(Path::new(&difference.key), error))?,
+                ),
             };
             tracing::info!(replica = %pass.state.name, key = %difference.key, problem = %difference.problem, "repairing the replica from the source");
-            pass.put(&difference.key, &bytes, WriteMode::Overwrite)?;
+            pass.put(&difference.key, source, WriteMode::Overwrite)?;
             pass.state.metrics.repairs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(differences.len() as u64)

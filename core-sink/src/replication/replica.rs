@@ -13,6 +13,7 @@
 //! Limits: one object is at most the caller's `bytes_max` in memory; a listing at most
 //! `LIST_KEYS_MAX` keys.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,6 +66,33 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Hashes what passes through, and refuses more or fewer than `length` bytes (a source that
+/// changed under the copy).
+struct HashingReader<'a> {
+    inner: &'a mut dyn Read,
+    hasher: Sha256,
+    bytes: u64,
+    length: u64,
+}
+
+impl Read for HashingReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        self.bytes += read as u64;
+        if self.bytes > self.length {
+            return Err(std::io::Error::other(format!("more than the {} bytes expected", self.length)));
+        }
+        if read == 0 && !buffer.is_empty() && self.bytes < self.length {
+            return Err(std::io::Error::other(format!(
+                "ended after {} bytes, {} expected",
+                self.bytes, self.length
+            )));
+        }
+        self.hasher.update(&buffer[..read]);
+        Ok(read)
+    }
+}
+
 /// One replica. Every method is synchronous and bounded by the backend's timeouts.
 pub trait Replica: Send {
     /// `dir:/path` or `s3://bucket/prefix`, for logs and errors.
@@ -77,6 +105,36 @@ pub trait Replica: Send {
     fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError>;
     /// Every key under `prefix` (which ends with '/') with its size, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError>;
+
+    /// Writes the `length` bytes `source` yields (read to its end: a source may refuse there,
+    /// e.g. when its bytes do not hash as expected, and then nothing is written) at `key`,
+    /// streamed; returns after what landed was checked. No partial object is visible under `key`
+    /// at any time. The directory and S3 replicas hold at most a buffer (a directory) or one part
+    /// (a bucket) in memory; this default, for wrappers, reads the whole source and calls `put`.
+    fn put_stream(
+        &self,
+        key: &str,
+        length: u64,
+        source: &mut dyn Read,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicaError> {
+        let mut bytes = Vec::new();
+        source.read_to_end(&mut bytes).map_err(|error| self.stream_error(key, &error))?;
+        if bytes.len() as u64 != length {
+            return Err(self.stream_error(key, &format!("{} bytes, {length} expected", bytes.len())));
+        }
+        self.put(key, &bytes, mode)
+    }
+
+    /// The error of a source that failed while streamed to `key`.
+    fn stream_error(&self, key: &str, reason: &dyn std::fmt::Display) -> ReplicaError {
+        ReplicaError {
+            replica: self.describe().to_string(),
+            operation: "read source for",
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 
     /// An error of this replica, naming the operation and the key.
     fn error(&self, operation: &'static str, key: &str, reason: impl std::fmt::Display) -> ReplicaError
@@ -151,6 +209,18 @@ impl Replica for DirectoryReplica {
     }
 
     fn put(&self, key: &str, bytes: &[u8], mode: WriteMode) -> Result<PutOutcome, ReplicaError> {
+        self.put_stream(key, bytes.len() as u64, &mut &bytes[..], mode)
+    }
+
+    /// Streams into a hidden temporary file, fsync, rename or hard link, directory fsync
+    /// (`durable::Options::write_from`); then reads the file back in pieces and compares hashes.
+    fn put_stream(
+        &self,
+        key: &str,
+        length: u64,
+        source: &mut dyn Read,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicaError> {
         let path = self.path("write", key)?;
         if mode == WriteMode::Create && self.head(key)?.is_some() {
             return Ok(PutOutcome::AlreadyThere);
@@ -161,17 +231,23 @@ impl Replica for DirectoryReplica {
             WriteMode::Create => options.keep_existing(),
             WriteMode::Overwrite => options,
         };
-        match options.write(&path, bytes) {
-            Ok(()) => {}
+        let mut hashing = HashingReader { inner: source, hasher: Sha256::new(), bytes: 0, length };
+        match options.write_from(&path, &mut hashing) {
+            Ok(_) => {}
             Err(error) if mode == WriteMode::Create && error.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Ok(PutOutcome::AlreadyThere);
             }
+            Err(error) if error.operation == "read source" => {
+                return Err(self.stream_error(key, &error.source));
+            }
             Err(error) => return Err(self.error("write", key, error)),
         }
-        // Check what landed: read back and hash.
-        let landed =
-            self.get(key, bytes.len() as u64)?.ok_or_else(|| self.error("check", key, "gone after write"))?;
-        if Sha256::digest(&landed) != Sha256::digest(bytes) {
+        // Check what landed: read back and hash, a buffer at a time.
+        let written = hashing.hasher.finalize();
+        let mut landed = std::fs::File::open(&path).map_err(|error| self.error("check", key, error))?;
+        let mut check = HashingReader { inner: &mut landed, hasher: Sha256::new(), bytes: 0, length };
+        std::io::copy(&mut check, &mut std::io::sink()).map_err(|error| self.error("check", key, error))?;
+        if check.hasher.finalize() != written {
             return Err(self.error("check", key, "the bytes read back do not hash to what was written"));
         }
         Ok(PutOutcome::Written)
@@ -217,7 +293,13 @@ pub struct S3Replica {
     prefix: String,
     description: String,
     runtime: tokio::runtime::Runtime,
+    /// `put_stream`: larger objects go up in parts of this size, smaller ones in one PUT.
+    part_bytes: u64,
 }
+
+/// `S3Replica`'s default part size, and the largest object it PUTs in one request: above the
+/// 5 MiB that S3 requires of every part but the last.
+pub const S3_PART_BYTES: u64 = 8 * 1024 * 1024;
 
 impl S3Replica {
     /// The bucket `config` names (`kind` is taken to be `s3`).
@@ -237,7 +319,13 @@ impl S3Replica {
             .map_err(|error| format!("start the replica's I/O runtime: {error}"))?;
         let description =
             if prefix.is_empty() { base_url.to_string() } else { format!("{base_url}/{prefix}") };
-        Ok(S3Replica { store, prefix, description, runtime })
+        Ok(S3Replica { store, prefix, description, runtime, part_bytes: S3_PART_BYTES })
+    }
+
+    /// Another part size for `put_stream` (tests against a store without the 5 MiB minimum).
+    pub fn with_part_bytes(self, part_bytes: u64) -> S3Replica {
+        assert!(part_bytes >= 1, "parts hold at least one byte");
+        S3Replica { part_bytes, ..self }
     }
 
     fn location(&self, key: &str) -> object_store::path::Path {
@@ -288,14 +376,38 @@ impl S3Replica {
         part_bytes: u64,
         on_part: &dyn Fn(u64),
     ) -> Result<FilePublished, ReplicaError> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|error| self.error("PUT", key, format!("open {}: {error}", path.display())))?;
+        self.publish_reader(
+            key,
+            &mut file,
+            &path.display().to_string(),
+            part_bytes,
+            WriteMode::Create,
+            on_part,
+        )
+    }
+
+    /// `publish_file` from any reader (`source` names it in errors); `WriteMode::Overwrite`
+    /// replaces what is at `key` (the copy into place is unconditional), `Create` never does.
+    fn publish_reader(
+        &self,
+        key: &str,
+        file: &mut dyn Read,
+        source: &str,
+        part_bytes: u64,
+        mode: WriteMode,
+        on_part: &dyn Fn(u64),
+    ) -> Result<FilePublished, ReplicaError> {
         use futures::StreamExt as _;
-        use std::io::Read as _;
         assert!(part_bytes >= 1, "parts hold at least one byte");
         validate_key(key).map_err(|reason| self.error("PUT", key, reason))?;
         let staging_key = format!("{STAGING_PREFIX}/{key}");
         let (staging, location) = (self.location(&staging_key), self.location(key));
-        let mut file = std::fs::File::open(path)
-            .map_err(|error| self.error("PUT", key, format!("open {}: {error}", path.display())))?;
+        let copy_mode = match mode {
+            WriteMode::Create => object_store::CopyMode::Create,
+            WriteMode::Overwrite => object_store::CopyMode::Overwrite,
+        };
         self.runtime.block_on(async {
             let mut hasher = Sha256::new();
             let (mut bytes, mut parts) = (0u64, 0u64);
@@ -307,10 +419,10 @@ impl S3Replica {
             let uploaded: Result<(), ReplicaError> = async {
                 loop {
                     let mut part = Vec::with_capacity(part_bytes as usize);
-                    (&mut file)
+                    (&mut *file)
                         .take(part_bytes)
                         .read_to_end(&mut part)
-                        .map_err(|error| self.error("PUT", key, format!("read {}: {error}", path.display())))?;
+                        .map_err(|error| self.stream_error(key, &format!("read {source}: {error}")))?;
                     if part.is_empty() {
                         break;
                     }
@@ -335,7 +447,7 @@ impl S3Replica {
             let sha256 = crate::datasets::targets::hex(&hasher.finalize());
             let copied = self
                 .store
-                .copy_opts(&staging, &location, object_store::CopyOptions::new().with_mode(object_store::CopyMode::Create))
+                .copy_opts(&staging, &location, object_store::CopyOptions::new().with_mode(copy_mode))
                 .await;
             let existing = match copied {
                 Ok(()) => false,
@@ -442,6 +554,26 @@ impl Replica for S3Replica {
         })
     }
 
+    /// Up to `part_bytes`: one PUT of the bytes read into memory. Above: `publish_reader`'s
+    /// multipart upload to a staging key and a copy into place (create-only for `Create`).
+    fn put_stream(
+        &self,
+        key: &str,
+        length: u64,
+        source: &mut dyn Read,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, ReplicaError> {
+        let mut checked = HashingReader { inner: source, hasher: Sha256::new(), bytes: 0, length };
+        if length <= self.part_bytes {
+            let mut bytes = Vec::with_capacity(length as usize);
+            checked.read_to_end(&mut bytes).map_err(|error| self.stream_error(key, &error))?;
+            return self.put(key, &bytes, mode);
+        }
+        let published =
+            self.publish_reader(key, &mut checked, "the source", self.part_bytes, mode, &|_| {})?;
+        Ok(if published.existing { PutOutcome::AlreadyThere } else { PutOutcome::Written })
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ReplicaError> {
         use futures::StreamExt as _;
         let base = self.location(prefix.trim_end_matches('/'));
@@ -512,6 +644,124 @@ mod tests {
         let error = bucket.publish_file(key, &file, 1_000, &|_| {}).unwrap_err();
         assert!(error.to_string().contains("never replaced"), "{error}");
         assert_eq!(bucket.get(key, 4_096).unwrap(), Some(bytes));
+    }
+
+    /// Yields `total` bytes in reads of at most `piece`; before each read after the first calls
+    /// `inspect` (what the replica shows meanwhile); refuses its end when `refuse_end`.
+    struct Pieces<'a> {
+        total: usize,
+        piece: usize,
+        given: usize,
+        reads: usize,
+        refuse_end: bool,
+        inspect: &'a dyn Fn(usize),
+    }
+
+    impl Read for Pieces<'_> {
+        fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+            if self.reads > 0 {
+                (self.inspect)(self.given);
+            }
+            self.reads += 1;
+            let count = buffer.len().min(self.piece).min(self.total - self.given);
+            if count == 0 && self.refuse_end {
+                return Err(std::io::Error::other("sha256 differs"));
+            }
+            for (offset, byte) in buffer[..count].iter_mut().enumerate() {
+                *byte = ((self.given + offset) % 253) as u8;
+            }
+            self.given += count;
+            Ok(count)
+        }
+    }
+
+    fn pieces(total: usize, piece: usize, refuse_end: bool, inspect: &dyn Fn(usize)) -> Pieces<'_> {
+        Pieces { total, piece, given: 0, reads: 0, refuse_end, inspect }
+    }
+
+    fn expected(total: usize) -> Vec<u8> {
+        (0..total).map(|index| (index % 253) as u8).collect()
+    }
+
+    #[test]
+    fn a_streamed_directory_put_writes_piece_by_piece_and_shows_nothing_before_the_end() {
+        let directory = tempfile::tempdir().unwrap();
+        let replica = DirectoryReplica::new(directory.path());
+        let key = "datasets/media/shard.tar";
+        let hidden_sizes = |_: usize| -> Vec<u64> {
+            std::fs::read_dir(directory.path().join("datasets/media"))
+                .unwrap()
+                .map(|entry| entry.unwrap())
+                .filter(|entry| entry.file_name().to_string_lossy().starts_with('.'))
+                .map(|entry| entry.metadata().unwrap().len())
+                .collect()
+        };
+        let inspect = |given: usize| {
+            // While the source is read, the bytes given so far are in the hidden temporary file
+            // and nothing is under the key.
+            assert_eq!(replica.head(key).unwrap(), None);
+            if given < 10_000 {
+                assert_eq!(hidden_sizes(given), vec![given as u64]);
+            }
+        };
+        let mut source = pieces(10_000, 1_000, false, &inspect);
+        assert_eq!(
+            replica.put_stream(key, 10_000, &mut source, WriteMode::Create).unwrap(),
+            PutOutcome::Written
+        );
+        assert!(source.reads >= 11, "{} reads", source.reads);
+        assert_eq!(replica.get(key, 10_000).unwrap(), Some(expected(10_000)));
+        assert_eq!(hidden_sizes(0), Vec::<u64>::new());
+
+        // A source that refuses its end, or ends early, leaves nothing under its key.
+        for (length, refuse_end) in [(10_000, true), (12_000, false)] {
+            let other = "datasets/media/other.tar";
+            let error = replica
+                .put_stream(other, length, &mut pieces(10_000, 1_000, refuse_end, &|_| {}), WriteMode::Create)
+                .unwrap_err();
+            assert_eq!(error.operation, "read source for", "{error}");
+            assert_eq!(replica.head(other).unwrap(), None);
+            assert_eq!(hidden_sizes(0), Vec::<u64>::new(), "no temporary file left");
+        }
+    }
+
+    #[test]
+    fn a_streamed_s3_put_above_the_part_size_goes_in_parts_through_staging() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let bucket = S3Replica::new(memory, "memory://", "site-b").unwrap().with_part_bytes(1_000);
+        let key = "datasets/media/shard.tar";
+        let staged = std::cell::Cell::new(false);
+        // (Read inside the upload's runtime: the bucket cannot be asked from here.)
+        let inspect = |_: usize| staged.set(true);
+        let mut source = pieces(2_500, 300, false, &inspect);
+        assert_eq!(
+            bucket.put_stream(key, 2_500, &mut source, WriteMode::Create).unwrap(),
+            PutOutcome::Written
+        );
+        assert!(staged.get());
+        assert_eq!(bucket.get(key, 4_096).unwrap(), Some(expected(2_500)));
+        assert_eq!(bucket.list("_staging/").unwrap(), Vec::new());
+        // Create-only: the same bytes again are already there; a refused end leaves the key alone.
+        let mut again = pieces(2_500, 300, false, &|_| {});
+        assert_eq!(
+            bucket.put_stream(key, 2_500, &mut again, WriteMode::Create).unwrap(),
+            PutOutcome::AlreadyThere
+        );
+        let other = "datasets/media/other.tar";
+        assert!(
+            bucket
+                .put_stream(other, 2_500, &mut pieces(2_500, 300, true, &|_| {}), WriteMode::Create)
+                .is_err()
+        );
+        assert_eq!(bucket.head(other).unwrap(), None);
+        // Overwrite (a repair) replaces; below the part size it is one PUT.
+        bucket.put("datasets/media/small", b"old", WriteMode::Create).unwrap();
+        let mut small = pieces(500, 100, false, &|_| {});
+        bucket.put_stream("datasets/media/small", 500, &mut small, WriteMode::Overwrite).unwrap();
+        assert_eq!(bucket.get("datasets/media/small", 4_096).unwrap(), Some(expected(500)));
+        let mut large = pieces(2_600, 300, false, &|_| {});
+        bucket.put_stream(key, 2_600, &mut large, WriteMode::Overwrite).unwrap();
+        assert_eq!(bucket.get(key, 4_096).unwrap(), Some(expected(2_600)));
     }
 
     #[test]

@@ -8,13 +8,17 @@
 //! <to>/datasets/targets/<target>/<dataset>/<shard>   every shard the replica's manifest lists,
 //!                                                 checked against the manifest's sha256
 //! <to>/datasets/manifests/<dataset>/manifest.json  the manifest with the restored paths
+//! <to>/review/review-<seq>.tar                    the archive feed's review shards
+//! <to>/landing/raw/<device>/<lane>/<first seq>.tcr   committed raw landing files, each the chain
+//!                                                 of its segments from byte 0
 //! ```
 //!
 //! `<to>` must be missing or empty. Objects are restored locally whatever store the source used
 //! (no `objects.toml` is written, so the audit commands read them under `<to>/archive`). The log
 //! files are written and fsynced; `RESTORED` is written last (atomically): a tree without it is an
 //! interrupted restore. A sink pointed at the result (`[archive] root`, `[datasets] targets` and
-//! `manifest_dir`) reads the datasets and verifies the archive; the raw landing is not replicated.
+//! `manifest_dir`) reads the datasets and verifies the archive; the restored raw landing holds the
+//! committed records as landed (`landing::read_landed_file` reads them), not the sink's state.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -24,7 +28,7 @@ use std::path::{Path, PathBuf};
 use protocol::evidence::{sha256, sha256_hex};
 
 use super::replica::Replica;
-use super::{ReplicationError, SEGMENT_BYTES_MAX, list_segments, segment_chain};
+use super::{ReplicationError, SEGMENT_BYTES_MAX, list_segments, parse_range_name, segment_chain};
 use crate::datasets::manifest::{MANIFEST_BYTES_MAX, Manifest};
 
 /// What a restore wrote.
@@ -35,6 +39,9 @@ pub struct RestoreReport {
     pub datasets: u64,
     pub shards: u64,
     pub shard_bytes: u64,
+    pub review_shards: u64,
+    pub landing_files: u64,
+    pub landing_bytes: u64,
 }
 
 fn failed(path: &Path, reason: impl std::fmt::Display) -> ReplicationError {
@@ -49,6 +56,41 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReplicationErro
         .keep_existing()
         .write(path, bytes)
         .map_err(|error| failed(path, error))
+}
+
+/// Writes the new file `path` from the chain of `segments` from byte 0 (an error when a segment
+/// lies beyond a gap), fsynced; returns its length.
+fn restore_chain(
+    replica: &dyn Replica,
+    segments: &[(u64, u64, String, u64)],
+    path: &Path,
+) -> Result<u64, ReplicationError> {
+    let (chain, end) = segment_chain(segments);
+    if let Some(stray) = segments.iter().find(|segment| segment.0 >= end) {
+        return Err(failed(
+            path,
+            format!(
+                "the replica's segments stop at byte {end} but {} starts later (a segment is missing; run `core-sink replicate --repair`)",
+                stray.2
+            ),
+        ));
+    }
+    let mut output =
+        OpenOptions::new().write(true).create_new(true).open(path).map_err(|error| failed(path, error))?;
+    for (start, segment_end, key, _) in &chain {
+        let bytes = replica
+            .get(key, SEGMENT_BYTES_MAX.max(segment_end - start))?
+            .ok_or_else(|| failed(path, format!("{key} vanished while restoring")))?;
+        if bytes.len() as u64 != segment_end - start {
+            return Err(failed(
+                path,
+                format!("{key} holds {} bytes, its name says {}", bytes.len(), segment_end - start),
+            ));
+        }
+        output.write_all(&bytes).map_err(|error| failed(path, error))?;
+    }
+    output.sync_all().map_err(|error| failed(path, error))?;
+    Ok(end)
 }
 
 /// Restores `replica` into `to`; `object_bytes_max` bounds each object read.
@@ -67,37 +109,7 @@ pub fn restore(
     if has_archive {
         fs::create_dir_all(&log).map_err(|error| failed(&log, error))?;
         for file in ["entries", "index", "checkpoints"] {
-            let path = log.join(file);
-            let segments = list_segments(replica, file)?;
-            let (chain, end) = segment_chain(&segments);
-            if let Some(stray) = segments.iter().find(|segment| segment.0 >= end) {
-                return Err(failed(
-                    &path,
-                    format!(
-                        "the replica's {file} segments stop at byte {end} but {} starts later (a segment is missing; run `core-sink replicate --repair`)",
-                        stray.2
-                    ),
-                ));
-            }
-            let mut output = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|error| failed(&path, error))?;
-            for (start, segment_end, key, _) in &chain {
-                let bytes = replica
-                    .get(key, SEGMENT_BYTES_MAX.max(segment_end - start))?
-                    .ok_or_else(|| failed(&path, format!("{key} vanished while restoring")))?;
-                if bytes.len() as u64 != segment_end - start {
-                    return Err(failed(
-                        &path,
-                        format!("{key} holds {} bytes, its name says {}", bytes.len(), segment_end - start),
-                    ));
-                }
-                output.write_all(&bytes).map_err(|error| failed(&path, error))?;
-                report.log_bytes += bytes.len() as u64;
-            }
-            output.sync_all().map_err(|error| failed(&path, error))?;
+            report.log_bytes += restore_chain(replica, &list_segments(replica, file)?, &log.join(file))?;
         }
         durable::sync_directory(&log).map_err(|error| failed(&log, error))?;
         for (name, mode) in [
@@ -175,6 +187,43 @@ pub fn restore(
         let path = to.join("datasets").join("manifests").join(&dataset).join("manifest.json");
         manifest.write(&path).map_err(|error| failed(&path, error))?;
         report.datasets += 1;
+    }
+    // Review shards: every one the replica holds.
+    for (key, _) in replica.list("review/")? {
+        let name = key.strip_prefix("review/").unwrap_or_default();
+        if name.contains('/') || !name.ends_with(".tar") {
+            continue;
+        }
+        let bytes = replica
+            .get(&key, object_bytes_max)?
+            .ok_or_else(|| failed(Path::new(&key), "vanished while restoring"))?;
+        write_new(&to.join("review").join(name), &bytes, fleet::files::PUBLIC_MODE)?;
+        report.review_shards += 1;
+    }
+    // Raw landing: per file, the chain of its segments from byte 0.
+    let mut files: BTreeMap<String, Vec<(u64, u64, String, u64)>> = BTreeMap::new();
+    for (key, size) in replica.list("landing/raw/")? {
+        let Some((file, range)) = key.rsplit_once('/') else { continue };
+        if let Some((start, end)) = parse_range_name(range) {
+            files.entry(file.to_string()).or_default().push((start, end, key.clone(), size));
+        }
+    }
+    for (file, segments) in files {
+        let parts: Vec<&str> = file.split('/').collect();
+        let [_, _, device, lane, first_seq] = parts[..] else {
+            return Err(failed(Path::new(&file), "not landing/raw/<device>/<lane>/<first seq>"));
+        };
+        let lane: protocol::Lane =
+            lane.parse().map_err(|_| failed(Path::new(&file), format!("unknown lane {lane:?}")))?;
+        let first_seq: u64 = first_seq
+            .parse()
+            .map_err(|_| failed(Path::new(&file), "the file's first seq is not a number"))?;
+        let path = crate::landing::raw_file_path(&to.join("landing"), device, lane, first_seq);
+        let directory = path.parent().expect("landing files live in a directory");
+        fs::create_dir_all(directory).map_err(|error| failed(directory, error))?;
+        report.landing_bytes += restore_chain(replica, &segments, &path)?;
+        durable::sync_directory(directory).map_err(|error| failed(directory, error))?;
+        report.landing_files += 1;
     }
     let summary = format!(
         "restored by core-sink: {} log bytes, {} objects, {} datasets, {} shards\n",

@@ -38,6 +38,11 @@ impl Throttle {
         self.bytes.reserve(now, bytes).max(self.objects.reserve(now, 1))
     }
 
+    /// Reserves `bytes` more of an object already reserved (a chunk of it); how long to wait.
+    pub fn reserve_bytes(&mut self, now: Instant, bytes: u64) -> Duration {
+        self.bytes.reserve(now, bytes)
+    }
+
     /// How long until what was reserved may be used, at the rates in force at `now`.
     pub fn debt(&mut self, now: Instant) -> Duration {
         self.bytes.reserve(now, 0).max(self.objects.reserve(now, 0))

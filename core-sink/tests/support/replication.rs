@@ -123,6 +123,11 @@ impl Site {
         let _ = self.landing.checkpoint();
     }
 
+    /// The raw landing's checkpoint now (everything landed is committed).
+    pub fn landing_checkpoint(&self) -> Vec<u8> {
+        self.landing.checkpoint()
+    }
+
     pub fn archive_root(&self) -> PathBuf {
         self.base.join("archive")
     }
