@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cluster::testing::EtcdCluster;
-use cluster::{Claim, ClusterConfig, CommitOutcome, DeviceCommit, EtcdRegistry, OwnershipRegistry};
+use cluster::{
+    Claim, ClusterConfig, CommitOutcome, DeviceCommit, DeviceRecord, EtcdRegistry, OwnershipRegistry,
+    RingRecord,
+};
 
 fn main() {
     let seconds: u64 = std::env::args().nth(1).map_or(3, |text| text.parse().expect("seconds per case"));
@@ -93,7 +96,10 @@ fn run_node_at(
             .map(|(device, token)| DeviceCommit {
                 device: device.clone(),
                 token: *token,
-                watermarks: BTreeMap::from([(0, commit_id), (2, commit_id * 10)]),
+                record: DeviceRecord {
+                    watermarks: BTreeMap::from([(0, commit_id), (2, commit_id * 10)]),
+                    ring: Some(RingRecord { id: [1; 16], bases: BTreeMap::from([(0, 0), (2, 0)]) }),
+                },
             })
             .collect();
         let sent = Instant::now();

@@ -4,8 +4,8 @@
 //! - `members/<node>` = the node's advertised address, attached to the node's lease;
 //! - `owners/<device>` = the owning node's name, attached to its lease; its create revision is
 //!   the fencing token;
-//! - `watermarks/<device>` = JSON `{"<lane id>": <seq>, ...}`, the device's complete map
-//!   (one key per device, not per lane, so a txn covers 63 devices within etcd's 128 ops);
+//! - `watermarks/<device>` = JSON `DeviceRecord`: `{"watermarks": {"<lane id>": <seq>, ...},
+//!   "ring": {"id": [16 bytes], "bases": {...}}}`, the device's complete state (one key per device, not per lane, so a txn covers 63 devices within etcd's 128 ops);
 //! - `commits/<node>` = the node's last commit id (`"<id>"`, or `"abandoned <id>"` after an
 //!   unknown outcome was resolved as not applied).
 //!
@@ -23,11 +23,11 @@ use std::time::Duration;
 use crate::config::ClusterConfig;
 use crate::etcd::{Compare, EtcdClient, EtcdError, KeyValue, Op};
 use crate::registry::{
-    Claim, ClusterError, CommitOutcome, DeviceCommit, FencingToken, LaneWatermarks, OwnershipRegistry,
+    Claim, ClusterError, CommitOutcome, DeviceCommit, DeviceRecord, FencingToken, OwnershipRegistry,
     check_batch, check_device,
 };
 
-/// The largest watermark value we parse (4 lanes today; 256 lanes of u64 fit well below).
+/// The largest device record we parse (4 lanes and a ring binding today: about 200 bytes).
 const WATERMARK_VALUE_BYTES_MAX: usize = 8 << 10;
 /// Tries of an idempotent txn (claim, release) whose outcome was unknown.
 const CLAIM_ATTEMPTS_MAX: usize = 3;
@@ -88,12 +88,6 @@ impl EtcdRegistry {
 
     pub fn lease(&self) -> i64 {
         self.lease
-    }
-
-    /// The last commit id etcd holds for this node: at start, a local commit point prepared with
-    /// an id at or below it was applied in etcd, one above it was not.
-    pub fn last_commit_id(&self) -> u64 {
-        self.last_commit_id
     }
 
     /// Renews the lease once. `Err(LeaseLost)` when etcd no longer knows it.
@@ -213,7 +207,7 @@ fn parse_commit_value(value: &[u8]) -> Option<(u64, bool)> {
     }
 }
 
-fn parse_watermarks(device: &str, kv: &KeyValue) -> Result<LaneWatermarks, ClusterError> {
+fn parse_record(device: &str, kv: &KeyValue) -> Result<DeviceRecord, ClusterError> {
     let corrupt = |reason: String| ClusterError::CorruptWatermarks { device: device.to_string(), reason };
     if kv.value.len() > WATERMARK_VALUE_BYTES_MAX {
         return Err(corrupt(format!("{} bytes, above {WATERMARK_VALUE_BYTES_MAX}", kv.value.len())));
@@ -289,11 +283,11 @@ impl OwnershipRegistry for EtcdRegistry {
         Err(ClusterError::Etcd(last_error.expect("the loop ran")))
     }
 
-    fn watermarks(&mut self, device: &str) -> Result<LaneWatermarks, ClusterError> {
+    fn record(&mut self, device: &str) -> Result<DeviceRecord, ClusterError> {
         check_device(device)?;
         match self.client.get(&self.watermark_key(device))? {
-            Some(kv) => parse_watermarks(device, &kv),
-            None => Ok(LaneWatermarks::new()),
+            Some(kv) => parse_record(device, &kv),
+            None => Ok(DeviceRecord::default()),
         }
     }
 
@@ -325,7 +319,7 @@ impl OwnershipRegistry for EtcdRegistry {
             .iter()
             .map(|entry| Op::Put {
                 key: self.watermark_key(&entry.device),
-                value: serde_json::to_vec(&entry.watermarks).expect("watermarks serialize"),
+                value: serde_json::to_vec(&entry.record).expect("device records serialize"),
                 lease: 0,
             })
             .collect();
@@ -406,5 +400,27 @@ impl OwnershipRegistry for EtcdRegistry {
         self.last_commit_id = commit_id;
         tracing::info!(node = self.node, commit_id, applied, "unknown commit outcome resolved");
         Ok(applied)
+    }
+
+    fn settle(&mut self, commit_id: u64) -> Result<bool, ClusterError> {
+        assert!(self.unresolved.is_none(), "settle is for a commit of a previous process, at start");
+        if commit_id < self.last_commit_id {
+            // The chain moved past it: every commit id is settled before the next is sent.
+            return Ok(true);
+        }
+        if commit_id == self.last_commit_id {
+            let kv = self.client.get(&self.commit_key())?;
+            return match kv.as_ref().and_then(|kv| parse_commit_value(&kv.value)) {
+                Some((id, applied)) if id == commit_id => Ok(applied),
+                _ => Err(ClusterError::NodeNameConflict { node: self.node.clone() }),
+            };
+        }
+        // Not in etcd (yet): a delayed copy may still arrive. Close the chain against it.
+        self.unresolved = Some((commit_id, self.commit_mod_revision));
+        self.resolve()
+    }
+
+    fn last_commit_id(&self) -> u64 {
+        self.last_commit_id
     }
 }

@@ -7,7 +7,7 @@
 //! writes watermarks.
 //! **Invariant:** a commit whose outcome is unknown is neither acked nor rolled back until
 //! `resolve` settles it.
-//! **API boundary:** `OwnershipRegistry` (claim, release, watermarks, commit, resolve); the
+//! **API boundary:** `OwnershipRegistry` (claim, release, record, commit, resolve, settle); the
 //! landing core sees only this trait (`EtcdRegistry` in production, `MemoryCluster` in tests).
 
 pub mod config;
@@ -21,6 +21,6 @@ pub mod testing;
 pub use config::ClusterConfig;
 pub use etcd_registry::{EtcdRegistry, KeepAlive};
 pub use registry::{
-    Claim, ClusterError, CommitOutcome, DeviceCommit, FencingToken, LaneWatermarks, MemoryCluster,
-    MemoryRegistry, OwnershipRegistry,
+    Claim, ClusterError, CommitOutcome, DeviceCommit, DeviceRecord, FencingToken, LaneWatermarks,
+    MemoryCluster, MemoryRegistry, OwnershipRegistry, RingRecord,
 };

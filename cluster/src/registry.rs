@@ -32,11 +32,28 @@ pub enum Claim {
     OwnedElsewhere { node: String },
 }
 
+/// What etcd holds per device: its committed watermarks and the ring binding they are based on
+/// (the ring id and per-lane seq base of its epoch), so a new owner maps the device's ring seqs
+/// to the same core seqs the old owner did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    pub watermarks: LaneWatermarks,
+    pub ring: Option<RingRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingRecord {
+    pub id: [u8; 16],
+    pub bases: LaneWatermarks,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceCommit {
     pub device: String,
     pub token: FencingToken,
-    pub watermarks: LaneWatermarks,
+    pub record: DeviceRecord,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,14 +97,19 @@ pub trait OwnershipRegistry {
     fn claim(&mut self, device: &str) -> Result<Claim, ClusterError>;
     /// Gives up ownership (rebalancing, shutdown); a no-op if the token is no longer current.
     fn release(&mut self, device: &str, token: FencingToken) -> Result<(), ClusterError>;
-    /// The device's committed watermarks (empty for a device never committed): the resume point
-    /// of a new owner.
-    fn watermarks(&mut self, device: &str) -> Result<LaneWatermarks, ClusterError>;
+    /// The device's committed record (default for a device never committed): the resume point
+    /// and ring binding of a new owner.
+    fn record(&mut self, device: &str) -> Result<DeviceRecord, ClusterError>;
     /// One atomic, fenced commit of `batch`. `commit_id` is strictly increasing per node.
     fn commit(&mut self, commit_id: u64, batch: &[DeviceCommit]) -> Result<CommitOutcome, ClusterError>;
     /// Settles a commit that answered `OutcomeUnknown`: `Ok(true)` it was applied (ack it),
     /// `Ok(false)` it was not and never will be (roll it back). Errors leave it unresolved.
     fn resolve(&mut self) -> Result<bool, ClusterError>;
+    /// At start: settles `commit_id`, which a previous process of this node prepared and may have
+    /// sent. `Ok(true)` it was applied; `Ok(false)` it was not and now never will be.
+    fn settle(&mut self, commit_id: u64) -> Result<bool, ClusterError>;
+    /// The highest commit id of this node etcd has settled (applied or abandoned).
+    fn last_commit_id(&self) -> u64;
 }
 
 /// Common argument checks, shared by both implementations.
@@ -125,9 +147,9 @@ struct MemoryState {
     revision: i64,
     /// device → (node, token)
     owners: BTreeMap<String, (String, FencingToken)>,
-    watermarks: BTreeMap<String, LaneWatermarks>,
-    /// node → last commit id
-    commits: BTreeMap<String, u64>,
+    records: BTreeMap<String, DeviceRecord>,
+    /// node → (last commit id, applied)
+    commits: BTreeMap<String, (u64, bool)>,
     expired: std::collections::BTreeSet<String>,
     /// When set, the next commit of this node is applied (or not) and answers OutcomeUnknown.
     unknown_next: Option<(String, bool)>,
@@ -199,14 +221,14 @@ impl OwnershipRegistry for MemoryRegistry {
         Ok(())
     }
 
-    fn watermarks(&mut self, device: &str) -> Result<LaneWatermarks, ClusterError> {
+    fn record(&mut self, device: &str) -> Result<DeviceRecord, ClusterError> {
         check_device(device)?;
         Ok(self
             .cluster
             .state
             .lock()
             .expect("memory registry lock")
-            .watermarks
+            .records
             .get(device)
             .cloned()
             .unwrap_or_default())
@@ -218,7 +240,7 @@ impl OwnershipRegistry for MemoryRegistry {
         }
         check_batch(batch, crate::config::COMMIT_BATCH_DEVICES_MAX)?;
         let mut state = self.cluster.state.lock().expect("memory registry lock");
-        let last = state.commits.get(&self.node).copied().unwrap_or(0);
+        let last = state.commits.get(&self.node).map_or(0, |(id, _)| *id);
         assert!(commit_id > last, "commit ids increase per node ({last} → {commit_id})");
         let fenced: Vec<String> = batch
             .iter()
@@ -230,9 +252,9 @@ impl OwnershipRegistry for MemoryRegistry {
         if applies {
             state.revision += 1;
             for entry in batch {
-                state.watermarks.insert(entry.device.clone(), entry.watermarks.clone());
+                state.records.insert(entry.device.clone(), entry.record.clone());
             }
-            state.commits.insert(self.node.clone(), commit_id);
+            state.commits.insert(self.node.clone(), (commit_id, true));
         }
         if let Some(_applied) = unknown {
             self.unresolved = Some((commit_id, applies));
@@ -246,7 +268,38 @@ impl OwnershipRegistry for MemoryRegistry {
     }
 
     fn resolve(&mut self) -> Result<bool, ClusterError> {
-        Ok(self.unresolved.take().map(|(_, applied)| applied).unwrap_or(false))
+        let Some((commit_id, applied)) = self.unresolved.take() else { return Ok(false) };
+        if !applied {
+            self.cluster
+                .state
+                .lock()
+                .expect("memory registry lock")
+                .commits
+                .insert(self.node.clone(), (commit_id, false));
+        }
+        Ok(applied)
+    }
+
+    fn settle(&mut self, commit_id: u64) -> Result<bool, ClusterError> {
+        let mut state = self.cluster.state.lock().expect("memory registry lock");
+        match state.commits.get(&self.node).copied() {
+            Some((last, applied)) if last == commit_id => Ok(applied),
+            Some((last, _)) if last > commit_id => Ok(true),
+            _ => {
+                state.commits.insert(self.node.clone(), (commit_id, false));
+                Ok(false)
+            }
+        }
+    }
+
+    fn last_commit_id(&self) -> u64 {
+        self.cluster
+            .state
+            .lock()
+            .expect("memory registry lock")
+            .commits
+            .get(&self.node)
+            .map_or(0, |(id, _)| *id)
     }
 }
 
@@ -255,7 +308,11 @@ mod tests {
     use super::*;
 
     fn batch(device: &str, token: FencingToken, seq: u64) -> Vec<DeviceCommit> {
-        vec![DeviceCommit { device: device.into(), token, watermarks: BTreeMap::from([(2, seq)]) }]
+        vec![DeviceCommit { device: device.into(), token, record: record(seq) }]
+    }
+
+    fn record(seq: u64) -> DeviceRecord {
+        DeviceRecord { watermarks: BTreeMap::from([(2, seq)]), ring: None }
     }
 
     #[test]
@@ -269,12 +326,12 @@ mod tests {
         cluster.expire("a");
         let Claim::Owned { token: token_b } = b.claim("cam").unwrap() else { panic!() };
         assert!(token_b > token_a);
-        assert_eq!(b.watermarks("cam").unwrap(), BTreeMap::from([(2, 10)]));
+        assert_eq!(b.record("cam").unwrap(), record(10));
         assert_eq!(
             a.commit(2, &batch("cam", token_a, 20)).unwrap(),
             CommitOutcome::Fenced { devices: vec!["cam".into()] }
         );
-        assert_eq!(b.watermarks("cam").unwrap(), BTreeMap::from([(2, 10)]));
+        assert_eq!(b.record("cam").unwrap(), record(10));
         assert!(matches!(a.claim("other"), Err(ClusterError::LeaseLost { .. })));
     }
 
@@ -293,10 +350,10 @@ mod tests {
             Err(ClusterError::Unresolved { commit_id: 1 })
         ));
         assert!(a.resolve().unwrap());
-        assert_eq!(a.watermarks("cam").unwrap(), BTreeMap::from([(2, 5)]));
+        assert_eq!(a.record("cam").unwrap(), record(5));
         cluster.make_next_commit_unknown("a", false);
         assert!(a.commit(2, &batch("cam", token, 7)).is_err());
         assert!(!a.resolve().unwrap());
-        assert_eq!(a.watermarks("cam").unwrap(), BTreeMap::from([(2, 5)]));
+        assert_eq!(a.record("cam").unwrap(), record(5));
     }
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use cluster::testing::{EtcdCluster, etcd_or_skip};
 use cluster::{
-    Claim, ClusterConfig, ClusterError, CommitOutcome, DeviceCommit, EtcdRegistry, OwnershipRegistry,
+    Claim, ClusterConfig, ClusterError, CommitOutcome, DeviceCommit, DeviceRecord, EtcdRegistry,
+    OwnershipRegistry, RingRecord,
 };
 
 fn config(etcd: &EtcdCluster, node: &str, prefix: &str) -> ClusterConfig {
@@ -31,7 +32,9 @@ fn claim(registry: &mut EtcdRegistry, device: &str) -> i64 {
 }
 
 fn entry(device: &str, token: i64, seq: u64) -> DeviceCommit {
-    DeviceCommit { device: device.to_string(), token, watermarks: BTreeMap::from([(0, seq / 2), (2, seq)]) }
+    let ring = RingRecord { id: [7; 16], bases: BTreeMap::from([(0, 0), (2, 1000)]) };
+    let record = DeviceRecord { watermarks: BTreeMap::from([(0, seq / 2), (2, seq)]), ring: Some(ring) };
+    DeviceCommit { device: device.to_string(), token, record }
 }
 
 #[test]
@@ -62,12 +65,13 @@ fn ownership_fencing_and_takeover() {
     let batch: Vec<DeviceCommit> =
         devices.iter().zip(&tokens).map(|(device, token)| entry(device, *token, 100)).collect();
     assert_eq!(a.commit(1, &batch).unwrap(), CommitOutcome::Committed);
-    assert_eq!(b.watermarks(&devices[7]).unwrap(), BTreeMap::from([(0, 50), (2, 100)]));
+    assert_eq!(b.record(&devices[7]).unwrap(), entry(&devices[7], 0, 100).record);
+    assert_eq!(b.record("never-seen").unwrap(), DeviceRecord::default());
 
     // B cannot commit for a device it does not own, whatever token it names; nothing is stored.
     let forged = vec![entry(&devices[0], tokens[0], 999)];
     assert_eq!(b.commit(1, &forged).unwrap(), CommitOutcome::Fenced { devices: vec![devices[0].clone()] });
-    assert_eq!(a.watermarks(&devices[0]).unwrap()[&2], 100);
+    assert_eq!(a.record(&devices[0]).unwrap().watermarks[&2], 100);
 
     // A batch with one device A lost is refused as a whole: atomic, no partial watermarks.
     a.release(&devices[1], tokens[1]).unwrap();
@@ -76,10 +80,10 @@ fn ownership_fencing_and_takeover() {
     let batch: Vec<DeviceCommit> =
         devices.iter().zip(&tokens).map(|(device, token)| entry(device, *token, 200)).collect();
     assert_eq!(a.commit(2, &batch).unwrap(), CommitOutcome::Fenced { devices: vec![devices[1].clone()] });
-    assert_eq!(a.watermarks(&devices[0]).unwrap()[&2], 100, "nothing of a fenced batch is stored");
+    assert_eq!(a.record(&devices[0]).unwrap().watermarks[&2], 100, "nothing of a fenced batch is stored");
     // Without the lost device the batch goes through; B resumes the lost one from etcd.
     assert_eq!(a.commit(3, &batch[2..]).unwrap(), CommitOutcome::Committed);
-    assert_eq!(b.watermarks(&devices[1]).unwrap()[&2], 100);
+    assert_eq!(b.record(&devices[1]).unwrap().watermarks[&2], 100);
     assert_eq!(b.commit(1, &[entry(&devices[1], b_token, 150)]).unwrap(), CommitOutcome::Committed);
 
     // A leaves (lease revoked): B takes every device at once and resumes from A's watermarks.
@@ -87,11 +91,17 @@ fn ownership_fencing_and_takeover() {
     a.leave().unwrap();
     let token = claim(&mut b, &devices[5]);
     assert!(token > tokens[5]);
-    assert_eq!(b.watermarks(&devices[5]).unwrap()[&2], 200);
+    assert_eq!(b.record(&devices[5]).unwrap().watermarks[&2], 200);
 
     // A restarted A continues its commit chain from etcd.
-    let a_again = EtcdRegistry::connect(&config(&etcd, "sink-a", "/t1")).unwrap();
+    let mut a_again = EtcdRegistry::connect(&config(&etcd, "sink-a", "/t1")).unwrap();
     assert_eq!(a_again.last_commit_id(), 3);
+    // Its previous process had prepared commits 3 (sent, applied) and 4 (maybe sent, not applied).
+    assert!(a_again.settle(3).unwrap());
+    assert!(a_again.settle(2).unwrap());
+    assert!(!a_again.settle(4).unwrap());
+    assert_eq!(a_again.last_commit_id(), 4);
+    assert!(!a_again.settle(4).unwrap(), "an abandoned commit stays abandoned");
 }
 
 #[test]
@@ -125,7 +135,7 @@ fn paused_node_past_its_lease_is_refused() {
         a.commit(2, &[entry("cam-1", token_a, 20)]).unwrap(),
         CommitOutcome::Fenced { devices: vec!["cam-1".into()] }
     );
-    assert_eq!(b.watermarks("cam-1").unwrap()[&2], 10);
+    assert_eq!(b.record("cam-1").unwrap().watermarks[&2], 10);
     assert!(matches!(a.keep_alive(), Err(ClusterError::LeaseLost { .. })));
     assert!(matches!(a.claim("cam-2"), Err(ClusterError::LeaseLost { .. })));
     assert_eq!(b.commit(1, &[entry("cam-1", token_b, 30)]).unwrap(), CommitOutcome::Committed);
@@ -173,7 +183,7 @@ fn member_loss_goes_on_and_quorum_loss_stops_commits_until_it_returns() {
     etcd.kill(0);
     a.keep_alive().unwrap_or_else(|error| panic!("keepalive with 2 of 3 members: {error}"));
     commit_through(&mut a, &mut commit_id, &batch(20), Duration::from_secs(10));
-    assert_eq!(a.watermarks("cam-2").unwrap()[&2], 20);
+    assert_eq!(a.record("cam-2").unwrap().watermarks[&2], 20);
 
     // Two of three gone: no quorum. The commit fails with a clear error and is not acked.
     etcd.kill(1);
@@ -202,8 +212,8 @@ fn member_loss_goes_on_and_quorum_loss_stops_commits_until_it_returns() {
             }
         }
     };
-    let stored = a.watermarks("cam-3").unwrap()[&2];
+    let stored = a.record("cam-3").unwrap().watermarks[&2];
     assert_eq!(stored, if applied { 30 } else { 20 }, "etcd holds exactly what resolve reported");
     commit_through(&mut a, &mut commit_id, &batch(40), Duration::from_secs(10));
-    assert_eq!(a.watermarks("cam-3").unwrap()[&2], 40);
+    assert_eq!(a.record("cam-3").unwrap().watermarks[&2], 40);
 }
