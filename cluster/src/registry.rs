@@ -177,6 +177,11 @@ impl MemoryCluster {
         self.state.lock().expect("memory registry lock").unknown_next = Some((node.to_string(), applied));
     }
 
+    /// What the registry holds for `device` (default when nothing).
+    pub fn record(&self, device: &str) -> DeviceRecord {
+        self.state.lock().expect("memory registry lock").records.get(device).cloned().unwrap_or_default()
+    }
+
     pub fn owner(&self, device: &str) -> Option<(String, FencingToken)> {
         self.state.lock().expect("memory registry lock").owners.get(device).cloned()
     }
