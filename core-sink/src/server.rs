@@ -339,8 +339,10 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
 /// `listening on ADDRESS` to stdout once ready (tools and tests wait for that line).
 pub async fn run_until_signal(config: SinkConfig) -> anyhow::Result<()> {
     let sink = Sink::start(config).await?;
-    println!("listening on {}", sink.local_addr());
+    // The handler is installed before "listening on" is printed: a supervisor (or a test) that
+    // sends SIGTERM as soon as it reads the line gets a clean shutdown, not the default death.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    println!("listening on {}", sink.local_addr());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
