@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use appliance::Uplink;
 use cluster::testing::{EtcdCluster, etcd_or_skip};
-use core_sink::SinkConfig;
 use protocol::Lane;
 use support::harness::{
     Fleet, MIB, assert_landed_exactly_once, free_udp_port, landed_records, produce, record_key, wait_until,
@@ -31,16 +30,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// Runs a sink from a config file until killed.
 #[test]
 fn cluster_sink_child() {
-    let Ok(config) = std::env::var(SINK_CHILD) else { return };
-    let config = SinkConfig::load(Path::new(&config)).unwrap();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(core_sink::run_until_signal(config)).unwrap();
+    support::harness::run_sink_child(SINK_CHILD, "info");
 }
 
 /// A node's config: its own state and landing directories, the fleet's certificates.
