@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use appliance::Uplink;
+use core_sink::Sink;
 use core_sink::datasets::manifest::Manifest;
-use core_sink::{Sink, SinkConfig};
 use protocol::Lane;
 use sha2::Digest as _;
 use support::harness::{
@@ -71,17 +71,8 @@ fn child_logging_to(
 /// Runs a sink from a config file until killed.
 #[test]
 fn sink_child() {
-    let Ok(config) = std::env::var(SINK_CHILD) else { return };
-    let config = SinkConfig::load(Path::new(&config)).unwrap();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // Prints "listening on ADDRESS"; SIGKILL kills it, SIGTERM shuts it down cleanly.
-    runtime.block_on(core_sink::run_until_signal(config)).unwrap();
+    support::harness::run_sink_child(SINK_CHILD, "warn");
 }
 
 fn start_sink_child(config: &Path) -> Child {

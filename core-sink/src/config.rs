@@ -65,6 +65,9 @@ pub struct SinkConfig {
     /// thread of `serve`); absent = none.
     #[serde(default)]
     pub replication: Option<crate::replication::ReplicationConfig>,
+    /// Cluster mode on etcd (device ownership, fenced commits); absent = standalone, no etcd.
+    #[serde(default)]
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 fn default_revocation_file() -> PathBuf {
@@ -128,6 +131,7 @@ impl SinkConfig {
             metrics_listen: None,
             onboarding: None,
             replication: None,
+            cluster: None,
         }
     }
 
@@ -238,6 +242,11 @@ impl SinkConfig {
         }
         if let Some(replication) = &self.replication {
             replication.validate()?;
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate(Path::new(""))
+                .map_err(|error| format!("[cluster] {}: {}", error.key, error.expectation))?;
         }
         self.transport.validate()
     }

@@ -17,6 +17,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cluster::Claim;
 use landing::{
     Committer, LandOutcome, LandRequest as CoreLandRequest, LandingCore, LandingStats, LandingStore,
 };
@@ -211,10 +212,25 @@ impl<C: Committer, S: LandingStore> Lander<C, S> {
             });
             match requests.recv_timeout(wait) {
                 Ok(LanderRequest::Open { device, ring_id, reply }) => {
-                    let grant = self.core.open_session(&device, ring_id).map_err(|error| {
-                        tracing::error!(%device, %error, "cannot grant a session");
-                        LandingRefusal::Unavailable(error.to_string())
-                    });
+                    // Cluster mode: the device must be this node's (standalone: always).
+                    let grant = match self.core.claim(&device) {
+                        Ok(Claim::Owned { .. }) => {
+                            self.core.open_session(&device, ring_id).map_err(|error| {
+                                tracing::error!(%device, %error, "cannot grant a session");
+                                LandingRefusal::Unavailable(error.to_string())
+                            })
+                        }
+                        Ok(Claim::OwnedElsewhere { node }) => {
+                            tracing::info!(%device, owner = node, "Hello refused: the device is owned by another cluster node");
+                            Err(LandingRefusal::Unavailable(format!(
+                                "owned by cluster node {node}: connect there"
+                            )))
+                        }
+                        Err(error) => {
+                            tracing::error!(%device, %error, "cannot claim the device in the cluster");
+                            Err(LandingRefusal::Unavailable(error.to_string()))
+                        }
+                    };
                     // A new epoch bumps the device's generations: that fences its older sessions.
                     let mut changed = false;
                     for lane in Lane::ALL {

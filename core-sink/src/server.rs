@@ -48,6 +48,8 @@ pub struct Sink {
     dataset_metrics: Option<Arc<crate::datasets::pipeline::DatasetMetrics>>,
     metrics_address: Option<SocketAddr>,
     components: Components,
+    /// Cluster mode: renews the node's etcd lease until the sink is dropped.
+    _keep_alive: Option<cluster::KeepAlive>,
 }
 
 /// The lander's request channel: the sessions send on it, and stopping the lander closes it.
@@ -120,7 +122,28 @@ impl Sink {
             commit_interval: Duration::from_millis(config.commit_interval_ms),
             commit_bytes_max: config.commit_bytes_max,
         };
-        let core = LandingCore::open(landing_config, committer, state)?;
+        // Cluster mode: join etcd (the node's lease, renewed on a thread for the sink's life) and
+        // fence every commit point with it. Standalone without `[cluster]`: no etcd at all.
+        let mut keep_alive = None;
+        let core = match &config.cluster {
+            None => LandingCore::open(landing_config, committer, state)?,
+            Some(cluster_config) => {
+                let registry = cluster::EtcdRegistry::connect(cluster_config).with_context(|| {
+                    format!(
+                        "join the cluster as {} through etcd at {:?}",
+                        cluster_config.node, cluster_config.endpoints
+                    )
+                })?;
+                keep_alive = Some(registry.spawn_keep_alive());
+                LandingCore::open_clustered(
+                    landing_config,
+                    committer,
+                    state,
+                    Box::new(registry),
+                    cluster_config.commit_batch_devices_max,
+                )?
+            }
+        };
         let (lander, shared, durable_generation) = Lander::new(core, metrics.clone());
         // Start order (stopped in reverse by `shutdown`): the readers of committed data, the
         // lander, the onboarding authority, then what takes input (sessions, metrics, reloads).
@@ -243,7 +266,15 @@ impl Sink {
             )),
         ));
         tracing::info!(listen = %endpoint.local_addr()?, components = ?components.names(), "core sink listening");
-        Ok(Sink { endpoint, metrics, shared, dataset_metrics, metrics_address, components })
+        Ok(Sink {
+            endpoint,
+            metrics,
+            shared,
+            dataset_metrics,
+            metrics_address,
+            components,
+            _keep_alive: keep_alive,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -315,8 +346,10 @@ fn load_or_create_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 
 /// `listening on ADDRESS` to stdout once ready (tools and tests wait for that line).
 pub async fn run_until_signal(config: SinkConfig) -> anyhow::Result<()> {
     let sink = Sink::start(config).await?;
-    println!("listening on {}", sink.local_addr());
+    // The handler is installed before "listening on" is printed: a supervisor (or a test) that
+    // sends SIGTERM as soon as it reads the line gets a clean shutdown, not the default death.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    println!("listening on {}", sink.local_addr());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

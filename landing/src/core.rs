@@ -24,17 +24,38 @@
 //!   advance. If either fails, the committer is recovered to the last stored checkpoint (the
 //!   same path as a restart), every pending lane rolls back, and nothing is acked.
 //!
+//! - **Cluster** (`open_clustered`, with an `cluster::OwnershipRegistry`): a device must be claimed
+//!   (`claim`) before its session opens; a new ownership adopts the device's watermarks and ring
+//!   binding from the registry. A commit point is: `Committer::commit` (fsync) → the store's
+//!   `prepare` (durable, not current) → ONE fenced registry txn for every device with pending
+//!   lanes → the store's `promote` → Acks. Rule: *a checkpoint becomes current (readable, acked)
+//!   only after the registry accepted its commit id, and the registry never holds a watermark
+//!   whose data is not fsynced and prepared here.* Fenced: the prepared point is discarded and
+//!   the commit fails as any failed commit does (everything pending rolls back; the fenced
+//!   devices lose their token). Outcome unknown: nothing is acked and nothing rolls back; the
+//!   next `commit` resolves it first (applied → promote; abandoned → the data, still fsynced, goes
+//!   into the next commit point). At open, a prepared point is settled with the registry
+//!   (applied → promoted, else discarded and the files recovered to the last current
+//!   checkpoint). At most `batch_devices_max` devices are pending at once (one txn per commit
+//!   point keeps it atomic): `commit_due` turns true at the bound, and a chunk of one more
+//!   device is fenced if the driver did not commit.
+//!
 //! Bounds: pending state is one entry per (device, lane) written since the last commit;
 //! `commit_bytes_max` and `commit_interval` bound what a commit covers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use cluster::{
+    Claim, ClusterError, CommitOutcome, DeviceCommit, DeviceRecord, FencingToken, OwnershipRegistry,
+    RingRecord,
+};
 use std::time::{Duration, Instant};
 
 use protocol::{ChunkHeader, Lane};
 use session::{Grant, LaneGrant};
 
 use crate::raw::{Committer, LandingError};
-use crate::state::{LandingStore, RingBinding, StateError, Watermarks};
+use crate::state::{LandingStore, Prepared, RingBinding, StateError, Watermarks};
 
 #[derive(Clone, Copy, Debug)]
 pub struct LandingConfig {
@@ -84,6 +105,10 @@ pub enum CommitError {
     Landing(#[from] LandingError),
     #[error("landing commit failed: {0}")]
     State(#[from] StateError),
+    #[error("landing commit failed: cluster: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("landing commit fenced: {devices:?} are owned by another node now")]
+    Fenced { devices: Vec<String> },
 }
 
 /// A failed commit: what failed, and the lanes rolled back because of it.
@@ -94,6 +119,17 @@ pub struct CommitFailure {
     /// Set when the committer could not even be recovered to the last checkpoint: the core
     /// refuses everything until the sink restarts.
     pub broken: Option<String>,
+    /// Cluster mode: devices this node no longer owns (their sessions must be closed and sent to
+    /// the owner).
+    pub fenced: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("claiming a device: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("claiming a device: {0}")]
+    State(#[from] StateError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +138,10 @@ pub enum OpenError {
     State(#[from] StateError),
     #[error("recovering landing to the last checkpoint: {0}")]
     Recover(#[from] LandingError),
+    #[error("settling the prepared commit point with the cluster: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("a prepared cluster commit point {commit_id} is stored: open with the cluster (open_clustered)")]
+    PreparedWithoutCluster { commit_id: u64 },
 }
 
 type Key = (String, Lane);
@@ -136,12 +176,66 @@ pub struct LandingCore<C: Committer, S: LandingStore> {
     checkpoint: Vec<u8>,
     stats: LandingStats,
     broken: Option<String>,
+    cluster: Option<ClusterFence>,
+}
+
+/// Cluster mode's state: the registry, this node's tokens, the commit id chain.
+struct ClusterFence {
+    registry: Box<dyn OwnershipRegistry + Send>,
+    tokens: HashMap<String, FencingToken>,
+    next_commit_id: u64,
+    batch_devices_max: usize,
+    /// A commit point whose registry outcome is unknown (still prepared in the store).
+    unresolved: Option<Prepared>,
 }
 
 impl<C: Committer, S: LandingStore> LandingCore<C, S> {
+    /// Opens in cluster mode: settles a commit point prepared before a restart with `registry`
+    /// (applied → promoted, else discarded), then opens as `open` does.
+    pub fn open_clustered(
+        config: LandingConfig,
+        committer: C,
+        mut store: S,
+        mut registry: Box<dyn OwnershipRegistry + Send>,
+        batch_devices_max: usize,
+    ) -> Result<Self, OpenError> {
+        assert!(
+            (1..=cluster::config::COMMIT_BATCH_DEVICES_MAX).contains(&batch_devices_max),
+            "one registry txn holds 1..={} devices",
+            cluster::config::COMMIT_BATCH_DEVICES_MAX
+        );
+        if let Some(prepared) = store.load()?.prepared {
+            if registry.settle(prepared.commit_id)? {
+                tracing::info!(
+                    commit_id = prepared.commit_id,
+                    "the cluster accepted the commit point prepared before the restart: promoting it"
+                );
+                store.promote(prepared.commit_id)?;
+            } else {
+                tracing::info!(
+                    commit_id = prepared.commit_id,
+                    "the cluster never accepted the commit point prepared before the restart: discarding it"
+                );
+                store.discard_prepared()?;
+            }
+        }
+        let mut core = Self::open(config, committer, store)?;
+        core.cluster = Some(ClusterFence {
+            next_commit_id: registry.last_commit_id() + 1,
+            registry,
+            tokens: HashMap::new(),
+            batch_devices_max,
+            unresolved: None,
+        });
+        Ok(core)
+    }
+
     /// Loads the stored state and recovers the committer to its last checkpoint.
     pub fn open(config: LandingConfig, mut committer: C, mut store: S) -> Result<Self, OpenError> {
         let stored = store.load()?;
+        if let Some(prepared) = &stored.prepared {
+            return Err(OpenError::PreparedWithoutCluster { commit_id: prepared.commit_id });
+        }
         committer.recover(stored.checkpoint.as_deref())?;
         let mut devices: HashMap<String, DeviceState> = HashMap::new();
         for ((device, lane), seq) in stored.watermarks {
@@ -163,6 +257,7 @@ impl<C: Committer, S: LandingStore> LandingCore<C, S> {
             checkpoint: stored.checkpoint.unwrap_or_default(),
             stats: LandingStats::default(),
             broken: None,
+            cluster: None,
         })
     }
 
@@ -220,11 +315,90 @@ impl<C: Committer, S: LandingStore> LandingCore<C, S> {
         &self.store
     }
 
+    /// Cluster mode: takes ownership of `device` (call before `open_session`). A new ownership
+    /// adopts the registry's watermarks and ring binding for the device and fences its lanes.
+    /// Standalone: every device is owned (token 0).
+    pub fn claim(&mut self, device: &str) -> Result<Claim, ClaimError> {
+        let Some(fence) = self.cluster.as_mut() else { return Ok(Claim::Owned { token: 0 }) };
+        if let Some(token) = fence.tokens.get(device) {
+            return Ok(Claim::Owned { token: *token });
+        }
+        let claim = fence.registry.claim(device)?;
+        let Claim::Owned { token } = claim else { return Ok(claim) };
+        let record = fence.registry.record(device)?;
+        fence.tokens.insert(device.to_string(), token);
+        self.adopt(device, &record)?;
+        Ok(claim)
+    }
+
+    /// Whether this core may land for `device` (always, standalone).
+    pub fn owns(&self, device: &str) -> bool {
+        self.cluster.as_ref().is_none_or(|fence| fence.tokens.contains_key(device))
+    }
+
+    /// A new ownership: the registry's watermarks and binding are the truth (another node may
+    /// have served the device since this one last did).
+    fn adopt(&mut self, device: &str, record: &DeviceRecord) -> Result<(), StateError> {
+        for lane in Lane::ALL {
+            if self.lane(device, lane).pending {
+                self.roll_back_lane(device, lane);
+            }
+            let cluster_durable = record.watermarks.get(&lane.id()).copied().unwrap_or(0);
+            let state = self.lane_mut(device, lane);
+            if cluster_durable < state.durable {
+                tracing::warn!(device, %lane, local = state.durable, cluster = cluster_durable, "local watermark ahead of the cluster's (state from standalone mode?): keeping the local one");
+            }
+            state.durable = state.durable.max(cluster_durable);
+            state.landed = state.durable;
+            state.generation += 1;
+        }
+        if let Some(ring) = &record.ring {
+            let binding = RingBinding {
+                ring_id: ring.id,
+                bases: Lane::ALL.map(|lane| ring.bases.get(&lane.id()).copied().unwrap_or(0)),
+            };
+            if self.binding(device) != Some(&binding) {
+                self.store.bind(device, &binding)?;
+                self.devices.get_mut(device).expect("lanes set above").binding = Some(binding);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the registry stores for `device` at a commit point.
+    fn device_record(&self, device: &str) -> DeviceRecord {
+        let state = self.devices.get(device).cloned().unwrap_or_default();
+        let watermarks = Lane::ALL
+            .iter()
+            .map(|lane| {
+                let lane_state = state.lanes[lane.index()];
+                (lane.id(), if lane_state.pending { lane_state.landed } else { lane_state.durable })
+            })
+            .collect();
+        let ring = state.binding.map(|binding| RingRecord {
+            id: binding.ring_id,
+            bases: Lane::ALL.iter().map(|lane| (lane.id(), binding.bases[lane.index()])).collect(),
+        });
+        DeviceRecord { watermarks, ring }
+    }
+
+    /// Devices with pending lanes (cluster mode bounds them per commit point).
+    fn pending_devices(&self) -> BTreeSet<&str> {
+        self.pending.keys().map(|(device, _)| device.as_str()).collect()
+    }
+
     /// Binds `device` to `ring_id` if it is not bound to it yet (durably, before returning) and
     /// returns the grant a session of that ring works under.
     pub fn open_session(&mut self, device: &str, ring_id: [u8; 16]) -> Result<Grant, StateError> {
         if let Some(reason) = &self.broken {
             return Err(StateError::other("landing", "open session", format!("landing is broken: {reason}")));
+        }
+        if !self.owns(device) {
+            return Err(StateError::other(
+                "landing",
+                "open session",
+                format!("{device} is not owned by this node (claim it first)"),
+            ));
         }
         let bound = self.binding(device).copied();
         if bound.is_none_or(|binding| binding.ring_id != ring_id) {
@@ -272,7 +446,21 @@ impl<C: Committer, S: LandingStore> LandingCore<C, S> {
         let LandRequest { device, generation, header, encoded } = request;
         let lane = header.lane;
         let current = self.lane(device, lane);
-        if self.broken.is_some() || generation != current.generation {
+        if self.broken.is_some() || generation != current.generation || !self.owns(device) {
+            self.stats.fenced_chunks += 1;
+            return LandOutcome::Fenced;
+        }
+        if let Some(fence) = &self.cluster
+            && let pending_devices = self.pending_devices()
+            && !pending_devices.contains(device)
+            && pending_devices.len() >= fence.batch_devices_max
+        {
+            // The driver did not commit at the bound (`commit_due`): one more device would not
+            // fit in one registry txn.
+            tracing::warn!(
+                device,
+                "commit point full of devices; chunk fenced (the driver must commit when due)"
+            );
             self.stats.fenced_chunks += 1;
             return LandOutcome::Fenced;
         }
@@ -312,6 +500,9 @@ impl<C: Committer, S: LandingStore> LandingCore<C, S> {
     pub fn commit_due(&self, now: Instant) -> bool {
         self.pending_bytes >= self.config.commit_bytes_max
             || self.commit_deadline().is_some_and(|deadline| now >= deadline)
+            || self.cluster.as_ref().is_some_and(|fence| {
+                fence.unresolved.is_some() || self.pending_devices().len() >= fence.batch_devices_max
+            })
     }
 
     /// When the next commit is due, if anything is pending.
@@ -326,58 +517,209 @@ impl<C: Committer, S: LandingStore> LandingCore<C, S> {
     /// Makes everything landed durable and advances the durable watermarks. Returns the
     /// advanced (device, lane) watermarks.
     pub fn commit(&mut self) -> Result<Vec<(Key, u64)>, CommitFailure> {
+        if self.cluster.is_some() {
+            return self.commit_clustered();
+        }
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        let advanced: Watermarks = self
-            .pending
-            .keys()
-            .map(|(device, lane)| ((device.clone(), *lane), self.landed(device, *lane)))
-            .collect();
+        let advanced = self.pending_watermarks();
         let result = self.committer.commit().map_err(CommitError::from).and_then(|()| {
             let checkpoint = self.committer.checkpoint();
             self.store.commit(&advanced, &checkpoint)?;
             Ok(checkpoint)
         });
         match result {
-            Ok(checkpoint) => {
-                self.checkpoint = checkpoint;
-                for ((device, lane), seq) in &advanced {
-                    let state = self.lane_mut(device, *lane);
-                    assert!(
-                        *seq >= state.durable,
-                        "durable watermarks never go backwards ({device}/{lane}: {} → {seq})",
-                        state.durable
-                    );
-                    assert!(state.pending, "only pending lanes advance");
-                    state.durable = *seq;
-                    state.pending = false;
-                    state.pending_bytes = 0;
+            Ok(checkpoint) => Ok(self.advance(checkpoint, advanced)),
+            Err(error) => Err(self.fail_commit(error, Vec::new())),
+        }
+    }
+
+    /// Cluster mode's commit point (see the module doc).
+    fn commit_clustered(&mut self) -> Result<Vec<(Key, u64)>, CommitFailure> {
+        let fence = self.cluster.as_mut().expect("cluster mode");
+        if let Some(prepared) = fence.unresolved.clone() {
+            match fence.registry.resolve() {
+                Ok(true) => {
+                    fence.unresolved = None;
+                    return match self.store.promote(prepared.commit_id) {
+                        Ok(()) => Ok(self.advance_partially(prepared)),
+                        Err(error) => Err(self.promote_failed(prepared.commit_id, error)),
+                    };
                 }
-                self.pending.clear();
-                self.pending_bytes = 0;
-                self.pending_since = None;
-                self.stats.commits += 1;
-                Ok(advanced.into_iter().collect())
-            }
-            Err(error) => {
-                // After a failed fsync the kernel may have dropped the dirty pages: never retry
-                // and trust it. Bring the files back to the last stored checkpoint (the restart
-                // path) and roll every pending lane back; the devices resend.
-                tracing::error!(%error, "commit failed; rolling back everything since the last commit, no Acks sent");
-                self.stats.commit_failures += 1;
-                let stored = self.checkpoint.clone();
-                if let Err(recover) = self.committer.recover(Some(&stored)) {
-                    self.break_core(format!("recovering landing after a failed commit: {recover}"));
+                Ok(false) => {
+                    // Never applied, and now never will be: the data is still fsynced in the
+                    // files and goes into a new commit point below.
+                    fence.unresolved = None;
+                    if let Err(error) = self.store.discard_prepared() {
+                        self.break_core(format!("discarding an abandoned prepared commit point: {error}"));
+                    }
                 }
-                let rolled_back: Vec<Key> = self.pending.keys().cloned().collect();
-                for (device, lane) in &rolled_back {
-                    self.roll_back_lane(device, *lane);
+                Err(error) => {
+                    return Err(CommitFailure {
+                        error: error.into(),
+                        rolled_back: Vec::new(),
+                        broken: self.broken.clone(),
+                        fenced: Vec::new(),
+                    });
                 }
-                assert!(self.pending.is_empty(), "every pending lane rolled back");
-                Err(CommitFailure { error, rolled_back, broken: self.broken.clone() })
             }
         }
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let advanced = self.pending_watermarks();
+        if let Err(error) = self.committer.commit() {
+            return Err(self.fail_commit(error.into(), Vec::new()));
+        }
+        let checkpoint = self.committer.checkpoint();
+        let fence = self.cluster.as_mut().expect("cluster mode");
+        let commit_id = fence.next_commit_id;
+        fence.next_commit_id += 1;
+        let prepared = Prepared { commit_id, advanced: advanced.clone(), checkpoint: checkpoint.clone() };
+        if let Err(error) = self.store.prepare(&prepared) {
+            return Err(self.fail_commit(error.into(), Vec::new()));
+        }
+        let fence = self.cluster.as_ref().expect("cluster mode");
+        let batch: Vec<DeviceCommit> = self
+            .pending_devices()
+            .into_iter()
+            .map(|device| DeviceCommit {
+                device: device.to_string(),
+                token: *fence.tokens.get(device).expect("only owned devices land"),
+                record: self.device_record(device),
+            })
+            .collect();
+        assert!(batch.len() <= fence.batch_devices_max, "land() keeps pending devices within one txn");
+        let fence = self.cluster.as_mut().expect("cluster mode");
+        match fence.registry.commit(commit_id, &batch) {
+            Ok(CommitOutcome::Committed) => match self.store.promote(commit_id) {
+                Ok(()) => Ok(self.advance(checkpoint, advanced)),
+                Err(error) => Err(self.promote_failed(commit_id, error)),
+            },
+            Ok(CommitOutcome::Fenced { devices }) => {
+                for device in &devices {
+                    fence.tokens.remove(device);
+                }
+                tracing::warn!(
+                    ?devices,
+                    "commit fenced: devices owned by another node now; everything pending rolls back"
+                );
+                self.discard_prepared_or_break();
+                Err(self.fail_commit(CommitError::Fenced { devices: devices.clone() }, devices))
+            }
+            Err(error @ ClusterError::OutcomeUnknown { .. }) => {
+                // Neither ack nor roll back: the registry may hold this point already.
+                tracing::error!(%error, "commit outcome unknown; nothing acked, resolving at the next commit");
+                fence.unresolved = Some(prepared);
+                Err(CommitFailure {
+                    error: error.into(),
+                    rolled_back: Vec::new(),
+                    broken: self.broken.clone(),
+                    fenced: Vec::new(),
+                })
+            }
+            Err(error) => {
+                if matches!(error, ClusterError::LeaseLost { .. }) {
+                    fence.tokens.clear();
+                }
+                self.discard_prepared_or_break();
+                Err(self.fail_commit(error.into(), Vec::new()))
+            }
+        }
+    }
+
+    fn discard_prepared_or_break(&mut self) {
+        if let Err(error) = self.store.discard_prepared() {
+            self.break_core(format!("discarding a prepared commit point the cluster refused: {error}"));
+        }
+    }
+
+    /// The registry holds the commit point but the local store did not take it: the data is safe
+    /// (prepared and fsynced; a restart settles and promotes it), but this process cannot go on.
+    fn promote_failed(&mut self, commit_id: u64, error: StateError) -> CommitFailure {
+        self.break_core(format!("the cluster accepted commit {commit_id} but promoting it locally failed: {error} (a restart promotes it)"));
+        CommitFailure {
+            error: error.into(),
+            rolled_back: Vec::new(),
+            broken: self.broken.clone(),
+            fenced: Vec::new(),
+        }
+    }
+
+    /// The watermarks a commit of everything pending records.
+    fn pending_watermarks(&self) -> Watermarks {
+        self.pending
+            .keys()
+            .map(|(device, lane)| ((device.clone(), *lane), self.landed(device, *lane)))
+            .collect()
+    }
+
+    /// A successful commit of everything pending: durable watermarks advance.
+    fn advance(&mut self, checkpoint: Vec<u8>, advanced: Watermarks) -> Vec<(Key, u64)> {
+        self.checkpoint = checkpoint;
+        for ((device, lane), seq) in &advanced {
+            let state = self.lane_mut(device, *lane);
+            assert!(
+                *seq >= state.durable,
+                "durable watermarks never go backwards ({device}/{lane}: {} → {seq})",
+                state.durable
+            );
+            assert!(state.pending, "only pending lanes advance");
+            state.durable = *seq;
+            state.pending = false;
+            state.pending_bytes = 0;
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        self.stats.commits += 1;
+        advanced.into_iter().collect()
+    }
+
+    /// A commit point resolved as applied after more landed: its lanes advance to its
+    /// watermarks; lanes that landed more since stay pending.
+    fn advance_partially(&mut self, prepared: Prepared) -> Vec<(Key, u64)> {
+        self.checkpoint = prepared.checkpoint;
+        for ((device, lane), seq) in &prepared.advanced {
+            let state = self.lane_mut(device, *lane);
+            assert!(
+                *seq >= state.durable && *seq <= state.landed,
+                "a prepared point lies between durable and landed"
+            );
+            state.durable = *seq;
+            if state.landed == *seq {
+                state.pending = false;
+                let bytes = std::mem::take(&mut state.pending_bytes);
+                self.pending.remove(&(device.clone(), *lane));
+                self.pending_bytes -= bytes;
+            }
+        }
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
+        self.stats.commits += 1;
+        prepared.advanced.into_iter().collect()
+    }
+
+    /// A failed commit: recover the files to the last current checkpoint (the restart path) and
+    /// roll every pending lane back.
+    fn fail_commit(&mut self, error: CommitError, fenced: Vec<String>) -> CommitFailure {
+        // After a failed fsync the kernel may have dropped the dirty pages: never retry and trust
+        // it. Bring the files back to the last stored checkpoint (the restart path) and roll
+        // every pending lane back; the devices resend.
+        tracing::error!(%error, "commit failed; rolling back everything since the last commit, no Acks sent");
+        self.stats.commit_failures += 1;
+        let stored = self.checkpoint.clone();
+        if let Err(recover) = self.committer.recover(Some(&stored)) {
+            self.break_core(format!("recovering landing after a failed commit: {recover}"));
+        }
+        let rolled_back: Vec<Key> = self.pending.keys().cloned().collect();
+        for (device, lane) in &rolled_back {
+            self.roll_back_lane(device, *lane);
+        }
+        assert!(self.pending.is_empty(), "every pending lane rolled back");
+        CommitFailure { error, rolled_back, broken: self.broken.clone(), fenced }
     }
 
     /// Back to the last commit: landed = durable, and a new generation fences every session

@@ -28,4 +28,4 @@ pub use raw::{
     CommittedPositions, Committer, FilePosition, LandingError, RECORD_LENGTH_BYTES, RawLanding,
     parse_checkpoint, raw_file_path, raw_files,
 };
-pub use state::{LandingStore, RingBinding, SinkState, StateError, StoredState, Watermarks};
+pub use state::{LandingStore, Prepared, RingBinding, SinkState, StateError, StoredState, Watermarks};

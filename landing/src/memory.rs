@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use protocol::{ChunkHeader, Lane};
 
 use crate::raw::{Committer, LandingError};
-use crate::state::{LandingStore, RingBinding, StateError, StoredState, Watermarks};
+use crate::state::{LandingStore, Prepared, RingBinding, StateError, StoredState, Watermarks};
 
 /// What the next calls do wrong. Each flag fails the next call of its kind once, then clears.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,6 +33,8 @@ pub struct Faults {
     pub store_commit: bool,
     /// `LandingStore::bind` fails.
     pub store_bind: bool,
+    /// `LandingStore::promote` fails (cluster mode: etcd accepted, the local step did not).
+    pub store_promote: bool,
     /// `Committer::recover` fails.
     pub recover: bool,
 }
@@ -289,6 +291,31 @@ impl LandingStore for MemoryStore {
             return Err(store_error("bind"));
         }
         self.disk.lock().store.bindings.insert(device.to_string(), *binding);
+        Ok(())
+    }
+
+    fn prepare(&mut self, prepared: &Prepared) -> Result<(), StateError> {
+        self.disk.lock().store.prepared = Some(prepared.clone());
+        Ok(())
+    }
+
+    fn promote(&mut self, commit_id: u64) -> Result<(), StateError> {
+        if self.disk.take(|faults| &mut faults.store_promote) {
+            return Err(store_error("promote"));
+        }
+        let mut disk = self.disk.lock();
+        let prepared = disk.store.prepared.take_if(|prepared| prepared.commit_id == commit_id);
+        let prepared = prepared
+            .ok_or_else(|| StateError::other("memory", "promote", format!("{commit_id} not prepared")))?;
+        for (key, seq) in prepared.advanced {
+            disk.store.watermarks.insert(key, seq);
+        }
+        disk.store.checkpoint = Some(prepared.checkpoint);
+        Ok(())
+    }
+
+    fn discard_prepared(&mut self) -> Result<(), StateError> {
+        self.disk.lock().store.prepared = None;
         Ok(())
     }
 }

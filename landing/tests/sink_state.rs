@@ -11,7 +11,7 @@ use std::path::Path;
 
 use heed::types::Bytes;
 use heed::{Database, EnvOpenOptions};
-use landing::{LandingStore, RingBinding, SinkState, StoredState, Watermarks};
+use landing::{LandingStore, Prepared, RingBinding, SinkState, StoredState, Watermarks};
 use protocol::Lane;
 
 const RING_BINDING_BYTES: usize = 16 + 8 * Lane::COUNT;
@@ -95,6 +95,7 @@ fn state(
             .collect(),
         bindings: bindings.iter().map(|(device, binding)| (device.to_string(), *binding)).collect(),
         checkpoint: checkpoint.map(<[u8]>::to_vec),
+        prepared: None,
     }
 }
 
@@ -205,4 +206,38 @@ fn commits_merge_watermarks_replace_the_checkpoint_and_keep_bindings() {
     let (watermarks, checkpoint) =
         SinkState::open(&path).expect("open").load_watermarks().expect("load watermarks");
     assert_eq!((watermarks, checkpoint), (expected.watermarks, expected.checkpoint));
+}
+
+/// Cluster mode: a prepared commit point survives a reopen without being current; promote makes
+/// it current in one step; discard forgets it.
+#[test]
+fn prepared_commit_points_are_durable_and_not_current_until_promoted() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let path = directory.path().join("state");
+    let advanced: Watermarks = [(("dev-1".to_string(), Lane::Media), 7)].into_iter().collect();
+    let prepared = Prepared { commit_id: 4, advanced: advanced.clone(), checkpoint: b"two".to_vec() };
+    {
+        let mut store = SinkState::open(&path).expect("open");
+        store
+            .commit(&[(("dev-1".to_string(), Lane::Media), 3)].into_iter().collect(), b"one")
+            .expect("commit");
+        store.prepare(&prepared).expect("prepare");
+    }
+    let loaded = load(&path);
+    assert_eq!(loaded.prepared.as_ref(), Some(&prepared));
+    assert_eq!(loaded.checkpoint.as_deref(), Some(&b"one"[..]), "prepared is not current");
+    assert_eq!(loaded.watermarks[&("dev-1".to_string(), Lane::Media)], 3);
+    {
+        let mut store = SinkState::open(&path).expect("open");
+        assert!(store.promote(5).is_err(), "only the prepared id can be promoted");
+        store.promote(4).expect("promote");
+    }
+    let loaded = load(&path);
+    assert_eq!(loaded, state(&[("dev-1", Lane::Media, 7)], &[], Some(b"two")));
+    {
+        let mut store = SinkState::open(&path).expect("open");
+        store.prepare(&Prepared { commit_id: 5, ..prepared }).expect("prepare");
+        store.discard_prepared().expect("discard");
+    }
+    assert_eq!(load(&path), state(&[("dev-1", Lane::Media, 7)], &[], Some(b"two")));
 }

@@ -482,6 +482,8 @@ impl World {
             store_commit: self.rng.chance(0.2),
             store_bind: self.rng.chance(0.2),
             recover: self.rng.chance(0.05),
+            // Cluster mode only (the simulator runs standalone); no draw, so seeds replay as before.
+            store_promote: false,
         };
         trace!(self, "sink: armed {faults:?}");
         self.sink.disk.arm(faults);

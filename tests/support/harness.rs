@@ -280,3 +280,21 @@ pub fn python_read(kind: &str, files: &[PathBuf]) -> Option<Vec<serde_json::Valu
             .collect(),
     )
 }
+
+/// The body of a test that, re-executed as a child process with `variable` set to a config path,
+/// runs a sink until killed (prints "listening on ADDRESS"; SIGTERM stops it cleanly). Without
+/// the variable it returns at once (the test binary's normal run). Logs go to stderr at
+/// `TRIBUTARY_LOG` (default `default_level`).
+pub fn run_sink_child(variable: &str, default_level: &str) {
+    let Ok(config) = std::env::var(variable) else { return };
+    let config = SinkConfig::load(Path::new(&config)).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRIBUTARY_LOG")
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(core_sink::run_until_signal(config)).unwrap();
+}
