@@ -325,3 +325,69 @@ fn bench_buffer(args: &BufferArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// One group of bars in a chart: its label and one value per series (`None`: not measured).
+pub(crate) struct BarGroup {
+    pub label: String,
+    pub values: Vec<Option<f64>>,
+}
+
+/// A grouped bar chart as SVG. `series` names the bars of every group (legend, in order);
+/// `scale_per_group` scales each group to its own largest bar (groups in different units), else
+/// every bar shares one scale. Bars are labelled with `value_text`.
+pub(crate) fn grouped_bar_svg(
+    title: &str,
+    series: &[&str],
+    groups: &[BarGroup],
+    scale_per_group: bool,
+    value_text: impl Fn(f64) -> String,
+) -> String {
+    const COLORS: [&str; 6] = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896", "#2ca02c", "#98df8a"];
+    let largest = |values: &mut dyn Iterator<Item = f64>| values.fold(f64::MIN_POSITIVE, f64::max);
+    let overall = largest(&mut groups.iter().flat_map(|group| group.values.iter().flatten().copied()));
+    let (bar, gap, plot_height) = (28.0, 40.0, 270.0);
+    let width = (60.0 + groups.len() as f64 * (series.len() as f64 * bar + gap)).max(640.0);
+    let height = plot_height + 90.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">{title}</text>\n"
+    );
+    for (group_index, group) in groups.iter().enumerate() {
+        let maximum =
+            if scale_per_group { largest(&mut group.values.iter().flatten().copied()) } else { overall };
+        let x0 = 60.0 + group_index as f64 * (series.len() as f64 * bar + gap);
+        for (index, value) in group.values.iter().enumerate() {
+            let Some(value) = value else { continue };
+            let h = value / maximum * plot_height;
+            let x = x0 + index as f64 * bar;
+            let y = height - 40.0 - h;
+            out += &format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}</text>\n",
+                bar - 2.0,
+                COLORS[index % COLORS.len()],
+                x + bar / 2.0,
+                y - 3.0,
+                value_text(*value)
+            );
+        }
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            x0 + series.len() as f64 * bar / 2.0,
+            height - 22.0,
+            group.label
+        );
+    }
+    for (index, label) in series.iter().enumerate() {
+        let (x, y) = (width - 240.0, 40.0 + index as f64 * 16.0);
+        out += &format!(
+            "<rect x=\"{x}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>\n",
+            y - 9.0,
+            COLORS[index % COLORS.len()],
+            x + 14.0,
+            y
+        );
+    }
+    out += "</svg>\n";
+    out
+}

@@ -62,12 +62,16 @@ pub struct PeersArgs {
     /// Skip the peers (only Tributary's own figures).
     #[arg(long)]
     tributary_only: bool,
+    /// Write an SVG bar chart of the results here (each group scaled to its largest bar).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// The records workload's label: `sensor_json` lines are 254–256 bytes.
 const RECORDS_WORKLOAD: &str = "~255 B JSON records";
 
 /// One measured case of one system.
+#[derive(Clone)]
 struct Reading {
     system: &'static str,
     workload: String,
@@ -665,9 +669,14 @@ pub fn run(args: PeersArgs) -> Result<()> {
     records.print();
     let frames = tributary_frames(&base, &ca, args.frames)?;
     frames.print();
+    // Per system: (records, frames) readings, for the plot.
+    let mut plotted: Vec<(&str, Option<Reading>, Option<Reading>)> = Vec::new();
+    let tributary_plotted = ("tributary", Some(records.clone()), Some(frames.clone()));
     if args.tributary_only {
-        return Ok(());
+        plotted.push(tributary_plotted);
+        return write_plot(args.plot.as_deref(), &plotted);
     }
+    plotted.push(tributary_plotted);
     if on_path("nats-server") {
         let nats_records = nats_case(
             &base,
@@ -680,6 +689,7 @@ pub fn run(args: PeersArgs) -> Result<()> {
         let nats_frames =
             nats_case(&base, "64 KiB messages", args.frames * 200 / 64, |index| frame(index, 64 * 1024), 1)?;
         nats_frames.print();
+        plotted.push(("nats (leaf + JetStream)", Some(nats_records.clone()), Some(nats_frames.clone())));
         ratio_line(
             "records/s, tributary / nats",
             records.items_per_second,
@@ -698,6 +708,7 @@ pub fn run(args: PeersArgs) -> Result<()> {
     if on_path("mosquitto") {
         let mosquitto = mosquitto_case(&base, args.records)?;
         mosquitto.print();
+        plotted.push(("mosquitto (bridge, QoS 1)", Some(mosquitto.clone()), None));
         ratio_line(
             "records/s, tributary / mosquitto",
             records.items_per_second,
@@ -708,5 +719,39 @@ pub fn run(args: PeersArgs) -> Result<()> {
         println!("mosquitto not on PATH: skipped (Debian: apt-get install mosquitto)");
     }
     let _ = std::fs::remove_dir_all(&base);
+    write_plot(args.plot.as_deref(), &plotted)
+}
+
+/// Groups: records/s, frame MB/s, edge CPU s/GB (records), edge MiB; one bar per system.
+fn write_plot(plot: Option<&Path>, systems: &[(&str, Option<Reading>, Option<Reading>)]) -> Result<()> {
+    let Some(plot) = plot else { return Ok(()) };
+    type Pick = fn(&(&str, Option<Reading>, Option<Reading>)) -> Option<f64>;
+    let measures: [(&str, Pick); 4] = [
+        ("records/s (k)", |system| system.1.as_ref().map(|reading| reading.items_per_second / 1e3)),
+        ("frames MB/s", |system| system.2.as_ref().map(|reading| reading.megabytes_per_second)),
+        ("edge CPU s/GB, records", |system| {
+            system.1.as_ref().map(|reading| reading.edge_cpu_seconds_per_gigabyte)
+        }),
+        ("edge MiB, records", |system| {
+            system.1.as_ref().map(|reading| reading.edge_rss_anon_bytes as f64 / (1024.0 * 1024.0))
+        }),
+    ];
+    let groups: Vec<crate::bench::BarGroup> = measures
+        .iter()
+        .map(|(label, pick)| crate::bench::BarGroup {
+            label: (*label).to_owned(),
+            values: systems.iter().map(pick).collect(),
+        })
+        .collect();
+    let names: Vec<&str> = systems.iter().map(|system| system.0).collect();
+    let svg = crate::bench::grouped_bar_svg(
+        "tributary bench peers: store-and-forward edge to core, same run (each group on its own scale)",
+        &names,
+        &groups,
+        true,
+        |value| format!("{value:.1}"),
+    );
+    std::fs::write(plot, svg).with_context(|| format!("write {}", plot.display()))?;
+    println!("plot written to {}", plot.display());
     Ok(())
 }

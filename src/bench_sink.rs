@@ -254,49 +254,18 @@ pub fn bench_sink(args: &SinkArgs) -> Result<()> {
 
 /// A grouped bar chart: for each target count, shard write vs peer write, webdataset vs plain read.
 fn svg(results: &BTreeMap<usize, (f64, f64, f64, f64)>) -> String {
-    let maximum = results.values().flat_map(|(a, b, c, d)| [*a, *b, *c, *d]).fold(1.0, f64::max);
-    let colors = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896"];
-    let labels = ["shard write", "parallel write peer", "webdataset read", "plain read peer"];
-    let (width, height, bar, gap) = (640.0, 360.0, 28.0, 40.0);
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <text x=\"10\" y=\"18\" font-size=\"14\">tributary bench sink: MB/s by number of targets (200 KiB samples)</text>\n"
-    );
-    for (group, (count, values)) in results.iter().enumerate() {
-        let x0 = 60.0 + group as f64 * (4.0 * bar + gap);
-        let values = [values.0, values.1, values.2, values.3];
-        for (index, value) in values.iter().enumerate() {
-            let h = value / maximum * (height - 90.0);
-            let x = x0 + index as f64 * bar;
-            let y = height - 40.0 - h;
-            out += &format!(
-                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{:.0}</text>\n",
-                bar - 2.0,
-                colors[index],
-                x + bar / 2.0,
-                y - 3.0,
-                value / 1e6
-            );
-        }
-        out += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{count} target{}</text>\n",
-            x0 + 2.0 * bar,
-            height - 22.0,
-            if *count == 1 { "" } else { "s" }
-        );
-    }
-    for (index, label) in labels.iter().enumerate() {
-        let x = 400.0;
-        let y = 40.0 + index as f64 * 16.0;
-        out += &format!(
-            "<rect x=\"{x}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>\n",
-            y - 9.0,
-            colors[index],
-            x + 14.0,
-            y
-        );
-    }
-    out += "</svg>\n";
-    out
+    let groups: Vec<crate::bench::BarGroup> = results
+        .iter()
+        .map(|(count, (write, peer, read, plain))| crate::bench::BarGroup {
+            label: format!("{count} target{}", if *count == 1 { "" } else { "s" }),
+            values: vec![Some(*write), Some(*peer), Some(*read), Some(*plain)],
+        })
+        .collect();
+    crate::bench::grouped_bar_svg(
+        "tributary bench sink: MB/s by number of targets (200 KiB samples)",
+        &["shard write", "parallel write peer", "webdataset read", "plain read peer"],
+        &groups,
+        false,
+        |value| format!("{:.0}", value / 1e6),
+    )
 }
