@@ -26,7 +26,7 @@ pub enum Target {
     /// The LMDB ring: appends of 64 KiB and 256 KiB chunks, sync and periodic durability, 1 and
     /// 8 producers, plus a soak at 10x capacity with mixed sizes (append rate first vs last tenth).
     Buffer(BufferArgs),
-    /// Appliances → one sink on loopback, durable at both ends: 335 B JSON records and 200 KiB
+    /// Appliances → one sink on loopback, durable at both ends: ~255 B JSON records and 200 KiB
     /// frames, 1 and 16 appliances, plus the sink's memory with 50 devices connected.
     Uplink(crate::bench_uplink::UplinkArgs),
     /// Dataset shard writing over 1, 2 and 4 targets (200 KiB samples) against a parallel
@@ -91,7 +91,7 @@ fn durability_name(durability: Durability) -> &'static str {
 }
 
 /// Incompressible bytes, as the ring stores compressed chunks.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
         .map(|_| {

@@ -552,15 +552,7 @@ fn nats_case(
 }
 
 fn frame(index: u64, bytes: usize) -> Vec<u8> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64 ^ index;
-    (0..bytes)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    crate::bench::noise(bytes, 0x2545_F491_4F6C_DD1D ^ index)
 }
 
 fn mosquitto_case(base: &Path, records: u64) -> Result<Reading> {

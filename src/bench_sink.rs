@@ -30,7 +30,7 @@ pub struct SinkArgs {
     /// Write an SVG bar chart of the results here.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// 335 B JSON rows written into one typed Parquet series shard (0 skips the case).
+    /// ~255 B JSON rows written into one typed Parquet series shard (0 skips the case).
     #[arg(long, default_value_t = 400_000)]
     series_rows: u64,
     /// Only the Parquet series case (for profiling it alone).
@@ -39,7 +39,7 @@ pub struct SinkArgs {
 }
 
 /// The typed Parquet series writer (`ParquetShardWriter`: field extraction, typed columns, row
-/// groups, zstd) on 335 B sensor JSON rows, against the peer every JSON consumer pays: one
+/// groups, zstd) on ~255 B sensor JSON rows, against the peer every JSON consumer pays: one
 /// `serde_json::Value` parse of the same payloads. Single thread, file written then fsynced.
 fn bench_series(base: &Path, rows: u64) -> Result<()> {
     use core_sink::datasets::parquet::{OwnedSeriesRow, ParquetShardWriter};

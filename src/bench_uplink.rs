@@ -24,7 +24,7 @@ pub struct UplinkArgs {
     /// Directory for rings, the sink's state and landing, and the peer file.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
-    /// JSON sensor records per run (about 335 bytes each).
+    /// JSON sensor records per run (254–256 bytes each, `sensor_json`).
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
     /// 200 KiB JPEG-like frames per run.
@@ -44,7 +44,7 @@ pub(crate) enum Workload {
 impl Workload {
     fn name(self) -> &'static str {
         match self {
-            Workload::SensorRecords => "335 B JSON records",
+            Workload::SensorRecords => "~255 B JSON records",
             Workload::Frames => "200 KiB frames",
         }
     }
@@ -132,7 +132,8 @@ fn spawn_uplink(
     Uplink::spawn(ring.clone(), config)
 }
 
-/// The benchmarks' sensor reading: about 335 bytes of JSON, varying with `index`.
+/// The benchmarks' sensor reading: 254–256 bytes of JSON, varying with `index`. The same
+/// reading as `tests/support/harness.rs`'s `sensor_payload` (the tests cannot link the binary).
 pub(crate) fn sensor_json(index: u64) -> String {
     format!(
         "{{\"sensor\":\"temp-{:03}\",\"seq\":{index},\"celsius\":{:.3},\"humidity\":{:.2},\"status\":\"ok\",\
@@ -337,7 +338,7 @@ pub fn bench_uplink(args: &UplinkArgs) -> Result<()> {
         for appliances in [1usize, 16] {
             let result = run_case(&base, &ca, workload, appliances, total)?;
             let raw = match workload {
-                Workload::SensorRecords => total * 335,
+                Workload::SensorRecords => total * 255,
                 Workload::Frames => total * 200 * 1024,
             };
             let peer = crate::bench::baseline(&base, raw, 256 * 1024)?;

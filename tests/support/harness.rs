@@ -95,7 +95,7 @@ pub fn record_key(device: &str, lane: Lane, index: u64) -> String {
     format!("{device}-{}-{index:010}", lane.name())
 }
 
-/// A 335-byte-ish JSON sensor reading, as the issue's benchmark describes.
+/// A JSON sensor reading of 254–256 bytes (the benchmarks' `sensor_json` in `src/bench_uplink.rs`).
 pub fn sensor_payload(index: u64) -> Vec<u8> {
     format!(
         "{{\"sensor\":\"temp-{:03}\",\"seq\":{index},\"celsius\":{:.3},\"humidity\":{:.2},\"status\":\"ok\",\
